@@ -1,0 +1,32 @@
+"""imgtrain: train image classifiers with the strategies practitioners use.
+
+    import imgtrain
+    result = imgtrain.train(imgtrain.load_recipe("quickstart"))
+    result.run_dir, result.summary["test_acc"]
+
+`import imgtrain` stays light (no torch import) so that recipe checks and the CLI's
+help start fast; `train` and `load_trained` import the engine on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from imgtrain.config import Recipe, RecipeError, load_recipe
+
+__version__ = "0.1.0"
+
+
+def train(recipe: Recipe, **kwargs: Any) -> Any:
+    """Train from a recipe; see `imgtrain.api.train` for the keyword arguments."""
+    from imgtrain.api import train as api_train
+    return api_train(recipe, **kwargs)
+
+
+def load_trained(target: Any, **kwargs: Any) -> Any:
+    """A trained model from a run folder or checkpoint; see `imgtrain.api.load_trained`."""
+    from imgtrain.api import load_trained as api_load_trained
+    return api_load_trained(target, **kwargs)
+
+
+__all__ = ["Recipe", "RecipeError", "load_recipe", "train", "load_trained", "__version__"]

@@ -1,0 +1,257 @@
+"""`imgtrain` command line: subcommands only; each parses its arguments and calls the API.
+
+Bad input (recipe, paths, data, checkpoints) exits with status 2 and one message on
+stderr, never a traceback. Ctrl-C exits with 130 and says how to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def _user_errors() -> tuple:
+    """The exception types that mean "the user can fix this" (imported lazily: torch is slow)."""
+    from imgtrain.api import RunDirError
+    from imgtrain.config import RecipeError
+    from imgtrain.data import BadImageError, DataError
+    from imgtrain.engine.checkpoint import CheckpointError
+    from imgtrain.models import ModelError
+    return (RecipeError, DataError, BadImageError, CheckpointError, RunDirError, ModelError)
+
+
+# ----------------------------------------------------------------------------- commands
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from imgtrain.api import RESUME_OVERRIDABLE, train
+    from imgtrain.config import RecipeError, load_recipe, parse_override
+
+    overrides = list(args.overrides)
+    recipe_arg = args.recipe
+    # `imgtrain train RUN --resume` is not a thing, but `imgtrain train a=b --resume DIR` is:
+    if recipe_arg is not None and "=" in recipe_arg and not recipe_arg.endswith((".yaml", ".yml")):
+        overrides.insert(0, recipe_arg)
+        recipe_arg = None
+    if args.resume:
+        run = Path(args.resume)
+        if not (run / "config.yaml").is_file():
+            raise RecipeError(f"--resume {run}: not a run folder (no config.yaml)")
+        for text in overrides:
+            key, _ = parse_override(text)
+            if key not in RESUME_OVERRIDABLE:
+                raise RecipeError(f"{key} cannot change when resuming (the run would no longer be the same run); "
+                                  f"allowed: {', '.join(RESUME_OVERRIDABLE)}", file="command line")
+        recipe = load_recipe(run / "config.yaml", overrides)
+    else:
+        if recipe_arg is None:
+            raise RecipeError("give a recipe (a .yaml file or a built-in name such as quickstart), or --resume RUN_DIR")
+        recipe = load_recipe(recipe_arg, overrides)
+    result = train(recipe, run_dir=args.run_dir, resume=args.resume, overwrite=args.overwrite)
+    _print_result(result)
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from imgtrain.api import train
+    from imgtrain.config import load_recipe
+
+    recipe = load_recipe("quickstart", args.overrides)
+    result = train(recipe, run_dir=args.run_dir, overwrite=args.overwrite)
+    _print_result(result)
+    return 0
+
+
+def _print_result(result: Any) -> None:
+    summary = result.summary
+    parts = []
+    if "test_acc" in summary:
+        parts.append(f"test accuracy {summary['test_acc']:.2%}")
+    if "best_val_acc" in summary:
+        parts.append(f"best val accuracy {summary['best_val_acc']:.2%}")
+    parts.append(f"{summary.get('total_seconds', 0):.0f} s")
+    print("done: " + ", ".join(parts))
+    print(f"run folder: {result.run_dir}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from imgtrain.evaluation import evaluate
+
+    result = evaluate(args.target, split=args.split, data=args.data, device=args.device)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['checkpoint']} on {result['split']}: {result['images']} images")
+    print(f"  accuracy {result['acc']:.2%}   loss {result['loss']:.4f}   balanced accuracy {result['balanced_acc']:.2%}"
+          + (f"   top-5 {result['top5_acc']:.2%}" if "top5_acc" in result else ""))
+    for name, value in result["per_class_acc"].items():
+        print(f"  {name:>20s}  {'-' if value is None else f'{value:.2%}'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from imgtrain.evaluation import format_predictions, predict, write_predictions
+
+    rows = predict(args.checkpoint, args.paths, topk=args.topk, device=args.device)
+    if args.output:
+        write_predictions(rows, Path(args.output), args.topk)
+        failed = sum(1 for r in rows if r["error"])
+        print(f"{len(rows)} predictions written to {args.output}" + (f" ({failed} could not be read)" if failed else ""))
+    else:
+        print(format_predictions(rows, args.topk))
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from imgtrain.data import split_folder
+
+    counts = split_folder(args.src, args.dst, val=args.val, test=args.test, seed=args.seed, link=args.link)
+    print(json.dumps(counts, indent=2))
+    return 0
+
+
+def cmd_make_shapes(args: argparse.Namespace) -> int:
+    from imgtrain.config import recipe_from_dict
+    from imgtrain.data import write_shapes_imagefolder
+
+    shapes = recipe_from_dict({"data": {"source": "shapes", "shapes": dict(
+        _parse_pairs(args.set), num_classes=args.classes, image_size=args.size, train_size=args.train,
+        val_size=args.val, test_size=args.test, seed=args.seed)}}, file="command line").data.shapes
+    out = Path(args.dir)
+    if out.exists() and any(out.iterdir()):
+        from imgtrain.data import DataError
+        raise DataError(f"{out}: folder exists and is not empty; choose an empty or new folder")
+    counts = write_shapes_imagefolder(shapes, out, fmt=args.format, layout=args.layout)
+    print(f"wrote shapes to {out}: {json.dumps(counts)}")
+    return 0
+
+
+def _parse_pairs(items: List[str]) -> Dict[str, Any]:
+    import yaml
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from imgtrain.data import DEFAULT_FASHION_MNIST_DIR
+
+    fm = Path(DEFAULT_FASHION_MNIST_DIR)
+    rows = [
+        ("digits", "scikit-learn's 8x8 handwritten digits, 1,797 images, 10 classes (bundled)", "available"),
+        ("shapes", "synthetic coloured shapes, any size/count/imbalance (generated)", "available"),
+        ("fashion-mnist", "60k train / 10k test 28x28 clothing images, 10 classes",
+         f"available in {fm}" if fm.is_dir() else f"missing: apt-get install -y dataset-fashion-mnist, or data.root"),
+        ("imagefolder", "your images: ROOT/[train|val|test]/CLASS/*.jpg or ROOT/CLASS/*.jpg", "data.root"),
+        ("csv", "your images listed in a path,label[,split] CSV", "data.root"),
+    ]
+    for name, what, where in rows:
+        print(f"{name:<14s} {what}\n{'':<14s} {where}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from imgtrain.models import OUR_MODELS, list_models
+
+    names = list_models(args.pattern)
+    for name in names:
+        print(f"{name}  (imgtrain)" if name in OUR_MODELS else name)
+    print(f"{len(names)} models", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgtrain", description="Train image classifiers from YAML recipes.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("quickstart", help="train the built-in quickstart recipe (digits, no download)")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--run-dir", help="run folder (default: runs/quickstart, -2, -3 ...)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("train", help="train from a recipe")
+    p.add_argument("recipe", nargs="?", help="recipe .yaml or built-in name (quickstart, fashion_mnist, ...)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=5")
+    p.add_argument("--run-dir", help="run folder (default: output.root/output.name or the recipe's name)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last finished epoch")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a run folder or checkpoint")
+    p.add_argument("target", help="run folder or .safetensors checkpoint")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--data", help="evaluate on this image folder (class subfolders) or path,label CSV instead")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="predict classes of images, folders or a CSV manifest")
+    p.add_argument("checkpoint", help="run folder or .safetensors checkpoint")
+    p.add_argument("paths", nargs="+", help="image files, folders, or a CSV with a path column")
+    p.add_argument("--topk", type=int, default=1)
+    p.add_argument("--output", help="write predictions to this .csv or .json")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("split", help="stratified train/val/test split of a class-per-folder directory")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--val", type=float, default=0.1)
+    p.add_argument("--test", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--link", action="store_true", help="symlink instead of copying")
+    p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("make-shapes", help="write the synthetic shapes dataset as an image folder")
+    p.add_argument("dir")
+    p.add_argument("--classes", type=int, default=4)
+    p.add_argument("--size", type=int, default=32, help="image side, pixels")
+    p.add_argument("--train", type=int, default=2000)
+    p.add_argument("--val", type=int, default=400)
+    p.add_argument("--test", type=int, default=400)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", default="png", choices=["png", "jpg", "mixed"])
+    p.add_argument("--layout", default="split", choices=["split", "flat"],
+                   help="split: train/val/test/CLASS; flat: CLASS/ only")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any data.shapes key, e.g. --set imbalance=10 --set noise=0.1")
+    p.set_defaults(func=cmd_make_shapes)
+
+    p = sub.add_parser("datasets", help="list the data sources")
+    p.set_defaults(func=cmd_datasets)
+
+    p = sub.add_parser("models", help="list models (ours and timm's)")
+    p.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'resnet*'")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        print("\nimgtrain: interrupted. The last finished epoch is saved; continue with "
+              "`imgtrain train --resume RUN_DIR`.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - sorted below: user errors get a message, bugs a traceback
+        if isinstance(exc, _user_errors()):
+            print(f"imgtrain: error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,524 @@
+"""Typed recipe: one dataclass per section, YAML loading, `extends:`, dotted overrides.
+
+A recipe is a YAML mapping with the sections below. Every key is declared here with its
+type, default, allowed range and unit, so a typo or a wrong value is caught before any
+work starts, with the file, the dotted key, the line and the closest valid key.
+
+    recipe = load_recipe("configs/fashion_mnist.yaml", ["train.epochs=3"])
+    recipe.train.epochs  # 3
+
+`extends: other.yaml` (a path relative to the recipe, or the bare name of a built-in
+recipe such as `quickstart`) loads that recipe first and deep-merges this one over it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+
+BUILTIN_RECIPES = Path(__file__).parent / "configs"
+
+
+class RecipeError(ValueError):
+    """A recipe problem the user can fix: says where (file, key, line) and what to do."""
+
+    def __init__(self, message: str, file: Optional[str] = None, key: Optional[str] = None,
+                 line: Optional[int] = None):
+        self.file, self.key, self.line = file, key, line
+        where = ""
+        if file:
+            where = f"{file}" + (f", line {line}" if line else "") + ": "
+        if key:
+            where += f"{key}: "
+        super().__init__(where + message)
+
+
+def param(default: Any = dataclasses.MISSING, *, min: Optional[float] = None,
+          max: Optional[float] = None, choices: Optional[tuple] = None,
+          min_exclusive: bool = False, default_factory: Any = dataclasses.MISSING):
+    """A recipe field with its allowed range or choices (checked by `validate`)."""
+    meta = {"min": min, "max": max, "choices": choices, "min_exclusive": min_exclusive}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------- sections
+
+@dataclass
+class ShapesConfig:
+    """The synthetic `shapes` source: coloured shapes on a noisy background."""
+    num_classes: int = param(4, min=2, max=8)        # circle, square, triangle, cross, star, ...
+    image_size: int = param(32, min=8, max=512)      # pixels, square
+    train_size: int = param(2000, min=1)             # images in the train split
+    val_size: int = param(400, min=0)                # images in the val split
+    test_size: int = param(400, min=0)               # images in the test split
+    min_scale: float = param(0.35, min=0.05, max=1.0)  # shape size, fraction of the image side
+    max_scale: float = param(0.8, min=0.05, max=1.0)
+    rotation: float = param(180.0, min=0.0, max=360.0)  # max rotation, degrees either way
+    noise: float = param(0.05, min=0.0, max=1.0)     # std of Gaussian pixel noise, fraction of 255
+    imbalance: float = param(1.0, min=1.0)           # train: largest class count / smallest
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    source: str = param("digits", choices=("imagefolder", "csv", "fashion-mnist", "digits", "shapes"))
+    # imagefolder: the folder; csv: the manifest file; fashion-mnist: folder of IDX .gz files
+    root: Optional[str] = None
+    image_root: Optional[str] = None      # csv: folder the paths are relative to (default: the csv's)
+    val_fraction: float = param(0.1, min=0.0, max=0.9)   # carved from train when no val split exists
+    test_fraction: float = param(0.0, min=0.0, max=0.9)  # carved from train when no test split exists
+    split_seed: int = 0                   # seed of the automatic stratified split
+    train_subset: Optional[int] = param(None, min=1)  # keep N training images (stratified), for quick runs
+    batch_size: int = param(128, min=1)   # images per step, per device
+    eval_batch_size: Optional[int] = param(None, min=1)  # default: 2 x batch_size
+    workers: Union[int, str] = 0          # loader processes, or "auto"
+    pin_memory: Union[bool, str] = "auto"  # auto: on when training on CUDA
+    on_bad_image: str = param("error", choices=("error", "skip"))
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+
+
+@dataclass
+class AugmentConfig:
+    """Per-image transforms (torchvision v2). Probabilities are in [0, 1]."""
+    img_size: Optional[int] = param(None, min=4)   # train/eval resolution, pixels; default: native
+    random_resized_crop: bool = False
+    scale: List[float] = param(default_factory=lambda: [0.08, 1.0])      # crop area range, fraction
+    ratio: List[float] = param(default_factory=lambda: [0.75, 4 / 3])    # crop aspect range
+    pad_crop: int = param(0, min=0)        # pad by N pixels then random crop back (CIFAR style)
+    hflip: float = param(0.0, min=0.0, max=1.0)
+    vflip: float = param(0.0, min=0.0, max=1.0)
+    color_jitter: float = param(0.0, min=0.0, max=1.0)  # brightness, contrast, saturation strength
+    hue: float = param(0.0, min=0.0, max=0.5)
+    grayscale: float = param(0.0, min=0.0, max=1.0)
+    normalize: str = param("compute", choices=("compute", "imagenet", "none", "given"))
+    mean: Optional[List[float]] = None     # with normalize: given, one value per channel (0..1 scale)
+    std: Optional[List[float]] = None
+    crop_pct: float = param(1.0, min=0.1, max=1.0)  # eval: resize to img_size/crop_pct, centre crop
+
+
+@dataclass
+class ModelConfig:
+    name: str = "imgtrain_cnn_small"      # any timm model name or one of ours (`imgtrain models`)
+    pretrained: bool = False              # timm pretrained weights (needs the Hugging Face cache)
+    drop_rate: float = param(0.0, min=0.0, max=1.0)  # dropout before the classifier
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
+
+
+@dataclass
+class OptimConfig:
+    name: str = param("sgd", choices=("sgd", "adamw"))
+    lr: float = param(0.1, min=0.0, min_exclusive=True)  # peak learning rate, for the effective batch
+    momentum: float = param(0.9, min=0.0, max=1.0)       # sgd
+    nesterov: bool = True                                 # sgd
+    betas: List[float] = param(default_factory=lambda: [0.9, 0.999])  # adamw
+    eps: float = param(1e-8, min=0.0, min_exclusive=True)              # adamw
+    weight_decay: float = param(5e-4, min=0.0)
+    decay_norm_and_bias: bool = False     # false: no weight decay on norm and bias parameters
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule, stepped once per optimizer step."""
+    name: str = param("onecycle", choices=("constant", "step", "multistep", "cosine",
+                                           "warmup_cosine", "onecycle"))
+    warmup_epochs: float = param(0.0, min=0.0)      # linear warmup, epochs (cosine, constant, step)
+    warmup_start_factor: float = param(0.01, min=0.0, max=1.0)  # lr at step 0, fraction of peak
+    min_lr: float = param(0.0, min=0.0)             # cosine floor, absolute
+    step_epochs: float = param(30.0, min=0.0, min_exclusive=True)  # step: decay every N epochs
+    milestones: List[float] = field(default_factory=lambda: [30.0, 60.0, 90.0])  # multistep: epochs
+    gamma: float = param(0.1, min=0.0, max=1.0)     # step/multistep decay factor
+    pct_start: float = param(0.25, min=0.0, max=1.0)   # onecycle: fraction of steps going up
+    div_factor: float = param(25.0, min=1.0)        # onecycle: start lr = lr / div_factor
+    final_div_factor: float = param(1e4, min=1.0)   # onecycle: final lr = start lr / this
+    cycle_momentum: bool = True                     # onecycle: momentum (or beta1) cycles inversely
+    base_momentum: float = param(0.85, min=0.0, max=1.0)
+    max_momentum: float = param(0.95, min=0.0, max=1.0)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = param(10, min=1)
+    grad_accum_steps: int = param(1, min=1)         # effective batch = batch_size x this
+    clip_grad_norm: Optional[float] = param(None, min=0.0, min_exclusive=True)
+    label_smoothing: float = param(0.0, min=0.0, max=1.0)
+    amp: str = param("auto", choices=("auto", "off", "fp16", "bf16"))
+    channels_last: bool = False
+    compile: bool = False                           # torch.compile the model
+    device: str = "auto"                            # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    deterministic: bool = False                     # deterministic kernels (slower on CUDA)
+    threads: Optional[int] = param(None, min=1)     # torch CPU threads; default: torch's choice
+    max_steps_per_epoch: Optional[int] = param(None, min=1)  # cut epochs short (smoke runs)
+
+
+@dataclass
+class OutputConfig:
+    root: str = "runs"                  # run folders go under this folder
+    name: Optional[str] = None          # run folder name; default: recipe name + timestamp
+    best_metric: str = "val_acc"        # column of history.csv that picks the best checkpoint
+    best_mode: str = param("auto", choices=("auto", "max", "min"))  # auto: min for *loss, else max
+    save_best: bool = True
+    save_last: bool = True
+    plots: bool = True                  # redraw plots/*.png every epoch
+    progress: str = param("auto", choices=("auto", "bar", "log", "off"))  # auto: bar on a terminal
+
+
+@dataclass
+class Recipe:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    # where the recipe came from (not a recipe key; set by load_recipe)
+    source_file: Optional[str] = field(default=None, metadata={"internal": True})
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The resolved recipe as plain data (what config.yaml in the run folder holds)."""
+        out = dataclasses.asdict(self)
+        out.pop("source_file", None)
+        return out
+
+
+# ----------------------------------------------------------------------------- loading
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that remembers the line of every key, for error messages."""
+
+
+def _load_yaml_with_lines(text: str, file: str) -> tuple[Dict[str, Any], Dict[str, int]]:
+    try:
+        node = yaml.compose(text, Loader=_LineLoader)
+    except yaml.YAMLError as exc:
+        # the context mark is where the broken construct starts (an unclosed bracket, say),
+        # which is the line to fix; the problem mark can be the end of the file
+        mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        context = getattr(exc, "context", None)
+        what = f"{context}: {exc.problem}" if context else getattr(exc, "problem", str(exc))
+        raise RecipeError(f"not valid YAML ({what})", file=file, line=line) from None
+    lines: Dict[str, int] = {}
+
+    def walk(n: yaml.Node, prefix: str) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for key_node, value_node in n.value:
+                key = f"{prefix}{key_node.value}"
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key + ".")
+
+    if node is not None:
+        walk(node, "")
+    data = yaml.load(text, Loader=yaml.SafeLoader) if node is not None else {}
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe must be a mapping of sections (data:, model:, train: ...)", file=file)
+    return data, lines
+
+
+def _deep_merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "kwargs":
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_recipe_path(name: str, relative_to: Optional[Path] = None) -> Path:
+    """A recipe path, or the bare name of a built-in recipe (`quickstart`, `fashion_mnist`)."""
+    candidates = []
+    path = Path(name)
+    if relative_to is not None and not path.is_absolute():
+        candidates.append(relative_to / path)
+    candidates.append(path)
+    if "/" not in name and "\\" not in name:
+        stem = name[:-5] if name.endswith(".yaml") else name
+        candidates.append(BUILTIN_RECIPES / f"{stem}.yaml")
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    builtins = ", ".join(sorted(p.stem for p in BUILTIN_RECIPES.glob("*.yaml")))
+    raise RecipeError(f"recipe not found: {name} (built-in recipes: {builtins})")
+
+
+def _read_recipe_file(path: Path, chain: tuple = ()) -> tuple[Dict[str, Any], Dict[str, tuple]]:
+    """Read a recipe and everything it extends; returns merged data and key -> (file, line)."""
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in chain + (resolved,))
+        raise RecipeError(f"`extends:` makes a cycle: {cycle}", file=str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RecipeError(f"cannot read the recipe ({exc.strerror})", file=str(path)) from None
+    data, lines = _load_yaml_with_lines(text, str(path))
+    origins = {key: (str(path), line) for key, line in lines.items()}
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data, origins
+    parents = parent if isinstance(parent, list) else [parent]
+    merged: Dict[str, Any] = {}
+    merged_origins: Dict[str, tuple] = {}
+    for p in parents:
+        if not isinstance(p, str):
+            raise RecipeError("`extends:` takes a recipe path or name (or a list of them)",
+                              file=str(path), key="extends", line=lines.get("extends"))
+        try:
+            parent_path = resolve_recipe_path(p, relative_to=path.parent)
+        except RecipeError as exc:
+            raise RecipeError(str(exc), file=str(path), key="extends", line=lines.get("extends")) from None
+        parent_data, parent_origins = _read_recipe_file(parent_path, chain + (resolved,))
+        merged = _deep_merge(merged, parent_data)
+        merged_origins.update(parent_origins)
+    merged_origins.update(origins)
+    return _deep_merge(merged, data), merged_origins
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`section.key=value` -> (dotted key, YAML-parsed value)."""
+    if "=" not in text:
+        raise RecipeError(f"override `{text}` must look like section.key=value (e.g. train.epochs=5)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or "." not in key:
+        raise RecipeError(f"override `{text}` must name a section and a key, e.g. train.epochs=5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(data: Dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def load_recipe(path: Union[str, Path, None] = None, overrides: Optional[List[str]] = None) -> Recipe:
+    """Load a recipe file (or the defaults when path is None), apply overrides, validate."""
+    if path is None:
+        data, origins, file = {}, {}, None
+    else:
+        recipe_path = resolve_recipe_path(str(path))
+        data, origins = _read_recipe_file(recipe_path)
+        file = str(recipe_path)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+        origins[key] = ("command line", None)
+    recipe = recipe_from_dict(data, file=file, origins=origins)
+    recipe.source_file = file
+    return recipe
+
+
+def recipe_from_dict(data: Dict[str, Any], file: Optional[str] = None,
+                     origins: Optional[Dict[str, tuple]] = None) -> Recipe:
+    """Build and validate a Recipe from plain data (e.g. a run folder's config.yaml)."""
+    return _build(Recipe, data, prefix="", file=file, origins=origins or {})
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _where(key: str, file: Optional[str], origins: Dict[str, tuple]) -> Dict[str, Any]:
+    origin_file, line = origins.get(key, (file, None))
+    return {"file": origin_file, "key": key, "line": line}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        names = " or ".join(_type_name(a) for a in args)
+        return names + (" or null" if type(None) in typing.get_args(tp) else "")
+    if origin in (list, List):
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin in (dict, Dict):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check a YAML value against a field type; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True, value
+    if origin is Union:
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return True, None
+                continue
+            ok, out = _coerce(value, arg)
+            if ok:
+                return True, out
+        return False, value
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        (item_type,) = typing.get_args(tp)
+        out = []
+        for item in value:
+            ok, item = _coerce(item, item_type)
+            if not ok:
+                return False, value
+            out.append(item)
+        return True, out
+    if origin in (dict, Dict):
+        return isinstance(value, dict), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        if isinstance(value, bool):
+            # YAML 1.1 reads `off`/`on` as booleans: `amp: off` and `progress: off` mean the words
+            return True, "on" if value else "off"
+        return isinstance(value, str), value
+    return isinstance(value, tp), value
+
+
+def _check_range(value: Any, meta: Dict[str, Any], where: Dict[str, Any]) -> None:
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f", did you mean {close[0]}?" if close else ""
+        raise RecipeError(f"{value!r} is not one of {', '.join(map(str, choices))}{hint}", **where)
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        lo, hi = meta.get("min"), meta.get("max")
+        if lo is not None and (v < lo or (meta.get("min_exclusive") and v == lo)):
+            op = ">" if meta.get("min_exclusive") else ">="
+            raise RecipeError(f"{v} is out of range: expected a value {op} {lo}", **where)
+        if hi is not None and v > hi:
+            raise RecipeError(f"{v} is out of range: expected a value <= {hi}", **where)
+
+
+def _build(cls: type, data: Any, prefix: str, file: Optional[str], origins: Dict[str, tuple]) -> Any:
+    section = prefix.rstrip(".") or "recipe"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"expected a mapping of keys, got {type(data).__name__}",
+                          **_where(section, file, origins))
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            valid = [f"{prefix}{name}" for name in fields]
+            close = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
+            hint = f", did you mean {close[0]}?" if close else f" (valid keys: {', '.join(fields)})"
+            raise RecipeError(f"unknown key{hint}", **_where(dotted, file, origins))
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, dotted + ".", file, origins)
+            continue
+        ok, coerced = _coerce(value, tp)
+        if not ok:
+            raise RecipeError(f"expected {_type_name(tp)}, got {value!r}", **_where(dotted, file, origins))
+        _check_range(coerced, dict(fields[key].metadata), _where(dotted, file, origins))
+        kwargs[key] = coerced
+    obj = cls(**kwargs)
+    _check_section(obj, prefix, file, origins)
+    return obj
+
+
+def _check_section(obj: Any, prefix: str, file: Optional[str], origins: Dict[str, tuple]) -> None:
+    """Checks that involve more than one key of a section."""
+    def fail(key: str, message: str) -> None:
+        raise RecipeError(message, **_where(prefix + key, file, origins))
+
+    if isinstance(obj, ShapesConfig) and obj.min_scale > obj.max_scale:
+        fail("min_scale", f"{obj.min_scale} is larger than max_scale ({obj.max_scale})")
+    if isinstance(obj, DataConfig):
+        if isinstance(obj.workers, str) and obj.workers != "auto":
+            fail("workers", f"expected an integer >= 0 or 'auto', got {obj.workers!r}")
+        if isinstance(obj.workers, int) and obj.workers < 0:
+            fail("workers", f"{obj.workers} is out of range: expected a value >= 0")
+        if isinstance(obj.pin_memory, str) and obj.pin_memory != "auto":
+            fail("pin_memory", f"expected true, false or 'auto', got {obj.pin_memory!r}")
+        if obj.val_fraction + obj.test_fraction >= 1.0:
+            fail("test_fraction", "val_fraction + test_fraction must leave some training images (< 1)")
+        if obj.source in ("imagefolder", "csv") and not obj.root:
+            fail("root", f"data.source {obj.source} needs data.root (the {'folder' if obj.source == 'imagefolder' else 'manifest CSV'})")
+    if isinstance(obj, AugmentConfig):
+        for key in ("scale", "ratio"):
+            pair = getattr(obj, key)
+            if len(pair) != 2 or pair[0] > pair[1] or pair[0] <= 0:
+                fail(key, f"expected [low, high] with 0 < low <= high, got {pair}")
+        if obj.scale[1] > 1.0:
+            fail("scale", f"the crop area is a fraction of the image: high must be <= 1, got {obj.scale[1]}")
+        if obj.normalize == "given":
+            if obj.mean is None or obj.std is None:
+                fail("normalize", "normalize: given needs augment.mean and augment.std (one value per channel)")
+            if len(obj.mean) != len(obj.std):
+                fail("std", f"mean has {len(obj.mean)} values and std {len(obj.std)}; give one per channel")
+            if any(s <= 0 for s in obj.std):
+                fail("std", f"every std must be > 0, got {obj.std}")
+        elif obj.mean is not None or obj.std is not None:
+            fail("mean", "augment.mean/std are used only with augment.normalize: given")
+    if isinstance(obj, OptimConfig) and (len(obj.betas) != 2 or not all(0 <= b < 1 for b in obj.betas)):
+        fail("betas", f"expected two values in [0, 1), got {obj.betas}")
+    if isinstance(obj, ScheduleConfig):
+        if obj.milestones != sorted(obj.milestones) or any(m <= 0 for m in obj.milestones):
+            fail("milestones", f"expected increasing epochs > 0, got {obj.milestones}")
+        if obj.base_momentum > obj.max_momentum:
+            fail("base_momentum", f"{obj.base_momentum} is larger than max_momentum ({obj.max_momentum})")
+        if obj.name == "warmup_cosine" and obj.warmup_epochs <= 0:
+            fail("warmup_epochs", "schedule warmup_cosine needs warmup_epochs > 0 (epochs of linear warmup)")
+    if isinstance(obj, TrainConfig):
+        device = obj.device
+        if not (device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())):
+            fail("device", f"expected auto, cpu, cuda or cuda:N, got {device!r}")
+    if isinstance(obj, OutputConfig) and obj.name is not None and ("/" in obj.name or obj.name in (".", "..")):
+        fail("name", f"a run name is one folder name, got {obj.name!r}; use output.root for the parent")
+
+
+def recipe_keys() -> List[str]:
+    """Every dotted recipe key (for help texts and suggestions)."""
+    keys: List[str] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("internal"):
+                continue
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                keys.append(f"{prefix}{f.name}")
+
+    walk(Recipe, "")
+    return keys
+
+
+def dump_recipe(recipe: Recipe, path: Path) -> None:
+    """Write the resolved recipe as YAML (the run folder's config.yaml)."""
+    text = yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=None)
+    path.write_text(text, encoding="utf-8")

@@ -1,0 +1,108 @@
+"""Two map-style datasets: decoded images in one uint8 tensor, or image files read on demand.
+
+Both return `(image, label)` where image is a uint8 (C, H, W) tensor unless a transform is
+set, expose `.targets` (LongTensor) and `.classes`, and make cheap variants:
+`with_transform(t)` shares the images with the original (only the transform differs), so
+train and eval views of the same data cost no memory; `subset(indices)` keeps some items.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from imgtrain.data.images import load_image
+
+Transform = Callable[[torch.Tensor], torch.Tensor] | None
+
+
+def _as_index(indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+
+
+def _as_targets(targets: Sequence[int] | torch.Tensor, count: int, num_classes: int) -> torch.Tensor:
+    out = torch.as_tensor(targets, dtype=torch.long).reshape(-1).clone()
+    if len(out) != count:
+        raise ValueError(f"{len(out)} targets for {count} images")
+    if len(out) and (int(out.min()) < 0 or int(out.max()) >= num_classes):
+        raise ValueError(f"targets must lie in [0, {num_classes - 1}], got {int(out.min())}..{int(out.max())}")
+    return out
+
+
+class TensorImageDataset(Dataset):
+    """Images already decoded into a uint8 tensor of shape (N, C, H, W)."""
+
+    def __init__(self, images: torch.Tensor, targets: Sequence[int] | torch.Tensor,
+                 classes: Sequence[str], transform: Transform = None):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be a uint8 tensor (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        self.images = images
+        self.classes: list[str] = list(classes)
+        self.targets = _as_targets(targets, len(images), len(self.classes))
+        self.transform = transform
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[index])
+
+    def with_transform(self, transform: Transform) -> TensorImageDataset:
+        clone = copy.copy(self)  # shallow: the image tensor is shared, not copied
+        clone.transform = transform
+        return clone
+
+    def subset(self, indices: Sequence[int] | torch.Tensor) -> TensorImageDataset:
+        index = _as_index(indices)
+        return TensorImageDataset(self.images[index], self.targets[index], self.classes, self.transform)
+
+    def __repr__(self) -> str:
+        shape = "x".join(str(s) for s in self.images.shape[1:])
+        return f"TensorImageDataset({len(self)} images {shape}, {len(self.classes)} classes)"
+
+
+class FileImageDataset(Dataset):
+    """Image files decoded on each access with `load_image(path, channels)`."""
+
+    def __init__(self, paths: Sequence[str | Path], targets: Sequence[int] | torch.Tensor,
+                 classes: Sequence[str], channels: int, transform: Transform = None):
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+        self.paths: list[str] = [str(p) for p in paths]
+        self.classes: list[str] = list(classes)
+        self.targets = _as_targets(targets, len(self.paths), len(self.classes))
+        self.channels = channels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        image = load_image(self.paths[index], self.channels)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[index])
+
+    def with_transform(self, transform: Transform) -> FileImageDataset:
+        clone = copy.copy(self)  # shallow: the path list is shared
+        clone.transform = transform
+        return clone
+
+    def subset(self, indices: Sequence[int] | torch.Tensor) -> FileImageDataset:
+        index = _as_index(indices)
+        paths = [self.paths[i] for i in index.tolist()]
+        return FileImageDataset(paths, self.targets[index], self.classes, self.channels, self.transform)
+
+    def __repr__(self) -> str:
+        return f"FileImageDataset({len(self)} files, {self.channels} channels, {len(self.classes)} classes)"

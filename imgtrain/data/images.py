@@ -1,0 +1,202 @@
+"""Decode one image file into a uint8 CHW tensor, and find the files that cannot be decoded.
+
+Every file-based source goes through `load_image`, so all the odd cases of real image
+folders are handled in one place:
+
+- Pillow modes: `1`, `L`, `LA`, `P` (with or without a transparent colour), `RGB`,
+  `RGBA`, `CMYK`, `YCbCr`, 16-bit `I;16*`, 32-bit `I` and float `F`.
+- Transparency is composited on white, not dropped: the colour stored under a fully
+  transparent pixel is arbitrary (often black), so dropping alpha would turn a dark
+  logo on a transparent background into black-on-black. White is what viewers show.
+- 16-bit images are scaled to 8 bits (value / 257, so 65535 -> 255), never clipped;
+  a 16-bit scan clipped at 255 would be almost all white.
+- EXIF orientation is applied (phone photos are stored sideways with a rotation tag).
+- Truncated files are errors: we never set `ImageFile.LOAD_TRUNCATED_IMAGES`, and we
+  call `.load()` so the whole file is decoded, not just its header.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from imgtrain.data.errors import DataError
+
+PathLike = str | Path
+
+# File name endings the folder sources treat as images (compared lower-case).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+                    ".ppm", ".pgm", ".pbm", ".pnm")
+
+
+class BadImageError(DataError):
+    """A file that cannot be decoded as an image: `path` and a human `reason`."""
+
+    def __init__(self, path: PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):
+        # DataLoader workers may pickle errors; the default reduce would pass one argument.
+        return (BadImageError, (self.path, self.reason))
+
+
+def is_image_file(path: PathLike) -> bool:
+    name = os.path.basename(str(path))
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image Pillow can read (unknown format, or not an image file)"
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"image too large to decode safely ({exc}); raise PIL.Image.MAX_IMAGE_PIXELS if it is genuine"
+    text = str(exc)
+    if "truncated" in text.lower():
+        return f"truncated image data ({text})"
+    return f"cannot decode the image ({type(exc).__name__}: {text})"
+
+
+def _open_decoded(path: PathLike) -> Image.Image:
+    """Open, fully decode and orient one file; any failure becomes a BadImageError."""
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        raise BadImageError(path, "file not found") from None
+    except OSError as exc:
+        raise BadImageError(path, f"cannot read the file ({exc.strerror})") from None
+    if size == 0:
+        raise BadImageError(path, "empty file (0 bytes)")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode everything now: truncation shows up here, not mid-epoch
+            oriented = ImageOps.exif_transpose(img)
+            oriented.load()
+            return oriented
+    # Decoders raise many types on malformed input (OSError, SyntaxError, struct.error,
+    # IndexError ...); all of them mean "this file is not a usable image".
+    except Exception as exc:  # noqa: BLE001
+        raise BadImageError(path, _reason(exc)) from None
+
+
+def _scale_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """High bit depth to 8 bits by scaling the value range, never by clipping."""
+    values = arr.astype(np.float64)
+    if mode.startswith("I;16"):
+        return np.round(values / 257.0).astype(np.uint8)
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if mode == "F" and lo >= 0.0 and hi <= 1.0:
+        return np.round(values * 255.0).astype(np.uint8)
+    if lo >= 0.0 and hi <= 255.0:
+        return np.round(values).astype(np.uint8)
+    if lo >= 0.0 and hi <= 65535.0:
+        # Mode I with values past 255: 16-bit data stored in 32 bits (TIFF, old Pillow PNG).
+        return np.round(values / 257.0).astype(np.uint8)
+    # Anything else (negative or huge values) has no fixed range: stretch min..max.
+    span = hi - lo if hi > lo else 1.0
+    return np.round((values - lo) * (255.0 / span)).astype(np.uint8)
+
+
+def _composite_on_white(img: Image.Image) -> Image.Image:
+    """LA/RGBA over a white background, returned as L/RGB."""
+    gray = img.mode in ("LA", "La")
+    img = img.convert("LA" if gray else "RGBA")  # La/RGBa (premultiplied) -> straight alpha
+    arr = np.asarray(img).astype(np.float32)
+    alpha = arr[..., -1:] / 255.0
+    out = arr[..., :-1] * alpha + 255.0 * (1.0 - alpha)
+    out = np.round(out).astype(np.uint8)
+    return Image.fromarray(out[..., 0] if gray else out, mode="L" if gray else "RGB")
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> `L` (grey-like modes) or `RGB` (everything else)."""
+    mode = img.mode
+    if mode in ("L", "RGB"):
+        return img
+    if mode == "1":
+        return img.convert("L")
+    if mode.startswith("I") or mode == "F":
+        return Image.fromarray(_scale_to_uint8(np.asarray(img), mode), mode="L")
+    if mode in ("LA", "La", "RGBA", "RGBa"):
+        return _composite_on_white(img)
+    if mode in ("P", "PA"):
+        if mode == "PA" or "transparency" in img.info:
+            return _composite_on_white(img.convert("RGBA"))
+        return img.convert("RGB")
+    return img.convert("RGB")  # CMYK, YCbCr, RGBX, HSV ...
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    arr = np.array(img)  # a writable copy: torch.from_numpy warns on read-only buffers
+    if arr.ndim == 2:
+        arr = arr[None]
+    else:
+        arr = np.ascontiguousarray(arr.transpose(2, 0, 1))
+    return torch.from_numpy(arr)
+
+
+def load_image(path: PathLike, channels: int | None = None) -> torch.Tensor:
+    """Decode `path` into a uint8 tensor of shape (C, H, W).
+
+    channels: 1 -> greyscale (ITU-R 601 luma for colour files), 3 -> RGB (grey repeated),
+    None -> the file's own: 1 for grey-like modes (1, L, LA, I;16, I, F), else 3.
+    Raises BadImageError for missing, empty, corrupt, truncated or non-image files.
+    """
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be 1, 3 or None, got {channels!r}")
+    try:
+        img = to_8bit(_open_decoded(path))
+    except BadImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a mode Pillow cannot convert (e.g. LAB)
+        raise BadImageError(path, f"unsupported image mode ({type(exc).__name__}: {exc})") from None
+    if channels == 1 and img.mode == "RGB":
+        img = img.convert("L")
+    elif channels == 3 and img.mode == "L":
+        img = img.convert("RGB")
+    return _to_tensor(img)
+
+
+def _scan_threads() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+def inspect_images(paths: Iterable[PathLike]) -> tuple[list[tuple[str, str]], dict]:
+    """Decode every file; returns (bad [(path, reason)], {path: (native channels, max side)})."""
+    def check(path: PathLike):
+        try:
+            image = load_image(path)
+        except BadImageError as exc:
+            return str(path), (exc.path, exc.reason)
+        return str(path), (int(image.shape[0]), int(max(image.shape[1], image.shape[2])))
+
+    bad: list[tuple[str, str]] = []
+    info: dict = {}
+    # Threads, not processes: Pillow releases the GIL while decoding, and map keeps the order.
+    with ThreadPoolExecutor(max_workers=_scan_threads()) as pool:
+        for path, result in pool.map(check, list(paths)):
+            if isinstance(result[1], str):
+                bad.append(result)
+            else:
+                info[path] = result
+    return bad, info
+
+
+def scan_images(paths: Iterable[PathLike]) -> list[tuple[str, str]]:
+    """Fully decode each file and return [(path, reason)] for those that fail (empty: all good).
+
+    Use it before a long training run: a bad file otherwise stops training mid-epoch.
+    """
+    bad, _ = inspect_images(paths)
+    return bad

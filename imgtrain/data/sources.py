@@ -1,0 +1,343 @@
+"""Data sources -> `DataSplits` (train / val / test datasets plus what the model needs to know).
+
+A source provides the splits it has natively; what it lacks is carved from train,
+stratified and seeded (`data.val_fraction`, `data.test_fraction`, `data.split_seed`):
+
+| source        | native splits                                  | carved from train |
+|---------------|------------------------------------------------|-------------------|
+| imagefolder   | root/train, root/val (or valid), root/test;    | missing val/test  |
+|               | or a flat root of class folders: none          |                   |
+| csv           | the optional `split` column (train/val/test)   | missing val/test  |
+| fashion-mnist | train (60000), test (10000)                    | val               |
+| digits        | none (1797 images, sklearn)                    | val and test      |
+| shapes        | train/val/test of data.shapes sizes            | nothing           |
+
+Then, for every source: `data.train_subset` keeps N training images (stratified).
+File sources decode every image once up front (`data.on_bad_image`): `error` stops with
+the list of bad files, `skip` drops them and records them in `DataSplits.skipped`.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import re
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from imgtrain.config import DataConfig
+from imgtrain.data.datasets import FileImageDataset, TensorImageDataset
+from imgtrain.data.errors import DataError, format_bad_files, format_list
+from imgtrain.data.images import IMAGE_EXTENSIONS, inspect_images
+from imgtrain.data.shapes import generate_shapes, shape_classes
+from imgtrain.data.split import list_class_images, stratified_split_indices
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                       "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+VAL_FOLDER_NAMES = ("val", "valid", "validation")
+SPLIT_NAMES = ("train", "val", "test")
+_CSV_SPLIT_VALUES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+@dataclass
+class DataSplits:
+    train: Dataset
+    val: Dataset | None
+    test: Dataset | None
+    classes: list[str]
+    channels: int
+    native_size: int  # image side in pixels (files: median of the train images' longer side)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), on_bad_image: skip
+
+
+# ----------------------------------------------------------------------------- shared steps
+
+def _carve(train: Dataset, cfg: DataConfig, need_val: bool, need_test: bool) -> tuple[Dataset, Dataset | None, Dataset | None]:
+    """Carve val and/or test from train (stratified by class, seeded by data.split_seed)."""
+    val_fraction = cfg.val_fraction if need_val else 0.0
+    test_fraction = cfg.test_fraction if need_test else 0.0
+    if val_fraction == 0 and test_fraction == 0:
+        return train, None, None
+    rest, val_idx, test_idx = stratified_split_indices(train.targets, [val_fraction, test_fraction], cfg.split_seed)
+    val = train.subset(val_idx) if len(val_idx) else None
+    test = train.subset(test_idx) if len(test_idx) else None
+    return train.subset(rest), val, test
+
+
+def _apply_train_subset(splits: DataSplits, cfg: DataConfig) -> None:
+    n = cfg.train_subset
+    if n is None or n >= len(splits.train):
+        return
+    fraction = n / len(splits.train)
+    # The part, not the rest: it is exactly round(n), and every class keeps its share.
+    _, keep = stratified_split_indices(splits.train.targets, [fraction], cfg.split_seed)
+    splits.train = splits.train.subset(keep)
+
+
+def _check_same_classes(where: str, per_split: dict[str, Sequence[str]], hint: str) -> None:
+    train = list(per_split["train"])
+    for split, names in per_split.items():
+        if split == "train" or list(names) == train:
+            continue
+        missing = [c for c in train if c not in names]
+        extra = [c for c in names if c not in train]
+        parts = []
+        if missing:
+            parts.append(f"missing in {split}: {', '.join(missing)}")
+        if extra:
+            parts.append(f"only in {split}: {', '.join(extra)}")
+        raise DataError(f"{where}: the classes of the {split} split differ from train's "
+                        f"({'; '.join(parts)}). {hint}")
+
+
+def _natural_key(name: str):
+    # "2" < "10": numeric labels sort as numbers, others alphabetically.
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _file_splits(where: str, native: dict[str, tuple[list[str], list[str]]], classes: list[str],
+                 cfg: DataConfig) -> DataSplits:
+    """Shared end of the file sources: scan, skip or fail, datasets, carving.
+
+    native: {split: (paths, class names)} for the splits the source has; classes: the
+    class list (already checked to agree between splits).
+    """
+    all_paths = [p for paths, _ in native.values() for p in paths]
+    bad, info = inspect_images(all_paths)
+    if bad and cfg.on_bad_image == "error":
+        raise DataError(f"{where}: {len(bad)} of {len(all_paths)} image files cannot be read:\n"
+                        f"{format_bad_files(bad)}\n"
+                        "Fix or delete them, or set data.on_bad_image: skip to train without them "
+                        "(`imgtrain scan` lists them).")
+    index = {name: k for k, name in enumerate(classes)}
+    datasets: dict[str, tuple[list[str], list[int]]] = {}
+    for split, (paths, labels) in native.items():
+        kept = [(p, index[label]) for p, label in zip(paths, labels) if p in info]
+        datasets[split] = ([p for p, _ in kept], [t for _, t in kept])
+    train_paths, train_targets = datasets["train"]
+    present = set(train_targets)
+    empty = [name for k, name in enumerate(classes) if k not in present]
+    if empty:
+        raise DataError(f"{where}: no readable training images for class(es) {', '.join(empty)}"
+                        + (f" ({len(bad)} unreadable file(s) were skipped)" if bad else "")
+                        + ". Every class needs training images: add some or remove the class.")
+    channels = 3 if any(info[p][0] == 3 for p in train_paths) else 1
+    native_size = int(statistics.median_low([info[p][1] for p in train_paths]))
+    built = {split: FileImageDataset(paths, targets, classes, channels)
+             for split, (paths, targets) in datasets.items() if paths}
+    train, val, test = _carve(built["train"], cfg, "val" not in native, "test" not in native)
+    splits = DataSplits(train=train, val=built.get("val", val), test=built.get("test", test),
+                        classes=list(classes), channels=channels, native_size=native_size, skipped=bad)
+    return splits
+
+
+def _tensor_splits(native: dict[str, tuple[torch.Tensor, torch.Tensor]], classes: list[str],
+                   cfg: DataConfig, carve: bool) -> DataSplits:
+    built = {split: TensorImageDataset(images, targets, classes) for split, (images, targets) in native.items()}
+    train, val, test = built["train"], built.get("val"), built.get("test")
+    if carve:
+        train, carved_val, carved_test = _carve(train, cfg, val is None, test is None)
+        val = val if val is not None else carved_val
+        test = test if test is not None else carved_test
+    images = train.images
+    return DataSplits(train=train, val=val, test=test, classes=list(classes), channels=int(images.shape[1]),
+                      native_size=int(max(images.shape[2], images.shape[3])))
+
+
+# ----------------------------------------------------------------------------- imagefolder
+
+def _class_folder_split(folder: Path, split: str, allow_empty: bool) -> tuple[list[str], list[str], list[str]]:
+    """(class names, paths, labels) of one folder of class folders."""
+    by_class = list_class_images(folder)
+    if not by_class:
+        raise DataError(f"{folder} has no class folders; expected {folder}/<class name>/<image files>")
+    empty = [str(folder / name) for name, files in by_class.items() if not files]
+    if empty and not allow_empty:
+        raise DataError(f"class folder(s) of the {split} split with no images "
+                        f"({', '.join(IMAGE_EXTENSIONS)}):\n{format_list(empty)}\n"
+                        "Add images or remove the folders.")
+    paths = [p for files in by_class.values() for p in files]
+    labels = [name for name, files in by_class.items() for _ in files]
+    if not paths:
+        raise DataError(f"the {split} split {folder} has class folders but no images "
+                        f"({', '.join(IMAGE_EXTENSIONS)})")
+    return list(by_class), paths, labels
+
+
+def _imagefolder(cfg: DataConfig) -> DataSplits:
+    root = Path(cfg.root or "")
+    if not root.is_dir():
+        hint = " (a .csv file: use data.source: csv)" if root.suffix.lower() == ".csv" else ""
+        raise DataError(f"data.root {root} is not a folder{hint}. For data.source imagefolder, point it at a "
+                        "folder of class folders (root/<class>/*.jpg) or of train/val/test folders of class folders.")
+    subdirs = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    where = f"imagefolder {root}"
+    if "train" not in subdirs:
+        # Flat layout: every subfolder is a class; val/test are carved automatically.
+        classes, paths, labels = _class_folder_split(root, "train", allow_empty=False)
+        return _file_splits(where, {"train": (paths, labels)}, classes, cfg)
+    val_dirs = [d for d in subdirs if d in VAL_FOLDER_NAMES]
+    if len(val_dirs) > 1:
+        raise DataError(f"{where} has more than one validation folder ({', '.join(val_dirs)}); keep one")
+    unexpected = [d for d in subdirs if d not in ("train", "test") + VAL_FOLDER_NAMES]
+    if unexpected:
+        raise DataError(f"{where} has a train/ folder, so it is read as train/val/test folders, but it also has "
+                        f"{', '.join(unexpected)}. Move those into train/ (if they are classes) or out of {root}.")
+    folders = {"train": root / "train"}
+    if val_dirs:
+        folders["val"] = root / val_dirs[0]
+    if "test" in subdirs:
+        folders["test"] = root / "test"
+    native, class_lists = {}, {}
+    for split, folder in folders.items():
+        # An empty class folder is fine in val/test (a small class may have none to spare).
+        names, paths, labels = _class_folder_split(folder, split, allow_empty=split != "train")
+        native[split], class_lists[split] = (paths, labels), names
+    _check_same_classes(where, class_lists, "Every split needs the same class folders "
+                        "(an empty class folder is allowed in val and test).")
+    return _file_splits(where, native, class_lists["train"], cfg)
+
+
+# ----------------------------------------------------------------------------- csv
+
+def _read_manifest(manifest: Path) -> tuple[list[tuple[int, str, str, str | None]], bool]:
+    """Rows as (line, path, label, split or None) and whether the split column exists."""
+    try:
+        text = manifest.read_text(encoding="utf-8-sig")  # -sig: Excel writes a BOM
+    except OSError as exc:
+        raise DataError(f"cannot read the manifest {manifest} ({exc.strerror}); set data.root to the CSV file") from None
+    reader = csv.reader(text.splitlines())
+    header = [h.strip().lower() for h in next(reader, [])]
+    if "path" not in header or "label" not in header:
+        raise DataError(f"{manifest}, line 1: the header must name the columns path and label "
+                        f"(optional: split), got {', '.join(header) or 'nothing'}")
+    col = {name: header.index(name) for name in ("path", "label", "split") if name in header}
+    rows = []
+    for line, row in enumerate(reader, start=2):
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        cells = {name: (row[i].strip() if i < len(row) else "") for name, i in col.items()}
+        if not cells["path"] or not cells["label"]:
+            raise DataError(f"{manifest}, line {line}: every row needs a path and a label, got {row}")
+        split = None
+        if "split" in col:
+            split = _CSV_SPLIT_VALUES.get(cells["split"].lower())
+            if split is None:
+                raise DataError(f"{manifest}, line {line}: split must be train, val or test, got {cells['split']!r}")
+        rows.append((line, cells["path"], cells["label"], split))
+    if not rows:
+        raise DataError(f"{manifest} lists no images (only a header)")
+    return rows, "split" in col
+
+
+def _csv(cfg: DataConfig) -> DataSplits:
+    manifest = Path(cfg.root or "")
+    if not manifest.is_file():
+        raise DataError(f"data.root {manifest} is not a file; data.source csv needs the manifest CSV "
+                        "(columns path,label and optionally split)")
+    rows, _has_split = _read_manifest(manifest)
+    base = Path(cfg.image_root) if cfg.image_root else manifest.parent
+    native: dict[str, tuple[list[str], list[str]]] = {}
+    missing = []
+    for line, rel, label, split in rows:
+        path = Path(rel) if Path(rel).is_absolute() else base / rel
+        if not path.is_file():
+            missing.append(f"line {line}: {path}")
+        paths, labels = native.setdefault(split or "train", ([], []))
+        paths.append(str(path))
+        labels.append(label)
+    if missing:
+        raise DataError(f"{manifest}: {len(missing)} listed image file(s) do not exist "
+                        f"(paths are relative to {base}; set data.image_root to change that):\n{format_list(missing)}")
+    if "train" not in native:
+        raise DataError(f"{manifest}: no rows with split train; the train split cannot be empty")
+    where = f"csv {manifest}"
+    class_lists = {split: sorted(set(labels), key=_natural_key) for split, (_, labels) in native.items()}
+    _check_same_classes(where, class_lists, "Every split needs images of the same classes.")
+    return _file_splits(where, native, class_lists["train"], cfg)
+
+
+# ----------------------------------------------------------------------------- fashion-mnist
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (MNIST format; gzip-compressed if the name ends in .gz) as a uint8 array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read {path} ({exc}); the file may be incomplete, download it again") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes (wrong magic number)")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    if len(data) - offset != int(np.prod(dims)):
+        raise DataError(f"{path}: expected {int(np.prod(dims))} values for shape {dims}, "
+                        f"found {len(data) - offset}; the file is truncated, download it again")
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def _fashion_mnist(cfg: DataConfig) -> DataSplits:
+    folder = Path(cfg.root or FASHION_MNIST_DIR)
+    native = {}
+    for split, stems in FASHION_MNIST_FILES.items():
+        arrays = []
+        for stem in stems:
+            candidates = [folder / f"{stem}.gz", folder / stem]
+            found = next((p for p in candidates if p.is_file()), None)
+            if found is None:
+                raise DataError(f"Fashion-MNIST: {stem}.gz not found in {folder}. Install it with "
+                                "`apt-get install dataset-fashion-mnist`, or set data.root to the folder "
+                                "holding the four IDX .gz files (train-images-idx3-ubyte.gz ...).")
+            arrays.append(read_idx(found))
+        images, labels = arrays
+        if len(images) != len(labels) or images.ndim != 3:
+            raise DataError(f"Fashion-MNIST {split} in {folder}: {len(images)} images but {len(labels)} labels")
+        native[split] = (torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
+    return _tensor_splits(native, FASHION_MNIST_CLASSES, cfg, carve=True)
+
+
+# ----------------------------------------------------------------------------- digits, shapes
+
+def _digits(cfg: DataConfig) -> DataSplits:
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+    bunch = load_digits()
+    # Pixel values are 0..16 (counts of set pixels in 4x4 blocks): scale to 0..255.
+    images = np.round(bunch.data.reshape(-1, 1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)
+    native = {"train": (torch.from_numpy(images), torch.from_numpy(bunch.target.astype(np.int64)))}
+    return _tensor_splits(native, [str(d) for d in range(10)], cfg, carve=True)
+
+
+def _shapes(cfg: DataConfig) -> DataSplits:
+    # The configured sizes are the splits; val_size: 0 means no val, nothing is carved.
+    return _tensor_splits(generate_shapes(cfg.shapes), shape_classes(cfg.shapes), cfg, carve=False)
+
+
+SOURCES: dict[str, Callable[[DataConfig], DataSplits]] = {
+    "imagefolder": _imagefolder,
+    "csv": _csv,
+    "fashion-mnist": _fashion_mnist,
+    "digits": _digits,
+    "shapes": _shapes,
+}
+
+
+def build_splits(cfg: DataConfig) -> DataSplits:
+    """The train/val/test datasets of `cfg.source` (see the module docstring for the rules)."""
+    builder = SOURCES.get(cfg.source)
+    if builder is None:
+        raise DataError(f"unknown data.source {cfg.source!r}; choose one of {', '.join(SOURCES)}")
+    splits = builder(cfg)
+    _apply_train_subset(splits, cfg)
+    return splits

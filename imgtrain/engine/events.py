@@ -1,0 +1,101 @@
+"""The loop's events and the `Hook` base class every strategy and tracker extends.
+
+The Trainer (engine/loop.py) runs this, firing each event on the hooks in order:
+
+    fit_start
+    for epoch in epochs:
+        epoch_start
+        for batch in train_loader:
+            batch_start        # a strategy may replace state.inputs / state.targets
+            outputs = model(inputs)            (under autocast)
+            after_forward      # state.outputs holds the logits
+            loss = loss_fn(outputs, targets) / grad_accum_steps
+            after_loss         # a strategy may replace state.loss
+            backward
+            after_backward
+            if the accumulation group is complete:
+                unscale, clip
+                before_step    # gradients are final and unscaled here
+                optimizer.step(); scheduler.step()
+                after_step
+        validate
+        eval_end               # state.epoch_metrics has the train and val numbers
+        epoch_end              # history row written, checkpoints saved
+    fit_end
+
+A hook implements only the methods of the events it needs. Hooks that change the batch,
+model, optimizer or schedule (strategies) run before hooks that only read (trackers); the
+order within each list is the order they are declared in, never computed from numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Sequence
+
+EVENTS = (
+    "fit_start", "epoch_start", "batch_start", "after_forward", "after_loss",
+    "after_backward", "before_step", "after_step", "eval_end", "epoch_end", "fit_end",
+)
+
+
+class Hook:
+    """Base class: override the event methods you need; each gets the TrainState."""
+
+    #: name used for its entry in checkpoints (hook state) and logs
+    name: str = "hook"
+
+    def fit_start(self, state: Any) -> None: ...
+    def epoch_start(self, state: Any) -> None: ...
+    def batch_start(self, state: Any) -> None: ...
+    def after_forward(self, state: Any) -> None: ...
+    def after_loss(self, state: Any) -> None: ...
+    def after_backward(self, state: Any) -> None: ...
+    def before_step(self, state: Any) -> None: ...
+    def after_step(self, state: Any) -> None: ...
+    def eval_end(self, state: Any) -> None: ...
+    def epoch_end(self, state: Any) -> None: ...
+    def fit_end(self, state: Any) -> None: ...
+
+    def state_dict(self) -> Dict[str, Any]:
+        """What a resume needs; hooks without state return {}."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        return None
+
+
+class HookList:
+    """Strategies then trackers, each in declared order.
+
+    For every event it keeps only the hooks that override that method, so an event
+    nobody listens to costs one empty loop per batch (the loop fires six per batch).
+    """
+
+    def __init__(self, strategies: Sequence[Hook] = (), trackers: Sequence[Hook] = ()):
+        self.strategies: List[Hook] = list(strategies)
+        self.trackers: List[Hook] = list(trackers)
+        ordered = self.strategies + self.trackers
+        names = [h.name for h in ordered]
+        duplicates = {n for n in names if names.count(n) > 1}
+        if duplicates:
+            raise ValueError(f"hook names must be unique, got duplicates: {sorted(duplicates)}")
+        self._listeners: Dict[str, List[Any]] = {
+            event: [getattr(h, event) for h in ordered
+                    if getattr(type(h), event) is not getattr(Hook, event)]
+            for event in EVENTS
+        }
+
+    def __iter__(self):
+        return iter(self.strategies + self.trackers)
+
+    def fire(self, event: str, state: Any) -> None:
+        for method in self._listeners[event]:
+            method(state)
+
+    def state_dict(self) -> Dict[str, Dict[str, Any]]:
+        return {h.name: h.state_dict() for h in self if h.state_dict()}
+
+    def load_state_dict(self, states: Dict[str, Dict[str, Any]]) -> None:
+        for hook in self:
+            if hook.name in states:
+                hook.load_state_dict(states[hook.name])

@@ -1,0 +1,51 @@
+"""One factory for every model: `timm.create_model` with the data's classes and channels."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import List
+
+import timm
+import torch
+
+from imgtrain.config import ModelConfig
+from imgtrain.models import nets  # noqa: F401  (registers our nets in timm's registry)
+from imgtrain.models.nets import OUR_MODELS
+
+
+class ModelError(ValueError):
+    """A model that cannot be built as asked (unknown name, missing weights)."""
+
+
+def create_model(cfg: ModelConfig, num_classes: int, in_chans: int) -> torch.nn.Module:
+    """Build `cfg.name` with `num_classes` outputs taking `in_chans` input channels."""
+    if not timm.is_model(cfg.name):
+        import difflib
+        close = difflib.get_close_matches(cfg.name, timm.list_models(), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else " `imgtrain models PATTERN` lists them."
+        raise ModelError(f"model.name: unknown model {cfg.name!r}.{hint}")
+    kwargs = dict(cfg.kwargs)
+    if cfg.drop_rate:
+        kwargs["drop_rate"] = cfg.drop_rate
+    try:
+        return timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=num_classes,
+                                 in_chans=in_chans, **kwargs)
+    except TypeError as exc:
+        raise ModelError(f"model.kwargs: {cfg.name} does not accept these arguments ({exc})") from None
+    except (OSError, RuntimeError) as exc:
+        if cfg.pretrained:
+            raise ModelError(
+                f"model.pretrained: could not load timm weights for {cfg.name} ({exc}). Offline, put the "
+                "weights in the Hugging Face cache (HF_HOME) first, or set model.pretrained: false.") from None
+        raise
+
+
+def list_models(pattern: str = "*") -> List[str]:
+    """Our nets first, then timm's, matching a shell-style pattern."""
+    ours = [name for name in OUR_MODELS if fnmatch.fnmatch(name, pattern)]
+    theirs = [name for name in timm.list_models(pattern) if name not in OUR_MODELS]
+    return ours + theirs
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,54 @@
+"""Trackers: hooks that only read the TrainState and leave a readable run folder behind.
+
+    run_dir/train.log       timestamped story of the run          TrainLogTracker
+    (console)               progress bar or plain progress lines  ProgressTracker
+    run_dir/history.csv     one row per epoch, rewritten whole    HistoryTracker
+    run_dir/events.jsonl    JSON diary: fit_start, epochs, ...    EventLogTracker
+    run_dir/plots/*.png     loss, accuracy, lr, momentum curves   PlotTracker
+    run_dir/summary.json    final numbers                         write_summary
+
+`build_trackers(recipe, run_dir)` returns them in that order for a recipe. Trackers never
+change the state, so they run after every strategy (see engine/events.py). Under DDP only
+rank 0 should build them, or every process would write the same files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional, TextIO, Union
+
+from imgtrain.config import Recipe
+from imgtrain.engine.events import Hook
+from imgtrain.tracking.events_log import EVENTS_FILE, EventLogTracker
+from imgtrain.tracking.history import HISTORY_FILE, HistoryTracker, read_history, write_history
+from imgtrain.tracking.logfile import LOG_FILE, TrainLogTracker
+from imgtrain.tracking.plots import PLOTS_DIR, PlotTracker, plot_history
+from imgtrain.tracking.progress import ProgressTracker, format_epoch_line
+from imgtrain.tracking.summary import SUMMARY_FILE, json_safe, read_summary, write_summary
+
+__all__ = [
+    "EVENTS_FILE", "HISTORY_FILE", "LOG_FILE", "PLOTS_DIR", "SUMMARY_FILE",
+    "EventLogTracker", "HistoryTracker", "PlotTracker", "ProgressTracker", "TrainLogTracker",
+    "build_trackers", "format_epoch_line", "json_safe", "plot_history", "read_history",
+    "read_summary", "write_history", "write_summary",
+]
+
+
+def build_trackers(recipe: Recipe, run_dir: Union[str, Path],
+                   console_stream: Optional[TextIO] = None) -> List[Hook]:
+    """The trackers a recipe asks for, in firing order.
+
+    train.log first, so a line about an epoch is on disk before anything else can fail;
+    the console next; then the run-folder files. `output.progress: off` leaves out the
+    ProgressTracker and `output.plots: false` the PlotTracker. `console_stream` defaults
+    to sys.stderr.
+    """
+    run_dir = Path(run_dir)
+    trackers: List[Hook] = [TrainLogTracker(run_dir)]
+    if recipe.output.progress != "off":
+        trackers.append(ProgressTracker(recipe.output.progress, console_stream))
+    trackers.append(HistoryTracker(run_dir))
+    trackers.append(EventLogTracker(run_dir))
+    if recipe.output.plots:
+        trackers.append(PlotTracker(run_dir))
+    return trackers

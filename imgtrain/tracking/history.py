@@ -1,0 +1,115 @@
+"""history.csv: one row per finished epoch, rewritten whole every epoch.
+
+`HistoryTracker` writes `run_dir/history.csv` from `state.history` at every `epoch_end`.
+It rewrites the whole file (temp file + `os.replace`) instead of appending: a resumed run
+restores `state.history` from its checkpoint, so rewriting from it can never duplicate a
+row, and it also drops rows of epochs the crashed run finished after its last checkpoint.
+
+Columns: `epoch`, then the standard columns in a fixed order when present, then any other
+key in first-seen order. Rows may gain keys later (a strategy starts reporting something):
+the header is the union of all keys and missing cells are blank.
+
+`read_history(path)` reads the file back with numbers parsed to int/float; blank cells are
+left out of the row dict, so `write_history` then `read_history` gives the same rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Union
+
+from imgtrain.engine.events import Hook
+from imgtrain.tracking.summary import atomic_write_text
+
+HISTORY_FILE = "history.csv"
+
+#: columns that come right after `epoch`, in this order, when any row has them
+STANDARD_COLUMNS = (
+    "train_loss", "train_acc", "val_loss", "val_acc", "lr", "momentum",
+    "epoch_seconds", "images_per_second",
+)
+
+_INT_RE = re.compile(r"[+-]?\d+")
+# plain decimal / scientific notation and the non-finite words %g writes; no "_" separators
+_FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf)", re.IGNORECASE)
+
+
+def history_columns(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """Column order for `rows`: epoch, the standard columns present, then the rest as first seen."""
+    seen: Dict[str, None] = {}  # a dict keeps first-seen order and makes lookups O(1)
+    for row in rows:
+        for key in row:
+            seen.setdefault(key, None)
+    first = [c for c in ("epoch",) + STANDARD_COLUMNS if c in seen]
+    rest = [c for c in seen if c not in first]
+    return first + rest
+
+
+def format_value(value: Any) -> str:
+    """A cell: ints as ints, floats compactly (%.6g), None as blank, anything else as str."""
+    if value is None:
+        return ""
+    if hasattr(value, "item") and callable(value.item):  # 0-d tensors and numpy scalars
+        value = value.item()
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e15:
+            return f"{value:.1f}"  # keep a float a float on the way back (1.0, not 1)
+        return f"{value:.6g}"
+    return str(value)
+
+
+def parse_value(text: str) -> Any:
+    """The inverse of `format_value` for numbers; other text is returned unchanged."""
+    if _INT_RE.fullmatch(text):
+        return int(text)
+    if _FLOAT_RE.fullmatch(text):
+        return float(text)
+    if text in ("true", "false"):
+        return text == "true"
+    return text
+
+
+def write_history(path: Union[str, Path], rows: Sequence[Dict[str, Any]]) -> None:
+    """Atomically (re)write `path` as a CSV of `rows` (see the module docstring for columns)."""
+    columns = history_columns(rows)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([format_value(row.get(c)) for c in columns])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def read_history(path: Union[str, Path]) -> List[Dict[str, Any]]:
+    """Rows of a history.csv, numbers parsed to int/float, blank cells left out."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        return [{k: parse_value(v) for k, v in row.items() if v not in ("", None)} for row in reader]
+
+
+class HistoryTracker(Hook):
+    """Rewrites `run_dir/history.csv` from `state.history` at every epoch end.
+
+    At `fit_start` of a resumed run (history restored from the checkpoint) it rewrites the
+    file too, so the CSV matches the restored state before the first new epoch finishes.
+    """
+
+    name = "history"
+
+    def __init__(self, run_dir: Union[str, Path], filename: str = HISTORY_FILE):
+        self.path = Path(run_dir) / filename
+
+    def fit_start(self, state: Any) -> None:
+        if state.history:
+            write_history(self.path, state.history)
+
+    def epoch_end(self, state: Any) -> None:
+        write_history(self.path, state.history)
+

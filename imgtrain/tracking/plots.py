@@ -1,0 +1,215 @@
+"""plots/*.png: loss, accuracy, learning rate and momentum curves, redrawn every epoch.
+
+`PlotTracker` records the learning rate and momentum (or Adam's beta1) of the first param
+group that each optimizer step uses (read at `before_step`), and at every `epoch_end` redraws into `run_dir/plots/`:
+
+- `loss.png`      train_loss and val_loss per epoch
+- `accuracy.png`  train_acc and val_acc per epoch, in %
+- `lr.png`        learning rate per optimizer step (log scale when it spans > 2 decades)
+- `momentum.png`  momentum / beta1 per optimizer step
+
+The per-step record keeps at most `max_points` points however long the run: when full it
+drops every other point and from then on records every 2nd step (then 4th, ...), so memory,
+checkpoint size and drawing time stay bounded and the kept points stay evenly spaced. It is
+part of the hook's `state_dict`, so a resumed run's lr plot still starts at step 0.
+
+Drawing uses `matplotlib.figure.Figure` with the Agg canvas directly: no pyplot, so no global
+figure registry or backend switching (safe next to a user's own pyplot use and in threads).
+Small figures (6x4 in at 80 dpi) keep four redraws well under half a second. Each PNG is
+saved to a temporary file and `os.replace`d, so a viewer never reads half an image.
+
+`plot_history(rows, lr_steps, momentum_steps, out_dir)` draws the same files without a hook.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple, Union
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from imgtrain.engine.events import Hook
+
+PLOTS_DIR = "plots"
+FIGSIZE = (6.0, 4.0)   # inches
+DPI = 80
+MAX_POINTS = 2000      # per-step points kept and drawn per curve
+MARKER_LIMIT = 30      # per-epoch curves get point markers up to this many epochs
+
+
+# ----------------------------------------------------------------------------- drawing
+
+def _number(value: Any) -> float:
+    """A plottable float; missing, non-numeric and infinite values become NaN (a gap)."""
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    value = float(value)
+    return value if math.isfinite(value) else math.nan
+
+
+def decimate(points: Sequence[Tuple[float, float]],
+             max_points: int = MAX_POINTS) -> List[Tuple[float, float]]:
+    """At most about `max_points` evenly spaced points, always keeping the last one."""
+    points = list(points)
+    if len(points) <= max_points:
+        return points
+    stride = math.ceil(len(points) / max_points)
+    kept = points[::stride]
+    if kept[-1] != points[-1]:
+        kept.append(points[-1])
+    return kept
+
+
+def _new_axes(title: str, xlabel: str, ylabel: str) -> Tuple[Figure, Any]:
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    FigureCanvasAgg(fig)  # attaches itself to fig; savefig then renders with Agg
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    # fixed margins instead of tight_layout: same result for these short labels, less time
+    fig.subplots_adjust(left=0.14, right=0.97, bottom=0.13, top=0.91)
+    return fig, ax
+
+
+def _save(fig: Figure, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _epoch_plot(rows: Sequence[Dict[str, Any]], keys: Sequence[str], scale: float,
+                title: str, ylabel: str, path: Path) -> bool:
+    """One line per key present in any row, against the epoch; False when no key has data."""
+    series = {}
+    for key in keys:
+        values = [_number(row.get(key)) * scale for row in rows]
+        if any(not math.isnan(v) for v in values):
+            series[key] = values
+    if not series:
+        return False
+    epochs = [_number(row.get("epoch", i + 1)) for i, row in enumerate(rows)]
+    fig, ax = _new_axes(title, "epoch", ylabel)
+    marker = "o" if len(rows) <= MARKER_LIMIT else None
+    for key, values in series.items():
+        ax.plot(epochs, values, marker=marker, markersize=3, label=key)
+    ax.legend()
+    _save(fig, path)
+    return True
+
+
+def _step_plot(points: Sequence[Tuple[float, float]], title: str, ylabel: str, path: Path,
+               log_when_wide: bool) -> bool:
+    """A per-step curve; False when there are no points."""
+    points = [(float(s), _number(v)) for s, v in decimate(points)]
+    if not points:
+        return False
+    fig, ax = _new_axes(title, "optimizer step", ylabel)
+    ax.plot([s for s, _ in points], [v for _, v in points], linewidth=1.2)
+    values = [v for _, v in points if not math.isnan(v)]
+    # a one-cycle or cosine lr spans several decades; on a linear axis its tail looks like 0
+    if log_when_wide and values and min(values) > 0 and max(values) / min(values) > 100:
+        ax.set_yscale("log")
+    _save(fig, path)
+    return True
+
+
+def plot_history(rows: Sequence[Dict[str, Any]],
+                 lr_steps: Sequence[Tuple[float, float]],
+                 momentum_steps: Sequence[Tuple[float, float]],
+                 out_dir: Union[str, Path]) -> List[Path]:
+    """Draw loss.png, accuracy.png, lr.png and momentum.png into `out_dir`.
+
+    rows: history rows (dicts with epoch, train_loss, val_acc ...; accuracies as fractions).
+    lr_steps, momentum_steps: (optimizer step, value) pairs.
+    A plot with no data is not written. Returns the paths written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if _epoch_plot(rows, ("train_loss", "val_loss"), 1.0, "Loss", "loss", out / "loss.png"):
+        written.append(out / "loss.png")
+    if _epoch_plot(rows, ("train_acc", "val_acc"), 100.0, "Accuracy", "accuracy (%)", out / "accuracy.png"):
+        written.append(out / "accuracy.png")
+    if _step_plot(lr_steps, "Learning rate", "lr", out / "lr.png", log_when_wide=True):
+        written.append(out / "lr.png")
+    if _step_plot(momentum_steps, "Momentum", "momentum / beta1", out / "momentum.png", log_when_wide=False):
+        written.append(out / "momentum.png")
+    return written
+
+
+# ----------------------------------------------------------------------------- the hook
+
+class PlotTracker(Hook):
+    """Records per-step lr and momentum; redraws `run_dir/plots/*.png` at every epoch end."""
+
+    name = "plots"
+
+    def __init__(self, run_dir: Union[str, Path], max_points: int = MAX_POINTS):
+        if max_points < 2:
+            raise ValueError(f"max_points must be at least 2, got {max_points}")
+        self.out_dir = Path(run_dir) / PLOTS_DIR
+        self.max_points = max_points
+        self.steps: List[int] = []
+        self.lr: List[float] = []
+        self.momentum: List[float] = []
+        self.stride = 1  # record steps that are multiples of this; doubles when the record is full
+        self.last_written: List[Path] = []
+
+    def before_step(self, state: Any) -> None:
+        # before_step, not after_step: by after_step the scheduler has already moved on, so
+        # the lr read there is the next step's (a one-cycle plot would miss its warmup start
+        # and show a jump after the last step). Here it is the lr this optimizer step uses.
+        step = state.step + 1  # 1-based number of the step being taken, as after_step counts
+        # the second test skips a step already recorded (e.g. a repeated event)
+        if step % self.stride or (self.steps and step <= self.steps[-1]):
+            return
+        self.steps.append(step)
+        self.lr.append(state.lr)
+        self.momentum.append(state.momentum)
+        if len(self.steps) > self.max_points:
+            self._thin()
+
+    def _thin(self) -> None:
+        """Keep the points on multiples of twice the stride (about half), then record that often."""
+        self.stride *= 2
+        keep = [i for i, s in enumerate(self.steps) if s % self.stride == 0]
+        self.steps = [self.steps[i] for i in keep]
+        self.lr = [self.lr[i] for i in keep]
+        self.momentum = [self.momentum[i] for i in keep]
+
+    def epoch_end(self, state: Any) -> None:
+        self.last_written = plot_history(state.history, self.lr_steps(), self.momentum_steps(),
+                                         self.out_dir)
+
+    def lr_steps(self) -> List[Tuple[int, float]]:
+        return list(zip(self.steps, self.lr, strict=True))
+
+    def momentum_steps(self) -> List[Tuple[int, float]]:
+        return list(zip(self.steps, self.momentum, strict=True))
+
+    def state_dict(self) -> Dict[str, Any]:
+        # plain lists and ints only: checkpoints are loaded with torch.load(weights_only=True)
+        return {"steps": list(self.steps), "lr": list(self.lr), "momentum": list(self.momentum),
+                "stride": self.stride}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        steps, lr, momentum = state.get("steps", []), state.get("lr", []), state.get("momentum", [])
+        if not len(steps) == len(lr) == len(momentum):
+            raise ValueError(f"PlotTracker state is inconsistent: {len(steps)} steps, {len(lr)} lr "
+                             f"and {len(momentum)} momentum values; the checkpoint may be damaged")
+        self.steps = [int(s) for s in steps]
+        self.lr = [float(v) for v in lr]
+        self.momentum = [float(v) for v in momentum]
+        self.stride = int(state.get("stride", 1))
+

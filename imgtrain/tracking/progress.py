@@ -1,0 +1,220 @@
+"""Console progress: a redrawn bar on a terminal, plain lines in CI logs and files.
+
+`ProgressTracker(mode, stream)`:
+
+- "bar": one line per epoch, redrawn in place with `\\r`:
+  `epoch 3/10 [#######-------------] 120/200 loss 0.512 acc 81.2% lr 3.2e-02 1830 img/s ETA 0:12 mem 412 MB`
+- "log": no `\\r`; a plain line at about 25%, 50% and 75% of each epoch;
+- "auto": "bar" when the stream is a terminal, else "log".
+
+Both end each epoch with the summary line `format_epoch_line(row, epochs)` (shared with
+train.log). Why the care about cost: the loop fires `after_step` thousands of times a
+minute and reading `state.loss_sum` (a device tensor) forces a GPU sync. So `after_step`
+does O(1) host work -- one clock read and a compare for the bar, one integer compare for
+the log -- and touches tensors only when it actually draws, at most `1 / refresh_seconds`
+times a second.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, TextIO
+
+import psutil
+import torch
+
+from imgtrain.engine.events import Hook
+from imgtrain.tracking.history import history_columns
+
+MODES = ("auto", "bar", "log")
+BAR_WIDTH = 20  # characters between the brackets
+LOG_FRACTIONS = (0.25, 0.5, 0.75)  # log mode prints a line when an epoch passes each of these
+
+
+# ----------------------------------------------------------------------------- formatting
+
+def is_accuracy_key(key: str) -> bool:
+    """History columns holding a fraction 0..1 that reads better as a percentage."""
+    last = key.split("_")[-1]
+    return last in ("acc", "accuracy") or (last.startswith("top") and last[3:].isdigit())
+
+
+def format_duration(seconds: float) -> str:
+    """12 -> "0:12", 754 -> "12:34", 3725 -> "1:02:05"."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def format_metric(key: str, value: Any) -> str:
+    """One `name value` piece of an epoch line, with units where the column has one."""
+    if hasattr(value, "item") and callable(value.item):  # tensors and numpy scalars
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{key} {value}"
+    if key == "epoch_seconds":
+        return f"{value:.1f} s"
+    if key == "images_per_second":
+        return f"{value:.0f} img/s"
+    if key == "lr":
+        return f"lr {value:.2e}"
+    if is_accuracy_key(key):
+        return f"{key} {100.0 * value:.1f}%"
+    if isinstance(value, int):
+        return f"{key} {value}"
+    return f"{key} {value:.4g}"
+
+
+def format_epoch_line(row: Dict[str, Any], epochs: int) -> str:
+    """`epoch 3/10 train_loss 0.5123 train_acc 81.2% ... 12.3 s 1830 img/s` from a history row.
+
+    Shows whatever keys the row has, in history.csv column order; accuracies as percentages.
+    """
+    parts = [f"epoch {row.get('epoch', '?')}/{epochs}"]
+    for key in history_columns([row]):
+        if key == "epoch" or row[key] is None:
+            continue
+        parts.append(format_metric(key, row[key]))
+    return " ".join(parts)
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
+        return False
+
+
+# ----------------------------------------------------------------------------- the hook
+
+class ProgressTracker(Hook):
+    """Training progress on a console stream (default `sys.stderr`), see the module docstring.
+
+    `refresh_seconds` is the least time between two bar redraws; `clock` (seconds, monotonic)
+    is injectable so tests can drive time.
+    """
+
+    name = "progress"
+
+    def __init__(self, mode: str = "auto", stream: Optional[TextIO] = None,
+                 refresh_seconds: float = 0.1, clock: Callable[[], float] = time.perf_counter):
+        if mode not in MODES:
+            raise ValueError(f"progress mode must be one of {', '.join(MODES)}, got {mode!r} "
+                             f"(for output.progress: off, leave the ProgressTracker out)")
+        self.stream: TextIO = stream if stream is not None else sys.stderr
+        self.mode = ("bar" if _isatty(self.stream) else "log") if mode == "auto" else mode
+        self.refresh_seconds = refresh_seconds
+        self.clock = clock
+        self.draws = 0                 # status lines drawn (bar redraws or log lines), all epochs
+        self._process = psutil.Process()
+        self._epoch_t0 = 0.0
+        self._next_draw = -math.inf    # bar: clock time of the next allowed redraw
+        self._marks: List[int] = []    # log: batch counts that print a line, ascending
+        self._mark_index = 0
+        self._bar_open = False         # bar: a line without its newline is on screen
+        self._last_len = 0             # bar: length of the last drawn line, to blank leftovers
+        self._width = self._terminal_width()  # bar: columns a line may use
+
+    # --- events
+
+    def epoch_start(self, state: Any) -> None:
+        self._epoch_t0 = self.clock()
+        self._next_draw = -math.inf    # draw the first step at once
+        total = state.steps_per_epoch
+        self._marks = sorted({math.ceil(total * f) for f in LOG_FRACTIONS} - {0, total})
+        self._mark_index = 0
+        self._last_len = 0
+        self._width = self._terminal_width()  # the window may have been resized
+
+    def after_step(self, state: Any) -> None:
+        done = state.batch_index + 1
+        if self.mode == "bar":
+            now = self.clock()
+            # the epoch's last step always draws, so the bar never ends short of 100%
+            if now < self._next_draw and done < state.steps_per_epoch:
+                return
+            self._next_draw = now + self.refresh_seconds
+            self._draw_bar(state, done, now)
+        else:
+            if self._mark_index >= len(self._marks) or done < self._marks[self._mark_index]:
+                return
+            while self._mark_index < len(self._marks) and done >= self._marks[self._mark_index]:
+                self._mark_index += 1
+            self._write_line(self._log_line(state, done, self.clock()))
+            self.draws += 1
+
+    def epoch_end(self, state: Any) -> None:
+        self._close_bar()
+        row = state.history[-1] if state.history else state.epoch_metrics
+        self._write_line(format_epoch_line(row, state.epochs))
+
+    def fit_end(self, state: Any) -> None:
+        self._close_bar()  # training stopped mid-epoch: do not leave the cursor on the bar
+
+    # --- drawing (only here are tensors read)
+
+    def status(self, state: Any, done: int, now: float) -> str:
+        """`loss 0.512 acc 81.2% lr 3.2e-02 1830 img/s ETA 0:12 mem 412 MB` for this moment."""
+        total = state.steps_per_epoch
+        seen = int(state.images_seen)
+        elapsed = now - self._epoch_t0
+        parts = []
+        if seen > 0 and state.loss_sum is not None:
+            parts.append(f"loss {float(state.loss_sum) / seen:.3f}")  # float() syncs the device
+        if seen > 0 and state.correct_sum is not None:
+            parts.append(f"acc {100.0 * float(state.correct_sum) / seen:.1f}%")
+        parts.append(f"lr {state.lr:.1e}")
+        if elapsed > 0 and seen > 0:
+            parts.append(f"{seen / elapsed:.0f} img/s")
+        if done > 0:
+            parts.append(f"ETA {format_duration((total - done) * elapsed / done)}")
+        parts.append(f"mem {self.memory_bytes(state.device) / 2**20:.0f} MB")
+        return " ".join(parts)
+
+    def memory_bytes(self, device: torch.device) -> int:
+        """Peak allocated memory on a CUDA device, else this process's resident memory."""
+        if device.type == "cuda":
+            return torch.cuda.max_memory_allocated(device)
+        return self._process.memory_info().rss
+
+    @staticmethod
+    def _terminal_width() -> int:
+        # a line wider than the terminal wraps, and `\r` then redraws only its last part
+        return max(shutil.get_terminal_size(fallback=(120, 24)).columns - 1, 40)
+
+    def _epoch_label(self, state: Any) -> str:
+        return f"epoch {state.epoch + 1}/{state.epochs}"
+
+    def _draw_bar(self, state: Any, done: int, now: float) -> None:
+        total = max(state.steps_per_epoch, 1)
+        filled = min(BAR_WIDTH, BAR_WIDTH * done // total)
+        bar = "#" * filled + "-" * (BAR_WIDTH - filled)
+        line = f"{self._epoch_label(state)} [{bar}] {done}/{state.steps_per_epoch} "
+        line = (line + self.status(state, done, now))[: self._width]
+        # pad with spaces over what is left of a longer previous line
+        self.stream.write("\r" + line.ljust(self._last_len))
+        self.stream.flush()
+        self._last_len = len(line)
+        self._bar_open = True
+        self.draws += 1
+
+    def _log_line(self, state: Any, done: int, now: float) -> str:
+        percent = 100 * done // max(state.steps_per_epoch, 1)
+        return (f"{self._epoch_label(state)} {done}/{state.steps_per_epoch} ({percent}%) "
+                + self.status(state, done, now))
+
+    def _close_bar(self) -> None:
+        if self._bar_open:
+            self.stream.write("\n")
+            self._bar_open = False
+            self._last_len = 0
+
+    def _write_line(self, line: str) -> None:
+        self.stream.write(line + "\n")
+        self.stream.flush()

@@ -1,0 +1,104 @@
+"""plots/*.png: valid PNGs redrawn every epoch; the per-step record is bounded and resumable."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import pytest
+import torch
+
+from imgtrain.tracking.plots import PlotTracker, decimate, plot_history
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+NAMES = ["accuracy.png", "loss.png", "lr.png", "momentum.png"]
+
+
+def _digests(plot_dir):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in plot_dir.glob("*.png")}
+
+
+def test_plots_are_valid_pngs_redrawn_each_epoch(run_dir, make_state, fake_loop):
+    state = make_state(epochs=2, steps_per_epoch=8)
+    tracker = PlotTracker(run_dir)
+    loop = fake_loop(state, [tracker])
+    plot_dir = run_dir / "plots"
+
+    loop.run_epoch()
+    assert sorted(p.name for p in plot_dir.iterdir()) == NAMES  # no temp files left
+    for name in NAMES:
+        data = (plot_dir / name).read_bytes()
+        assert data[:8] == PNG_MAGIC
+        assert len(data) > 5000  # axes, labels and a curve, not an empty image
+    first = _digests(plot_dir)
+
+    loop.run_epoch()
+    second = _digests(plot_dir)
+    assert set(second) == set(NAMES)
+    # every plot gained data, so every file was redrawn
+    assert all(first[name] != second[name] for name in NAMES)
+    assert sorted(p.name for p in plot_dir.iterdir()) == NAMES
+
+    # the lr each step used (StepLR halves it after 8 steps) and momentum, at every step
+    assert tracker.steps == list(range(1, 17))
+    assert tracker.lr == pytest.approx([0.1] * 8 + [0.05] * 8)
+    assert tracker.momentum == [0.9] * 16
+
+
+def test_state_round_trip_through_a_weights_only_checkpoint(run_dir, make_state, fake_loop):
+    state = make_state(epochs=3, steps_per_epoch=8)
+    tracker = PlotTracker(run_dir)
+    fake_loop(state, [tracker]).run_epoch()
+
+    buffer = io.BytesIO()
+    torch.save({"hooks": {"plots": tracker.state_dict()}}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)["hooks"]["plots"]
+
+    restored = PlotTracker(run_dir)
+    restored.load_state_dict(saved)
+    assert restored.state_dict() == tracker.state_dict()
+    assert restored.steps == list(range(1, 9))
+
+    # the resumed run keeps recording after the restored points
+    state.optimizer.param_groups[0]["lr"] = 0.01
+    fake_loop(state, [restored]).run_epoch()
+    assert restored.steps == list(range(1, 17))
+    assert restored.lr[8:] == pytest.approx([0.01] * 8)
+
+
+def test_record_stays_bounded_and_evenly_spaced(run_dir, make_state, fake_loop):
+    state = make_state(epochs=1, steps_per_epoch=1000)
+    tracker = PlotTracker(run_dir, max_points=100)
+    for step in range(1000):
+        state.step = step  # steps taken so far; before_step records step + 1
+        tracker.before_step(state)
+    assert 50 <= len(tracker.steps) <= 100
+    gaps = {b - a for a, b in zip(tracker.steps[:-1], tracker.steps[1:], strict=True)}
+    assert gaps == {tracker.stride} and tracker.stride == 16
+    assert tracker.steps[-1] > 1000 - tracker.stride
+    assert len(tracker.lr) == len(tracker.momentum) == len(tracker.steps)
+
+
+def test_load_state_dict_refuses_mismatched_lists(run_dir):
+    with pytest.raises(ValueError, match="inconsistent"):
+        PlotTracker(run_dir).load_state_dict({"steps": [1, 2], "lr": [0.1], "momentum": [0.9, 0.9]})
+
+
+def test_plot_history_without_a_hook(tmp_path):
+    rows = [{"epoch": 1, "train_loss": 1.2, "val_acc": 0.4},
+            {"epoch": 2, "train_loss": float("inf"), "val_acc": 0.6}]
+    lr = [(s, 0.1 * (0.999 ** s)) for s in range(5000)]
+    written = plot_history(rows, lr, [], tmp_path / "out")
+    # momentum has no data, so no momentum.png
+    assert [p.name for p in written] == ["loss.png", "accuracy.png", "lr.png"]
+    assert all(p.read_bytes()[:8] == PNG_MAGIC for p in written)
+    assert not (tmp_path / "out" / "momentum.png").exists()
+
+
+def test_decimate_keeps_the_last_point():
+    points = [(i, float(i)) for i in range(4999)]
+    kept = decimate(points, 1000)
+    assert len(kept) <= 1001
+    assert kept[0] == (0, 0.0) and kept[-1] == (4998, 4998.0)
+    assert decimate(points[:10], 1000) == points[:10]
