@@ -20,7 +20,7 @@ The Trainer (engine/loop.py) runs this, firing each event on the hooks in order:
                 after_step
         validate
         eval_end               # state.epoch_metrics has the train and val numbers
-        epoch_end              # history row written, checkpoints saved
+        epoch_end              # history row appended; then the checkpoints are saved, with every hook's state
     fit_end
 
 A hook implements only the methods of the events it needs. Hooks that change the batch,

@@ -138,10 +138,12 @@ class Trainer:
                 self.hooks.fire("eval_end", state)
                 row = {"epoch": state.epoch + 1, **state.epoch_metrics}
                 state.history.append(row)
-                state.epoch += 1
                 state.wall_seconds_before += row["epoch_seconds"] + row.pop("_val_seconds")
-                self._save_checkpoints(row)
+                # hooks first, so a checkpoint holds their state after this epoch (a patience
+                # counter, a plot's record); a kill in between only loses this epoch
                 self.hooks.fire("epoch_end", state)
+                state.epoch += 1
+                self._save_checkpoints(row)
         finally:
             state.summary["wall_seconds"] = round(time.perf_counter() - fit_started, 3)
         state.summary.update(self._summarise())

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -37,6 +38,7 @@ PLOTS_DIR = "plots"
 FIGSIZE = (6.0, 4.0)   # inches
 DPI = 80
 MAX_POINTS = 2000      # per-step points kept and drawn per curve
+REDRAW_BUDGET_FACTOR = 20  # wait at least 20x the last redraw's cost before the next (<= ~5% of time)
 MARKER_LIMIT = 30      # per-epoch curves get point markers up to this many epochs
 
 
@@ -155,16 +157,21 @@ class PlotTracker(Hook):
 
     name = "plots"
 
-    def __init__(self, run_dir: Union[str, Path], max_points: int = MAX_POINTS):
+    def __init__(self, run_dir: Union[str, Path], max_points: int = MAX_POINTS,
+                 redraw_budget_factor: float = REDRAW_BUDGET_FACTOR):
         if max_points < 2:
             raise ValueError(f"max_points must be at least 2, got {max_points}")
         self.out_dir = Path(run_dir) / PLOTS_DIR
         self.max_points = max_points
+        self.redraw_budget_factor = redraw_budget_factor  # 0: redraw at every epoch end
         self.steps: List[int] = []
         self.lr: List[float] = []
         self.momentum: List[float] = []
         self.stride = 1  # record steps that are multiples of this; doubles when the record is full
         self.last_written: List[Path] = []
+        self._last_draw_end: Optional[float] = None
+        self._last_cost = 0.0
+        self._pending = False  # an epoch's redraw was skipped and not yet made up
 
     def before_step(self, state: Any) -> None:
         # before_step, not after_step: by after_step the scheduler has already moved on, so
@@ -189,8 +196,29 @@ class PlotTracker(Hook):
         self.momentum = [self.momentum[i] for i in keep]
 
     def epoch_end(self, state: Any) -> None:
+        # A redraw costs 0.1-0.5 s of CPU. On long epochs that is nothing and every epoch is
+        # drawn; on epochs of a few seconds it would be a visible slowdown, so a redraw is
+        # skipped while less than redraw_budget_factor x its last cost has passed since the
+        # previous one (training pays at most ~5%). The last epoch and fit_end always draw.
+        now = time.perf_counter()
+        final = state.epoch + 1 >= state.epochs or state.stop_training
+        if (not final and self._last_draw_end is not None
+                and now - self._last_draw_end < self.redraw_budget_factor * self._last_cost):
+            self._pending = True
+            return
+        self.redraw(state)
+
+    def fit_end(self, state: Any) -> None:
+        if self._pending:
+            self.redraw(state)
+
+    def redraw(self, state: Any) -> None:
+        started = time.perf_counter()
         self.last_written = plot_history(state.history, self.lr_steps(), self.momentum_steps(),
                                          self.out_dir)
+        self._last_draw_end = time.perf_counter()
+        self._last_cost = self._last_draw_end - started
+        self._pending = False
 
     def lr_steps(self) -> List[Tuple[int, float]]:
         return list(zip(self.steps, self.lr, strict=True))

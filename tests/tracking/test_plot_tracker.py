@@ -20,7 +20,7 @@ def _digests(plot_dir):
 
 def test_plots_are_valid_pngs_redrawn_each_epoch(run_dir, make_state, fake_loop):
     state = make_state(epochs=2, steps_per_epoch=8)
-    tracker = PlotTracker(run_dir)
+    tracker = PlotTracker(run_dir, redraw_budget_factor=0)  # fake epochs take no time: never skip
     loop = fake_loop(state, [tracker])
     plot_dir = run_dir / "plots"
 
@@ -43,6 +43,20 @@ def test_plots_are_valid_pngs_redrawn_each_epoch(run_dir, make_state, fake_loop)
     assert tracker.steps == list(range(1, 17))
     assert tracker.lr == pytest.approx([0.1] * 8 + [0.05] * 8)
     assert tracker.momentum == [0.9] * 16
+
+
+def test_short_epochs_skip_redraws_but_the_last_epoch_always_draws(run_dir, make_state, fake_loop):
+    state = make_state(epochs=4, steps_per_epoch=4)
+    tracker = PlotTracker(run_dir, redraw_budget_factor=1e6)  # any redraw "costs" more than an epoch
+    loop = fake_loop(state, [tracker])
+    loop.run_epoch()
+    first = _digests(run_dir / "plots")
+    loop.run_epoch()
+    loop.run_epoch()
+    assert _digests(run_dir / "plots") == first  # epochs 2 and 3 skipped their redraw
+    loop.run_epoch()  # the last epoch draws whatever the budget
+    final = _digests(run_dir / "plots")
+    assert all(final[name] != first[name] for name in NAMES)
 
 
 def test_state_round_trip_through_a_weights_only_checkpoint(run_dir, make_state, fake_loop):
