@@ -5,10 +5,14 @@ The trainer re-seeds it before every epoch (`manual_seed(seed + epoch)`), which 
 that epoch's order and the base seed of its worker processes, so epoch k after a resume
 sees the same batches as epoch k of an uninterrupted run.
 
-Two limits of that guarantee, both inherent to DataLoader: with workers > 0 we keep
-workers alive between epochs (`persistent_workers`, saves the start-up per epoch), and
-their augmentation random streams are seeded once, when they start; with workers = 0
-augmentation draws from the global torch RNG, which the trainer seeds.
+With workers > 0, workers normally stay alive between epochs (`persistent_workers`,
+which saves their start-up every epoch), but then their augmentation random streams
+are seeded once, when they start, and a resumed run would augment differently. So with
+`train.deterministic: true` workers restart every epoch, seeded from the re-seeded
+generator, and a resume is exact. With workers = 0, augmentation draws from the global
+torch RNG, which the trainer saves and restores. `data.persistent_workers: false` restarts
+workers every epoch in any case (it frees their memory between epochs);
+`data.prefetch_factor` is how many batches each worker prepares ahead.
 
 workers: "auto" -> min(4, usable CPUs - 1), and 0 with 2 or fewer CPUs: there a worker
 process competes with the training process for the same cores, and the images here
@@ -24,7 +28,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from imgtrain.data.errors import DataError
 from imgtrain.data.sources import DataSplits
+from imgtrain.data.samplers import with_train_sampler
 
 
 @dataclass
@@ -55,27 +61,52 @@ def resolve_pin_memory(pin_memory: bool | str, device: torch.device) -> bool:
     return bool(pin_memory)
 
 
-def _loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int, pin: bool,
-            generator: torch.Generator | None) -> DataLoader:
+@dataclass
+class LoaderSettings:
+    """How every loader of a run reads (from recipe.data, resolved)."""
+    workers: int
+    pin_memory: bool
+    prefetch_factor: int   # batches each worker prepares ahead; only with workers > 0
+    persistent: bool       # keep workers between epochs
+
+
+def _loader(dataset: Dataset, batch_size: int, shuffle: bool, settings: LoaderSettings,
+            generator: torch.Generator | None = None, drop_last: bool = False) -> DataLoader:
+    workers = settings.workers
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      pin_memory=pin, drop_last=False, persistent_workers=workers > 0,
-                      generator=generator)
+                      pin_memory=settings.pin_memory, drop_last=drop_last, generator=generator,
+                      prefetch_factor=settings.prefetch_factor if workers > 0 else None,
+                      persistent_workers=settings.persistent and workers > 0)
 
 
 def build_loaders(recipe: Any, splits: DataSplits, device: torch.device) -> Loaders:
     """Loaders over the splits' datasets as they are (set transforms with `with_transform` first).
 
-    recipe: an `imgtrain.config.Recipe` (uses recipe.data and recipe.train.seed).
+    recipe: an `imgtrain.config.Recipe` (uses recipe.data, recipe.mix and recipe.train).
+    With mixing on (mix.mixup_alpha or mix.cutmix_alpha > 0), the train loader drops its last
+    incomplete batch: a batch of one or two images mixes only with itself, a noisy step.
     """
+    from imgtrain.strategies import mixing_enabled  # here: strategies import timm, data need not
+
     cfg = recipe.data
-    workers = resolve_workers(cfg.workers)
-    pin = resolve_pin_memory(cfg.pin_memory, device)
+    settings = LoaderSettings(workers=resolve_workers(cfg.workers),
+                              pin_memory=resolve_pin_memory(cfg.pin_memory, device),
+                              prefetch_factor=cfg.prefetch_factor,
+                              # deterministic: workers restart each epoch (see the module docstring)
+                              persistent=cfg.persistent_workers and not recipe.train.deterministic)
     eval_batch = cfg.eval_batch_size or 2 * cfg.batch_size  # no gradients: twice the batch fits
+    drop_last = mixing_enabled(recipe)
+    if drop_last and len(splits.train) < cfg.batch_size:
+        raise DataError(f"the train split has {len(splits.train)} images, fewer than data.batch_size "
+                        f"({cfg.batch_size}); with mixing on (mix.*) the last incomplete batch is dropped, "
+                        "so no batch would remain. Lower data.batch_size.")
     generator = torch.Generator()
     generator.manual_seed(recipe.train.seed)
-    train = _loader(splits.train, cfg.batch_size, True, workers, pin, generator)
-    val = _loader(splits.val, eval_batch, False, workers, pin, None) if splits.val is not None else None
-    test = _loader(splits.test, eval_batch, False, workers, pin, None) if splits.test is not None else None
+    train = _loader(splits.train, cfg.batch_size, True, settings, generator, drop_last)
+    if cfg.sampler != "random":  # class-balanced draws or P x K batches, same loader settings
+        train = with_train_sampler(train, cfg, splits.train.targets)
+    val = _loader(splits.val, eval_batch, False, settings) if splits.val is not None else None
+    test = _loader(splits.test, eval_batch, False, settings) if splits.test is not None else None
     return Loaders(train=train, val=val, test=test, train_generator=generator)
 
 

@@ -1,9 +1,11 @@
-"""build_loaders: batch shapes, eval batch size, reproducible shuffling; describe_data."""
+"""build_loaders: batch shapes, eval batch size, reproducible shuffling, worker settings, drop_last
+with mixing; describe_data."""
 
+import pytest
 import torch
 
 from imgtrain.config import DataConfig, Recipe, ShapesConfig
-from imgtrain.data import build_eval_transform, build_loaders, build_splits, build_train_transform
+from imgtrain.data import DataError, build_eval_transform, build_loaders, build_splits, build_train_transform
 from imgtrain.data.loaders import describe_data, resolve_pin_memory, resolve_workers, usable_cpus
 
 
@@ -75,3 +77,32 @@ def test_mixed_size_files_batch_after_transforms(tmp_path, write_image):
     val_images, _ = next(iter(loaders.val))
     assert train_images.shape == (6, 3, 16, 16) and val_images.shape == (2, 3, 16, 16)
     assert 0.0 <= float(train_images.min()) and float(train_images.max()) <= 1.0
+
+
+def test_loader_settings_prefetch_persistent_workers():
+    recipe = _recipe()
+    recipe.data.workers = 2
+    recipe.data.prefetch_factor = 5
+    loaders = build_loaders(recipe, build_splits(recipe.data), torch.device("cpu"))
+    assert loaders.train.prefetch_factor == 5 and loaders.train.persistent_workers is True
+    assert loaders.val.prefetch_factor == 5 and loaders.val.persistent_workers is True
+    assert len(torch.cat([t for _, t in loaders.train])) == 30  # the workers really serve it
+    recipe.data.persistent_workers = False
+    loaders = build_loaders(recipe, build_splits(recipe.data), torch.device("cpu"))
+    assert loaders.train.persistent_workers is False and loaders.test.persistent_workers is False
+    recipe.data.workers = 0  # no workers: no prefetching, nothing to keep
+    loaders = build_loaders(recipe, build_splits(recipe.data), torch.device("cpu"))
+    assert loaders.train.prefetch_factor is None and loaders.train.persistent_workers is False
+
+
+def test_mixing_drops_the_last_incomplete_train_batch():
+    recipe = _recipe()
+    assert len(build_loaders(recipe, build_splits(recipe.data), torch.device("cpu")).train) == 4  # 30 / 8, kept
+    recipe.mix.cutmix_alpha = 1.0
+    loaders = build_loaders(recipe, build_splits(recipe.data), torch.device("cpu"))
+    assert loaders.train.drop_last is True and len(loaders.train) == 3
+    assert [len(t) for _, t in loaders.train] == [8, 8, 8]
+    assert loaders.val.drop_last is False and len(torch.cat([t for _, t in loaders.val])) == 12  # eval sees all
+    recipe.data.batch_size = 64
+    with pytest.raises(DataError, match=r"30 images, fewer than data.batch_size \(64\).*Lower data.batch_size"):
+        build_loaders(recipe, build_splits(recipe.data), torch.device("cpu"))

@@ -1,0 +1,314 @@
+"""The decoded cache (`data.cache`): decode each image file once, then read pixels, not files.
+
+Decoding a JPEG costs more than everything a training step does with it on small images, and
+the per-image path pays it every epoch. With `data.cache: memory` or `disk`, every file of
+every split is decoded once into one uint8 array (N, C, S, S) and the splits become
+`CachedImageDataset`s: rows of that array, read like an in-memory source.
+
+What is stored, per file: `load_image(path, channels)` (so EXIF rotation, transparency and
+16-bit handling are the same as without the cache), resized so its shorter side is S
+(antialiased, `v2.Resize`) and centre-cropped to S x S (`v2.CenterCrop`). S is the largest
+resolution the run reads, `cache_resolution`: floor(img_size / crop_pct), the size eval
+resizes to (img_size itself with the default crop_pct 1). A file already S x S is stored
+exactly as decoded. The one change in what a run sees: random crops come from the central
+square of a non-square image (eval looks there anyway); leave the cache off when the margins
+of wide or tall images matter to your task.
+
+Only file sources (imagefolder, csv) are cached: digits, fashion-mnist and shapes are
+decoded uint8 tensors already, and are left as they are.
+
+- memory: one tensor in RAM, built at the start of each run (a thread pool: Pillow and the
+  resize release the GIL). Refused, with the numbers, when it would not fit in the RAM
+  that is available.
+- disk: a memory-mapped file in `data.cache_dir`, shared through the OS page cache by the
+  loader's workers and by concurrent runs, reused by later runs. Its name is a key hashed
+  from the sorted file list with every file's size and modification time, the resolution,
+  the channels and `CACHE_FORMAT`: a changed, added or removed file makes a new key, so
+  the cache is rebuilt (and the older version of the same file list deleted). It is written
+  under a temporary name and renamed only when complete, so an interrupted build is never
+  mistaken for a cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from imgtrain.config import AugmentConfig
+from imgtrain.data.datasets import FileImageDataset, Transform
+from imgtrain.data.errors import DataError
+from imgtrain.data.images import load_image
+from imgtrain.data.loaders import usable_cpus
+from imgtrain.data.transforms import eval_resize_size
+
+CACHE_FORMAT = 1        # bump when decoding or resizing changes: every older disk cache then misses
+MEMORY_HEADROOM = 0.8   # a memory cache may take at most this share of the available RAM
+SUFFIX = ".u8"          # raw uint8 rows, C-order (N, C, S, S)
+
+
+def cache_resolution(aug: AugmentConfig, img_size: int) -> int:
+    """Side S of the cached images: the largest resolution the run reads (eval's resize)."""
+    return max(img_size, eval_resize_size(aug, img_size))
+
+
+def decode_for_cache(path: str, channels: int, size: int) -> torch.Tensor:
+    """One file as the cache stores it: decoded, shorter side resized to `size`, centre-cropped square."""
+    image = load_image(path, channels)
+    image = v2.functional.resize(image, size, antialias=True)  # returns the image itself when already there
+    return v2.functional.center_crop(image, [size, size])
+
+
+@dataclass
+class DecodedCache:
+    """Decoded images of a sorted list of files: `images[row]` is the file `paths[row]`."""
+    images: torch.Tensor                 # uint8 (N, C, S, S); memory-mapped when `file` is set
+    paths: list[str]
+    file: Path | None = None             # disk: the cache file
+    build_seconds: float = 0.0           # 0 when an existing disk cache was reused
+    reused: bool = False
+    _row: dict[str, int] = field(init=False, repr=False)  # path -> row, derived from paths
+
+    def __post_init__(self):
+        self._row = {p: i for i, p in enumerate(self.paths)}
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[-1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.numel()
+
+    def rows(self, paths: Sequence[str]) -> torch.Tensor:
+        """Row of each file (paths as given to `build_cache`, relative or absolute)."""
+        return torch.tensor([self._row[os.path.abspath(p)] for p in paths], dtype=torch.long)
+
+    def describe(self) -> str:
+        where = f"disk {self.file}" if self.file is not None else "memory"
+        how = "reused" if self.reused else f"built in {self.build_seconds:.1f} s"
+        return (f"decoded cache ({where}): {len(self.paths)} images at {self.size} px, "
+                f"{_size(self.nbytes)}, {how}")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a worker started with spawn re-opens the file instead of receiving a pickled copy of it
+        state = dict(self.__dict__)
+        if self.file is not None:
+            state["images"] = tuple(self.images.shape)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.file is not None:
+            self.images = _open(self.file, self.images)
+
+
+class CachedImageDataset(Dataset):
+    """Rows of a `DecodedCache`: `(uint8 (C, S, S) image, label)` like `TensorImageDataset`.
+
+    `with_transform` and `subset` share the cache; `paths` names each item's file.
+    """
+
+    def __init__(self, cache: DecodedCache, rows: torch.Tensor, targets: torch.Tensor, classes: Sequence[str],
+                 transform: Transform = None):
+        self.cache = cache
+        self.rows = torch.as_tensor(rows, dtype=torch.long)
+        self.targets = torch.as_tensor(targets, dtype=torch.long)
+        self.classes: list[str] = list(classes)
+        self.transform = transform
+        # numpy views of the same memory: indexing them per item costs a tenth of a tensor's
+        self._rows, self._labels = self.rows.numpy(), self.targets.numpy()
+
+    @classmethod
+    def of(cls, dataset: FileImageDataset, cache: DecodedCache) -> CachedImageDataset:
+        return cls(cache, cache.rows(dataset.paths), dataset.targets, dataset.classes, dataset.transform)
+
+    @property
+    def channels(self) -> int:
+        return int(self.cache.images.shape[1])
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.cache.paths[r] for r in self.rows.tolist()]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int):
+        image = self.cache.images[int(self._rows[index])]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self._labels[index])
+
+    def with_transform(self, transform: Transform) -> CachedImageDataset:
+        clone = copy.copy(self)  # shallow: the cache is shared
+        clone.transform = transform
+        return clone
+
+    def subset(self, indices: Sequence[int] | torch.Tensor) -> CachedImageDataset:
+        index = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        return CachedImageDataset(self.cache, self.rows[index], self.targets[index], self.classes,
+                                  self.transform)
+
+    def __repr__(self) -> str:
+        return (f"CachedImageDataset({len(self)} images {self.channels}x{self.cache.size}x{self.cache.size}, "
+                f"{len(self.classes)} classes)")
+
+
+# ----------------------------------------------------------------------------- building
+
+def _decode_all(paths: Sequence[str], channels: int, size: int, out: torch.Tensor) -> None:
+    def decode(row: int) -> None:
+        out[row] = decode_for_cache(paths[row], channels, size)
+
+    # threads: decoding and resizing release the GIL; list() surfaces the first error
+    with ThreadPoolExecutor(max_workers=max(1, min(8, usable_cpus()))) as pool:
+        list(pool.map(decode, range(len(paths))))
+
+
+def _size(n: float) -> str:
+    """Bytes for people: 1000 B, 2.6 KiB, 117 MiB, 1.4 GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}" if n < 10 * scale else f"{n / scale:.0f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _memory_cache(paths: list[str], channels: int, size: int) -> DecodedCache:
+    import psutil
+
+    need = len(paths) * channels * size * size
+    available = psutil.virtual_memory().available
+    if need > MEMORY_HEADROOM * available:
+        raise DataError(f"data.cache: memory needs {_size(need)} for {len(paths)} images at {size} px, "
+                        f"but only {_size(available)} of RAM is available. Use data.cache: disk (a "
+                        "memory-mapped file in data.cache_dir), a smaller augment.img_size, or "
+                        "data.cache: off.")
+    started = time.perf_counter()
+    images = torch.empty((len(paths), channels, size, size), dtype=torch.uint8)
+    _decode_all(paths, channels, size, images)
+    return DecodedCache(images, paths, build_seconds=time.perf_counter() - started)
+
+
+def cache_key(paths: Sequence[str], channels: int, size: int) -> tuple[str, str]:
+    """(list key, full key): the sorted files alone, and with their sizes, mtimes, size and channels."""
+    stats = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise DataError(f"data.cache: cannot read {path} ({exc.strerror}); was it moved or "
+                            "deleted?") from None
+        stats.append((path, st.st_size, st.st_mtime_ns))
+    listing = hashlib.sha256(json.dumps(list(paths)).encode()).hexdigest()[:16]
+    full = hashlib.sha256(json.dumps([CACHE_FORMAT, size, channels, stats]).encode()).hexdigest()[:16]
+    return listing, full
+
+
+def _open(file: Path, shape: tuple) -> torch.Tensor:
+    # mode "c": copy-on-write, so the tensor is writable (no torch warning) and the file never changes
+    return torch.from_numpy(np.memmap(file, dtype=np.uint8, mode="c", shape=shape))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, but not ours
+    return True
+
+
+def _remove_stale(folder: Path, listing: str, keep: Path) -> None:
+    """Older versions of this file list, and partial files of builds that died."""
+    for old in folder.glob(f"{listing}-*"):
+        if old == keep:
+            continue
+        if ".tmp-" in old.name:
+            pid = old.name.rsplit(".tmp-", 1)[1]
+            if pid.isdigit() and _pid_alive(int(pid)):
+                continue  # another run is building it right now
+        old.unlink(missing_ok=True)
+
+
+def _disk_cache(paths: list[str], channels: int, size: int, cache_dir: str) -> DecodedCache:
+    folder = Path(cache_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"data.cache_dir {folder}: cannot create the folder ({exc.strerror}); "
+                        "set data.cache_dir to a writable folder") from None
+    if not os.access(folder, os.W_OK):
+        raise DataError(f"data.cache_dir {folder}: not writable; set data.cache_dir to a writable folder")
+    listing, key = cache_key(paths, channels, size)
+    file = folder / f"{listing}-{key}{SUFFIX}"
+    shape = (len(paths), channels, size, size)
+    need = int(np.prod(shape))
+    if file.is_file() and file.stat().st_size == need:
+        return DecodedCache(_open(file, shape), paths, file=file, reused=True)
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise DataError(f"data.cache: disk needs {_size(need)} in {folder} for {len(paths)} images at "
+                        f"{size} px, but only {_size(free)} is free. Point data.cache_dir at a bigger "
+                        "disk, or use a smaller augment.img_size.")
+    started = time.perf_counter()
+    partial = folder / f"{file.name}.tmp-{os.getpid()}"
+    try:
+        array = np.memmap(partial, dtype=np.uint8, mode="w+", shape=shape)
+        _decode_all(paths, channels, size, torch.from_numpy(array))
+        array.flush()
+        del array
+        os.replace(partial, file)  # atomic: the key name exists only for a complete cache
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    _remove_stale(folder, listing, keep=file)
+    return DecodedCache(_open(file, shape), paths, file=file, build_seconds=time.perf_counter() - started)
+
+
+def build_cache(paths: Sequence[str], channels: int, size: int, mode: str, cache_dir: str = ".imgtrain_cache",
+                ) -> DecodedCache:
+    """Decode `paths` (any order; stored sorted) at `size` px: mode "memory" or "disk"."""
+    if mode not in ("memory", "disk"):
+        raise DataError(f"data.cache must be off, memory or disk, got {mode!r}")
+    if channels not in (1, 3):
+        raise DataError(f"the cache stores 1- or 3-channel images, got channels={channels!r}")
+    ordered = sorted({os.path.abspath(p) for p in paths})
+    if mode == "memory":
+        return _memory_cache(ordered, channels, size)
+    return _disk_cache(ordered, channels, size, cache_dir)
+
+
+def apply_cache(splits: Any, cfg: Any, size: int) -> DecodedCache | None:
+    """Replace file-backed splits by cached ones (`cfg`: recipe.data); None when nothing is cached.
+
+    All splits share one cache. In-memory sources, and data.cache: off, are left as they are.
+    """
+    datasets = {name: getattr(splits, name) for name in ("train", "val", "test")}
+    present = [d for d in datasets.values() if d is not None]
+    if cfg.cache == "off" or not all(isinstance(d, FileImageDataset) for d in present):
+        return None
+    paths = [p for d in present for p in d.paths]
+    cache = build_cache(paths, splits.channels, size, cfg.cache, cfg.cache_dir)
+    for name, dataset in datasets.items():
+        if dataset is not None:
+            setattr(splits, name, CachedImageDataset.of(dataset, cache))
+    return cache
+
+
+__all__ = ["CACHE_FORMAT", "CachedImageDataset", "DecodedCache", "apply_cache", "build_cache", "cache_key",
+           "cache_resolution", "decode_for_cache"]
