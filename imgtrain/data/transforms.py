@@ -1,8 +1,11 @@
 """Per-image transforms (torchvision.transforms.v2) on uint8 (C, H, W) tensors, and normalization.
 
-Train: [RandomResizedCrop | Resize + CenterCrop] -> pad-crop -> flips -> ColorJitter ->
-RandomGrayscale -> float in [0, 1] -> Normalize. Eval: Resize(img_size / crop_pct) ->
-CenterCrop(img_size) -> float -> Normalize (timm's eval recipe).
+Train: [RandomResizedCrop | Resize + CenterCrop] -> pad-crop -> flips -> rotation -> affine
+(translate, zoom, shear) -> perspective -> policy (RandAugment | AutoAugment |
+TrivialAugmentWide | AugMix) -> ColorJitter -> RandomGrayscale -> float in [0, 1] ->
+Normalize -> RandomErasing; each step is an entry of the `AUGMENTATIONS` registry.
+Eval: Resize(img_size / crop_pct) -> CenterCrop(img_size) -> float -> Normalize (timm's
+eval recipe).
 
 Geometry runs on uint8 (torchvision's fast path) and the float conversion comes last, so
 a worker moves 4x fewer bytes through the augmentations.
@@ -17,14 +20,14 @@ has the target size (torchvision returns it unchanged).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from imgtrain.config import AugmentConfig
+from imgtrain.config import AugmentConfig, RecipeError
 from imgtrain.data.errors import DataError
 
 if TYPE_CHECKING:  # only for the annotation; sources does not import this module
@@ -40,14 +43,143 @@ def _is_identity(mean: Sequence[float] | None, std: Sequence[float] | None) -> b
 
 
 def _finish(steps: list[v2.Transform], mean: Sequence[float] | None, std: Sequence[float] | None,
-            channels: int) -> v2.Compose:
+            channels: int, after: Sequence[v2.Transform] = ()) -> v2.Compose:
     steps.append(v2.ToDtype(torch.float32, scale=True))
     if not _is_identity(mean, std):
         if len(mean) != channels or len(std) != channels:
             raise DataError(f"normalization has {len(mean)} mean / {len(std)} std values for {channels}-channel "
                             "images; give one value per channel")
         steps.append(v2.Normalize(list(mean), list(std)))
+    steps.extend(after)
     return v2.Compose(steps)
+
+
+# ----------------------------------------------------------------------------- the augmentation registry
+# name -> builder(aug, channels, img_size) returning a v2 transform, or None when the recipe
+# leaves that augmentation off. Entries run in the order listed. The uint8 ones run before
+# the float conversion (torchvision's fast path, and the policies need uint8); erasing runs
+# after Normalize, so its "zero" fill is the dataset's mean colour (as in timm and the paper).
+
+AugmentBuilder = Callable[[AugmentConfig, int, int], v2.Transform | None]
+
+PERSPECTIVE_DISTORTION = 0.5   # torchvision's default: corners move up to half the way inwards
+ERASING_RATIO = (0.3, 1 / 0.3)  # aspect ratios of the erased box (Zhong et al. 2017)
+
+
+def _random_resized_crop(aug: AugmentConfig, channels: int, img_size: int) -> v2.Transform | None:
+    if not aug.random_resized_crop:
+        return None
+    return v2.RandomResizedCrop(img_size, scale=tuple(aug.scale), ratio=tuple(aug.ratio), antialias=True)
+
+
+def _pad_crop(aug: AugmentConfig, channels: int, img_size: int) -> v2.Transform | None:
+    return v2.RandomCrop(img_size, padding=aug.pad_crop, fill=0) if aug.pad_crop > 0 else None
+
+
+def _hflip(aug: AugmentConfig, channels: int, img_size: int) -> v2.Transform | None:
+    return v2.RandomHorizontalFlip(aug.hflip) if aug.hflip > 0 else None
+
+
+def _vflip(aug: AugmentConfig, channels: int, img_size: int) -> v2.Transform | None:
+    return v2.RandomVerticalFlip(aug.vflip) if aug.vflip > 0 else None
+
+
+def _rotation(aug: AugmentConfig, channels: int, img_size: int) -> v2.Transform | None:
+    return v2.RandomRotation(aug.rotation, interpolation=v2.InterpolationMode.BILINEAR) if aug.rotation > 0 else None
+
+
+def _affine(aug: AugmentConfig, channels: int, img_size: int) -> v2.Transform | None:
+    """translate, affine_scale and shear: one RandomAffine (one resampling, not three)."""
+    shift = any(t > 0 for t in aug.translate)
+    zoom = aug.affine_scale != [1.0, 1.0]
+    if not (shift or zoom or aug.shear > 0):
+        return None
+    return v2.RandomAffine(degrees=0, translate=tuple(aug.translate) if shift else None,
+                           scale=tuple(aug.affine_scale) if zoom else None,
+                           shear=aug.shear if aug.shear > 0 else None, interpolation=v2.InterpolationMode.BILINEAR)
+
+
+def _perspective(aug: AugmentConfig, channels: int, img_size: int) -> v2.Transform | None:
+    if aug.perspective <= 0:
+        return None
+    return v2.RandomPerspective(PERSPECTIVE_DISTORTION, p=aug.perspective)
+
+
+def _color_jitter(aug: AugmentConfig, channels: int, img_size: int) -> v2.Transform | None:
+    # saturation and hue need colour: on 1-channel images only brightness and contrast change
+    jitter = aug.color_jitter
+    if channels == 3 and (jitter > 0 or aug.hue > 0):
+        return v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=aug.hue)
+    if channels == 1 and jitter > 0:
+        return v2.ColorJitter(brightness=jitter, contrast=jitter)
+    return None
+
+
+def _grayscale(aug: AugmentConfig, channels: int, img_size: int) -> v2.Transform | None:
+    # keeps 3 channels (grey in each); on 1-channel images it would do nothing
+    return v2.RandomGrayscale(aug.grayscale) if channels == 3 and aug.grayscale > 0 else None
+
+
+def _randaugment(aug: AugmentConfig, channels: int, img_size: int) -> v2.Transform | None:
+    # magnitude is a bin of 31 (0..30), the scale of the RandAugment paper (Cubuk et al. 2020)
+    if aug.policy != "randaugment":
+        return None
+    return v2.RandAugment(num_ops=aug.num_ops, magnitude=aug.magnitude, num_magnitude_bins=31)
+
+
+def _autoaugment(aug: AugmentConfig, channels: int, img_size: int) -> v2.Transform | None:
+    if aug.policy != "autoaugment":
+        return None
+    return v2.AutoAugment(v2.AutoAugmentPolicy(aug.autoaugment_policy))
+
+
+def _trivialaugment(aug: AugmentConfig, channels: int, img_size: int) -> v2.Transform | None:
+    return v2.TrivialAugmentWide() if aug.policy == "trivialaugment" else None
+
+
+def _augmix(aug: AugmentConfig, channels: int, img_size: int) -> v2.Transform | None:
+    return v2.AugMix(severity=aug.augmix_severity) if aug.policy == "augmix" else None
+
+
+def _erasing(aug: AugmentConfig, channels: int, img_size: int) -> v2.Transform | None:
+    if aug.erasing <= 0:
+        return None
+    value = "random" if aug.erasing_value == "random" else 0.0
+    return v2.RandomErasing(aug.erasing, scale=tuple(aug.erasing_scale), ratio=ERASING_RATIO, value=value)
+
+
+# per-image uint8 steps, after the crop/resize: geometry, then the policies (which pick their
+# own colour and geometry ops, as timm places them), then colour
+UINT8_AUGMENTATIONS: dict[str, AugmentBuilder] = {
+    "random_resized_crop": _random_resized_crop,
+    "pad_crop": _pad_crop,
+    "hflip": _hflip,
+    "vflip": _vflip,
+    "rotation": _rotation,
+    "affine": _affine,
+    "perspective": _perspective,
+    "randaugment": _randaugment,
+    "autoaugment": _autoaugment,
+    "trivialaugment": _trivialaugment,
+    "augmix": _augmix,
+    "color_jitter": _color_jitter,
+    "grayscale": _grayscale,
+}
+# on the normalized float image
+FLOAT_AUGMENTATIONS: dict[str, AugmentBuilder] = {
+    "erasing": _erasing,
+}
+AUGMENTATIONS: dict[str, AugmentBuilder] = {**UINT8_AUGMENTATIONS, **FLOAT_AUGMENTATIONS}
+
+
+def build_augmentation(name: str, aug: AugmentConfig, channels: int, img_size: int) -> v2.Transform | None:
+    """One registry entry by name (None when `aug` leaves it off)."""
+    if name not in AUGMENTATIONS:
+        import difflib
+        close = difflib.get_close_matches(name, list(AUGMENTATIONS), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise RecipeError(f"unknown augmentation {name!r}; {hint}known: {', '.join(AUGMENTATIONS)}")
+    return AUGMENTATIONS[name](aug, channels, img_size)
 
 
 def build_train_transform(aug: AugmentConfig, channels: int, img_size: int,
@@ -55,29 +187,15 @@ def build_train_transform(aug: AugmentConfig, channels: int, img_size: int,
                           native_size: int | None = None) -> v2.Compose:
     """Training augmentation -> float32 (C, img_size, img_size), normalized.
 
-    mean/std None (or all 0 / all 1) skips Normalize. Saturation and hue need colour, so
-    for 1-channel images ColorJitter only changes brightness and contrast, and
-    RandomGrayscale is left out (it would do nothing).
+    mean/std None (or all 0 / all 1) skips Normalize. Every step comes from the registry
+    above (`AUGMENTATIONS`), in its order; entries the recipe leaves off are skipped.
     """
     steps: list[v2.Transform] = []
-    if aug.random_resized_crop:
-        steps.append(v2.RandomResizedCrop(img_size, scale=tuple(aug.scale), ratio=tuple(aug.ratio), antialias=True))
-    elif native_size != img_size:
+    if not aug.random_resized_crop and native_size != img_size:
         steps += [v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size)]
-    if aug.pad_crop > 0:
-        steps.append(v2.RandomCrop(img_size, padding=aug.pad_crop, fill=0))
-    if aug.hflip > 0:
-        steps.append(v2.RandomHorizontalFlip(aug.hflip))
-    if aug.vflip > 0:
-        steps.append(v2.RandomVerticalFlip(aug.vflip))
-    jitter = aug.color_jitter
-    if channels == 3 and (jitter > 0 or aug.hue > 0):
-        steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=aug.hue))
-    elif channels == 1 and jitter > 0:
-        steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter))
-    if channels == 3 and aug.grayscale > 0:
-        steps.append(v2.RandomGrayscale(aug.grayscale))  # keeps 3 channels (grey in each)
-    return _finish(steps, mean, std, channels)
+    steps += [t for t in (build(aug, channels, img_size) for build in UINT8_AUGMENTATIONS.values()) if t is not None]
+    after = [t for t in (build(aug, channels, img_size) for build in FLOAT_AUGMENTATIONS.values()) if t is not None]
+    return _finish(steps, mean, std, channels, after)
 
 
 def build_eval_transform(aug: AugmentConfig, channels: int, img_size: int,
@@ -86,10 +204,25 @@ def build_eval_transform(aug: AugmentConfig, channels: int, img_size: int,
     """Deterministic eval pipeline: Resize(floor(img_size / crop_pct)) + CenterCrop(img_size)."""
     steps: list[v2.Transform] = []
     if not (aug.crop_pct == 1.0 and native_size == img_size):
-        # +1e-6: 224 / 0.875 must give 256, not 255.99999.
-        resize = math.floor(img_size / aug.crop_pct + 1e-6)
-        steps += [v2.Resize(resize, antialias=True), v2.CenterCrop(img_size)]
+        steps += [v2.Resize(eval_resize_size(aug, img_size), antialias=True), v2.CenterCrop(img_size)]
     return _finish(steps, mean, std, channels)
+
+
+def eval_resize_size(aug: AugmentConfig, img_size: int) -> int:
+    """The side eval resizes to before its centre crop: floor(img_size / crop_pct).
+
+    The largest resolution a run reads (the decoded cache keeps images at this size).
+    """
+    return math.floor(img_size / aug.crop_pct + 1e-6)  # +1e-6: 224 / 0.875 must give 256, not 255.99999
+
+
+def requested_augmentations(aug: AugmentConfig, channels: int, img_size: int) -> list[str]:
+    """Names of the `AUGMENTATIONS` entries the recipe turns on, in pipeline order.
+
+    data/batch_transforms.py uses it to tell the augmentations it runs on whole batches
+    from those that stay per image on the CPU.
+    """
+    return [name for name, build in AUGMENTATIONS.items() if build(aug, channels, img_size) is not None]
 
 
 def _raw_images(dataset, indices: np.ndarray):

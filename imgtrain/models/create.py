@@ -27,6 +27,10 @@ def create_model(cfg: ModelConfig, num_classes: int, in_chans: int) -> torch.nn.
     kwargs = dict(cfg.kwargs)
     if cfg.drop_rate:
         kwargs["drop_rate"] = cfg.drop_rate
+    if cfg.drop_path_rate > 0:
+        # stochastic depth: timm nets with residual blocks take it (resnet, convnext, vit ...);
+        # our plain nets have no residual branch to drop and ignore it
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
     try:
         return timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=num_classes,
                                  in_chans=in_chans, **kwargs)
@@ -49,3 +53,15 @@ def list_models(pattern: str = "*") -> List[str]:
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+class LogitOffset(torch.nn.Module):
+    """A model whose logits get a fixed per-class offset (post-hoc logit adjustment, losses.py)."""
+
+    def __init__(self, model: torch.nn.Module, offset: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("offset", offset.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).float() + self.offset

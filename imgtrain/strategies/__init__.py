@@ -1,0 +1,42 @@
+"""Strategies: one file each, a pure function plus a thin Hook.
+
+`build_strategies(recipe)` returns the hooks a recipe asks for, in the order they run.
+The order is declared here, once:
+
+1. mixing (mix.*): replaces the batch at batch_start, before anything reads it;
+2. ema (ema.*): averages the weights after each optimizer step, once they are final.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from imgtrain.config import RecipeError
+from imgtrain.engine.events import Hook
+from imgtrain.strategies.ema import EmaHook, ema_decay, ema_update
+from imgtrain.strategies.mixing import MixingHook, cutmix_box, mix_batch, sample_lam
+
+
+def mixing_enabled(recipe: Any) -> bool:
+    mix = recipe.mix
+    return bool(mix.mixup_alpha or mix.cutmix_alpha) and mix.prob > 0
+
+
+def build_strategies(recipe: Any) -> list[Hook]:
+    """The strategy hooks of a recipe, in declared order (see the module docstring)."""
+    hooks: list[Hook] = []
+    if mixing_enabled(recipe):
+        if recipe.data.batch_size < 2:
+            raise RecipeError("Mixup/CutMix blend images within a batch: data.batch_size must be >= 2 "
+                              f"(got {recipe.data.batch_size}), or turn mixing off",
+                              file=recipe.source_file, key="data.batch_size")
+        # mixing draws from its own generator, offset from the train seed so it does not
+        # replay the shuffle's stream
+        hooks.append(MixingHook(recipe.mix, recipe.train.label_smoothing, seed=recipe.train.seed + 1))
+    if recipe.ema.enabled:
+        hooks.append(EmaHook(recipe.ema.decay, warmup=recipe.ema.warmup, validate=recipe.ema.validate))
+    return hooks
+
+
+__all__ = ["EmaHook", "MixingHook", "build_strategies", "cutmix_box", "ema_decay", "ema_update",
+           "mix_batch", "mixing_enabled", "sample_lam"]

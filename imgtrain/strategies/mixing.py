@@ -1,0 +1,121 @@
+"""Mixup and CutMix: train on blends of two images with a blend of their labels.
+
+Mixup (Zhang et al. 2018, "mixup: Beyond Empirical Risk Minimization") replaces each image
+by lam * x_i + (1 - lam) * x_j; CutMix (Yun et al. 2019, "CutMix: Regularization Strategy to
+Train Strong Classifiers with Localizable Features") pastes a box of x_j into x_i. The target
+is the same blend of the two one-hot labels, so the model learns calibrated, less confident
+predictions. They help most when a model overfits: long schedules, small datasets, large
+models; on a few short epochs they usually cost accuracy, because the task gets harder.
+
+One lam (drawn from Beta(alpha, alpha)) per batch, and image i is paired with image N-1-i
+of the flipped batch, as in timm's batch mode: one draw and two tensor ops per batch. For
+CutMix the box is clipped at the image border, and lam is recomputed from the area actually
+pasted, so the target always matches the pixels. Label smoothing is folded into the soft
+targets (the loss does not smooth soft targets again), exactly like timm's `Mixup`.
+
+    inputs, soft_targets = mix_batch(inputs, targets, num_classes=10, mixup_alpha=0.2,
+                                     label_smoothing=0.1, generator=torch.Generator().manual_seed(0))
+
+`MixingHook` applies it to every training batch (at `batch_start`) until `mix.off_epoch`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from timm.data.mixup import mixup_target
+
+from imgtrain.engine.events import Hook
+
+
+def sample_lam(alpha: float, generator: torch.Generator | None = None) -> float:
+    """One draw from Beta(alpha, alpha), reproducible from a torch generator (or torch's global RNG).
+
+    torch's Beta sampler takes no generator, so a seed is drawn from the torch generator and
+    NumPy draws the Beta sample: the stream is still fully determined by the torch generator.
+    """
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    return float(np.random.default_rng(seed).beta(alpha, alpha))
+
+
+def cutmix_box(height: int, width: int, lam: float,
+               generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of a box of area ~(1 - lam) of the image, centred uniformly,
+    clipped at the border (so a box near an edge is smaller than asked; see `mix_batch`)."""
+    cut = (1.0 - lam) ** 0.5
+    cut_h, cut_w = int(height * cut), int(width * cut)
+    cy = int(torch.randint(0, height, (1,), generator=generator).item())
+    cx = int(torch.randint(0, width, (1,), generator=generator).item())
+    top, bottom = max(cy - cut_h // 2, 0), min(cy + (cut_h + 1) // 2, height)
+    left, right = max(cx - cut_w // 2, 0), min(cx + (cut_w + 1) // 2, width)
+    return top, bottom, left, right
+
+
+def mix_batch(inputs: torch.Tensor, targets: torch.Tensor, num_classes: int, mixup_alpha: float = 0.0,
+              cutmix_alpha: float = 0.0, switch_prob: float = 0.5, prob: float = 1.0,
+              label_smoothing: float = 0.0, generator: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mix a batch: returns (mixed inputs, soft targets (N, num_classes) that sum to one).
+
+    inputs: (N, C, H, W); targets: class indices (N,). With both alphas > 0, CutMix is used
+    with probability `switch_prob`, else Mixup; a batch is mixed at all with probability
+    `prob` (an unmixed batch still gets smoothed one-hot targets, so the loss stays the same
+    kind). Random draws come from `generator` (torch's global RNG when None). The inputs
+    are not modified in place.
+    """
+    if targets.ndim != 1:
+        raise ValueError(f"mix_batch takes class indices (N,), got targets of shape {tuple(targets.shape)}")
+    use_mixup, use_cutmix = mixup_alpha > 0, cutmix_alpha > 0
+    lam = 1.0
+    apply = (use_mixup or use_cutmix) and float(torch.rand((), generator=generator)) < prob
+    if apply:
+        cutmix = use_cutmix and (not use_mixup or float(torch.rand((), generator=generator)) < switch_prob)
+        lam = sample_lam(cutmix_alpha if cutmix else mixup_alpha, generator)
+        partner = inputs.flip(0)
+        if cutmix:
+            height, width = inputs.shape[-2:]
+            top, bottom, left, right = cutmix_box(height, width, lam, generator)
+            inputs = inputs.clone()
+            inputs[..., top:bottom, left:right] = partner[..., top:bottom, left:right]
+            lam = 1.0 - (bottom - top) * (right - left) / (height * width)  # the area actually pasted
+        elif inputs.is_floating_point():
+            inputs = inputs * lam + partner * (1.0 - lam)
+        else:  # uint8 images (a preview, a custom loop): blend in float, round back
+            inputs = (inputs.float() * lam + partner.float() * (1.0 - lam)).round().to(inputs.dtype)
+    soft = mixup_target(targets, num_classes, lam=lam, smoothing=label_smoothing)
+    return inputs, soft
+
+
+class MixingHook(Hook):
+    """Replaces each training batch by its Mixup/CutMix blend, up to `mix.off_epoch`.
+
+    Holds its own generator (seeded from train.seed), saved in checkpoints, so a resumed
+    run draws the same lams and boxes as an uninterrupted one.
+    """
+
+    name = "mixing"
+
+    def __init__(self, mix: Any, label_smoothing: float, seed: int):
+        self.mix = mix
+        self.label_smoothing = label_smoothing
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def batch_start(self, state: Any) -> None:
+        off = self.mix.off_epoch
+        if off is not None and state.epoch >= off:
+            return  # hard targets again: the loss applies train.label_smoothing itself
+        state.inputs, state.targets = mix_batch(
+            state.inputs, state.targets, len(state.classes), mixup_alpha=self.mix.mixup_alpha or 0.0,
+            cutmix_alpha=self.mix.cutmix_alpha or 0.0, switch_prob=self.mix.switch_prob, prob=self.mix.prob,
+            label_smoothing=self.label_smoothing, generator=self.generator)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+__all__ = ["MixingHook", "cutmix_box", "mix_batch", "sample_lam"]
