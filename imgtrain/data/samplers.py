@@ -1,0 +1,156 @@
+"""Training samplers for imbalanced data (`data.sampler`).
+
+- `random` (default): a shuffle, every image once per epoch.
+- `balanced`: every draw picks a class uniformly, then an image of that class uniformly,
+  with replacement; an epoch has as many draws as the split has images. Tail-class images
+  are repeated and head-class images skipped, so the model sees the classes equally
+  often ("class-balanced sampling", e.g. Kang et al., "Decoupling Representation and
+  Classifier for Long-Tailed Recognition", ICLR 2020). It is torch's WeightedRandomSampler
+  with weight 1 / count(class) per image, which is exactly that two-step draw.
+- `per_class`: batches of `batch_size / images_per_class` distinct classes with
+  `images_per_class` images each ("P x K" batches, as in metric learning: Hermans et al.,
+  "In Defense of the Triplet Loss", 2017). Classes are drawn uniformly per batch; within a
+  class, images are taken in a shuffled order and reshuffled when used up, so every image
+  of a tail class comes round before any repeats.
+
+Both samplers draw from the `torch.Generator` they are given: `build_loaders` passes the
+train loader's generator, which the trainer re-seeds before every epoch, so epoch k draws
+the same batches in an uninterrupted and in a resumed run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler, WeightedRandomSampler
+
+from imgtrain.config import RecipeError
+
+
+def class_balanced_weights(targets: torch.Tensor) -> torch.Tensor:
+    """Per-image draw weights 1 / count(class): each present class gets the same total weight."""
+    counts = torch.bincount(targets.long())
+    return 1.0 / counts[targets.long()].double()
+
+
+class ClassBalancedSampler(WeightedRandomSampler):
+    """Indices drawn class-uniformly, then image-uniformly within the class (with replacement)."""
+
+    def __init__(self, targets: torch.Tensor, num_samples: int | None = None,
+                 generator: torch.Generator | None = None):
+        targets = torch.as_tensor(targets, dtype=torch.long)
+        if len(targets) == 0:
+            raise ValueError("the balanced sampler needs at least one training image")
+        super().__init__(class_balanced_weights(targets), num_samples or len(targets), replacement=True,
+                         generator=generator)
+
+
+class PerClassBatchSampler(Sampler[list[int]]):
+    """Batches of `batch_size // images_per_class` classes x `images_per_class` images each.
+
+    `len()` is len(targets) // batch_size batches (at least one), so an epoch shows about as
+    many images as a shuffle does; every batch is full.
+    """
+
+    def __init__(self, targets: torch.Tensor, batch_size: int, images_per_class: int,
+                 generator: torch.Generator | None = None):
+        targets = torch.as_tensor(targets, dtype=torch.long)
+        if images_per_class < 1 or batch_size % images_per_class:
+            raise ValueError(f"batch_size {batch_size} must be a multiple of images_per_class "
+                             f"{images_per_class}")
+        self.classes_per_batch = batch_size // images_per_class
+        self.images_per_class = images_per_class
+        self.batch_size = batch_size
+        self.generator = generator
+        order = torch.argsort(targets, stable=True)
+        counts = torch.bincount(targets)
+        # indices of each present class's images
+        self.members = [m for m in torch.split(order, counts.tolist()) if len(m)]
+        if self.classes_per_batch > len(self.members):
+            raise ValueError(f"a batch needs {self.classes_per_batch} classes but the data has "
+                             f"{len(self.members)}")
+        self.num_batches = max(1, len(targets) // batch_size)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = self.generator
+        # drawn in full up front: the epoch's batches depend only on the generator's state
+        queues = [m[torch.randperm(len(m), generator=g)] for m in self.members]
+        cursors = [0] * len(self.members)
+        batches = []
+        for _ in range(self.num_batches):
+            chosen = torch.randperm(len(self.members), generator=g)[:self.classes_per_batch].tolist()
+            batch: list[int] = []
+            for c in chosen:
+                taken: list[int] = []
+                while len(taken) < self.images_per_class:
+                    if cursors[c] == len(queues[c]):  # used up: reshuffle, start again
+                        queues[c] = self.members[c][torch.randperm(len(self.members[c]), generator=g)]
+                        cursors[c] = 0
+                    step = min(self.images_per_class - len(taken), len(queues[c]) - cursors[c])
+                    taken += queues[c][cursors[c]:cursors[c] + step].tolist()
+                    cursors[c] += step
+                batch += taken
+            batches.append(batch)
+        return iter(batches)
+
+
+def train_sampling(cfg: Any, targets: torch.Tensor, generator: torch.Generator) -> dict[str, Any]:
+    """DataLoader arguments for the train split's order, per `data.sampler`.
+
+    cfg: the recipe's `data` section. A batch sampler takes over batch_size, shuffle and
+    drop_last, which DataLoader refuses alongside it, so they are returned only without one.
+    """
+    if cfg.sampler == "random":
+        return {"batch_size": cfg.batch_size, "shuffle": True}
+    if cfg.sampler == "balanced":
+        return {"batch_size": cfg.batch_size, "sampler": ClassBalancedSampler(targets, generator=generator)}
+    if cfg.sampler == "per_class":
+        k, batch = cfg.images_per_class, cfg.batch_size
+        labels = torch.as_tensor(targets, dtype=torch.long)
+        present = int((torch.bincount(labels) > 0).sum()) if len(labels) else 0
+        if batch % k:
+            raise RecipeError(f"sampler per_class needs data.batch_size ({batch}) to be a multiple of "
+                              f"images_per_class ({k}); e.g. images_per_class: {_divisor_near(batch, k)}",
+                              key="data.images_per_class")
+        if batch // k > present:
+            raise RecipeError(f"sampler per_class: a batch of {batch} with {k} images per class needs "
+                              f"{batch // k} classes, but the training split has {present}; set "
+                              f"data.images_per_class to at least {_smallest_fitting(batch, present)} "
+                              "or lower data.batch_size",
+                              key="data.images_per_class")
+        return {"batch_sampler": PerClassBatchSampler(targets, batch, k, generator=generator)}
+    raise RecipeError(f"unknown sampler {cfg.sampler!r}; expected random, balanced or per_class",
+                      key="data.sampler")
+
+
+def with_train_sampler(loader: DataLoader, cfg: Any, targets: torch.Tensor) -> DataLoader:
+    """The same loader (workers, pinning, prefetch, collate, generator ...) drawing its order
+    from `data.sampler`; `loader` is the train loader `build_loaders` made with a shuffle."""
+    sampling = train_sampling(cfg, targets, loader.generator)
+    if "batch_sampler" not in sampling:
+        sampling["drop_last"] = loader.drop_last
+    return DataLoader(loader.dataset, **sampling, num_workers=loader.num_workers,
+                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, timeout=loader.timeout,
+                      worker_init_fn=loader.worker_init_fn,
+                      multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
+                      prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers,
+                      pin_memory_device=loader.pin_memory_device, in_order=loader.in_order)
+
+
+def _divisor_near(n: int, k: int) -> int:
+    """The divisor of n closest to k (ties: the larger)."""
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - k), -d))
+
+
+def _smallest_fitting(batch: int, classes: int) -> int:
+    """The smallest divisor k of batch with batch / k <= classes."""
+    return next(d for d in range(1, batch + 1) if batch % d == 0 and batch // d <= max(classes, 1))
+
+
+__all__ = ["ClassBalancedSampler", "PerClassBatchSampler", "class_balanced_weights", "train_sampling",
+           "with_train_sampler"]
