@@ -8,28 +8,33 @@
 
 from __future__ import annotations
 
-import math
 import random
 import shutil
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from imgtrain.config import Recipe, RecipeError, dump_recipe, load_recipe, recipe_from_dict
-from imgtrain.data import (build_eval_transform, build_loaders, build_splits, build_train_transform,
-                           resolve_normalization)
+from imgtrain.data import (TensorImageDataset, build_eval_transform, build_loaders, build_splits,
+                           build_train_transform, resolve_normalization)
+from imgtrain.data.batch_transforms import build_batch_pipelines, resolve_device_transforms
+from imgtrain.data.cache import apply_cache, cache_resolution
 from imgtrain.engine.checkpoint import CheckpointError, load_weights
 from imgtrain.engine.events import HookList
 from imgtrain.engine.loop import TrainData, Trainer, select_device
-from imgtrain.models import count_parameters, create_model
+from imgtrain.losses import check_imbalance_recipe
+from imgtrain.models import LogitOffset, count_parameters, create_model
+from imgtrain.strategies import build_strategies
 from imgtrain.tracking import build_trackers, write_summary
 
 # keys that may change when resuming: how the run is executed, never what it computes
 RESUME_OVERRIDABLE = ("train.device", "train.threads", "data.workers", "data.pin_memory",
+                      "data.prefetch_factor", "data.persistent_workers", "data.cache_dir",
                       "output.progress", "output.plots")
 
 
@@ -103,15 +108,10 @@ def train(recipe: Recipe, run_dir: Optional[Union[str, Path]] = None, resume: Op
         resume_file = None
     seed_everything(recipe.train.seed)
     splits = build_splits(recipe.data)
-    img_size = recipe.augment.img_size or splits.native_size
-    mean, std = resolve_normalization(recipe.augment, splits)
-    train_tf = build_train_transform(recipe.augment, splits.channels, img_size, mean, std)
-    eval_tf = build_eval_transform(recipe.augment, splits.channels, img_size, mean, std)
-    splits.train = splits.train.with_transform(train_tf)
-    splits.val = splits.val.with_transform(eval_tf) if splits.val is not None else None
-    splits.test = splits.test.with_transform(eval_tf) if splits.test is not None else None
+    check_imbalance_recipe(recipe, splits.classes)  # class weight list vs the data's classes
     device = select_device(recipe.train.device)
-    loaders = build_loaders(recipe, splits, device)
+    prepared = prepare_data(recipe, splits, device)
+    img_size, mean, std, loaders = prepared.img_size, prepared.mean, prepared.std, prepared.loaders
     model = create_model(recipe.model, num_classes=len(splits.classes), in_chans=splits.channels)
     metadata = {
         "model": {"name": recipe.model.name, "kwargs": recipe.model.kwargs, "drop_rate": recipe.model.drop_rate},
@@ -122,19 +122,28 @@ def train(recipe: Recipe, run_dir: Optional[Union[str, Path]] = None, resume: Op
     if resume_file is None:
         dump_recipe(recipe, run_dir / "config.yaml")
     trackers = build_trackers(recipe, run_dir, console_stream=console)
-    hooks = HookList(strategies=[], trackers=trackers)
+    hooks = HookList(strategies=build_strategies(recipe), trackers=trackers)
     data = TrainData(train=loaders.train, val=loaders.val, train_generator=loaders.train_generator,
-                     classes=splits.classes)
+                     classes=splits.classes, train_targets=splits.train.targets,
+                     train_batch_transform=prepared.train_batch_transform,
+                     eval_batch_transform=prepared.eval_batch_transform)
     trainer = Trainer(recipe, model, data, run_dir, hooks, metadata)
     log = _tracker_logger(trackers)
     log(f"data: {len(splits.train)} train, {len(splits.val) if splits.val is not None else 0} val, "
         f"{len(splits.test) if splits.test is not None else 0} test images, {len(splits.classes)} classes, "
         f"{splits.channels} channel(s), {img_size} px; model {recipe.model.name} "
         f"({count_parameters(model):,} parameters)")
+    for line in prepared.notes:
+        log(line)
     if splits.skipped:
         _write_skipped(run_dir, splits.skipped)
         log(f"skipped {len(splits.skipped)} unreadable image(s); listed in {run_dir / 'skipped_images.csv'}")
-    state = trainer.fit(resume_from=resume_file)
+    try:
+        state = trainer.fit(resume_from=resume_file)
+    except KeyboardInterrupt:
+        log("interrupted; the last finished epoch is saved")
+        print(f"\nimgtrain: interrupted. Continue with: imgtrain train --resume {run_dir}", file=sys.stderr)
+        raise
     summary = dict(state.summary)
     if loaders.test is not None:
         summary.update(_test_best(trainer, loaders.test, run_dir))
@@ -142,6 +151,53 @@ def train(recipe: Recipe, run_dir: Optional[Union[str, Path]] = None, resume: Op
     summary["total_seconds"] = round(time.perf_counter() - started, 3)
     write_summary(run_dir, summary)
     return TrainResult(run_dir=run_dir, history=state.history, summary=summary, model=trainer.model)
+
+
+@dataclass
+class PreparedData:
+    """The data side of a run, as `train` builds it (also what `imgtrain bench-data` measures)."""
+    splits: Any                     # DataSplits, the datasets with their per-image transforms set
+    loaders: Any                    # Loaders
+    img_size: int
+    mean: List[float]
+    std: List[float]
+    cache: Any = None               # the DecodedCache with data.cache on a file source
+    train_batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # device_transforms on
+    eval_batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    notes: List[str] = field(default_factory=list)  # lines for train.log
+
+
+def prepare_data(recipe: Recipe, splits: Any, device: torch.device) -> PreparedData:
+    """splits -> decoded cache -> normalization -> per-image and per-batch transforms -> loaders."""
+    aug, channels = recipe.augment, splits.channels
+    img_size = aug.img_size or splits.native_size
+    notes: List[str] = []
+    cache = apply_cache(splits, recipe.data, cache_resolution(aug, img_size))
+    if cache is not None:
+        notes.append(cache.describe())
+    elif recipe.data.cache != "off":
+        notes.append(f"data.cache: {recipe.data.cache} ignored: {recipe.data.source} images are already "
+                     "decoded in memory")
+    mean, std = resolve_normalization(aug, splits)
+    # images all of one size (in-memory sources, the cache): at that size the pipelines skip resizing
+    native = cache.size if cache is not None else (
+        splits.native_size if isinstance(splits.train, TensorImageDataset) else None)
+    train_batch = eval_batch = None
+    if resolve_device_transforms(aug, channels, img_size, device):
+        pipelines = build_batch_pipelines(aug, channels, img_size, mean, std, native)
+        train_tf, eval_tf = pipelines.train_item, pipelines.eval_item
+        train_batch, eval_batch = pipelines.train_batch, pipelines.eval_batch
+        cpu_first = f"; per image on the CPU first: {', '.join(pipelines.cpu_only)}" if pipelines.cpu_only else ""
+        notes.append(f"augmentation per batch on {device.type}: {pipelines.train_batch}{cpu_first}")
+    else:
+        train_tf = build_train_transform(aug, channels, img_size, mean, std, native)
+        eval_tf = build_eval_transform(aug, channels, img_size, mean, std, native)
+    splits.train = splits.train.with_transform(train_tf)
+    splits.val = splits.val.with_transform(eval_tf) if splits.val is not None else None
+    splits.test = splits.test.with_transform(eval_tf) if splits.test is not None else None
+    return PreparedData(splits=splits, loaders=build_loaders(recipe, splits, device), img_size=img_size,
+                        mean=list(mean), std=list(std), cache=cache, train_batch_transform=train_batch,
+                        eval_batch_transform=eval_batch, notes=notes)
 
 
 def _tracker_logger(trackers: Sequence[Any]) -> Any:
@@ -162,13 +218,14 @@ def _write_skipped(run_dir: Path, skipped: Sequence[tuple]) -> None:
 def _test_best(trainer: Trainer, test_loader: Any, run_dir: Path) -> Dict[str, Any]:
     """Evaluate the best checkpoint (or the final weights) on the test split."""
     best = run_dir / "checkpoints" / "best.safetensors"
-    which = "final"
     if best.is_file():
         tensors, _ = load_weights(best)
         trainer.model.load_state_dict(tensors, strict=False)
-        which = "best"
-    result = trainer.evaluate(test_loader)
-    return {"test_acc": result["acc"], "test_loss": result["loss"], "test_weights": which}
+        result, which = trainer.evaluate(test_loader, model=trainer.forward_model), "best"
+    else:  # the validated weights as they are now: the EMA's when there is one
+        result, which = trainer.evaluate(test_loader), "final"
+    return {"test_acc": result["acc"], "test_loss": result["loss"], "test_balanced_acc": result["balanced_acc"],
+            "test_weights": which}
 
 
 # ----------------------------------------------------------------------------- loading trained models
@@ -216,10 +273,15 @@ def load_trained(target: Union[str, Path], device: Union[str, torch.device] = "c
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not fit {recipe.model.name}: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
+    if meta.get("logit_offset") is not None:  # trained with imbalance.posthoc_adjust
+        offset = meta["logit_offset"]
+        if len(offset) != meta["num_classes"]:
+            raise CheckpointError(f"{path}: logit_offset has {len(offset)} values for {meta['num_classes']} classes")
+        model = LogitOffset(model, torch.tensor(offset))
     model.to(device).eval()
     return LoadedModel(model=model, classes=list(meta["classes"]), channels=meta["in_chans"],
                        img_size=meta["img_size"], mean=meta["mean"], std=meta["std"], recipe=recipe, path=path)
 
 
-__all__ = ["train", "TrainResult", "load_recipe", "prepare_run_dir", "RunDirError", "load_trained",
-           "LoadedModel", "resolve_checkpoint", "RecipeError", "RESUME_OVERRIDABLE"]
+__all__ = ["train", "TrainResult", "prepare_data", "PreparedData", "load_recipe", "prepare_run_dir",
+           "RunDirError", "load_trained", "LoadedModel", "resolve_checkpoint", "RecipeError", "RESUME_OVERRIDABLE"]

@@ -141,14 +141,14 @@ def _parse_pairs(items: List[str]) -> Dict[str, Any]:
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
-    from imgtrain.data import DEFAULT_FASHION_MNIST_DIR
+    from imgtrain.data.sources import FASHION_MNIST_DIR
 
-    fm = Path(DEFAULT_FASHION_MNIST_DIR)
+    fm = Path(FASHION_MNIST_DIR)
     rows = [
         ("digits", "scikit-learn's 8x8 handwritten digits, 1,797 images, 10 classes (bundled)", "available"),
         ("shapes", "synthetic coloured shapes, any size/count/imbalance (generated)", "available"),
         ("fashion-mnist", "60k train / 10k test 28x28 clothing images, 10 classes",
-         f"available in {fm}" if fm.is_dir() else f"missing: apt-get install -y dataset-fashion-mnist, or data.root"),
+         f"available in {fm}" if fm.is_dir() else "missing: apt-get install -y dataset-fashion-mnist, or data.root"),
         ("imagefolder", "your images: ROOT/[train|val|test]/CLASS/*.jpg or ROOT/CLASS/*.jpg", "data.root"),
         ("csv", "your images listed in a path,label[,split] CSV", "data.root"),
     ]
@@ -165,6 +165,32 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{name}  (imgtrain)" if name in OUR_MODELS else name)
     print(f"{len(names)} models", file=sys.stderr)
     return 0
+
+
+def cmd_show_augment(args: argparse.Namespace) -> int:
+    from imgtrain.config import load_recipe
+    from imgtrain.data.preview import show_augment
+
+    preview = show_augment(load_recipe(args.recipe, args.overrides), n=args.n, output=args.output)
+    print(f"wrote {len(preview.labels)} augmented training images to {preview.path} "
+          f"({preview.size[0]}x{preview.size[1]} px)")
+    return 0
+
+
+def cmd_bench_data(args: argparse.Namespace) -> int:
+    from imgtrain.config import load_recipe
+    from imgtrain.data.bench import bench_data
+
+    result = bench_data(load_recipe(args.recipe, args.overrides), epochs=args.epochs, max_batches=args.batches)
+    print(result.table())
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
+    return value
 
 
 # ----------------------------------------------------------------------------- parser
@@ -233,6 +259,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list models (ours and timm's)")
     p.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'resnet*'")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("bench-data", help="measure how many images/s a recipe's input pipeline delivers")
+    p.add_argument("recipe", help="recipe .yaml or built-in name")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.cache=memory")
+    p.add_argument("--epochs", type=_positive_int, default=3, help="passes over the train split (first: start-up)")
+    p.add_argument("--batches", type=_positive_int, default=None, help="stop each pass after this many batches")
+    p.set_defaults(func=cmd_bench_data)
+
+    p = sub.add_parser("show-augment", help="write a PNG grid of augmented (and mixed) training images")
+    p.add_argument("recipe", help="recipe .yaml or built-in name")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. augment.policy=randaugment")
+    p.add_argument("--n", type=_positive_int, default=32, help="images in the grid")
+    p.add_argument("--output", default="augment.png", help="PNG file to write")
+    p.set_defaults(func=cmd_show_augment)
     return parser
 
 
@@ -243,8 +283,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return func(args)
     except KeyboardInterrupt:
-        print("\nimgtrain: interrupted. The last finished epoch is saved; continue with "
-              "`imgtrain train --resume RUN_DIR`.", file=sys.stderr)
+        print("imgtrain: stopped by Ctrl-C; every finished epoch is saved.", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - sorted below: user errors get a message, bugs a traceback
         if isinstance(exc, _user_errors()):

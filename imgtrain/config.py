@@ -60,18 +60,17 @@ class ShapesConfig:
     val_size: int = param(400, min=0)                # images in the val split
     test_size: int = param(400, min=0)               # images in the test split
     min_scale: float = param(0.35, min=0.05, max=1.0)  # shape size, fraction of the image side
-    max_scale: float = param(0.8, min=0.05, max=1.0)
+    max_scale: float = param(0.8, min=0.05, max=1.0)  # largest shape size, fraction of the side
     rotation: float = param(180.0, min=0.0, max=360.0)  # max rotation, degrees either way
     noise: float = param(0.05, min=0.0, max=1.0)     # std of Gaussian pixel noise, fraction of 255
     imbalance: float = param(1.0, min=1.0)           # train: largest class count / smallest
-    seed: int = 0
+    seed: int = 0                                    # generator seed: same seed, same images
 
 
 @dataclass
 class DataConfig:
-    source: str = param("digits", choices=("imagefolder", "csv", "fashion-mnist", "digits", "shapes"))
-    # imagefolder: the folder; csv: the manifest file; fashion-mnist: folder of IDX .gz files
-    root: Optional[str] = None
+    source: str = param("digits", choices=("imagefolder", "csv", "fashion-mnist", "digits", "shapes"))  # where images come from
+    root: Optional[str] = None            # imagefolder: the folder; csv: the manifest; fashion-mnist: the IDX folder
     image_root: Optional[str] = None      # csv: folder the paths are relative to (default: the csv's)
     val_fraction: float = param(0.1, min=0.0, max=0.9)   # carved from train when no val split exists
     test_fraction: float = param(0.0, min=0.0, max=0.9)  # carved from train when no test split exists
@@ -81,26 +80,46 @@ class DataConfig:
     eval_batch_size: Optional[int] = param(None, min=1)  # default: 2 x batch_size
     workers: Union[int, str] = 0          # loader processes, or "auto"
     pin_memory: Union[bool, str] = "auto"  # auto: on when training on CUDA
-    on_bad_image: str = param("error", choices=("error", "skip"))
-    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    on_bad_image: str = param("error", choices=("error", "skip"))  # unreadable files: stop, or skip and list them
+    cache: str = param("off", choices=("off", "memory", "disk"))  # decoded uint8 cache of file images
+    cache_dir: str = ".imgtrain_cache"    # disk cache folder (memory-mapped files), keyed by the file list
+    prefetch_factor: int = param(2, min=1)  # batches each worker prepares ahead (workers > 0)
+    persistent_workers: bool = True       # keep workers between epochs (off in deterministic mode)
+    sampler: str = param("random", choices=("random", "balanced", "per_class"))  # balanced: classes drawn equally
+    images_per_class: int = param(4, min=1)  # sampler per_class: a batch holds batch_size/this classes
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)  # the shapes generator's knobs
 
 
 @dataclass
 class AugmentConfig:
     """Per-image transforms (torchvision v2). Probabilities are in [0, 1]."""
     img_size: Optional[int] = param(None, min=4)   # train/eval resolution, pixels; default: native
-    random_resized_crop: bool = False
+    random_resized_crop: bool = False      # Inception-style crop of scale x ratio, resized to img_size
     scale: List[float] = param(default_factory=lambda: [0.08, 1.0])      # crop area range, fraction
     ratio: List[float] = param(default_factory=lambda: [0.75, 4 / 3])    # crop aspect range
     pad_crop: int = param(0, min=0)        # pad by N pixels then random crop back (CIFAR style)
-    hflip: float = param(0.0, min=0.0, max=1.0)
-    vflip: float = param(0.0, min=0.0, max=1.0)
+    hflip: float = param(0.0, min=0.0, max=1.0)    # probability of a horizontal flip
+    vflip: float = param(0.0, min=0.0, max=1.0)    # probability of a vertical flip
     color_jitter: float = param(0.0, min=0.0, max=1.0)  # brightness, contrast, saturation strength
-    hue: float = param(0.0, min=0.0, max=0.5)
-    grayscale: float = param(0.0, min=0.0, max=1.0)
-    normalize: str = param("compute", choices=("compute", "imagenet", "none", "given"))
+    hue: float = param(0.0, min=0.0, max=0.5)      # hue jitter (3-channel images only)
+    grayscale: float = param(0.0, min=0.0, max=1.0)  # probability of turning an image grey
+    rotation: float = param(0.0, min=0.0, max=180.0)  # random rotation, max degrees either way
+    translate: List[float] = param(default_factory=lambda: [0.0, 0.0])  # random affine max shift [dx, dy], fractions
+    affine_scale: List[float] = param(default_factory=lambda: [1.0, 1.0])  # random affine zoom range
+    shear: float = param(0.0, min=0.0, max=45.0)     # random affine shear, max degrees
+    perspective: float = param(0.0, min=0.0, max=1.0)  # probability of a random perspective warp
+    policy: str = param("none", choices=("none", "randaugment", "autoaugment", "trivialaugment", "augmix"))
+    num_ops: int = param(2, min=1, max=10)            # randaugment: operations per image
+    magnitude: int = param(9, min=0, max=30)          # randaugment: strength (of 31 bins)
+    autoaugment_policy: str = param("imagenet", choices=("imagenet", "cifar10", "svhn"))
+    augmix_severity: int = param(3, min=1, max=10)
+    erasing: float = param(0.0, min=0.0, max=1.0)     # probability of random erasing (cutout)
+    erasing_scale: List[float] = param(default_factory=lambda: [0.02, 0.33])  # erased area, fraction
+    erasing_value: str = param("zero", choices=("zero", "random"))  # fill of the erased box
+    device_transforms: str = param("auto", choices=("auto", "on", "off"))  # batch augmentation on the device
+    normalize: str = param("compute", choices=("compute", "imagenet", "none", "given"))  # compute: from train images
     mean: Optional[List[float]] = None     # with normalize: given, one value per channel (0..1 scale)
-    std: Optional[List[float]] = None
+    std: Optional[List[float]] = None      # with normalize: given, one value per channel (0..1 scale)
     crop_pct: float = param(1.0, min=0.1, max=1.0)  # eval: resize to img_size/crop_pct, centre crop
 
 
@@ -109,12 +128,13 @@ class ModelConfig:
     name: str = "imgtrain_cnn_small"      # any timm model name or one of ours (`imgtrain models`)
     pretrained: bool = False              # timm pretrained weights (needs the Hugging Face cache)
     drop_rate: float = param(0.0, min=0.0, max=1.0)  # dropout before the classifier
+    drop_path_rate: float = param(0.0, min=0.0, max=1.0)  # stochastic depth (timm models that have it)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
 
 
 @dataclass
 class OptimConfig:
-    name: str = param("sgd", choices=("sgd", "adamw"))
+    name: str = param("sgd", choices=("sgd", "adamw"))   # optimizer
     lr: float = param(0.1, min=0.0, min_exclusive=True)  # peak learning rate, for the effective batch
     momentum: float = param(0.9, min=0.0, max=1.0)       # sgd
     nesterov: bool = True                                 # sgd
@@ -127,7 +147,7 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     """Learning-rate schedule, stepped once per optimizer step."""
-    name: str = param("onecycle", choices=("constant", "step", "multistep", "cosine",
+    name: str = param("onecycle", choices=("constant", "step", "multistep", "cosine",  # lr schedule
                                            "warmup_cosine", "onecycle"))
     warmup_epochs: float = param(0.0, min=0.0)      # linear warmup, epochs (cosine, constant, step)
     warmup_start_factor: float = param(0.01, min=0.0, max=1.0)  # lr at step 0, fraction of peak
@@ -139,21 +159,52 @@ class ScheduleConfig:
     div_factor: float = param(25.0, min=1.0)        # onecycle: start lr = lr / div_factor
     final_div_factor: float = param(1e4, min=1.0)   # onecycle: final lr = start lr / this
     cycle_momentum: bool = True                     # onecycle: momentum (or beta1) cycles inversely
-    base_momentum: float = param(0.85, min=0.0, max=1.0)
-    max_momentum: float = param(0.95, min=0.0, max=1.0)
+    base_momentum: float = param(0.85, min=0.0, max=1.0)  # onecycle: momentum at the lr peak
+    max_momentum: float = param(0.95, min=0.0, max=1.0)   # onecycle: momentum at the start and end
+
+
+@dataclass
+class MixConfig:
+    """Mixup / CutMix on training batches (soft targets; strategies/mixing.py)."""
+    mixup_alpha: Optional[float] = None              # Beta(alpha, alpha) for mixup; null: off
+    cutmix_alpha: Optional[float] = None             # Beta(alpha, alpha) for cutmix; null: off
+    switch_prob: float = param(0.5, min=0.0, max=1.0)  # with both on: probability of cutmix
+    prob: float = param(1.0, min=0.0, max=1.0)       # probability a batch is mixed at all
+    off_epoch: Optional[int] = param(None, min=0)    # no mixing from this epoch on (0-based)
+
+
+@dataclass
+class EmaConfig:
+    """Exponential moving average of the weights (timm's ModelEmaV3)."""
+    enabled: bool = False
+    decay: float = param(0.9998, min=0.0, max=1.0)   # per optimizer step
+    warmup: bool = True                              # smaller decay early (timm's warmup)
+    validate: bool = True                            # validate (and pick the best) on the EMA weights
+
+
+@dataclass
+class ImbalanceConfig:
+    """Class-imbalance tools (losses.py, data/samplers.py)."""
+    class_weights: Union[str, List[float]] = "none"  # none | inverse | effective | one weight per class
+    effective_beta: float = param(0.999, min=0.0, max=1.0)  # effective number of samples: (1-b^n)/(1-b)
+    loss: str = param("ce", choices=("ce", "focal", "logit_adjusted"))
+    focal_gamma: float = param(2.0, min=0.0)
+    focal_alpha: Optional[float] = param(None, min=0.0, max=1.0)
+    tau: float = param(1.0, min=0.0)                 # logit adjustment strength
+    posthoc_adjust: bool = False                     # subtract tau*log(prior) from logits at evaluation
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = param(10, min=1)
+    epochs: int = param(10, min=1)                  # passes over the training split
     grad_accum_steps: int = param(1, min=1)         # effective batch = batch_size x this
-    clip_grad_norm: Optional[float] = param(None, min=0.0, min_exclusive=True)
-    label_smoothing: float = param(0.0, min=0.0, max=1.0)
-    amp: str = param("auto", choices=("auto", "off", "fp16", "bf16"))
-    channels_last: bool = False
+    clip_grad_norm: Optional[float] = param(None, min=0.0, min_exclusive=True)  # max global grad norm
+    label_smoothing: float = param(0.0, min=0.0, max=1.0)  # probability mass spread over all classes
+    amp: str = param("auto", choices=("auto", "off", "fp16", "bf16"))  # mixed precision (see README)
+    channels_last: bool = False                     # NHWC memory format (faster convs on CPU and tensor cores)
     compile: bool = False                           # torch.compile the model
     device: str = "auto"                            # auto | cpu | cuda | cuda:N
-    seed: int = 0
+    seed: int = 0                                   # seeds Python, NumPy, torch and the shuffle
     deterministic: bool = False                     # deterministic kernels (slower on CUDA)
     threads: Optional[int] = param(None, min=1)     # torch CPU threads; default: torch's choice
     max_steps_per_epoch: Optional[int] = param(None, min=1)  # cut epochs short (smoke runs)
@@ -165,8 +216,8 @@ class OutputConfig:
     name: Optional[str] = None          # run folder name; default: recipe name + timestamp
     best_metric: str = "val_acc"        # column of history.csv that picks the best checkpoint
     best_mode: str = param("auto", choices=("auto", "max", "min"))  # auto: min for *loss, else max
-    save_best: bool = True
-    save_last: bool = True
+    save_best: bool = True              # checkpoints/best.safetensors
+    save_last: bool = True              # checkpoints/last.safetensors + last.state.pt (for --resume)
     plots: bool = True                  # redraw plots/*.png every epoch
     progress: str = param("auto", choices=("auto", "bar", "log", "off"))  # auto: bar on a terminal
 
@@ -178,6 +229,9 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    imbalance: ImbalanceConfig = field(default_factory=ImbalanceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     # where the recipe came from (not a recipe key; set by load_recipe)
@@ -483,6 +537,27 @@ def _check_section(obj: Any, prefix: str, file: Optional[str], origins: Dict[str
                 fail("std", f"every std must be > 0, got {obj.std}")
         elif obj.mean is not None or obj.std is not None:
             fail("mean", "augment.mean/std are used only with augment.normalize: given")
+    if isinstance(obj, AugmentConfig):
+        for key, low in (("affine_scale", 0.01), ("erasing_scale", 0.0)):
+            pair = getattr(obj, key)
+            if len(pair) != 2 or pair[0] > pair[1] or pair[0] < low:
+                fail(key, f"expected [low, high] with {low} <= low <= high, got {pair}")
+        if obj.erasing_scale[1] > 1.0:
+            fail("erasing_scale", f"the erased area is a fraction of the image: high must be <= 1, got {obj.erasing_scale}")
+        if len(obj.translate) != 2 or not all(0.0 <= t <= 1.0 for t in obj.translate):
+            fail("translate", f"expected [max_dx, max_dy], fractions of the width and height in [0, 1], got {obj.translate}")
+    if isinstance(obj, MixConfig):
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            value = getattr(obj, key)
+            if value is not None and value <= 0:
+                fail(key, f"alpha must be > 0 (it shapes Beta(alpha, alpha)), got {value}; "
+                          "leave the key out (or null) to turn it off")
+    if isinstance(obj, ImbalanceConfig):
+        weights = obj.class_weights
+        if isinstance(weights, str) and weights not in ("none", "inverse", "effective"):
+            fail("class_weights", f"expected none, inverse, effective or a list of weights, got {weights!r}")
+        if isinstance(weights, list) and any(w < 0 for w in weights):
+            fail("class_weights", f"weights must be >= 0, got {weights}")
     if isinstance(obj, OptimConfig) and (len(obj.betas) != 2 or not all(0 <= b < 1 for b in obj.betas)):
         fail("betas", f"expected two values in [0, 1), got {obj.betas}")
     if isinstance(obj, ScheduleConfig):

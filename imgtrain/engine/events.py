@@ -93,7 +93,7 @@ class HookList:
             method(state)
 
     def state_dict(self) -> Dict[str, Dict[str, Any]]:
-        return {h.name: h.state_dict() for h in self if h.state_dict()}
+        return {h.name: state for h in self if (state := h.state_dict())}
 
     def load_state_dict(self, states: Dict[str, Dict[str, Any]]) -> None:
         for hook in self:

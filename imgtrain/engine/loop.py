@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from imgtrain.engine.checkpoint import (capture_rng_state, load_training_state, 
 from imgtrain.engine.events import HookList
 from imgtrain.engine.optim import build_optimizer, build_scheduler
 from imgtrain.engine.state import TrainState
+from imgtrain.losses import build_train_loss, eval_logit_offset
 
 
 # ----------------------------------------------------------------------------- device and precision
@@ -42,8 +44,14 @@ def cpu_has_fast_bf16() -> bool:
 
     Elsewhere bf16 autocast on CPU emulates the maths and runs several times slower.
     """
-    check = getattr(torch._C._cpu, "_is_amx_tile_supported", None)
-    return bool(check()) if check is not None else False
+    capability = torch.backends.cpu.get_cpu_capability()  # e.g. "AVX2", "AVX512", "AMX" (version-dependent)
+    if "AMX" in capability.upper():
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as handle:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in handle)
+    except OSError:  # not Linux: assume no AMX, fp32 is the safe choice
+        return False
 
 
 def select_precision(amp: str, device: torch.device) -> Tuple[Optional[torch.dtype], bool]:
@@ -68,6 +76,9 @@ def configure_backends(device: torch.device, deterministic: bool, threads: Optio
     if threads:
         torch.set_num_threads(threads)
     if deterministic:
+        if device.type == "cuda":
+            # cuBLAS is only deterministic with a fixed workspace; must be set before its first use
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=False)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
@@ -88,6 +99,11 @@ class TrainData:
     val: Any
     train_generator: Optional[torch.Generator]
     classes: List[str]
+    # applied to each batch right after it reaches the device (batch augmentation and
+    # normalisation on the GPU, data/batch_transforms.py); None when the loader does it all
+    train_batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    eval_batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    train_targets: Optional[torch.Tensor] = None   # labels of the training split (class weights)
 
 
 class Trainer:
@@ -118,7 +134,14 @@ class Trainer:
                                 optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                 amp_dtype=self.amp_dtype, classes=list(data.classes), epochs=cfg.epochs,
                                 steps_per_epoch=batches)
-        self.train_loss = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        targets = data.train_targets if data.train_targets is not None else torch.zeros(0, dtype=torch.long)
+        self.train_loss = build_train_loss(recipe, targets, len(data.classes)).to(self.device)
+        # imbalance.posthoc_adjust: -tau*log(prior) added to the logits at evaluation, and kept in the
+        # checkpoint's metadata so evaluate/predict from a checkpoint see the same adjusted logits
+        offset = eval_logit_offset(recipe, targets, len(data.classes))
+        self.logit_offset = offset.to(self.device) if offset is not None else None
+        if offset is not None:
+            self.metadata["logit_offset"] = [float(v) for v in offset]
         self.best_mode = recipe.output.best_mode
         if self.best_mode == "auto":
             self.best_mode = "min" if "loss" in recipe.output.best_metric else "max"
@@ -175,6 +198,8 @@ class Trainer:
             state.batch_index = batch_index
             state.inputs = inputs.to(self.device, non_blocking=True)
             state.targets = targets.to(self.device, non_blocking=True)
+            if self.data.train_batch_transform is not None:
+                state.inputs = self.data.train_batch_transform(state.inputs)
             if cfg.channels_last:
                 state.inputs = state.inputs.contiguous(memory_format=torch.channels_last)
             self.hooks.fire("batch_start", state)
@@ -233,33 +258,55 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def eval_model(self) -> torch.nn.Module:
+        """The weights that are validated and saved: an EMA's when a hook sets state.eval_model."""
+        return self.state.eval_model if self.state.eval_model is not None else self.forward_model
+
     @torch.no_grad()
-    def evaluate(self, loader: Any) -> Dict[str, float]:
-        """Mean cross-entropy (no smoothing) and top-1 accuracy over a loader."""
-        self.model.eval()
+    def evaluate(self, loader: Any, model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
+        """Mean cross-entropy (no smoothing), top-1 accuracy, balanced accuracy and per-class
+        recall over a loader."""
+        model = model if model is not None else self.eval_model()
+        model.eval()
         started = time.perf_counter()
+        num_classes = len(self.data.classes)
         loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        seen = 0
+        per_class_total = torch.zeros(num_classes, device=self.device, dtype=torch.long)
+        per_class_correct = torch.zeros(num_classes, device=self.device, dtype=torch.long)
         for inputs, targets in loader:
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
+            if self.data.eval_batch_transform is not None:
+                inputs = self.data.eval_batch_transform(inputs)
             if self.recipe.train.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             with self._autocast():
-                outputs = self.forward_model(inputs)
+                outputs = model(inputs)
+            if self.logit_offset is not None:
+                outputs = outputs.float() + self.logit_offset
             loss_sum += F.cross_entropy(outputs.float(), targets, reduction="sum")
-            correct += (outputs.argmax(1) == targets).sum()
-            seen += targets.shape[0]
-        seen = max(seen, 1)
-        return {"loss": loss_sum.item() / seen, "acc": correct.item() / seen,
+            hit = outputs.argmax(1) == targets
+            per_class_total += torch.bincount(targets, minlength=num_classes)
+            per_class_correct += torch.bincount(targets[hit], minlength=num_classes)
+        if model is not self.forward_model or self.state.eval_model is not None:
+            self.model.train()  # an EMA copy was evaluated: the trained model stays as it was
+        total, correct = per_class_total.cpu(), per_class_correct.cpu()
+        seen = max(int(total.sum()), 1)
+        present = total > 0
+        recall = torch.where(present, correct.double() / total.clamp_min(1), torch.zeros(()))
+        return {"loss": loss_sum.item() / seen, "acc": int(correct.sum()) / seen,
+                "balanced_acc": float(recall[present].mean()) if present.any() else 0.0,
+                "per_class_recall": {c: (float(r) if p else None)
+                                     for c, r, p in zip(self.data.classes, recall, present)},
                 "seconds": time.perf_counter() - started}
 
-    def _validate(self) -> Dict[str, float]:
+    def _validate(self) -> Dict[str, Any]:
         if self.data.val is None:
             return {"_val_seconds": 0.0}
         result = self.evaluate(self.data.val)
-        return {"val_loss": result["loss"], "val_acc": result["acc"], "_val_seconds": result["seconds"]}
+        self.state.val_per_class_recall = result["per_class_recall"]
+        return {"val_loss": result["loss"], "val_acc": result["acc"], "val_balanced_acc": result["balanced_acc"],
+                "_val_seconds": result["seconds"]}
 
     # ------------------------------------------------------------------ checkpoints and resume
 
@@ -280,10 +327,15 @@ class Trainer:
         if not math.isnan(value) and self._is_better(value):
             state.best_value, state.best_epoch = value, row["epoch"]
             if out.save_best:
-                save_weights(self.model, ckpt_dir / "best.safetensors", meta)
+                save_weights(self._saved_model(), ckpt_dir / "best.safetensors", meta)
         if out.save_last:
-            save_weights(self.model, ckpt_dir / "last.safetensors", meta)
+            save_weights(self._saved_model(), ckpt_dir / "last.safetensors", meta)
             save_training_state(ckpt_dir / "last.state.pt", self._training_state())
+
+    def _saved_model(self) -> torch.nn.Module:
+        """The validated weights (an EMA's when there is one) without a torch.compile wrapper."""
+        model = self.state.eval_model if self.state.eval_model is not None else self.model
+        return getattr(model, "_orig_mod", model)
 
     def _training_state(self) -> Dict[str, Any]:
         state = self.state

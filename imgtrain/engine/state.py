@@ -33,6 +33,8 @@ class TrainState:
     summary: Dict[str, Any] = field(default_factory=dict)        # filled at fit_end
     stop_training: bool = False                  # a hook sets it to end after this epoch
     wall_seconds_before: float = 0.0             # training time spent before a resume
+    eval_model: Optional[torch.nn.Module] = None  # validated and saved instead of `model` (an EMA)
+    val_per_class_recall: Dict[str, Any] = field(default_factory=dict)  # of the last validation
 
     # --- the current epoch (epoch is 0-based; history rows say epoch + 1)
     epoch: int = 0

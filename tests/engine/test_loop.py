@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import signal
@@ -263,3 +262,18 @@ def test_label_smoothing_and_clipping_run(tmp_path):
     # with smoothing 0.2 over 10 classes the train loss cannot fall below the smoothed target's entropy
     floor = -(0.82 * math.log(0.82) + 9 * 0.02 * math.log(0.02))
     assert min(r["train_loss"] for r in result.history) > floor - 0.05
+
+
+def test_compiled_model_trains_like_eager(tmp_path):
+    """train.compile: true goes through torch.compile (Inductor on CPU) and learns the same."""
+    # dropout off: Inductor draws its dropout masks from its own RNG, so only a net without it matches eager
+    overrides = ("train.epochs=1", "train.max_steps_per_epoch=6", "output.save_best=false", "schedule.name=constant",
+                 "optim.lr=0.05", "model.drop_rate=0")
+    eager = train(digits_recipe(*overrides), run_dir=tmp_path / "eager")
+    compiled = train(digits_recipe(*overrides, "train.compile=true"), run_dir=tmp_path / "compiled")
+    assert compiled.history[0]["train_loss"] == pytest.approx(eager.history[0]["train_loss"], rel=1e-3)
+    assert compiled.history[0]["val_acc"] == pytest.approx(eager.history[0]["val_acc"], abs=0.02)
+    # the checkpoint holds the plain module's keys, not the compile wrapper's `_orig_mod.` ones
+    from imgtrain.engine.checkpoint import load_weights
+    tensors, _ = load_weights(compiled.run_dir / "checkpoints" / "last.safetensors")
+    assert not any(key.startswith("_orig_mod.") for key in tensors)

@@ -1,6 +1,5 @@
 """Learning-rate and momentum values of every schedule at known steps; optimizer groups."""
 
-import math
 
 import pytest
 import torch
