@@ -15,8 +15,13 @@ part of the hook's `state_dict`, so a resumed run's lr plot still starts at step
 
 Drawing uses `matplotlib.figure.Figure` with the Agg canvas directly: no pyplot, so no global
 figure registry or backend switching (safe next to a user's own pyplot use and in threads).
-Small figures (6x4 in at 80 dpi) keep four redraws well under half a second. Each PNG is
+Small figures (6x4 in at 80 dpi) keep four redraws well under a second. Each PNG is
 saved to a temporary file and `os.replace`d, so a viewer never reads half an image.
+
+By default the hook draws on a background thread from a snapshot of the history, so the
+training loop goes on while matplotlib renders (most of the loop's time is in torch ops that
+release the GIL); at most one draw runs at a time, and `fit_end` waits for the last one, so
+every file is complete when `fit` returns. `background=False` draws in the loop's thread.
 
 `plot_history(rows, lr_steps, momentum_steps, out_dir)` draws the same files without a hook.
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -38,7 +44,8 @@ PLOTS_DIR = "plots"
 FIGSIZE = (6.0, 4.0)   # inches
 DPI = 80
 MAX_POINTS = 2000      # per-step points kept and drawn per curve
-REDRAW_BUDGET_FACTOR = 20  # wait at least 20x the last redraw's cost before the next (<= ~5% of time)
+REDRAW_BUDGET_FACTOR = 50  # wait at least 50x the last redraw's cost before the next (<= ~2% of time)
+FIRST_DRAW_COST = 0.4      # seconds; what the budget assumes before the first redraw has been timed
 MARKER_LIMIT = 30      # per-epoch curves get point markers up to this many epochs
 
 
@@ -158,7 +165,7 @@ class PlotTracker(Hook):
     name = "plots"
 
     def __init__(self, run_dir: Union[str, Path], max_points: int = MAX_POINTS,
-                 redraw_budget_factor: float = REDRAW_BUDGET_FACTOR):
+                 redraw_budget_factor: float = REDRAW_BUDGET_FACTOR, background: bool = True):
         if max_points < 2:
             raise ValueError(f"max_points must be at least 2, got {max_points}")
         self.out_dir = Path(run_dir) / PLOTS_DIR
@@ -172,6 +179,9 @@ class PlotTracker(Hook):
         self._last_draw_end: Optional[float] = None
         self._last_cost = 0.0
         self._pending = False  # an epoch's redraw was skipped and not yet made up
+        self.background = background
+        self._worker: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
 
     def before_step(self, state: Any) -> None:
         # before_step, not after_step: by after_step the scheduler has already moved on, so
@@ -195,15 +205,23 @@ class PlotTracker(Hook):
         self.lr = [self.lr[i] for i in keep]
         self.momentum = [self.momentum[i] for i in keep]
 
+    def fit_start(self, state: Any) -> None:
+        # the budget runs from the start of training: the first redraw is due once
+        # redraw_budget_factor x FIRST_DRAW_COST seconds (20 s) have passed
+        if self._last_draw_end is None:
+            self._last_draw_end, self._last_cost = time.perf_counter(), FIRST_DRAW_COST
+
     def epoch_end(self, state: Any) -> None:
-        # A redraw costs 0.1-0.5 s of CPU. On long epochs that is nothing and every epoch is
-        # drawn; on epochs of a few seconds it would be a visible slowdown, so a redraw is
-        # skipped while less than redraw_budget_factor x its last cost has passed since the
-        # previous one (training pays at most ~5%). The last epoch and fit_end always draw.
+        # A redraw of the four plots costs 0.3-1 s of CPU. On long epochs that is nothing and
+        # every epoch is drawn; on epochs of a few seconds it would be a visible slowdown, so a
+        # redraw is skipped while less than redraw_budget_factor x its last cost has passed
+        # since the previous one, or while the previous one is still drawing (training pays at
+        # most ~2%). The last epoch and fit_end always draw.
         now = time.perf_counter()
         final = state.epoch + 1 >= state.epochs or state.stop_training
-        if (not final and self._last_draw_end is not None
-                and now - self._last_draw_end < self.redraw_budget_factor * self._last_cost):
+        busy = self._worker is not None and self._worker.is_alive()
+        if not final and (busy or (self._last_draw_end is not None
+                                   and now - self._last_draw_end < self.redraw_budget_factor * self._last_cost)):
             self._pending = True
             return
         self.redraw(state)
@@ -211,14 +229,39 @@ class PlotTracker(Hook):
     def fit_end(self, state: Any) -> None:
         if self._pending:
             self.redraw(state)
+        self.wait()
 
     def redraw(self, state: Any) -> None:
+        """Draw every plot from the state's history now (on the background thread when enabled)."""
+        self.wait()  # one draw at a time; the newer snapshot replaces the files the older one wrote
+        rows = [dict(row) for row in state.history]
+        lr, momentum = self.lr_steps(), self.momentum_steps()
+        self._pending = False
+        if not self.background:
+            self._draw(rows, lr, momentum)
+            return
+        self._worker = threading.Thread(target=self._draw, args=(rows, lr, momentum),
+                                        name="imgtrain-plots", daemon=True)
+        self._worker.start()
+
+    def wait(self) -> None:
+        """Block until a background draw has finished; re-raise what it raised."""
+        if self._worker is not None:
+            self._worker.join()
+            self._worker = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _draw(self, rows: List[Dict[str, Any]], lr: List[Tuple[int, float]],
+              momentum: List[Tuple[int, float]]) -> None:
         started = time.perf_counter()
-        self.last_written = plot_history(state.history, self.lr_steps(), self.momentum_steps(),
-                                         self.out_dir)
+        try:
+            self.last_written = plot_history(rows, lr, momentum, self.out_dir)
+        except BaseException as error:  # noqa: BLE001 - handed to the loop's thread by wait()
+            self._error = error
         self._last_draw_end = time.perf_counter()
         self._last_cost = self._last_draw_end - started
-        self._pending = False
 
     def lr_steps(self) -> List[Tuple[int, float]]:
         return list(zip(self.steps, self.lr, strict=True))

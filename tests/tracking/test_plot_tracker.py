@@ -25,6 +25,7 @@ def test_plots_are_valid_pngs_redrawn_each_epoch(run_dir, make_state, fake_loop)
     plot_dir = run_dir / "plots"
 
     loop.run_epoch()
+    tracker.wait()  # drawing happens on a background thread
     assert sorted(p.name for p in plot_dir.iterdir()) == NAMES  # no temp files left
     for name in NAMES:
         data = (plot_dir / name).read_bytes()
@@ -33,6 +34,7 @@ def test_plots_are_valid_pngs_redrawn_each_epoch(run_dir, make_state, fake_loop)
     first = _digests(plot_dir)
 
     loop.run_epoch()
+    tracker.wait()
     second = _digests(plot_dir)
     assert set(second) == set(NAMES)
     # every plot gained data, so every file was redrawn
@@ -49,14 +51,36 @@ def test_short_epochs_skip_redraws_but_the_last_epoch_always_draws(run_dir, make
     state = make_state(epochs=4, steps_per_epoch=4)
     tracker = PlotTracker(run_dir, redraw_budget_factor=1e6)  # any redraw "costs" more than an epoch
     loop = fake_loop(state, [tracker])
+    loop.hooks.fire("fit_start", state)  # the budget starts with training: no early draw
     loop.run_epoch()
-    first = _digests(run_dir / "plots")
     loop.run_epoch()
     loop.run_epoch()
-    assert _digests(run_dir / "plots") == first  # epochs 2 and 3 skipped their redraw
+    tracker.wait()
+    assert not (run_dir / "plots").exists()  # epochs 1 to 3 skipped their redraw
     loop.run_epoch()  # the last epoch draws whatever the budget
+    tracker.wait()
     final = _digests(run_dir / "plots")
-    assert all(final[name] != first[name] for name in NAMES)
+    assert sorted(final) == NAMES
+    assert tracker.steps == list(range(1, 17))  # recorded every step even while not drawing
+
+
+def test_a_skipped_redraw_is_made_up_at_fit_end(run_dir, make_state, fake_loop):
+    state = make_state(epochs=4, steps_per_epoch=4)
+    tracker = PlotTracker(run_dir, redraw_budget_factor=1e6)
+    loop = fake_loop(state, [tracker])
+    loop.fit(epochs=2)  # stopped early (e.g. a KeyboardInterrupt path): fit_end draws what was skipped
+    assert sorted(_digests(run_dir / "plots")) == NAMES
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_failed_draw_is_raised_in_the_loops_thread(run_dir, make_state, fake_loop, background):
+    (run_dir / "plots").write_text("a file where the plots folder should be")
+    state = make_state(epochs=1, steps_per_epoch=2)
+    tracker = PlotTracker(run_dir, redraw_budget_factor=0, background=background)
+    loop = fake_loop(state, [tracker])
+    with pytest.raises(FileExistsError):
+        loop.run_epoch()
+        tracker.wait()
 
 
 def test_state_round_trip_through_a_weights_only_checkpoint(run_dir, make_state, fake_loop):
