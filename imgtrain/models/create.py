@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import List
+from typing import Any, Dict, List
 
 import timm
 import torch
@@ -18,12 +18,25 @@ class ModelError(ValueError):
 
 
 def create_model(cfg: ModelConfig, num_classes: int, in_chans: int) -> torch.nn.Module:
-    """Build `cfg.name` with `num_classes` outputs taking `in_chans` input channels."""
+    """Build `cfg.name` with `num_classes` outputs taking `in_chans` input channels, randomly initialised.
+
+    Starting weights (`model.weights`, `model.weights_file`) are loaded afterwards by
+    `imgtrain.models.weights.load_initial_weights`, and only for a new run: a resumed run and a
+    trained model loaded for prediction get theirs from their own checkpoint."""
     if not timm.is_model(cfg.name):
         import difflib
         close = difflib.get_close_matches(cfg.name, timm.list_models(), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else " `imgtrain models PATTERN` lists them."
         raise ModelError(f"model.name: unknown model {cfg.name!r}.{hint}")
+    try:
+        return timm.create_model(cfg.name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                                 **model_kwargs(cfg))
+    except TypeError as exc:
+        raise ModelError(f"model.kwargs: {cfg.name} does not accept these arguments ({exc})") from None
+
+
+def model_kwargs(cfg: ModelConfig) -> Dict[str, Any]:
+    """The keyword arguments `timm.create_model` gets for `cfg` besides classes and channels."""
     kwargs = dict(cfg.kwargs)
     if cfg.drop_rate:
         kwargs["drop_rate"] = cfg.drop_rate
@@ -31,17 +44,7 @@ def create_model(cfg: ModelConfig, num_classes: int, in_chans: int) -> torch.nn.
         # stochastic depth: timm nets with residual blocks take it (resnet, convnext, vit ...);
         # our plain nets have no residual branch to drop and ignore it
         kwargs["drop_path_rate"] = cfg.drop_path_rate
-    try:
-        return timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=num_classes,
-                                 in_chans=in_chans, **kwargs)
-    except TypeError as exc:
-        raise ModelError(f"model.kwargs: {cfg.name} does not accept these arguments ({exc})") from None
-    except (OSError, RuntimeError) as exc:
-        if cfg.pretrained:
-            raise ModelError(
-                f"model.pretrained: could not load timm weights for {cfg.name} ({exc}). Offline, put the "
-                "weights in the Hugging Face cache (HF_HOME) first, or set model.pretrained: false.") from None
-        raise
+    return kwargs
 
 
 def list_models(pattern: str = "*") -> List[str]:

@@ -16,7 +16,7 @@ from typing import Any, Dict, Sequence
 
 import torch
 from torch import nn
-from timm.models import register_model
+from timm.models import register_model, resolve_pretrained_cfg
 
 
 def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -81,31 +81,48 @@ class SmallConvNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _create(widths: Sequence[int], depths: Sequence[int], pretrained: bool, **kwargs: Any) -> SmallConvNet:
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
+    # no url or hf_hub_id: timm lists these nets as having no pretrained weights. first_conv and
+    # classifier name the layers that starting weights adapt (input channels) and replace (class count).
+    return dict(url="", num_classes=1000, input_size=(3, 32, 32), pool_size=None, crop_pct=1.0,
+                first_conv="stem.0", classifier="fc", **kwargs)
+
+
+# read by timm's @register_model below (so it must come first): timm.get_pretrained_cfg(name) works
+default_cfgs = {name: _cfg() for name in ("imgtrain_cnn_tiny", "imgtrain_cnn_small", "imgtrain_cnn_medium")}
+
+
+def _create(name: str, widths: Sequence[int], depths: Sequence[int], pretrained: bool,
+            **kwargs: Any) -> SmallConvNet:
     if pretrained:
         raise ValueError("imgtrain's own nets have no published pretrained weights; "
                          "start from a run folder or a .safetensors file instead")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "drop_path_rate"):
+    pretrained_cfg = resolve_pretrained_cfg(name, kwargs.pop("pretrained_cfg", None),
+                                            kwargs.pop("pretrained_cfg_overlay", None))
+    for key in ("cache_dir", "drop_path_rate"):
         kwargs.pop(key, None)  # timm's factory passes these to every model
-    return SmallConvNet(widths=widths, depths=depths, **kwargs)
+    model = SmallConvNet(widths=widths, depths=depths, **kwargs)
+    # what timm's build_model_with_cfg sets on its own models
+    model.pretrained_cfg = model.default_cfg = pretrained_cfg.to_dict()
+    return model
 
 
 @register_model
 def imgtrain_cnn_tiny(pretrained: bool = False, **kwargs: Any) -> SmallConvNet:
     """16-32-64 channels, ~25k parameters: tests and smoke runs."""
-    return _create((16, 32, 64), (1, 1, 1), pretrained, **kwargs)
+    return _create("imgtrain_cnn_tiny", (16, 32, 64), (1, 1, 1), pretrained, **kwargs)
 
 
 @register_model
 def imgtrain_cnn_small(pretrained: bool = False, **kwargs: Any) -> SmallConvNet:
     """32-64-128 channels, ~0.3M parameters: digits, Fashion-MNIST, small shapes on a CPU."""
-    return _create((32, 64, 128), (1, 2, 2), pretrained, **kwargs)
+    return _create("imgtrain_cnn_small", (32, 64, 128), (1, 2, 2), pretrained, **kwargs)
 
 
 @register_model
 def imgtrain_cnn_medium(pretrained: bool = False, **kwargs: Any) -> SmallConvNet:
     """64-128-256 channels, ~2M parameters: a stronger CPU net (e.g. a distillation teacher)."""
-    return _create((64, 128, 256), (1, 2, 2), pretrained, **kwargs)
+    return _create("imgtrain_cnn_medium", (64, 128, 256), (1, 2, 2), pretrained, **kwargs)
 
 
 OUR_MODELS = ("imgtrain_cnn_tiny", "imgtrain_cnn_small", "imgtrain_cnn_medium")
