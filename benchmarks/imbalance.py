@@ -10,8 +10,7 @@ split: a long-tailed one would pick checkpoints for the head classes).
 Every run uses the same recipe, model, seed and number of steps; only the imbalance keys
 differ. Post-hoc adjustment needs no training of its own: it re-scores the plain
 cross-entropy model's test logits, minus tau * log(train prior) (imgtrain.losses
-`posthoc_adjust_logits`), here in the benchmark since the Trainer's evaluation does not
-apply it yet.
+`posthoc_adjust_logits`): the same offset `imbalance.posthoc_adjust: true` applies in a run.
 
     python benchmarks/imbalance.py [--epochs 6] [--model imgtrain_cnn_tiny] [--threads 1]
                                    [--tools ce,inverse,...]   (focal_effective: opt-in)

@@ -29,6 +29,7 @@ from imgtrain.engine.events import HookList
 from imgtrain.engine.loop import TrainData, Trainer, select_device
 from imgtrain.losses import check_imbalance_recipe
 from imgtrain.models import LogitOffset, count_parameters, create_model
+from imgtrain.models.weights import load_initial_weights, resolve_weights_source
 from imgtrain.strategies import build_strategies
 from imgtrain.tracking import build_trackers, write_summary
 
@@ -104,6 +105,11 @@ def train(recipe: Recipe, run_dir: Optional[Union[str, Path]] = None, resume: Op
         if not resume_file.is_file():
             raise CheckpointError(f"{run_dir}: nothing to resume: {resume_file} does not exist")
     else:
+        # a wrong model.weights stops here, before any folder is made or data read
+        weights = resolve_weights_source(recipe.model)
+        if overwrite and weights is not None and weights.path is not None:
+            _check_not_overwritten(weights.path, run_dir or Path(recipe.output.root) / (
+                recipe.output.name or (Path(recipe.source_file).stem if recipe.source_file else "run")))
         run_dir = prepare_run_dir(recipe, run_dir, overwrite)
         resume_file = None
     seed_everything(recipe.train.seed)
@@ -113,6 +119,9 @@ def train(recipe: Recipe, run_dir: Optional[Union[str, Path]] = None, resume: Op
     prepared = prepare_data(recipe, splits, device)
     img_size, mean, std, loaders = prepared.img_size, prepared.mean, prepared.std, prepared.loaders
     model = create_model(recipe.model, num_classes=len(splits.classes), in_chans=splits.channels)
+    # starting weights only for a new run: a resumed one continues from its own checkpoint
+    weights_report = None if resume_file is not None else load_initial_weights(
+        model, recipe.model, num_classes=len(splits.classes), in_chans=splits.channels)
     metadata = {
         "model": {"name": recipe.model.name, "kwargs": recipe.model.kwargs, "drop_rate": recipe.model.drop_rate},
         "num_classes": len(splits.classes), "in_chans": splits.channels, "classes": list(splits.classes),
@@ -133,6 +142,8 @@ def train(recipe: Recipe, run_dir: Optional[Union[str, Path]] = None, resume: Op
         f"{len(splits.test) if splits.test is not None else 0} test images, {len(splits.classes)} classes, "
         f"{splits.channels} channel(s), {img_size} px; model {recipe.model.name} "
         f"({count_parameters(model):,} parameters)")
+    for line in weights_report.lines() if weights_report is not None else []:
+        log(line)
     for line in prepared.notes:
         log(line)
     if splits.skipped:
@@ -198,6 +209,14 @@ def prepare_data(recipe: Recipe, splits: Any, device: torch.device) -> PreparedD
     return PreparedData(splits=splits, loaders=build_loaders(recipe, splits, device), img_size=img_size,
                         mean=list(mean), std=list(std), cache=cache, train_batch_transform=train_batch,
                         eval_batch_transform=eval_batch, notes=notes)
+
+
+def _check_not_overwritten(weights: Path, run_dir: Union[str, Path]) -> None:
+    """--overwrite deletes the run folder: never the one the starting weights are read from."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir == weights.resolve() or run_dir in weights.resolve().parents:
+        raise RunDirError(f"{run_dir}: --overwrite would delete the starting weights (model.weights: {weights}) "
+                          "before they are read; choose another --run-dir, or copy the weights out first")
 
 
 def _tracker_logger(trackers: Sequence[Any]) -> Any:

@@ -67,6 +67,42 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from imgtrain.api import train
+    from imgtrain.config import load_recipe, parse_override
+
+    extra, recipe_arg = list(args.overrides), args.recipe
+    if "=" in recipe_arg and not recipe_arg.endswith((".yaml", ".yml")):  # `finetune W key=value`
+        extra.insert(0, recipe_arg)
+        recipe_arg = "finetune"
+    # timm/torchvision checkpoints (.pth, .pt, .bin) go to model.weights_file, the rest to model.weights
+    key = "model.weights_file" if Path(args.weights).suffix in (".pth", ".pt", ".bin") else "model.weights"
+    overrides = [f"{key}={args.weights}", *extra]
+    named = {parse_override(text)[0] for text in extra}
+    architecture = _checkpoint_architecture(args.weights)
+    if architecture is not None and "model.name" not in named:
+        # the weights know their network: fine-tune that one unless the command line says otherwise
+        overrides.insert(0, f"model.name={architecture}")
+    recipe = load_recipe(recipe_arg, overrides)
+    result = train(recipe, run_dir=args.run_dir, overwrite=args.overwrite)
+    _print_result(result)
+    return 0
+
+
+def _checkpoint_architecture(weights: str) -> Optional[str]:
+    """model.name recorded in an imgtrain run folder or checkpoint; None for other weights."""
+    from imgtrain.api import resolve_checkpoint
+    from imgtrain.engine.checkpoint import CheckpointError, read_metadata
+
+    if weights == "timm" or not Path(weights).exists():
+        return None  # model.weights reports what is wrong with it
+    try:
+        meta = read_metadata(resolve_checkpoint(weights))
+    except CheckpointError:
+        return None
+    return (meta or {}).get("model", {}).get("name")
+
+
 def _print_result(result: Any) -> None:
     summary = result.summary
     parts = []
@@ -212,6 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last finished epoch")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="fine-tune from weights: a run folder, .safetensors file or timm")
+    p.add_argument("weights", help="run folder, .safetensors file, a timm/torchvision .pth checkpoint, or 'timm'")
+    p.add_argument("recipe", nargs="?", default="finetune",
+                   help="recipe .yaml or built-in name (default: finetune, two-phase with layer decay)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.root=DIR")
+    p.add_argument("--run-dir", help="run folder (default: runs/<recipe name>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="evaluate a run folder or checkpoint")
     p.add_argument("target", help="run folder or .safetensors checkpoint")

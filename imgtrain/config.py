@@ -126,7 +126,8 @@ class AugmentConfig:
 @dataclass
 class ModelConfig:
     name: str = "imgtrain_cnn_small"      # any timm model name or one of ours (`imgtrain models`)
-    pretrained: bool = False              # timm pretrained weights (needs the Hugging Face cache)
+    weights: Optional[str] = None         # starting weights: null (random), timm, a run folder or a .safetensors file
+    weights_file: Optional[str] = None    # a local timm/torchvision checkpoint: .safetensors, .pth, .pt, .bin
     drop_rate: float = param(0.0, min=0.0, max=1.0)  # dropout before the classifier
     drop_path_rate: float = param(0.0, min=0.0, max=1.0)  # stochastic depth (timm models that have it)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
@@ -195,6 +196,20 @@ class ImbalanceConfig:
 
 
 @dataclass
+class TransferConfig:
+    """Which layer groups train when (strategies/transfer.py). Groups come from timm's group matcher:
+    stem, then stages (or blocks), then the head; they are numbered from the stem."""
+    groups: str = param("stage", choices=("stage", "block"))  # group granularity: timm's coarse or fine matcher
+    freeze_backbone: bool = False            # train only the head (feature extraction)
+    freeze_layers: int = param(0, min=0)     # keep the first N groups (stem = 1) frozen all run
+    freeze_epochs: int = param(0, min=0)     # head only for N epochs, then everything (fastai fine_tune)
+    unfreeze_epochs: List[int] = field(default_factory=list)  # gradual: one more group from the top at each epoch (0-based)
+    layer_decay: Optional[float] = param(None, min=0.0, max=1.0, min_exclusive=True)  # group lr = lr x decay^(groups above it)
+    group_lrs: Optional[List[float]] = None  # explicit lr per group, stem first, head last (instead of layer_decay)
+    bn_frozen_eval: bool = True              # BatchNorm of frozen groups stays in eval mode (running stats fixed)
+
+
+@dataclass
 class TrainConfig:
     epochs: int = param(10, min=1)                  # passes over the training split
     grad_accum_steps: int = param(1, min=1)         # effective batch = batch_size x this
@@ -232,6 +247,7 @@ class Recipe:
     mix: MixConfig = field(default_factory=MixConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     imbalance: ImbalanceConfig = field(default_factory=ImbalanceConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     # where the recipe came from (not a recipe key; set by load_recipe)
@@ -387,7 +403,19 @@ def load_recipe(path: Union[str, Path, None] = None, overrides: Optional[List[st
 def recipe_from_dict(data: Dict[str, Any], file: Optional[str] = None,
                      origins: Optional[Dict[str, tuple]] = None) -> Recipe:
     """Build and validate a Recipe from plain data (e.g. a run folder's config.yaml)."""
-    return _build(Recipe, data, prefix="", file=file, origins=origins or {})
+    return _build(Recipe, _upgrade_legacy_keys(data), prefix="", file=file, origins=origins or {})
+
+
+def _upgrade_legacy_keys(data: Any) -> Any:
+    """Recipes and run folders written before model.weights existed say `model.pretrained: true|false`:
+    read it as `model.weights: timm` (true) or nothing (false), so old run folders still load."""
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("pretrained"), bool):
+        return data
+    model = dict(model)
+    if model.pop("pretrained") and model.get("weights") is None and model.get("weights_file") is None:
+        model["weights"] = "timm"
+    return {**data, "model": model}
 
 
 # ----------------------------------------------------------------------------- validation
@@ -546,12 +574,34 @@ def _check_section(obj: Any, prefix: str, file: Optional[str], origins: Dict[str
             fail("erasing_scale", f"the erased area is a fraction of the image: high must be <= 1, got {obj.erasing_scale}")
         if len(obj.translate) != 2 or not all(0.0 <= t <= 1.0 for t in obj.translate):
             fail("translate", f"expected [max_dx, max_dy], fractions of the width and height in [0, 1], got {obj.translate}")
+    if isinstance(obj, ModelConfig):
+        if obj.weights is not None and obj.weights_file is not None:
+            fail("weights_file", "model.weights and model.weights_file both set the starting weights; use one "
+                                 "(weights: timm, a run folder or a .safetensors file; weights_file: a local "
+                                 ".pth/.pt/.bin/.safetensors checkpoint)")
+        for key in ("weights", "weights_file"):
+            if getattr(obj, key) == "":
+                fail(key, "empty; leave it out (or null) to start from random weights")
     if isinstance(obj, MixConfig):
         for key in ("mixup_alpha", "cutmix_alpha"):
             value = getattr(obj, key)
             if value is not None and value <= 0:
                 fail(key, f"alpha must be > 0 (it shapes Beta(alpha, alpha)), got {value}; "
                           "leave the key out (or null) to turn it off")
+    if isinstance(obj, TransferConfig):
+        epochs = obj.unfreeze_epochs
+        if any(e < 1 for e in epochs) or epochs != sorted(set(epochs)):
+            fail("unfreeze_epochs", f"expected increasing epochs >= 1 (0-based: the epoch the group starts "
+                                    f"training), got {epochs}")
+        modes = [name for name, on in (("freeze_backbone", obj.freeze_backbone), ("freeze_epochs", obj.freeze_epochs > 0),
+                                       ("unfreeze_epochs", bool(epochs))) if on]
+        if len(modes) > 1:
+            fail(modes[1], f"{' and '.join('transfer.' + m for m in modes)} each decide when the backbone "
+                           "trains; use one")
+        if obj.layer_decay is not None and obj.group_lrs is not None:
+            fail("group_lrs", "transfer.layer_decay and transfer.group_lrs both set the group learning rates; use one")
+        if obj.group_lrs is not None and (not obj.group_lrs or any(lr < 0 for lr in obj.group_lrs)):
+            fail("group_lrs", f"expected one learning rate >= 0 per layer group, got {obj.group_lrs}")
     if isinstance(obj, ImbalanceConfig):
         weights = obj.class_weights
         if isinstance(weights, str) and weights not in ("none", "inverse", "effective"):

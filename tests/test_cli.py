@@ -168,3 +168,27 @@ def test_console_script_reports_recipe_error_without_traceback(tmp_path):
     assert done.returncode == 2
     assert f"{recipe}, line 3: train.amp: 'sometimes' is not one of auto, off, fp16, bf16" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_finetune_starts_from_a_run_and_takes_its_architecture(digits_run, tmp_path, capsys):
+    out = tmp_path / "ft"
+    # the finetune recipe's default model is imgtrain_cnn_small; the weights say imgtrain_cnn_tiny
+    assert main(["finetune", str(digits_run), "train.epochs=3", "output.progress=log", "output.plots=false",
+                 "--run-dir", str(out)]) == 0
+    assert "run folder: " + str(out) in capsys.readouterr().out
+    config = (out / "config.yaml").read_text()
+    assert "name: imgtrain_cnn_tiny" in config and f"weights: {digits_run}" in config
+    assert "freeze_epochs: 2" in config  # configs/finetune.yaml
+    log = (out / "train.log").read_text()
+    assert f"loaded 26 of 26 tensors from {digits_run}" in log
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    assert [r["trainable_groups"] for r in rows] == ["1/5", "1/5", "5/5"]
+    # started from trained weights: the first epoch is already far above chance
+    assert float(rows[0]["val_acc"]) > 0.8
+
+
+def test_finetune_from_a_missing_folder_is_one_line(tmp_path, capsys):
+    assert main(["finetune", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "ft")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("imgtrain: error:") and "model.weights" in err and "Traceback" not in err
+    assert not (tmp_path / "ft").exists()

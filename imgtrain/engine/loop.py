@@ -25,6 +25,7 @@ from imgtrain.engine.events import HookList
 from imgtrain.engine.optim import build_optimizer, build_scheduler
 from imgtrain.engine.state import TrainState
 from imgtrain.losses import build_train_loss, eval_logit_offset
+from imgtrain.strategies.transfer import transfer_param_groups
 
 
 # ----------------------------------------------------------------------------- device and precision
@@ -125,7 +126,8 @@ class Trainer:
             batches = min(batches, cfg.max_steps_per_epoch)
         self.batches_per_epoch = batches
         self.steps_per_epoch = math.ceil(batches / cfg.grad_accum_steps)  # optimizer steps
-        optimizer = build_optimizer(self.model, recipe.optim)
+        # transfer.*: per-layer-group learning rates (None: the plain decay / no-decay groups)
+        optimizer = build_optimizer(self.model, recipe.optim, transfer_param_groups(self.model, recipe))
         scheduler = build_scheduler(optimizer, recipe.schedule, recipe.optim.lr,
                                     total_steps=self.steps_per_epoch * cfg.epochs,
                                     steps_per_epoch=self.steps_per_epoch)
@@ -184,7 +186,7 @@ class Trainer:
             # one seed per epoch: the shuffle and worker seeds of epoch k do not depend on
             # how many epochs ran in this process, so a resumed run draws the same batches
             self.data.train_generator.manual_seed(cfg.seed * 100_003 + state.epoch)
-        state.epoch_metrics = {}
+        state.epoch_metrics, state.epoch_details = {}, {}
         state.images_seen = 0
         state.loss_sum = torch.zeros((), device=self.device)
         state.correct_sum = torch.zeros((), device=self.device, dtype=torch.long)

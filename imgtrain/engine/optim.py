@@ -12,7 +12,7 @@ means the same thing at any batch size or accumulation.
 from __future__ import annotations
 
 import math
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 
@@ -36,8 +36,12 @@ def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float,
     return groups
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups_weight_decay(model, cfg.weight_decay, cfg.decay_norm_and_bias)
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
+                    param_groups: Optional[List[dict]] = None) -> torch.optim.Optimizer:
+    """SGD or AdamW over `param_groups` (each may carry its own lr; default: the decay/no-decay
+    split of `param_groups_weight_decay`)."""
+    groups = param_groups if param_groups is not None else param_groups_weight_decay(
+        model, cfg.weight_decay, cfg.decay_norm_and_bias)
     if cfg.name == "sgd":
         # nesterov is invalid without momentum in torch: only ask for it when it applies
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
@@ -85,8 +89,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, peak_
     if cfg.name == "onecycle":
         # torch's OneCycleLR: lr from peak/div_factor up to peak over pct_start, then cosine
         # down to peak/(div_factor*final_div_factor); momentum (or Adam beta1) moves inversely.
+        # each group peaks at its own lr (discriminative lrs); plain runs have peak_lr everywhere
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=peak_lr, total_steps=max(total_steps, 2), pct_start=cfg.pct_start,
+            optimizer, max_lr=[group["lr"] for group in optimizer.param_groups],
+            total_steps=max(total_steps, 2), pct_start=cfg.pct_start,
             anneal_strategy="cos", div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor,
             cycle_momentum=cfg.cycle_momentum and _has_momentum(optimizer),
             base_momentum=cfg.base_momentum, max_momentum=cfg.max_momentum)

@@ -3,8 +3,9 @@
 `build_strategies(recipe)` returns the hooks a recipe asks for, in the order they run.
 The order is declared here, once:
 
-1. mixing (mix.*): replaces the batch at batch_start, before anything reads it;
-2. ema (ema.*): averages the weights after each optimizer step, once they are final.
+1. transfer (transfer.*): sets which layer groups train at epoch_start, before any batch;
+2. mixing (mix.*): replaces the batch at batch_start, before anything reads it;
+3. ema (ema.*): averages the weights after each optimizer step, once they are final.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from imgtrain.config import RecipeError
 from imgtrain.engine.events import Hook
 from imgtrain.strategies.ema import EmaHook, ema_decay, ema_update
 from imgtrain.strategies.mixing import MixingHook, cutmix_box, mix_batch, sample_lam
+from imgtrain.strategies.transfer import TransferHook, freeze_until, layer_groups, transfer_enabled
 
 
 def mixing_enabled(recipe: Any) -> bool:
@@ -25,6 +27,8 @@ def mixing_enabled(recipe: Any) -> bool:
 def build_strategies(recipe: Any) -> list[Hook]:
     """The strategy hooks of a recipe, in declared order (see the module docstring)."""
     hooks: list[Hook] = []
+    if transfer_enabled(recipe):
+        hooks.append(TransferHook(recipe.transfer))
     if mixing_enabled(recipe):
         if recipe.data.batch_size < 2:
             raise RecipeError("Mixup/CutMix blend images within a batch: data.batch_size must be >= 2 "
@@ -38,5 +42,6 @@ def build_strategies(recipe: Any) -> list[Hook]:
     return hooks
 
 
-__all__ = ["EmaHook", "MixingHook", "build_strategies", "cutmix_box", "ema_decay", "ema_update",
+__all__ = ["EmaHook", "MixingHook", "TransferHook", "build_strategies", "freeze_until", "layer_groups",
+           "transfer_enabled", "cutmix_box", "ema_decay", "ema_update",
            "mix_batch", "mixing_enabled", "sample_lam"]

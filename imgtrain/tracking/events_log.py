@@ -84,9 +84,13 @@ class EventLogTracker(Hook):
     def epoch_end(self, state: Any) -> None:
         # the loop appends the row before firing epoch_end; epoch_metrics is the fallback
         row = state.history[-1] if state.history else state.epoch_metrics
+        record = dict(row)
         recall = getattr(state, "val_per_class_recall", None)
         # per-class recall is too wide for history.csv with many classes: it lives here
-        self.write("epoch_end", dict(row, val_per_class_recall=recall) if recall else row)
+        if recall:
+            record["val_per_class_recall"] = recall
+        record.update(getattr(state, "epoch_details", None) or {})  # e.g. trainable_per_group
+        self.write("epoch_end", record)
 
     def fit_end(self, state: Any) -> None:
         self.write("fit_end", state.summary)

@@ -1,0 +1,205 @@
+"""Transfer learning: frozen backbones, partial freezing, discriminative learning rates and
+gradual unfreezing.
+
+A pretrained network is a stack of layer groups: the stem, the stages (or blocks), the
+head. They are found with timm's group matcher (`model.group_matcher`, the same one timm's
+layer-wise lr decay uses), numbered from the stem; the last group is the head. Then:
+
+- feature extraction (`freeze_backbone`) trains the head alone: the cheapest adaptation,
+  best when the new data is small and close to what the backbone saw;
+- partial freezing (`freeze_layers: N`) keeps the first N groups fixed: low-level filters
+  transfer almost everywhere (Yosinski et al. 2014, "How transferable are features");
+- gradual unfreezing (`unfreeze_epochs`) starts with the head and adds one group from the top
+  at each listed epoch, so the randomly initialised head cannot wreck the pretrained features
+  with large early gradients (Howard & Ruder 2018, ULMFiT); `freeze_epochs: N` is fastai's
+  `fine_tune`: head alone for N epochs, then everything;
+- discriminative learning rates (`layer_decay` or `group_lrs`) give lower groups smaller
+  steps: group i of n gets lr x decay^(n-1-i), timm's layer decay and fastai's `slice(lo, hi)`.
+
+Every parameter is in the optimizer from the start, in its group's param groups with its own
+lr; a frozen parameter has `requires_grad=False`, gets no gradient and is skipped by the
+optimizer step (weight decay included). Unfreezing flips `requires_grad`, so the group joins
+with the lr the schedule gives it at that moment, and its optimizer state starts then.
+Which groups train is a pure function of the epoch (`first_trainable_group`), so a resumed
+run recomputes it and needs no state of its own; the optimizer's state comes back from the
+checkpoint. BatchNorm layers of frozen groups are put in eval mode at every epoch start, so
+their running statistics stay those of the pretrained weights.
+
+    groups = layer_groups(model)                       # [[param names of the stem], ..., [head]]
+    freeze_until(model, groups, first_trainable=len(groups) - 1)   # head only
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from imgtrain.config import RecipeError
+from imgtrain.engine.events import Hook
+
+
+def layer_groups(model: torch.nn.Module, by: str = "stage") -> List[List[str]]:
+    """Parameter names per layer group, stem first, head last (timm's group matcher).
+
+    by: "stage" (timm's coarse grouping: stem, each stage, head) or "block" (one per block).
+    Models without a group matcher get two groups: everything but the classifier, the classifier.
+    """
+    from timm.models import group_parameters
+
+    names = [name for name, _ in model.named_parameters()]
+    matcher = getattr(model, "group_matcher", None)
+    if matcher is not None:
+        grouped = group_parameters(model, matcher(coarse=(by == "stage")))
+        groups = [list(params) for _, params in sorted(grouped.items())]
+    else:
+        head = _classifier_names(model)
+        if not head:
+            raise RecipeError(f"transfer: {type(model).__name__} has neither timm's group_matcher nor a "
+                              "get_classifier(); its layer groups cannot be found", key="transfer")
+        groups = [[n for n in names if n not in head], [n for n in names if n in head]]
+    # the head must be a group of its own for "head only" to mean the classifier
+    head = _classifier_names(model)
+    if head and len(groups) > 1 and not set(head) <= set(groups[-1]):
+        raise RecipeError(f"transfer: the last layer group of {type(model).__name__} does not hold its classifier "
+                          f"({sorted(head)[:2]}); the group matcher does not fit this model", key="transfer")
+    return [g for g in groups if g]
+
+
+def _classifier_names(model: torch.nn.Module) -> set:
+    get = getattr(model, "get_classifier", None)
+    if get is None:
+        return set()
+    classifier = get()
+    ids = {id(p) for p in classifier.parameters()}
+    return {name for name, p in model.named_parameters() if id(p) in ids}
+
+
+def group_lr_multipliers(num_groups: int, lr: float, layer_decay: Optional[float] = None,
+                         group_lrs: Optional[List[float]] = None) -> List[float]:
+    """The lr of each group, stem first: lr x decay^(groups above it), or the explicit list."""
+    if group_lrs is not None:
+        if len(group_lrs) != num_groups:
+            raise RecipeError(f"the model has {num_groups} layer groups (stem ... head) but "
+                              f"{len(group_lrs)} learning rates were given; give one per group",
+                              key="transfer.group_lrs")
+        return [float(v) for v in group_lrs]
+    decay = 1.0 if layer_decay is None else layer_decay
+    return [lr * decay ** (num_groups - 1 - i) for i in range(num_groups)]
+
+
+def first_trainable_group(cfg: Any, epoch: int, num_groups: int) -> int:
+    """Index of the lowest group that trains in `epoch` (0-based); groups below it are frozen."""
+    head = num_groups - 1
+    if cfg.freeze_backbone:
+        first = head
+    elif cfg.freeze_epochs:
+        first = head if epoch < cfg.freeze_epochs else 0
+    elif cfg.unfreeze_epochs:
+        unfrozen = sum(epoch >= e for e in cfg.unfreeze_epochs)  # groups below the head now training
+        first = head - unfrozen
+    else:
+        first = 0
+    return max(first, cfg.freeze_layers)
+
+
+def check_transfer(cfg: Any, num_groups: int, model_name: str, file: Optional[str] = None) -> None:
+    """Settings that need the model's group count: clear errors before training."""
+    body = num_groups - 1  # groups below the head
+    if cfg.freeze_layers > body:
+        raise RecipeError(f"{model_name} has {num_groups} layer groups by {cfg.groups} ({body} below the head); "
+                          f"freeze_layers must be <= {body}, got {cfg.freeze_layers}",
+                          file=file, key="transfer.freeze_layers")
+    if len(cfg.unfreeze_epochs) > body - cfg.freeze_layers:
+        raise RecipeError(f"{model_name} has {body - cfg.freeze_layers} layer group(s) below the head that can "
+                          f"unfreeze, but unfreeze_epochs lists {len(cfg.unfreeze_epochs)} epochs; "
+                          "list at most that many (or transfer.groups: block for finer groups)",
+                          file=file, key="transfer.unfreeze_epochs")
+
+
+def freeze_until(model: torch.nn.Module, groups: List[List[str]], first_trainable: int) -> None:
+    """requires_grad False for the groups below `first_trainable`, True from it up."""
+    frozen = {name for group in groups[:first_trainable] for name in group}
+    for name, param in model.named_parameters():
+        param.requires_grad_(name not in frozen)
+
+
+def frozen_norms_to_eval(model: torch.nn.Module) -> int:
+    """BatchNorm layers whose parameters are all frozen go to eval mode; returns how many."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+                count += 1
+    return count
+
+
+def trainable_counts(model: torch.nn.Module, groups: List[List[str]]) -> List[int]:
+    """Trainable parameter count (elements) of each group."""
+    params = dict(model.named_parameters())
+    return [sum(params[n].numel() for n in group if params[n].requires_grad) for group in groups]
+
+
+def transfer_param_groups(model: torch.nn.Module, recipe: Any) -> Optional[List[Dict[str, Any]]]:
+    """Optimizer param groups with per-layer-group learning rates, head first, or None when the
+    recipe uses no transfer key that needs them (then the plain two groups are built).
+
+    Each layer group gives a decayed and an undecayed (norm and bias) group; the head comes first
+    so that the lr in the history is the head's, the recipe's optim.lr.
+    """
+    cfg, optim = recipe.transfer, recipe.optim
+    if not transfer_enabled(recipe):
+        return None
+    groups = layer_groups(model, cfg.groups)
+    check_transfer(cfg, len(groups), recipe.model.name, recipe.source_file)
+    lrs = group_lr_multipliers(len(groups), optim.lr, cfg.layer_decay, cfg.group_lrs)
+    params = dict(model.named_parameters())
+    out: List[Dict[str, Any]] = []
+    for index in reversed(range(len(groups))):
+        decay = [params[n] for n in groups[index] if optim.decay_norm_and_bias or params[n].ndim > 1]
+        no_decay = [params[n] for n in groups[index] if not (optim.decay_norm_and_bias or params[n].ndim > 1)]
+        for kind, members, wd in (("decay", decay, optim.weight_decay), ("no_decay", no_decay, 0.0)):
+            if members:
+                out.append({"params": members, "weight_decay": wd, "lr": lrs[index],
+                            "group_name": f"layer{index}_{kind}", "layer_group": index})
+    return out
+
+
+def transfer_enabled(recipe: Any) -> bool:
+    cfg = recipe.transfer
+    return bool(cfg.freeze_backbone or cfg.freeze_layers or cfg.freeze_epochs or cfg.unfreeze_epochs
+                or cfg.layer_decay is not None or cfg.group_lrs is not None)
+
+
+class TransferHook(Hook):
+    """Sets which layer groups train at every epoch start; records trainable counts per epoch."""
+
+    name = "transfer"
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self.groups: List[List[str]] = []
+        self.first_trainable = 0
+
+    def fit_start(self, state: Any) -> None:
+        self.groups = layer_groups(state.model, self.cfg.groups)
+
+    def epoch_start(self, state: Any) -> None:
+        # the loop has just called model.train(): set requires_grad, then BatchNorm modes
+        self.first_trainable = first_trainable_group(self.cfg, state.epoch, len(self.groups))
+        freeze_until(state.model, self.groups, self.first_trainable)
+        if self.cfg.bn_frozen_eval:
+            frozen_norms_to_eval(state.model)
+
+    def eval_end(self, state: Any) -> None:
+        # before the loop turns epoch_metrics into the history row: the counts land in history.csv
+        counts = trainable_counts(state.model, self.groups)
+        state.epoch_metrics["trainable_params"] = sum(counts)
+        state.epoch_metrics["trainable_groups"] = f"{len(self.groups) - self.first_trainable}/{len(self.groups)}"
+        state.epoch_details["trainable_per_group"] = counts
+
+
+__all__ = ["TransferHook", "check_transfer", "first_trainable_group", "freeze_until", "frozen_norms_to_eval",
+           "group_lr_multipliers", "layer_groups", "trainable_counts", "transfer_enabled", "transfer_param_groups"]
