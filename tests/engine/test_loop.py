@@ -112,31 +112,18 @@ def test_accumulation_matches_large_batch():
 
 # ----------------------------------------------------------------------------- resume
 
-class InterruptAt(Hook):
-    name = "interrupt"
-
-    def __init__(self, epoch: int, batch: int):
-        self.epoch, self.batch = epoch, batch
-
-    def batch_start(self, state):
-        if state.epoch == self.epoch and state.batch_index == self.batch:
-            raise KeyboardInterrupt
-
-
 def _metrics(rows):
     return [{k: r[k] for k in METRICS} for r in rows]
 
 
-def test_resume_after_interrupt_gives_same_history(tmp_path, monkeypatch):
+def test_resume_after_interrupt_gives_same_history(tmp_path, extra_hooks, interrupt_at):
     overrides = ("train.deterministic=true", "train.epochs=3", "augment.pad_crop=1", "model.drop_rate=0.3")
     full = train(digits_recipe(*overrides), run_dir=tmp_path / "full")
     # interrupt in the middle of epoch 2 (0-based 1): epoch 1 is saved, epoch 2 is lost
-    from imgtrain import api
-    real_build = api.build_trackers
-    monkeypatch.setattr(api, "build_trackers", lambda *a, **k: [InterruptAt(1, 5)] + real_build(*a, **k))
+    interrupt_at(1, 5)
     with pytest.raises(KeyboardInterrupt):
         train(digits_recipe(*overrides), run_dir=tmp_path / "cut")
-    monkeypatch.setattr(api, "build_trackers", real_build)
+    extra_hooks()
     assert load_training_state(tmp_path / "cut" / "checkpoints" / "last.state.pt")["epoch"] == 1
     resumed = train(digits_recipe(*overrides), resume=tmp_path / "cut")
     assert _metrics(resumed.history) == _metrics(full.history)

@@ -8,7 +8,6 @@ import pytest
 import torch
 from timm.utils import ModelEmaV3
 
-from imgtrain import api
 from imgtrain.api import train
 from imgtrain.config import RecipeError, load_recipe
 from imgtrain.engine.checkpoint import load_training_state, load_weights
@@ -114,26 +113,14 @@ def test_ema_without_validate_keeps_training_weights_in_checkpoints(tmp_path):
     assert not torch.equal(last["fc.weight"], saved["hooks"]["ema"]["weights"]["fc.weight"])
 
 
-class InterruptAt(Hook):
-    name = "interrupt"
-
-    def __init__(self, epoch: int, batch: int):
-        self.epoch, self.batch = epoch, batch
-
-    def batch_start(self, state):
-        if state.epoch == self.epoch and state.batch_index == self.batch:
-            raise KeyboardInterrupt
-
-
-def test_resume_with_ema_and_mixing_gives_same_history(tmp_path, monkeypatch):
+def test_resume_with_ema_and_mixing_gives_same_history(tmp_path, extra_hooks, interrupt_at):
     overrides = ("train.deterministic=true", "ema.enabled=true", "ema.decay=0.99", "mix.mixup_alpha=0.3",
                  "mix.cutmix_alpha=1.0")
     full = train(digits_recipe(*overrides), run_dir=tmp_path / "full")
-    real_build = api.build_trackers
-    monkeypatch.setattr(api, "build_trackers", lambda *a, **k: [InterruptAt(1, 5)] + real_build(*a, **k))
+    interrupt_at(1, 5)
     with pytest.raises(KeyboardInterrupt):
         train(digits_recipe(*overrides), run_dir=tmp_path / "cut")
-    monkeypatch.setattr(api, "build_trackers", real_build)
+    extra_hooks()
     assert load_training_state(tmp_path / "cut" / "checkpoints" / "last.state.pt")["epoch"] == 1
     resumed = train(digits_recipe(*overrides), resume=tmp_path / "cut")
 

@@ -73,11 +73,9 @@ def test_frozen_batchnorm_goes_to_eval_mode():
     assert model.stages[1][1][1].training
 
 
-def test_frozen_layers_and_their_batchnorm_statistics_do_not_move(tmp_path, monkeypatch):
-    from imgtrain import api
+def test_frozen_layers_and_their_batchnorm_statistics_do_not_move(tmp_path, extra_hooks):
     snapshot = SnapshotAtFitStart()
-    real_build = api.build_trackers
-    monkeypatch.setattr(api, "build_trackers", lambda *a, **k: [snapshot] + real_build(*a, **k))
+    extra_hooks(snapshot)
     result = train(digits("transfer.freeze_layers=2", "optim.weight_decay=0.01"), run_dir=tmp_path / "run")
     start = snapshot.weights
     final, _ = load_weights(result.run_dir / "checkpoints" / "last.safetensors")
@@ -110,11 +108,9 @@ class RecordGroupLrs(Hook):
         self.rows.append({g["layer_group"]: g["lr"] for g in state.optimizer.param_groups})
 
 
-def test_gradual_unfreezing_counts_and_group_lrs_follow_the_schedule(tmp_path, monkeypatch):
-    from imgtrain import api
+def test_gradual_unfreezing_counts_and_group_lrs_follow_the_schedule(tmp_path, extra_hooks):
     recorder = RecordGroupLrs()
-    real_build = api.build_trackers
-    monkeypatch.setattr(api, "build_trackers", lambda *a, **k: real_build(*a, **k) + [recorder])
+    extra_hooks(recorder)
     recipe = digits("train.epochs=4", "transfer.unfreeze_epochs=[1,2,3]", "transfer.layer_decay=0.5",
                     "schedule.name=cosine", "optim.lr=0.05")
     result = train(recipe, run_dir=tmp_path / "run")
@@ -137,11 +133,9 @@ def test_gradual_unfreezing_counts_and_group_lrs_follow_the_schedule(tmp_path, m
     assert rows[-1]["lr"] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * steps / steps)), abs=1e-9)
 
 
-def test_onecycle_peaks_each_group_at_its_own_lr(tmp_path, monkeypatch):
-    from imgtrain import api
+def test_onecycle_peaks_each_group_at_its_own_lr(tmp_path, extra_hooks):
     recorder = RecordGroupLrs()
-    real_build = api.build_trackers
-    monkeypatch.setattr(api, "build_trackers", lambda *a, **k: real_build(*a, **k) + [recorder])
+    extra_hooks(recorder)
     group_lrs = [0.001, 0.002, 0.004, 0.008, 0.1]
     train(digits("train.epochs=1", f"transfer.group_lrs={group_lrs}", "schedule.name=onecycle"),
           run_dir=tmp_path / "run")
@@ -149,27 +143,14 @@ def test_onecycle_peaks_each_group_at_its_own_lr(tmp_path, monkeypatch):
     assert [peaks[g] for g in range(5)] == pytest.approx(group_lrs, rel=0.02)
 
 
-class InterruptAt(Hook):
-    name = "interrupt"
-
-    def __init__(self, epoch: int, batch: int):
-        self.epoch, self.batch = epoch, batch
-
-    def batch_start(self, state):
-        if state.epoch == self.epoch and state.batch_index == self.batch:
-            raise KeyboardInterrupt
-
-
-def test_resume_in_the_middle_of_gradual_unfreezing_gives_the_same_history(tmp_path, monkeypatch):
+def test_resume_in_the_middle_of_gradual_unfreezing_gives_the_same_history(tmp_path, extra_hooks, interrupt_at):
     overrides = ("train.deterministic=true", "train.epochs=4", "transfer.unfreeze_epochs=[1,2]",
                  "transfer.layer_decay=0.7", "optim.name=adamw", "optim.lr=0.01")
     full = train(digits(*overrides), run_dir=tmp_path / "full")
-    from imgtrain import api
-    real_build = api.build_trackers
-    monkeypatch.setattr(api, "build_trackers", lambda *a, **k: [InterruptAt(2, 4)] + real_build(*a, **k))
+    interrupt_at(2, 4)
     with pytest.raises(KeyboardInterrupt):
         train(digits(*overrides), run_dir=tmp_path / "cut")
-    monkeypatch.setattr(api, "build_trackers", real_build)
+    extra_hooks()
     saved = load_training_state(tmp_path / "cut" / "checkpoints" / "last.state.pt")
     assert saved["epoch"] == 2  # killed in epoch 2, the one where the third group from the top joins
     assert len(saved["optimizer"]["state"]) > 0
