@@ -31,6 +31,7 @@ from imgtrain.losses import check_imbalance_recipe
 from imgtrain.models import LogitOffset, count_parameters, create_model
 from imgtrain.models.weights import load_initial_weights, resolve_weights_source
 from imgtrain.strategies import build_strategies
+from imgtrain.strategies.transfer import check_transfer_recipe
 from imgtrain.tracking import build_trackers, write_summary
 
 # keys that may change when resuming: how the run is executed, never what it computes
@@ -57,8 +58,8 @@ def _looks_like_run(path: Path) -> bool:
     return (path / "config.yaml").is_file() or (path / "checkpoints").is_dir()
 
 
-def prepare_run_dir(recipe: Recipe, run_dir: Optional[Union[str, Path]], overwrite: bool) -> Path:
-    """Create the run folder; never reuse a non-empty one unless `overwrite` (and it is a run)."""
+def plan_run_dir(recipe: Recipe, run_dir: Optional[Union[str, Path]], overwrite: bool) -> Path:
+    """The run folder a new run will use; raises RunDirError when it may not. Touches nothing."""
     if run_dir is None:
         base = Path(recipe.output.root)
         name = recipe.output.name or (Path(recipe.source_file).stem if recipe.source_file else "run")
@@ -79,9 +80,20 @@ def prepare_run_dir(recipe: Recipe, run_dir: Optional[Union[str, Path]], overwri
         if not _looks_like_run(run_dir):
             raise RunDirError(f"{run_dir}: --overwrite refused: the folder is not an imgtrain run "
                               "(no config.yaml or checkpoints/), so nothing in it is deleted")
+    return run_dir
+
+
+def make_run_dir(run_dir: Path) -> Path:
+    """Create a planned run folder, replacing the old run there (plan_run_dir allowed it)."""
+    if run_dir.is_dir() and any(run_dir.iterdir()):
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def prepare_run_dir(recipe: Recipe, run_dir: Optional[Union[str, Path]], overwrite: bool) -> Path:
+    """Create the run folder; never reuse a non-empty one unless `overwrite` (and it is a run)."""
+    return make_run_dir(plan_run_dir(recipe, run_dir, overwrite))
 
 
 def seed_everything(seed: int) -> None:
@@ -105,12 +117,13 @@ def train(recipe: Recipe, run_dir: Optional[Union[str, Path]] = None, resume: Op
         if not resume_file.is_file():
             raise CheckpointError(f"{run_dir}: nothing to resume: {resume_file} does not exist")
     else:
-        # a wrong model.weights stops here, before any folder is made or data read
-        weights = resolve_weights_source(recipe.model)
+        # the folder is only planned here: every check below (weights, data, model, strategies)
+        # runs before it is created, so bad input leaves no folder behind and --overwrite
+        # deletes the old run only once the new one is ready to start
+        run_dir = plan_run_dir(recipe, run_dir, overwrite)
+        weights = resolve_weights_source(recipe.model)  # a wrong model.weights stops before data is read
         if overwrite and weights is not None and weights.path is not None:
-            _check_not_overwritten(weights.path, run_dir or Path(recipe.output.root) / (
-                recipe.output.name or (Path(recipe.source_file).stem if recipe.source_file else "run")))
-        run_dir = prepare_run_dir(recipe, run_dir, overwrite)
+            _check_not_overwritten(weights.path, run_dir)
         resume_file = None
     seed_everything(recipe.train.seed)
     splits = build_splits(recipe.data)
@@ -122,6 +135,8 @@ def train(recipe: Recipe, run_dir: Optional[Union[str, Path]] = None, resume: Op
     # starting weights only for a new run: a resumed one continues from its own checkpoint
     weights_report = None if resume_file is not None else load_initial_weights(
         model, recipe.model, num_classes=len(splits.classes), in_chans=splits.channels)
+    check_transfer_recipe(model, recipe)  # layer groups vs transfer.* (freeze_layers, group_lrs ...)
+    strategies = build_strategies(recipe)
     metadata = {
         "model": {"name": recipe.model.name, "kwargs": recipe.model.kwargs, "drop_rate": recipe.model.drop_rate},
         "num_classes": len(splits.classes), "in_chans": splits.channels, "classes": list(splits.classes),
@@ -129,9 +144,10 @@ def train(recipe: Recipe, run_dir: Optional[Union[str, Path]] = None, resume: Op
         "recipe": recipe.to_dict(),
     }
     if resume_file is None:
+        make_run_dir(run_dir)
         dump_recipe(recipe, run_dir / "config.yaml")
     trackers = build_trackers(recipe, run_dir, console_stream=console)
-    hooks = HookList(strategies=build_strategies(recipe), trackers=trackers)
+    hooks = HookList(strategies=strategies, trackers=trackers)
     data = TrainData(train=loaders.train, val=loaders.val, train_generator=loaders.train_generator,
                      classes=splits.classes, train_targets=splits.train.targets,
                      train_batch_transform=prepared.train_batch_transform,
@@ -303,4 +319,5 @@ def load_trained(target: Union[str, Path], device: Union[str, torch.device] = "c
 
 
 __all__ = ["train", "TrainResult", "prepare_data", "PreparedData", "load_recipe", "prepare_run_dir",
+           "plan_run_dir", "make_run_dir",
            "RunDirError", "load_trained", "LoadedModel", "resolve_checkpoint", "RecipeError", "RESUME_OVERRIDABLE"]

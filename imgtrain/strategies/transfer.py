@@ -142,6 +142,15 @@ def trainable_counts(model: torch.nn.Module, groups: List[List[str]]) -> List[in
     return [sum(params[n].numel() for n in group if params[n].requires_grad) for group in groups]
 
 
+def check_transfer_recipe(model: torch.nn.Module, recipe: Any) -> None:
+    """Every transfer.* setting the model's layer groups must allow, checked before training."""
+    if transfer_enabled(recipe):
+        cfg = recipe.transfer
+        groups = layer_groups(model, cfg.groups)
+        check_transfer(cfg, len(groups), recipe.model.name, recipe.source_file)
+        group_lr_multipliers(len(groups), recipe.optim.lr, cfg.layer_decay, cfg.group_lrs)
+
+
 def transfer_param_groups(model: torch.nn.Module, recipe: Any) -> Optional[List[Dict[str, Any]]]:
     """Optimizer param groups with per-layer-group learning rates, head first, or None when the
     recipe uses no transfer key that needs them (then the plain two groups are built).
@@ -201,5 +210,5 @@ class TransferHook(Hook):
         state.epoch_details["trainable_per_group"] = counts
 
 
-__all__ = ["TransferHook", "check_transfer", "first_trainable_group", "freeze_until", "frozen_norms_to_eval",
+__all__ = ["TransferHook", "check_transfer", "check_transfer_recipe", "first_trainable_group", "freeze_until", "frozen_norms_to_eval",
            "group_lr_multipliers", "layer_groups", "trainable_counts", "transfer_enabled", "transfer_param_groups"]

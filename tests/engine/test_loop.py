@@ -264,3 +264,20 @@ def test_compiled_model_trains_like_eager(tmp_path):
     from imgtrain.engine.checkpoint import load_weights
     tensors, _ = load_weights(compiled.run_dir / "checkpoints" / "last.safetensors")
     assert not any(key.startswith("_orig_mod.") for key in tensors)
+
+
+def test_bad_input_found_after_planning_leaves_the_old_run_untouched(tmp_path):
+    """--overwrite replaces a run only once the new one is ready: a data error keeps the old one whole."""
+    old = train(digits_recipe("train.epochs=1"), run_dir=tmp_path / "run")
+    before = sorted(p.relative_to(old.run_dir) for p in old.run_dir.rglob("*"))
+    from imgtrain.data import DataError
+    with pytest.raises(DataError) as info:
+        train(load_recipe(None, ["data.source=imagefolder", f"data.root={tmp_path / 'missing'}"]),
+              run_dir=tmp_path / "run", overwrite=True)
+    assert "missing" in str(info.value)
+    assert sorted(p.relative_to(old.run_dir) for p in old.run_dir.rglob("*")) == before
+    # and a new run's folder is not even created
+    with pytest.raises(DataError):
+        train(load_recipe(None, ["data.source=imagefolder", f"data.root={tmp_path / 'missing'}"]),
+              run_dir=tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
