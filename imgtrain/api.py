@@ -31,6 +31,7 @@ from imgtrain.losses import check_imbalance_recipe
 from imgtrain.models import LogitOffset, count_parameters, create_model
 from imgtrain.models.weights import load_initial_weights, resolve_weights_source
 from imgtrain.strategies import build_strategies
+from imgtrain.strategies.early_stopping import check_early_stop
 from imgtrain.strategies.transfer import check_transfer_recipe
 from imgtrain.tracking import build_trackers, write_summary
 
@@ -136,6 +137,7 @@ def train(recipe: Recipe, run_dir: Optional[Union[str, Path]] = None, resume: Op
     weights_report = None if resume_file is not None else load_initial_weights(
         model, recipe.model, num_classes=len(splits.classes), in_chans=splits.channels)
     check_transfer_recipe(model, recipe)  # layer groups vs transfer.* (freeze_layers, group_lrs ...)
+    check_early_stop(recipe.early_stop, has_val=loaders.val is not None, file=recipe.source_file)
     strategies = build_strategies(recipe)
     metadata = {
         "model": {"name": recipe.model.name, "kwargs": recipe.model.kwargs, "drop_rate": recipe.model.drop_rate},

@@ -210,6 +210,16 @@ class TransferConfig:
 
 
 @dataclass
+class EarlyStopConfig:
+    """End the run when a metric stops improving (strategies/early_stopping.py)."""
+    monitor: Optional[str] = None            # a history.csv column (val_loss, val_acc ...); null: off
+    mode: str = param("auto", choices=("auto", "min", "max"))  # auto: min for losses, max otherwise
+    patience: int = param(5, min=1)          # epochs without improvement before stopping
+    min_delta: float = param(0.0, min=0.0)   # an improvement must beat the best by more than this
+    restore_best: bool = False               # put the best epoch's weights back at the end
+
+
+@dataclass
 class TrainConfig:
     epochs: int = param(10, min=1)                  # passes over the training split
     grad_accum_steps: int = param(1, min=1)         # effective batch = batch_size x this
@@ -248,6 +258,7 @@ class Recipe:
     ema: EmaConfig = field(default_factory=EmaConfig)
     imbalance: ImbalanceConfig = field(default_factory=ImbalanceConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     # where the recipe came from (not a recipe key; set by load_recipe)

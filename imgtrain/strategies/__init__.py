@@ -5,7 +5,9 @@ The order is declared here, once:
 
 1. transfer (transfer.*): sets which layer groups train at epoch_start, before any batch;
 2. mixing (mix.*): replaces the batch at batch_start, before anything reads it;
-3. ema (ema.*): averages the weights after each optimizer step, once they are final.
+3. ema (ema.*): averages the weights after each optimizer step, once they are final;
+4. early stopping (early_stop.*): reads the finished epoch's row at epoch_end, after the
+   EMA, and may end the run (and restore the best weights at fit_end).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from imgtrain.config import RecipeError
 from imgtrain.engine.events import Hook
+from imgtrain.strategies.early_stopping import EarlyStoppingHook, should_stop
 from imgtrain.strategies.ema import EmaHook, ema_decay, ema_update
 from imgtrain.strategies.mixing import MixingHook, cutmix_box, mix_batch, sample_lam
 from imgtrain.strategies.transfer import TransferHook, freeze_until, layer_groups, transfer_enabled
@@ -39,9 +42,11 @@ def build_strategies(recipe: Any) -> list[Hook]:
         hooks.append(MixingHook(recipe.mix, recipe.train.label_smoothing, seed=recipe.train.seed + 1))
     if recipe.ema.enabled:
         hooks.append(EmaHook(recipe.ema.decay, warmup=recipe.ema.warmup, validate=recipe.ema.validate))
+    if recipe.early_stop.monitor is not None:
+        hooks.append(EarlyStoppingHook(recipe.early_stop))
     return hooks
 
 
-__all__ = ["EmaHook", "MixingHook", "TransferHook", "build_strategies", "freeze_until", "layer_groups",
+__all__ = ["EarlyStoppingHook", "EmaHook", "MixingHook", "should_stop", "TransferHook", "build_strategies", "freeze_until", "layer_groups",
            "transfer_enabled", "cutmix_box", "ema_decay", "ema_update",
            "mix_batch", "mixing_enabled", "sample_lam"]
