@@ -19,6 +19,11 @@ import torch
 from imgtrain.config import OptimConfig, ScheduleConfig
 
 
+def gets_weight_decay(param: torch.Tensor, decay_norm_and_bias: bool = False) -> bool:
+    """Norm and bias parameters (every 1-D parameter) get none unless asked."""
+    return decay_norm_and_bias or param.ndim > 1
+
+
 def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float,
                               decay_norm_and_bias: bool = False) -> List[dict]:
     """Two groups: decayed weights, and (unless asked) undecayed norm/bias parameters."""
@@ -26,10 +31,7 @@ def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float,
     for _, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if not decay_norm_and_bias and param.ndim <= 1:
-            no_decay.append(param)
-        else:
-            decay.append(param)
+        (decay if gets_weight_decay(param, decay_norm_and_bias) else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay, "group_name": "decay"}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "group_name": "no_decay"})

@@ -88,15 +88,14 @@ class EarlyStoppingHook(Hook):
         if self.monitor not in row:
             raise RecipeError(f"early_stop.monitor: {self.monitor!r} is not logged by this run; it logs "
                               f"{', '.join(k for k in row if k != 'epoch')}", key="early_stop.monitor")
-        value = float(row[self.monitor])
-        if improved(value, self.best, self.mode, self.min_delta):
-            self.best, self.best_epoch, self.wait = value, row["epoch"], 0
+        stop, self.best, self.wait = should_stop(float(row[self.monitor]), self.best, self.wait, self.mode,
+                                                 self.patience, self.min_delta)
+        if self.wait == 0:  # this epoch is the new best
+            self.best_epoch = row["epoch"]
             if self.restore_best:
                 model = state.eval_model if state.eval_model is not None else state.model
                 self.best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            return
-        self.wait += 1
-        if self.wait >= self.patience and state.epoch + 1 < state.epochs:
+        elif stop and state.epoch + 1 < state.epochs:
             state.stop_training = True
             self.stopped_epoch = row["epoch"]
 

@@ -37,6 +37,7 @@ import torch
 
 from imgtrain.config import RecipeError
 from imgtrain.engine.events import Hook
+from imgtrain.engine.optim import gets_weight_decay
 
 
 def layer_groups(model: torch.nn.Module, by: str = "stage") -> List[List[str]]:
@@ -167,8 +168,8 @@ def transfer_param_groups(model: torch.nn.Module, recipe: Any) -> Optional[List[
     params = dict(model.named_parameters())
     out: List[Dict[str, Any]] = []
     for index in reversed(range(len(groups))):
-        decay = [params[n] for n in groups[index] if optim.decay_norm_and_bias or params[n].ndim > 1]
-        no_decay = [params[n] for n in groups[index] if not (optim.decay_norm_and_bias or params[n].ndim > 1)]
+        decay = [params[n] for n in groups[index] if gets_weight_decay(params[n], optim.decay_norm_and_bias)]
+        no_decay = [params[n] for n in groups[index] if not gets_weight_decay(params[n], optim.decay_norm_and_bias)]
         for kind, members, wd in (("decay", decay, optim.weight_decay), ("no_decay", no_decay, 0.0)):
             if members:
                 out.append({"params": members, "weight_decay": wd, "lr": lrs[index],
