@@ -9,14 +9,14 @@ The Trainer (engine/loop.py) runs this, firing each event on the hooks in order:
             batch_start        # a strategy may replace state.inputs / state.targets
             outputs = model(inputs)            (under autocast)
             after_forward      # state.outputs holds the logits
-            loss = loss_fn(outputs, targets) / grad_accum_steps
-            after_loss         # a strategy may replace state.loss
-            backward
-            after_backward
+            loss = loss_fn(outputs, targets)   (under autocast)
+            after_loss         # a strategy may replace state.loss (and name its parts in state.loss_parts)
+            backward(loss / grad_accum_steps)
+            after_backward     # gradients of this batch are accumulated
             if the accumulation group is complete:
                 unscale, clip
-                before_step    # gradients are final and unscaled here
-                optimizer.step(); scheduler.step()
+                before_step    # gradients are final and unscaled here; a hook may set state.skip_step
+                optimizer.step() unless skipped; scheduler.step()
                 after_step
         validate
         eval_end               # state.epoch_metrics has the train and val numbers

@@ -208,21 +208,25 @@ class Trainer:
             # the last accumulation group of an epoch may hold fewer batches: scale by its size
             group_start = batch_index - batch_index % accum
             group_size = min(accum, batches - group_start)
+            state.loss_parts = {}
             with autocast:
                 state.outputs = model(state.inputs)
                 self.hooks.fire("after_forward", state)
-                loss = self.train_loss(state.outputs, state.targets)
-            state.loss = loss / group_size
-            self.hooks.fire("after_loss", state)
+                state.loss = self.train_loss(state.outputs, state.targets)
+                # inside autocast and before the accumulation division: a hook that adds a
+                # term (distillation) runs its own forward in the same precision, on the
+                # per-batch scale
+                self.hooks.fire("after_loss", state)
+            loss = state.loss / group_size
             if scaler is not None:
-                scaler.scale(state.loss).backward()
+                scaler.scale(loss).backward()
             else:
-                state.loss.backward()
+                loss.backward()
             self.hooks.fire("after_backward", state)
             with torch.no_grad():
                 count = state.targets.shape[0]
                 hard = state.targets.argmax(1) if state.targets.ndim == 2 else state.targets
-                state.loss_sum += state.loss.detach().float() * (group_size * count)
+                state.loss_sum += state.loss.detach().float() * count
                 state.correct_sum += (state.outputs.detach().argmax(1) == hard).sum()
                 state.images_seen += count
             if batch_index - group_start + 1 == group_size:
@@ -245,7 +249,12 @@ class Trainer:
         if cfg.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
         self.hooks.fire("before_step", state)
-        if state.scaler is not None:
+        if state.skip_step:
+            # a hook found this group's gradients unusable (non-finite): no update, but the
+            # schedule still advances so the rest of the run keeps its shape
+            state.skip_step = False
+            state.skipped_steps += 1
+        elif state.scaler is not None:
             state.scaler.step(state.optimizer)
             state.scaler.update()
         else:
@@ -355,6 +364,7 @@ class Trainer:
             "best_epoch": state.best_epoch,
             "best_mode": self.best_mode,
             "wall_seconds_before": state.wall_seconds_before,
+            "skipped_steps": state.skipped_steps,
             "hooks": self.hooks.state_dict(),
         }
 
@@ -372,6 +382,7 @@ class Trainer:
         state.best_value, state.best_epoch = saved["best_value"], saved["best_epoch"]
         self.best_mode = saved["best_mode"]
         state.wall_seconds_before = saved["wall_seconds_before"]
+        state.skipped_steps = int(saved.get("skipped_steps", 0))
         restore_rng_state(saved["rng"])  # last: everything above may have drawn random numbers
 
     def _summarise(self) -> Dict[str, Any]:
@@ -388,6 +399,8 @@ class Trainer:
             total_images = sum(r["images_per_second"] * r["epoch_seconds"] for r in rows)
             summary["images_per_second"] = round(total_images / max(sum(r["epoch_seconds"] for r in rows), 1e-9), 1)
         summary["training_seconds"] = round(state.wall_seconds_before, 3)
+        if state.skipped_steps:
+            summary["skipped_steps"] = state.skipped_steps
         summary["device"] = str(self.device)
         summary["amp"] = str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32"
         return summary

@@ -51,7 +51,10 @@ class TrainState:
     inputs: Optional[torch.Tensor] = None
     targets: Optional[torch.Tensor] = None
     outputs: Optional[torch.Tensor] = None
-    loss: Optional[torch.Tensor] = None          # already divided by grad_accum_steps
+    loss: Optional[torch.Tensor] = None          # this batch's loss (the loop divides it for accumulation)
+    loss_parts: Dict[str, torch.Tensor] = field(default_factory=dict)  # named terms of `loss` (e.g. ce, kd), per batch
+    skip_step: bool = False                      # a hook sets it: the next optimizer step is not taken
+    skipped_steps: int = 0                       # optimizer steps skipped so far in the run
 
     @property
     def lr(self) -> float:
