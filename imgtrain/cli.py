@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 EXIT_BAD_INPUT = 2
+EXIT_CHECKS_FAILED = 1      # imgtrain doctor: a check failed
+EXIT_TRAINING_STOPPED = 3   # the non-finite loss guard ended the run (diagnostics.nonfinite)
 EXIT_INTERRUPTED = 130
 
 
@@ -213,6 +215,30 @@ def cmd_show_augment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from imgtrain.api import lr_find
+    from imgtrain.config import load_recipe
+
+    overrides = list(args.overrides)
+    # --start/--end/--steps are lr_find.* overrides, so a bad range is the same recipe error
+    for key, value in (("start", args.start), ("end", args.end), ("steps", args.steps)):
+        if value is not None:
+            overrides.append(f"lr_find.{key}={_yaml_number(value)}")
+    run = lr_find(load_recipe(args.recipe, overrides), output=args.output, overwrite=args.overwrite)
+    for line in run.result.lines():
+        print(line)
+    chosen = run.suggestion
+    print(f"optim.lr: find would use {chosen} (lr_find.suggestion): {run.result.suggestions[chosen]:.3g}")
+    print(f"wrote {', '.join(str(path) for path in run.files)}")
+    return 0
+
+
+def _yaml_number(value: float) -> str:
+    """A number as YAML reads it back as one: 1e-07 is text to YAML 1.1, 1.0e-07 a float."""
+    text = repr(value)
+    return text.replace("e", ".0e") if "e" in text and "." not in text else text
+
+
 def cmd_bench_data(args: argparse.Namespace) -> int:
     from imgtrain.config import load_recipe
     from imgtrain.data.bench import bench_data
@@ -220,6 +246,16 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     result = bench_data(load_recipe(args.recipe, args.overrides), epochs=args.epochs, max_batches=args.batches)
     print(result.table())
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from imgtrain.config import load_recipe
+    from imgtrain.doctor import run_doctor
+
+    report = run_doctor(load_recipe(args.recipe, args.overrides), output=args.output)
+    print(report.table())
+    print(f"wrote {report.grid} and {Path(args.output) / 'doctor.json'}")
+    return 0 if report.ok else EXIT_CHECKS_FAILED
 
 
 def _positive_int(text: str) -> int:
@@ -312,12 +348,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=_positive_int, default=None, help="stop each pass after this many batches")
     p.set_defaults(func=cmd_bench_data)
 
+    p = sub.add_parser("doctor", help="check data, initial loss, gradients and that one batch can be overfit")
+    p.add_argument("recipe", help="recipe .yaml or built-in name")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=0.01")
+    p.add_argument("--output", default="doctor", help="folder for batch.png and doctor.json (default: doctor)")
+    p.set_defaults(func=cmd_doctor)
+
     p = sub.add_parser("show-augment", help="write a PNG grid of augmented (and mixed) training images")
     p.add_argument("recipe", help="recipe .yaml or built-in name")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. augment.policy=randaugment")
     p.add_argument("--n", type=_positive_int, default=32, help="images in the grid")
     p.add_argument("--output", default="augment.png", help="PNG file to write")
     p.set_defaults(func=cmd_show_augment)
+
+    p = sub.add_parser("lr-find", help="LR range test: loss against an exponentially growing lr, suggestions, plot")
+    p.add_argument("recipe", help="recipe .yaml or built-in name")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.batch_size=256")
+    p.add_argument("--start", type=float, help="first lr (lr_find.start, default 1e-7)")
+    p.add_argument("--end", type=float, help="last lr (lr_find.end, default 10)")
+    p.add_argument("--steps", type=int, help="optimizer steps, one lr each (lr_find.steps, default 100)")
+    p.add_argument("--output", help="folder for lr_find.csv, lr_find.png and config.yaml "
+                                    "(default: output.root/lr_find/<recipe name>, then -2, -3 ...)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing lr-find folder")
+    p.set_defaults(func=cmd_lr_find)
     return parser
 
 
@@ -334,6 +387,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if isinstance(exc, _user_errors()):
             print(f"imgtrain: error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        from imgtrain.strategies.diagnostics import NonFiniteLossError
+        if isinstance(exc, NonFiniteLossError):  # the run diverged: say where and why, no traceback
+            print(f"imgtrain: training stopped: {exc}", file=sys.stderr)
+            return EXIT_TRAINING_STOPPED
         raise
 
 

@@ -136,7 +136,7 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = param("sgd", choices=("sgd", "adamw"))   # optimizer
-    lr: float = param(0.1, min=0.0, min_exclusive=True)  # peak learning rate, for the effective batch
+    lr: Union[float, str] = param(0.1, min=0.0, min_exclusive=True)  # peak learning rate, for the effective batch; or find: the LR finder picks it
     momentum: float = param(0.9, min=0.0, max=1.0)       # sgd
     nesterov: bool = True                                 # sgd
     betas: List[float] = param(default_factory=lambda: [0.9, 0.999])  # adamw
@@ -220,6 +220,71 @@ class EarlyStopConfig:
 
 
 @dataclass
+class CurriculumConfig:
+    """Curriculum learning: easiest images first, the pool grows to all of them (strategies/curriculum.py)."""
+    difficulty: Optional[str] = None          # what ranks the images: none | reference | self_paced | csv; null: off
+    reference: Optional[str] = None           # difficulty reference: a run folder or .safetensors; its per-image loss
+    csv: Optional[str] = None                 # difficulty csv: a CSV with one row per training image
+    column: str = "difficulty"                # csv: the column with the difficulty (higher = harder)
+    id_column: Optional[str] = None           # csv: the column naming the image; default: path (file sources) or index
+    pacing: str = param("linear", choices=("linear", "root", "step"))  # how the pool grows from start_fraction to 1
+    start_fraction: float = param(0.3, min=0.0, max=1.0, min_exclusive=True)  # pool at epoch 0, fraction of the images
+    end_point: float = param(0.5, min=0.0, max=1.0, min_exclusive=True)  # fraction of train.epochs when the pool is all
+    step_count: int = param(3, min=1)         # pacing step: equal steps from start_fraction to 1
+    momentum: float = param(0.7, min=0.0, max=0.999)  # self_paced: weight of an image's old score in its running loss
+
+
+@dataclass
+class ProgressiveConfig:
+    """Progressive resizing: train at small images first (strategies/progressive.py)."""
+    stages: List[Dict[str, Any]] = field(default_factory=list)  # [{img_size, epochs, batch_size?, lr?}], sizes increasing
+    min_size: Optional[int] = param(None, min=4)   # ramp instead of stages: first size, pixels; null: off
+    max_size: Optional[int] = param(None, min=4)   # ramp: last size, pixels; default: augment.img_size
+    ramp_start: float = param(0.0, min=0.0, max=1.0)  # ramp: fraction of the epochs at min_size
+    ramp_end: float = param(0.75, min=0.0, max=1.0)   # ramp: fraction of the epochs where max_size is reached
+    size_multiple: int = param(4, min=1)           # ramp sizes are rounded to a multiple of this
+    lr_scaling: str = param("linear", choices=("linear", "sqrt", "none"))  # lr of a stage with another batch_size and no lr
+    schedule: str = param("continuous", choices=("continuous", "restart"))  # one lr schedule over the run, or one per stage
+    eval_size: Optional[int] = param(None, min=4)  # validation/test size, pixels; default: the last training size
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation from frozen teacher(s) (strategies/distillation.py)."""
+    teacher: Optional[Union[str, List[str]]] = None  # RUN_DIR, a .safetensors file or a timm name (or a list: averaged); null: off
+    alpha: float = param(0.5, min=0.0, max=1.0)      # weight of the label loss; 1 - alpha goes to the teacher term
+    temperature: float = param(4.0, min=0.0, min_exclusive=True)  # softens both distributions (T; the KD term is scaled by T^2)
+    teacher_img_size: Optional[int] = param(None, min=4)  # pixels the teacher(s) see; default: each teacher's own
+
+
+@dataclass
+class LrFindConfig:
+    """The LR range test of `optim.lr: find` and `imgtrain lr-find` (strategies/lr_finder.py)."""
+    start: float = param(1e-7, min=0.0, min_exclusive=True)  # first lr tried
+    end: float = param(10.0, min=0.0, min_exclusive=True)    # last lr tried (the test stops earlier if the loss diverges)
+    steps: int = param(100, min=2)                           # optimizer steps, one lr each, spaced evenly in log lr
+    suggestion: str = param("min10", choices=("valley", "steep", "min10"))  # the suggestion optim.lr: find uses
+    smoothing: float = param(0.98, min=0.0, max=0.999)       # beta of the loss's moving average (bias-corrected); 0: raw loss
+    diverge: float = param(4.0, min=1.0, min_exclusive=True)  # stop when the smoothed loss passes this x its best
+
+
+@dataclass
+class DiagnosticsConfig:
+    """Training diagnostics (strategies/diagnostics.py) and the checks of `imgtrain doctor` (doctor.py)."""
+    grad_monitor_every: Optional[int] = param(None, min=0)  # optimizer steps between per-layer gradient norm readings; null or 0: off
+    vanishing_below: float = param(1e-7, min=0.0)  # a layer whose gradient norm is below this is vanishing
+    exploding_above: float = param(100.0, min=0.0, min_exclusive=True)  # a layer whose gradient norm is above this is exploding
+    nonfinite: str = param("stop", choices=("stop", "skip", "off"))  # a nan/inf batch loss: stop the run, skip the step, or no check
+    nonfinite_check_every: int = param(1, min=1)  # batches between loss checks (each waits for the device); stop mode only
+    max_skipped_steps: int = param(10, min=0)     # skip: optimizer steps skipped in the run before it stops anyway
+    doctor_batch_size: int = param(32, min=1)     # doctor: images in the batch it tries to overfit
+    doctor_steps: int = param(100, min=1)         # doctor: optimizer steps on that one batch
+    doctor_loss_below: float = param(0.05, min=0.0, min_exclusive=True)  # doctor: the batch's loss must end below this
+    doctor_init_tolerance: float = param(0.5, min=0.0, min_exclusive=True)  # doctor: initial loss within this fraction of log(classes)
+    doctor_learn_steps: int = param(50, min=0)    # doctor: steps over different batches before the val check; 0: skip it
+
+
+@dataclass
 class TrainConfig:
     epochs: int = param(10, min=1)                  # passes over the training split
     grad_accum_steps: int = param(1, min=1)         # effective batch = batch_size x this
@@ -259,6 +324,11 @@ class Recipe:
     imbalance: ImbalanceConfig = field(default_factory=ImbalanceConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    lr_find: LrFindConfig = field(default_factory=LrFindConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     # where the recipe came from (not a recipe key; set by load_recipe)
@@ -542,6 +612,41 @@ def _build(cls: type, data: Any, prefix: str, file: Optional[str], origins: Dict
     return obj
 
 
+STAGE_KEYS = {"img_size": (int, 4), "epochs": (int, 1), "batch_size": (int, 1), "lr": (float, 0.0)}
+
+
+def _check_progressive(obj: "ProgressiveConfig", fail: Any) -> None:
+    """Each stage a mapping of img_size, epochs (required), batch_size, lr; sizes increasing."""
+    if obj.stages and obj.min_size is not None:
+        fail("min_size", "progressive.stages and a ramp (min_size) both set the sizes; use one")
+    sizes = []
+    for index, stage in enumerate(obj.stages):
+        where = f"stages[{index}]"
+        if not isinstance(stage, dict):
+            fail("stages", f"{where}: expected a mapping like {{img_size: 64, epochs: 3}}, got {stage!r}")
+        unknown = sorted(set(stage) - set(STAGE_KEYS))
+        if unknown:
+            fail("stages", f"{where}: unknown key {unknown[0]!r}; a stage has img_size, epochs, batch_size, lr")
+        for key in ("img_size", "epochs"):
+            if key not in stage:
+                fail("stages", f"{where}: {key} is missing")
+        for key, value in stage.items():
+            kind, low = STAGE_KEYS[key]
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or (kind is int and not isinstance(value, int)):
+                fail("stages", f"{where}.{key}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
+            if value < low or (key == "lr" and value <= 0):
+                fail("stages", f"{where}.{key}: {value} is out of range: expected a value "
+                               f"{'>' if key == 'lr' else '>='} {low}")
+        sizes.append(stage["img_size"])
+    if any(later <= earlier for earlier, later in zip(sizes, sizes[1:])):
+        fail("stages", f"stage sizes must increase from stage to stage, got {sizes}")
+    if obj.min_size is not None and obj.ramp_end < obj.ramp_start:
+        fail("ramp_end", f"ramp_end ({obj.ramp_end}) is before ramp_start ({obj.ramp_start})")
+    if obj.min_size is None and obj.max_size is not None:
+        fail("max_size", "max_size is the end of a ramp: set min_size too (or use stages)")
+
+
 def _check_section(obj: Any, prefix: str, file: Optional[str], origins: Dict[str, tuple]) -> None:
     """Checks that involve more than one key of a section."""
     def fail(key: str, message: str) -> None:
@@ -613,6 +718,8 @@ def _check_section(obj: Any, prefix: str, file: Optional[str], origins: Dict[str
             fail("group_lrs", "transfer.layer_decay and transfer.group_lrs both set the group learning rates; use one")
         if obj.group_lrs is not None and (not obj.group_lrs or any(lr < 0 for lr in obj.group_lrs)):
             fail("group_lrs", f"expected one learning rate >= 0 per layer group, got {obj.group_lrs}")
+    if isinstance(obj, ProgressiveConfig):
+        _check_progressive(obj, fail)
     if isinstance(obj, ImbalanceConfig):
         weights = obj.class_weights
         if isinstance(weights, str) and weights not in ("none", "inverse", "effective"):
@@ -621,6 +728,16 @@ def _check_section(obj: Any, prefix: str, file: Optional[str], origins: Dict[str
             fail("class_weights", f"weights must be >= 0, got {weights}")
     if isinstance(obj, OptimConfig) and (len(obj.betas) != 2 or not all(0 <= b < 1 for b in obj.betas)):
         fail("betas", f"expected two values in [0, 1), got {obj.betas}")
+    if isinstance(obj, OptimConfig) and isinstance(obj.lr, str) and obj.lr != "find":
+        hint = ""
+        try:  # YAML 1.1 reads 1e-3 (no dot) as text
+            hint = f" (YAML reads it as text: write {float(obj.lr):.1e})"
+        except ValueError:
+            pass
+        fail("lr", f"expected a number > 0 or find (run the LR finder first), got {obj.lr!r}{hint}")
+    if isinstance(obj, LrFindConfig) and obj.start >= obj.end:
+        fail("start", f"the range test goes up from start to end: start ({obj.start:g}) must be below "
+                      f"end ({obj.end:g})")
     if isinstance(obj, ScheduleConfig):
         if obj.milestones != sorted(obj.milestones) or any(m <= 0 for m in obj.milestones):
             fail("milestones", f"expected increasing epochs > 0, got {obj.milestones}")
@@ -628,6 +745,21 @@ def _check_section(obj: Any, prefix: str, file: Optional[str], origins: Dict[str
             fail("base_momentum", f"{obj.base_momentum} is larger than max_momentum ({obj.max_momentum})")
         if obj.name == "warmup_cosine" and obj.warmup_epochs <= 0:
             fail("warmup_epochs", "schedule warmup_cosine needs warmup_epochs > 0 (epochs of linear warmup)")
+    if isinstance(obj, DistillConfig):
+        teachers = obj.teacher if isinstance(obj.teacher, list) else [obj.teacher]
+        if obj.teacher is not None and (not teachers or any(not t or not t.strip() for t in teachers)):
+            fail("teacher", f"expected a run folder, a .safetensors file or a timm model name (or a list of "
+                            f"them), got {obj.teacher!r}; leave it out (or null) to train without a teacher")
+    if isinstance(obj, CurriculumConfig):
+        modes = ("none", "reference", "self_paced", "csv")
+        if obj.difficulty is not None and obj.difficulty not in modes:
+            close = difflib.get_close_matches(obj.difficulty, modes, n=1)
+            fail("difficulty", f"{obj.difficulty!r} is not one of {', '.join(modes)} (or null: off)"
+                               + (f", did you mean {close[0]}?" if close else ""))
+        for mode in ("reference", "csv"):
+            if obj.difficulty == mode and not getattr(obj, mode):
+                what = "a run folder or .safetensors file" if mode == "reference" else "the path of a CSV file"
+                fail(mode, f"curriculum.difficulty {mode} needs this key: {what}")
     if isinstance(obj, TrainConfig):
         device = obj.device
         if not (device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())):

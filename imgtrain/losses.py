@@ -5,6 +5,10 @@ labels of the training split. Targets are class indices (N,) or probabilities (N
 (Mixup/CutMix make the latter, with label smoothing already folded in, so smoothing is
 applied to hard targets only). Every loss here takes both.
 
+Knowledge distillation (`distillation_loss`, `distillation_kl`; the hook that uses them is
+strategies/distillation.py): the label loss blended with the KL divergence to a teacher's
+temperature-softened predictions.
+
 Class-imbalance tools (the README's "Class imbalance"; recipe section `imbalance`):
 
 - Class weights (`class_weights`): `inverse` frequency, or the inverse `effective` number
@@ -149,6 +153,33 @@ def logit_adjusted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, pr
     return cross_entropy(adjusted, targets, weight=weight, label_smoothing=label_smoothing)
 
 
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), summed over classes, mean over images.
+
+    The T^2 keeps the gradient of this term on the scale of the label loss's whatever T is
+    (Hinton et al. 2015, section 2). Computed in float32 even under autocast."""
+    log_student = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    kl = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
+    return kl * temperature ** 2
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                      alpha: float = 0.5, temperature: float = 4.0,
+                      label_loss: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Knowledge distillation (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"):
+
+        alpha * CE(student, targets) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T))
+
+    `targets` are class indices (N,) or probabilities (N, C) (Mixup/CutMix). `label_loss`, when
+    given, is used as the CE term instead (a loss already computed with label smoothing or class
+    weights: what the Trainer passes)."""
+    if label_loss is None:
+        label_loss = cross_entropy(student_logits, targets)
+    return alpha * label_loss + (1.0 - alpha) * distillation_kl(student_logits, teacher_logits, temperature)
+
+
 # ----------------------------------------------------------------------------- modules
 
 class ClassificationLoss(nn.Module):
@@ -276,5 +307,5 @@ def eval_logit_offset(recipe: Any, train_targets: torch.Tensor, num_classes: int
 
 __all__ = ["LOSSES", "ClassificationLoss", "FocalLoss", "LogitAdjustedLoss", "build_train_loss",
            "check_imbalance_recipe", "class_counts", "class_prior", "class_weights_from_counts",
-           "cross_entropy", "eval_logit_offset", "focal_loss", "logit_adjusted_cross_entropy",
+           "cross_entropy", "distillation_kl", "distillation_loss", "eval_logit_offset", "focal_loss", "logit_adjusted_cross_entropy",
            "logit_adjustment", "posthoc_adjust_logits", "resolve_class_weights", "soft_targets"]

@@ -96,3 +96,13 @@ def test_every_subcommand_the_readme_names_exists(command):
     parser = build_parser()
     subcommands = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
     assert command in subcommands
+
+
+def test_the_recipes_section_lists_every_recipe_section():
+    import dataclasses
+    text = README.read_text(encoding="utf-8")
+    sentence = text[text.index("A recipe is YAML with these sections:"):]
+    sentence = sentence[:sentence.index("Everything has a default")]
+    listed = re.findall(r"`([a-z_]+)`", sentence)
+    sections = [f.name for f in dataclasses.fields(Recipe) if not f.metadata.get("internal")]
+    assert listed == sections

@@ -67,7 +67,7 @@ def bench_data(recipe: Any, epochs: int = 3, max_batches: int | None = None) -> 
     max_batches: stop each epoch after this many batches (quick looks at big datasets).
     """
     from imgtrain.api import prepare_data, seed_everything  # the api imports the data package
-    from imgtrain.engine.loop import configure_backends, select_device
+    from imgtrain.engine.device import configure_backends, select_device
 
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")

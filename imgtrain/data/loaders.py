@@ -110,6 +110,21 @@ def build_loaders(recipe: Any, splits: DataSplits, device: torch.device) -> Load
     return Loaders(train=train, val=val, test=test, train_generator=generator)
 
 
+def with_batch_size(loader: DataLoader, batch_size: int) -> DataLoader:
+    """The same loader (dataset, sampler and its generator, workers, pinning ...) with another batch
+    size: progressive resizing's stages. A loader that draws whole batches (data.sampler per_class)
+    has no batch size to change."""
+    if loader.batch_size is None:
+        raise DataError("this train loader builds its own batches (data.sampler per_class): its batch "
+                        "size cannot change between stages")
+    return DataLoader(loader.dataset, batch_size=batch_size, sampler=loader.sampler, drop_last=loader.drop_last,
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                      timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+                      multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
+                      prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers,
+                      pin_memory_device=loader.pin_memory_device, in_order=loader.in_order)
+
+
 def _class_counts(dataset: Dataset | None, classes) -> dict[str, Any] | None:
     if dataset is None:
         return None

@@ -113,6 +113,12 @@ def _fit(image: Image.Image) -> Image.Image:
     return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
 
 
+def draw_grid(pixels: torch.Tensor, texts: list[str], path: Path) -> tuple:
+    """Write uint8 images (N, C, H, W) as a labelled PNG grid; returns its (width, height).
+    `imgtrain doctor` draws its training batch with it too."""
+    return _draw_grid(pixels, texts, Path(path))
+
+
 def _draw_grid(pixels: torch.Tensor, texts: list[str], path: Path) -> tuple:
     width, height = grid_size(len(texts))
     columns = min(len(texts), COLUMNS)
@@ -135,4 +141,4 @@ def _draw_grid(pixels: torch.Tensor, texts: list[str], path: Path) -> tuple:
     return canvas.size
 
 
-__all__ = ["AugmentPreview", "denormalize", "grid_size", "label_text", "show_augment"]
+__all__ = ["AugmentPreview", "denormalize", "draw_grid", "grid_size", "label_text", "show_augment"]

@@ -131,7 +131,13 @@ def train_sampling(cfg: Any, targets: torch.Tensor, generator: torch.Generator) 
 def with_train_sampler(loader: DataLoader, cfg: Any, targets: torch.Tensor) -> DataLoader:
     """The same loader (workers, pinning, prefetch, collate, generator ...) drawing its order
     from `data.sampler`; `loader` is the train loader `build_loaders` made with a shuffle."""
-    sampling = train_sampling(cfg, targets, loader.generator)
+    return loader_with_sampling(loader, **train_sampling(cfg, targets, loader.generator))
+
+
+def loader_with_sampling(loader: DataLoader, **sampling: Any) -> DataLoader:
+    """The same loader (workers, pinning, prefetch, collate, generator ...) with another order:
+    `sampling` is DataLoader's `batch_size` with `shuffle` or `sampler`, or a `batch_sampler`.
+    (data.sampler above; curriculum learning installs its own sampler this way.)"""
     if "batch_sampler" not in sampling:
         sampling["drop_last"] = loader.drop_last
     return DataLoader(loader.dataset, **sampling, num_workers=loader.num_workers,
@@ -152,5 +158,5 @@ def _smallest_fitting(batch: int, classes: int) -> int:
     return next(d for d in range(1, batch + 1) if batch % d == 0 and batch // d <= max(classes, 1))
 
 
-__all__ = ["ClassBalancedSampler", "PerClassBatchSampler", "class_balanced_weights", "train_sampling",
-           "with_train_sampler"]
+__all__ = ["ClassBalancedSampler", "PerClassBatchSampler", "class_balanced_weights", "loader_with_sampling",
+           "train_sampling", "with_train_sampler"]

@@ -1,7 +1,8 @@
 """The Trainer: one readable training loop, with the engineering concerns inline.
 
 Device placement, autocast and grad scaling, gradient accumulation, clipping,
-channels_last and torch.compile are all visible here; strategies plug in through the
+channels_last and torch.compile are all visible here (the choices behind them, such as which
+precision a device does well, are in engine/device.py); strategies plug in through the
 events of engine/events.py, whose docstring shows this loop as pseudocode.
 """
 
@@ -9,86 +10,24 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from imgtrain.config import RecipeError
 from imgtrain.engine.checkpoint import (capture_rng_state, load_training_state, restore_rng_state,
                                         save_training_state, save_weights)
+from imgtrain.engine.device import compile_model, configure_backends, select_device, select_precision
 from imgtrain.engine.events import HookList
 from imgtrain.engine.optim import build_optimizer, build_scheduler
 from imgtrain.engine.state import TrainState
+from imgtrain.data.loaders import with_batch_size
 from imgtrain.losses import build_train_loss, eval_logit_offset
+from imgtrain.strategies.progressive import EpochPlan
 from imgtrain.strategies.transfer import transfer_param_groups
-
-
-# ----------------------------------------------------------------------------- device and precision
-
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError(f"{name} asked for, but this machine has no CUDA GPU; use auto or cpu",
-                          key="train.device")
-    return device
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with AMX tiles (Sapphire Rapids and later), where bf16 beats fp32.
-
-    Elsewhere bf16 autocast on CPU emulates the maths and runs several times slower.
-    """
-    capability = torch.backends.cpu.get_cpu_capability()  # e.g. "AVX2", "AVX512", "AMX" (version-dependent)
-    if "AMX" in capability.upper():
-        return True
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as handle:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in handle)
-    except OSError:  # not Linux: assume no AMX, fp32 is the safe choice
-        return False
-
-
-def select_precision(amp: str, device: torch.device) -> Tuple[Optional[torch.dtype], bool]:
-    """(autocast dtype or None for fp32, whether a GradScaler is needed)."""
-    if amp == "off":
-        return None, False
-    if amp == "bf16":
-        return torch.bfloat16, False
-    if amp == "fp16":
-        # fp16 gradients underflow without loss scaling
-        return torch.float16, True
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported(including_emulation=False):
-            return torch.bfloat16, False  # Ampere and later: bf16 needs no scaler
-        return torch.float16, True
-    if device.type == "cpu" and cpu_has_fast_bf16():
-        return torch.bfloat16, False
-    return None, False
-
-
-def configure_backends(device: torch.device, deterministic: bool, threads: Optional[int]) -> None:
-    if threads:
-        torch.set_num_threads(threads)
-    if deterministic:
-        if device.type == "cuda":
-            # cuBLAS is only deterministic with a fixed workspace; must be set before its first use
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=False)
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
-    if device.type == "cuda":
-        # TF32 matmuls/convs on Ampere+: ~2x faster, accuracy unaffected for training
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -105,6 +44,8 @@ class TrainData:
     train_batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     eval_batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     train_targets: Optional[torch.Tensor] = None   # labels of the training split (class weights)
+    # per epoch: image size, batch size, lr scale (progressive resizing); None: data.batch_size throughout
+    epoch_plans: Optional[List[EpochPlan]] = None
 
 
 class Trainer:
@@ -120,22 +61,28 @@ class Trainer:
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # compile wraps the module; checkpoints and hooks keep using the plain one
-        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
-        batches = len(data.train)
-        if cfg.max_steps_per_epoch:
-            batches = min(batches, cfg.max_steps_per_epoch)
-        self.batches_per_epoch = batches
-        self.steps_per_epoch = math.ceil(batches / cfg.grad_accum_steps)  # optimizer steps
+        sizes = {plan.img_size for plan in data.epoch_plans or ()}
+        self.forward_model = compile_model(self.model, len(sizes)) if cfg.compile else self.model
+        # the batch size (so the loader and the batches per epoch) may change between epochs
+        # (progressive resizing's stages); everything below is planned per epoch up front
+        self.plans = data.epoch_plans or [EpochPlan(0, 0, recipe.data.batch_size, 1.0)] * cfg.epochs
+        self.train_loaders = {recipe.data.batch_size: data.train}
+        for plan in self.plans:
+            if plan.batch_size not in self.train_loaders:
+                self.train_loaders[plan.batch_size] = with_batch_size(data.train, plan.batch_size)
+        self.epoch_batches = [min(len(self.train_loaders[p.batch_size]), cfg.max_steps_per_epoch or math.inf)
+                              for p in self.plans]
+        self.epoch_steps = [math.ceil(b / cfg.grad_accum_steps) for b in self.epoch_batches]  # optimizer steps
+        self.lr_scaled = any(p.lr_scale != 1.0 for p in self.plans)
         # transfer.*: per-layer-group learning rates (None: the plain decay / no-decay groups)
         optimizer = build_optimizer(self.model, recipe.optim, transfer_param_groups(self.model, recipe))
-        scheduler = build_scheduler(optimizer, recipe.schedule, recipe.optim.lr,
-                                    total_steps=self.steps_per_epoch * cfg.epochs,
-                                    steps_per_epoch=self.steps_per_epoch)
+        self.peak_lrs = [group["lr"] for group in optimizer.param_groups]
         scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
         self.state = TrainState(recipe=recipe, run_dir=self.run_dir, device=self.device, model=self.model,
-                                optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                optimizer=optimizer, scheduler=None, scaler=scaler,
                                 amp_dtype=self.amp_dtype, classes=list(data.classes), epochs=cfg.epochs,
-                                steps_per_epoch=batches)
+                                steps_per_epoch=self.epoch_batches[0])
+        self.state.scheduler = self._build_scheduler(epoch=0)
         targets = data.train_targets if data.train_targets is not None else torch.zeros(0, dtype=torch.long)
         self.train_loss = build_train_loss(recipe, targets, len(data.classes)).to(self.device)
         # imbalance.posthoc_adjust: -tau*log(prior) added to the logits at evaluation, and kept in the
@@ -180,7 +127,13 @@ class Trainer:
     def _train_epoch(self) -> None:
         state, cfg = self.state, self.recipe.train
         model, optimizer, scaler = self.forward_model, state.optimizer, state.scaler
-        accum, batches = cfg.grad_accum_steps, self.batches_per_epoch
+        accum, batches = cfg.grad_accum_steps, self.epoch_batches[state.epoch]
+        plan, previous = self.plans[state.epoch], self.plans[max(state.epoch - 1, 0)]
+        loader = self.train_loaders[plan.batch_size]
+        state.steps_per_epoch = batches
+        if self.recipe.progressive.schedule == "restart" and plan.stage != previous.stage:
+            state.scheduler = self._build_scheduler(state.epoch)
+        self._scale_lr()
         self.model.train()
         if self.data.train_generator is not None:
             # one seed per epoch: the shuffle and worker seeds of epoch k do not depend on
@@ -194,7 +147,7 @@ class Trainer:
         self.hooks.fire("epoch_start", state)
         autocast = self._autocast()
         optimizer.zero_grad(set_to_none=True)
-        for batch_index, (inputs, targets) in enumerate(self.data.train):
+        for batch_index, (inputs, targets) in enumerate(loader):
             if batch_index >= batches:
                 break
             state.batch_index = batch_index
@@ -254,6 +207,8 @@ class Trainer:
             # schedule still advances so the rest of the run keeps its shape
             state.skip_step = False
             state.skipped_steps += 1
+            if state.scaler is not None:
+                state.scaler.update()  # unscale_ ran above; without an update the next unscale_ raises
         elif state.scaler is not None:
             state.scaler.step(state.optimizer)
             state.scaler.update()
@@ -261,8 +216,29 @@ class Trainer:
             state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
         state.scheduler.step()
+        self._scale_lr()
         state.step += 1
         self.hooks.fire("after_step", state)
+
+    def _build_scheduler(self, epoch: int) -> Any:
+        """The lr schedule: one over the whole run, or (progressive.schedule: restart) one over the
+        stage holding `epoch`. Built on the peak lrs, whatever the optimizer's lrs are now."""
+        optimizer, plans = self.state.optimizer, self.plans
+        epochs = range(len(plans))
+        if self.recipe.progressive.schedule == "restart":
+            epochs = [e for e in epochs if plans[e].stage == plans[epoch].stage]
+        steps = [self.epoch_steps[e] for e in epochs]
+        for group, peak in zip(optimizer.param_groups, self.peak_lrs):
+            group["lr"] = peak
+        return build_scheduler(optimizer, self.recipe.schedule, self.recipe.optim.lr, total_steps=sum(steps),
+                               steps_per_epoch=steps[0], epoch_steps=steps if len(set(steps)) > 1 else None)
+
+    def _scale_lr(self) -> None:
+        """Progressive stages that change the batch size scale the schedule's lr (lr_scale)."""
+        if self.lr_scaled:
+            scale = self.plans[min(self.state.epoch, len(self.plans) - 1)].lr_scale
+            for group, lr in zip(self.state.optimizer.param_groups, self.state.scheduler.get_last_lr()):
+                group["lr"] = lr * scale
 
     def _autocast(self) -> Any:
         if self.amp_dtype is None:
@@ -372,6 +348,10 @@ class Trainer:
         saved = load_training_state(path)
         state = self.state
         self.model.load_state_dict(saved["model"])
+        if self.recipe.progressive.schedule == "restart" and saved["epoch"] > 0:
+            # the stage schedule of the last finished epoch; built before the optimizer's lrs are
+            # restored, since building one sets them
+            state.scheduler = self._build_scheduler(saved["epoch"] - 1)
         state.optimizer.load_state_dict(saved["optimizer"])
         state.scheduler.load_state_dict(saved["scheduler"])
         if state.scaler is not None and saved["scaler"] is not None:

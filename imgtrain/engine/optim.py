@@ -12,7 +12,7 @@ means the same thing at any batch size or accumulation.
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -53,10 +53,30 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
     raise ValueError(f"optim.name: unknown optimizer {cfg.name!r}")  # config validation prevents this
 
 
-def lr_factor_fn(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int, peak_lr: float
-                 ) -> Callable[[int], float]:
-    """The multiplier of the peak lr at optimizer step `s` (for LambdaLR), for non-one-cycle schedules."""
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+def epochs_to_steps(epoch_steps: Sequence[int]) -> Callable[[float], int]:
+    """Position (in optimizer steps) of a point given in epochs, for epochs of varying length
+    (progressive resizing changes the batch size, so the steps per epoch, between stages)."""
+    starts = [0]
+    for steps in epoch_steps:
+        starts.append(starts[-1] + steps)
+
+    def at(epochs: float) -> int:
+        whole = int(epochs)
+        if whole >= len(epoch_steps):  # past the run: extend with the last epoch's length
+            return int(round(starts[-1] + (epochs - len(epoch_steps)) * epoch_steps[-1]))
+        return int(round(starts[whole] + (epochs - whole) * epoch_steps[whole]))
+    return at
+
+
+def lr_factor_fn(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int, peak_lr: float,
+                 epoch_steps: Optional[Sequence[int]] = None) -> Callable[[int], float]:
+    """The multiplier of the peak lr at optimizer step `s` (for LambdaLR), for non-one-cycle schedules.
+
+    epoch_steps: the optimizer steps of every epoch when they differ; keys in epochs (warmup,
+    step_epochs, milestones) then count real epochs. Default: `steps_per_epoch` each.
+    """
+    at = epochs_to_steps(epoch_steps) if epoch_steps else (lambda e: int(round(e * steps_per_epoch)))
+    warmup = at(cfg.warmup_epochs)
     start = cfg.warmup_start_factor
     min_factor = cfg.min_lr / peak_lr if peak_lr > 0 else 0.0
 
@@ -68,10 +88,14 @@ def lr_factor_fn(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int, pe
     if cfg.name == "constant":
         return lambda s: warm(s) if s < warmup else 1.0
     if cfg.name == "step":
-        every = max(1, int(round(cfg.step_epochs * steps_per_epoch)))
-        return lambda s: warm(s) if s < warmup else cfg.gamma ** (s // every)
+        if not epoch_steps:
+            every = max(1, at(cfg.step_epochs))
+            return lambda s: warm(s) if s < warmup else cfg.gamma ** (s // every)
+        decays = int(len(epoch_steps) // cfg.step_epochs) + 1
+        step_bounds = [at(k * cfg.step_epochs) for k in range(1, decays + 1)]
+        return lambda s: warm(s) if s < warmup else cfg.gamma ** sum(s >= b for b in step_bounds)
     if cfg.name == "multistep":
-        bounds = [int(round(m * steps_per_epoch)) for m in cfg.milestones]
+        bounds = [at(m) for m in cfg.milestones]
         return lambda s: warm(s) if s < warmup else cfg.gamma ** sum(s >= b for b in bounds)
     if cfg.name in ("cosine", "warmup_cosine"):
         decay_steps = max(1, total_steps - warmup)
@@ -86,19 +110,25 @@ def lr_factor_fn(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int, pe
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, peak_lr: float,
-                    total_steps: int, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """A scheduler to step once after every optimizer step."""
+                    total_steps: int, steps_per_epoch: int, epoch_steps: Optional[Sequence[int]] = None
+                    ) -> torch.optim.lr_scheduler.LRScheduler:
+    """A scheduler to step once after every optimizer step (epoch_steps: see lr_factor_fn)."""
     if cfg.name == "onecycle":
         # torch's OneCycleLR: lr from peak/div_factor up to peak over pct_start, then cosine
         # down to peak/(div_factor*final_div_factor); momentum (or Adam beta1) moves inversely.
         # each group peaks at its own lr (discriminative lrs); plain runs have peak_lr everywhere
+        total_steps = max(total_steps, 2)
+        pct_start = cfg.pct_start
+        if abs(pct_start * total_steps - 1.0) < 1e-9:
+            # torch's first phase would end at step 0 and divide by zero (a run of few steps)
+            pct_start *= 1.0 + 1e-6
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=[group["lr"] for group in optimizer.param_groups],
-            total_steps=max(total_steps, 2), pct_start=cfg.pct_start,
+            total_steps=total_steps, pct_start=pct_start,
             anneal_strategy="cos", div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor,
             cycle_momentum=cfg.cycle_momentum and _has_momentum(optimizer),
             base_momentum=cfg.base_momentum, max_momentum=cfg.max_momentum)
-    factor = lr_factor_fn(cfg, total_steps, steps_per_epoch, peak_lr)
+    factor = lr_factor_fn(cfg, total_steps, steps_per_epoch, peak_lr, epoch_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 

@@ -17,7 +17,8 @@ from imgtrain.api import RunDirError, train
 from imgtrain.config import load_recipe
 from imgtrain.engine.checkpoint import CheckpointError, load_training_state, read_metadata
 from imgtrain.engine.events import Hook, HookList
-from imgtrain.engine.loop import TrainData, Trainer, select_precision
+from imgtrain.engine.device import select_precision
+from imgtrain.engine.loop import TrainData, Trainer
 from imgtrain.tracking import read_history
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -229,10 +230,10 @@ def test_precision_selection(monkeypatch):
     assert select_precision("off", cpu) == (None, False)
     assert select_precision("bf16", cpu) == (torch.bfloat16, False)
     assert select_precision("fp16", cpu) == (torch.float16, True)
-    from imgtrain.engine import loop
-    monkeypatch.setattr(loop, "cpu_has_fast_bf16", lambda: False)
+    from imgtrain.engine import device
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: False)
     assert select_precision("auto", cpu) == (None, False)  # bf16 emulation on CPU is slower than fp32
-    monkeypatch.setattr(loop, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
     assert select_precision("auto", cpu) == (torch.bfloat16, False)
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)

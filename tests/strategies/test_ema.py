@@ -90,7 +90,8 @@ def test_decay_and_update_functions_match_timm():
 
 def test_validation_and_checkpoints_use_the_ema_weights(tmp_path):
     recipe = digits_recipe("ema.enabled=true", "ema.decay=0.99")
-    assert [h.name for h in build_strategies(recipe)] == ["ema"]
+    # the non-finite loss guard is on by default (diagnostics.nonfinite: stop) and runs after the EMA
+    assert [h.name for h in build_strategies(recipe)] == ["ema", "nonfinite_guard"]
     result = train(recipe, run_dir=tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoints"
     saved = load_training_state(ckpt / "last.state.pt")

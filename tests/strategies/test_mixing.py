@@ -146,7 +146,7 @@ def test_mixing_trains_on_digits_with_soft_targets(tmp_path):
     recipe = load_recipe("quickstart", ["model.name=imgtrain_cnn_tiny", "augment.img_size=8", "train.epochs=5",
                                         "mix.mixup_alpha=0.2", "mix.cutmix_alpha=1.0", "mix.off_epoch=4",
                                         "output.progress=off", "output.plots=false", "train.threads=1"])
-    assert [h.name for h in build_strategies(recipe)] == ["mixing"]
+    assert [h.name for h in build_strategies(recipe)] == ["mixing", "nonfinite_guard"]  # the guard is on by default
     result = train(recipe, run_dir=tmp_path / "run")
     assert result.summary["test_acc"] > 0.85
     rows = result.history

@@ -1,0 +1,91 @@
+"""Where and how the model runs: device choice, mixed precision, backend flags, torch.compile.
+
+The Trainer (engine/loop.py) calls these once at start-up; `imgtrain doctor` and
+`imgtrain bench-data` use them to run the way training would.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from imgtrain.config import RecipeError
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"{name} asked for, but this machine has no CUDA GPU; use auto or cpu",
+                          key="train.device")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with AMX tiles (Sapphire Rapids and later), where bf16 beats fp32.
+
+    Elsewhere bf16 autocast on CPU emulates the maths and runs several times slower.
+    """
+    capability = torch.backends.cpu.get_cpu_capability()  # e.g. "AVX2", "AVX512", "AMX" (version-dependent)
+    if "AMX" in capability.upper():
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as handle:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in handle)
+    except OSError:  # not Linux: assume no AMX, fp32 is the safe choice
+        return False
+
+
+def select_precision(amp: str, device: torch.device) -> Tuple[Optional[torch.dtype], bool]:
+    """(autocast dtype or None for fp32, whether a GradScaler is needed)."""
+    if amp == "off":
+        return None, False
+    if amp == "bf16":
+        return torch.bfloat16, False
+    if amp == "fp16":
+        # fp16 gradients underflow without loss scaling
+        return torch.float16, True
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return torch.bfloat16, False  # Ampere and later: bf16 needs no scaler
+        return torch.float16, True
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16, False
+    return None, False
+
+
+def configure_backends(device: torch.device, deterministic: bool, threads: Optional[int]) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    if deterministic:
+        if device.type == "cuda":
+            # cuBLAS is only deterministic with a fixed workspace; must be set before its first use
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+    if device.type == "cuda":
+        # TF32 matmuls/convs on Ampere+: ~2x faster, accuracy unaffected for training
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def compile_model(model: torch.nn.Module, image_sizes: int = 1) -> torch.nn.Module:
+    """torch.compile. With image sizes that change by stage (progressive resizing), every shape is
+    compiled once, statically (dynamic=False: the fastest kernels; a stage change costs one
+    recompile, never one per batch), and dynamo may keep a graph per shape: each size meets up to
+    four batch shapes (full and last train batch, full and last eval batch)."""
+    if image_sizes <= 1:
+        return torch.compile(model)
+    import torch._dynamo.config as dynamo_config
+    needed = 4 * image_sizes + 4
+    for name in ("recompile_limit", "cache_size_limit"):  # the newer name, then the older
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), needed))
+            break
+    return torch.compile(model, dynamic=False)

@@ -1,0 +1,363 @@
+"""LR finder: the learning-rate range test, to pick the peak learning rate before training.
+
+Train for `steps` optimizer steps while the learning rate grows exponentially from `start`
+to `end`, one lr per step, and record the training loss. The loss first barely moves (lr too
+small), then falls (the useful range), then turns and explodes (lr too large); the test stops
+once the smoothed loss passes `diverge` x its best. Three suggestions are read off the
+smoothed curve, after dropping its first tenth and its last 5 points as fastai does:
+
+- `steep`: where the loss falls fastest (minimum slope of loss against log lr);
+- `valley`: fastai's default since 2.5: the longest stretch of falling loss, then 2/3 of the
+  way down it (a little past its middle), which is robust to a noisy start;
+- `min10`: the lr of the lowest loss divided by 10, the classic rule of thumb, and our default
+  (`lr_find.suggestion`): in benchmarks/lr_finder.py it trains within a point of the best grid lr,
+  where `valley`, on the lagging smoothed curve, lands two decades low.
+
+It helps when you train a new model/data/batch size and do not know the lr: one test costs
+about `steps` batches, against a grid of full trainings. The suggestion is a peak lr: with the
+one-cycle schedule it is one-cycle's max lr (fastai's `fit_one_cycle(lr_max=...)` use). Leslie
+Smith 2015, "Cyclical Learning Rates for Training Neural Networks" (sec. 3.3, the "LR range
+test"); fastai's `Learner.lr_find`, and the `torch-lr-finder` package.
+
+The loss is smoothed with a bias-corrected exponential moving average (fastai's
+`AvgSmoothLoss`): avg = beta * avg + (1 - beta) * loss; smoothed = avg / (1 - beta^n).
+
+`find_lr(trainer)` runs the test with the Trainer's own pieces: its forward model (compiled
+or not), train loss (label smoothing, class weights, focal ...), train batch transform,
+channels_last, autocast and GradScaler, gradient clipping and accumulation (one lr per
+optimizer step, `grad_accum_steps` batches each), drawing batches from the train loader
+(cycled when it runs out). Per-group lrs (layer decay) keep their ratios to the first
+group's. Afterwards it puts back the weights, BatchNorm statistics, optimizer and grad-scaler
+state, module train/eval modes, `requires_grad` flags, the global RNG states and the train
+loader's generator, so training after it is exactly training without it. Strategy hooks
+(mixing, distillation ...) are not applied during the test: it measures the plain loss.
+
+    lrs = lr_schedule(1e-7, 10, 100)
+    smoothed = smooth_losses(raw_losses, beta=0.98)
+    lr, index = valley(lrs, smoothed)
+    result = find_lr(trainer)          # LrFindResult: lrs, losses, smoothed, suggestions
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from imgtrain.engine.checkpoint import capture_rng_state, restore_rng_state
+
+CSV_NAME = "lr_find.csv"
+PLOT_NAME = "lr_find.png"
+SKIP_END = 5          # points dropped from the end of the curve before suggesting (fastai's skip_end)
+
+
+# ----------------------------------------------------------------------------- the pure functions
+
+def lr_schedule(start: float, end: float, steps: int) -> List[float]:
+    """`steps` learning rates from `start` to `end` (both included), evenly spaced in log lr."""
+    if not 0 < start < end:
+        raise ValueError(f"the range test goes up: need 0 < start < end, got start {start:g}, end {end:g}")
+    if steps < 2:
+        raise ValueError(f"the range test needs at least 2 steps, got {steps}")
+    ratio = end / start
+    return [start * ratio ** (i / (steps - 1)) for i in range(steps)]
+
+
+def smooth_losses(losses: Sequence[float], beta: float = 0.98) -> List[float]:
+    """Exponential moving average with bias correction (beta 0: the losses themselves)."""
+    average, out = 0.0, []
+    for count, loss in enumerate(losses, start=1):
+        average = beta * average + (1.0 - beta) * loss
+        out.append(average / (1.0 - beta ** count))
+    return out
+
+
+def diverged(smoothed: float, best: float, factor: float = 4.0) -> bool:
+    """Stop the test: the smoothed loss is not finite or has passed `factor` x the best so far."""
+    return not math.isfinite(smoothed) or smoothed > factor * best
+
+
+def steepest(lrs: Sequence[float], losses: Sequence[float]) -> Tuple[float, int]:
+    """The lr where the loss falls fastest against log lr: (lr, index)."""
+    slopes = [(losses[i + 1] - losses[i]) / (math.log(lrs[i + 1]) - math.log(lrs[i]))
+              for i in range(len(lrs) - 1)]
+    index = min(range(len(slopes)), key=slopes.__getitem__) if slopes else 0
+    return float(lrs[index]), index
+
+
+def valley(lrs: Sequence[float], losses: Sequence[float]) -> Tuple[float, int]:
+    """fastai's valley: the longest decreasing run of losses (a longest decreasing subsequence,
+    ending at its first longest end), then two thirds of the way down it: (lr, index)."""
+    n = len(losses)
+    longest = [1] * n  # longest[i]: length of the longest decreasing subsequence ending at i
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j]:
+                longest[i] = max(longest[i], longest[j] + 1)
+    end = max(range(n), key=lambda i: (longest[i], -i))  # the first index with the longest run
+    begin = end - longest[end]                           # fastai's start (one before the run)
+    third = (end - begin) / 3
+    index = min(max(begin + int(third) + int(third / 2), 0), n - 1)
+    return float(lrs[index]), index
+
+
+def minimum_tenth(lrs: Sequence[float], losses: Sequence[float]) -> Tuple[float, int]:
+    """A tenth of the lr with the lowest loss: (lr / 10, index of the minimum)."""
+    index = min(range(len(losses)), key=losses.__getitem__)
+    return float(lrs[index]) / 10.0, index
+
+
+SUGGESTIONS: Dict[str, Callable[[Sequence[float], Sequence[float]], Tuple[float, int]]] = {
+    "valley": valley, "steep": steepest, "min10": minimum_tenth,
+}
+
+
+def suggest(lrs: Sequence[float], smoothed: Sequence[float], steps: int) -> Dict[str, float]:
+    """Every suggestion on the recorded curve, as fastai reads it: the first steps // 10 points
+    (the loss still settling) and the last 5 (already diverging) dropped, and the curve cut at
+    its first non-finite loss. A curve too short for that is used whole."""
+    finite = next((i for i, v in enumerate(smoothed) if not math.isfinite(v)), len(smoothed))
+    lrs, smoothed = list(lrs[:finite]), list(smoothed[:finite])
+    if not lrs:
+        raise ValueError("the range test recorded no finite loss; lower lr_find.start")
+    first, last = steps // 10, len(lrs) - SKIP_END
+    if last - first >= 3:
+        lrs, smoothed = lrs[first:last], smoothed[first:last]
+    return {name: func(lrs, smoothed)[0] for name, func in SUGGESTIONS.items()}
+
+
+# ----------------------------------------------------------------------------- the result
+
+@dataclass
+class LrFindResult:
+    """What a range test recorded: one row per optimizer step it took, and its suggestions."""
+    lrs: List[float]
+    losses: List[float]            # raw training loss of the step (mean over its accumulated batches)
+    smoothed: List[float]
+    steps: int                     # steps asked for; fewer were run when the loss diverged
+    start: float
+    end: float
+    suggestions: Dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0           # wall time of the test
+
+    def __post_init__(self) -> None:
+        if not self.suggestions:
+            self.suggestions = suggest(self.lrs, self.smoothed, self.steps)
+
+    @property
+    def stopped_early(self) -> bool:
+        return len(self.lrs) < self.steps
+
+    def summary(self, chosen: str) -> Dict[str, Any]:
+        """For summary.json: the lr used, which suggestion it is, all of them, how the test went."""
+        return {"lr": self.suggestions[chosen], "suggestion": chosen, "suggestions": dict(self.suggestions),
+                "start": self.start, "end": self.end, "steps": self.steps, "steps_run": len(self.lrs),
+                "stopped_early": self.stopped_early, "seconds": round(self.seconds, 3)}
+
+    def lines(self, chosen: Optional[str] = None) -> List[str]:
+        """Human lines for the console and train.log."""
+        how = (f"stopped at step {len(self.lrs)}: the smoothed loss diverged" if self.stopped_early
+               else "ran every step")
+        how += f" ({self.seconds:.1f} s)" if self.seconds else ""
+        out = [f"lr_find: {self.steps} steps from {self.start:.1e} to {self.end:.1e}, {how}",
+               "lr_find: suggestions " + ", ".join(f"{name} {lr:.2e}" for name, lr in self.suggestions.items())]
+        if chosen is not None:
+            out.append(f"lr_find: using {chosen} (lr_find.suggestion): optim.lr = {self.suggestions[chosen]:.3g}")
+        return out
+
+    def write_csv(self, path: Path) -> None:
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["lr", "loss", "smoothed"])
+            writer.writerows((repr(a), repr(b), repr(c)) for a, b, c in zip(self.lrs, self.losses, self.smoothed))
+
+    @classmethod
+    def read_csv(cls, path: Path, steps: int, start: float, end: float) -> "LrFindResult":
+        """A test written by write_csv (the suggestions are computed again: the same numbers)."""
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        return cls(lrs=[float(r["lr"]) for r in rows], losses=[float(r["loss"]) for r in rows],
+                   smoothed=[float(r["smoothed"]) for r in rows], steps=steps, start=start, end=end)
+
+    def plot(self, path: Path, chosen: Optional[str] = None) -> None:
+        """Smoothed (and raw) loss against lr on a log axis, each suggestion marked on the curve."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(6.0, 4.0), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        ax.plot(self.lrs, self.losses, color="0.8", linewidth=0.8, label="loss")
+        ax.plot(self.lrs, self.smoothed, color="C0", label="smoothed loss")
+        log_lrs = [math.log(v) for v in self.lrs]
+        for color, (name, lr) in zip(("C1", "C2", "C3"), self.suggestions.items()):
+            loss = _interpolate(math.log(lr), log_lrs, self.smoothed)
+            label = f"{name} {lr:.1e}" + (" (used)" if name == chosen else "")
+            ax.plot([lr], [loss], "o", color=color, markersize=9 if name == chosen else 6, label=label)
+        finite = [v for v in self.smoothed if math.isfinite(v)]
+        if finite:  # keep the explosion at the end from flattening the useful part
+            low, first = min(finite), finite[0]
+            ax.set_ylim(low - 0.1 * abs(first - low) - 1e-3, max(first, low) + 0.6 * abs(first - low) + 1e-3)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("training loss")
+        ax.set_title("LR range test")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
+        fig.tight_layout()
+        tmp = Path(path).with_suffix(".tmp.png")
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+
+    def write(self, out_dir: Path, chosen: Optional[str] = None) -> List[Path]:
+        """lr_find.csv and lr_find.png in `out_dir`."""
+        csv_path, png_path = Path(out_dir) / CSV_NAME, Path(out_dir) / PLOT_NAME
+        self.write_csv(csv_path)
+        self.plot(png_path, chosen)
+        return [csv_path, png_path]
+
+
+def _interpolate(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
+    if x <= xs[0]:
+        return ys[0]
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            w = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+            return ys[i - 1] + w * (ys[i] - ys[i - 1])
+    return ys[-1]
+
+
+# ----------------------------------------------------------------------------- the range test
+
+def find_lr(trainer: Any, settings: Any = None, setup: Optional[Callable[[], None]] = None) -> LrFindResult:
+    """Run the range test on a Trainer (before `fit`) and put everything back as it was.
+
+    settings: an `LrFindConfig` (start, end, steps, smoothing, diverge); default the trainer's
+    recipe's `lr_find` section. setup: called after `model.train()`, before the first step, to put
+    the model in its first epoch's shape (api uses it for transfer freezing).
+    """
+    cfg = settings if settings is not None else trainer.recipe.lr_find
+    lrs = lr_schedule(cfg.start, cfg.end, cfg.steps)
+    state, train_cfg = trainer.state, trainer.recipe.train
+    optimizer, scaler = state.optimizer, state.scaler
+    saved = _snapshot(trainer)
+    # layer groups keep their ratio to the first group's peak lr (the head's: the recipe's optim.lr)
+    peaks = [group.get("max_lr", group.get("initial_lr", group["lr"])) for group in optimizer.param_groups]
+    ratios = [peak / peaks[0] for peak in peaks]
+    autocast = (torch.autocast(trainer.device.type, dtype=trainer.amp_dtype) if trainer.amp_dtype is not None
+                else contextlib.nullcontext())
+    accum = train_cfg.grad_accum_steps
+    batches = _cycle(trainer.data.train)
+    recorded, losses, smoothed = [], [], []
+    average, best = 0.0, math.inf
+    started = time.perf_counter()
+    try:
+        trainer.model.train()
+        if setup is not None:
+            setup()
+        for lr in lrs:
+            for group, ratio in zip(optimizer.param_groups, ratios):
+                group["lr"] = lr * ratio
+            optimizer.zero_grad(set_to_none=True)
+            total = torch.zeros((), device=trainer.device)
+            for _ in range(accum):
+                inputs, targets = next(batches)
+                inputs = inputs.to(trainer.device, non_blocking=True)
+                targets = targets.to(trainer.device, non_blocking=True)
+                if trainer.data.train_batch_transform is not None:
+                    inputs = trainer.data.train_batch_transform(inputs)
+                if train_cfg.channels_last:
+                    inputs = inputs.contiguous(memory_format=torch.channels_last)
+                with autocast:
+                    loss = trainer.train_loss(trainer.forward_model(inputs), targets)
+                scaled = loss / accum  # the mean over the step's batches, as the loop's accumulation
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                total += loss.detach().float()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if train_cfg.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), train_cfg.clip_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            value = float(total) / accum
+            # the loop's moving average, kept here step by step so the test can stop as it diverges
+            average = cfg.smoothing * average + (1.0 - cfg.smoothing) * value
+            smooth = average / (1.0 - cfg.smoothing ** (len(losses) + 1))
+            recorded.append(lr)
+            losses.append(value)
+            smoothed.append(smooth)
+            if diverged(smooth, best, cfg.diverge):
+                break
+            best = min(best, smooth)
+    finally:
+        batches.close()
+        optimizer.zero_grad(set_to_none=True)
+        _restore(trainer, saved)
+    return LrFindResult(lrs=recorded, losses=losses, smoothed=smoothed, steps=cfg.steps, start=cfg.start,
+                        end=cfg.end, seconds=time.perf_counter() - started)
+
+
+def _cycle(loader: Any) -> Iterator[Any]:
+    """The loader's batches, pass after pass, for as many steps as the test needs."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("the train loader yields no batches (fewer images than one batch with drop_last?)")
+
+
+def _snapshot(trainer: Any) -> Dict[str, Any]:
+    """Everything the range test changes, copied (the weights and optimizer state deep)."""
+    model, state = trainer.model, trainer.state
+    generator = trainer.data.train_generator
+    return {
+        "model": {k: v.detach().clone() for k, v in model.state_dict().items()},  # BatchNorm stats too
+        "optimizer": copy.deepcopy(state.optimizer.state_dict()),
+        "scaler": copy.deepcopy(state.scaler.state_dict()) if state.scaler is not None else None,
+        "modes": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "rng": capture_rng_state(),
+        "generator": generator.get_state() if generator is not None else None,
+    }
+
+
+def _restore(trainer: Any, saved: Dict[str, Any]) -> None:
+    model, state = trainer.model, trainer.state
+    model.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])  # drops the momentum the test built up
+    if state.scaler is not None:
+        state.scaler.load_state_dict(saved["scaler"])
+    for module, training in zip(model.modules(), saved["modes"]):
+        module.training = training
+    for param, flag in zip(model.parameters(), saved["requires_grad"]):
+        param.requires_grad_(flag)
+    if saved["generator"] is not None:
+        trainer.data.train_generator.set_state(saved["generator"])
+    restore_rng_state(saved["rng"])
+
+
+def check_lr_find(recipe: Any) -> None:
+    """optim.lr: find with keys it cannot work with, checked before any work."""
+    from imgtrain.config import RecipeError
+
+    if recipe.optim.lr == "find" and recipe.transfer.group_lrs is not None:
+        raise RecipeError("transfer.group_lrs sets every layer group's lr, so optim.lr: find has nothing to "
+                          "set; use transfer.layer_decay with optim.lr: find, or give optim.lr a number",
+                          file=recipe.source_file, key="optim.lr")
+
+
+__all__ = ["CSV_NAME", "PLOT_NAME", "LrFindResult", "SUGGESTIONS", "check_lr_find", "diverged", "find_lr",
+           "lr_schedule", "minimum_tenth", "smooth_losses", "steepest", "suggest", "valley"]

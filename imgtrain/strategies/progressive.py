@@ -1,0 +1,196 @@
+"""Progressive resizing: train on small images first, then on larger ones.
+
+Early in training a network learns coarse shapes, which small images show as well as
+large ones at a fraction of the cost (a convolution's work grows with the image area).
+Ending at full size, and evaluating there, recovers the detail. fast.ai used it to train
+ImageNet quickly (Howard 2018, "Now anyone can train Imagenet in 18 minutes"); FFCV's
+ResNet recipes ramp the size linearly; Composer calls it ProgressiveResizing; Touvron et
+al. 2019 ("Fixing the train-test resolution discrepancy") explain why testing somewhat
+larger than the last training size helps.
+
+Two ways to say it in a recipe (the `progressive` section):
+
+- stages: `[{img_size: 14, batch_size: 512, epochs: 3}, {img_size: 28, epochs: 3}]`;
+  a stage may give its own `batch_size` (small images fit more per step) and `lr`;
+- a ramp: `min_size` to `max_size` between `ramp_start` and `ramp_end` (fractions of the
+  run), sizes rounded to `size_multiple`, as FFCV does.
+
+The data pipeline makes every image at `augment.img_size` (the largest training size);
+each batch is shrunk on the device to the epoch's size (`resize_batch`, antialiased).
+Evaluation uses `eval_size` (default: the last training size), built by the eval pipeline
+directly. The model, optimizer and EMA carry across stages. When a stage changes the
+batch size without giving an lr, the lr is scaled by the batch ratio (`lr_scaling`:
+linear, Goyal et al. 2017, or sqrt, Krizhevsky 2014). The schedule runs once over the
+whole run (`schedule: continuous`) or restarts in every stage (`restart`).
+
+The plan is a pure function of the epoch (`plan_epochs`), so a resumed run picks up the
+size, batch size and lr scale of its epoch without any saved state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from imgtrain.config import RecipeError
+from imgtrain.engine.events import Hook
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """What one epoch trains with."""
+    stage: int          # 0-based stage (a ramp: one stage per distinct size)
+    img_size: int       # training image side, pixels
+    batch_size: int     # images per step
+    lr_scale: float     # multiplies the schedule's learning rate
+
+
+def progressive_enabled(recipe: Any) -> bool:
+    cfg = recipe.progressive
+    return bool(cfg.stages) or cfg.min_size is not None
+
+
+def ramp_size(epoch: int, epochs: int, min_size: int, max_size: int, ramp_start: float, ramp_end: float,
+              multiple: int) -> int:
+    """The image size of `epoch` (0-based) on a linear ramp, rounded down to `multiple`.
+
+    The size is min_size up to ramp_start x epochs, max_size from ramp_end x epochs, linear in
+    between, rounded to the nearest multiple (FFCV's `get_resolution`, per epoch); never below
+    min_size nor above max_size.
+    """
+    start, end = ramp_start * epochs, ramp_end * epochs
+    if end <= start:
+        fraction = 1.0 if epoch >= end else 0.0
+    else:
+        fraction = min(1.0, max(0.0, (epoch - start) / (end - start)))
+    size = round((min_size + fraction * (max_size - min_size)) / multiple) * multiple
+    return max(min_size, min(max_size, size))
+
+
+def lr_scale_for(batch_size: int, base_batch_size: int, rule: str) -> float:
+    """Learning-rate multiplier for a batch of `batch_size` when the recipe's lr is for `base_batch_size`."""
+    ratio = batch_size / base_batch_size
+    if rule == "linear":
+        return ratio
+    if rule == "sqrt":
+        return math.sqrt(ratio)
+    return 1.0
+
+
+def plan_epochs(recipe: Any, train_size: int) -> List[EpochPlan]:
+    """One EpochPlan per epoch of the run; without progressive resizing, the same plan every epoch.
+
+    train_size: the side the data pipeline makes (augment.img_size or the native size).
+    """
+    cfg, base_batch, epochs = recipe.progressive, recipe.data.batch_size, recipe.train.epochs
+    if cfg.stages:
+        plans: List[EpochPlan] = []
+        for index, stage in enumerate(cfg.stages):
+            batch = int(stage.get("batch_size", base_batch))
+            if stage.get("lr") is not None:
+                scale = float(stage["lr"]) / recipe.optim.lr
+            else:
+                scale = lr_scale_for(batch, base_batch, cfg.lr_scaling)
+            plans += [EpochPlan(index, int(stage["img_size"]), batch, scale)] * int(stage["epochs"])
+        return plans
+    if cfg.min_size is not None:
+        top = cfg.max_size or train_size
+        sizes = [ramp_size(e, epochs, cfg.min_size, top, cfg.ramp_start, cfg.ramp_end, cfg.size_multiple)
+                 for e in range(epochs)]
+        distinct = sorted(set(sizes))
+        return [EpochPlan(distinct.index(size), size, base_batch, 1.0) for size in sizes]
+    return [EpochPlan(0, train_size, base_batch, 1.0)] * epochs
+
+
+def eval_size(recipe: Any, train_size: int) -> int:
+    """The side validation and test images are made at."""
+    cfg = recipe.progressive
+    if not progressive_enabled(recipe):
+        return train_size
+    if cfg.eval_size is not None:
+        return cfg.eval_size
+    return plan_epochs(recipe, train_size)[-1].img_size
+
+
+def check_progressive_recipe(recipe: Any, train_size: int, batch_sampler: bool = False) -> None:
+    """Checks that need the data's size and the rest of the recipe; run before training starts."""
+    if not progressive_enabled(recipe):
+        return
+    cfg, file = recipe.progressive, recipe.source_file
+    if cfg.stages:
+        total = sum(int(stage["epochs"]) for stage in cfg.stages)
+        if total != recipe.train.epochs:
+            raise RecipeError(f"the stages add up to {total} epochs but train.epochs is {recipe.train.epochs}; "
+                              f"set train.epochs: {total} or change the stages' epochs", file=file,
+                              key="progressive.stages")
+        largest = max(int(stage["img_size"]) for stage in cfg.stages)
+        if batch_sampler and any("batch_size" in stage for stage in cfg.stages):
+            raise RecipeError("data.sampler per_class builds its own batches of data.batch_size: stages "
+                              "cannot change batch_size with it; drop batch_size from the stages",
+                              file=file, key="progressive.stages")
+    else:
+        largest = cfg.max_size or train_size
+        if cfg.min_size >= largest:
+            raise RecipeError(f"min_size {cfg.min_size} must be smaller than the ramp's last size {largest} "
+                              "(max_size, default augment.img_size)", file=file, key="progressive.min_size")
+    if largest > train_size:
+        raise RecipeError(f"a training size of {largest} px is larger than the {train_size} px images the data "
+                          f"pipeline makes; set augment.img_size: {largest} (images are only ever shrunk "
+                          "per batch)", file=file, key="progressive.stages" if cfg.stages else "progressive.max_size")
+
+
+def describe_plans(plans: List[EpochPlan]) -> str:
+    """'stage 1: 16 px, batch 256, 3 epochs; stage 2: ...' (one entry per run of equal plans)."""
+    parts, run = [], 1
+    for index, plan in enumerate(plans):
+        if index + 1 < len(plans) and plans[index + 1] == plan:
+            run += 1
+            continue
+        lr = f", lr x{plan.lr_scale:g}" if plan.lr_scale != 1.0 else ""
+        parts.append(f"{plan.img_size} px, batch {plan.batch_size}{lr}, {run} epoch{'s' if run > 1 else ''}")
+        run = 1
+    return "; ".join(parts)
+
+
+def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """A batch (B, C, H, W) at size x size: bilinear, antialiased when shrinking; unchanged at its size."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    shrinking = size < images.shape[-1] or size < images.shape[-2]
+    # in float32: the antialiased kernel has no half-precision CPU version, and batches are float
+    # here anyway (autocast lowers precision inside the model, not before it)
+    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False,
+                        antialias=shrinking)
+    return out.to(dtype=images.dtype)
+
+
+class ProgressiveResizingHook(Hook):
+    """Shrinks every training batch to its epoch's size and records stage, size and batch size."""
+
+    name = "progressive_resizing"
+
+    def __init__(self, plans: List[EpochPlan], channels_last: bool = False):
+        self.plans, self.channels_last = plans, channels_last
+        self.size: Optional[int] = None
+
+    def epoch_start(self, state: Any) -> None:
+        plan = self.plans[min(state.epoch, len(self.plans) - 1)]
+        self.size = plan.img_size
+        # columns of history.csv for this epoch
+        state.epoch_metrics.update({"stage": plan.stage + 1, "img_size": plan.img_size,
+                                    "batch_size": plan.batch_size})
+
+    def batch_start(self, state: Any) -> None:
+        if self.size is None or state.inputs.shape[-1] == self.size:
+            return
+        state.inputs = resize_batch(state.inputs, self.size)
+        if self.channels_last:
+            state.inputs = state.inputs.contiguous(memory_format=torch.channels_last)
+
+
+__all__ = ["EpochPlan", "ProgressiveResizingHook", "check_progressive_recipe", "describe_plans", "eval_size", "lr_scale_for",
+           "plan_epochs", "progressive_enabled", "ramp_size", "resize_batch"]
