@@ -16,7 +16,7 @@ columns: strategy, batch size, image size, epochs, peak memory, wall time, test 
 and the ratios against the fixed-size run.
 
     python benchmarks/progressive.py [--images 20000] [--epochs 8] [--stages 16:3,22:3,28:2]
-                                     [--device-transforms] [--batch-scaling]
+                                     [--device-transforms] [--batch-scaling] [--rounds 1]
 
 With `--device-transforms` both arms augment whole batches (`augment.device_transforms: on`)
 instead of image by image in the loader: the per-image work, the same at any training size,
@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--device-transforms", action="store_true",
                         help="both arms augment per batch (augment.device_transforms: on) instead of per image")
     parser.add_argument("--batch-scaling", action="store_true", help="add the seed's arm: larger batches when small")
+    parser.add_argument("--rounds", type=int, default=1, help="run every arm this many times, alternating "
+                                                                "the order; the table shows each arm's median")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm in this process
     args = parser.parse_args()
@@ -116,8 +118,11 @@ def main() -> None:
     if sum(int(p.split(":")[1]) for p in args.stages.split(",")) != args.epochs:
         parser.error(f"--stages {args.stages} must add up to --epochs {args.epochs}")
     arms = ["fixed", "progressive"] + (["progressive + batch scaling"] if args.batch_scaling else [])
-    results = []
-    for arm in arms:
+    runs: dict = {arm: [] for arm in arms}
+    # rounds alternate the order (fixed, progressive, progressive, fixed ...): a machine that speeds
+    # up or slows down during the benchmark then weighs on every arm alike
+    order = [arm for r in range(args.rounds) for arm in (arms if r % 2 == 0 else arms[::-1])]
+    for arm in order:
         command = [sys.executable, __file__, "--arm", arm, "--images", str(args.images), "--epochs",
                    str(args.epochs), "--stages", args.stages, "--seed", str(args.seed), "--val-fraction",
                    str(args.val_fraction)] + (["--device-transforms"] if args.device_transforms else [])
@@ -127,13 +132,18 @@ def main() -> None:
         done = subprocess.run(command, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             sys.exit(f"{arm} failed:\n{done.stderr[-3000:]}")
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(f"  {arm}: {results[-1]['test_acc']:.2%}, {results[-1]['wall']:.0f} s training, "
-              f"{results[-1]['total']:.0f} s in all", file=sys.stderr)
+        runs[arm].append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"  {arm}: {runs[arm][-1]['test_acc']:.2%}, {runs[arm][-1]['wall']:.0f} s training, "
+              f"{runs[arm][-1]['total']:.0f} s in all", file=sys.stderr)
+    results = []
+    for arm in arms:  # the median round of each arm (by training wall time)
+        ordered = sorted(runs[arm], key=lambda r: r["wall"])
+        results.append(ordered[(len(ordered) - 1) // 2])
     base = results[0]
     where = "per batch (device_transforms on)" if args.device_transforms else "per image in the loader"
     print(f"\nprogressive resizing: Fashion-MNIST, {args.images} training images, imgtrain_cnn_small, "
-          f"{args.epochs} epochs each, seed {args.seed}, augmentation {where}, test split (10,000 images)")
+          f"{args.epochs} epochs each, seed {args.seed}, augmentation {where}, test split (10,000 images), "
+          f"median of {args.rounds} alternating round(s)")
     print(f"{'strategy':<28s}{'batch size':>12s}{'image size':>12s}{'epochs':>7s}{'peak MB':>9s}{'wall s':>8s}"
           f"{'x wall':>8s}{'train s':>9s}{'cpu s':>8s}{'test acc':>10s}{'vs fixed':>10s}")
     for r in results:
