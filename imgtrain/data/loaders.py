@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from imgtrain.data.errors import DataError
 from imgtrain.data.sources import DataSplits
-from imgtrain.data.samplers import with_train_sampler
+from imgtrain.data.samplers import loader_with_sampling, with_train_sampler
 
 
 @dataclass
@@ -117,12 +117,7 @@ def with_batch_size(loader: DataLoader, batch_size: int) -> DataLoader:
     if loader.batch_size is None:
         raise DataError("this train loader builds its own batches (data.sampler per_class): its batch "
                         "size cannot change between stages")
-    return DataLoader(loader.dataset, batch_size=batch_size, sampler=loader.sampler, drop_last=loader.drop_last,
-                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
-                      timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
-                      multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
-                      prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers,
-                      pin_memory_device=loader.pin_memory_device, in_order=loader.in_order)
+    return loader_with_sampling(loader, batch_size=batch_size, sampler=loader.sampler)
 
 
 def _class_counts(dataset: Dataset | None, classes) -> dict[str, Any] | None:

@@ -61,11 +61,11 @@ class Trainer:
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # compile wraps the module; checkpoints and hooks keep using the plain one
-        sizes = {plan.img_size for plan in data.epoch_plans or ()}
-        self.forward_model = compile_model(self.model, len(sizes)) if cfg.compile else self.model
         # the batch size (so the loader and the batches per epoch) may change between epochs
         # (progressive resizing's stages); everything below is planned per epoch up front
         self.plans = data.epoch_plans or [EpochPlan(0, 0, recipe.data.batch_size, 1.0)] * cfg.epochs
+        sizes = len({plan.img_size for plan in self.plans})
+        self.forward_model = compile_model(self.model, sizes) if cfg.compile else self.model
         self.train_loaders = {recipe.data.batch_size: data.train}
         for plan in self.plans:
             if plan.batch_size not in self.train_loaders:
