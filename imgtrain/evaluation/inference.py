@@ -1,0 +1,124 @@
+"""Predictors: what evaluate, predict, ensemble and the report run images through.
+
+A predictor turns a dataset of raw images (uint8 (C, H, W) tensors, no transform yet) into
+class probabilities. Each one applies its own eval pipeline, so members of an ensemble may
+differ in input size, channels and normalisation:
+
+    ModelPredictor      one trained model (a run folder or .safetensors), optionally with
+                        test-time augmentation (evaluation/tta.py)
+    EnsemblePredictor   several predictors combined (evaluation/ensemble.py)
+
+    predictor = load_predictor("runs/fmnist", tta=True)     # or an ensemble folder
+    probs, targets = predictor.probabilities(dataset)        # (N, C) and (N,)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from imgtrain.api import LoadedModel, load_trained
+
+ENSEMBLE_FILE = "ensemble.yaml"  # marks a folder written by `imgtrain ensemble --save`
+TTAArg = Union[None, bool, Any]  # None/False: off; True: the recipe's eval.tta (or the default); a TTAConfig
+
+
+class ImageListDataset(Dataset):
+    """Decoded images held in a list (what predict reads from files), with a swappable transform."""
+
+    def __init__(self, images: Sequence[torch.Tensor], targets: Optional[Sequence[int]] = None,
+                 transform: Any = None):
+        self.images = list(images)
+        self.targets = list(targets) if targets is not None else [-1] * len(self.images)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        return (self.transform(image) if self.transform is not None else image), self.targets[index]
+
+    def with_transform(self, transform: Any) -> "ImageListDataset":
+        return ImageListDataset(self.images, self.targets, transform)
+
+
+class ModelPredictor:
+    """One trained model and its eval pipeline; with `tta`, each batch is also seen as the
+    configured views and the predictions merged (evaluation/tta.py)."""
+
+    def __init__(self, loaded: LoadedModel, tta: TTAArg = None):
+        self.loaded = loaded
+        self.classes: List[str] = list(loaded.classes)
+        self.channels = loaded.channels
+        self.recipe = loaded.recipe
+        self.source = str(loaded.path)
+        self.tta = resolve_tta(loaded.recipe, tta)
+
+    def describe(self) -> str:
+        return (f"{self.loaded.recipe.model.name} at {self.loaded.img_size} px ({self.source})"
+                + (f" with TTA {self.tta.describe()}" if self.tta is not None else ""))
+
+    def module(self) -> torch.nn.Module:
+        """The network that maps a transformed batch to logits (TTA-wrapped when asked)."""
+        if self.tta is None:
+            return self.loaded.model
+        from imgtrain.evaluation.tta import TTAModel
+        return TTAModel(self.loaded.model, self.tta)
+
+    def without_tta(self) -> "ModelPredictor":
+        return ModelPredictor(self.loaded, tta=None)
+
+    @torch.no_grad()
+    def probabilities(self, dataset: Any, batch_size: int = 256, device: Union[str, torch.device] = "cpu",
+                      num_workers: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(N, C) probabilities on the CPU and the dataset's (N,) targets, in dataset order."""
+        return run_model(self.module(), dataset.with_transform(self.loaded.eval_transform()),
+                         batch_size=batch_size, device=device, num_workers=num_workers)
+
+
+@torch.no_grad()
+def run_model(model: torch.nn.Module, dataset: Any, batch_size: int = 256,
+              device: Union[str, torch.device] = "cpu", num_workers: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Softmax of `model` over a transformed dataset, in order; (probs, targets) on the CPU."""
+    device = torch.device(device)
+    model = model.to(device).eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    probs, targets = [], []
+    for inputs, labels in loader:
+        logits = model(inputs.to(device, non_blocking=True))
+        probs.append(logits.float().softmax(dim=1).cpu())
+        targets.append(torch.as_tensor(labels).long())
+    if not probs:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(probs), torch.cat(targets)
+
+
+def resolve_tta(recipe: Any, tta: TTAArg) -> Any:
+    """None when TTA is off; the TTAConfig to use otherwise (True means the recipe's
+    `eval.tta`, or the default views when the recipe names none)."""
+    if tta is None or tta is False:
+        return None
+    from imgtrain.evaluation.tta import tta_config_for
+    return tta_config_for(recipe, tta)
+
+
+def is_ensemble_dir(target: Union[str, Path]) -> bool:
+    return Path(target).is_dir() and (Path(target) / ENSEMBLE_FILE).is_file()
+
+
+def load_predictor(target: Union[str, Path], tta: TTAArg = None, device: Union[str, torch.device] = "cpu") -> Any:
+    """A run folder or .safetensors file (ModelPredictor), or a folder written by
+    `imgtrain ensemble --save` (EnsemblePredictor)."""
+    if is_ensemble_dir(target):
+        from imgtrain.evaluation.ensemble import load_ensemble
+        return load_ensemble(target, tta=tta, device=device)
+    return ModelPredictor(load_trained(target, device=device), tta=tta)
+
+
+__all__ = ["ENSEMBLE_FILE", "ImageListDataset", "ModelPredictor", "is_ensemble_dir", "load_predictor",
+           "resolve_tta", "run_model"]

@@ -1,0 +1,193 @@
+"""Classification metrics from predicted probabilities, computed with torchmetrics.
+
+    suite = MetricSuite(num_classes=10)
+    for probs, targets in batches:
+        suite.update(probs, targets)
+    metrics = suite.compute(classes)   # a plain dict: see `MetricSuite.compute`
+
+torchmetrics keeps the sufficient statistics (the confusion matrix, top-k hits, calibration
+bins, the summed loss) as metric states that it all-reduces across processes under DDP, so
+the numbers are those of the whole split, not of one rank's shard. Everything else (per-class
+precision, recall and F1, balanced accuracy) is derived from the synced confusion matrix, so
+the parts always agree with each other.
+
+Conventions, as scikit-learn's:
+- balanced accuracy is the mean recall over the classes that occur in the targets (a class
+  with no images has no recall to average, so it is left out rather than counted as 0);
+- precision of a class never predicted, and F1 where precision + recall is 0, are 0;
+- the confusion matrix has the true class as the row and the predicted class as the column.
+Expected calibration error is torchmetrics' (15 equal-width confidence bins, L1): the
+images-weighted gap between confidence and accuracy (Guo et al. 2017).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassConfusionMatrix
+
+ECE_BINS = 15
+TOP5 = 5  # top-5 accuracy is reported when there are more classes than this
+PROB_FLOOR = 1e-12  # -log(0) is inf: a hard vote can give the true class probability 0
+
+
+class MetricSuite:
+    """Accumulates predictions batch by batch; `compute` gives every metric the tools report."""
+
+    def __init__(self, num_classes: int, device: Union[str, torch.device] = "cpu"):
+        if num_classes < 2:
+            raise ValueError(f"classification metrics need at least 2 classes, got {num_classes}")
+        self.num_classes = num_classes
+        self.confusion = MulticlassConfusionMatrix(num_classes).to(device)
+        self.top5 = MulticlassAccuracy(num_classes, top_k=TOP5, average="micro").to(device) \
+            if num_classes > TOP5 else None
+        self.ece = MulticlassCalibrationError(num_classes, n_bins=ECE_BINS, norm="l1").to(device)
+        self.loss = MeanMetric().to(device)
+
+    def update(self, probs: torch.Tensor, targets: torch.Tensor) -> None:
+        """probs: (N, C) probabilities (rows sum to 1); targets: (N,) class indices."""
+        if probs.dim() != 2 or probs.shape[1] != self.num_classes:
+            raise ValueError(f"probs must have shape (N, {self.num_classes}), got {tuple(probs.shape)}")
+        probs, targets = probs.float(), targets.long()
+        self.confusion.update(probs.argmax(dim=1), targets)
+        if self.top5 is not None:
+            self.top5.update(probs, targets)
+        self.ece.update(probs, targets)
+        picked = probs.gather(1, targets[:, None]).squeeze(1)
+        self.loss.update(-picked.clamp_min(PROB_FLOOR).log())
+
+    def compute(self, classes: Sequence[str]) -> Dict[str, Any]:
+        """images, loss (mean NLL), acc, top5_acc (more than 5 classes), balanced_acc, macro_f1,
+        ece, per_class {name: precision, recall, f1, support}, confusion (rows: true class)."""
+        if len(classes) != self.num_classes:
+            raise ValueError(f"{len(classes)} class names for {self.num_classes} classes")
+        matrix = self.confusion.compute().long().cpu()
+        seen = int(matrix.sum())
+        if seen == 0:
+            raise ValueError("no predictions to compute metrics from")
+        result: Dict[str, Any] = {"images": seen, "loss": float(self.loss.compute()),
+                                  "acc": int(matrix.diagonal().sum()) / seen}
+        if self.top5 is not None:
+            result["top5_acc"] = float(self.top5.compute())
+        per_class = per_class_scores(matrix, classes)
+        recalls = [row["recall"] for row in per_class.values() if row["support"] > 0]
+        result["balanced_acc"] = sum(recalls) / len(recalls)
+        result["macro_f1"] = sum(row["f1"] for row in per_class.values()) / len(per_class)
+        result["ece"] = float(self.ece.compute())
+        result["per_class"] = per_class
+        result["confusion"] = matrix.tolist()
+        return result
+
+
+def per_class_scores(matrix: torch.Tensor, classes: Sequence[str]) -> Dict[str, Dict[str, float]]:
+    """Precision, recall, F1 and support of each class from a confusion matrix (rows: true)."""
+    matrix = matrix.double()
+    true_pos = matrix.diagonal()
+    support = matrix.sum(dim=1)
+    predicted = matrix.sum(dim=0)
+    scores = {}
+    for i, name in enumerate(classes):
+        tp, sup, pred = float(true_pos[i]), float(support[i]), float(predicted[i])
+        precision = tp / pred if pred else 0.0
+        recall = tp / sup if sup else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        scores[str(name)] = {"precision": precision, "recall": recall, "f1": f1, "support": int(sup)}
+    return scores
+
+
+def compute_metrics(probs: torch.Tensor, targets: torch.Tensor, classes: Sequence[str]) -> Dict[str, Any]:
+    """All metrics of one set of predictions at once (a MetricSuite fed one batch)."""
+    suite = MetricSuite(len(classes))
+    suite.update(probs, targets)
+    return suite.compute(classes)
+
+
+# ----------------------------------------------------------------------------- files
+
+def write_confusion_csv(path: Union[str, Path], confusion: Sequence[Sequence[int]],
+                        classes: Sequence[str]) -> Path:
+    """The matrix with a header row of predicted classes and a first column of true classes."""
+    from imgtrain.tracking.summary import atomic_write_text
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["true \\ predicted"] + [str(c) for c in classes])
+    for name, row in zip(classes, confusion):
+        writer.writerow([str(name)] + [int(v) for v in row])
+    atomic_write_text(path, buffer.getvalue())
+    return Path(path)
+
+
+def read_confusion_csv(path: Union[str, Path]) -> tuple:
+    """(classes, matrix) back from `write_confusion_csv`'s file."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    classes = rows[0][1:]
+    return classes, [[int(v) for v in row[1:]] for row in rows[1:]]
+
+
+def confusion_figure(confusion: Sequence[Sequence[int]], classes: Sequence[str], title: str = "confusion matrix"):
+    """A matplotlib Figure of the matrix, each row normalised to the class's recall (colour) with
+    the counts written in the cells (up to 30 classes; past that the cells are too small)."""
+    from matplotlib.figure import Figure
+
+    matrix = torch.tensor(confusion, dtype=torch.float64)
+    rows = matrix.sum(dim=1, keepdim=True).clamp_min(1)
+    share = (matrix / rows).numpy()
+    n = len(classes)
+    side = min(3.5 + 0.3 * n, 14)
+    fig = Figure(figsize=(side + 1.0, side), dpi=80)
+    ax = fig.add_subplot()
+    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set_xticks(range(n), [str(c) for c in classes], rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), [str(c) for c in classes], fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                count = int(matrix[i, j])
+                if count:
+                    ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                            color="white" if share[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    return fig
+
+
+def save_confusion_png(path: Union[str, Path], confusion: Sequence[Sequence[int]], classes: Sequence[str],
+                       title: str = "confusion matrix") -> Path:
+    from imgtrain.tracking.summary import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    confusion_figure(confusion, classes, title).savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
+def format_metrics(metrics: Dict[str, Any], per_class: bool = True, limit: Optional[int] = 50) -> str:
+    """The metrics as a person reads them: headline numbers, then a per-class table."""
+    lines = [f"images {metrics['images']}  loss {metrics['loss']:.4f}  acc {metrics['acc']:.2%}"
+             + (f"  top5 {metrics['top5_acc']:.2%}" if "top5_acc" in metrics else "")
+             + f"  balanced {metrics['balanced_acc']:.2%}  macro F1 {metrics['macro_f1']:.4f}"
+             + f"  ECE {metrics['ece']:.4f}"]
+    if per_class:
+        rows: List[Dict[str, Any]] = [dict(name=k, **v) for k, v in metrics["per_class"].items()]
+        width = max(8, max(len(r["name"]) for r in rows))
+        lines.append(f"{'class':<{width}}  precision  recall      f1  support")
+        for row in rows[:limit]:
+            lines.append(f"{row['name']:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  "
+                         f"{row['f1']:6.4f}  {row['support']:7d}")
+        if limit is not None and len(rows) > limit:
+            lines.append(f"... {len(rows) - limit} more classes (--json or the per_class.csv file has them all)")
+    return "\n".join(lines)
+
+
+__all__ = ["ECE_BINS", "MetricSuite", "compute_metrics", "confusion_figure", "format_metrics",
+           "per_class_scores", "read_confusion_csv", "save_confusion_png", "write_confusion_csv"]
