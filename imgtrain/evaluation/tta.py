@@ -1,0 +1,346 @@
+"""Test-time augmentation: predict each image as several views and merge the predictions.
+
+A model trained with flips, crops and shifts has learnt that those changes do not change the
+class; asking it about several views of an image and averaging the answers smooths out the
+mistakes it makes on one of them. It typically gains a few tenths of a point to a point of
+accuracy (more for a model that is unsure, less for one that is already nearly right) and
+improves calibration; it costs one forward pass per view. (Krizhevsky et al. 2012 averaged ten
+crops; Simonyan & Zisserman 2015 flips and scales; fastai and timm offer it for the same reason.)
+
+    settings = tta_config_for(recipe, ["hflip", "five_crop:0.8"])    # or True: the recipe's eval.tta
+    model = TTAModel(trained_model, settings)     # batch -> merged logits, like the model itself
+    views = tta_views(batch, ["hflip"])           # [batch, flipped batch]
+    logits = merge_predictions([net(v) for v in views], "mean_probs")
+
+Views act on a batch as the model takes it: transformed and normalised, (N, C, H, W), on its
+device, all images at once (no per-image Python loop); every view keeps the size H x W. The
+original batch is always the first view; each `eval.tta` entry adds its views to it, and a view
+that equals one already there (`identity`, `scale: 1.0`, `translate: 0`, a repeated entry) is
+not run twice. So `hflip` alone means 2 views, `[hflip, five_crop]` 7.
+
+    identity          the batch as it is (always included; listing it alone turns TTA into the plain model)
+    hflip / vflip     torch.flip of the width / height axis
+    five_crop: f      torchvision's FiveCrop: the four corner crops and the centre crop, each of side
+                      round(f * H) x round(f * W) (f in (0, 1); default 0.875), each resized back to
+                      H x W (bilinear): 5 views
+    ten_crop: f       torchvision's TenCrop: five_crop of the batch, then five_crop of its hflip: 10 views
+    scale: [s, ...]   zoom about the centre by each factor s in [0.25, 4] (default [0.9, 1.1]): resize
+                      to round(s * H) x round(s * W) (bilinear, antialiased when shrinking), then
+                      torchvision's center_crop back to H x W, which crops (s > 1) or pads with zeros
+                      (s < 1). Zero is the dataset's mean colour after normalisation (black with
+                      augment.normalize: none): 1 view per factor
+    translate: d      shift the content right, left, down and up by d: an integer is pixels, a number
+                      with a point a fraction of the side (round(d * W) across, round(d * H) down;
+                      default 0.1); uncovered pixels are zeros (the mean, as for scale): 4 views
+    random: n         n random resized crops (area a fraction in `area`, default [0.6, 1.0], of the
+                      image; aspect ratio log-uniform in [3/4, 4/3]; resized back to H x W) each
+                      flipped with probability 0.5 (`flip: false` turns that off). The crops are
+                      drawn once from a torch.Generator seeded with `seed` (default 0), as fractions
+                      of the image, and every image of every batch gets the same n: results are
+                      reproducible and do not depend on the batch size: n views
+
+Merge rules (`eval.tta_merge`), each handing back logits (what the model returns):
+
+    mean_probs    log(mean_v softmax(z_v)): the softmax of the result is the mean probability (default)
+    mean_logits   mean_v z_v
+    max           log(max_v softmax(z_v)), per class: its softmax is the per-class max, renormalised
+
+`TTAModel` is an nn.Module, so it goes wherever a model does: evaluate/predict (`--tta`),
+ensemble members, a distillation teacher (`distill.teacher_tta`) and the end-of-training test
+(`summary.json`'s `test_acc_tta` when the recipe sets `eval.tta`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imgtrain.config import RecipeError, TTAView, parse_tta_view
+
+DEFAULT_VIEWS = ("hflip",)  # tta=True on a recipe whose eval.tta is empty
+MERGE_RULES = {"mean_probs": "mean of probabilities", "mean_logits": "mean of logits",
+               "max": "max probability"}
+RATIO = (3 / 4, 4 / 3)  # random: aspect-ratio range of the crops (torchvision's RandomResizedCrop default)
+
+
+# ----------------------------------------------------------------------------- the views as operations
+
+@dataclass(frozen=True)
+class ViewOp:
+    """One view: a transform of the whole batch that keeps its size.
+
+    kind: identity | flip | crop | scale | shift. Sizes are kept as fractions of the side until
+    applied, so one ViewOp serves any input size.
+        flip   dims: the axes flipped ((-1,) width, (-2,) height)
+        crop   box (top, left, height, width) as fractions; `corner` names a five_crop position
+               (tl, tr, bl, br, center) computed as torchvision does; flipped first with `pre_flip`,
+               flipped after with `post_flip`
+        scale  factor
+        shift  (dy, dx), in pixels when `pixels` else fractions of the side"""
+    kind: str
+    dims: Tuple[int, ...] = ()
+    fraction: float = 1.0
+    corner: str = ""
+    box: Tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
+    pre_flip: bool = False
+    post_flip: bool = False
+    factor: float = 1.0
+    shift: Tuple[float, float] = (0.0, 0.0)
+    pixels: bool = False
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.kind == "identity":
+            return batch
+        if self.kind == "flip":
+            return torch.flip(batch, dims=self.dims)
+        if self.kind == "crop":
+            return _crop_view(batch, self)
+        if self.kind == "scale":
+            return scale_batch(batch, self.factor)
+        if self.kind == "shift":
+            height, width = batch.shape[-2:]
+            dy, dx = self.shift
+            if not self.pixels:
+                dy, dx = math.copysign(round(abs(dy) * height), dy), math.copysign(round(abs(dx) * width), dx)
+            return shift_batch(batch, int(dy), int(dx))
+        raise ValueError(f"unknown view kind {self.kind!r}")
+
+    def is_identity(self) -> bool:
+        return (self.kind == "identity" or (self.kind == "scale" and self.factor == 1.0)
+                or (self.kind == "shift" and self.shift == (0.0, 0.0)))
+
+
+def five_crop_boxes(height: int, width: int, fraction: float) -> dict:
+    """corner -> (top, left, crop height, crop width) in pixels, as torchvision's five_crop places them."""
+    ch, cw = max(1, round(fraction * height)), max(1, round(fraction * width))
+    centre_top, centre_left = int(round((height - ch) / 2.0)), int(round((width - cw) / 2.0))
+    return {"tl": (0, 0, ch, cw), "tr": (0, width - cw, ch, cw), "bl": (height - ch, 0, ch, cw),
+            "br": (height - ch, width - cw, ch, cw), "center": (centre_top, centre_left, ch, cw)}
+
+
+def resize_batch(batch: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of a batch (antialiased when shrinking, as torchvision's resize)."""
+    if tuple(batch.shape[-2:]) == tuple(size):
+        return batch
+    shrinking = size[0] < batch.shape[-2] or size[1] < batch.shape[-1]
+    return F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
+
+
+def scale_batch(batch: torch.Tensor, factor: float) -> torch.Tensor:
+    """Zoom about the centre keeping the size: resize by `factor`, then centre-crop (factor > 1)
+    or zero-pad (factor < 1) back, as torchvision's center_crop does."""
+    height, width = batch.shape[-2:]
+    if factor == 1.0:
+        return batch
+    new_h, new_w = max(1, round(factor * height)), max(1, round(factor * width))
+    resized = resize_batch(batch, (new_h, new_w))
+    if new_h < height or new_w < width:  # torchvision pads left/top by (diff // 2), the rest right/bottom
+        pad_h, pad_w = max(height - new_h, 0), max(width - new_w, 0)
+        resized = F.pad(resized, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        new_h, new_w = resized.shape[-2:]
+    top, left = int(round((new_h - height) / 2.0)), int(round((new_w - width) / 2.0))
+    return resized[..., top:top + height, left:left + width]
+
+
+def shift_batch(batch: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Move the content dy pixels down and dx right (negative: up / left); zeros fill what is uncovered."""
+    if dy == 0 and dx == 0:
+        return batch
+    height, width = batch.shape[-2:]
+    padded = F.pad(batch, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)))
+    top, left = max(-dy, 0), max(-dx, 0)
+    return padded[..., top:top + height, left:left + width]
+
+
+def _crop_view(batch: torch.Tensor, op: ViewOp) -> torch.Tensor:
+    x = torch.flip(batch, dims=(-1,)) if op.pre_flip else batch
+    height, width = x.shape[-2:]
+    if op.corner:
+        top, left, ch, cw = five_crop_boxes(height, width, op.fraction)[op.corner]
+    else:
+        ft, fl, fh, fw = op.box
+        ch, cw = max(1, min(height, round(fh * height))), max(1, min(width, round(fw * width)))
+        top, left = min(int(ft * height), height - ch), min(int(fl * width), width - cw)
+    x = resize_batch(x[..., top:top + ch, left:left + cw], (height, width))
+    return torch.flip(x, dims=(-1,)) if op.post_flip else x
+
+
+def _random_ops(view: TTAView) -> List[ViewOp]:
+    """`view.value` random resized crops (+ flips), drawn once from a generator seeded with view.seed."""
+    generator = torch.Generator().manual_seed(view.seed)
+    ops = []
+    low, high = view.area
+    log_ratio = (math.log(RATIO[0]), math.log(RATIO[1]))
+    for _ in range(view.value):
+        values = torch.rand(5, generator=generator, dtype=torch.float64).tolist()
+        area = low + (high - low) * values[0]
+        ratio = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * values[1])
+        fw, fh = min(1.0, math.sqrt(area * ratio)), min(1.0, math.sqrt(area / ratio))
+        top, left = (1.0 - fh) * values[2], (1.0 - fw) * values[3]
+        ops.append(ViewOp("crop", box=(top, left, fh, fw), post_flip=view.flip and values[4] < 0.5))
+    return ops
+
+
+def view_ops(view: TTAView) -> List[ViewOp]:
+    """The operations one eval.tta entry stands for (see the module docstring)."""
+    name, value = view.name, view.value
+    if name == "identity":
+        return [ViewOp("identity")]
+    if name in ("hflip", "vflip"):
+        return [ViewOp("flip", dims=(-1,) if name == "hflip" else (-2,))]
+    if name in ("five_crop", "ten_crop"):
+        corners = ("tl", "tr", "bl", "br", "center")
+        flips = (False, True) if name == "ten_crop" else (False,)
+        return [ViewOp("crop", fraction=value, corner=c, pre_flip=f) for f in flips for c in corners]
+    if name == "scale":
+        return [ViewOp("scale", factor=float(f)) for f in value]
+    if name == "translate":
+        pixels = isinstance(value, int)
+        d = float(value)
+        return [ViewOp("shift", shift=s, pixels=pixels) for s in ((0.0, d), (0.0, -d), (d, 0.0), (-d, 0.0))]
+    if name == "random":
+        return _random_ops(view)
+    raise ValueError(f"unknown view {name!r}")
+
+
+def as_views(views: Union["TTAConfig", Sequence[Any], str]) -> Tuple[TTAView, ...]:
+    """Parsed views from a TTAConfig, a list of specs (strings, mappings, TTAView) or a
+    comma-separated string."""
+    if isinstance(views, TTAConfig):
+        return views.views
+    if isinstance(views, str):
+        views = [part for part in views.split(",") if part.strip()]
+    parsed = []
+    for index, spec in enumerate(views):
+        if isinstance(spec, TTAView):
+            parsed.append(spec)
+            continue
+        try:
+            parsed.append(parse_tta_view(spec))
+        except ValueError as exc:
+            raise RecipeError(f"view {index + 1} ({spec!r}): {exc}", key="--tta") from None
+    return tuple(parsed)
+
+
+def build_ops(views: Union["TTAConfig", Sequence[Any], str]) -> List[ViewOp]:
+    """The original batch first, then every view's operations, each distinct one once."""
+    ops = [ViewOp("identity")]
+    for view in as_views(views):
+        for op in view_ops(view):
+            op = ViewOp("identity") if op.is_identity() else op
+            if op not in ops:
+                ops.append(op)
+    return ops
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+def iter_views(batch: torch.Tensor, views: Union["TTAConfig", Sequence[Any], str]) -> Iterator[torch.Tensor]:
+    """The views of a batch one at a time (only one extra copy of the batch alive at once)."""
+    for op in build_ops(views):
+        yield op(batch)
+
+
+def tta_views(batch: torch.Tensor, views: Union["TTAConfig", Sequence[Any], str]) -> List[torch.Tensor]:
+    """Every view of a (N, C, H, W) batch, the batch itself first; each view is (N, C, H, W)."""
+    return list(iter_views(batch, views))
+
+
+def merge_predictions(logits_list: Sequence[torch.Tensor], rule: str = "mean_probs") -> torch.Tensor:
+    """Merged logits (N, K) of the views' logits, by `rule` (see MERGE_RULES), in float32."""
+    if rule not in MERGE_RULES:
+        raise ValueError(f"unknown merge rule {rule!r}; rules: {', '.join(MERGE_RULES)}")
+    stacked = torch.stack([z.float() for z in logits_list])  # (views, N, K)
+    if rule == "mean_logits":
+        return stacked.mean(dim=0)
+    log_probs = F.log_softmax(stacked, dim=-1)
+    if rule == "mean_probs":
+        return torch.logsumexp(log_probs, dim=0) - math.log(stacked.shape[0])
+    return log_probs.max(dim=0).values
+
+
+# ----------------------------------------------------------------------------- settings and the model
+
+@dataclass(frozen=True)
+class TTAConfig:
+    """What TTAModel does: the views (parsed eval.tta entries) and the merge rule."""
+    views: Tuple[TTAView, ...] = field(default_factory=tuple)
+    merge: str = "mean_probs"
+
+    def ops(self) -> List[ViewOp]:
+        return build_ops(self.views)
+
+    @property
+    def passes(self) -> int:
+        """Forward passes per batch: one per distinct view, the original included."""
+        return len(self.ops())
+
+    def describe(self) -> str:
+        """e.g. "hflip + five_crop(0.875) (7 views), mean of probabilities"."""
+        names = " + ".join(v.label() for v in self.views) or "identity"
+        return f"{names} ({self.passes} views), {MERGE_RULES[self.merge]}"
+
+
+def tta_config_for(recipe: Any, tta: Any = True) -> Optional[TTAConfig]:
+    """The TTAConfig to use for a model trained with `recipe`; None when `tta` is None or False.
+
+    tta: True (the recipe's eval.tta, or hflip when it names none), a list of view specs (what
+    `--tta hflip,five_crop` gives), a comma-separated string, or a TTAConfig (used as it is).
+    The merge rule is the recipe's eval.tta_merge (mean_probs without a recipe)."""
+    if tta is None or tta is False:
+        return None
+    if isinstance(tta, TTAConfig):
+        return tta
+    eval_cfg = getattr(recipe, "eval", None)
+    merge = getattr(eval_cfg, "tta_merge", "mean_probs")
+    if tta is True:
+        specs = list(getattr(eval_cfg, "tta", None) or []) or list(DEFAULT_VIEWS)
+    elif isinstance(tta, (str, list, tuple)):
+        specs = tta
+    else:
+        raise TypeError(f"tta: expected True, a list of views or a TTAConfig, got {tta!r}")
+    return TTAConfig(views=as_views(specs), merge=merge)
+
+
+class TTAModel(nn.Module):
+    """A model seen through test-time augmentation: (N, C, H, W) batch -> merged logits (N, K).
+
+    Always in eval mode and without gradients (`train()` cannot switch it), so it can stand
+    wherever a trained model does, a distillation teacher included. The views run one after
+    another, so memory holds one extra copy of the batch, not one per view."""
+
+    def __init__(self, model: nn.Module, settings: Union[TTAConfig, Sequence[Any], str],
+                 merge: Optional[str] = None):
+        super().__init__()
+        if not isinstance(settings, TTAConfig):
+            settings = TTAConfig(views=as_views(settings), merge=merge or "mean_probs")
+        elif merge is not None:
+            settings = TTAConfig(views=settings.views, merge=merge)
+        if settings.merge not in MERGE_RULES:
+            raise ValueError(f"unknown merge rule {settings.merge!r}; rules: {', '.join(MERGE_RULES)}")
+        self.model = model
+        self.settings = settings
+        self.view_ops = settings.ops()
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "TTAModel":
+        return super().train(False)
+
+    def describe(self) -> str:
+        return self.settings.describe()
+
+    @torch.no_grad()
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if len(self.view_ops) == 1:  # identity only: exactly the plain model
+            return self.model(inputs)
+        return merge_predictions([self.model(op(inputs)) for op in self.view_ops], self.settings.merge)
+
+
+__all__ = ["DEFAULT_VIEWS", "MERGE_RULES", "TTAConfig", "TTAModel", "ViewOp", "build_ops", "five_crop_boxes",
+           "iter_views", "merge_predictions", "resize_batch", "scale_batch", "shift_batch", "tta_config_for",
+           "tta_views", "view_ops"]
