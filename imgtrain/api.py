@@ -40,12 +40,12 @@ from imgtrain.strategies.lr_finder import LrFindResult, check_lr_find, find_lr
 from imgtrain.strategies.progressive import (check_progressive_recipe, describe_plans, eval_size, plan_epochs,
                                              progressive_enabled)
 from imgtrain.strategies.transfer import TransferHook, check_transfer_recipe, transfer_enabled
-from imgtrain.tracking import build_trackers, write_summary
+from imgtrain.tracking import ReportInputs, ReportTracker, build_trackers, write_summary
 
 # keys that may change when resuming: how the run is executed, never what it computes
 RESUME_OVERRIDABLE = ("train.device", "train.threads", "data.workers", "data.pin_memory",
                       "data.prefetch_factor", "data.persistent_workers", "data.cache_dir",
-                      "output.progress", "output.plots",
+                      "output.progress", "output.plots", "output.report",
                       # how a run is watched; skip lets a run stopped on a nan loss step over it
                       "diagnostics.grad_monitor_every", "diagnostics.vanishing_below",
                       "diagnostics.exploding_above", "diagnostics.nonfinite",
@@ -190,7 +190,9 @@ def train(recipe: Recipe, run_dir: Optional[Union[str, Path]] = None, resume: Op
     if resume_file is None:
         make_run_dir(run_dir)
         dump_recipe(recipe, run_dir / "config.yaml")
-    trackers = build_trackers(recipe, run_dir, console_stream=console)
+    report_inputs = ReportInputs(val_dataset=loaders.val.dataset if loaders.val is not None else None,
+                                 mean=prepared.mean, std=prepared.std, eval_batch_transform=prepared.eval_batch_transform)
+    trackers = build_trackers(recipe, run_dir, console_stream=console, report_inputs=report_inputs)
     hooks = HookList(strategies=strategies, trackers=trackers)
     data = TrainData(train=loaders.train, val=loaders.val, train_generator=loaders.train_generator,
                      classes=splits.classes, train_targets=splits.train.targets,
@@ -230,6 +232,9 @@ def train(recipe: Recipe, run_dir: Optional[Union[str, Path]] = None, resume: Op
     summary["run_dir"] = str(run_dir)
     summary["total_seconds"] = round(time.perf_counter() - started, 3)
     write_summary(run_dir, summary)
+    for tracker in trackers:
+        if isinstance(tracker, ReportTracker):
+            tracker.finish(summary)  # the last draw: with the test numbers
     return TrainResult(run_dir=run_dir, history=state.history, summary=summary, model=trainer.model)
 
 
@@ -319,8 +324,16 @@ def _test_best(trainer: Trainer, test_loader: Any, run_dir: Path) -> Dict[str, A
         result, which = trainer.evaluate(test_loader, model=trainer.forward_model), "best"
     else:  # the validated weights as they are now: the EMA's when there is one
         result, which = trainer.evaluate(test_loader), "final"
-    return {"test_acc": result["acc"], "test_loss": result["loss"], "test_balanced_acc": result["balanced_acc"],
-            "test_weights": which}
+    out = {"test_acc": result["acc"], "test_loss": result["loss"],
+           "test_balanced_acc": result["balanced_acc"], "test_weights": which}
+    if trainer.recipe.eval.tta:  # the same weights again, with the recipe's test-time augmentation
+        from imgtrain.evaluation.tta import TTAModel, tta_config_for  # here: imgtrain.evaluation imports api
+        settings = tta_config_for(trainer.recipe, True)
+        model = trainer.forward_model if which == "best" else trainer.eval_model()
+        tta = trainer.evaluate(test_loader, model=TTAModel(model, settings))
+        out.update({"test_acc_tta": tta["acc"], "test_loss_tta": tta["loss"],
+                    "test_balanced_acc_tta": tta["balanced_acc"], "test_tta": settings.describe()})
+    return out
 
 
 # ----------------------------------------------------------------------------- LR finder

@@ -110,6 +110,8 @@ def _print_result(result: Any) -> None:
     parts = []
     if "test_acc" in summary:
         parts.append(f"test accuracy {summary['test_acc']:.2%}")
+    if "test_acc_tta" in summary:
+        parts.append(f"with TTA {summary['test_acc_tta']:.2%}")
     if "best_val_acc" in summary:
         parts.append(f"best val accuracy {summary['best_val_acc']:.2%}")
     parts.append(f"{summary.get('total_seconds', 0):.0f} s")
@@ -117,31 +119,98 @@ def _print_result(result: Any) -> None:
     print(f"run folder: {result.run_dir}")
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from imgtrain.evaluation import evaluate
+def tta_argument(value: Any) -> Any:
+    """--tta: True (the recipe's eval.tta, else hflip) or a comma-separated list of views."""
+    if value is None or value is True:
+        return value
+    return [view.strip() for view in str(value).split(",") if view.strip()]
 
-    result = evaluate(args.target, split=args.split, data=args.data, device=args.device)
+
+def default_evaluation_dir(target: str, split_name: str) -> Optional[Path]:
+    """RUN/evaluation/<split> for a run folder (or a checkpoint inside one); None otherwise."""
+    path = Path(target)
+    run = path if path.is_dir() else path.parent.parent
+    if (run / "config.yaml").is_file() or (run / "ensemble.yaml").is_file():
+        return run / "evaluation" / split_name
+    return None
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from imgtrain.evaluation import evaluate, format_metrics
+    from imgtrain.tracking import json_safe
+
+    split_name = args.split if args.data is None else Path(args.data).stem or "data"
+    output_dir = Path(args.output_dir) if args.output_dir else default_evaluation_dir(args.target, split_name)
+    result = evaluate(args.target, split=args.split, data=args.data, batch_size=args.batch_size,
+                      device=args.device, tta=tta_argument(args.tta), output_dir=output_dir)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(json_safe(result), indent=2))
         return 0
-    print(f"{result['checkpoint']} on {result['split']}: {result['images']} images")
-    print(f"  accuracy {result['acc']:.2%}   loss {result['loss']:.4f}   balanced accuracy {result['balanced_acc']:.2%}"
-          + (f"   top-5 {result['top5_acc']:.2%}" if "top5_acc" in result else ""))
-    for name, value in result["per_class_acc"].items():
-        print(f"  {name:>20s}  {'-' if value is None else f'{value:.2%}'}")
+    print(f"{result['model']} on {result['split']}")
+    if "without_tta" in result:
+        plain = result["without_tta"]
+        print(f"TTA {result['tta']}: accuracy {result['acc']:.2%} (without TTA {plain['acc']:.2%}, "
+              f"{(result['acc'] - plain['acc']) * 100:+.2f} points)")
+    print(format_metrics(result))
+    if output_dir is not None:
+        print(f"written to {output_dir}: metrics.json, per_class.csv, confusion.csv, confusion.png")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from imgtrain.evaluation import format_predictions, predict, write_predictions
 
-    rows = predict(args.checkpoint, args.paths, topk=args.topk, device=args.device)
+    rows = predict(args.checkpoint, args.paths, topk=args.topk, batch_size=args.batch_size, device=args.device,
+                   tta=tta_argument(args.tta))
+    failed = sum(1 for r in rows if r["error"])
     if args.output:
         write_predictions(rows, Path(args.output), args.topk)
-        failed = sum(1 for r in rows if r["error"])
         print(f"{len(rows)} predictions written to {args.output}" + (f" ({failed} could not be read)" if failed else ""))
     else:
         print(format_predictions(rows, args.topk))
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from imgtrain.data import DataError
+    from imgtrain.evaluation.explain import explain, list_layers
+
+    if args.list_layers:
+        print("\n".join(list_layers(args.checkpoint, device=args.device)))
+        return 0
+    if not args.images:
+        raise DataError("explain: give image files, folders or a CSV to explain (or --list-layers)")
+    records = explain(args.checkpoint, args.images, method=args.method or ["gradcam"], class_=args.class_,
+                      layer=args.layer, output_dir=args.output, device=args.device)
+    for r in records:
+        print(f"{r.path}: ERROR {r.error}" if r.error else
+              f"{r.png}: {r.method} of {r.explained_class} (predicted {r.predicted_class} {r.probability:.1%})")
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from imgtrain.evaluation.ensemble import EnsembleError, EnsembleOptions, format_ensemble, run_ensemble
+    from imgtrain.tracking import json_safe
+
+    weights = None
+    if args.weights is not None:
+        try:
+            weights = [float(w) for w in args.weights.split(",") if w.strip()]
+        except ValueError:
+            raise EnsembleError(f"--weights {args.weights}: give numbers separated by commas, e.g. 2,1,1") from None
+    options = EnsembleOptions(weights=weights, fit_weights=args.fit_weights, tta=tta_argument(args.tta),
+                              vote=args.vote, split=args.split, data=args.data, save=args.save,
+                              overwrite=args.overwrite, batch_size=args.batch_size, device=args.device)
+    result = run_ensemble(args.members, options)
+    print(json.dumps(json_safe(result), indent=2) if args.json else format_ensemble(result))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from imgtrain.tracking import rebuild_report
+
+    path = rebuild_report(args.run_dir, device=args.device)
+    print(f"report written: {path}")
     return 0
 
 
@@ -294,21 +363,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("evaluate", help="evaluate a run folder or checkpoint")
-    p.add_argument("target", help="run folder or .safetensors checkpoint")
+    tta_help = ("test-time augmentation: alone, the model's recipe eval.tta (hflip when it names none); "
+                "or views, e.g. --tta hflip,five_crop")
+    p = sub.add_parser("evaluate", help="metrics of a run folder, checkpoint or ensemble on a split or any data")
+    p.add_argument("target", help="run folder, .safetensors checkpoint or ensemble folder")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--data", help="evaluate on this image folder (class subfolders) or path,label CSV instead")
+    p.add_argument("--tta", nargs="?", const=True, default=None, metavar="VIEWS", help=tta_help)
+    p.add_argument("--output-dir", help="where metrics.json, per_class.csv and confusion.csv/.png go "
+                                        "(default: RUN/evaluation/SPLIT for a run folder)")
+    p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--json", action="store_true", help="print every metric as JSON")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="predict classes of images, folders or a CSV manifest")
-    p.add_argument("checkpoint", help="run folder or .safetensors checkpoint")
-    p.add_argument("paths", nargs="+", help="image files, folders, or a CSV with a path column")
-    p.add_argument("--topk", type=int, default=1)
+    p.add_argument("checkpoint", help="run folder, .safetensors checkpoint or ensemble folder")
+    p.add_argument("paths", nargs="+", help="image files, folders, or a CSV with a path column (and label)")
+    p.add_argument("--topk", type=int, default=1, help="how many classes per image, most probable first")
+    p.add_argument("--tta", nargs="?", const=True, default=None, metavar="VIEWS", help=tta_help)
     p.add_argument("--output", help="write predictions to this .csv or .json")
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("explain", help="Grad-CAM heatmaps: where the model looked, as PNG overlays")
+    p.add_argument("checkpoint", help="run folder or .safetensors checkpoint")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files, folders, or a CSV with a path column")
+    p.add_argument("--method", action="append", metavar="NAME",
+                   help="gradcam (default), gradcam++, hirescam, xgradcam, layercam, eigencam, eigengradcam, "
+                        "scorecam, ablationcam; repeat or separate by commas for several")
+    p.add_argument("--class", dest="class_", metavar="K", help="explain this class (name or index); "
+                                                                "default: each image's predicted class")
+    p.add_argument("--layer", metavar="NAME", help="module to explain (default: the last convolutional stage; "
+                                                   "ViT: blocks[-1].norm1)")
+    p.add_argument("--list-layers", action="store_true", help="list the layers --layer accepts, with output shapes")
+    p.add_argument("--output", default="explain", help="folder for the PNGs (default: explain)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("ensemble", help="several models voting: each member's and the ensemble's metrics, --save")
+    p.add_argument("members", nargs="+", metavar="RUN_OR_CKPT",
+                   help="run folders, .safetensors checkpoints or saved ensemble folders (same classes)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--weights", metavar="W1,W2,...", help="one weight per member (scaled to sum to 1); "
+                                                              "default: equal")
+    group.add_argument("--fit-weights", choices=["val"],
+                       help="fit the weights on the first member's val split (minimum NLL of the soft vote)")
+    p.add_argument("--vote", default="soft", choices=["soft", "hard"],
+                   help="soft: weighted mean of probabilities; hard: weighted majority of top classes")
+    p.add_argument("--tta", nargs="?", const=True, default=None, metavar="VIEWS", help=tta_help)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--data", help="measure on this image folder (class subfolders) or path,label CSV instead")
+    p.add_argument("--save", metavar="ENSEMBLE_DIR",
+                   help="write the ensemble (ensemble.yaml + copies of the members) for evaluate, predict, distill")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing ensemble folder at --save")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print every number as JSON")
+    p.set_defaults(func=cmd_ensemble)
+
+    p = sub.add_parser("report", help="rebuild a run folder's report.html from its files and best checkpoint")
+    p.add_argument("run_dir", help="run folder")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("split", help="stratified train/val/test split of a class-per-folder directory")
     p.add_argument("src")

@@ -251,10 +251,11 @@ class ProgressiveConfig:
 @dataclass
 class DistillConfig:
     """Knowledge distillation from frozen teacher(s) (strategies/distillation.py)."""
-    teacher: Optional[Union[str, List[str]]] = None  # RUN_DIR, a .safetensors file or a timm name (or a list: averaged); null: off
+    teacher: Optional[Union[str, List[str]]] = None  # RUN_DIR, a .safetensors file, an ensemble folder or a timm name (or a list: averaged); null: off
     alpha: float = param(0.5, min=0.0, max=1.0)      # weight of the label loss; 1 - alpha goes to the teacher term
     temperature: float = param(4.0, min=0.0, min_exclusive=True)  # softens both distributions (T; the KD term is scaled by T^2)
     teacher_img_size: Optional[int] = param(None, min=4)  # pixels the teacher(s) see; default: each teacher's own
+    teacher_tta: bool = False                        # each teacher predicts with test-time augmentation: its run's eval.tta (default: hflip)
 
 
 @dataclass
@@ -285,6 +286,13 @@ class DiagnosticsConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Test-time augmentation (evaluation/tta.py): evaluate/predict/ensemble --tta, teachers, the test split."""
+    tta: List[Union[str, Dict[str, Any]]] = field(default_factory=list)  # views, e.g. [hflip, five_crop: 0.875]; empty: off
+    tta_merge: str = param("mean_probs", choices=("mean_probs", "mean_logits", "max"))  # how the views' predictions combine
+
+
+@dataclass
 class TrainConfig:
     epochs: int = param(10, min=1)                  # passes over the training split
     grad_accum_steps: int = param(1, min=1)         # effective batch = batch_size x this
@@ -309,6 +317,7 @@ class OutputConfig:
     save_best: bool = True              # checkpoints/best.safetensors
     save_last: bool = True              # checkpoints/last.safetensors + last.state.pt (for --resume)
     plots: bool = True                  # redraw plots/*.png every epoch
+    report: bool = True                 # redraw report.html every epoch (on a time budget; the last always)
     progress: str = param("auto", choices=("auto", "bar", "log", "off"))  # auto: bar on a terminal
 
 
@@ -329,6 +338,7 @@ class Recipe:
     distill: DistillConfig = field(default_factory=DistillConfig)
     progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     # where the recipe came from (not a recipe key; set by load_recipe)
@@ -612,6 +622,113 @@ def _build(cls: type, data: Any, prefix: str, file: Optional[str], origins: Dict
     return obj
 
 
+# eval.tta views: name -> (what its value is, the value when none is given); evaluation/tta.py defines each
+TTA_VIEWS: Dict[str, tuple] = {
+    "identity": (None, None), "hflip": (None, None), "vflip": (None, None),
+    "five_crop": ("fraction", 0.875), "ten_crop": ("fraction", 0.875),
+    "scale": ("factors", (0.9, 1.1)), "translate": ("shift", 0.1), "random": ("count", 4),
+}
+TTA_RANDOM_OPTIONS = ("seed", "area", "flip")  # the options of a `random` view (see TTAView)
+
+
+@dataclass(frozen=True)
+class TTAView:
+    """One entry of eval.tta, parsed and checked (evaluation/tta.py says what each view does)."""
+    name: str                        # a key of TTA_VIEWS
+    value: Any = None                # fraction (n-crops), factors (scale), shift (translate), count (random)
+    seed: int = 0                    # random: generator seed
+    area: tuple = (0.6, 1.0)         # random: crop area range, fraction of the image
+    flip: bool = True                # random: each view is also flipped (hflip) with probability 0.5
+
+    def label(self) -> str:
+        """Short text: hflip, five_crop(0.875), scale(0.9, 1.1), translate(2 px), random(4, seed 0)."""
+        if self.value is None:
+            return self.name
+        if self.name == "scale":
+            return f"scale({', '.join(f'{f:g}' for f in self.value)})"
+        if self.name == "translate" and isinstance(self.value, int):
+            return f"translate({self.value} px)"
+        if self.name == "random":
+            return f"random({self.value}, seed {self.seed})"
+        return f"{self.name}({self.value:g})"
+
+
+def parse_tta_view(spec: Any) -> TTAView:
+    """One eval.tta entry: a name (`hflip`), a name and values (`five_crop:0.8`, `scale:0.9:1.1`:
+    the form `--tta` takes) or a mapping (`{five_crop: 0.8}`, `{random: 8, seed: 1}`).
+    Raises ValueError saying what is wrong."""
+    options: Dict[str, Any] = {}
+    if isinstance(spec, str):
+        name, _, rest = spec.strip().partition(":")
+        values = [_yaml_scalar(part) for part in rest.split(":")] if rest else []
+        value = None if not values else values[0] if len(values) == 1 else values
+    elif isinstance(spec, dict):
+        names = [key for key in spec if key in TTA_VIEWS]
+        if len(names) != 1:
+            raise ValueError(f"a view written as a mapping names one view ({', '.join(TTA_VIEWS)}) with its value, "
+                             f"e.g. {{five_crop: 0.875}}; got {spec!r}")
+        name, value = names[0], spec[names[0]]
+        options = {key: v for key, v in spec.items() if key != name}
+    else:
+        raise ValueError(f"expected a view such as hflip or five_crop:0.875 (or a mapping such as "
+                         f"{{five_crop: 0.875}}), got {spec!r}")
+    if name not in TTA_VIEWS:
+        close = difflib.get_close_matches(str(name), list(TTA_VIEWS), n=1)
+        raise ValueError(f"{name!r} is not a view; views: {', '.join(TTA_VIEWS)}"
+                         + (f", did you mean {close[0]}?" if close else ""))
+    kind, default = TTA_VIEWS[name]
+    value = default if value is None else value
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if kind is None and value is not None:
+        raise ValueError(f"{name} takes no value, got {value!r}")
+    if kind == "fraction" and not (number(value) and 0 < value < 1):
+        raise ValueError(f"{name}: the crop side is a fraction of the image's: expected a number in (0, 1), "
+                         f"got {value!r}")
+    if kind == "factors":
+        factors = value if isinstance(value, (list, tuple)) else [value]
+        if not factors or not all(number(f) and 0.25 <= f <= 4 for f in factors):
+            raise ValueError(f"scale: expected zoom factors in [0.25, 4] (1: as is), e.g. [0.9, 1.1], got {value!r}")
+        value = tuple(float(f) for f in factors)
+    if kind == "shift" and not ((isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 64)
+                                or (isinstance(value, float) and 0 <= value < 0.5)):
+        raise ValueError(f"translate: expected a shift in pixels (an integer, 0..64) or a fraction of the side "
+                         f"(a number with a point, in [0, 0.5)), got {value!r}")
+    if kind == "count" and not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 64):
+        raise ValueError(f"random: expected a number of views, an integer in 1..64, got {value!r}")
+    if options and name != "random":
+        raise ValueError(f"{name} takes no options, got {', '.join(map(str, options))}")
+    unknown = [key for key in options if key not in TTA_RANDOM_OPTIONS]
+    if unknown:
+        raise ValueError(f"random: unknown option {unknown[0]!r}; its options are {', '.join(TTA_RANDOM_OPTIONS)}")
+    view = TTAView(name=name, value=value)
+    if "seed" in options:
+        if not isinstance(options["seed"], int) or isinstance(options["seed"], bool):
+            raise ValueError(f"random: seed must be an integer, got {options['seed']!r}")
+        view = dataclasses.replace(view, seed=options["seed"])
+    if "area" in options:
+        area = options["area"]
+        if not (isinstance(area, (list, tuple)) and len(area) == 2 and all(number(a) for a in area)
+                and 0 < area[0] <= area[1] <= 1):
+            raise ValueError(f"random: area is [low, high], fractions of the image with 0 < low <= high <= 1, "
+                             f"got {area!r}")
+        view = dataclasses.replace(view, area=(float(area[0]), float(area[1])))
+    if "flip" in options:
+        if not isinstance(options["flip"], bool):
+            raise ValueError(f"random: flip must be true or false, got {options['flip']!r}")
+        view = dataclasses.replace(view, flip=options["flip"])
+    return view
+
+
+def _yaml_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        return text
+
+
 STAGE_KEYS = {"img_size": (int, 4), "epochs": (int, 1), "batch_size": (int, 1), "lr": (float, 0.0)}
 
 
@@ -720,6 +837,12 @@ def _check_section(obj: Any, prefix: str, file: Optional[str], origins: Dict[str
             fail("group_lrs", f"expected one learning rate >= 0 per layer group, got {obj.group_lrs}")
     if isinstance(obj, ProgressiveConfig):
         _check_progressive(obj, fail)
+    if isinstance(obj, EvalConfig):
+        for index, spec in enumerate(obj.tta):
+            try:
+                parse_tta_view(spec)
+            except ValueError as exc:
+                fail("tta", f"tta[{index}]: {exc}")
     if isinstance(obj, ImbalanceConfig):
         weights = obj.class_weights
         if isinstance(weights, str) and weights not in ("none", "inverse", "effective"):

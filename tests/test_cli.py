@@ -58,10 +58,18 @@ def test_evaluate_run_folder_matches_training_summary(digits_run, capsys):
     summary = read_summary(digits_run)
     assert result["acc"] == pytest.approx(summary["test_acc"])
     assert result["loss"] == pytest.approx(summary["test_loss"], rel=1e-4)
-    assert result["images"] == 359 and set(result["per_class_acc"]) == {str(i) for i in range(10)}
+    assert result["images"] == 359 and set(result["per_class"]) == {str(i) for i in range(10)}
     assert 0 < result["top5_acc"] <= 1 and result["top5_acc"] >= result["acc"]
+    assert sum(row["support"] for row in result["per_class"].values()) == 359
+    # the files land in the run folder by default and hold the same numbers
+    out = digits_run / "evaluation" / "test"
+    assert json.loads((out / "metrics.json").read_text())["acc"] == result["acc"]
+    confusion = list(csv.reader((out / "confusion.csv").open()))
+    assert sum(int(confusion[i][i]) for i in range(1, 11)) == round(result["acc"] * 359)
+    assert Image.open(out / "confusion.png").size[0] > 300
     assert main(["evaluate", str(digits_run / "checkpoints" / "last.safetensors"), "--split", "val"]) == 0
-    assert "accuracy" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "balanced" in text and "precision" in text and str(digits_run / "evaluation" / "val") in text
 
 
 def test_imagefolder_train_evaluate_predict(shapes_folder, tmp_path, capsys):
@@ -192,3 +200,58 @@ def test_finetune_from_a_missing_folder_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("imgtrain: error:") and "model.weights" in err and "Traceback" not in err
     assert not (tmp_path / "ft").exists()
+
+
+def test_predict_a_labelled_manifest_with_tta_to_json(digits_run, tmp_path, capsys):
+    """A CSV manifest's label column is carried over; --tta changes the probabilities but keeps
+    one row per image; the JSON rows agree with the printed ones."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    lines = ["path,label"]
+    for i in range(12):
+        Image.fromarray((digits.images[i] * 255 / 16).astype("uint8"), mode="L").save(folder / f"d{i}.png")
+        lines.append(f"imgs/d{i}.png,{digits.target[i]}")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    lines.append("broken.png,3")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+
+    plain, tta = tmp_path / "plain.json", tmp_path / "tta.json"
+    assert main(["predict", str(digits_run), str(manifest), "--topk", "3", "--output", str(plain)]) == 0
+    printed = capsys.readouterr().out
+    assert "13 predictions written" in printed and "(1 could not be read)" in printed
+    assert main(["predict", str(digits_run), str(manifest), "--topk", "3", "--tta", "hflip",
+                 "--output", str(tta)]) == 0
+    rows, tta_rows = json.loads(plain.read_text()), json.loads(tta.read_text())
+    assert [r["label"] for r in rows] == [str(t) for t in digits.target[:12]] + ["3"]
+    assert rows[-1]["error"] and "class_1" not in rows[-1]
+    assert all(r["prob_1"] >= r["prob_2"] >= r["prob_3"] for r in rows[:12])
+    assert sum(r["class_1"] == r["label"] for r in rows[:12]) >= 9  # the trained model reads digits
+    # a flipped digit is another picture: TTA's merged probabilities differ from the plain ones
+    assert [r["path"] for r in tta_rows] == [r["path"] for r in rows]
+    assert any(abs(a["prob_1"] - b["prob_1"]) > 1e-4 for a, b in zip(rows[:12], tta_rows[:12]))
+
+
+def test_evaluate_with_tta_reports_both(digits_run, tmp_path, capsys):
+    assert main(["evaluate", str(digits_run), "--tta", "hflip", "--output-dir", str(tmp_path / "ev"),
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    plain = read_summary(digits_run)
+    assert result["without_tta"]["acc"] == pytest.approx(plain["test_acc"])
+    assert result["tta"].startswith("hflip") and result["images"] == 359
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["acc"] == result["acc"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--output", "preds.txt"], "give a .csv or .json"),
+    (["--topk", "0"], "at least 1"),
+    (["--tta", "hflip,sideways"], "sideways"),
+])
+def test_predict_bad_options_exit_2(digits_run, tmp_path, capsys, args, message):
+    image = tmp_path / "x.png"
+    Image.new("L", (8, 8), 0).save(image)
+    assert main(["predict", str(digits_run), str(image), *args]) == 2
+    assert message in capsys.readouterr().err

@@ -7,7 +7,8 @@ The Trainer (engine/loop.py) calls these once at start-up; `imgtrain doctor` and
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+import sys
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -89,3 +90,14 @@ def compile_model(model: torch.nn.Module, image_sizes: int = 1) -> torch.nn.Modu
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), needed))
             break
     return torch.compile(model, dynamic=False)
+
+
+def peak_memory_mb(device: torch.device) -> Dict[str, float]:
+    """The process's peak resident memory and, on CUDA, the peak memory torch allocated (MiB)."""
+    import resource  # POSIX; ru_maxrss is in KiB on Linux (bytes on macOS)
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = {"peak_host_memory_mb": round(rss / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)}
+    if device.type == "cuda":
+        peak["peak_device_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    return peak

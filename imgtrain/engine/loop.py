@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from imgtrain.engine.checkpoint import (capture_rng_state, load_training_state, restore_rng_state,
                                         save_training_state, save_weights)
-from imgtrain.engine.device import compile_model, configure_backends, select_device, select_precision
+from imgtrain.engine.device import (compile_model, configure_backends, peak_memory_mb, select_device,
+                                    select_precision)
 from imgtrain.engine.events import HookList
 from imgtrain.engine.optim import build_optimizer, build_scheduler
 from imgtrain.engine.state import TrainState
@@ -29,6 +30,7 @@ from imgtrain.losses import build_train_loss, eval_logit_offset
 from imgtrain.strategies.progressive import EpochPlan
 from imgtrain.strategies.transfer import transfer_param_groups
 
+WORST_KEPT = 16  # validation images of highest loss kept per evaluation (the report's gallery)
 
 # ----------------------------------------------------------------------------- the trainer
 
@@ -251,15 +253,18 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, loader: Any, model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
-        """Mean cross-entropy (no smoothing), top-1 accuracy, balanced accuracy and per-class
-        recall over a loader."""
+        """Mean cross-entropy (no smoothing), top-1 and balanced accuracy, per-class recall, the
+        confusion matrix (rows: true class) and the WORST_KEPT images of highest loss (their
+        index in the loader's order: for the report's worst-classified gallery)."""
         model = model if model is not None else self.eval_model()
         model.eval()
         started = time.perf_counter()
-        num_classes = len(self.data.classes)
+        classes = len(self.data.classes)
         loss_sum = torch.zeros((), device=self.device)
-        per_class_total = torch.zeros(num_classes, device=self.device, dtype=torch.long)
-        per_class_correct = torch.zeros(num_classes, device=self.device, dtype=torch.long)
+        confusion = torch.zeros(classes * classes, device=self.device, dtype=torch.long)
+        worst_loss = torch.zeros(0, device=self.device)
+        worst_index = torch.zeros(0, device=self.device, dtype=torch.long)
+        offset = 0
         for inputs, targets in loader:
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
@@ -271,13 +276,17 @@ class Trainer:
                 outputs = model(inputs)
             if self.logit_offset is not None:
                 outputs = outputs.float() + self.logit_offset
-            loss_sum += F.cross_entropy(outputs.float(), targets, reduction="sum")
-            hit = outputs.argmax(1) == targets
-            per_class_total += torch.bincount(targets, minlength=num_classes)
-            per_class_correct += torch.bincount(targets[hit], minlength=num_classes)
+            losses = F.cross_entropy(outputs.float(), targets, reduction="none")
+            loss_sum += losses.sum()
+            confusion += torch.bincount(targets * classes + outputs.argmax(1), minlength=classes * classes)
+            # a running top-k on the device: no host sync per batch
+            worst_loss, keep = torch.cat([worst_loss, losses]).topk(min(WORST_KEPT, len(worst_loss) + len(losses)))
+            worst_index = torch.cat([worst_index, offset + torch.arange(len(losses), device=self.device)])[keep]
+            offset += len(losses)
         if model is not self.forward_model or self.state.eval_model is not None:
             self.model.train()  # an EMA copy was evaluated: the trained model stays as it was
-        total, correct = per_class_total.cpu(), per_class_correct.cpu()
+        matrix = confusion.view(classes, classes).cpu()
+        total, correct = matrix.sum(dim=1), matrix.diagonal()
         seen = max(int(total.sum()), 1)
         present = total > 0
         recall = torch.where(present, correct.double() / total.clamp_min(1), torch.zeros(()))
@@ -285,6 +294,8 @@ class Trainer:
                 "balanced_acc": float(recall[present].mean()) if present.any() else 0.0,
                 "per_class_recall": {c: (float(r) if p else None)
                                      for c, r, p in zip(self.data.classes, recall, present)},
+                "confusion": matrix.tolist(),
+                "worst": [{"index": int(i), "loss": float(v)} for i, v in zip(worst_index.cpu(), worst_loss.cpu())],
                 "seconds": time.perf_counter() - started}
 
     def _validate(self) -> Dict[str, Any]:
@@ -292,6 +303,7 @@ class Trainer:
             return {"_val_seconds": 0.0}
         result = self.evaluate(self.data.val)
         self.state.val_per_class_recall = result["per_class_recall"]
+        self.state.val_confusion, self.state.val_worst = result["confusion"], result["worst"]
         return {"val_loss": result["loss"], "val_acc": result["acc"], "val_balanced_acc": result["balanced_acc"],
                 "_val_seconds": result["seconds"]}
 
@@ -383,4 +395,5 @@ class Trainer:
             summary["skipped_steps"] = state.skipped_steps
         summary["device"] = str(self.device)
         summary["amp"] = str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32"
+        summary.update(peak_memory_mb(self.device))
         return summary

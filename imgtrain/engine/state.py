@@ -35,6 +35,8 @@ class TrainState:
     wall_seconds_before: float = 0.0             # training time spent before a resume
     eval_model: Optional[torch.nn.Module] = None  # validated and saved instead of `model` (an EMA)
     val_per_class_recall: Dict[str, Any] = field(default_factory=dict)  # of the last validation
+    val_confusion: Optional[List[List[int]]] = None  # of the last validation; rows: true class
+    val_worst: List[Dict[str, Any]] = field(default_factory=list)  # its highest-loss images: index, loss
     epoch_details: Dict[str, Any] = field(default_factory=dict)  # per-epoch values too wide for history.csv
 
     # --- the current epoch (epoch is 0-based; history rows say epoch + 1)

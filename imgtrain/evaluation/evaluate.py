@@ -1,59 +1,55 @@
-"""Evaluate a trained model on a split of its recipe's data or on any folder / CSV of images."""
+"""Evaluate a trained model or ensemble on a split of its recipe's data or on any folder / CSV.
+
+    result = evaluate("runs/fmnist", split="test", tta=True, output_dir="runs/fmnist/evaluation/test")
+
+The metrics are evaluation/metrics.py's (torchmetrics): top-1, top-5 (more than 5 classes),
+balanced accuracy, per-class precision/recall/F1, the confusion matrix and the expected
+calibration error. With `output_dir` they are also written there:
+
+    metrics.json     every number, as `imgtrain evaluate --json` prints it
+    per_class.csv    class, precision, recall, f1, support
+    confusion.csv    rows: true class, columns: predicted class
+    confusion.png    the same, coloured by the share of the true class
+"""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import torch
-import torch.nn.functional as F
 
-from imgtrain.api import LoadedModel, load_trained
 from imgtrain.data import DataError, build_splits
+from imgtrain.evaluation.inference import TTAArg, load_predictor
+from imgtrain.evaluation.metrics import MetricSuite, save_confusion_png, write_confusion_csv
+from imgtrain.tracking.summary import atomic_write_text, json_safe
+
+HEADLINE = ("images", "loss", "acc", "top5_acc", "balanced_acc", "macro_f1", "ece")
 
 
-@torch.no_grad()
-def evaluate_dataset(loaded: LoadedModel, dataset: Any, batch_size: int = 256,
-                     device: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
-    """Loss, top-1 (and top-5 with more than 5 classes) accuracy and per-class accuracy."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    model = loaded.model.to(device).eval()
-    num_classes = len(loaded.classes)
-    loss_sum, seen = 0.0, 0
-    correct1 = correct5 = 0
-    per_class_correct = torch.zeros(num_classes, dtype=torch.long)
-    per_class_total = torch.zeros(num_classes, dtype=torch.long)
-    for inputs, targets in loader:
-        inputs, targets = inputs.to(device), targets.to(device)
-        logits = model(inputs).float()
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-        top = logits.topk(min(5, num_classes), dim=1).indices
-        hit1 = top[:, 0] == targets
-        correct1 += int(hit1.sum())
-        correct5 += int((top == targets[:, None]).any(dim=1).sum())
-        per_class_total += torch.bincount(targets.cpu(), minlength=num_classes)
-        per_class_correct += torch.bincount(targets[hit1].cpu(), minlength=num_classes)
-        seen += targets.shape[0]
-    if seen == 0:
+def metrics_of(probs: torch.Tensor, targets: torch.Tensor, classes: List[str]) -> Dict[str, Any]:
+    if probs.shape[0] == 0:
         raise DataError("nothing to evaluate: the split has no images")
-    result: Dict[str, Any] = {"images": seen, "loss": loss_sum / seen, "acc": correct1 / seen}
-    if num_classes > 5:
-        result["top5_acc"] = correct5 / seen
-    recall = {name: (int(c) / int(t) if int(t) else None)
-              for name, c, t in zip(loaded.classes, per_class_correct, per_class_total)}
-    present = [v for v in recall.values() if v is not None]
-    result["balanced_acc"] = sum(present) / len(present)
-    result["per_class_acc"] = recall
-    return result
+    suite = MetricSuite(len(classes))
+    suite.update(probs, targets)
+    return suite.compute(classes)
 
 
-def evaluate(target: Union[str, Path], split: str = "test", data: Optional[Union[str, Path]] = None,
-             batch_size: int = 256, device: str = "cpu") -> Dict[str, Any]:
-    """Evaluate a run folder or checkpoint on `split` of its recipe's data, or on `data`
-    (an image folder of class subfolders, or a path,label CSV)."""
-    loaded = load_trained(target, device=device)
-    data_cfg = loaded.recipe.data
+def evaluate_dataset(predictor: Any, dataset: Any, batch_size: int = 256,
+                     device: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+    """Every metric of `predictor` (see inference.py) on a dataset of raw images."""
+    probs, targets = predictor.probabilities(dataset, batch_size=batch_size, device=device)
+    return metrics_of(probs, targets, predictor.classes)
+
+
+def evaluation_data(recipe: Any, split: str = "test", data: Optional[Union[str, Path]] = None) -> Any:
+    """`split` of the recipe's data, or everything in `data` (an image folder of class
+    subfolders, or a path,label CSV), as a dataset of raw images."""
+    data_cfg = recipe.data
     if data is not None:
         data_path = Path(data)
         if not data_path.exists():
@@ -68,17 +64,66 @@ def evaluate(target: Union[str, Path], split: str = "test", data: Optional[Union
     if dataset is None:
         raise DataError(f"--split {split}: the recipe's data ({data_cfg.source}) has no {split} split; "
                         "choose another --split or pass --data")
-    _check_classes(loaded.classes, splits.classes, data_cfg.root or data_cfg.source)
-    dataset = dataset.with_transform(loaded.eval_transform())
-    result = evaluate_dataset(loaded, dataset, batch_size=batch_size, device=device)
-    result.update({"checkpoint": str(loaded.path), "split": split if data is None else str(data)})
+    return dataset, splits.classes, str(data_cfg.root or data_cfg.source)
+
+
+def evaluate(target: Union[str, Path], split: str = "test", data: Optional[Union[str, Path]] = None,
+             batch_size: int = 256, device: str = "cpu", tta: TTAArg = None,
+             output_dir: Optional[Union[str, Path]] = None) -> Dict[str, Any]:
+    """Evaluate a run folder, checkpoint or ensemble folder on `split` of its recipe's data, or
+    on `data`. With TTA the result also holds `without_tta`: the headline numbers of the same
+    model(s) without it, measured on the same images."""
+    predictor = load_predictor(target, tta=tta, device=device)
+    dataset, data_classes, where = evaluation_data(predictor.recipe, split, data)
+    check_classes(predictor.classes, data_classes, where)
+    dataset = dataset.with_transform(None)
+    result = evaluate_dataset(predictor, dataset, batch_size=batch_size, device=device)
+    if getattr(predictor, "tta", None) is not None:
+        plain = evaluate_dataset(predictor.without_tta(), dataset, batch_size=batch_size, device=device)
+        result["tta"] = predictor.tta.describe()
+        result["without_tta"] = {key: plain[key] for key in HEADLINE if key in plain}
+    result.update({"target": str(target), "model": predictor.describe(),
+                   "split": split if data is None else str(data), "classes": list(predictor.classes)})
+    if output_dir is not None:
+        result["files"] = [str(p) for p in write_evaluation(result, output_dir)]
     return result
 
 
-def _check_classes(model_classes: List[str], data_classes: List[str], where: str) -> None:
+def write_evaluation(result: Dict[str, Any], output_dir: Union[str, Path]) -> List[Path]:
+    """metrics.json, per_class.csv, confusion.csv and confusion.png in `output_dir`."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    classes = result["classes"]
+    atomic_write_text(out / "metrics.json", json.dumps(json_safe(result), indent=2) + "\n")
+    written = [out / "metrics.json"]
+    lines = ["class,precision,recall,f1,support"]
+    rows = []
+    for name, row in result["per_class"].items():
+        rows.append([name, f"{row['precision']:.6f}", f"{row['recall']:.6f}", f"{row['f1']:.6f}", row["support"]])
+    written.append(_write_csv(out / "per_class.csv", lines[0].split(","), rows))
+    written.append(write_confusion_csv(out / "confusion.csv", result["confusion"], classes))
+    title = f"confusion matrix: {result['split']} ({result['acc']:.2%} accurate)"
+    written.append(save_confusion_png(out / "confusion.png", result["confusion"], classes, title=title))
+    return written
+
+
+def _write_csv(path: Path, header: List[str], rows: List[List[Any]]) -> Path:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+    return path
+
+
+def check_classes(model_classes: List[str], data_classes: List[str], where: str) -> None:
     if list(model_classes) != list(data_classes):
         extra = sorted(set(data_classes) - set(model_classes))
         missing = sorted(set(model_classes) - set(data_classes))
         raise DataError(f"{where}: its classes differ from the model's: not in the model {extra}, "
                         f"missing from the data {missing}" if (extra or missing) else
                         f"{where}: same classes as the model but in another order ({data_classes} vs {model_classes})")
+
+
+__all__ = ["HEADLINE", "check_classes", "evaluate", "evaluate_dataset", "evaluation_data", "metrics_of",
+           "write_evaluation"]

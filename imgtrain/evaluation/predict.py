@@ -1,89 +1,113 @@
-"""Predict classes for image files, folders or a CSV manifest with a trained model."""
+"""Predict classes for image files, folders or a CSV manifest with a trained model or ensemble.
+
+    rows = predict("runs/fmnist", ["photos/", "more.csv"], topk=3, tta=True)
+    write_predictions(rows, "preds.csv", topk=3)
+
+One row per image, in the order given (folders sorted): `path`, `class_1`, `prob_1` ... up to
+`topk`, `label` when a CSV manifest has a label column, and `error`, which says why an image
+could not be read (its other fields stay empty; the rest are still predicted). Images are
+decoded and predicted in chunks, so a folder of any size fits in memory.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
-import torch
-
-from imgtrain.api import load_trained
 from imgtrain.data import BadImageError, DataError, load_image
+from imgtrain.evaluation.inference import ImageListDataset, TTAArg, load_predictor
+from imgtrain.tracking.summary import atomic_write_text
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+CHUNK = 1024  # images decoded at once
 
 
-def collect_paths(inputs: Iterable[Union[str, Path]]) -> List[Path]:
-    """Files as given; folders searched recursively for images; a .csv gives its `path` column."""
-    paths: List[Path] = []
+def collect_inputs(inputs: Iterable[Union[str, Path]]) -> List[Tuple[Path, Optional[str]]]:
+    """(path, label or None): files as given; folders searched recursively for images; a .csv
+    manifest gives its `path` column (relative to the CSV's folder) and its `label` column if any."""
+    found: List[Tuple[Path, Optional[str]]] = []
     for item in inputs:
         item = Path(item)
         if item.is_dir():
-            paths.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
+            found.extend((p, None) for p in sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
         elif item.suffix.lower() == ".csv":
+            if not item.is_file():
+                raise DataError(f"{item}: no such CSV manifest")
             with open(item, newline="", encoding="utf-8") as handle:
                 reader = csv.DictReader(handle)
                 if not reader.fieldnames or "path" not in reader.fieldnames:
                     raise DataError(f"{item}: a manifest needs a `path` column (header: path[,label])")
-                paths.extend((item.parent / row["path"]) for row in reader)
+                has_label = "label" in reader.fieldnames
+                for row in reader:
+                    found.append((item.parent / row["path"], row["label"] if has_label else None))
         elif item.exists():
-            paths.append(item)
+            found.append((item, None))
         else:
             raise DataError(f"{item}: no such file or folder")
-    return paths
+    return found
 
 
-@torch.no_grad()
-def predict(checkpoint: Union[str, Path], inputs: Iterable[Union[str, Path]], topk: int = 1,
-            batch_size: int = 64, device: str = "cpu") -> List[Dict[str, Any]]:
-    """One row per image: path, top-k classes and probabilities, or the reason it failed."""
-    loaded = load_trained(checkpoint, device=device)
-    transform = loaded.eval_transform()
-    k = min(topk, len(loaded.classes))
+def collect_paths(inputs: Iterable[Union[str, Path]]) -> List[Path]:
+    """The image paths `collect_inputs` finds, without labels."""
+    return [path for path, _ in collect_inputs(inputs)]
+
+
+def predict(target: Union[str, Path], inputs: Iterable[Union[str, Path]], topk: int = 1,
+            batch_size: int = 64, device: str = "cpu", tta: TTAArg = None) -> List[Dict[str, Any]]:
+    """One row per image: path, top-k classes and probabilities, or the reason it failed.
+    `target`: a run folder, a .safetensors checkpoint or an ensemble folder."""
+    if topk < 1:
+        raise DataError(f"--topk {topk}: must be at least 1")
+    predictor = load_predictor(target, tta=tta, device=device)
+    k = min(topk, len(predictor.classes))
+    items = collect_inputs(inputs)
     rows: List[Dict[str, Any]] = []
-    batch: List[torch.Tensor] = []
-    batch_rows: List[Dict[str, Any]] = []
-
-    def flush() -> None:
-        if not batch:
-            return
-        probs = loaded.model(torch.stack(batch).to(device)).float().softmax(dim=1)
-        values, indices = probs.topk(k, dim=1)
-        for row, vals, idxs in zip(batch_rows, values.tolist(), indices.tolist()):
-            for rank, (p, i) in enumerate(zip(vals, idxs), start=1):
-                row[f"class_{rank}"] = loaded.classes[i]
-                row[f"prob_{rank}"] = round(p, 6)
-        batch.clear()
-        batch_rows.clear()
-
-    for path in collect_paths(inputs):
-        row: Dict[str, Any] = {"path": str(path), "error": ""}
-        rows.append(row)
-        try:
-            image = load_image(path, loaded.channels)
-        except BadImageError as exc:
-            row["error"] = exc.reason if hasattr(exc, "reason") else str(exc)
+    for start in range(0, len(items), CHUNK):
+        images, readable = [], []
+        for path, label in items[start:start + CHUNK]:
+            row: Dict[str, Any] = {"path": str(path)}
+            if label is not None:
+                row["label"] = label
+            row["error"] = ""
+            rows.append(row)
+            try:
+                images.append(load_image(path, predictor.channels))
+            except BadImageError as exc:
+                row["error"] = getattr(exc, "reason", None) or str(exc)
+                continue
+            readable.append(row)
+        if not images:
             continue
-        batch.append(transform(image))
-        batch_rows.append(row)
-        if len(batch) == batch_size:
-            flush()
-    flush()
+        probs, _ = predictor.probabilities(ImageListDataset(images), batch_size=batch_size, device=device)
+        values, indices = probs.topk(k, dim=1)
+        for row, vals, idxs in zip(readable, values.tolist(), indices.tolist()):
+            for rank, (p, i) in enumerate(zip(vals, idxs), start=1):
+                row[f"class_{rank}"] = predictor.classes[i]
+                row[f"prob_{rank}"] = round(p, 6)
     return rows
 
 
-def write_predictions(rows: List[Dict[str, Any]], output: Path, topk: int) -> None:
+def write_predictions(rows: List[Dict[str, Any]], output: Union[str, Path], topk: int) -> Path:
+    """rows as .json (a list of objects) or .csv (one line per image), written atomically."""
     output = Path(output)
+    if output.suffix.lower() not in (".csv", ".json"):
+        raise DataError(f"--output {output}: give a .csv or .json file name")
+    if not output.parent.is_dir():
+        raise DataError(f"--output {output}: the folder {output.parent} does not exist")
     if output.suffix.lower() == ".json":
-        output.write_text(json.dumps(rows, indent=2), encoding="utf-8")
-        return
-    fields = ["path"] + [f"{kind}_{rank}" for rank in range(1, topk + 1) for kind in ("class", "prob")] + ["error"]
-    with open(output, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+        atomic_write_text(output, json.dumps(rows, indent=2) + "\n")
+        return output
+    fields = ["path"] + (["label"] if any("label" in r for r in rows) else [])
+    fields += [f"{kind}_{rank}" for rank in range(1, topk + 1) for kind in ("class", "prob")] + ["error"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(output, buffer.getvalue())
+    return output
 
 
 def format_predictions(rows: List[Dict[str, Any]], topk: int, limit: Optional[int] = None) -> str:
@@ -94,5 +118,10 @@ def format_predictions(rows: List[Dict[str, Any]], topk: int, limit: Optional[in
             continue
         guesses = ", ".join(f"{row[f'class_{r}']} {row[f'prob_{r}']:.1%}" for r in range(1, topk + 1)
                             if f"class_{r}" in row)
-        lines.append(f"{row['path']}: {guesses}")
+        truth = f"  (label {row['label']})" if row.get("label") is not None else ""
+        lines.append(f"{row['path']}: {guesses}{truth}")
     return "\n".join(lines)
+
+
+__all__ = ["CHUNK", "IMAGE_SUFFIXES", "collect_inputs", "collect_paths", "format_predictions", "predict",
+           "write_predictions"]

@@ -29,12 +29,25 @@ PIL's "L") for a grey one. Several teachers are averaged in probability at tempe
 ensemble's arithmetic mean, Hinton et al.'s choice for ensembles), handed on as the logits
 T * log(mean_k softmax(z_k / T)), whose softmax at T is that mean exactly.
 
+A folder written by `imgtrain ensemble --save` is a teacher too: its members become teachers with
+the ensemble's weights (T * log(sum_k w_k softmax(z_k / T))), always as a soft vote whatever the
+folder's `vote` says, since a hard vote's nearly one-hot output is what distillation avoids. Next to
+other teachers in a list, each list entry has an equal share and the folder splits its share by
+its weights.
+
+With `distill.teacher_tta: true` each teacher predicts with test-time augmentation
+(evaluation/tta.py's TTAModel, after the batch is adapted to it): the views and merge rule of its
+run's `eval.tta` (hflip and the mean of probabilities when it names none, or for a timm model).
+Its merged logits (log of the mean probability by default) are then softened by T like any
+teacher's. It costs one teacher forward pass per view.
+
 The hook holds no state a resume needs: the teachers are reloaded from disk and are fixed,
 and its per-epoch sums start again with the epoch a resume restarts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,15 +69,20 @@ LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, what PIL's convert("L") uses
 
 # ----------------------------------------------------------------------------- pure functions
 
-def ensemble_logits(logits: Sequence[torch.Tensor], temperature: float) -> torch.Tensor:
-    """Logits whose softmax at `temperature` is the mean of the teachers' softmaxes at it.
+def ensemble_logits(logits: Sequence[torch.Tensor], temperature: float,
+                    weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Logits whose softmax at `temperature` is the (weighted) mean of the teachers' softmaxes at it.
 
-    T * log(mean_k softmax(z_k / T)): one teacher gives back its own logits up to a constant
-    per image (which softmax ignores)."""
+    T * log(sum_k w_k softmax(z_k / T)), w_k = 1/K without `weights` (which must sum to 1): one
+    teacher gives back its own logits up to a constant per image (which softmax ignores)."""
     if len(logits) == 1:
         return logits[0].float()
     log_probs = torch.stack([F.log_softmax(z.float() / temperature, dim=1) for z in logits])
-    return temperature * (torch.logsumexp(log_probs, dim=0) - math.log(len(logits)))
+    if weights is None:
+        return temperature * (torch.logsumexp(log_probs, dim=0) - math.log(len(logits)))
+    log_w = torch.tensor([math.log(w) if w > 0 else -math.inf for w in weights], device=log_probs.device,
+                         dtype=log_probs.dtype).view(-1, 1, 1)
+    return temperature * torch.logsumexp(log_probs + log_w, dim=0)
 
 
 def adapt_batch(inputs: torch.Tensor, from_mean: Sequence[float], from_std: Sequence[float],
@@ -111,6 +129,8 @@ class LoadedTeacher:
     img_size: int
     mean: list[float]
     std: list[float]
+    recipe: Any = None               # the teacher run's recipe (its eval.tta); None for a timm model
+    tta: str | None = None           # with distill.teacher_tta: its views and merge rule, described
 
 
 class TeacherEnsemble(nn.Module):
@@ -120,9 +140,12 @@ class TeacherEnsemble(nn.Module):
     `train()` cannot switch it out of eval mode: BatchNorm and dropout stay as evaluated."""
 
     def __init__(self, teachers: Sequence[LoadedTeacher], student_mean: Sequence[float],
-                 student_std: Sequence[float], temperature: float, img_size: int | None = None):
+                 student_std: Sequence[float], temperature: float, img_size: int | None = None,
+                 weights: Sequence[float] | None = None):
         super().__init__()
         self.teachers = list(teachers)
+        # None: equal weights; else one per teacher, scaled to sum to 1 (an ensemble folder's weights)
+        self.weights = None if weights is None else [float(w) / sum(weights) for w in weights]
         self.models = nn.ModuleList([t.model for t in self.teachers])
         self.student_mean, self.student_std = list(student_mean), list(student_std)
         self.temperature, self.img_size = temperature, img_size
@@ -133,8 +156,10 @@ class TeacherEnsemble(nn.Module):
         return super().train(False)
 
     def describe(self) -> str:
-        parts = [f"{t.source} ({t.img_size if self.img_size is None else self.img_size} px, {t.channels} ch)"
-                 for t in self.teachers]
+        parts = [f"{t.source} ({t.img_size if self.img_size is None else self.img_size} px, {t.channels} ch"
+                 + (f", TTA {t.tta}" if t.tta else "")
+                 + (f", weight {self.weights[i]:.3f})" if self.weights is not None else ")")
+                 for i, t in enumerate(self.teachers)]
         return ", ".join(parts)
 
     @torch.no_grad()
@@ -144,7 +169,7 @@ class TeacherEnsemble(nn.Module):
             x = adapt_batch(inputs, self.student_mean, self.student_std, teacher.mean, teacher.std,
                             teacher.channels, self.img_size or teacher.img_size)
             logits.append(model(x))
-        return ensemble_logits(logits, self.temperature)
+        return ensemble_logits(logits, self.temperature, self.weights)
 
 
 def teacher_sources(cfg: Any) -> list[str]:
@@ -213,7 +238,7 @@ def load_teacher(source: str, classes: Sequence[str], file: str | None = None) -
             raise fail(str(exc)) from None
         return LoadedTeacher(model=loaded.model, source=source, num_classes=len(loaded.classes),
                              classes=loaded.classes, channels=loaded.channels, img_size=loaded.img_size,
-                             mean=list(loaded.mean), std=list(loaded.std))
+                             mean=list(loaded.mean), std=list(loaded.std), recipe=loaded.recipe)
     name = source
     if name.split(".")[0] in OUR_MODELS:
         raise fail(f"{name} is one of imgtrain's own nets, which have no published weights: train it first "
@@ -244,6 +269,16 @@ def load_teacher(source: str, classes: Sequence[str], file: str | None = None) -
                          std=[float(v) for v in pretrained.std])
 
 
+def with_tta(teacher: LoadedTeacher) -> LoadedTeacher:
+    """The teacher predicting with test-time augmentation (evaluation/tta.py): its run's eval.tta
+    views and merge rule, or hflip and the mean of probabilities when it names none (a timm model)."""
+    from imgtrain.evaluation.tta import TTAModel, tta_config_for  # here: imgtrain.evaluation imports api
+
+    settings = tta_config_for(teacher.recipe, True)
+    return dataclasses.replace(teacher, model=TTAModel(teacher.model, settings),
+                               tta=settings.describe())
+
+
 def load_teachers(recipe: Any, classes: Sequence[str], mean: Sequence[float],
                   std: Sequence[float]) -> TeacherEnsemble | None:
     """The teachers `distill.teacher` names, checked against the data; None when distillation is off.
@@ -253,8 +288,47 @@ def load_teachers(recipe: Any, classes: Sequence[str], mean: Sequence[float],
     sources = teacher_sources(cfg)
     if not sources:
         return None
-    teachers = [load_teacher(source, classes, file=file) for source in sources]
-    return TeacherEnsemble(teachers, mean, std, cfg.temperature, cfg.teacher_img_size)
+    teachers: list[LoadedTeacher] = []
+    weights: list[float] = []
+    for source in sources:  # each source has an equal share; an ensemble folder splits its own
+        if _is_path(source) and is_ensemble_folder(source):
+            for teacher, weight in load_ensemble_teachers(source, classes, file=file):
+                teachers.append(teacher)
+                weights.append(weight / len(sources))
+        else:
+            teachers.append(load_teacher(source, classes, file=file))
+            weights.append(1.0 / len(sources))
+    if cfg.teacher_tta:
+        teachers = [with_tta(teacher) for teacher in teachers]
+    uniform = all(abs(w - weights[0]) < 1e-12 for w in weights)
+    return TeacherEnsemble(teachers, mean, std, cfg.temperature, cfg.teacher_img_size,
+                           weights=None if uniform else weights)
+
+
+def is_ensemble_folder(source: str) -> bool:
+    from imgtrain.evaluation.inference import is_ensemble_dir  # here: imgtrain.evaluation imports imgtrain.api
+    return is_ensemble_dir(Path(source).expanduser())
+
+
+def load_ensemble_teachers(source: str, classes: Sequence[str],
+                           file: str | None = None) -> list[tuple[LoadedTeacher, float]]:
+    """The members of an `imgtrain ensemble --save` folder as teachers, with the ensemble's weights
+    (nested ensembles expanded, weights multiplied through). Always its soft vote: a teacher hands
+    on probabilities, and a hard vote's are nearly one-hot, what distillation means to avoid. The
+    folder's own TTA setting is not used (distill.teacher_tta decides)."""
+    from imgtrain.engine.checkpoint import CheckpointError
+    from imgtrain.evaluation.ensemble import flat_members
+
+    try:
+        spec, members = flat_members(Path(source).expanduser())
+    except CheckpointError as exc:
+        raise RecipeError(str(exc), file=file, key=KEY) from None
+    if list(spec.classes) != list(classes):
+        how = ("the same classes in another order" if sorted(spec.classes) == sorted(classes)
+               else f"{len(spec.classes)} classes against {len(classes)}")
+        raise RecipeError(f"{source}: the ensemble was trained on other classes than this data has ({how}): "
+                          f"ensemble {_class_list(spec.classes)}, data {_class_list(classes)}", file=file, key=KEY)
+    return [(load_teacher(str(path), classes, file=file), weight) for path, weight in members]
 
 
 # ----------------------------------------------------------------------------- the hook
@@ -305,4 +379,5 @@ class DistillationHook(Hook):
 
 __all__ = ["DistillationHook", "LoadedTeacher", "TeacherEnsemble", "adapt_batch", "check_teacher_sources",
            "distillation_kl",
-           "distillation_loss", "ensemble_logits", "load_teacher", "load_teachers", "teacher_sources"]
+           "distillation_loss", "ensemble_logits", "load_ensemble_teachers", "load_teacher", "load_teachers",
+           "teacher_sources", "with_tta"]

@@ -5,6 +5,7 @@
     run_dir/history.csv     one row per epoch, rewritten whole    HistoryTracker
     run_dir/events.jsonl    JSON diary: fit_start, epochs, ...    EventLogTracker
     run_dir/plots/*.png     loss, accuracy, lr, momentum curves   PlotTracker
+    run_dir/report.html     one self-contained page of it all     ReportTracker (tracking/report.py)
     run_dir/summary.json    final numbers                         write_summary
 
 `build_trackers(recipe, run_dir)` returns them in that order for a recipe. Trackers never
@@ -24,24 +25,27 @@ from imgtrain.tracking.history import HISTORY_FILE, HistoryTracker, read_history
 from imgtrain.tracking.logfile import LOG_FILE, TrainLogTracker
 from imgtrain.tracking.plots import PLOTS_DIR, PlotTracker, plot_history
 from imgtrain.tracking.progress import ProgressTracker, format_epoch_line
+from imgtrain.tracking.report import REPORT_FILE, ReportInputs, ReportTracker, rebuild_report
 from imgtrain.tracking.summary import SUMMARY_FILE, json_safe, read_summary, write_summary
 
 __all__ = [
-    "EVENTS_FILE", "HISTORY_FILE", "LOG_FILE", "PLOTS_DIR", "SUMMARY_FILE",
-    "EventLogTracker", "HistoryTracker", "PlotTracker", "ProgressTracker", "TrainLogTracker",
-    "build_trackers", "format_epoch_line", "json_safe", "plot_history", "read_history",
-    "read_summary", "write_history", "write_summary",
+    "EVENTS_FILE", "HISTORY_FILE", "LOG_FILE", "PLOTS_DIR", "REPORT_FILE", "SUMMARY_FILE",
+    "EventLogTracker", "HistoryTracker", "PlotTracker", "ProgressTracker", "ReportInputs", "ReportTracker",
+    "TrainLogTracker", "build_trackers", "format_epoch_line", "json_safe", "plot_history", "read_history",
+    "read_summary", "rebuild_report", "write_history", "write_summary",
 ]
 
 
 def build_trackers(recipe: Recipe, run_dir: Union[str, Path],
-                   console_stream: Optional[TextIO] = None) -> List[Hook]:
+                   console_stream: Optional[TextIO] = None,
+                   report_inputs: Optional[ReportInputs] = None) -> List[Hook]:
     """The trackers a recipe asks for, in firing order.
 
     train.log first, so a line about an epoch is on disk before anything else can fail;
     the console next; then the run-folder files. `output.progress: off` leaves out the
-    ProgressTracker and `output.plots: false` the PlotTracker. `console_stream` defaults
-    to sys.stderr.
+    ProgressTracker, `output.plots: false` the PlotTracker and `output.report: false` the
+    ReportTracker (last: it reads the PlotTracker's per-step lr record). `console_stream` defaults
+    to sys.stderr; `report_inputs` gives the report the validation images it shows.
     """
     run_dir = Path(run_dir)
     trackers: List[Hook] = [TrainLogTracker(run_dir)]
@@ -49,6 +53,9 @@ def build_trackers(recipe: Recipe, run_dir: Union[str, Path],
         trackers.append(ProgressTracker(recipe.output.progress, console_stream))
     trackers.append(HistoryTracker(run_dir))
     trackers.append(EventLogTracker(run_dir))
-    if recipe.output.plots:
-        trackers.append(PlotTracker(run_dir))
+    plots = PlotTracker(run_dir) if recipe.output.plots else None
+    if plots is not None:
+        trackers.append(plots)
+    if recipe.output.report:
+        trackers.append(ReportTracker(run_dir, report_inputs, step_record=plots))
     return trackers

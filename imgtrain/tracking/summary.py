@@ -81,6 +81,20 @@ def atomic_write_text(path: Union[str, Path], text: str) -> None:
             tmp.unlink()
 
 
+def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
+    """`atomic_write_text` for bytes (a PNG, say)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def write_summary(run_dir: Union[str, Path], summary: Dict[str, Any]) -> Path:
     """Atomically write `run_dir/summary.json` (indent 2, JSON-safe values); returns its path."""
     path = Path(run_dir) / SUMMARY_FILE

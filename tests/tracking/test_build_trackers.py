@@ -14,22 +14,26 @@ from imgtrain.tracking import (
     HistoryTracker,
     PlotTracker,
     ProgressTracker,
+    ReportTracker,
     TrainLogTracker,
     build_trackers,
     read_history,
 )
 
 
-@pytest.mark.parametrize("progress, plots, expected", [
-    ("log", True, [TrainLogTracker, ProgressTracker, HistoryTracker, EventLogTracker, PlotTracker]),
-    ("off", True, [TrainLogTracker, HistoryTracker, EventLogTracker, PlotTracker]),
-    ("bar", False, [TrainLogTracker, ProgressTracker, HistoryTracker, EventLogTracker]),
-    ("off", False, [TrainLogTracker, HistoryTracker, EventLogTracker]),
+@pytest.mark.parametrize("progress, plots, report, expected", [
+    ("log", True, True, [TrainLogTracker, ProgressTracker, HistoryTracker, EventLogTracker, PlotTracker,
+                         ReportTracker]),
+    ("log", True, False, [TrainLogTracker, ProgressTracker, HistoryTracker, EventLogTracker, PlotTracker]),
+    ("off", True, False, [TrainLogTracker, HistoryTracker, EventLogTracker, PlotTracker]),
+    ("bar", False, True, [TrainLogTracker, ProgressTracker, HistoryTracker, EventLogTracker, ReportTracker]),
+    ("off", False, False, [TrainLogTracker, HistoryTracker, EventLogTracker]),
 ])
-def test_recipe_picks_trackers_in_order(run_dir, progress, plots, expected):
+def test_recipe_picks_trackers_in_order(run_dir, progress, plots, report, expected):
     recipe = Recipe()
     recipe.output.progress = progress
     recipe.output.plots = plots
+    recipe.output.report = report
     trackers = build_trackers(recipe, run_dir, console_stream=io.StringIO())
     assert [type(t) for t in trackers] == expected
     HookList(trackers=trackers)  # names are unique, or HookList raises
@@ -46,7 +50,7 @@ def test_all_trackers_fill_the_run_folder(run_dir, make_state, fake_loop):
     fake_loop(state, build_trackers(Recipe(), run_dir, console_stream=console)).fit()
 
     assert sorted(p.name for p in run_dir.iterdir()) == ["events.jsonl", "history.csv", "plots",
-                                                         "train.log"]
+                                                         "report.html", "train.log"]
     assert [r["epoch"] for r in read_history(run_dir / "history.csv")] == [1, 2]
     events = [json.loads(line)["event"] for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert events == ["fit_start", "epoch_end", "epoch_end", "fit_end"]
