@@ -9,10 +9,10 @@ without TTA, and their ensemble, with and without TTA, in one table.
    soft-vote ensemble (equal weights) on the full 10,000-image test split, once without TTA and
    once with `--tta hflip` (2 views, mean of probabilities).
 
-    python benchmarks/tta_ensemble.py [--images 4000] [--epochs 8] [--img-size 14] [--seeds 0,1,2]
-                                      [--threads 1] [--runs DIR]
+    python benchmarks/tta_ensemble.py [--images 10000] [--epochs 8] [--img-size 28] [--seeds 0,1,2]
+                                      [--threads 2] [--runs DIR]
 
-About 10 to 15 minutes on a 2-core CPU (README has the measured time); `--runs DIR` reuses the
+About 12 minutes on a quiet 2-core CPU (README has the measured time); `--runs DIR` reuses the
 three run folders a previous run left in DIR (seed0, seed1, seed2) and only measures (a minute).
 
 Goals (issue 6): TTA above no-TTA for each model; the ensemble above its best member.
@@ -52,11 +52,11 @@ def train_member(seed: int, args: argparse.Namespace, out: Path) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=4000, help="training images (stratified subset)")
+    parser.add_argument("--images", type=int, default=10000, help="training images (stratified subset)")
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--img-size", type=int, default=14, help="pixels the models see")
+    parser.add_argument("--img-size", type=int, default=28, help="pixels the models see")
     parser.add_argument("--seeds", default="0,1,2", help="train.seed of each model")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", help="folder of the run folders (reused when there; default: a temporary folder)")
     args = parser.parse_args()
     import torch

@@ -206,6 +206,15 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_measurement_arguments(p: argparse.ArgumentParser, tta_help: str) -> None:
+    """What evaluate and ensemble measure on, and how: --split/--data, --tta, --batch-size, --device."""
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--data", help="measure on this image folder (class subfolders) or path,label CSV instead")
+    p.add_argument("--tta", nargs="?", const=True, default=None, metavar="VIEWS", help=tta_help)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from imgtrain.tracking import rebuild_report
 
@@ -367,13 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "or views, e.g. --tta hflip,five_crop")
     p = sub.add_parser("evaluate", help="metrics of a run folder, checkpoint or ensemble on a split or any data")
     p.add_argument("target", help="run folder, .safetensors checkpoint or ensemble folder")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--data", help="evaluate on this image folder (class subfolders) or path,label CSV instead")
-    p.add_argument("--tta", nargs="?", const=True, default=None, metavar="VIEWS", help=tta_help)
+    add_measurement_arguments(p, tta_help)
     p.add_argument("--output-dir", help="where metrics.json, per_class.csv and confusion.csv/.png go "
                                         "(default: RUN/evaluation/SPLIT for a run folder)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print every metric as JSON")
     p.set_defaults(func=cmd_evaluate)
 
@@ -412,14 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fit the weights on the first member's val split (minimum NLL of the soft vote)")
     p.add_argument("--vote", default="soft", choices=["soft", "hard"],
                    help="soft: weighted mean of probabilities; hard: weighted majority of top classes")
-    p.add_argument("--tta", nargs="?", const=True, default=None, metavar="VIEWS", help=tta_help)
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--data", help="measure on this image folder (class subfolders) or path,label CSV instead")
+    add_measurement_arguments(p, tta_help)
     p.add_argument("--save", metavar="ENSEMBLE_DIR",
                    help="write the ensemble (ensemble.yaml + copies of the members) for evaluate, predict, distill")
     p.add_argument("--overwrite", action="store_true", help="replace an existing ensemble folder at --save")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print every number as JSON")
     p.set_defaults(func=cmd_ensemble)
 
