@@ -128,9 +128,11 @@ def tta_argument(value: Any) -> Any:
 
 def default_evaluation_dir(target: str, split_name: str) -> Optional[Path]:
     """RUN/evaluation/<split> for a run folder (or a checkpoint inside one); None otherwise."""
+    from imgtrain.evaluation.inference import is_ensemble_dir
+
     path = Path(target)
     run = path if path.is_dir() else path.parent.parent
-    if (run / "config.yaml").is_file() or (run / "ensemble.yaml").is_file():
+    if (run / "config.yaml").is_file() or is_ensemble_dir(run):
         return run / "evaluation" / split_name
     return None
 

@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from imgtrain.data.sources import build_splits
+from imgtrain.data.transforms import denormalize
 from imgtrain.strategies import mix_batch, mixing_enabled
 
 COLUMNS = 8          # cells per row (fewer when n is smaller)
@@ -95,13 +96,6 @@ def show_augment(recipe: Any, n: int = 32, output: str | Path = "augment.png") -
     path = Path(output)
     size = _draw_grid(pixels, texts, path)
     return AugmentPreview(path=path, labels=texts, indices=indices, targets=targets, pixels=pixels, size=size)
-
-
-def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Normalised float (N, C, H, W) -> uint8 for display (erased/mixed pixels clipped to 0..255)."""
-    m = torch.as_tensor(mean, dtype=images.dtype).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=images.dtype).view(1, -1, 1, 1)
-    return (images * s + m).clamp(0, 1).mul(255).round().to(torch.uint8)
 
 
 def _fit(image: Image.Image) -> Image.Image:

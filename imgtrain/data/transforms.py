@@ -54,6 +54,16 @@ def _finish(steps: list[v2.Transform], mean: Sequence[float] | None, std: Sequen
     return v2.Compose(steps)
 
 
+def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Normalised float (N, C, H, W) back to uint8 pixels on the CPU, for display: the inverse of
+    `_finish`'s Normalize and ToDtype (values augmentation pushed outside 0..1, such as erased or
+    mixed pixels, are clipped). show-augment, doctor, the run report and explain draw with it."""
+    images = images.detach().float().cpu()
+    m = torch.as_tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.as_tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+    return (images * s + m).clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
 # ----------------------------------------------------------------------------- the augmentation registry
 # name -> builder(aug, channels, img_size) returning a v2 transform, or None when the recipe
 # leaves that augmentation off. Entries run in the order listed. The uint8 ones run before

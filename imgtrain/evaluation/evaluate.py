@@ -25,7 +25,7 @@ import torch
 
 from imgtrain.data import DataError, build_splits
 from imgtrain.evaluation.inference import TTAArg, load_predictor
-from imgtrain.evaluation.metrics import MetricSuite, save_confusion_png, write_confusion_csv
+from imgtrain.evaluation.metrics import compute_metrics, save_confusion_png, write_confusion_csv
 from imgtrain.tracking.summary import atomic_write_text, json_safe
 
 HEADLINE = ("images", "loss", "acc", "top5_acc", "balanced_acc", "macro_f1", "ece")
@@ -34,9 +34,7 @@ HEADLINE = ("images", "loss", "acc", "top5_acc", "balanced_acc", "macro_f1", "ec
 def metrics_of(probs: torch.Tensor, targets: torch.Tensor, classes: List[str]) -> Dict[str, Any]:
     if probs.shape[0] == 0:
         raise DataError("nothing to evaluate: the split has no images")
-    suite = MetricSuite(len(classes))
-    suite.update(probs, targets)
-    return suite.compute(classes)
+    return compute_metrics(probs, targets, classes)
 
 
 def evaluate_dataset(predictor: Any, dataset: Any, batch_size: int = 256,
@@ -76,7 +74,6 @@ def evaluate(target: Union[str, Path], split: str = "test", data: Optional[Union
     predictor = load_predictor(target, tta=tta, device=device)
     dataset, data_classes, where = evaluation_data(predictor.recipe, split, data)
     check_classes(predictor.classes, data_classes, where)
-    dataset = dataset.with_transform(None)
     result = evaluate_dataset(predictor, dataset, batch_size=batch_size, device=device)
     if getattr(predictor, "tta", None) is not None:
         plain = evaluate_dataset(predictor.without_tta(), dataset, batch_size=batch_size, device=device)

@@ -41,9 +41,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import io
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -67,7 +66,9 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from imgtrain.data import BadImageError, load_image
+from imgtrain.data.transforms import denormalize as data_denormalize
 from imgtrain.models import LogitOffset, ModelError
+from imgtrain.tracking.summary import atomic_write_bytes
 
 # name -> grad-cam class; every entry runs on the CPU with imgtrain's nets and timm CNNs and ViTs
 CAM_METHODS: Dict[str, type] = {
@@ -412,10 +413,7 @@ def overlay(image: Union[np.ndarray, torch.Tensor], heatmap: np.ndarray, alpha: 
 
 def denormalize(inputs: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """Transformed images (N, C, H, W) back to uint8 (N, H, W, C): the images as the model sees them."""
-    mean_t = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
-    std_t = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
-    pixels = (inputs.detach().float().cpu() * std_t + mean_t).clamp(0, 1) * 255.0
-    return (pixels + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return data_denormalize(inputs, mean, std).permute(0, 2, 3, 1).numpy()
 
 
 def render_panel(image: np.ndarray, heatmap: np.ndarray, title: Sequence[str], size: int = PANEL_SIZE) -> Image.Image:
@@ -443,16 +441,10 @@ def render_panel(image: np.ndarray, heatmap: np.ndarray, title: Sequence[str], s
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written PNG."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Written to a temporary file next to it, then renamed: never a half-written PNG."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 # ----------------------------------------------------------------------------- explain files

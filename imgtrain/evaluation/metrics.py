@@ -161,13 +161,19 @@ def confusion_figure(confusion: Sequence[Sequence[int]], classes: Sequence[str],
     return fig
 
 
+def confusion_png(confusion: Sequence[Sequence[int]], classes: Sequence[str],
+                  title: str = "confusion matrix") -> bytes:
+    """`confusion_figure` as PNG bytes."""
+    buffer = io.BytesIO()
+    confusion_figure(confusion, classes, title).savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
 def save_confusion_png(path: Union[str, Path], confusion: Sequence[Sequence[int]], classes: Sequence[str],
                        title: str = "confusion matrix") -> Path:
     from imgtrain.tracking.summary import atomic_write_bytes
 
-    buffer = io.BytesIO()
-    confusion_figure(confusion, classes, title).savefig(buffer, format="png")
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, confusion_png(confusion, classes, title))
     return Path(path)
 
 
@@ -189,5 +195,5 @@ def format_metrics(metrics: Dict[str, Any], per_class: bool = True, limit: Optio
     return "\n".join(lines)
 
 
-__all__ = ["ECE_BINS", "MetricSuite", "compute_metrics", "confusion_figure", "format_metrics",
+__all__ = ["ECE_BINS", "MetricSuite", "compute_metrics", "confusion_figure", "confusion_png", "format_metrics",
            "per_class_scores", "read_confusion_csv", "save_confusion_png", "write_confusion_csv"]

@@ -52,7 +52,7 @@ MARKER_LIMIT = 30      # per-epoch curves get point markers up to this many epoc
 
 # ----------------------------------------------------------------------------- drawing
 
-def _number(value: Any) -> float:
+def plottable(value: Any) -> float:
     """A plottable float; missing, non-numeric and infinite values become NaN (a gap)."""
     if hasattr(value, "item") and callable(value.item):
         value = value.item()
@@ -98,55 +98,41 @@ def _save(fig: Figure, path: Path) -> None:
             tmp.unlink()
 
 
-def epoch_figure(rows: Sequence[Dict[str, Any]], keys: Sequence[str], scale: float,
-                 title: str, ylabel: str) -> Optional[Figure]:
-    """One line per key present in any row, against the epoch; None when no key has data."""
+def _epoch_plot(rows: Sequence[Dict[str, Any]], keys: Sequence[str], scale: float,
+                title: str, ylabel: str, path: Path) -> bool:
+    """One line per key present in any row, against the epoch; False when no key has data."""
     series = {}
     for key in keys:
-        values = [_number(row.get(key)) * scale for row in rows]
+        values = [plottable(row.get(key)) * scale for row in rows]
         if any(not math.isnan(v) for v in values):
             series[key] = values
     if not series:
-        return None
-    epochs = [_number(row.get("epoch", i + 1)) for i, row in enumerate(rows)]
+        return False
+    epochs = [plottable(row.get("epoch", i + 1)) for i, row in enumerate(rows)]
     fig, ax = _new_axes(title, "epoch", ylabel)
     marker = "o" if len(rows) <= MARKER_LIMIT else None
     for key, values in series.items():
         ax.plot(epochs, values, marker=marker, markersize=3, label=key)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.legend()
-    return fig
+    _save(fig, path)
+    return True
 
 
-def step_figure(points: Sequence[Tuple[float, float]], title: str, ylabel: str,
-                log_when_wide: bool) -> Optional[Figure]:
-    """A per-step curve; None when there are no points."""
-    points = [(float(s), _number(v)) for s, v in decimate(points)]
+def _step_plot(points: Sequence[Tuple[float, float]], title: str, ylabel: str, path: Path,
+               log_when_wide: bool) -> bool:
+    """A per-step curve; False when there are no points."""
+    points = [(float(s), plottable(v)) for s, v in decimate(points)]
     if not points:
-        return None
+        return False
     fig, ax = _new_axes(title, "optimizer step", ylabel)
     ax.plot([s for s, _ in points], [v for _, v in points], linewidth=1.2)
     values = [v for _, v in points if not math.isnan(v)]
     # a one-cycle or cosine lr spans several decades; on a linear axis its tail looks like 0
     if log_when_wide and values and min(values) > 0 and max(values) / min(values) > 100:
         ax.set_yscale("log")
-    return fig
-
-
-def _epoch_plot(rows: Sequence[Dict[str, Any]], keys: Sequence[str], scale: float,
-                title: str, ylabel: str, path: Path) -> bool:
-    fig = epoch_figure(rows, keys, scale, title, ylabel)
-    if fig is not None:
-        _save(fig, path)
-    return fig is not None
-
-
-def _step_plot(points: Sequence[Tuple[float, float]], title: str, ylabel: str, path: Path,
-               log_when_wide: bool) -> bool:
-    fig = step_figure(points, title, ylabel, log_when_wide)
-    if fig is not None:
-        _save(fig, path)
-    return fig is not None
+    _save(fig, path)
+    return True
 
 
 def plot_history(rows: Sequence[Dict[str, Any]],

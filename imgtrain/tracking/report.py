@@ -41,8 +41,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imgtrain.data.transforms import denormalize
 from imgtrain.engine.events import Hook
-from imgtrain.tracking.plots import FIRST_DRAW_COST, PLOTS_DIR, REDRAW_BUDGET_FACTOR
+from imgtrain.tracking.plots import FIRST_DRAW_COST, PLOTS_DIR, REDRAW_BUDGET_FACTOR, plottable
 from imgtrain.tracking.summary import atomic_write_bytes, atomic_write_text
 from imgtrain.tracking.svg import line_chart
 
@@ -96,23 +97,6 @@ def png_bytes(image: Union[np.ndarray, Image.Image]) -> bytes:
     return buffer.getvalue()
 
 
-def figure_png(fig: Any) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
-def denormalise(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Normalised (N, C, H, W) floats back to uint8 pixels."""
-    batch = batch.detach().float().cpu()
-    mean_t = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
-    std_t = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
-    if mean_t.shape[1] != batch.shape[1]:  # normalisation given for one channel of a repeated grey image
-        mean_t, std_t = mean_t[:, :1], std_t[:, :1]
-    pixels = (batch * std_t + mean_t) * 255.0
-    return pixels.round().clamp(0, 255).to(torch.uint8)
-
-
 def to_rgb(image: torch.Tensor) -> np.ndarray:
     """uint8 (C, H, W) -> (H, W, 3) array."""
     array = image.permute(1, 2, 0).numpy()
@@ -146,10 +130,10 @@ def curve_charts(rows: Sequence[Dict[str, Any]], lr_steps: Sequence[Tuple[float,
     momentum are per optimizer step when the steps were recorded (the PlotTracker's record),
     else per epoch from the history."""
     def per_epoch(key: str, scale: float = 1.0) -> List[Tuple[float, float]]:
-        return [(float(r.get("epoch", i + 1)), _number(r.get(key)) * scale) for i, r in enumerate(rows)]
+        return [(float(r.get("epoch", i + 1)), plottable(r.get(key)) * scale) for i, r in enumerate(rows)]
 
     def present(key: str) -> bool:
-        return any(math.isfinite(_number(r.get(key))) for r in rows)
+        return any(math.isfinite(plottable(r.get(key))) for r in rows)
 
     charts: Dict[str, str] = {}
     loss = {k: per_epoch(k) for k in ("train_loss", "val_loss") if present(k)}
@@ -175,13 +159,6 @@ def curve_charts(rows: Sequence[Dict[str, Any]], lr_steps: Sequence[Tuple[float,
     return {name: svg for name, svg in charts.items() if svg}
 
 
-def _number(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def worst_gallery(model: torch.nn.Module, inputs: torch.Tensor, targets: Sequence[int],
                   losses: Sequence[float], classes: Sequence[str], mean: Sequence[float],
                   std: Sequence[float]) -> tuple:
@@ -193,7 +170,7 @@ def worst_gallery(model: torch.nn.Module, inputs: torch.Tensor, targets: Sequenc
         probs = model(inputs).float().softmax(dim=1)
         model.train(was_training)
     predicted = probs.argmax(dim=1)
-    pixels = denormalise(inputs, mean, std)
+    pixels = denormalize(inputs, mean, std)
     note = "Grad-CAM of the predicted class on the model's last convolutional stage"
     try:
         from imgtrain.evaluation.explain import cam_heatmaps, overlay
@@ -432,7 +409,7 @@ class ReportTracker(Hook):
         if self.samples_png is not None or self.inputs is None or state.inputs is None:
             return
         batch = state.inputs[:SAMPLES_SHOWN]
-        self.samples_png = png_bytes(image_grid(denormalise(batch, self.inputs.mean, self.inputs.std)))
+        self.samples_png = png_bytes(image_grid(denormalize(batch, self.inputs.mean, self.inputs.std)))
         self.samples_note = (f"the first training batch of epoch {state.epoch + 1} as the model received it: "
                              f"{tuple(batch.shape[1:])} per image, after augmentation and batch strategies")
         # kept on disk too, for `imgtrain report` to rebuild the page from the run folder
@@ -488,7 +465,8 @@ class ReportTracker(Hook):
             content.confusion = state.val_confusion
             content.confusion_note = f"validation split after epoch {epoch} ({history[-1].get('val_acc', 0):.2%} accurate)"
             if len(content.classes) > CONFUSION_TABLE_LIMIT:
-                content.confusion_png = _confusion_png(state.val_confusion, content.classes, f"validation, epoch {epoch}")
+                from imgtrain.evaluation.metrics import confusion_png  # matplotlib: only when it is drawn
+                content.confusion_png = confusion_png(state.val_confusion, content.classes, f"validation, epoch {epoch}")
         if state.val_worst and self.inputs is not None and self.inputs.val_dataset is not None:
             content.worst, content.worst_note = self._worst(state)
         return content
@@ -519,15 +497,6 @@ def _recipe_text(run_dir: Path, recipe: Any) -> str:
     return str(recipe)
 
 
-def _confusion_png(confusion: List[List[int]], classes: Sequence[str], title: str) -> bytes:
-    from imgtrain.evaluation.metrics import confusion_figure
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    fig = confusion_figure(confusion, classes, title=title)
-    FigureCanvasAgg(fig)
-    return figure_png(fig)
-
-
 # ----------------------------------------------------------------------------- from the run folder
 
 def _recorded_steps(run_dir: Path) -> tuple:
@@ -551,6 +520,7 @@ def rebuild_report(run_dir: Union[str, Path], device: str = "cpu", batch_size: i
     from imgtrain.api import load_trained
     from imgtrain.evaluation.evaluate import evaluation_data
     from imgtrain.evaluation.inference import run_model
+    from imgtrain.evaluation.metrics import PROB_FLOOR, compute_metrics, confusion_png
     from imgtrain.tracking.history import HISTORY_FILE, read_history
     from imgtrain.tracking.summary import SUMMARY_FILE, read_summary
 
@@ -582,15 +552,13 @@ def rebuild_report(run_dir: Union[str, Path], device: str = "cpu", batch_size: i
     if dataset is not None and len(dataset):
         transformed = dataset.with_transform(loaded.eval_transform())
         probs, targets = run_model(loaded.model, transformed, batch_size=batch_size, device=device)
-        classes = len(loaded.classes)
-        matrix = torch.bincount(targets * classes + probs.argmax(1), minlength=classes * classes).view(classes, -1)
-        content.confusion = matrix.tolist()
+        metrics = compute_metrics(probs, targets, loaded.classes)  # as `imgtrain evaluate --split val` counts
+        content.confusion = metrics["confusion"]
         which = loaded.path.name
-        content.confusion_note = (f"validation split, {which} ({float(matrix.diagonal().sum()) / len(targets):.2%} "
-                                  "accurate)")
+        content.confusion_note = f"validation split, {which} ({metrics['acc']:.2%} accurate)"
         if len(content.classes) > CONFUSION_TABLE_LIMIT:
-            content.confusion_png = _confusion_png(content.confusion, content.classes, f"validation, {which}")
-        losses = -probs.gather(1, targets[:, None]).squeeze(1).clamp_min(1e-12).log()
+            content.confusion_png = confusion_png(content.confusion, content.classes, f"validation, {which}")
+        losses = -probs.gather(1, targets[:, None]).squeeze(1).clamp_min(PROB_FLOOR).log()
         worst = losses.topk(min(WORST_SHOWN, len(losses))).indices.tolist()
         inputs = torch.stack([transformed[i][0] for i in worst]).to(device)
         content.worst, content.worst_note = worst_gallery(loaded.model, inputs, [int(targets[i]) for i in worst],
@@ -599,5 +567,5 @@ def rebuild_report(run_dir: Union[str, Path], device: str = "cpu", batch_size: i
     return write_report(run_dir, content)
 
 
-__all__ = ["REPORT_FILE", "ReportContent", "ReportInputs", "ReportTracker", "denormalise", "image_grid",
+__all__ = ["REPORT_FILE", "ReportContent", "ReportInputs", "ReportTracker", "image_grid",
            "rebuild_report", "render_html", "worst_gallery", "write_report"]
