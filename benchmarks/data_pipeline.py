@@ -11,7 +11,7 @@ Data: 10,000 JPEG images at 64 px, 4 classes, written once with
         augment.device_transforms: on, run on the CPU: the loader gathers uint8 images,
         TrainBatchTransform crops, flips and normalizes each batch of 256 at once. The
         same augmentation distributions as (a) (scale 0.08..1, ratio 3/4..4/3, flip 0.5).
-        Measured with `imgtrain.data.bench.bench_data`, the code behind `imgtrain bench-data`.
+        Measured with `imgtrain.tools.bench_data.bench_data`, the code behind `imgtrain bench-data`.
 
 Both iterate full epochs and count images/s of epochs 2+ (epoch 1 pays worker start-up);
 the setup (the sources' check of every file, the cache build) is reported on its own line.
@@ -83,7 +83,7 @@ def stock_rate(folder: Path, epochs: int) -> float:
 def imgtrain_rate(folder: Path, epochs: int, threads: int | None) -> tuple[float, str]:
     """(b): steady images/s of imgtrain's cached pipeline with batch transforms on the CPU, and its setup."""
     from imgtrain.config import load_recipe
-    from imgtrain.data.bench import bench_data
+    from imgtrain.tools.bench_data import bench_data
 
     recipe = load_recipe(None, [
         "data.source=imagefolder", f"data.root={folder}", "data.val_fraction=0.0", "data.test_fraction=0.0",

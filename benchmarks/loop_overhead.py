@@ -36,7 +36,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from imgtrain.config import load_recipe
 from imgtrain.data import build_splits
 from imgtrain.engine.events import HookList
-from imgtrain.engine.loop import TrainData, Trainer
+from imgtrain.engine.loop import TrainParts, Trainer
+from imgtrain.engine.state import EpochPlan
 from imgtrain.engine.optim import build_optimizer, build_scheduler
 from imgtrain.models import create_model
 from imgtrain.tracking import build_trackers
@@ -89,8 +90,10 @@ def run_trainer(recipe, images, targets) -> float:
     loader, generator = make_loader(images, targets, recipe.data.batch_size, 0)
     with tempfile.TemporaryDirectory() as run_dir:
         hooks = HookList(trackers=build_trackers(recipe, run_dir, console_stream=io.StringIO()))
-        data = TrainData(train=loader, val=None, train_generator=generator, classes=[str(i) for i in range(10)])
-        trainer = Trainer(recipe, model, data, Path(run_dir), hooks, checkpoint_metadata={})
+        parts = TrainParts(model=model, loss_fn=torch.nn.CrossEntropyLoss(), loader_for=lambda size: loader,
+                           plans=[EpochPlan(0, 28, recipe.data.batch_size)] * recipe.train.epochs,
+                           classes=[str(i) for i in range(10)], train_generator=generator)
+        trainer = Trainer(recipe, parts, hooks, Path(run_dir))
         started = time.perf_counter()
         state = trainer.fit()
         elapsed = time.perf_counter() - started

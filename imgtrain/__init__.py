@@ -13,12 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 from imgtrain.config import Recipe, RecipeError, load_recipe
+from imgtrain.engine.events import Hook  # torch-free: the base class of your own hooks
 
 __version__ = "0.1.0"
 
 
 def train(recipe: Recipe, **kwargs: Any) -> Any:
-    """Train from a recipe; see `imgtrain.api.train` for the keyword arguments."""
+    """Train from a recipe; see `imgtrain.api.train` for the keyword arguments (run_dir, resume,
+    overwrite, hooks=[your Hook subclasses])."""
     from imgtrain.api import train as api_train
     return api_train(recipe, **kwargs)
 
@@ -29,4 +31,4 @@ def load_trained(target: Any, **kwargs: Any) -> Any:
     return api_load_trained(target, **kwargs)
 
 
-__all__ = ["Recipe", "RecipeError", "load_recipe", "train", "load_trained", "__version__"]
+__all__ = ["Hook", "Recipe", "RecipeError", "load_recipe", "train", "load_trained", "__version__"]

@@ -8,39 +8,39 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
-import random
-import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any
 
-import numpy as np
 import torch
 
-from imgtrain.config import Recipe, RecipeError, dump_recipe, load_recipe, recipe_from_dict
-from imgtrain.data import (TensorImageDataset, build_eval_transform, build_loaders, build_splits,
-                           build_train_transform, resolve_normalization)
-from imgtrain.data.batch_transforms import build_batch_pipelines, resolve_device_transforms
-from imgtrain.data.cache import apply_cache, cache_resolution
+from imgtrain.config import Recipe, RecipeError, dump_recipe, load_recipe
+from imgtrain.data import build_splits
+from imgtrain.data.loaders import with_batch_size
+from imgtrain.data.prepare import PreparedData, seed_everything
+from imgtrain.data.prepare import prepare_data as prepare_plain_data
 from imgtrain.engine.checkpoint import CheckpointError, load_weights
-from imgtrain.engine.events import HookList
 from imgtrain.engine.device import select_device
-from imgtrain.engine.loop import TrainData, Trainer
-from imgtrain.losses import check_imbalance_recipe
-from imgtrain.models import LogitOffset, count_parameters, create_model
+from imgtrain.engine.events import Hook, HookList
+from imgtrain.engine.loop import TrainParts, Trainer
+from imgtrain.engine.state import EpochPlan
+from imgtrain.evaluation.teachers import load_teachers
+from imgtrain.evaluation.tta import TTAModel, tta_config_for
+from imgtrain.io import RunDirError, check_replaceable, looks_like_run, make_run_dir
+from imgtrain.losses import build_train_loss, check_imbalance_recipe, eval_logit_offset
+from imgtrain.models import count_parameters, create_model
+from imgtrain.models.trained import LoadedModel, load_trained, resolve_checkpoint
 from imgtrain.models.weights import load_initial_weights, resolve_weights_source
-from imgtrain.strategies import build_strategies, prepare_curriculum
-from imgtrain.strategies.distillation import check_teacher_sources, load_teachers
-from imgtrain.strategies.early_stopping import check_early_stop
+from imgtrain.strategies import STRATEGIES, StrategyContext, check_strategies, enabled_strategies, mixing_enabled
 from imgtrain.strategies.lr_finder import CSV_NAME as LR_FIND_CSV
-from imgtrain.strategies.lr_finder import LrFindResult, check_lr_find, find_lr
-from imgtrain.strategies.progressive import (check_progressive_recipe, describe_plans, eval_size, plan_epochs,
-                                             progressive_enabled)
-from imgtrain.strategies.transfer import TransferHook, check_transfer_recipe, transfer_enabled
-from imgtrain.tracking import ReportInputs, ReportTracker, build_trackers, write_summary
+from imgtrain.strategies.lr_finder import LrFindResult, find_lr
+from imgtrain.strategies.progressive import describe_plans, eval_size
+from imgtrain.tracking import ReportInputs, ReportTracker, TrainLogTracker, build_trackers, write_summary
 
 # keys that may change when resuming: how the run is executed, never what it computes
 RESUME_OVERRIDABLE = ("train.device", "train.threads", "data.workers", "data.pin_memory",
@@ -52,25 +52,17 @@ RESUME_OVERRIDABLE = ("train.device", "train.threads", "data.workers", "data.pin
                       "diagnostics.nonfinite_check_every", "diagnostics.max_skipped_steps")
 
 
-class RunDirError(ValueError):
-    """A run folder that cannot be used as asked (exists, or is not a run folder)."""
-
-
 @dataclass
 class TrainResult:
     run_dir: Path
-    history: List[Dict[str, Any]]
-    summary: Dict[str, Any]
+    history: list[dict[str, Any]]
+    summary: dict[str, Any]
     model: torch.nn.Module          # holds the best weights when a test split was evaluated
 
 
 # ----------------------------------------------------------------------------- run folders
 
-def _looks_like_run(path: Path) -> bool:
-    return (path / "config.yaml").is_file() or (path / "checkpoints").is_dir()
-
-
-def plan_run_dir(recipe: Recipe, run_dir: Optional[Union[str, Path]], overwrite: bool) -> Path:
+def plan_run_dir(recipe: Recipe, run_dir: str | Path | None, overwrite: bool) -> Path:
     """The run folder a new run will use; raises RunDirError when it may not. Touches nothing."""
     if run_dir is None:
         base = Path(recipe.output.root)
@@ -83,51 +75,27 @@ def plan_run_dir(recipe: Recipe, run_dir: Optional[Union[str, Path]], overwrite:
                 index += 1
             run_dir = base / f"{name}-{index}"
     run_dir = Path(run_dir)
-    check_replaceable(run_dir, overwrite, ours=_looks_like_run(run_dir),
+    check_replaceable(run_dir, overwrite, ours=looks_like_run(run_dir),
                       refuse=f"run folder exists and is not empty; pass --overwrite to replace it, --resume "
                              f"{run_dir} to continue it, or choose another --run-dir",
                       foreign="the folder is not an imgtrain run (no config.yaml or checkpoints/)")
     return run_dir
 
 
-def check_replaceable(folder: Path, overwrite: bool, ours: bool, refuse: str, foreign: str) -> None:
-    """A folder a command is about to write must be absent or empty, or, with --overwrite, one that
-    command wrote (`ours`); RunDirError says which rule failed (`refuse`, `foreign`)."""
-    if folder.exists() and not folder.is_dir():
-        raise RunDirError(f"{folder}: exists and is not a folder")
-    if folder.is_dir() and any(folder.iterdir()):
-        if not overwrite:
-            raise RunDirError(f"{folder}: {refuse}")
-        if not ours:
-            raise RunDirError(f"{folder}: --overwrite refused: {foreign}, so nothing in it is deleted")
-
-
-def make_run_dir(run_dir: Path) -> Path:
-    """Create a planned run folder, replacing the old run there (plan_run_dir allowed it)."""
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def prepare_run_dir(recipe: Recipe, run_dir: Optional[Union[str, Path]], overwrite: bool) -> Path:
+def prepare_run_dir(recipe: Recipe, run_dir: str | Path | None, overwrite: bool) -> Path:
     """Create the run folder; never reuse a non-empty one unless `overwrite` (and it is a run)."""
     return make_run_dir(plan_run_dir(recipe, run_dir, overwrite))
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 # ----------------------------------------------------------------------------- training
 
-def train(recipe: Recipe, run_dir: Optional[Union[str, Path]] = None, resume: Optional[Union[str, Path]] = None,
-          overwrite: bool = False, console: Any = None) -> TrainResult:
+def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path | None = None,
+          overwrite: bool = False, console: Any = None, hooks: Sequence[Hook] = ()) -> TrainResult:
     """Train from a recipe; returns the run folder, the history and the summary.
 
-    With `resume=RUN_DIR`, continue that run in place from its last finished epoch.
+    With `resume=RUN_DIR`, continue that run in place from its last finished epoch. `hooks`: your
+    own `imgtrain.Hook`s (engine/events.py); they run after the recipe's strategies and before the
+    trackers, on every event of the loop.
     """
     started = time.perf_counter()
     if resume is not None:
@@ -144,21 +112,22 @@ def train(recipe: Recipe, run_dir: Optional[Union[str, Path]] = None, resume: Op
         if overwrite and weights is not None and weights.path is not None:
             _check_not_overwritten(weights.path, run_dir)
         resume_file = None
-    check_teacher_sources(recipe)  # a missing distill.teacher stops before the data is read
-    check_lr_find(recipe)  # optim.lr: find with keys it cannot work with
+    check_strategies(recipe)  # cross-section checks of every enabled strategy, before the data is read
     seed_everything(recipe.train.seed)
     splits = build_splits(recipe.data)
     check_imbalance_recipe(recipe, splits.classes)  # class weight list vs the data's classes
-    # stage sizes vs the size the data pipeline makes, stage epochs vs train.epochs
-    check_progressive_recipe(recipe, recipe.augment.img_size or splits.native_size,
-                             batch_sampler=recipe.data.sampler == "per_class")
     device = select_device(recipe.train.device)
+    context = StrategyContext(recipe=recipe, classes=list(splits.classes), channels=splits.channels,
+                              img_size=recipe.augment.img_size or splits.native_size, device=device, splits=splits)
+    context.plans = plan_epochs(recipe, context)
     prepared = prepare_data(recipe, splits, device)
-    img_size, mean, std, loaders = prepared.img_size, prepared.mean, prepared.std, prepared.loaders
+    context.loaders, context.mean, context.std = prepared.loaders, prepared.mean, prepared.std
+    context.notes = prepared.notes
     model = create_model(recipe.model, num_classes=len(splits.classes), in_chans=splits.channels)
     # starting weights only for a new run: a resumed one continues from its own checkpoint
     weights_report = None if resume_file is not None else load_initial_weights(
         model, recipe.model, num_classes=len(splits.classes), in_chans=splits.channels)
+    context.model = model
     # optim.lr: find: the range test runs here, on this run's data and starting weights, and puts
     # them back; from here on the recipe holds the lr it chose (config.yaml, the checkpoints, and
     # so a --resume, which reads config.yaml, trains on the same number)
@@ -166,47 +135,37 @@ def train(recipe: Recipe, run_dir: Optional[Union[str, Path]] = None, resume: Op
     if recipe.optim.lr == "find" and resume_file is not None:  # the lr the run chose is in its config.yaml
         recipe = with_lr(recipe, load_recipe(run_dir / "config.yaml").optim.lr)
     elif recipe.optim.lr == "find":
-        recipe, lr_found = find_recipe_lr(recipe, model, prepared)
-    check_transfer_recipe(model, recipe)  # layer groups vs transfer.* (freeze_layers, group_lrs ...)
-    check_early_stop(recipe.early_stop, has_val=loaders.val is not None, file=recipe.source_file)
-    # distill.teacher: loaded and checked against the data's classes (normalisation from `mean`/`std`)
-    teacher = load_teachers(recipe, splits.classes, mean, std)
-    if teacher is not None:
-        prepared.notes.append(f"distill: alpha {recipe.distill.alpha}, T {recipe.distill.temperature}, "
-                              f"teacher(s) {teacher.describe()}")
-    epoch_plans = plan_epochs(recipe, img_size) if progressive_enabled(recipe) else None
-    if epoch_plans is not None:
-        prepared.notes.append("progressive resizing: " + describe_plans(epoch_plans)
-                              + f"; evaluation at {prepared.eval_size} px")
-    strategies = build_strategies(recipe, teacher=teacher, epoch_plans=epoch_plans)
-    # curriculum.*: scores the training images (reference, csv) and installs its sampler in loaders.train
-    prepared.notes += prepare_curriculum(strategies, recipe, splits, loaders, device)
+        recipe, lr_found = find_recipe_lr(recipe, model, prepared, context.plans)
+    context.recipe = recipe
+    if recipe.distill.teacher is not None:  # loaded and checked against the data's classes before the run starts
+        context.teacher = load_teachers(recipe, splits.classes, prepared.mean, prepared.std)
+    strategies = [hook for strategy in enabled_strategies(recipe) for hook in strategy.build(recipe, context)]
+    if len({plan.img_size for plan in context.plans}) > 1 or len({p.batch_size for p in context.plans}) > 1:
+        context.notes.append("progressive resizing: " + describe_plans(context.plans)
+                             + f"; evaluation at {prepared.eval_size} px")
     metadata = {
         "model": {"name": recipe.model.name, "kwargs": recipe.model.kwargs, "drop_rate": recipe.model.drop_rate},
         "num_classes": len(splits.classes), "in_chans": splits.channels, "classes": list(splits.classes),
-        "img_size": prepared.eval_size, "mean": list(mean), "std": list(std), "crop_pct": recipe.augment.crop_pct,
-        "recipe": recipe.to_dict(),
+        "img_size": prepared.eval_size, "mean": list(prepared.mean), "std": list(prepared.std),
+        "crop_pct": recipe.augment.crop_pct, "recipe": recipe.to_dict(),
     }
     if resume_file is None:
         make_run_dir(run_dir)
         dump_recipe(recipe, run_dir / "config.yaml")
+    loaders = context.loaders
     report_inputs = ReportInputs(val_dataset=loaders.val.dataset if loaders.val is not None else None,
                                  mean=prepared.mean, std=prepared.std, eval_batch_transform=prepared.eval_batch_transform)
     trackers = build_trackers(recipe, run_dir, console_stream=console, report_inputs=report_inputs)
-    hooks = HookList(strategies=strategies, trackers=trackers)
-    data = TrainData(train=loaders.train, val=loaders.val, train_generator=loaders.train_generator,
-                     classes=splits.classes, train_targets=splits.train.targets,
-                     train_batch_transform=prepared.train_batch_transform,
-                     eval_batch_transform=prepared.eval_batch_transform, epoch_plans=epoch_plans)
-    trainer = Trainer(recipe, model, data, run_dir, hooks, metadata)
+    trainer = Trainer(recipe, train_parts(recipe, model, prepared, context.plans),
+                      HookList(strategies=[*strategies, *hooks], trackers=trackers), run_dir, metadata)
     log = _tracker_logger(trackers)
     log(f"data: {len(splits.train)} train, {len(splits.val) if splits.val is not None else 0} val, "
         f"{len(splits.test) if splits.test is not None else 0} test images, {len(splits.classes)} classes, "
-        f"{splits.channels} channel(s), {img_size} px; model {recipe.model.name} "
+        f"{splits.channels} channel(s), {prepared.img_size} px; model {recipe.model.name} "
         f"({count_parameters(model):,} parameters)")
     for line in weights_report.lines() if weights_report is not None else []:
         log(line)
-    for line in prepared.notes:
+    for line in context.notes:
         log(line)
     if lr_found is not None:
         lr_found.write(run_dir, chosen=recipe.lr_find.suggestion)
@@ -238,61 +197,57 @@ def train(recipe: Recipe, run_dir: Optional[Union[str, Path]] = None, resume: Op
     return TrainResult(run_dir=run_dir, history=state.history, summary=summary, model=trainer.model)
 
 
-@dataclass
-class PreparedData:
-    """The data side of a run, as `train` builds it (also what `imgtrain bench-data` measures)."""
-    splits: Any                     # DataSplits, the datasets with their per-image transforms set
-    loaders: Any                    # Loaders
-    img_size: int                   # the side training images are made at
-    mean: List[float]
-    std: List[float]
-    eval_size: int = 0              # the side validation/test images are made at (progressive.eval_size)
-    cache: Any = None               # the DecodedCache with data.cache on a file source
-    train_batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # device_transforms on
-    eval_batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-    notes: List[str] = field(default_factory=list)  # lines for train.log
+def plan_epochs(recipe: Recipe, context: StrategyContext) -> list[EpochPlan]:
+    """One plan per epoch: the first enabled strategy that plans epochs (progressive resizing), else
+    the recipe's image and batch size every epoch."""
+    for strategy in enabled_strategies(recipe):
+        plans = strategy.plan_epochs(recipe, context)
+        if plans is not None:
+            return plans
+    return [EpochPlan(0, context.img_size, recipe.data.batch_size)] * recipe.train.epochs
+
+
+def param_groups(recipe: Recipe, model: torch.nn.Module) -> list[dict[str, Any]] | None:
+    """The optimizer's parameter groups: the first enabled strategy that sets them (transfer's
+    per-layer-group lrs), else None (the plain decay / no-decay groups)."""
+    for strategy in enabled_strategies(recipe):
+        groups = strategy.param_groups(recipe, model)
+        if groups is not None:
+            return groups
+    return None
+
+
+def train_parts(recipe: Recipe, model: torch.nn.Module, prepared: PreparedData,
+                plans: list[EpochPlan]) -> TrainParts:
+    """What the Trainer takes, built from the recipe: loss, parameter groups, loaders, plans."""
+    splits, loaders = prepared.splits, prepared.loaders
+    targets = splits.train.targets
+    loaders_by_size = {recipe.data.batch_size: loaders.train}
+
+    def loader_for(batch_size: int) -> Any:
+        # a plan with another batch size (progressive stages) gets its own loader over the same sampler
+        if batch_size not in loaders_by_size:
+            loaders_by_size[batch_size] = with_batch_size(loaders.train, batch_size)
+        return loaders_by_size[batch_size]
+
+    return TrainParts(model=model, loss_fn=build_train_loss(recipe, targets, len(splits.classes)),
+                      loader_for=loader_for, plans=plans, classes=list(splits.classes), val=loaders.val,
+                      param_groups=param_groups(recipe, model), train_generator=loaders.train_generator,
+                      train_batch_transform=prepared.train_batch_transform,
+                      eval_batch_transform=prepared.eval_batch_transform,
+                      # imbalance.posthoc_adjust: -tau*log(prior) added to the logits at evaluation
+                      logit_offset=eval_logit_offset(recipe, targets, len(splits.classes)))
 
 
 def prepare_data(recipe: Recipe, splits: Any, device: torch.device) -> PreparedData:
-    """splits -> decoded cache -> normalization -> per-image and per-batch transforms -> loaders."""
-    aug, channels = recipe.augment, splits.channels
-    img_size = aug.img_size or splits.native_size
-    notes: List[str] = []
-    cache = apply_cache(splits, recipe.data, cache_resolution(aug, img_size))
-    if cache is not None:
-        notes.append(cache.describe())
-    elif recipe.data.cache != "off":
-        notes.append(f"data.cache: {recipe.data.cache} ignored: {recipe.data.source} images are already "
-                     "decoded in memory")
-    mean, std = resolve_normalization(aug, splits)
-    # images all of one size (in-memory sources, the cache): at that size the pipelines skip resizing
-    native = cache.size if cache is not None else (
-        splits.native_size if isinstance(splits.train, TensorImageDataset) else None)
-    train_batch = eval_batch = None
-    # validation and test images: the training size, or progressive.eval_size / its last stage's size
-    test_size = eval_size(recipe, img_size)
-    if resolve_device_transforms(aug, channels, img_size, device):
-        pipelines = build_batch_pipelines(aug, channels, img_size, mean, std, native)
-        train_tf, eval_tf = pipelines.train_item, pipelines.eval_item
-        train_batch, eval_batch = pipelines.train_batch, pipelines.eval_batch
-        if test_size != img_size:
-            at_test_size = build_batch_pipelines(aug, channels, test_size, mean, std, native)
-            eval_tf, eval_batch = at_test_size.eval_item, at_test_size.eval_batch
-        cpu_first = f"; per image on the CPU first: {', '.join(pipelines.cpu_only)}" if pipelines.cpu_only else ""
-        notes.append(f"augmentation per batch on {device.type}: {pipelines.train_batch}{cpu_first}")
-    else:
-        train_tf = build_train_transform(aug, channels, img_size, mean, std, native)
-        eval_tf = build_eval_transform(aug, channels, test_size, mean, std, native)
-    splits.train = splits.train.with_transform(train_tf)
-    splits.val = splits.val.with_transform(eval_tf) if splits.val is not None else None
-    splits.test = splits.test.with_transform(eval_tf) if splits.test is not None else None
-    return PreparedData(splits=splits, loaders=build_loaders(recipe, splits, device), img_size=img_size,
-                        eval_size=test_size,
-                        mean=list(mean), std=list(std), cache=cache, train_batch_transform=train_batch,
-                        eval_batch_transform=eval_batch, notes=notes)
+    """data/prepare.py's prepare_data with what the recipe's strategies change about the data: the
+    evaluation size (progressive resizing) and dropping the last incomplete batch (mixing)."""
+    img_size = recipe.augment.img_size or splits.native_size
+    return prepare_plain_data(recipe, splits, device, eval_size=eval_size(recipe, img_size),
+                              drop_last=mixing_enabled(recipe))
 
 
-def _check_not_overwritten(weights: Path, run_dir: Union[str, Path]) -> None:
+def _check_not_overwritten(weights: Path, run_dir: str | Path) -> None:
     """--overwrite deletes the run folder: never the one the starting weights are read from."""
     run_dir = Path(run_dir).resolve()
     if run_dir == weights.resolve() or run_dir in weights.resolve().parents:
@@ -302,20 +257,19 @@ def _check_not_overwritten(weights: Path, run_dir: Union[str, Path]) -> None:
 
 def _tracker_logger(trackers: Sequence[Any]) -> Any:
     for tracker in trackers:
-        if hasattr(tracker, "log") and type(tracker).__name__ == "TrainLogTracker":
+        if isinstance(tracker, TrainLogTracker):
             return tracker.log
     return lambda message: None
 
 
 def _write_skipped(run_dir: Path, skipped: Sequence[tuple]) -> None:
-    import csv
     with open(run_dir / "skipped_images.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "reason"])
         writer.writerows(skipped)
 
 
-def _test_best(trainer: Trainer, test_loader: Any, run_dir: Path) -> Dict[str, Any]:
+def _test_best(trainer: Trainer, test_loader: Any, run_dir: Path) -> dict[str, Any]:
     """Evaluate the best checkpoint (or the final weights) on the test split."""
     best = run_dir / "checkpoints" / "best.safetensors"
     if best.is_file():
@@ -327,7 +281,6 @@ def _test_best(trainer: Trainer, test_loader: Any, run_dir: Path) -> Dict[str, A
     out = {"test_acc": result["acc"], "test_loss": result["loss"],
            "test_balanced_acc": result["balanced_acc"], "test_weights": which}
     if trainer.recipe.eval.tta:  # the same weights again, with the recipe's test-time augmentation
-        from imgtrain.evaluation.tta import TTAModel, tta_config_for  # here: imgtrain.evaluation imports api
         settings = tta_config_for(trainer.recipe, True)
         model = trainer.forward_model if which == "best" else trainer.eval_model()
         tta = trainer.evaluate(test_loader, model=TTAModel(model, settings))
@@ -343,26 +296,20 @@ def with_lr(recipe: Recipe, lr: float) -> Recipe:
     return dataclasses.replace(recipe, optim=dataclasses.replace(recipe.optim, lr=lr))
 
 
-def find_recipe_lr(recipe: Recipe, model: torch.nn.Module, prepared: PreparedData) -> tuple:
+def find_recipe_lr(recipe: Recipe, model: torch.nn.Module, prepared: PreparedData,
+                   plans: list[EpochPlan]) -> tuple[Recipe, LrFindResult]:
     """Run the range test (lr_find.*) on this model and data; (recipe with optim.lr = the chosen
     suggestion, LrFindResult). The model, RNG states and data order are as they were before."""
     # the Trainer's own pieces (loss, autocast, scaler, accumulation, layer-group lr ratios), built
     # at a placeholder peak lr of 1.0; the test sets the lr of every step itself
     probe = with_lr(recipe, 1.0)
-    loaders, splits = prepared.loaders, prepared.splits
-    data = TrainData(train=loaders.train, val=None, train_generator=loaders.train_generator,
-                     classes=splits.classes, train_targets=splits.train.targets,
-                     train_batch_transform=prepared.train_batch_transform)
-    trainer = Trainer(probe, model, data, Path(probe.output.root), HookList(), checkpoint_metadata={})
-    setup = None
-    if transfer_enabled(recipe):
-        # groups frozen in the first epoch (freeze_backbone, freeze_epochs ...) stay frozen in the test
-        hook = TransferHook(recipe.transfer)
-
-        def setup() -> None:
-            hook.fit_start(trainer.state)
-            hook.epoch_start(trainer.state)
-    result = find_lr(trainer, recipe.lr_find, setup=setup)
+    parts = train_parts(probe, model, prepared, plans)
+    # layers frozen in the first epoch (transfer.freeze_backbone, freeze_epochs ...) stay frozen in the test
+    context = StrategyContext(recipe=probe, classes=parts.classes, channels=prepared.splits.channels,
+                              img_size=prepared.img_size, device=select_device(recipe.train.device), model=model)
+    freezing = [hook for strategy in STRATEGIES if strategy.name == "transfer" and strategy.enabled(probe)
+                for hook in strategy.build(probe, context)]
+    result = find_lr(probe, parts, recipe.lr_find, hooks=freezing)
     return with_lr(recipe, result.suggestions[recipe.lr_find.suggestion]), result
 
 
@@ -370,30 +317,30 @@ def find_recipe_lr(recipe: Recipe, model: torch.nn.Module, prepared: PreparedDat
 class LrFindRun:
     result: LrFindResult
     out_dir: Path
-    files: List[Path]
+    files: list[Path]
     suggestion: str                 # lr_find.suggestion: the one optim.lr: find would use
 
 
-def lr_find(recipe: Recipe, output: Optional[Union[str, Path]] = None, overwrite: bool = False) -> LrFindRun:
+def lr_find(recipe: Recipe, output: str | Path | None = None, overwrite: bool = False) -> LrFindRun:
     """`imgtrain lr-find`: the range test alone, on the recipe's data and model; writes lr_find.csv,
     lr_find.png and the recipe it ran (config.yaml) to `output` (default: output.root/lr_find/NAME)."""
     out_dir = plan_lr_find_dir(recipe, output, overwrite)
-    check_lr_find(recipe)
+    check_strategies(with_lr(recipe, 1.0) if recipe.optim.lr == "find" else recipe)
     seed_everything(recipe.train.seed)
     splits = build_splits(recipe.data)
     check_imbalance_recipe(recipe, splits.classes)
     prepared = prepare_data(recipe, splits, select_device(recipe.train.device))
     model = create_model(recipe.model, num_classes=len(splits.classes), in_chans=splits.channels)
     load_initial_weights(model, recipe.model, num_classes=len(splits.classes), in_chans=splits.channels)
-    check_transfer_recipe(model, with_lr(recipe, 1.0))
-    _, result = find_recipe_lr(recipe, model, prepared)
+    plans = [EpochPlan(0, prepared.img_size, recipe.data.batch_size)]
+    _, result = find_recipe_lr(recipe, model, prepared, plans)
     make_run_dir(out_dir)
     dump_recipe(recipe, out_dir / "config.yaml")
     files = result.write(out_dir, chosen=recipe.lr_find.suggestion)
     return LrFindRun(result=result, out_dir=out_dir, files=files, suggestion=recipe.lr_find.suggestion)
 
 
-def plan_lr_find_dir(recipe: Recipe, output: Optional[Union[str, Path]], overwrite: bool) -> Path:
+def plan_lr_find_dir(recipe: Recipe, output: str | Path | None, overwrite: bool) -> Path:
     """plan_run_dir's rules for lr-find's folder: an automatic name never collides (NAME-2 ...), a
     named non-empty folder needs --overwrite, and --overwrite only replaces an lr-find folder."""
     if output is None:
@@ -411,61 +358,6 @@ def plan_lr_find_dir(recipe: Recipe, output: Optional[Union[str, Path]], overwri
     return out
 
 
-# ----------------------------------------------------------------------------- loading trained models
-
-@dataclass
-class LoadedModel:
-    """A trained model with what it needs to take images: classes and its eval transform."""
-    model: torch.nn.Module
-    classes: List[str]
-    channels: int
-    img_size: int
-    mean: List[float]
-    std: List[float]
-    recipe: Recipe
-    path: Path
-
-    def eval_transform(self) -> Any:
-        return build_eval_transform(self.recipe.augment, self.channels, self.img_size, self.mean, self.std)
-
-
-def resolve_checkpoint(target: Union[str, Path]) -> Path:
-    """A run folder (its best, else last, weights) or a .safetensors file."""
-    path = Path(target)
-    if path.is_dir():
-        for name in ("best.safetensors", "last.safetensors"):
-            candidate = path / "checkpoints" / name
-            if candidate.is_file():
-                return candidate
-        raise CheckpointError(f"{path}: no checkpoints/best.safetensors or last.safetensors in this folder")
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such run folder or checkpoint file")
-    if path.suffix != ".safetensors":
-        raise CheckpointError(f"{path}: expected a run folder or a .safetensors file written by imgtrain")
-    return path
-
-
-def load_trained(target: Union[str, Path], device: Union[str, torch.device] = "cpu") -> LoadedModel:
-    path = resolve_checkpoint(target)
-    tensors, meta = load_weights(path)
-    if not meta or "model" not in meta:
-        raise CheckpointError(f"{path}: has no imgtrain metadata (model, classes); it was not written by imgtrain")
-    recipe = recipe_from_dict(meta["recipe"], file=str(path))
-    model = create_model(recipe.model, num_classes=meta["num_classes"], in_chans=meta["in_chans"])
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit {recipe.model.name}: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-    if meta.get("logit_offset") is not None:  # trained with imbalance.posthoc_adjust
-        offset = meta["logit_offset"]
-        if len(offset) != meta["num_classes"]:
-            raise CheckpointError(f"{path}: logit_offset has {len(offset)} values for {meta['num_classes']} classes")
-        model = LogitOffset(model, torch.tensor(offset))
-    model.to(device).eval()
-    return LoadedModel(model=model, classes=list(meta["classes"]), channels=meta["in_chans"],
-                       img_size=meta["img_size"], mean=meta["mean"], std=meta["std"], recipe=recipe, path=path)
-
-
-__all__ = ["train", "TrainResult", "prepare_data", "PreparedData", "load_recipe", "prepare_run_dir",
-           "plan_run_dir", "make_run_dir", "lr_find", "LrFindRun", "find_recipe_lr",
+__all__ = ["train", "TrainResult", "train_parts", "prepare_data", "PreparedData", "load_recipe", "prepare_run_dir",
+           "plan_run_dir", "make_run_dir", "lr_find", "LrFindRun", "find_recipe_lr", "seed_everything",
            "RunDirError", "load_trained", "LoadedModel", "resolve_checkpoint", "RecipeError", "RESUME_OVERRIDABLE"]

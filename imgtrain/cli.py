@@ -20,10 +20,10 @@ EXIT_INTERRUPTED = 130
 
 def _user_errors() -> tuple:
     """The exception types that mean "the user can fix this" (imported lazily: torch is slow)."""
-    from imgtrain.api import RunDirError
     from imgtrain.config import RecipeError
     from imgtrain.data import BadImageError, DataError
     from imgtrain.engine.checkpoint import CheckpointError
+    from imgtrain.io import RunDirError
     from imgtrain.models import ModelError
     return (RecipeError, DataError, BadImageError, CheckpointError, RunDirError, ModelError)
 
@@ -54,9 +54,32 @@ def cmd_train(args: argparse.Namespace) -> int:
         if recipe_arg is None:
             raise RecipeError("give a recipe (a .yaml file or a built-in name such as quickstart), or --resume RUN_DIR")
         recipe = load_recipe(recipe_arg, overrides)
-    result = train(recipe, run_dir=args.run_dir, resume=args.resume, overwrite=args.overwrite)
+    hooks = [load_hook(spec) for spec in args.hook]
+    result = train(recipe, run_dir=args.run_dir, resume=args.resume, overwrite=args.overwrite, hooks=hooks)
     _print_result(result)
     return 0
+
+
+def load_hook(spec: str) -> Any:
+    """`--hook module.path:ClassName`: an instance of that imgtrain.Hook subclass (the module is
+    imported as Python imports any module: from the working folder, PYTHONPATH or an installed package)."""
+    import importlib
+
+    from imgtrain.config import RecipeError
+    from imgtrain.engine.events import Hook
+
+    module_name, _, class_name = spec.partition(":")
+    if not module_name or not class_name:
+        raise RecipeError(f"--hook {spec}: expected MODULE:CLASS, e.g. myhooks:WeightNorm")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RecipeError(f"--hook {spec}: cannot import {module_name} ({exc}); run from the folder that holds "
+                          "it or add that folder to PYTHONPATH") from None
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Hook)):
+        raise RecipeError(f"--hook {spec}: {module_name} has no imgtrain.Hook subclass named {class_name}")
+    return cls()
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -287,7 +310,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_show_augment(args: argparse.Namespace) -> int:
     from imgtrain.config import load_recipe
-    from imgtrain.data.preview import show_augment
+    from imgtrain.tools.preview import show_augment
 
     preview = show_augment(load_recipe(args.recipe, args.overrides), n=args.n, output=args.output)
     print(f"wrote {len(preview.labels)} augmented training images to {preview.path} "
@@ -321,7 +344,7 @@ def _yaml_number(value: float) -> str:
 
 def cmd_bench_data(args: argparse.Namespace) -> int:
     from imgtrain.config import load_recipe
-    from imgtrain.data.bench import bench_data
+    from imgtrain.tools.bench_data import bench_data
 
     result = bench_data(load_recipe(args.recipe, args.overrides), epochs=args.epochs, max_batches=args.batches)
     print(result.table())
@@ -363,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run folder (default: output.root/output.name or the recipe's name)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last finished epoch")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--hook", action="append", default=[], metavar="MODULE:CLASS",
+                   help="your own imgtrain.Hook subclass, built without arguments (repeatable), e.g. myhooks:WeightNorm")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("finetune", help="fine-tune from weights: a run folder, .safetensors file or timm")

@@ -28,23 +28,26 @@ reaching zero) and the lr is held at optim.lr (no schedule).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
+from imgtrain.api import param_groups, prepare_data
 from imgtrain.config import Recipe
-from imgtrain.data.preview import denormalize, draw_grid, label_text
+from imgtrain.data.loaders import CycledLoader
+from imgtrain.data.prepare import seed_everything
 from imgtrain.data.sources import build_splits
-from imgtrain.engine.device import select_device, select_precision
-from imgtrain.engine.optim import build_optimizer, build_scheduler
+from imgtrain.engine.device import select_device
+from imgtrain.engine.events import Hook, HookList
+from imgtrain.engine.loop import TrainParts, Trainer
+from imgtrain.engine.state import EpochPlan
+from imgtrain.io import dumps_json
 from imgtrain.losses import build_train_loss, check_imbalance_recipe
 from imgtrain.models import create_model
 from imgtrain.models.weights import load_initial_weights
@@ -54,13 +57,9 @@ from imgtrain.strategies.diagnostics import (
     gradient_norms,
     missing_gradients,
 )
-from imgtrain.strategies.transfer import (
-    TransferHook,
-    check_transfer_recipe,
-    transfer_enabled,
-    transfer_param_groups,
-)
-from imgtrain.tracking.summary import dumps_json
+from imgtrain.strategies.base import StrategyContext
+from imgtrain.strategies.transfer import Transfer
+from imgtrain.tools.preview import denormalize, draw_grid, label_text
 
 IMBALANCE_FLAG = 10.0      # largest / smallest training class above this is flagged
 GRID_LIMIT = 64            # images drawn from the batch
@@ -236,62 +235,61 @@ def learn_check(accuracy: float, majority: float, images: int, steps: int, lr: f
 # ----------------------------------------------------------------------------- running them
 
 def _doctor_recipe(recipe: Recipe) -> tuple:
-    """The recipe the checks train with: no mixing, no label smoothing, a number for the lr."""
+    """The recipe the checks train with: no mixing, no label smoothing, a number for the lr, one batch
+    per optimizer step, no cut-short epochs."""
     lr = recipe.optim.lr if not isinstance(recipe.optim.lr, str) else FIND_LR
     plain = dataclasses.replace(
         recipe, optim=dataclasses.replace(recipe.optim, lr=lr),
-        train=dataclasses.replace(recipe.train, label_smoothing=0.0),
+        train=dataclasses.replace(recipe.train, label_smoothing=0.0, grad_accum_steps=1, max_steps_per_epoch=None,
+                                  epochs=1),
         mix=dataclasses.replace(recipe.mix, mixup_alpha=None, cutmix_alpha=None))
     return plain, float(lr)
 
 
-def _build_model(recipe: Recipe, splits: Any, device: torch.device) -> torch.nn.Module:
+def _build_model(recipe: Recipe, splits: Any) -> torch.nn.Module:
     model = create_model(recipe.model, num_classes=len(splits.classes), in_chans=splits.channels)
     load_initial_weights(model, recipe.model, num_classes=len(splits.classes), in_chans=splits.channels)
-    check_transfer_recipe(model, recipe)
-    model.to(device).train()
-    if transfer_enabled(recipe):  # the layers the first epoch trains, as the TransferHook sets them
-        hook, state = TransferHook(recipe.transfer), SimpleNamespace(model=model, epoch=0)
-        hook.fit_start(state)
-        hook.epoch_start(state)
     return model
 
 
-class _Stepper:
-    """One optimizer step at a time, with the recipe's optimizer, loss and precision."""
+class _Probe(Hook):
+    """Reads the real Trainer as doctor runs it: the plain cross-entropy of every step's batch, and the
+    gradient check at the first step (gradients unscaled, as the optimizer sees them)."""
 
-    def __init__(self, recipe: Recipe, model: torch.nn.Module, train_targets: torch.Tensor, num_classes: int,
-                 device: torch.device, schedule_steps: Optional[tuple] = None):
-        self.model, self.device = model, device
-        self.optimizer = build_optimizer(model, recipe.optim, transfer_param_groups(model, recipe))
-        # (total steps, steps per epoch): the recipe's schedule squeezed into them; None: lr held at optim.lr
-        self.scheduler = None if schedule_steps is None else build_scheduler(
-            self.optimizer, recipe.schedule, recipe.optim.lr, total_steps=schedule_steps[0],
-            steps_per_epoch=schedule_steps[1])
-        self.loss_fn = build_train_loss(recipe, train_targets, num_classes).to(device)
-        self.amp_dtype, use_scaler = select_precision(recipe.train.amp, device)
-        self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    name = "doctor_probe"
 
-    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-        """Loss (plain cross-entropy, for reading) of this forward; gradients left in .grad."""
-        self.optimizer.zero_grad(set_to_none=True)
-        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
-        with autocast:
-            outputs = self.model(inputs)
-            loss = self.loss_fn(outputs, targets)
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        return float(F.cross_entropy(outputs.detach().float(), targets))
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self.curve: List[float] = []
+        self.gradients: Optional[Check] = None
 
-    def step(self) -> None:
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
+    def after_forward(self, state: Any) -> None:
+        self.curve.append(float(F.cross_entropy(state.outputs.detach().float(), state.targets)))
+
+    def before_step(self, state: Any) -> None:
+        if self.gradients is None:
+            self.gradients = gradient_check(state.model, self.cfg.vanishing_below, self.cfg.exploding_above)
+
+
+def _train(recipe: Recipe, model: torch.nn.Module, splits: Any, loader: Any, batch_transform: Any,
+           schedule: bool) -> _Probe:
+    """Train `model` on the real Trainer over one pass of `loader` (its length is the step count),
+    with the recipe's optimizer, loss, precision and first-epoch frozen layers; schedule False holds the
+    lr at optim.lr. Returns the probe that watched it."""
+    if not schedule:
+        recipe = dataclasses.replace(recipe, schedule=dataclasses.replace(recipe.schedule, name="constant",
+                                                                          warmup_epochs=0.0))
+    probe = _Probe(recipe.diagnostics)
+    transfer = Transfer()  # layers frozen in the first epoch stay frozen, as in training
+    context = StrategyContext(recipe=recipe, classes=list(splits.classes), channels=splits.channels, img_size=0,
+                              device=select_device(recipe.train.device), model=model)
+    freezing = transfer.build(recipe, context) if transfer.enabled(recipe) else []
+    parts = TrainParts(model=model, loss_fn=build_train_loss(recipe, splits.train.targets, len(splits.classes)),
+                       loader_for=lambda batch_size: loader, plans=[EpochPlan(0, 0, recipe.data.batch_size)],
+                       classes=list(splits.classes), param_groups=param_groups(recipe, model),
+                       train_batch_transform=batch_transform)
+    Trainer(recipe, parts, HookList(strategies=[*freezing, probe])).fit()
+    return probe
 
 
 @torch.no_grad()
@@ -329,8 +327,6 @@ def _val_accuracy(model: torch.nn.Module, prepared: Any, device: torch.device, l
 
 def run_doctor(recipe: Recipe, output: Union[str, Path] = "doctor") -> DoctorReport:
     """Run the checks of the module docstring; writes OUTPUT/batch.png and OUTPUT/doctor.json."""
-    from imgtrain.api import prepare_data, seed_everything  # the API sits above this module
-
     started = time.perf_counter()
     cfg = recipe.diagnostics
     check_diagnostics(cfg, file=recipe.source_file)
@@ -358,39 +354,25 @@ def run_doctor(recipe: Recipe, output: Union[str, Path] = "doctor") -> DoctorRep
                         f"{grid}: {shown} of a {len(targets)}-image training batch at {inputs.shape[-1]} px, "
                         f"labelled; {stats}", "" if finite else CAUSE_BAD_INPUT))
 
-    # one fixed batch: the initial loss, the gradients of the first backward, then overfitting it
-    model = _build_model(plain, splits, device)
+    # one fixed batch, stepped doctor_steps times on the real Trainer: the initial loss and the
+    # gradients of the first step, then how far the loss falls
+    model = _build_model(plain, splits)
     start_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     batch_x, batch_y = inputs[:cfg.doctor_batch_size], targets[:cfg.doctor_batch_size]
-    stepper = _Stepper(plain, model, splits.train.targets, num_classes, device)
-    curve = [stepper.forward_backward(batch_x, batch_y)]
+    probe = _train(plain, model, splits, [(batch_x, batch_y)] * cfg.doctor_steps, None, schedule=False)
     pretrained = bool(recipe.model.weights or recipe.model.weights_file)
-    checks.append(initial_loss_check(curve[0], num_classes, cfg.doctor_init_tolerance, pretrained))
-    checks.append(gradient_check(model, cfg.vanishing_below, cfg.exploding_above))
-    stepper.step()
-    for _ in range(cfg.doctor_steps - 1):
-        curve.append(stepper.forward_backward(batch_x, batch_y))
-        stepper.step()
+    checks.append(initial_loss_check(probe.curve[0], num_classes, cfg.doctor_init_tolerance, pretrained))
+    checks.append(probe.gradients)
     accuracy, final = _accuracy_and_loss(model, batch_x, batch_y)
-    checks.append(overfit_check(curve, final, accuracy, cfg.doctor_loss_below, lr))
+    checks.append(overfit_check(probe.curve, final, accuracy, cfg.doctor_loss_below, lr))
 
     # from the same start: a few steps over different batches must carry to the val split
     if cfg.doctor_learn_steps and prepared.loaders.val is not None:
         model.load_state_dict(start_weights)
         # the recipe's schedule over these steps: it ends at a low lr, so the val score is a settled one
-        stepper = _Stepper(plain, model, splits.train.targets, num_classes, device,
-                           schedule_steps=(cfg.doctor_learn_steps, len(prepared.loaders.train)))
-        steps = 0
-        while steps < cfg.doctor_learn_steps:
-            for x, y in prepared.loaders.train:
-                x, y = x.to(device), y.to(device)
-                if prepared.train_batch_transform is not None:
-                    x = prepared.train_batch_transform(x)
-                stepper.forward_backward(x, y)
-                stepper.step()
-                steps += 1
-                if steps == cfg.doctor_learn_steps:
-                    break
+        batches = CycledLoader(prepared.loaders.train, cfg.doctor_learn_steps)
+        _train(plain, model, splits, batches, prepared.train_batch_transform, schedule=True)
+        steps = cfg.doctor_learn_steps
         val_targets = splits.val.targets
         majority = float(torch.bincount(val_targets, minlength=num_classes).max()) / max(len(val_targets), 1)
         accuracy, images = _val_accuracy(model, prepared, device)

@@ -1,4 +1,4 @@
-"""Shared test helpers: extra hooks in a real `imgtrain.api.train`, and a simulated Ctrl-C."""
+"""Shared test helpers: a simulated Ctrl-C, passed to a real `imgtrain.api.train` as a public hook."""
 
 from __future__ import annotations
 
@@ -21,20 +21,6 @@ class InterruptAt(Hook):
 
 
 @pytest.fixture
-def extra_hooks(monkeypatch):
-    """`extra_hooks(h1, h2)`: every later `api.train` of the test also runs these hooks (before its
-    trackers); `extra_hooks()` goes back to the plain trackers."""
-    from imgtrain import api
-    real_build = api.build_trackers
-
-    def use(*hooks: Hook) -> None:
-        monkeypatch.setattr(api, "build_trackers", lambda *a, **k: [*hooks, *real_build(*a, **k)])
-    return use
-
-
-@pytest.fixture
-def interrupt_at(extra_hooks):
-    """`interrupt_at(epoch, batch)`: the next `api.train` stops there; later ones run through."""
-    def stop(epoch: int, batch: int) -> None:
-        extra_hooks(InterruptAt(epoch, batch))
-    return stop
+def interrupt_at():
+    """`train(recipe, hooks=[interrupt_at(epoch, batch)])`: that run stops there, as Ctrl-C would."""
+    return InterruptAt

@@ -12,7 +12,7 @@ from PIL import Image
 from imgtrain.cli import main
 from imgtrain.config import load_recipe
 from imgtrain.data import build_splits
-from imgtrain.data.preview import CELL, COLUMNS, LABEL_LINES, LINE_HEIGHT, PAD, grid_size, show_augment
+from imgtrain.tools.preview import CELL, COLUMNS, LABEL_LINES, LINE_HEIGHT, PAD, grid_size, show_augment
 
 
 def test_grid_size_by_hand():

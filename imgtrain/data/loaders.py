@@ -21,6 +21,8 @@ process competes with the training process for the same cores, and the images he
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -79,15 +81,13 @@ def _loader(dataset: Dataset, batch_size: int, shuffle: bool, settings: LoaderSe
                       persistent_workers=settings.persistent and workers > 0)
 
 
-def build_loaders(recipe: Any, splits: DataSplits, device: torch.device) -> Loaders:
+def build_loaders(recipe: Any, splits: DataSplits, device: torch.device, drop_last: bool = False) -> Loaders:
     """Loaders over the splits' datasets as they are (set transforms with `with_transform` first).
 
-    recipe: an `imgtrain.config.Recipe` (uses recipe.data, recipe.mix and recipe.train).
-    With mixing on (mix.mixup_alpha or mix.cutmix_alpha > 0), the train loader drops its last
-    incomplete batch: a batch of one or two images mixes only with itself, a noisy step.
+    recipe: an `imgtrain.config.Recipe` (uses recipe.data and recipe.train).
+    drop_last: the train loader drops its last incomplete batch; api.train asks for it with mixing on
+    (mix.*), since a batch of one or two images mixes only with itself, a noisy step.
     """
-    from imgtrain.strategies import mixing_enabled  # here: strategies import timm, data need not
-
     cfg = recipe.data
     settings = LoaderSettings(workers=resolve_workers(cfg.workers),
                               pin_memory=resolve_pin_memory(cfg.pin_memory, device),
@@ -95,7 +95,6 @@ def build_loaders(recipe: Any, splits: DataSplits, device: torch.device) -> Load
                               # deterministic: workers restart each epoch (see the module docstring)
                               persistent=cfg.persistent_workers and not recipe.train.deterministic)
     eval_batch = cfg.eval_batch_size or 2 * cfg.batch_size  # no gradients: twice the batch fits
-    drop_last = mixing_enabled(recipe)
     if drop_last and len(splits.train) < cfg.batch_size:
         raise DataError(f"the train split has {len(splits.train)} images, fewer than data.batch_size "
                         f"({cfg.batch_size}); with mixing on (mix.*) the last incomplete batch is dropped, "
@@ -118,6 +117,29 @@ def with_batch_size(loader: DataLoader, batch_size: int) -> DataLoader:
         raise DataError("this train loader builds its own batches (data.sampler per_class): its batch "
                         "size cannot change between stages")
     return loader_with_sampling(loader, batch_size=batch_size, sampler=loader.sampler)
+
+
+class CycledLoader:
+    """`batches` batches of a loader, pass after pass: the LR finder and doctor train for a number of steps, not epochs."""
+
+    def __init__(self, loader: Any, batches: int):
+        self.loader, self.batches = loader, batches
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[Any]:
+        served = 0
+        while served < self.batches:
+            empty = True
+            for batch in self.loader:
+                empty = False
+                yield batch
+                served += 1
+                if served == self.batches:
+                    return
+            if empty:
+                raise ValueError("the train loader yields no batches (fewer images than one batch with drop_last?)")
 
 
 def _class_counts(dataset: Dataset | None, classes) -> dict[str, Any] | None:

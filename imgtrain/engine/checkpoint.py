@@ -145,3 +145,42 @@ def load_training_state(path: Path, map_location: Optional[str] = "cpu") -> Dict
                               f"and imgtrain never unpickles them ({str(exc).splitlines()[0]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated training state ({exc})") from None
+def training_state(state: Any, best_mode: str, hooks: Any) -> Dict[str, Any]:
+    """Everything a resume needs after a finished epoch (last.state.pt): the weights, optimizer,
+    schedule, grad scaler, every RNG, the history, the best so far and every hook's state."""
+    return {
+        "format": 1,
+        "epoch": state.epoch,             # epochs finished = the next epoch to run
+        "step": state.step,
+        "model": {k: v.detach().cpu() for k, v in state.model.state_dict().items()},
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict() if state.scaler is not None else None,
+        "rng": capture_rng_state(),
+        "history": state.history,
+        "best_value": state.best_value,
+        "best_epoch": state.best_epoch,
+        "best_mode": best_mode,
+        "wall_seconds_before": state.wall_seconds_before,
+        "skipped_steps": state.skipped_steps,
+        "hooks": hooks.state_dict(),
+    }
+
+
+def restore_training_state(state: Any, saved: Dict[str, Any], hooks: Any) -> str:
+    """Put a `training_state` back (the model's weights are loaded by the caller, before the schedule
+    is rebuilt); returns the best-checkpoint mode it was saved with."""
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    if state.scaler is not None and saved["scaler"] is not None:
+        state.scaler.load_state_dict(saved["scaler"])
+    hooks.load_state_dict(saved["hooks"])
+    state.epoch, state.step = saved["epoch"], saved["step"]
+    state.history = list(saved["history"])
+    state.best_value, state.best_epoch = saved["best_value"], saved["best_epoch"]
+    state.wall_seconds_before = saved["wall_seconds_before"]
+    state.skipped_steps = int(saved.get("skipped_steps", 0))
+    restore_rng_state(saved["rng"])  # last: everything above may have drawn random numbers
+    return saved["best_mode"]
+
+

@@ -14,16 +14,22 @@ The Trainer (engine/loop.py) runs this, firing each event on the hooks in order:
             backward(loss / grad_accum_steps)
             after_backward     # gradients of this batch are accumulated
             if the accumulation group is complete:
+                while a hook set state.repeat_group (at after_backward; SAM's second pass):
+                    replay the group's batches: forward, after_forward, loss, after_loss,
+                    backward, after_backward (state.pass_index counts the passes)
                 unscale, clip
                 before_step    # gradients are final and unscaled here; a hook may set state.skip_step
                 optimizer.step() unless skipped; scheduler.step()
-                after_step
+                after_step     # a hook may set state.stop_training: the epoch ends here
+        before_eval            # the epoch's training is done (train metrics set); SWA averages here
         validate
         eval_end               # state.epoch_metrics has the train and val numbers
         epoch_end              # history row appended; then the checkpoints are saved, with every hook's state
     fit_end
 
-A hook implements only the methods of the events it needs. Hooks that change the batch,
+A hook implements only the methods of the events it needs. `on_note(message, event, fields)` is no
+event of the loop: it receives what hooks report with `state.note(...)` (the train.log and
+events.jsonl trackers implement it), so a strategy can write to the run's log without knowing them. Hooks that change the batch,
 model, optimizer or schedule (strategies) run before hooks that only read (trackers); the
 order within each list is the order they are declared in, never computed from numbers.
 """
@@ -34,7 +40,7 @@ from typing import Any, Dict, List, Sequence
 
 EVENTS = (
     "fit_start", "epoch_start", "batch_start", "after_forward", "after_loss",
-    "after_backward", "before_step", "after_step", "eval_end", "epoch_end", "fit_end",
+    "after_backward", "before_step", "after_step", "before_eval", "eval_end", "epoch_end", "fit_end",
 )
 
 
@@ -52,9 +58,13 @@ class Hook:
     def after_backward(self, state: Any) -> None: ...
     def before_step(self, state: Any) -> None: ...
     def after_step(self, state: Any) -> None: ...
+    def before_eval(self, state: Any) -> None: ...
     def eval_end(self, state: Any) -> None: ...
     def epoch_end(self, state: Any) -> None: ...
     def fit_end(self, state: Any) -> None: ...
+
+    def on_note(self, message: str, event: str | None, fields: Dict[str, Any]) -> None:
+        """A line another hook reported with `state.note` (trackers write it down)."""
 
     def state_dict(self) -> Dict[str, Any]:
         """What a resume needs; hooks without state return {}."""
@@ -85,8 +95,16 @@ class HookList:
             for event in EVENTS
         }
 
+        self._note_listeners = [h for h in ordered if type(h).on_note is not Hook.on_note]
+        # a hook that replays batches (state.repeat_group) needs the loop to keep each group's batches
+        self.replays_group = any(getattr(h, "replays_group", False) for h in ordered)
+
     def __iter__(self):
         return iter(self.strategies + self.trackers)
+
+    def note(self, message: str, event: str | None, fields: Dict[str, Any]) -> None:
+        for hook in self._note_listeners:
+            hook.on_note(message, event, fields)
 
     def fire(self, event: str, state: Any) -> None:
         for method in self._listeners[event]:

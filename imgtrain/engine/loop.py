@@ -1,9 +1,11 @@
 """The Trainer: one readable training loop, with the engineering concerns inline.
 
-Device placement, autocast and grad scaling, gradient accumulation, clipping,
-channels_last and torch.compile are all visible here (the choices behind them, such as which
-precision a device does well, are in engine/device.py); strategies plug in through the
-events of engine/events.py, whose docstring shows this loop as pseudocode.
+Device placement, autocast and grad scaling, gradient accumulation, clipping, channels_last and
+torch.compile are all visible here (the choices behind them, such as which precision a device does
+well, are in engine/device.py). The Trainer knows no strategy, data source, model or loss by name:
+it receives its pieces (`TrainParts`: model, loss function, parameter groups, per-epoch plans, a
+loader per batch size) and its hooks, which plug in through the events of engine/events.py, whose
+docstring shows this loop as pseudocode. This is the one place that calls backward() and step().
 """
 
 from __future__ import annotations
@@ -11,95 +13,85 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from imgtrain.engine.checkpoint import (capture_rng_state, load_training_state, restore_rng_state,
-                                        save_training_state, save_weights)
-from imgtrain.engine.device import (compile_model, configure_backends, peak_memory_mb, select_device,
-                                    select_precision)
+from imgtrain.engine.checkpoint import (load_training_state, restore_training_state, save_training_state,
+                                        save_weights, training_state)
+from imgtrain.engine.device import compile_model, configure_backends, select_device, select_precision
 from imgtrain.engine.events import HookList
 from imgtrain.engine.optim import build_optimizer, build_scheduler
-from imgtrain.engine.state import TrainState
-from imgtrain.data.loaders import with_batch_size
-from imgtrain.losses import build_train_loss, eval_logit_offset
-from imgtrain.strategies.progressive import EpochPlan
-from imgtrain.strategies.transfer import transfer_param_groups
-
-WORST_KEPT = 16  # validation images of highest loss kept per evaluation (the report's gallery)
-
-# ----------------------------------------------------------------------------- the trainer
+from imgtrain.engine.state import EpochPlan, TrainState, run_summary
+from imgtrain.engine.validate import evaluate_batches
 
 @dataclass
-class TrainData:
-    """What the loop reads: loaders, the train loader's generator (reseeded every epoch)."""
-    train: Any
-    val: Any
-    train_generator: Optional[torch.Generator]
-    classes: List[str]
-    # applied to each batch right after it reaches the device (batch augmentation and
-    # normalisation on the GPU, data/batch_transforms.py); None when the loader does it all
-    train_batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-    eval_batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-    train_targets: Optional[torch.Tensor] = None   # labels of the training split (class weights)
-    # per epoch: image size, batch size, lr scale (progressive resizing); None: data.batch_size throughout
-    epoch_plans: Optional[List[EpochPlan]] = None
+class TrainParts:
+    """What the Trainer trains with; api.train builds it from the recipe and the strategies."""
+    model: torch.nn.Module
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, targets) -> mean loss
+    loader_for: Callable[[int], Iterable]    # the train loader at a batch size (the plans may change it)
+    plans: list[EpochPlan]                   # one per epoch: image size, batch size, lr scale, schedule segment
+    classes: list[str]
+    val: Iterable | None = None
+    # optimizer parameter groups ({"params", "lr"?, "weight_decay"?}); None: every trainable parameter,
+    # split into decay / no-decay (engine/optim.py)
+    param_groups: list[dict[str, Any]] | None = None
+    train_generator: torch.Generator | None = None  # the train loader's; reseeded every epoch
+    # applied to each batch right after it reaches the device (batch augmentation and normalisation on
+    # the device, data/batch_transforms.py); None when the loader does it all
+    train_batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    eval_batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    logit_offset: torch.Tensor | None = None  # added to the logits at evaluation (post-hoc adjustment)
 
 
 class Trainer:
-    def __init__(self, recipe: Any, model: torch.nn.Module, data: TrainData, run_dir: Path,
-                 hooks: HookList, checkpoint_metadata: Dict[str, Any]):
+    """run_dir None: no checkpoints (the LR finder and doctor train without a run folder)."""
+
+    def __init__(self, recipe: Any, parts: TrainParts, hooks: HookList | None = None,
+                 run_dir: Path | None = None, metadata: dict[str, Any] | None = None):
         cfg = recipe.train
-        self.recipe, self.data, self.run_dir, self.hooks = recipe, data, Path(run_dir), hooks
-        self.metadata = checkpoint_metadata
+        self.recipe, self.parts, self.hooks = recipe, parts, hooks or HookList()
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.metadata = dict(metadata or {})
         self.device = select_device(cfg.device)
         configure_backends(self.device, cfg.deterministic, cfg.threads)
         self.amp_dtype, use_scaler = select_precision(cfg.amp, self.device)
-        self.model = model.to(self.device)
+        self.model = parts.model.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.plans = list(parts.plans)
         # compile wraps the module; checkpoints and hooks keep using the plain one
-        # the batch size (so the loader and the batches per epoch) may change between epochs
-        # (progressive resizing's stages); everything below is planned per epoch up front
-        self.plans = data.epoch_plans or [EpochPlan(0, 0, recipe.data.batch_size, 1.0)] * cfg.epochs
         sizes = len({plan.img_size for plan in self.plans})
         self.forward_model = compile_model(self.model, sizes) if cfg.compile else self.model
-        self.train_loaders = {recipe.data.batch_size: data.train}
-        for plan in self.plans:
-            if plan.batch_size not in self.train_loaders:
-                self.train_loaders[plan.batch_size] = with_batch_size(data.train, plan.batch_size)
+        self.train_loaders = {plan.batch_size: parts.loader_for(plan.batch_size) for plan in self.plans}
         self.epoch_batches = [min(len(self.train_loaders[p.batch_size]), cfg.max_steps_per_epoch or math.inf)
                               for p in self.plans]
         self.epoch_steps = [math.ceil(b / cfg.grad_accum_steps) for b in self.epoch_batches]  # optimizer steps
         self.lr_scaled = any(p.lr_scale != 1.0 for p in self.plans)
-        # transfer.*: per-layer-group learning rates (None: the plain decay / no-decay groups)
-        optimizer = build_optimizer(self.model, recipe.optim, transfer_param_groups(self.model, recipe))
+        optimizer = build_optimizer(self.model, recipe.optim, parts.param_groups)
         self.peak_lrs = [group["lr"] for group in optimizer.param_groups]
         scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
         self.state = TrainState(recipe=recipe, run_dir=self.run_dir, device=self.device, model=self.model,
                                 optimizer=optimizer, scheduler=None, scaler=scaler,
-                                amp_dtype=self.amp_dtype, classes=list(data.classes), epochs=cfg.epochs,
-                                steps_per_epoch=self.epoch_batches[0])
+                                amp_dtype=self.amp_dtype, classes=list(parts.classes), epochs=len(self.plans),
+                                steps_per_epoch=self.epoch_batches[0] if self.plans else 0,
+                                prepare_batch=self._prepare_batch, note_sink=self.hooks.note)
         self.state.scheduler = self._build_scheduler(epoch=0)
-        targets = data.train_targets if data.train_targets is not None else torch.zeros(0, dtype=torch.long)
-        self.train_loss = build_train_loss(recipe, targets, len(data.classes)).to(self.device)
-        # imbalance.posthoc_adjust: -tau*log(prior) added to the logits at evaluation, and kept in the
-        # checkpoint's metadata so evaluate/predict from a checkpoint see the same adjusted logits
-        offset = eval_logit_offset(recipe, targets, len(data.classes))
-        self.logit_offset = offset.to(self.device) if offset is not None else None
-        if offset is not None:
-            self.metadata["logit_offset"] = [float(v) for v in offset]
+        self.loss_fn = parts.loss_fn.to(self.device) if isinstance(parts.loss_fn, torch.nn.Module) else parts.loss_fn
+        self.logit_offset = parts.logit_offset.to(self.device) if parts.logit_offset is not None else None
+        if parts.logit_offset is not None:  # evaluate/predict from a checkpoint add the same offset
+            self.metadata["logit_offset"] = [float(v) for v in parts.logit_offset]
         self.best_mode = recipe.output.best_mode
         if self.best_mode == "auto":
             self.best_mode = "min" if "loss" in recipe.output.best_metric else "max"
 
     # ------------------------------------------------------------------ public
 
-    def fit(self, resume_from: Optional[Path] = None) -> TrainState:
+    def fit(self, resume_from: Path | None = None) -> TrainState:
         state = self.state
         if resume_from is not None:
             self._resume(Path(resume_from))
@@ -108,6 +100,7 @@ class Trainer:
         try:
             while state.epoch < state.epochs and not state.stop_training:
                 self._train_epoch()
+                self.hooks.fire("before_eval", state)
                 state.epoch_metrics.update(self._validate())
                 self.hooks.fire("eval_end", state)
                 row = {"epoch": state.epoch + 1, **state.epoch_metrics}
@@ -126,66 +119,63 @@ class Trainer:
 
     # ------------------------------------------------------------------ one epoch
 
+    def _prepare_batch(self, inputs: torch.Tensor) -> torch.Tensor:
+        inputs = inputs.to(self.device, non_blocking=True)
+        if self.parts.train_batch_transform is not None:
+            inputs = self.parts.train_batch_transform(inputs)
+        if self.recipe.train.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return inputs
+
     def _train_epoch(self) -> None:
         state, cfg = self.state, self.recipe.train
-        model, optimizer, scaler = self.forward_model, state.optimizer, state.scaler
         accum, batches = cfg.grad_accum_steps, self.epoch_batches[state.epoch]
         plan, previous = self.plans[state.epoch], self.plans[max(state.epoch - 1, 0)]
-        loader = self.train_loaders[plan.batch_size]
+        state.train_loader = loader = self.train_loaders[plan.batch_size]
         state.steps_per_epoch = batches
-        if self.recipe.progressive.schedule == "restart" and plan.stage != previous.stage:
+        if plan.schedule_segment != previous.schedule_segment:
             state.scheduler = self._build_scheduler(state.epoch)
         self._scale_lr()
         self.model.train()
-        if self.data.train_generator is not None:
+        if self.parts.train_generator is not None:
             # one seed per epoch: the shuffle and worker seeds of epoch k do not depend on
             # how many epochs ran in this process, so a resumed run draws the same batches
-            self.data.train_generator.manual_seed(cfg.seed * 100_003 + state.epoch)
+            self.parts.train_generator.manual_seed(cfg.seed * 100_003 + state.epoch)
         state.epoch_metrics, state.epoch_details = {}, {}
         state.images_seen = 0
         state.loss_sum = torch.zeros((), device=self.device)
         state.correct_sum = torch.zeros((), device=self.device, dtype=torch.long)
         state.epoch_start_time = time.perf_counter()
         self.hooks.fire("epoch_start", state)
-        autocast = self._autocast()
-        optimizer.zero_grad(set_to_none=True)
+        state.optimizer.zero_grad(set_to_none=True)
+        group: list[tuple[torch.Tensor, torch.Tensor]] = []  # kept only for hooks that replay it
         for batch_index, (inputs, targets) in enumerate(loader):
             if batch_index >= batches:
                 break
             state.batch_index = batch_index
-            state.inputs = inputs.to(self.device, non_blocking=True)
+            state.inputs = self._prepare_batch(inputs)
             state.targets = targets.to(self.device, non_blocking=True)
-            if self.data.train_batch_transform is not None:
-                state.inputs = self.data.train_batch_transform(state.inputs)
-            if cfg.channels_last:
-                state.inputs = state.inputs.contiguous(memory_format=torch.channels_last)
             self.hooks.fire("batch_start", state)
             # the last accumulation group of an epoch may hold fewer batches: scale by its size
             group_start = batch_index - batch_index % accum
             group_size = min(accum, batches - group_start)
-            state.loss_parts = {}
-            with autocast:
-                state.outputs = model(state.inputs)
-                self.hooks.fire("after_forward", state)
-                state.loss = self.train_loss(state.outputs, state.targets)
-                # inside autocast and before the accumulation division: a hook that adds a
-                # term (distillation) runs its own forward in the same precision, on the
-                # per-batch scale
-                self.hooks.fire("after_loss", state)
-            loss = state.loss / group_size
-            if scaler is not None:
-                scaler.scale(loss).backward()
-            else:
-                loss.backward()
-            self.hooks.fire("after_backward", state)
+            state.group_end = batch_index - group_start + 1 == group_size
+            state.pass_index = 0
+            self._forward_backward(group_size)
             with torch.no_grad():
                 count = state.targets.shape[0]
                 hard = state.targets.argmax(1) if state.targets.ndim == 2 else state.targets
                 state.loss_sum += state.loss.detach().float() * count
                 state.correct_sum += (state.outputs.detach().argmax(1) == hard).sum()
                 state.images_seen += count
-            if batch_index - group_start + 1 == group_size:
+            if self.hooks.replays_group:
+                group.append((state.inputs, state.targets))
+            if state.group_end:
+                self._replay(group, group_size)
+                group = []
                 self._optimizer_step()
+                if state.stop_training:  # a hook ends the run now (the LR finder's divergence)
+                    break
         seconds = time.perf_counter() - state.epoch_start_time
         seen = max(state.images_seen, 1)
         state.epoch_metrics.update({
@@ -196,6 +186,36 @@ class Trainer:
             "epoch_seconds": round(seconds, 3),
             "images_per_second": round(state.images_seen / max(seconds, 1e-9), 1),
         })
+
+    def _forward_backward(self, group_size: int) -> None:
+        """The batch in state.inputs/targets through the model, the loss and backward: the one step."""
+        state = self.state
+        state.loss_parts = {}
+        with self._autocast():
+            state.outputs = self.forward_model(state.inputs)
+            self.hooks.fire("after_forward", state)
+            state.loss = self.loss_fn(state.outputs, state.targets)
+            # inside autocast and before the accumulation division: a hook that adds a term
+            # (distillation) runs its own forward in the same precision, on the per-batch scale
+            self.hooks.fire("after_loss", state)
+        loss = state.loss / group_size
+        if state.scaler is not None:
+            state.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        self.hooks.fire("after_backward", state)
+
+    def _replay(self, group: list[tuple[torch.Tensor, torch.Tensor]], group_size: int) -> None:
+        """Further forward/backward passes over the group's batches, as long as a hook asks for them
+        (state.repeat_group at after_backward of the group's last batch: SAM's second pass)."""
+        state = self.state
+        while state.repeat_group:
+            state.repeat_group = False
+            state.pass_index += 1
+            for position, (inputs, targets) in enumerate(group):
+                state.inputs, state.targets = inputs, targets
+                state.group_end = position == len(group) - 1
+                self._forward_backward(group_size)
 
     def _optimizer_step(self) -> None:
         state, cfg = self.state, self.recipe.train
@@ -223,20 +243,20 @@ class Trainer:
         self.hooks.fire("after_step", state)
 
     def _build_scheduler(self, epoch: int) -> Any:
-        """The lr schedule: one over the whole run, or (progressive.schedule: restart) one over the
-        stage holding `epoch`. Built on the peak lrs, whatever the optimizer's lrs are now."""
+        """The lr schedule over the epochs of the plan segment holding `epoch` (one segment: the whole
+        run). Built on the peak lrs, whatever the optimizer's lrs are now."""
         optimizer, plans = self.state.optimizer, self.plans
-        epochs = range(len(plans))
-        if self.recipe.progressive.schedule == "restart":
-            epochs = [e for e in epochs if plans[e].stage == plans[epoch].stage]
-        steps = [self.epoch_steps[e] for e in epochs]
+        if not plans:
+            return None
+        segment = plans[epoch].schedule_segment
+        steps = [self.epoch_steps[e] for e in range(len(plans)) if plans[e].schedule_segment == segment]
         for group, peak in zip(optimizer.param_groups, self.peak_lrs):
             group["lr"] = peak
         return build_scheduler(optimizer, self.recipe.schedule, self.recipe.optim.lr, total_steps=sum(steps),
                                steps_per_epoch=steps[0], epoch_steps=steps if len(set(steps)) > 1 else None)
 
     def _scale_lr(self) -> None:
-        """Progressive stages that change the batch size scale the schedule's lr (lr_scale)."""
+        """Plans that change the batch size scale the schedule's lr (lr_scale)."""
         if self.lr_scaled:
             scale = self.plans[min(self.state.epoch, len(self.plans) - 1)].lr_scale
             for group, lr in zip(self.state.optimizer.param_groups, self.state.scheduler.get_last_lr()):
@@ -248,60 +268,32 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def eval_model(self) -> torch.nn.Module:
-        """The weights that are validated and saved: an EMA's when a hook sets state.eval_model."""
+        """The weights that are validated and saved: an average's (EMA, SWA) when a hook sets state.eval_model."""
         return self.state.eval_model if self.state.eval_model is not None else self.forward_model
 
-    @torch.no_grad()
-    def evaluate(self, loader: Any, model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
-        """Mean cross-entropy (no smoothing), top-1 and balanced accuracy, per-class recall, the
-        confusion matrix (rows: true class) and the WORST_KEPT images of highest loss (their
-        index in the loader's order: for the report's worst-classified gallery)."""
+    def evaluate(self, loader: Any, model: torch.nn.Module | None = None) -> dict[str, Any]:
+        """Loss, accuracy, per-class recall, confusion and worst images of `model` (default: the
+        validated weights) on `loader` (engine/validate.py)."""
         model = model if model is not None else self.eval_model()
-        model.eval()
-        started = time.perf_counter()
-        classes = len(self.data.classes)
-        loss_sum = torch.zeros((), device=self.device)
-        confusion = torch.zeros(classes * classes, device=self.device, dtype=torch.long)
-        worst_loss = torch.zeros(0, device=self.device)
-        worst_index = torch.zeros(0, device=self.device, dtype=torch.long)
-        offset = 0
+        result = evaluate_batches(model, self._eval_batches(loader), self.parts.classes, self.device,
+                                  self._autocast, self.logit_offset)
+        if model is not self.forward_model or self.state.eval_model is not None:
+            self.model.train()  # an averaged copy was evaluated: the trained model stays as it was
+        return result
+
+    def _eval_batches(self, loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for inputs, targets in loader:
             inputs = inputs.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
-            if self.data.eval_batch_transform is not None:
-                inputs = self.data.eval_batch_transform(inputs)
+            if self.parts.eval_batch_transform is not None:
+                inputs = self.parts.eval_batch_transform(inputs)
             if self.recipe.train.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
-                outputs = model(inputs)
-            if self.logit_offset is not None:
-                outputs = outputs.float() + self.logit_offset
-            losses = F.cross_entropy(outputs.float(), targets, reduction="none")
-            loss_sum += losses.sum()
-            confusion += torch.bincount(targets * classes + outputs.argmax(1), minlength=classes * classes)
-            # a running top-k on the device: no host sync per batch
-            worst_loss, keep = torch.cat([worst_loss, losses]).topk(min(WORST_KEPT, len(worst_loss) + len(losses)))
-            worst_index = torch.cat([worst_index, offset + torch.arange(len(losses), device=self.device)])[keep]
-            offset += len(losses)
-        if model is not self.forward_model or self.state.eval_model is not None:
-            self.model.train()  # an EMA copy was evaluated: the trained model stays as it was
-        matrix = confusion.view(classes, classes).cpu()
-        total, correct = matrix.sum(dim=1), matrix.diagonal()
-        seen = max(int(total.sum()), 1)
-        present = total > 0
-        recall = torch.where(present, correct.double() / total.clamp_min(1), torch.zeros(()))
-        return {"loss": loss_sum.item() / seen, "acc": int(correct.sum()) / seen,
-                "balanced_acc": float(recall[present].mean()) if present.any() else 0.0,
-                "per_class_recall": {c: (float(r) if p else None)
-                                     for c, r, p in zip(self.data.classes, recall, present)},
-                "confusion": matrix.tolist(),
-                "worst": [{"index": int(i), "loss": float(v)} for i, v in zip(worst_index.cpu(), worst_loss.cpu())],
-                "seconds": time.perf_counter() - started}
+            yield inputs, targets.to(self.device, non_blocking=True)
 
-    def _validate(self) -> Dict[str, Any]:
-        if self.data.val is None:
+    def _validate(self) -> dict[str, Any]:
+        if self.parts.val is None:
             return {"_val_seconds": 0.0}
-        result = self.evaluate(self.data.val)
+        result = self.evaluate(self.parts.val)
         self.state.val_per_class_recall = result["per_class_recall"]
         self.state.val_confusion, self.state.val_worst = result["confusion"], result["worst"]
         return {"val_loss": result["loss"], "val_acc": result["acc"], "val_balanced_acc": result["balanced_acc"],
@@ -315,85 +307,41 @@ class Trainer:
             return True
         return value > best if self.best_mode == "max" else value < best
 
-    def _save_checkpoints(self, row: Dict[str, Any]) -> None:
+    def _save_checkpoints(self, row: dict[str, Any]) -> None:
         state, out = self.state, self.recipe.output
-        ckpt_dir = self.run_dir / "checkpoints"
         metric = out.best_metric if out.best_metric in row else "train_loss"
         if metric != out.best_metric:
             self.best_mode = "min"  # no val split: the best epoch is the one with the lowest train loss
         value = float(row[metric])
-        meta = dict(self.metadata, epoch=row["epoch"], metrics={k: v for k, v in row.items() if k != "epoch"})
-        if not math.isnan(value) and self._is_better(value):
+        is_best = not math.isnan(value) and self._is_better(value)
+        if is_best:
             state.best_value, state.best_epoch = value, row["epoch"]
-            if out.save_best:
-                save_weights(self._saved_model(), ckpt_dir / "best.safetensors", meta)
+        if self.run_dir is None:
+            return
+        ckpt_dir = self.run_dir / "checkpoints"
+        meta = dict(self.metadata, epoch=row["epoch"], metrics={k: v for k, v in row.items() if k != "epoch"})
+        if is_best and out.save_best:
+            save_weights(self._saved_model(), ckpt_dir / "best.safetensors", meta)
         if out.save_last:
             save_weights(self._saved_model(), ckpt_dir / "last.safetensors", meta)
             save_training_state(ckpt_dir / "last.state.pt", self._training_state())
 
     def _saved_model(self) -> torch.nn.Module:
-        """The validated weights (an EMA's when there is one) without a torch.compile wrapper."""
+        """The validated weights (an average's when there is one) without a torch.compile wrapper."""
         model = self.state.eval_model if self.state.eval_model is not None else self.model
         return getattr(model, "_orig_mod", model)
 
-    def _training_state(self) -> Dict[str, Any]:
-        state = self.state
-        return {
-            "format": 1,
-            "epoch": state.epoch,             # epochs finished = the next epoch to run
-            "step": state.step,
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "optimizer": state.optimizer.state_dict(),
-            "scheduler": state.scheduler.state_dict(),
-            "scaler": state.scaler.state_dict() if state.scaler is not None else None,
-            "rng": capture_rng_state(),
-            "history": state.history,
-            "best_value": state.best_value,
-            "best_epoch": state.best_epoch,
-            "best_mode": self.best_mode,
-            "wall_seconds_before": state.wall_seconds_before,
-            "skipped_steps": state.skipped_steps,
-            "hooks": self.hooks.state_dict(),
-        }
+    def _training_state(self) -> dict[str, Any]:
+        return training_state(self.state, self.best_mode, self.hooks)
 
     def _resume(self, path: Path) -> None:
         saved = load_training_state(path)
-        state = self.state
         self.model.load_state_dict(saved["model"])
-        if self.recipe.progressive.schedule == "restart" and saved["epoch"] > 0:
-            # the stage schedule of the last finished epoch; built before the optimizer's lrs are
+        if saved["epoch"] > 0 and self.plans[saved["epoch"] - 1].schedule_segment != self.plans[0].schedule_segment:
+            # the schedule of the last finished epoch's segment; built before the optimizer's lrs are
             # restored, since building one sets them
-            state.scheduler = self._build_scheduler(saved["epoch"] - 1)
-        state.optimizer.load_state_dict(saved["optimizer"])
-        state.scheduler.load_state_dict(saved["scheduler"])
-        if state.scaler is not None and saved["scaler"] is not None:
-            state.scaler.load_state_dict(saved["scaler"])
-        self.hooks.load_state_dict(saved["hooks"])
-        state.epoch, state.step = saved["epoch"], saved["step"]
-        state.history = list(saved["history"])
-        state.best_value, state.best_epoch = saved["best_value"], saved["best_epoch"]
-        self.best_mode = saved["best_mode"]
-        state.wall_seconds_before = saved["wall_seconds_before"]
-        state.skipped_steps = int(saved.get("skipped_steps", 0))
-        restore_rng_state(saved["rng"])  # last: everything above may have drawn random numbers
+            self.state.scheduler = self._build_scheduler(saved["epoch"] - 1)
+        self.best_mode = restore_training_state(self.state, saved, self.hooks)
 
-    def _summarise(self) -> Dict[str, Any]:
-        state = self.state
-        rows = state.history
-        summary: Dict[str, Any] = {"epochs_run": len(rows), "best_epoch": state.best_epoch,
-                                   "best_metric": self.recipe.output.best_metric,
-                                   "best_value": state.best_value}
-        if rows and "val_acc" in rows[-1]:
-            summary["best_val_acc"] = max(r["val_acc"] for r in rows)
-            summary["final_val_acc"] = rows[-1]["val_acc"]
-        if rows:
-            summary["final_train_loss"] = rows[-1]["train_loss"]
-            total_images = sum(r["images_per_second"] * r["epoch_seconds"] for r in rows)
-            summary["images_per_second"] = round(total_images / max(sum(r["epoch_seconds"] for r in rows), 1e-9), 1)
-        summary["training_seconds"] = round(state.wall_seconds_before, 3)
-        if state.skipped_steps:
-            summary["skipped_steps"] = state.skipped_steps
-        summary["device"] = str(self.device)
-        summary["amp"] = str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32"
-        summary.update(peak_memory_mb(self.device))
-        return summary
+    def _summarise(self) -> dict[str, Any]:
+        return run_summary(self.state, self.recipe.output.best_metric, self.amp_dtype)

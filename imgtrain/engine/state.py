@@ -8,9 +8,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
+
+from imgtrain.engine.device import peak_memory_mb
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """What one epoch trains with (progressive resizing plans several; a plain run repeats one)."""
+    stage: int                # 0-based stage (a ramp: one stage per distinct size)
+    img_size: int             # training image side, pixels
+    batch_size: int           # images per step
+    lr_scale: float = 1.0     # multiplies the schedule's learning rate
+    schedule_segment: int = 0  # epochs of one segment share one lr schedule (a new segment restarts it)
 
 
 @dataclass
@@ -57,6 +69,25 @@ class TrainState:
     loss_parts: Dict[str, torch.Tensor] = field(default_factory=dict)  # named terms of `loss` (e.g. ce, kd), per batch
     skip_step: bool = False                      # a hook sets it: the next optimizer step is not taken
     skipped_steps: int = 0                       # optimizer steps skipped so far in the run
+    # a hook sets it at after_backward of a group's last batch: the loop replays the accumulation
+    # group's batches (as batch_start left them) through forward and backward once more before the
+    # optimizer step (sharpness-aware minimisation's second pass); pass_index says which pass runs
+    repeat_group: bool = False
+    pass_index: int = 0
+    group_end: bool = False                      # this batch completes an accumulation group
+
+    # --- what hooks may use to read data the way the loop does
+    train_loader: Any = None                     # this epoch's train loader
+    # a loader's input batch -> on the device, batch-transformed, in the model's memory format
+    prepare_batch: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    # where note() lines go (train.log, events.jsonl): set by the Trainer to its hooks' on_note
+    note_sink: Optional[Callable[[str, Optional[str], Dict[str, Any]], None]] = None
+
+    def note(self, message: str, event: Optional[str] = None, **fields: Any) -> None:
+        """A line for the run's log (train.log), and a record in events.jsonl when `event` is given:
+        how a strategy reports what it did without knowing the trackers."""
+        if self.note_sink is not None:
+            self.note_sink(message, event, fields)
 
     @property
     def lr(self) -> float:
@@ -69,3 +100,24 @@ class TrainState:
         if "betas" in group:
             return float(group["betas"][0])
         return float(group.get("momentum", 0.0))
+
+
+def run_summary(state: TrainState, best_metric: str, amp_dtype: Optional[torch.dtype]) -> Dict[str, Any]:
+    """summary.json's training numbers, from the history and the state at the end of fit."""
+    rows = state.history
+    summary: Dict[str, Any] = {"epochs_run": len(rows), "best_epoch": state.best_epoch,
+                               "best_metric": best_metric, "best_value": state.best_value}
+    if rows and "val_acc" in rows[-1]:
+        summary["best_val_acc"] = max(r["val_acc"] for r in rows)
+        summary["final_val_acc"] = rows[-1]["val_acc"]
+    if rows:
+        summary["final_train_loss"] = rows[-1]["train_loss"]
+        total_images = sum(r["images_per_second"] * r["epoch_seconds"] for r in rows)
+        summary["images_per_second"] = round(total_images / max(sum(r["epoch_seconds"] for r in rows), 1e-9), 1)
+    summary["training_seconds"] = round(state.wall_seconds_before, 3)
+    if state.skipped_steps:
+        summary["skipped_steps"] = state.skipped_steps
+    summary["device"] = str(state.device)
+    summary["amp"] = str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32"
+    summary.update(peak_memory_mb(state.device))
+    return summary

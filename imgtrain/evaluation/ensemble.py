@@ -46,7 +46,10 @@ from torch.utils.data import Dataset
 from imgtrain.config import RecipeError
 from imgtrain.data import build_splits
 from imgtrain.engine.checkpoint import CheckpointError
-from imgtrain.evaluation.inference import ENSEMBLE_FILE, TTAArg, ModelPredictor, is_ensemble_dir
+from imgtrain.evaluation.inference import (ENSEMBLE_FILE, ModelPredictor, TTAArg, check_classes, evaluation_data,
+                                          is_ensemble_dir, metrics_of)
+from imgtrain.io import check_replaceable
+from imgtrain.models.trained import load_trained
 
 VOTES = ("soft", "hard")
 HARD_TIE_EPS = 1e-6  # share of the soft mean in a hard vote's probabilities: it only breaks ties
@@ -326,7 +329,6 @@ def save_ensemble(folder: Union[str, Path], ensemble: EnsemblePredictor, overwri
     """Write `ensemble` to `folder` (ensemble.yaml + a copy of each member), atomically: built in a
     temporary folder beside it, then renamed into place. A non-empty `folder` is refused unless
     `overwrite` and it is an ensemble folder. Returns the folder."""
-    from imgtrain.api import check_replaceable
 
     folder = Path(folder)
     check_save_folder(folder, overwrite)
@@ -377,7 +379,6 @@ _FOREIGN = f"the folder is not an imgtrain ensemble (no {ENSEMBLE_FILE})"
 
 def check_save_folder(folder: Union[str, Path], overwrite: bool) -> None:
     """Before any work: `folder` may be written (absent, empty, or --overwrite of an ensemble folder)."""
-    from imgtrain.api import check_replaceable
     folder = Path(folder)
     check_replaceable(folder, overwrite, ours=is_ensemble_dir(folder), refuse=_REFUSE, foreign=_FOREIGN)
 
@@ -457,7 +458,6 @@ def load_ensemble(folder: Union[str, Path], tta: TTAArg = None,
                   device: Union[str, torch.device] = "cpu") -> EnsemblePredictor:
     """The EnsemblePredictor saved in `folder`. `tta`: None uses the setting saved with it,
     False turns it off, True or views (or a TTAConfig) replace it."""
-    from imgtrain.api import load_trained
 
     spec = read_ensemble_spec(folder)
     try:
@@ -480,6 +480,14 @@ def load_ensemble(folder: Union[str, Path], tta: TTAArg = None,
                             f"{_short(ensemble.classes)}")
     ensemble.folder = spec.folder
     return ensemble
+
+
+def load_predictor(target: Union[str, Path], tta: TTAArg = None, device: Union[str, torch.device] = "cpu") -> Any:
+    """A run folder or .safetensors file (ModelPredictor), or a folder written by
+    `imgtrain ensemble --save` (EnsemblePredictor)."""
+    if is_ensemble_dir(target):
+        return load_ensemble(target, tta=tta, device=device)
+    return ModelPredictor(load_trained(target, device=device), tta=tta)
 
 
 def flat_members(folder: Union[str, Path]) -> Tuple[EnsembleSpec, List[Tuple[Path, float]]]:
@@ -520,9 +528,6 @@ def run_ensemble(targets: Sequence[Union[str, Path]], options: Optional[Ensemble
     Returns a dict: split, images, classes, vote, tta, weights, weights_from, fit (when fitted),
     members [{source, model, weight, acc, top5_acc, balanced_acc, loss, ece, ...}], ensemble (every
     metric, as evaluate gives them), saved (the folder, when saved)."""
-    from imgtrain.evaluation.evaluate import check_classes, evaluation_data, metrics_of
-    from imgtrain.evaluation.inference import load_predictor
-
     opts = options or EnsembleOptions()
     if not targets:
         raise EnsembleError("give at least one member: run folders, .safetensors files or ensemble folders")
@@ -610,7 +615,7 @@ def format_ensemble(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ChannelView", "EnsembleError", "EnsembleOptions", "EnsemblePredictor", "EnsembleSpec", "VOTES",
+__all__ = ["load_predictor", "ChannelView", "EnsembleError", "EnsembleOptions", "EnsemblePredictor", "EnsembleSpec", "VOTES",
            "check_members", "combine_probabilities", "ensemble_nll", "fit_weights", "flat_members",
            "format_ensemble", "load_ensemble", "member_name", "normalize_weights", "read_ensemble_spec",
            "run_ensemble", "save_ensemble", "to_channels"]

@@ -24,17 +24,12 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from imgtrain.data import DataError, build_splits
-from imgtrain.evaluation.inference import TTAArg, load_predictor
+from imgtrain.evaluation.ensemble import load_predictor
+from imgtrain.evaluation.inference import TTAArg, check_classes, evaluation_data, metrics_of
 from imgtrain.evaluation.metrics import compute_metrics, save_confusion_png, write_confusion_csv
-from imgtrain.tracking.summary import atomic_write_text, json_safe
+from imgtrain.io import atomic_write_text, json_safe
 
 HEADLINE = ("images", "loss", "acc", "top5_acc", "balanced_acc", "macro_f1", "ece")
-
-
-def metrics_of(probs: torch.Tensor, targets: torch.Tensor, classes: List[str]) -> Dict[str, Any]:
-    if probs.shape[0] == 0:
-        raise DataError("nothing to evaluate: the split has no images")
-    return compute_metrics(probs, targets, classes)
 
 
 def evaluate_dataset(predictor: Any, dataset: Any, batch_size: int = 256,
@@ -42,27 +37,6 @@ def evaluate_dataset(predictor: Any, dataset: Any, batch_size: int = 256,
     """Every metric of `predictor` (see inference.py) on a dataset of raw images."""
     probs, targets = predictor.probabilities(dataset, batch_size=batch_size, device=device)
     return metrics_of(probs, targets, predictor.classes)
-
-
-def evaluation_data(recipe: Any, split: str = "test", data: Optional[Union[str, Path]] = None) -> Any:
-    """`split` of the recipe's data, or everything in `data` (an image folder of class
-    subfolders, or a path,label CSV), as a dataset of raw images."""
-    data_cfg = recipe.data
-    if data is not None:
-        data_path = Path(data)
-        if not data_path.exists():
-            raise DataError(f"--data {data_path}: no such folder or CSV file")
-        source = "csv" if data_path.suffix.lower() == ".csv" else "imagefolder"
-        # everything in the given folder is evaluated: no val or test carved out of it
-        data_cfg = replace(data_cfg, source=source, root=str(data_path), image_root=None, val_fraction=0.0,
-                           test_fraction=0.0, train_subset=None)
-        split = "train"
-    splits = build_splits(data_cfg)
-    dataset = {"train": splits.train, "val": splits.val, "test": splits.test}.get(split)
-    if dataset is None:
-        raise DataError(f"--split {split}: the recipe's data ({data_cfg.source}) has no {split} split; "
-                        "choose another --split or pass --data")
-    return dataset, splits.classes, str(data_cfg.root or data_cfg.source)
 
 
 def evaluate(target: Union[str, Path], split: str = "test", data: Optional[Union[str, Path]] = None,
@@ -111,15 +85,6 @@ def _write_csv(path: Path, header: List[str], rows: List[List[Any]]) -> Path:
     writer.writerows(rows)
     atomic_write_text(path, buffer.getvalue())
     return path
-
-
-def check_classes(model_classes: List[str], data_classes: List[str], where: str) -> None:
-    if list(model_classes) != list(data_classes):
-        extra = sorted(set(data_classes) - set(model_classes))
-        missing = sorted(set(model_classes) - set(data_classes))
-        raise DataError(f"{where}: its classes differ from the model's: not in the model {extra}, "
-                        f"missing from the data {missing}" if (extra or missing) else
-                        f"{where}: same classes as the model but in another order ({data_classes} vs {model_classes})")
 
 
 __all__ = ["HEADLINE", "check_classes", "evaluate", "evaluate_dataset", "evaluation_data", "metrics_of",

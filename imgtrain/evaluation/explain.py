@@ -68,7 +68,8 @@ from torch import nn
 from imgtrain.data import BadImageError, load_image
 from imgtrain.data.transforms import denormalize as data_denormalize
 from imgtrain.models import LogitOffset, ModelError
-from imgtrain.tracking.summary import atomic_write_bytes
+from imgtrain.io import atomic_write_bytes
+from imgtrain.models.trained import load_trained
 
 # name -> grad-cam class; every entry runs on the CPU with imgtrain's nets and timm CNNs and ViTs
 CAM_METHODS: Dict[str, type] = {
@@ -505,7 +506,6 @@ def explain(target: Union[str, Path], images: Sequence[Union[str, Path]], method
     target: a run folder or .safetensors file. images: files, folders or CSV manifests (a `path`
     column). An image that cannot be decoded gets a record with `error`; the others still run.
     """
-    from imgtrain.api import load_trained
     from imgtrain.evaluation.predict import collect_paths
 
     methods = _methods(method)
@@ -563,7 +563,6 @@ def _explain_batch(loaded: Any, batch: torch.Tensor, good: Sequence[Tuple[Path, 
 def list_layers(target: Union[str, Path], device: str = "cpu") -> List[str]:
     """`imgtrain explain CHECKPOINT --list-layers`: one line per candidate layer, the automatic
     choice marked."""
-    from imgtrain.api import load_trained
 
     loaded = load_trained(target, device=device)
     net = network(loaded.model)

@@ -14,13 +14,16 @@ differ in input size, channels and normalisation:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from imgtrain.api import LoadedModel, load_trained
+from imgtrain.data import DataError, build_splits
+from imgtrain.evaluation.metrics import compute_metrics
+from imgtrain.models.trained import LoadedModel, load_trained
 
 ENSEMBLE_FILE = "ensemble.yaml"  # marks a folder written by `imgtrain ensemble --save`
 TTAArg = Union[None, bool, Any]  # None/False: off; True: the recipe's eval.tta (or the default); a TTAConfig
@@ -111,14 +114,42 @@ def is_ensemble_dir(target: Union[str, Path]) -> bool:
     return Path(target).is_dir() and (Path(target) / ENSEMBLE_FILE).is_file()
 
 
-def load_predictor(target: Union[str, Path], tta: TTAArg = None, device: Union[str, torch.device] = "cpu") -> Any:
-    """A run folder or .safetensors file (ModelPredictor), or a folder written by
-    `imgtrain ensemble --save` (EnsemblePredictor)."""
-    if is_ensemble_dir(target):
-        from imgtrain.evaluation.ensemble import load_ensemble
-        return load_ensemble(target, tta=tta, device=device)
-    return ModelPredictor(load_trained(target, device=device), tta=tta)
+def metrics_of(probs: torch.Tensor, targets: torch.Tensor, classes: List[str]) -> Dict[str, Any]:
+    if probs.shape[0] == 0:
+        raise DataError("nothing to evaluate: the split has no images")
+    return compute_metrics(probs, targets, classes)
 
 
-__all__ = ["ENSEMBLE_FILE", "ImageListDataset", "ModelPredictor", "is_ensemble_dir", "load_predictor",
+def evaluation_data(recipe: Any, split: str = "test", data: Optional[Union[str, Path]] = None) -> Any:
+    """`split` of the recipe's data, or everything in `data` (an image folder of class
+    subfolders, or a path,label CSV), as a dataset of raw images."""
+    data_cfg = recipe.data
+    if data is not None:
+        data_path = Path(data)
+        if not data_path.exists():
+            raise DataError(f"--data {data_path}: no such folder or CSV file")
+        source = "csv" if data_path.suffix.lower() == ".csv" else "imagefolder"
+        # everything in the given folder is evaluated: no val or test carved out of it
+        data_cfg = replace(data_cfg, source=source, root=str(data_path), image_root=None, val_fraction=0.0,
+                           test_fraction=0.0, train_subset=None)
+        split = "train"
+    splits = build_splits(data_cfg)
+    dataset = {"train": splits.train, "val": splits.val, "test": splits.test}.get(split)
+    if dataset is None:
+        raise DataError(f"--split {split}: the recipe's data ({data_cfg.source}) has no {split} split; "
+                        "choose another --split or pass --data")
+    return dataset, splits.classes, str(data_cfg.root or data_cfg.source)
+
+
+def check_classes(model_classes: List[str], data_classes: List[str], where: str) -> None:
+    if list(model_classes) != list(data_classes):
+        extra = sorted(set(data_classes) - set(model_classes))
+        missing = sorted(set(model_classes) - set(data_classes))
+        raise DataError(f"{where}: its classes differ from the model's: not in the model {extra}, "
+                        f"missing from the data {missing}" if (extra or missing) else
+                        f"{where}: same classes as the model but in another order ({data_classes} vs {model_classes})")
+
+
+__all__ = ["ENSEMBLE_FILE", "ImageListDataset", "ModelPredictor", "check_classes", "evaluation_data",
+           "is_ensemble_dir", "metrics_of",
            "resolve_tta", "run_model"]

@@ -31,6 +31,8 @@ import torch
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassConfusionMatrix
 
+from imgtrain.io import atomic_write_bytes, atomic_write_text
+
 ECE_BINS = 15
 TOP5 = 5  # top-5 accuracy is reported when there are more classes than this
 PROB_FLOOR = 1e-12  # -log(0) is inf: a hard vote can give the true class probability 0
@@ -112,7 +114,6 @@ def compute_metrics(probs: torch.Tensor, targets: torch.Tensor, classes: Sequenc
 def write_confusion_csv(path: Union[str, Path], confusion: Sequence[Sequence[int]],
                         classes: Sequence[str]) -> Path:
     """The matrix with a header row of predicted classes and a first column of true classes."""
-    from imgtrain.tracking.summary import atomic_write_text
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -171,7 +172,6 @@ def confusion_png(confusion: Sequence[Sequence[int]], classes: Sequence[str],
 
 def save_confusion_png(path: Union[str, Path], confusion: Sequence[Sequence[int]], classes: Sequence[str],
                        title: str = "confusion matrix") -> Path:
-    from imgtrain.tracking.summary import atomic_write_bytes
 
     atomic_write_bytes(path, confusion_png(confusion, classes, title))
     return Path(path)

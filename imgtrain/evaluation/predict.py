@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from imgtrain.data import BadImageError, DataError, load_image
-from imgtrain.evaluation.inference import ImageListDataset, TTAArg, load_predictor
-from imgtrain.tracking.summary import atomic_write_text
+from imgtrain.evaluation.ensemble import load_predictor
+from imgtrain.evaluation.inference import ImageListDataset, TTAArg
+from imgtrain.io import atomic_write_text
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 CHUNK = 1024  # images decoded at once

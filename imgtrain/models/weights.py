@@ -36,6 +36,7 @@ from timm.models import adapt_input_conv, clean_state_dict, get_model_traits
 from imgtrain.config import ModelConfig
 from imgtrain.engine.checkpoint import CheckpointError, load_weights
 from imgtrain.models.create import ModelError, model_kwargs
+from imgtrain.models.trained import resolve_checkpoint
 
 TIMM = "timm"  # the model.weights value that means timm's own pretrained weights
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
@@ -96,7 +97,6 @@ def resolve_weights_source(cfg: ModelConfig) -> Optional[WeightsSource]:
         _timm_weights_cfg(cfg.name)
         return WeightsSource("model.weights", TIMM)
     if cfg.weights is not None:
-        from imgtrain.api import resolve_checkpoint  # here: imgtrain.api imports this package
         path = Path(cfg.weights).expanduser()
         if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
             raise ModelError(f"model.weights: {path} is a {path.suffix} file; set model.weights_file: {path} "

@@ -54,6 +54,8 @@ from torch.utils.data import DataLoader, Sampler
 from imgtrain.config import RecipeError
 from imgtrain.data.samplers import loader_with_sampling
 from imgtrain.engine.events import Hook
+from imgtrain.strategies.base import Strategy, StrategyContext
+from imgtrain.models.trained import load_trained
 
 PACINGS = ("linear", "root", "step")
 #: offsets the curriculum's generator from the shuffle's and mixing's (train.seed, train.seed + 1)
@@ -199,9 +201,8 @@ def csv_difficulty(path: str, column: str, id_column: Optional[str], dataset: An
 def reference_difficulty(target: str, dataset: Any, classes: Sequence[str], channels: int,
                          device: torch.device, batch_size: int = 256,
                          file: Optional[str] = None) -> torch.Tensor:
-    """Per-image cross-entropy of a trained model (`imgtrain.api.load_trained`) on `dataset`,
+    """Per-image cross-entropy of a trained model (`imgtrain.models.trained.load_trained`) on `dataset`,
     in eval mode with that model's own eval transform."""
-    from imgtrain.api import load_trained  # here: imgtrain.api imports the strategies
     from imgtrain.engine.checkpoint import CheckpointError
     try:
         reference = load_trained(target, device=device)
@@ -397,6 +398,27 @@ def loader_with_sampler(loader: DataLoader, sampler: Sampler) -> DataLoader:
     return loader_with_sampling(loader, batch_size=loader.batch_size, sampler=sampler)
 
 
-__all__ = ["CurriculumHook", "CurriculumSampler", "csv_difficulty", "curriculum_enabled", "easiest",
+class Curriculum(Strategy):
+    """curriculum.*: easiest images first (reference model, a CSV, or self-paced)."""
+    name, section = "curriculum", "curriculum"
+
+    def enabled(self, recipe: Any) -> bool:
+        return curriculum_enabled(recipe)
+
+    def check(self, recipe: Any) -> None:
+        if recipe.data.sampler != "random":
+            raise RecipeError(f"curriculum learning chooses which images each epoch draws, and so does "
+                              f"data.sampler: {recipe.data.sampler}; use one "
+                              "(data.sampler: random with a curriculum)",
+                              file=recipe.source_file, key="curriculum.difficulty")
+
+    def build(self, recipe: Any, context: StrategyContext) -> List[Hook]:
+        hook = CurriculumHook(recipe.curriculum, seed=recipe.train.seed)
+        # scores the training images (reference, csv) and installs its sampler in loaders.train
+        context.notes += prepare_curriculum([hook], recipe, context.splits, context.loaders, context.device)
+        return [hook]
+
+
+__all__ = ["Curriculum", "CurriculumHook", "CurriculumSampler", "csv_difficulty", "curriculum_enabled", "easiest",
            "epoch_generator", "pacing_fraction", "per_sample_loss", "pool_size", "prepare_curriculum",
            "reference_difficulty", "repeat_pool"]

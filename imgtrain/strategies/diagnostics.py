@@ -58,6 +58,7 @@ import torch
 
 from imgtrain.config import RecipeError
 from imgtrain.engine.events import Hook
+from imgtrain.strategies.base import Strategy, StrategyContext
 
 VANISHING_BELOW = 1e-7     # default threshold of a vanishing layer's gradient norm
 LIKELY_CAUSES = ("the learning rate is too high (lower optim.lr, add schedule.warmup_epochs or set "
@@ -160,15 +161,8 @@ class NonFiniteLossError(RuntimeError):
 # ----------------------------------------------------------------------------- run folder notes
 
 def _note(state: Any, message: str, event: Optional[str] = None, **fields: Any) -> None:
-    """A line in train.log (and a record in events.jsonl) of the run; strategies have no tracker."""
-    # imported here: the trackers sit above the strategies
-    from imgtrain.tracking.events_log import EventLogTracker
-    from imgtrain.tracking.logfile import TrainLogTracker
-    if state.run_dir is None:
-        return
-    TrainLogTracker(state.run_dir).log(message)
-    if event is not None:
-        EventLogTracker(state.run_dir).log(event, **fields)
+    """A line in train.log (and a record in events.jsonl) of the run, through the trackers."""
+    state.note(message, event, **fields)
 
 
 def _warn(message: str) -> None:
@@ -379,6 +373,21 @@ def build_diagnostics(cfg: Any) -> List[Hook]:
     return hooks
 
 
-__all__ = ["GradientFlags", "GradientMonitorHook", "NonFiniteGuardHook", "NonFiniteLossError", "build_diagnostics",
+class Diagnostics(Strategy):
+    """diagnostics.*: per-layer gradient monitor and the non-finite loss guard."""
+    name, section = "diagnostics", "diagnostics"
+
+    def enabled(self, recipe: Any) -> bool:
+        cfg = recipe.diagnostics
+        return bool(cfg.grad_monitor_every) or cfg.nonfinite != "off"
+
+    def check(self, recipe: Any) -> None:
+        check_diagnostics(recipe.diagnostics, file=recipe.source_file)
+
+    def build(self, recipe: Any, context: StrategyContext) -> List[Hook]:
+        return build_diagnostics(recipe.diagnostics)  # gradient monitor, non-finite guard
+
+
+__all__ = ["Diagnostics", "GradientFlags", "GradientMonitorHook", "NonFiniteGuardHook", "NonFiniteLossError", "build_diagnostics",
            "check_diagnostics", "classify_gradients", "first_nonfinite_gradient", "gradient_norms", "layer_of",
            "missing_gradients", "total_norm"]

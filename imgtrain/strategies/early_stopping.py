@@ -27,6 +27,7 @@ import torch
 
 from imgtrain.config import RecipeError
 from imgtrain.engine.events import Hook
+from imgtrain.strategies.base import Strategy, StrategyContext
 
 
 def improved(value: float, best: Optional[float], mode: str, min_delta: float) -> bool:
@@ -122,4 +123,16 @@ class EarlyStoppingHook(Hook):
         self.best_weights = state.get("best_weights")
 
 
-__all__ = ["EarlyStoppingHook", "check_early_stop", "improved", "monitor_mode", "should_stop"]
+class EarlyStopping(Strategy):
+    """early_stop.*: end the run when a metric stops improving."""
+    name, section = "early_stopping", "early_stop"
+
+    def enabled(self, recipe: Any) -> bool:
+        return recipe.early_stop.monitor is not None
+
+    def build(self, recipe: Any, context: StrategyContext) -> List[Hook]:
+        check_early_stop(recipe.early_stop, has_val=context.loaders.val is not None, file=recipe.source_file)
+        return [EarlyStoppingHook(recipe.early_stop)]
+
+
+__all__ = ["EarlyStopping", "EarlyStoppingHook", "check_early_stop", "improved", "monitor_mode", "should_stop"]

@@ -29,6 +29,7 @@ import torch
 from timm.utils import ModelEmaV3
 
 from imgtrain.engine.events import Hook
+from imgtrain.strategies.base import Strategy, StrategyContext
 
 WARMUP_POWER = 2 / 3   # timm's default; reaches decay 0.999 after ~31.6k steps
 WARMUP_GAMMA = 1.0     # timm's default
@@ -104,4 +105,15 @@ class EmaHook(Hook):
         self.updates = int(state["updates"])
 
 
-__all__ = ["EmaHook", "ema_decay", "ema_update"]
+class Ema(Strategy):
+    """ema.*: an exponential moving average of the weights, validated and saved."""
+    name, section = "ema", "ema"
+
+    def enabled(self, recipe: Any) -> bool:
+        return recipe.ema.enabled
+
+    def build(self, recipe: Any, context: StrategyContext) -> list[Hook]:
+        return [EmaHook(recipe.ema.decay, warmup=recipe.ema.warmup, validate=recipe.ema.validate)]
+
+
+__all__ = ["Ema", "EmaHook", "ema_decay", "ema_update"]

@@ -22,11 +22,11 @@ test"); fastai's `Learner.lr_find`, and the `torch-lr-finder` package.
 The loss is smoothed with a bias-corrected exponential moving average (fastai's
 `AvgSmoothLoss`): avg = beta * avg + (1 - beta) * loss; smoothed = avg / (1 - beta^n).
 
-`find_lr(trainer)` runs the test with the Trainer's own pieces: its forward model (compiled
-or not), train loss (label smoothing, class weights, focal ...), train batch transform,
-channels_last, autocast and GradScaler, gradient clipping and accumulation (one lr per
-optimizer step, `grad_accum_steps` batches each), drawing batches from the train loader
-(cycled when it runs out). Per-group lrs (layer decay) keep their ratios to the first
+`find_lr(recipe, parts)` runs the test on the real Trainer (`LrFinderHook`, as fastai's LRFinder
+callback): its forward model (compiled or not), train loss (label smoothing, class weights, focal
+...), train batch transform, channels_last, autocast and GradScaler, gradient clipping and
+accumulation (one lr per optimizer step, `grad_accum_steps` batches each), drawing batches from the
+train loader (cycled when it runs out). Per-group lrs (layer decay) keep their ratios to the first
 group's. Afterwards it puts back the weights, BatchNorm statistics, optimizer and grad-scaler
 state, module train/eval modes, `requires_grad` flags, the global RNG states and the train
 loader's generator, so training after it is exactly training without it. Strategy hooks
@@ -35,24 +35,29 @@ loader's generator, so training after it is exactly training without it. Strateg
     lrs = lr_schedule(1e-7, 10, 100)
     smoothed = smooth_losses(raw_losses, beta=0.98)
     lr, index = valley(lrs, smoothed)
-    result = find_lr(trainer)          # LrFindResult: lrs, losses, smoothed, suggestions
+    result = find_lr(recipe, parts)    # LrFindResult: lrs, losses, smoothed, suggestions
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
+import dataclasses
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from imgtrain.config import RecipeError
+from imgtrain.data.loaders import CycledLoader
 from imgtrain.engine.checkpoint import capture_rng_state, restore_rng_state
+from imgtrain.engine.events import Hook, HookList
+from imgtrain.engine.loop import Trainer
+from imgtrain.strategies.base import Strategy, StrategyContext
 
 CSV_NAME = "lr_find.csv"
 PLOT_NAME = "lr_find.png"
@@ -237,92 +242,93 @@ def _interpolate(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
 
 # ----------------------------------------------------------------------------- the range test
 
-def find_lr(trainer: Any, settings: Any = None, setup: Optional[Callable[[], None]] = None) -> LrFindResult:
-    """Run the range test on a Trainer (before `fit`) and put everything back as it was.
+class LrFinderHook(Hook):
+    """The range test as a hook on the real Trainer (fastai's LRFinder callback): sets each optimizer
+    step's lr, records the step's mean loss, ends the run once the smoothed loss diverges, and at
+    fit_end puts back what the test changed (weights, BatchNorm statistics, optimizer and grad-scaler
+    state, module modes, requires_grad flags, RNG states, the train loader's generator)."""
 
-    settings: an `LrFindConfig` (start, end, steps, smoothing, diverge); default the trainer's
-    recipe's `lr_find` section. setup: called after `model.train()`, before the first step, to put
-    the model in its first epoch's shape (api uses it for transfer freezing).
+    name = "lr_finder"
+
+    def __init__(self, settings: Any, generator: Optional[torch.Generator] = None):
+        self.cfg, self.generator = settings, generator
+        self.schedule = lr_schedule(settings.start, settings.end, settings.steps)
+        self.lrs: List[float] = []
+        self.losses: List[float] = []
+        self.smoothed: List[float] = []
+        self.ratios: List[float] = []
+        self.saved: Dict[str, Any] = {}
+        self.average, self.best, self.seconds = 0.0, math.inf, 0.0
+        self.step_loss: Optional[torch.Tensor] = None
+        self.step_batches = 0
+
+    def fit_start(self, state: Any) -> None:
+        self.saved = _snapshot(state, self.generator)
+        self.started = time.perf_counter()
+        # layer groups keep their ratio to the first group's peak lr (the head's: the recipe's optim.lr)
+        peaks = [group.get("max_lr", group.get("initial_lr", group["lr"])) for group in state.optimizer.param_groups]
+        self.ratios = [peak / peaks[0] for peak in peaks]
+
+    def after_backward(self, state: Any) -> None:
+        loss = state.loss.detach().float()
+        self.step_loss = loss if self.step_loss is None else self.step_loss + loss
+        self.step_batches += 1
+
+    def before_step(self, state: Any) -> None:
+        lr = self.schedule[len(self.lrs)]
+        for group, ratio in zip(state.optimizer.param_groups, self.ratios):
+            group["lr"] = lr * ratio
+
+    def after_step(self, state: Any) -> None:
+        value = float(self.step_loss) / max(self.step_batches, 1)  # the mean over the step's batches
+        self.step_loss, self.step_batches = None, 0
+        # the moving average, kept step by step so the test can stop as it diverges
+        self.average = self.cfg.smoothing * self.average + (1.0 - self.cfg.smoothing) * value
+        smooth = self.average / (1.0 - self.cfg.smoothing ** (len(self.losses) + 1))
+        self.lrs.append(self.schedule[len(self.lrs)])
+        self.losses.append(value)
+        self.smoothed.append(smooth)
+        if diverged(smooth, self.best, self.cfg.diverge) or len(self.lrs) == len(self.schedule):
+            state.stop_training = True
+        self.best = min(self.best, smooth)
+
+    def fit_end(self, state: Any) -> None:
+        state.optimizer.zero_grad(set_to_none=True)
+        _restore(state, self.saved, self.generator)
+        self.seconds = time.perf_counter() - self.started
+
+    def result(self) -> LrFindResult:
+        return LrFindResult(lrs=list(self.lrs), losses=list(self.losses), smoothed=list(self.smoothed),
+                            steps=self.cfg.steps, start=self.cfg.start, end=self.cfg.end, seconds=self.seconds)
+
+
+def find_lr(recipe: Any, parts: Any, settings: Any = None, hooks: Sequence[Hook] = ()) -> LrFindResult:
+    """Run the range test on the real Trainer and put everything back as it was.
+
+    parts: the `TrainParts` training would use (model, loss, parameter groups, train loader ...); the
+    test trains with the recipe's precision, accumulation, clipping, channels_last and batch
+    transforms, one lr per optimizer step (`grad_accum_steps` batches each), without validation or
+    checkpoints. settings: an `LrFindConfig` (default: recipe.lr_find). hooks: run before the test's
+    own, e.g. the transfer hook, so layers frozen in the first epoch stay frozen. Strategy hooks that
+    change the batch or the loss (mixing, distillation ...) are left out: the test measures the plain loss.
     """
-    cfg = settings if settings is not None else trainer.recipe.lr_find
-    lrs = lr_schedule(cfg.start, cfg.end, cfg.steps)
-    state, train_cfg = trainer.state, trainer.recipe.train
-    optimizer, scaler = state.optimizer, state.scaler
-    saved = _snapshot(trainer)
-    # layer groups keep their ratio to the first group's peak lr (the head's: the recipe's optim.lr)
-    peaks = [group.get("max_lr", group.get("initial_lr", group["lr"])) for group in optimizer.param_groups]
-    ratios = [peak / peaks[0] for peak in peaks]
-    autocast = (torch.autocast(trainer.device.type, dtype=trainer.amp_dtype) if trainer.amp_dtype is not None
-                else contextlib.nullcontext())
-    accum = train_cfg.grad_accum_steps
-    batches = _cycle(trainer.data.train)
-    recorded, losses, smoothed = [], [], []
-    average, best = 0.0, math.inf
-    started = time.perf_counter()
-    try:
-        trainer.model.train()
-        if setup is not None:
-            setup()
-        for lr in lrs:
-            for group, ratio in zip(optimizer.param_groups, ratios):
-                group["lr"] = lr * ratio
-            optimizer.zero_grad(set_to_none=True)
-            total = torch.zeros((), device=trainer.device)
-            for _ in range(accum):
-                inputs, targets = next(batches)
-                inputs = inputs.to(trainer.device, non_blocking=True)
-                targets = targets.to(trainer.device, non_blocking=True)
-                if trainer.data.train_batch_transform is not None:
-                    inputs = trainer.data.train_batch_transform(inputs)
-                if train_cfg.channels_last:
-                    inputs = inputs.contiguous(memory_format=torch.channels_last)
-                with autocast:
-                    loss = trainer.train_loss(trainer.forward_model(inputs), targets)
-                scaled = loss / accum  # the mean over the step's batches, as the loop's accumulation
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                total += loss.detach().float()
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if train_cfg.clip_grad_norm:
-                torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), train_cfg.clip_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            value = float(total) / accum
-            # the loop's moving average, kept here step by step so the test can stop as it diverges
-            average = cfg.smoothing * average + (1.0 - cfg.smoothing) * value
-            smooth = average / (1.0 - cfg.smoothing ** (len(losses) + 1))
-            recorded.append(lr)
-            losses.append(value)
-            smoothed.append(smooth)
-            if diverged(smooth, best, cfg.diverge):
-                break
-            best = min(best, smooth)
-    finally:
-        batches.close()
-        optimizer.zero_grad(set_to_none=True)
-        _restore(trainer, saved)
-    return LrFindResult(lrs=recorded, losses=losses, smoothed=smoothed, steps=cfg.steps, start=cfg.start,
-                        end=cfg.end, seconds=time.perf_counter() - started)
+    cfg = settings if settings is not None else recipe.lr_find
+    accum = recipe.train.grad_accum_steps
+    # one epoch of exactly the test's steps; a constant schedule, since the hook sets every step's lr
+    probe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, max_steps_per_epoch=None),
+                                schedule=dataclasses.replace(recipe.schedule, name="constant", warmup_epochs=0.0))
+    plan = parts.plans[0]
+    loader = parts.loader_for(plan.batch_size)
+    test_parts = dataclasses.replace(parts, val=None, plans=[plan],
+                                     loader_for=lambda batch_size: CycledLoader(loader, cfg.steps * accum))
+    finder = LrFinderHook(cfg, generator=parts.train_generator)
+    Trainer(probe, test_parts, HookList(strategies=[*hooks, finder])).fit()
+    return finder.result()
 
 
-def _cycle(loader: Any) -> Iterator[Any]:
-    """The loader's batches, pass after pass, for as many steps as the test needs."""
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("the train loader yields no batches (fewer images than one batch with drop_last?)")
-
-
-def _snapshot(trainer: Any) -> Dict[str, Any]:
+def _snapshot(state: Any, generator: Optional[torch.Generator]) -> Dict[str, Any]:
     """Everything the range test changes, copied (the weights and optimizer state deep)."""
-    model, state = trainer.model, trainer.state
-    generator = trainer.data.train_generator
+    model = state.model
     return {
         "model": {k: v.detach().clone() for k, v in model.state_dict().items()},  # BatchNorm stats too
         "optimizer": copy.deepcopy(state.optimizer.state_dict()),
@@ -334,8 +340,8 @@ def _snapshot(trainer: Any) -> Dict[str, Any]:
     }
 
 
-def _restore(trainer: Any, saved: Dict[str, Any]) -> None:
-    model, state = trainer.model, trainer.state
+def _restore(state: Any, saved: Dict[str, Any], generator: Optional[torch.Generator]) -> None:
+    model = state.model
     model.load_state_dict(saved["model"])
     state.optimizer.load_state_dict(saved["optimizer"])  # drops the momentum the test built up
     if state.scaler is not None:
@@ -344,20 +350,32 @@ def _restore(trainer: Any, saved: Dict[str, Any]) -> None:
         module.training = training
     for param, flag in zip(model.parameters(), saved["requires_grad"]):
         param.requires_grad_(flag)
-    if saved["generator"] is not None:
-        trainer.data.train_generator.set_state(saved["generator"])
+    if generator is not None:
+        generator.set_state(saved["generator"])
     restore_rng_state(saved["rng"])
 
 
 def check_lr_find(recipe: Any) -> None:
     """optim.lr: find with keys it cannot work with, checked before any work."""
-    from imgtrain.config import RecipeError
-
     if recipe.optim.lr == "find" and recipe.transfer.group_lrs is not None:
         raise RecipeError("transfer.group_lrs sets every layer group's lr, so optim.lr: find has nothing to "
                           "set; use transfer.layer_decay with optim.lr: find, or give optim.lr a number",
                           file=recipe.source_file, key="optim.lr")
 
 
-__all__ = ["CSV_NAME", "PLOT_NAME", "LrFindResult", "SUGGESTIONS", "check_lr_find", "diverged", "find_lr",
+class LrFinder(Strategy):
+    """optim.lr: find: the range test runs before training (api.find_recipe_lr) and picks optim.lr."""
+    name, section = "lr_finder", "lr_find"
+
+    def enabled(self, recipe: Any) -> bool:
+        return recipe.optim.lr == "find"
+
+    def check(self, recipe: Any) -> None:
+        check_lr_find(recipe)
+
+    def build(self, recipe: Any, context: StrategyContext) -> List[Hook]:
+        return []  # nothing runs during training: the lr it chose is in the recipe by then
+
+
+__all__ = ["CSV_NAME", "LrFinder", "LrFinderHook", "PLOT_NAME", "LrFindResult", "SUGGESTIONS", "check_lr_find", "diverged", "find_lr",
            "lr_schedule", "minimum_tenth", "smooth_losses", "steepest", "suggest", "valley"]

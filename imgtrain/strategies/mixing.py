@@ -27,7 +27,9 @@ import numpy as np
 import torch
 from timm.data.mixup import mixup_target
 
+from imgtrain.config import RecipeError
 from imgtrain.engine.events import Hook
+from imgtrain.strategies.base import Strategy, StrategyContext
 
 
 def sample_lam(alpha: float, generator: torch.Generator | None = None) -> float:
@@ -118,4 +120,28 @@ class MixingHook(Hook):
         self.generator.set_state(state["generator"])
 
 
-__all__ = ["MixingHook", "cutmix_box", "mix_batch", "sample_lam"]
+def mixing_enabled(recipe: Any) -> bool:
+    mix = recipe.mix
+    return bool(mix.mixup_alpha or mix.cutmix_alpha) and mix.prob > 0
+
+
+class Mixing(Strategy):
+    """mix.*: Mixup and CutMix of training batches."""
+    name, section = "mixing", "mix"
+
+    def enabled(self, recipe: Any) -> bool:
+        return mixing_enabled(recipe)
+
+    def check(self, recipe: Any) -> None:
+        if recipe.data.batch_size < 2:
+            raise RecipeError("Mixup/CutMix blend images within a batch: data.batch_size must be >= 2 "
+                              f"(got {recipe.data.batch_size}), or turn mixing off",
+                              file=recipe.source_file, key="data.batch_size")
+
+    def build(self, recipe: Any, context: StrategyContext) -> List[Hook]:
+        # mixing draws from its own generator, offset from the train seed so it does not
+        # replay the shuffle's stream
+        return [MixingHook(recipe.mix, recipe.train.label_smoothing, seed=recipe.train.seed + 1)]
+
+
+__all__ = ["Mixing", "MixingHook", "cutmix_box", "mix_batch", "sample_lam"]

@@ -38,15 +38,8 @@ import torch.nn.functional as F
 
 from imgtrain.config import RecipeError
 from imgtrain.engine.events import Hook
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    """What one epoch trains with."""
-    stage: int          # 0-based stage (a ramp: one stage per distinct size)
-    img_size: int       # training image side, pixels
-    batch_size: int     # images per step
-    lr_scale: float     # multiplies the schedule's learning rate
+from imgtrain.strategies.base import Strategy, StrategyContext
+from imgtrain.engine.state import EpochPlan
 
 
 def progressive_enabled(recipe: Any) -> bool:
@@ -87,6 +80,10 @@ def plan_epochs(recipe: Any, train_size: int) -> List[EpochPlan]:
     train_size: the side the data pipeline makes (augment.img_size or the native size).
     """
     cfg, base_batch, epochs = recipe.progressive, recipe.data.batch_size, recipe.train.epochs
+
+    def segment(stage: int) -> int:  # schedule: restart gives each stage a schedule of its own
+        return stage if cfg.schedule == "restart" else 0
+
     if cfg.stages:
         plans: List[EpochPlan] = []
         for index, stage in enumerate(cfg.stages):
@@ -95,14 +92,14 @@ def plan_epochs(recipe: Any, train_size: int) -> List[EpochPlan]:
                 scale = float(stage["lr"]) / recipe.optim.lr
             else:
                 scale = lr_scale_for(batch, base_batch, cfg.lr_scaling)
-            plans += [EpochPlan(index, int(stage["img_size"]), batch, scale)] * int(stage["epochs"])
+            plans += [EpochPlan(index, int(stage["img_size"]), batch, scale, segment(index))] * int(stage["epochs"])
         return plans
     if cfg.min_size is not None:
         top = cfg.max_size or train_size
         sizes = [ramp_size(e, epochs, cfg.min_size, top, cfg.ramp_start, cfg.ramp_end, cfg.size_multiple)
                  for e in range(epochs)]
         distinct = sorted(set(sizes))
-        return [EpochPlan(distinct.index(size), size, base_batch, 1.0) for size in sizes]
+        return [EpochPlan(distinct.index(size), size, base_batch, 1.0, segment(distinct.index(size))) for size in sizes]
     return [EpochPlan(0, train_size, base_batch, 1.0)] * epochs
 
 
@@ -192,5 +189,21 @@ class ProgressiveResizingHook(Hook):
             state.inputs = state.inputs.contiguous(memory_format=torch.channels_last)
 
 
-__all__ = ["EpochPlan", "ProgressiveResizingHook", "check_progressive_recipe", "describe_plans", "eval_size", "lr_scale_for",
+class Progressive(Strategy):
+    """progressive.*: small images first (stages or a ramp), bigger as training goes on."""
+    name, section = "progressive_resizing", "progressive"
+
+    def enabled(self, recipe: Any) -> bool:
+        return progressive_enabled(recipe)
+
+    def plan_epochs(self, recipe: Any, context: StrategyContext) -> List[EpochPlan]:
+        # stage sizes vs the size the data pipeline makes, stage epochs vs train.epochs
+        check_progressive_recipe(recipe, context.img_size, batch_sampler=recipe.data.sampler == "per_class")
+        return plan_epochs(recipe, context.img_size)
+
+    def build(self, recipe: Any, context: StrategyContext) -> List[Hook]:
+        return [ProgressiveResizingHook(context.plans, channels_last=recipe.train.channels_last)]
+
+
+__all__ = ["Progressive", "EpochPlan", "ProgressiveResizingHook", "check_progressive_recipe", "describe_plans", "eval_size", "lr_scale_for",
            "plan_epochs", "progressive_enabled", "ramp_size", "resize_batch"]

@@ -37,6 +37,7 @@ import torch
 
 from imgtrain.config import RecipeError
 from imgtrain.engine.events import Hook
+from imgtrain.strategies.base import Strategy, StrategyContext
 from imgtrain.engine.optim import gets_weight_decay
 
 
@@ -211,5 +212,20 @@ class TransferHook(Hook):
         state.epoch_details["trainable_per_group"] = counts
 
 
-__all__ = ["TransferHook", "check_transfer", "check_transfer_recipe", "first_trainable_group", "freeze_until", "frozen_norms_to_eval",
+class Transfer(Strategy):
+    """transfer.*: frozen backbone, partial freezing, gradual unfreezing, discriminative lrs."""
+    name, section = "transfer", "transfer"
+
+    def enabled(self, recipe: Any) -> bool:
+        return transfer_enabled(recipe)
+
+    def param_groups(self, recipe: Any, model: torch.nn.Module) -> Optional[List[Dict[str, Any]]]:
+        return transfer_param_groups(model, recipe)
+
+    def build(self, recipe: Any, context: StrategyContext) -> List[Hook]:
+        check_transfer_recipe(context.model, recipe)  # layer groups vs transfer.* (freeze_layers, group_lrs ...)
+        return [TransferHook(recipe.transfer)]
+
+
+__all__ = ["Transfer", "TransferHook", "check_transfer", "check_transfer_recipe", "first_trainable_group", "freeze_until", "frozen_norms_to_eval",
            "group_lr_multipliers", "layer_groups", "trainable_counts", "transfer_enabled", "transfer_param_groups"]

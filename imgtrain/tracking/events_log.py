@@ -78,6 +78,10 @@ class EventLogTracker(Hook):
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line)
 
+    def on_note(self, message: str, event: Any, fields: Dict[Any, Any]) -> None:
+        if event is not None:  # a strategy's note with an event name (state.note) becomes a record
+            self.write(event, fields)
+
     def fit_start(self, state: Any) -> None:
         self.write("fit_start", fit_start_fields(state))
 

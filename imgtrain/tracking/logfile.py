@@ -54,6 +54,9 @@ class TrainLogTracker(Hook):
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(text)
 
+    def on_note(self, message: str, event: Any, fields: Any) -> None:
+        self.log(message)  # what a strategy reported with state.note
+
     def fit_start(self, state: Any) -> None:
         info = fit_start_fields(state)
         amp = info["amp_dtype"] or "off"

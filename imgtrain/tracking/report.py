@@ -517,7 +517,7 @@ def _recorded_steps(run_dir: Path) -> tuple:
 def rebuild_report(run_dir: Union[str, Path], device: str = "cpu", batch_size: int = 256) -> Path:
     """Draw run_dir/report.html from its files: config.yaml, history.csv, summary.json, plots/,
     and the best (else last) checkpoint evaluated on the recipe's validation split."""
-    from imgtrain.api import load_trained
+    from imgtrain.models.trained import load_trained
     from imgtrain.evaluation.evaluate import evaluation_data
     from imgtrain.evaluation.inference import run_model
     from imgtrain.evaluation.metrics import PROB_FLOOR, compute_metrics, confusion_png
@@ -526,7 +526,7 @@ def rebuild_report(run_dir: Union[str, Path], device: str = "cpu", batch_size: i
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        from imgtrain.api import RunDirError
+        from imgtrain.io import RunDirError
         raise RunDirError(f"{run_dir}: not a run folder (no config.yaml)")
     history = read_history(run_dir / HISTORY_FILE) if (run_dir / HISTORY_FILE).is_file() else []
     summary = read_summary(run_dir) if (run_dir / SUMMARY_FILE).is_file() else {}

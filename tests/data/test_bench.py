@@ -7,7 +7,7 @@ import pytest
 from imgtrain.cli import main
 from imgtrain.config import ShapesConfig, load_recipe
 from imgtrain.data import write_shapes_imagefolder
-from imgtrain.data.bench import bench_data
+from imgtrain.tools.bench_data import bench_data
 
 
 @pytest.fixture(scope="module")

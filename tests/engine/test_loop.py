@@ -18,7 +18,8 @@ from imgtrain.config import load_recipe
 from imgtrain.engine.checkpoint import CheckpointError, load_training_state, read_metadata
 from imgtrain.engine.events import Hook, HookList
 from imgtrain.engine.device import select_precision
-from imgtrain.engine.loop import TrainData, Trainer
+from imgtrain.engine.loop import TrainParts, Trainer
+from imgtrain.engine.state import EpochPlan
 from imgtrain.tracking import read_history
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -90,8 +91,9 @@ def _grads(batch_size: int, accum: int, batches: int, images, targets):
     dataset = torch.utils.data.TensorDataset(images[: batch_size * batches], targets[: batch_size * batches])
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     recorder = GradRecorder()
-    trainer = Trainer(recipe, model, TrainData(loader, None, None, [str(i) for i in range(10)]),
-                      Path("/nonexistent-run"), HookList(strategies=[recorder]), {})
+    parts = TrainParts(model=model, loss_fn=torch.nn.CrossEntropyLoss(), loader_for=lambda size: loader,
+                       plans=[EpochPlan(0, 8, batch_size)], classes=[str(i) for i in range(10)])
+    trainer = Trainer(recipe, parts, HookList(strategies=[recorder]))
     trainer.fit()
     return recorder.grads
 
@@ -117,14 +119,12 @@ def _metrics(rows):
     return [{k: r[k] for k in METRICS} for r in rows]
 
 
-def test_resume_after_interrupt_gives_same_history(tmp_path, extra_hooks, interrupt_at):
+def test_resume_after_interrupt_gives_same_history(tmp_path, interrupt_at):
     overrides = ("train.deterministic=true", "train.epochs=3", "augment.pad_crop=1", "model.drop_rate=0.3")
     full = train(digits_recipe(*overrides), run_dir=tmp_path / "full")
     # interrupt in the middle of epoch 2 (0-based 1): epoch 1 is saved, epoch 2 is lost
-    interrupt_at(1, 5)
     with pytest.raises(KeyboardInterrupt):
-        train(digits_recipe(*overrides), run_dir=tmp_path / "cut")
-    extra_hooks()
+        train(digits_recipe(*overrides), run_dir=tmp_path / "cut", hooks=[interrupt_at(1, 5)])
     assert load_training_state(tmp_path / "cut" / "checkpoints" / "last.state.pt")["epoch"] == 1
     resumed = train(digits_recipe(*overrides), resume=tmp_path / "cut")
     assert _metrics(resumed.history) == _metrics(full.history)

@@ -19,7 +19,8 @@ from imgtrain.cli import main
 from imgtrain.engine.checkpoint import METADATA_KEY, load_weights
 from imgtrain.evaluation.ensemble import (EnsembleError, EnsemblePredictor, combine_probabilities, ensemble_nll,
                                           fit_weights, flat_members, load_ensemble, normalize_weights, to_channels)
-from imgtrain.evaluation.inference import ImageListDataset, load_predictor
+from imgtrain.evaluation.ensemble import load_predictor
+from imgtrain.evaluation.inference import ImageListDataset
 from imgtrain.strategies.distillation import ensemble_logits
 from imgtrain.tracking import read_summary
 
@@ -301,7 +302,7 @@ def test_an_ensemble_folder_teaches_a_student(runs, tmp_path):
 
     # the teacher's output is the soft vote with the saved weights, whatever the folder's vote
     from imgtrain.config import load_recipe
-    from imgtrain.strategies.distillation import load_teachers
+    from imgtrain.evaluation.teachers import load_teachers
     recipe = load_recipe("quickstart", [f"distill.teacher={ens}"])
     loaded = load_ensemble(ens)
     teacher = load_teachers(recipe, loaded.classes, loaded.members[0].loaded.mean, loaded.members[0].loaded.std)

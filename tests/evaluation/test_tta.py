@@ -298,13 +298,12 @@ class TeacherSpy(Hook):
                          "kd": state.loss_parts["kd"].detach().clone()}
 
 
-def test_a_distillation_teacher_predicts_with_its_runs_tta(digits_run, tmp_path, extra_hooks):
+def test_a_distillation_teacher_predicts_with_its_runs_tta(digits_run, tmp_path):
     spy = TeacherSpy()
-    extra_hooks(spy)
     student = tmp_path / "student"
     result = train(load_recipe("quickstart", [*BASE, "train.epochs=1", "train.max_steps_per_epoch=3",
                                               f"distill.teacher={digits_run}", "distill.teacher_tta=true",
-                                              "distill.temperature=2.0"]), run_dir=student)
+                                              "distill.temperature=2.0"]), run_dir=student, hooks=[spy])
     assert "train_kd" in result.history[-1] and math.isfinite(result.history[-1]["train_loss"])
     assert "TTA hflip + translate(1 px) (6 views)" in (student / "train.log").read_text()
 

@@ -122,7 +122,7 @@ def test_unseen_images_rank_at_the_mean_of_the_seen_in_self_paced_mode():
     ("progressive.stages=[{img_size: 6, epochs: 2, batch_size: 32}, {img_size: 8, epochs: 2}]",
      "train.grad_accum_steps=2"),
 ], ids=["workers0", "workers1", "progressive"])
-def test_a_csv_curriculum_draws_the_easiest_images_first_and_grows(tmp_path, extra_hooks, extra):
+def test_a_csv_curriculum_draws_the_easiest_images_first_and_grows(tmp_path, extra):
     # difficulty = the digit itself: early epochs may only see low digits
     recipe = digits("train.epochs=4", "curriculum.difficulty=csv", f"curriculum.csv={tmp_path / 'hard.csv'}",
                     "optim.lr=0.05", *extra)
@@ -130,8 +130,7 @@ def test_a_csv_curriculum_draws_the_easiest_images_first_and_grows(tmp_path, ext
     total = len(labels)
     write_csv(tmp_path / "hard.csv", [(i, int(label)) for i, label in enumerate(labels)])
     recorder = Recorder()
-    extra_hooks(recorder)
-    result = train(recipe, run_dir=tmp_path / "run")
+    result = train(recipe, run_dir=tmp_path / "run", hooks=[recorder])
     fractions = [0.3, 0.65, 1.0, 1.0]
     assert [r["curriculum_fraction"] for r in result.history] == pytest.approx(fractions)
     assert [r["curriculum_images"] for r in result.history] == [pool_size(f, total) for f in fractions]
@@ -151,7 +150,7 @@ def test_a_csv_curriculum_draws_the_easiest_images_first_and_grows(tmp_path, ext
     assert result.summary["test_acc"] > 0.5
 
 
-def test_a_csv_names_image_files_by_path(tmp_path, extra_hooks):
+def test_a_csv_names_image_files_by_path(tmp_path):
     root = tmp_path / "shapes"
     write_shapes_imagefolder(ShapesConfig(num_classes=4, image_size=8, train_size=40, val_size=8, test_size=8), root)
     files = sorted(root.rglob("*.png"))
@@ -164,14 +163,12 @@ def test_a_csv_names_image_files_by_path(tmp_path, extra_hooks):
                     "curriculum.end_point=0.5", "data.batch_size=8")
     split = build_splits(recipe.data).train
     recorder = Recorder()
-    extra_hooks(recorder)
-    result = train(recipe, run_dir=tmp_path / "run")
+    result = train(recipe, run_dir=tmp_path / "run", hooks=[recorder])
     scores = torch.tensor([float(classes.index(Path(p).parent.name)) for p in split.paths])
     assert torch.equal(recorder.epoch_labels(0), split.targets[expected_order(scores, 0, 0.5)])
     assert set(recorder.epoch_labels(0).tolist()) == {0, 1}  # 20 of 40 images: the two easiest classes
     assert set(recorder.epoch_labels(1).tolist()) == {0, 1, 2, 3} and result.history[1]["curriculum_images"] == 40
     # the same CSV without two training files: refused, naming them
-    extra_hooks()
     dropped = {str(Path(p).relative_to(root)) for p in split.paths[:2]}
     kept = [row for row in rows if row[0] not in dropped]
     write_csv(root / "difficulty.csv", kept, header=("path", "difficulty"))
@@ -180,13 +177,12 @@ def test_a_csv_names_image_files_by_path(tmp_path, extra_hooks):
     assert f"has no row for 2 of the 40 training images (first: {split.paths[0]}, {split.paths[1]})" in str(info.value)
 
 
-def test_a_reference_run_ranks_the_images_by_its_loss(tmp_path, extra_hooks):
+def test_a_reference_run_ranks_the_images_by_its_loss(tmp_path):
     reference = train(digits("train.epochs=3"), run_dir=tmp_path / "reference")
     recipe = digits("train.epochs=1", "curriculum.difficulty=reference",
                     f"curriculum.reference={reference.run_dir}", "curriculum.start_fraction=0.2")
     recorder = Recorder()
-    extra_hooks(recorder)
-    result = train(recipe, run_dir=tmp_path / "run")
+    result = train(recipe, run_dir=tmp_path / "run", hooks=[recorder])
     saved = load_training_state(result.run_dir / "checkpoints" / "last.state.pt")["hooks"]["curriculum"]["scores"]
     # the scores are the reference's loss on each training image, eval transform, eval mode
     loaded = load_trained(reference.run_dir)
@@ -207,14 +203,13 @@ def test_a_reference_run_ranks_the_images_by_its_loss(tmp_path, extra_hooks):
     assert result.history[0]["curriculum_images"] == len(pool) == pool_size(0.2, len(split))
 
 
-def test_self_paced_scores_are_the_running_loss_of_the_images_drawn(tmp_path, extra_hooks):
+def test_self_paced_scores_are_the_running_loss_of_the_images_drawn(tmp_path):
     recipe = digits("train.epochs=1", "curriculum.difficulty=self_paced", "curriculum.momentum=0.5",
                     "train.deterministic=true")
     labels = build_splits(recipe.data).train.targets
     total = len(labels)
     recorder = Recorder()
-    extra_hooks(recorder)
-    result = train(recipe, run_dir=tmp_path / "run")
+    result = train(recipe, run_dir=tmp_path / "run", hooks=[recorder])
     state = load_training_state(result.run_dir / "checkpoints" / "last.state.pt")["hooks"]["curriculum"]
     # epoch 1: nothing measured yet, every image ties: a random 30% pool
     order = expected_order(torch.zeros(total), 0, 0.3)
@@ -232,14 +227,12 @@ def test_self_paced_scores_are_the_running_loss_of_the_images_drawn(tmp_path, ex
     assert float(state["scores"][seen].mean()) < math.log(10)  # the pool was learnt: below chance loss
 
 
-def test_a_resumed_self_paced_curriculum_gives_the_same_history(tmp_path, extra_hooks, interrupt_at):
+def test_a_resumed_self_paced_curriculum_gives_the_same_history(tmp_path, interrupt_at):
     overrides = ("train.deterministic=true", "train.epochs=4", "curriculum.difficulty=self_paced",
                  "curriculum.pacing=root", "curriculum.end_point=0.75")
     full = train(digits(*overrides), run_dir=tmp_path / "full")
-    interrupt_at(2, 5)  # inside epoch 3: the scores of epochs 1-2 decide its pool
     with pytest.raises(KeyboardInterrupt):
-        train(digits(*overrides), run_dir=tmp_path / "cut")
-    extra_hooks()
+        train(digits(*overrides), run_dir=tmp_path / "cut", hooks=[interrupt_at(2, 5)])
     saved = load_training_state(tmp_path / "cut" / "checkpoints" / "last.state.pt")
     assert saved["epoch"] == 2 and int(saved["hooks"]["curriculum"]["seen"].sum()) > 0
     resumed = train(digits(*overrides), resume=tmp_path / "cut")

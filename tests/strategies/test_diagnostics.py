@@ -139,12 +139,11 @@ def test_the_monitor_writes_norms_to_history_and_events_and_warns_once_per_layer
 
 # ----------------------------------------------------------------------------- non-finite guard
 
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_epoch_resumable(tmp_path, extra_hooks):
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_epoch_resumable(tmp_path):
     overrides = ("train.epochs=3", "train.deterministic=true")
     full = train(digits(*overrides), run_dir=tmp_path / "full")
-    extra_hooks(PoisonLoss((1, 3)))  # epoch 2, batch 4: optimizer step 6 + 4 = 10
     with pytest.raises(NonFiniteLossError) as stopped:
-        train(digits(*overrides), run_dir=tmp_path / "cut")
+        train(digits(*overrides), run_dir=tmp_path / "cut", hooks=[PoisonLoss((1, 3))])
     message = str(stopped.value)
     assert "non-finite training loss (nan) at epoch 2/3, batch 4/6, optimizer step 10" in message
     assert "first parameter with a non-finite gradient: stem.0.weight" in message
@@ -155,16 +154,23 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_epoch_resumable(tmp_pa
     assert len(read_history(tmp_path / "cut" / "history.csv")) == 1
     assert events(tmp_path / "cut", "nonfinite_loss")[0]["step"] == 10
     assert "stopped: non-finite training loss" in (tmp_path / "cut" / "train.log").read_text()
-    extra_hooks()  # the bad batch is gone: the resumed run ends as the uninterrupted one
     resumed = train(digits(*overrides), resume=tmp_path / "cut")
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
 
 
-def test_the_cli_turns_the_stop_into_one_line_and_exit_code_3(tmp_path, extra_hooks, capsys):
-    extra_hooks(PoisonLoss((0, 2)))
+def test_the_cli_turns_the_stop_into_one_line_and_exit_code_3(tmp_path, capsys, monkeypatch):
+    # the poisoning hook reaches the CLI run as a user's would: a module on the path and --hook
+    (tmp_path / "poison_hooks.py").write_text(
+        "from imgtrain import Hook\n\n"
+        "class PoisonThirdBatch(Hook):\n"
+        "    name = 'poison'\n"
+        "    def after_loss(self, state):\n"
+        "        if (state.epoch, state.batch_index) == (0, 2):\n"
+        "            state.loss = state.loss * float('nan')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
     code = main(["train", "quickstart", "model.name=imgtrain_cnn_tiny", "augment.img_size=8", "train.epochs=2",
                  "train.threads=1", "output.progress=off", "output.plots=false", "train.max_steps_per_epoch=4",
-                 "--run-dir", str(tmp_path / "run")])
+                 "--run-dir", str(tmp_path / "run"), "--hook", "poison_hooks:PoisonThirdBatch"])
     err = capsys.readouterr().err
     assert code == 3
     assert err.startswith("imgtrain: training stopped: non-finite training loss (nan) at epoch 1/2, batch 3/4")
@@ -179,24 +185,21 @@ def test_a_learning_rate_far_too_high_is_caught_at_the_first_nan(tmp_path):
         train(digits("train.epochs=2", "optim.lr=1.0e+30"), run_dir=tmp_path / "run")
 
 
-def test_deferred_checks_still_catch_the_batch_and_name_it(tmp_path, extra_hooks):
+def test_deferred_checks_still_catch_the_batch_and_name_it(tmp_path):
     # losses stay on the device and are looked at every 4 batches: batch 2 is named at batch 4
-    extra_hooks(PoisonLoss((0, 1)))
     with pytest.raises(NonFiniteLossError) as stopped:
-        train(digits("train.epochs=2", "diagnostics.nonfinite_check_every=4"), run_dir=tmp_path / "run")
+        train(digits("train.epochs=2", "diagnostics.nonfinite_check_every=4"), run_dir=tmp_path / "run", hooks=[PoisonLoss((0, 1))])
     assert "at epoch 1/2, batch 2/6, optimizer step 2 (found at batch 4: diagnostics.nonfinite_check_every is 4)" \
         in str(stopped.value)
     # a bad batch in the last, short window of an epoch is caught before the epoch's checkpoint
-    extra_hooks(PoisonLoss((0, 5)))
     with pytest.raises(NonFiniteLossError, match="batch 6/6"):
-        train(digits("train.epochs=2", "diagnostics.nonfinite_check_every=4"), run_dir=tmp_path / "run2")
+        train(digits("train.epochs=2", "diagnostics.nonfinite_check_every=4"), run_dir=tmp_path / "run2", hooks=[PoisonLoss((0, 5))])
     assert not (tmp_path / "run2" / "checkpoints" / "last.state.pt").exists()
 
 
-def test_skip_mode_skips_and_counts_up_to_the_limit_then_stops(tmp_path, extra_hooks):
-    extra_hooks(PoisonLoss((0, 1), (1, 2)))
+def test_skip_mode_skips_and_counts_up_to_the_limit_then_stops(tmp_path):
     result = train(digits("train.epochs=2", "diagnostics.nonfinite=skip", "diagnostics.max_skipped_steps=2"),
-                   run_dir=tmp_path / "run")
+                   run_dir=tmp_path / "run", hooks=[PoisonLoss((0, 1), (1, 2))])
     assert [r["nonfinite_skipped"] for r in result.history] == [1, 1]
     assert result.summary["skipped_steps"] == 2
     assert all(math.isfinite(r["train_loss"]) for r in result.history)  # the skipped batch counts at the mean
@@ -206,48 +209,42 @@ def test_skip_mode_skips_and_counts_up_to_the_limit_then_stops(tmp_path, extra_h
     assert [(e["epoch"], e["batch"], e["step"]) for e in events(result.run_dir, "nonfinite_skipped")] == \
         [(1, 2, 2), (2, 3, 9)]
     # a third bad step is over the limit of 2: stop, saying so
-    extra_hooks(PoisonLoss((0, 1), (1, 2), (1, 4)))
     with pytest.raises(NonFiniteLossError, match=r"batch 5/6, optimizer step 11; 2 step\(s\) already skipped"):
         train(digits("train.epochs=2", "diagnostics.nonfinite=skip", "diagnostics.max_skipped_steps=2"),
-              run_dir=tmp_path / "over")
+              run_dir=tmp_path / "over", hooks=[PoisonLoss((0, 1), (1, 2), (1, 4))])
 
 
-def test_skip_mode_with_accumulation_skips_the_whole_group_once(tmp_path, extra_hooks):
+def test_skip_mode_with_accumulation_skips_the_whole_group_once(tmp_path):
     # 6 batches in groups of 3: batch 2 (group 1) and 3 (group 1 again) are bad: one skipped step
-    extra_hooks(PoisonLoss((0, 1), (0, 2)))
     result = train(digits("train.epochs=1", "train.grad_accum_steps=3", "diagnostics.nonfinite=skip"),
-                   run_dir=tmp_path / "run")
+                   run_dir=tmp_path / "run", hooks=[PoisonLoss((0, 1), (0, 2))])
     assert result.history[0]["nonfinite_skipped"] == 1 and result.summary["skipped_steps"] == 1
     assert math.isfinite(result.history[0]["train_loss"])
 
 
-def test_skip_works_with_fp16_and_its_grad_scaler(tmp_path, extra_hooks):
+def test_skip_works_with_fp16_and_its_grad_scaler(tmp_path):
     # fp16 autocast on the CPU with a GradScaler: the skipped step must still close the scaler's step
-    extra_hooks(PoisonLoss((0, 1)))
     result = train(digits("train.epochs=1", "train.amp=fp16", "diagnostics.nonfinite=skip",
-                          "diagnostics.grad_monitor_every=1"), run_dir=tmp_path / "run")
+                          "diagnostics.grad_monitor_every=1"), run_dir=tmp_path / "run", hooks=[PoisonLoss((0, 1))])
     assert result.summary["amp"] == "float16" and result.summary["skipped_steps"] == 1
     readings = events(result.run_dir, "epoch_end")[0]["grad_norms"]
     assert [r["step"] for r in readings] == [1, 3, 4, 5, 6]  # the skipped step 2 is not read
     assert math.isfinite(result.history[0]["train_loss"])
 
 
-def test_the_skip_counter_and_the_monitor_survive_a_resume(tmp_path, extra_hooks, interrupt_at):
+def test_the_skip_counter_and_the_monitor_survive_a_resume(tmp_path):
     overrides = ("train.epochs=3", "train.deterministic=true", "diagnostics.nonfinite=skip",
                  "diagnostics.max_skipped_steps=2", "diagnostics.grad_monitor_every=2",
                  "diagnostics.vanishing_below=0.05")
     poison = PoisonLoss((0, 1), (2, 3))
-    extra_hooks(poison)
-    full = train(digits(*overrides), run_dir=tmp_path / "full")
+    full = train(digits(*overrides), run_dir=tmp_path / "full", hooks=[poison])
     assert full.summary["skipped_steps"] == 2
-    extra_hooks(poison, Interrupt(1, 2))
     with pytest.raises(KeyboardInterrupt):
-        train(digits(*overrides), run_dir=tmp_path / "cut")
+        train(digits(*overrides), run_dir=tmp_path / "cut", hooks=[poison, Interrupt(1, 2)])
     saved = load_training_state(tmp_path / "cut" / "checkpoints" / "last.state.pt")
     assert saved["hooks"]["nonfinite_guard"] == {"skipped": 1}
     warned = saved["hooks"]["gradient_monitor"]["warned"]
-    extra_hooks(poison)
-    resumed = train(digits(*overrides), resume=tmp_path / "cut")
+    resumed = train(digits(*overrides), resume=tmp_path / "cut", hooks=[poison])
     timing = ("epoch_seconds", "images_per_second")
     assert [{k: v for k, v in r.items() if k not in timing} for r in resumed.history] == \
         [{k: v for k, v in r.items() if k not in timing} for r in full.history]

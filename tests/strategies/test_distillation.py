@@ -18,8 +18,8 @@ from imgtrain.cli import main
 from imgtrain.config import RecipeError, load_recipe
 from imgtrain.engine.checkpoint import load_training_state
 from imgtrain.engine.events import Hook
-from imgtrain.strategies.distillation import (adapt_batch, distillation_kl, distillation_loss, ensemble_logits,
-                                              load_teacher)
+from imgtrain.evaluation.teachers import load_teacher
+from imgtrain.strategies.distillation import adapt_batch, distillation_kl, distillation_loss, ensemble_logits
 
 BASE = ("augment.img_size=8", "output.progress=off", "output.plots=false", "train.threads=1",
         "schedule.name=constant", "optim.lr=0.05")
@@ -130,12 +130,11 @@ def test_a_batch_is_renormalised_recoloured_and_resized_for_the_teacher():
 
 # ----------------------------------------------------------------------------- real distilled runs
 
-def test_a_distilled_run_with_mixup_logs_both_terms_and_leaves_the_teacher_alone(tmp_path, teacher_8, extra_hooks):
+def test_a_distilled_run_with_mixup_logs_both_terms_and_leaves_the_teacher_alone(tmp_path, teacher_8):
     spy = BatchSpy(epoch=1, batch=2)
-    extra_hooks(spy)
     teacher_before = load_file(str(teacher_8 / "checkpoints" / "best.safetensors"))
     result = train(digits("train.epochs=3", f"distill.teacher={teacher_8}", "distill.alpha=0.3",
-                          "distill.temperature=2", "mix.mixup_alpha=0.4"), run_dir=tmp_path / "student")
+                          "distill.temperature=2", "mix.mixup_alpha=0.4"), run_dir=tmp_path / "student", hooks=[spy])
     rows = result.history
     for row in rows:  # train_loss is the mean of the distillation loss: alpha * ce + (1 - alpha) * kd
         assert row["train_loss"] == pytest.approx(0.3 * row["train_ce"] + 0.7 * row["train_kd"], rel=1e-5)
@@ -160,11 +159,10 @@ def test_a_distilled_run_with_mixup_logs_both_terms_and_leaves_the_teacher_alone
 
 
 def test_a_teacher_of_another_size_and_normalisation_gets_the_batch_as_it_was_trained(
-        tmp_path, teacher_16, extra_hooks):
+        tmp_path, teacher_16):
     spy = BatchSpy(epoch=0, batch=1)
-    extra_hooks(spy)
     result = train(digits("train.epochs=1", "train.max_steps_per_epoch=3", f"distill.teacher={teacher_16}",
-                          "distill.alpha=0"), run_dir=tmp_path / "student")
+                          "distill.alpha=0"), run_dir=tmp_path / "student", hooks=[spy])
     seen = spy.seen
     student = load_trained(result.run_dir)  # its checkpoint holds the student's normalisation
     assert seen["inputs"].shape[-1] == 8 and student.mean != [0.0]
@@ -179,14 +177,13 @@ def test_a_teacher_of_another_size_and_normalisation_gets_the_batch_as_it_was_tr
     assert f"teacher(s) {teacher_16} (16 px, 1 ch)" in log
 
 
-def test_with_progressive_resizing_the_teacher_gets_its_own_size_back(tmp_path, teacher_8, extra_hooks):
+def test_with_progressive_resizing_the_teacher_gets_its_own_size_back(tmp_path, teacher_8):
     # the student trains at 6 px in its first epoch (progressive resizing shrinks the batch first);
     # the 8 px teacher gets the shrunk batch upsampled to 8 px
     spy = BatchSpy(epoch=0, batch=1)
-    extra_hooks(spy)
     result = train(digits("train.epochs=2", "train.max_steps_per_epoch=3", f"distill.teacher={teacher_8}",
                           "distill.alpha=0", "progressive.stages=[{img_size: 6, epochs: 1}, {img_size: 8, epochs: 1}]"),
-                   run_dir=tmp_path / "student")
+                   run_dir=tmp_path / "student", hooks=[spy])
     seen = spy.seen
     assert seen["inputs"].shape[-1] == 6
     student, teacher = load_trained(result.run_dir), load_trained(teacher_8)
@@ -197,12 +194,11 @@ def test_with_progressive_resizing_the_teacher_gets_its_own_size_back(tmp_path, 
     assert [r["train_kd"] > 0 for r in result.history] == [True, True]
 
 
-def test_two_teachers_are_averaged_in_probability(tmp_path, teacher_8, teacher_16, extra_hooks):
+def test_two_teachers_are_averaged_in_probability(tmp_path, teacher_8, teacher_16):
     spy = BatchSpy(epoch=0, batch=0)
-    extra_hooks(spy)
     result = train(digits("train.epochs=1", "train.max_steps_per_epoch=2", "distill.alpha=0",
                           f"distill.teacher=[{teacher_8}, {teacher_16}]", "distill.temperature=3"),
-                   run_dir=tmp_path / "student")
+                   run_dir=tmp_path / "student", hooks=[spy])
     seen, T = spy.seen, 3.0
     student = load_trained(result.run_dir)
     raw = seen["inputs"] * student.std[0] + student.mean[0]
@@ -216,16 +212,14 @@ def test_two_teachers_are_averaged_in_probability(tmp_path, teacher_8, teacher_1
     assert result.summary["distill_teachers"] == [str(teacher_8), str(teacher_16)]
 
 
-def test_a_resumed_distilled_run_equals_the_uninterrupted_one(tmp_path, teacher_8, extra_hooks, interrupt_at):
+def test_a_resumed_distilled_run_equals_the_uninterrupted_one(tmp_path, interrupt_at, teacher_8):
     # the hook holds no state a resume needs (the teacher is reloaded; the per-epoch sums restart with
     # the epoch), so the proof is the history itself
     overrides = ("train.deterministic=true", "train.epochs=2", f"distill.teacher={teacher_8}",
                  "mix.mixup_alpha=0.4")
     full = train(digits(*overrides), run_dir=tmp_path / "full")
-    interrupt_at(1, 5)
     with pytest.raises(KeyboardInterrupt):
-        train(digits(*overrides), run_dir=tmp_path / "cut")
-    extra_hooks()
+        train(digits(*overrides), run_dir=tmp_path / "cut", hooks=[interrupt_at(1, 5)])
     resumed = train(digits(*overrides), resume=tmp_path / "cut")
     keys = ("train_loss", "train_ce", "train_kd", "val_loss", "val_acc")
     assert [[r[k] for k in keys] for r in resumed.history] == [[r[k] for k in keys] for r in full.history]

@@ -55,17 +55,15 @@ def test_restore_best_puts_the_best_epochs_weights_back(tmp_path):
     assert not torch.equal(trained["fc.weight"], restored["fc.weight"])  # epoch 3 had moved on
 
 
-def test_the_patience_counter_survives_a_resume(tmp_path, extra_hooks, interrupt_at):
+def test_the_patience_counter_survives_a_resume(tmp_path, interrupt_at):
     # nothing beats epoch 1 by 0.5 of accuracy: the run stops after epoch 4 (patience 3)
     overrides = ("train.deterministic=true", "train.epochs=8", "early_stop.monitor=val_acc",
                  "early_stop.patience=3", "early_stop.min_delta=0.5")
     full = train(digits(*overrides), run_dir=tmp_path / "full")
     stop_epoch = full.summary["early_stopped_epoch"]
     assert stop_epoch == len(full.history) == 4
-    interrupt_at(stop_epoch - 1, 3)  # killed in the epoch that ends the run, with wait = patience - 1
     with pytest.raises(KeyboardInterrupt):
-        train(digits(*overrides), run_dir=tmp_path / "cut")
-    extra_hooks()
+        train(digits(*overrides), run_dir=tmp_path / "cut", hooks=[interrupt_at(stop_epoch - 1, 3)])
     saved = load_training_state(tmp_path / "cut" / "checkpoints" / "last.state.pt")
     assert saved["epoch"] == 3 and saved["hooks"]["early_stopping"]["wait"] == 2
     resumed = train(digits(*overrides), resume=tmp_path / "cut")

@@ -12,7 +12,8 @@ from imgtrain.api import train
 from imgtrain.config import RecipeError, load_recipe
 from imgtrain.engine.checkpoint import load_training_state, load_weights
 from imgtrain.engine.events import Hook, HookList
-from imgtrain.engine.loop import TrainData, Trainer
+from imgtrain.engine.loop import TrainParts, Trainer
+from imgtrain.engine.state import EpochPlan
 from imgtrain.evaluation import evaluate
 from imgtrain.strategies import EmaHook, build_strategies, ema_decay, ema_update
 from imgtrain.tracking import read_history
@@ -48,8 +49,10 @@ def _fit(decay: float, warmup: bool, steps: int):
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16),
                                 torch.nn.ReLU(), torch.nn.Linear(16, 10))
     ema, recorder = EmaHook(decay, warmup=warmup), StateRecorder()
-    trainer = Trainer(recipe, model, TrainData(loader, None, None, [str(i) for i in range(10)]),
-                      Path("/nonexistent-run"), HookList(strategies=[ema, recorder]), {})
+    parts = TrainParts(model=model, loss_fn=torch.nn.CrossEntropyLoss(), loader_for=lambda size: loader,
+                       plans=[EpochPlan(0, 8, recipe.data.batch_size)] * recipe.train.epochs,
+                       classes=[str(i) for i in range(10)])
+    trainer = Trainer(recipe, parts, HookList(strategies=[ema, recorder]))
     state = trainer.fit()
     return ema, recorder.states, state
 
@@ -114,14 +117,12 @@ def test_ema_without_validate_keeps_training_weights_in_checkpoints(tmp_path):
     assert not torch.equal(last["fc.weight"], saved["hooks"]["ema"]["weights"]["fc.weight"])
 
 
-def test_resume_with_ema_and_mixing_gives_same_history(tmp_path, extra_hooks, interrupt_at):
+def test_resume_with_ema_and_mixing_gives_same_history(tmp_path, interrupt_at):
     overrides = ("train.deterministic=true", "ema.enabled=true", "ema.decay=0.99", "mix.mixup_alpha=0.3",
                  "mix.cutmix_alpha=1.0")
     full = train(digits_recipe(*overrides), run_dir=tmp_path / "full")
-    interrupt_at(1, 5)
     with pytest.raises(KeyboardInterrupt):
-        train(digits_recipe(*overrides), run_dir=tmp_path / "cut")
-    extra_hooks()
+        train(digits_recipe(*overrides), run_dir=tmp_path / "cut", hooks=[interrupt_at(1, 5)])
     assert load_training_state(tmp_path / "cut" / "checkpoints" / "last.state.pt")["epoch"] == 1
     resumed = train(digits_recipe(*overrides), resume=tmp_path / "cut")
 

@@ -4,6 +4,8 @@ on digits that leaves training exactly as it was, `optim.lr: find` end to end (a
 
 from __future__ import annotations
 
+import dataclasses
+
 import csv
 import math
 import random
@@ -11,13 +13,14 @@ import random
 import pytest
 import torch
 
-from imgtrain.api import prepare_data, seed_everything, train
+from imgtrain.api import plan_epochs, prepare_data, seed_everything, train, train_parts
 from imgtrain.cli import main
 from imgtrain.config import LrFindConfig, RecipeError, load_recipe
 from imgtrain.data import build_splits
 from imgtrain.engine.checkpoint import load_training_state
 from imgtrain.engine.events import HookList
-from imgtrain.engine.loop import TrainData, Trainer
+from imgtrain.engine.loop import Trainer
+from imgtrain.strategies import StrategyContext
 from imgtrain.models import create_model
 from imgtrain.strategies.lr_finder import (
     diverged,
@@ -120,17 +123,15 @@ def test_suggestions_ignore_the_first_tenth_and_the_last_five_points():
 
 # ----------------------------------------------------------------------------- the range test
 
-def build_trainer(recipe, run_dir):
-    """A Trainer assembled as api.train does (no hooks)."""
+def build_parts(recipe):
+    """The Trainer's pieces assembled as api.train does."""
     seed_everything(recipe.train.seed)
     splits = build_splits(recipe.data)
     prepared = prepare_data(recipe, splits, torch.device("cpu"))
     model = create_model(recipe.model, num_classes=len(splits.classes), in_chans=splits.channels)
-    data = TrainData(train=prepared.loaders.train, val=prepared.loaders.val,
-                     train_generator=prepared.loaders.train_generator, classes=splits.classes,
-                     train_targets=splits.train.targets, train_batch_transform=prepared.train_batch_transform,
-                     eval_batch_transform=prepared.eval_batch_transform)
-    return Trainer(recipe, model, data, run_dir, HookList(), {})
+    context = StrategyContext(recipe=recipe, classes=splits.classes, channels=splits.channels,
+                              img_size=prepared.img_size, device=torch.device("cpu"))
+    return train_parts(recipe, model, prepared, plan_epochs(recipe, context))
 
 
 class CountingLoader:
@@ -151,24 +152,23 @@ def test_a_range_test_leaves_training_exactly_as_without_it(tmp_path):
     recipe = digits("train.deterministic=true", "train.epochs=2", "train.max_steps_per_epoch=6",
                     "train.grad_accum_steps=2", "imbalance.class_weights=inverse", "output.save_best=false",
                     "output.save_last=false", "data.test_fraction=0", "augment.pad_crop=2")
-    plain = build_trainer(recipe, tmp_path)
+    plain = Trainer(recipe, build_parts(recipe))
     plain_state = plain.fit()
 
-    probed = build_trainer(recipe, tmp_path)
-    weights = {k: v.clone() for k, v in probed.model.state_dict().items()}
-    rng, shuffle = torch.get_rng_state(), probed.data.train_generator.get_state()
-    counter = CountingLoader(probed.data.train)
-    probed.data.train = counter
-    result = find_lr(probed, LrFindConfig(start=1e-2, end=3.0, steps=12))
-    probed.data.train = counter.loader
+    parts = build_parts(recipe)
+    weights = {k: v.clone() for k, v in parts.model.state_dict().items()}
+    rng, shuffle = torch.get_rng_state(), parts.train_generator.get_state()
+    counter = CountingLoader(parts.loader_for(recipe.data.batch_size))
+    counted = dataclasses.replace(parts, loader_for=lambda batch_size: counter)
+    result = find_lr(recipe, counted, LrFindConfig(start=1e-2, end=3.0, steps=12))
     assert len(result.lrs) == 12 and counter.batches == 24  # one lr per optimizer step of 2 batches
     assert result.lrs == pytest.approx(lr_schedule(1e-2, 3.0, 12))
     assert result.smoothed == pytest.approx(smooth_losses(result.losses, 0.98))
     assert min(result.losses[-4:]) < result.losses[0] - 0.1  # it trained: the loss fell as the lr grew
-    after = probed.model.state_dict()
+    after = parts.model.state_dict()
     assert all(torch.equal(after[k], weights[k]) for k in weights)  # incl. BatchNorm running stats
-    assert probed.state.optimizer.state_dict()["state"] == {}  # no momentum left behind
-    assert torch.equal(torch.get_rng_state(), rng) and torch.equal(probed.data.train_generator.get_state(), shuffle)
+    assert torch.equal(torch.get_rng_state(), rng) and torch.equal(parts.train_generator.get_state(), shuffle)
+    probed = Trainer(recipe, parts)
     probed_state = probed.fit()
 
     assert [r["train_loss"] for r in probed_state.history] == [r["train_loss"] for r in plain_state.history]
@@ -178,8 +178,8 @@ def test_a_range_test_leaves_training_exactly_as_without_it(tmp_path):
 
 
 def test_the_range_test_stops_when_the_loss_diverges(tmp_path):
-    trainer = build_trainer(digits("optim.name=sgd"), tmp_path)
-    result = find_lr(trainer, LrFindConfig(start=1e-3, end=1e4, steps=40))
+    recipe = digits("optim.name=sgd")
+    result = find_lr(recipe, build_parts(recipe), LrFindConfig(start=1e-3, end=1e4, steps=40))
     assert result.stopped_early and len(result.lrs) < 40
     last, best = result.smoothed[-1], min(result.smoothed[:-1])
     assert not math.isfinite(last) or last > 4 * best
@@ -190,7 +190,7 @@ def test_the_range_test_stops_when_the_loss_diverges(tmp_path):
 
 # ----------------------------------------------------------------------------- optim.lr: find
 
-def test_optim_lr_find_trains_with_the_suggestion_and_a_resume_keeps_it(tmp_path, extra_hooks, interrupt_at):
+def test_optim_lr_find_trains_with_the_suggestion_and_a_resume_keeps_it(tmp_path, interrupt_at):
     overrides = ("optim.lr=find", "lr_find.steps=20", "lr_find.start=1.0e-4", "lr_find.end=10.0",
                  "train.epochs=2", "train.max_steps_per_epoch=6", "train.deterministic=true")
     found = train(digits(*overrides), run_dir=tmp_path / "found")
@@ -208,10 +208,8 @@ def test_optim_lr_find_trains_with_the_suggestion_and_a_resume_keeps_it(tmp_path
     given = train(digits(*overrides[4:], f"optim.lr={lr!r}"), run_dir=tmp_path / "given")
     assert [r["val_loss"] for r in given.history] == [r["val_loss"] for r in found.history]
 
-    interrupt_at(1, 3)
     with pytest.raises(KeyboardInterrupt):
-        train(digits(*overrides), run_dir=tmp_path / "cut")
-    extra_hooks()
+        train(digits(*overrides), run_dir=tmp_path / "cut", hooks=[interrupt_at(1, 3)])
     assert load_training_state(tmp_path / "cut" / "checkpoints" / "last.state.pt")["epoch"] == 1
     resumed = train(load_recipe(tmp_path / "cut" / "config.yaml"), resume=tmp_path / "cut")  # as the CLI does
     assert resumed.summary["lr_find"]["lr"] == lr

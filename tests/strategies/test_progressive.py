@@ -73,10 +73,9 @@ def test_resize_batch_shrinks_with_antialiasing_and_keeps_a_batch_at_its_size():
     assert resize_batch(images.half(), 8).dtype == torch.float16
 
 
-def test_stages_reach_the_model_with_their_batch_size_and_lr(tmp_path, extra_hooks):
+def test_stages_reach_the_model_with_their_batch_size_and_lr(tmp_path):
     recorder = Recorder()
-    extra_hooks(recorder)
-    result = train(digits("schedule.name=constant", "optim.lr=0.05", TWO_STAGES), run_dir=tmp_path / "run")
+    result = train(digits("schedule.name=constant", "optim.lr=0.05", TWO_STAGES), run_dir=tmp_path / "run", hooks=[recorder])
     rows = result.history
     assert [(r["stage"], r["img_size"], r["batch_size"]) for r in rows] == [(1, 8, 128), (1, 8, 128),
                                                                            (2, 16, 64), (2, 16, 64)]
@@ -91,13 +90,11 @@ def test_stages_reach_the_model_with_their_batch_size_and_lr(tmp_path, extra_hoo
     assert result.summary["test_acc"] > 0.5  # it learns, and the test pass ran at 16 px
 
 
-def test_one_cycle_spans_the_whole_run_and_restart_repeats_it_per_stage(tmp_path, extra_hooks):
+def test_one_cycle_spans_the_whole_run_and_restart_repeats_it_per_stage(tmp_path):
     continuous, restart = Recorder(), Recorder()
-    extra_hooks(continuous)
-    train(digits("schedule.name=onecycle", "optim.lr=0.05", TWO_STAGES), run_dir=tmp_path / "continuous")
-    extra_hooks(restart)
+    train(digits("schedule.name=onecycle", "optim.lr=0.05", TWO_STAGES), run_dir=tmp_path / "continuous", hooks=[continuous])
     train(digits("schedule.name=onecycle", "optim.lr=0.05", "progressive.schedule=restart", TWO_STAGES),
-          run_dir=tmp_path / "restart")
+          run_dir=tmp_path / "restart", hooks=[restart])
     stage2 = continuous.batches[0] + continuous.batches[1]
     # one cycle over all steps: a single peak (the lr of stage 1 is scaled x2), ending near zero
     peak = max(range(len(continuous.lrs)), key=continuous.lrs.__getitem__)
@@ -122,7 +119,7 @@ def test_evaluation_runs_at_eval_size_and_the_checkpoint_says_so(tmp_path):
     assert load_trained(default.run_dir).img_size == 12  # the last stage's size
 
 
-def test_compile_builds_one_graph_per_shape_not_per_batch(tmp_path, extra_hooks, monkeypatch):
+def test_compile_builds_one_graph_per_shape_not_per_batch(tmp_path, monkeypatch):
     from torch._dynamo.testing import CompileCounter
 
     from imgtrain.engine import device
@@ -131,9 +128,8 @@ def test_compile_builds_one_graph_per_shape_not_per_batch(tmp_path, extra_hooks,
     monkeypatch.setattr(device.torch, "compile", lambda model, **kw: real_compile(model, backend=counter, **kw))
     torch._dynamo.reset()
     recorder = Recorder()
-    extra_hooks(recorder)
     train(digits("train.compile=true", "train.epochs=2", "data.test_fraction=0",
-                 "progressive.stages=[{img_size: 8, epochs: 1}, {img_size: 16, epochs: 1}]"), run_dir=tmp_path / "run")
+                 "progressive.stages=[{img_size: 8, epochs: 1}, {img_size: 16, epochs: 1}]"), run_dir=tmp_path / "run", hooks=[recorder])
     torch._dynamo.reset()
     shapes = {shape for _, shape in recorder.shapes}
     assert len(recorder.shapes) >= 20 and len(shapes) == 4  # full and last batch, at 8 and 16 px
@@ -141,14 +137,12 @@ def test_compile_builds_one_graph_per_shape_not_per_batch(tmp_path, extra_hooks,
     assert counter.frame_count <= len(shapes) + 2
 
 
-def test_a_resume_in_the_second_stage_gives_the_same_history(tmp_path, extra_hooks, interrupt_at):
+def test_a_resume_in_the_second_stage_gives_the_same_history(tmp_path, interrupt_at):
     overrides = ("train.deterministic=true", "progressive.schedule=restart", "schedule.name=cosine",
                  "progressive.lr_scaling=sqrt", TWO_STAGES)
     full = train(digits(*overrides), run_dir=tmp_path / "full")
-    interrupt_at(epoch=2, batch=3)
     with pytest.raises(KeyboardInterrupt):
-        train(digits(*overrides), run_dir=tmp_path / "cut")
-    extra_hooks()
+        train(digits(*overrides), run_dir=tmp_path / "cut", hooks=[interrupt_at(epoch=2, batch=3)])
     resumed = train(digits(*overrides), resume=tmp_path / "cut")
     keep = ("train_loss", "val_loss", "val_acc", "lr", "stage", "img_size", "batch_size")
     assert [{k: r[k] for k in keep} for r in resumed.history] == [{k: r[k] for k in keep} for r in full.history]

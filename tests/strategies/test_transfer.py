@@ -73,10 +73,9 @@ def test_frozen_batchnorm_goes_to_eval_mode():
     assert model.stages[1][1][1].training
 
 
-def test_frozen_layers_and_their_batchnorm_statistics_do_not_move(tmp_path, extra_hooks):
+def test_frozen_layers_and_their_batchnorm_statistics_do_not_move(tmp_path):
     snapshot = SnapshotAtFitStart()
-    extra_hooks(snapshot)
-    result = train(digits("transfer.freeze_layers=2", "optim.weight_decay=0.01"), run_dir=tmp_path / "run")
+    result = train(digits("transfer.freeze_layers=2", "optim.weight_decay=0.01"), run_dir=tmp_path / "run", hooks=[snapshot])
     start = snapshot.weights
     final, _ = load_weights(result.run_dir / "checkpoints" / "last.safetensors")
     for key, value in start.items():
@@ -108,12 +107,11 @@ class RecordGroupLrs(Hook):
         self.rows.append({g["layer_group"]: g["lr"] for g in state.optimizer.param_groups})
 
 
-def test_gradual_unfreezing_counts_and_group_lrs_follow_the_schedule(tmp_path, extra_hooks):
+def test_gradual_unfreezing_counts_and_group_lrs_follow_the_schedule(tmp_path):
     recorder = RecordGroupLrs()
-    extra_hooks(recorder)
     recipe = digits("train.epochs=4", "transfer.unfreeze_epochs=[1,2,3]", "transfer.layer_decay=0.5",
                     "schedule.name=cosine", "optim.lr=0.05")
-    result = train(recipe, run_dir=tmp_path / "run")
+    result = train(recipe, run_dir=tmp_path / "run", hooks=[recorder])
     rows = read_history(result.run_dir / "history.csv")
     model = timm.create_model("imgtrain_cnn_tiny", num_classes=10, in_chans=1)
     sizes = [sum(dict(model.named_parameters())[n].numel() for n in g) for g in layer_groups(model)]
@@ -133,24 +131,21 @@ def test_gradual_unfreezing_counts_and_group_lrs_follow_the_schedule(tmp_path, e
     assert rows[-1]["lr"] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * steps / steps)), abs=1e-9)
 
 
-def test_onecycle_peaks_each_group_at_its_own_lr(tmp_path, extra_hooks):
+def test_onecycle_peaks_each_group_at_its_own_lr(tmp_path):
     recorder = RecordGroupLrs()
-    extra_hooks(recorder)
     group_lrs = [0.001, 0.002, 0.004, 0.008, 0.1]
     train(digits("train.epochs=1", f"transfer.group_lrs={group_lrs}", "schedule.name=onecycle"),
-          run_dir=tmp_path / "run")
+          run_dir=tmp_path / "run", hooks=[recorder])
     peaks = {g: max(r[g] for r in recorder.rows) for g in range(5)}
     assert [peaks[g] for g in range(5)] == pytest.approx(group_lrs, rel=0.02)
 
 
-def test_resume_in_the_middle_of_gradual_unfreezing_gives_the_same_history(tmp_path, extra_hooks, interrupt_at):
+def test_resume_in_the_middle_of_gradual_unfreezing_gives_the_same_history(tmp_path, interrupt_at):
     overrides = ("train.deterministic=true", "train.epochs=4", "transfer.unfreeze_epochs=[1,2]",
                  "transfer.layer_decay=0.7", "optim.name=adamw", "optim.lr=0.01")
     full = train(digits(*overrides), run_dir=tmp_path / "full")
-    interrupt_at(2, 4)
     with pytest.raises(KeyboardInterrupt):
-        train(digits(*overrides), run_dir=tmp_path / "cut")
-    extra_hooks()
+        train(digits(*overrides), run_dir=tmp_path / "cut", hooks=[interrupt_at(2, 4)])
     saved = load_training_state(tmp_path / "cut" / "checkpoints" / "last.state.pt")
     assert saved["epoch"] == 2  # killed in epoch 2, the one where the third group from the top joins
     assert len(saved["optimizer"]["state"]) > 0

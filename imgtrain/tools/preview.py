@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from imgtrain.api import prepare_data
 from imgtrain.data.sources import build_splits
 from imgtrain.data.transforms import denormalize
 from imgtrain.strategies import mix_batch, mixing_enabled
@@ -64,9 +65,7 @@ def show_augment(recipe: Any, n: int = 32, output: str | Path = "augment.png") -
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
     # the data side exactly as a training run builds it (cache, per-image transform, and the
-    # per-batch transform when augment.device_transforms puts augmentation on the device);
-    # imported here because the API sits above the data package
-    from imgtrain.api import prepare_data
+    # per-batch transform when augment.device_transforms puts augmentation on the device)
 
     splits = build_splits(recipe.data)
     prepared = prepare_data(recipe, splits, torch.device("cpu"))

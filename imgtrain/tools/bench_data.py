@@ -1,6 +1,6 @@
 """`imgtrain bench-data`: how fast does a recipe's input pipeline feed the model?
 
-It builds the data exactly as `imgtrain train` does (`imgtrain.api.prepare_data`: source,
+It builds the data exactly as `imgtrain train` does (`imgtrain.data.prepare.prepare_data`: source,
 split, decoded cache, transforms per image and per batch, loaders) and runs the training
 loop without the model: each batch is loaded, moved to the device and, with
 augment.device_transforms on, augmented there. Epoch 1 pays the one-off costs (worker
@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
+from imgtrain.api import prepare_data
 from imgtrain.data.loaders import resolve_workers
+from imgtrain.data.prepare import seed_everything
 from imgtrain.data.sources import build_splits
 
 
@@ -66,7 +68,6 @@ def bench_data(recipe: Any, epochs: int = 3, max_batches: int | None = None) -> 
 
     max_batches: stop each epoch after this many batches (quick looks at big datasets).
     """
-    from imgtrain.api import prepare_data, seed_everything  # the api imports the data package
     from imgtrain.engine.device import configure_backends, select_device
 
     if epochs < 1:

@@ -1,0 +1,70 @@
+"""What a strategy is to the rest of imgtrain: a registry entry that builds hooks from a recipe.
+
+    class Ema(Strategy):                         # strategies/ema.py
+        name, section = "ema", "ema"
+        def enabled(self, recipe): return recipe.ema.enabled
+        def build(self, recipe, context): return [EmaHook(recipe.ema.decay, ...)]
+
+`STRATEGIES` (strategies/__init__.py) lists one instance of each, in the order their hooks run;
+`api.train` loops over it: `check(recipe)` of every enabled strategy before any data is read, then
+`plan_epochs` and `param_groups` (what the Trainer takes), then `build(recipe, context)` once the data
+and the model exist (it may raise a RecipeError for what needs them: the model's layer groups, the
+data's image size), all before the run folder is made. Adding a strategy is one file (its pure
+function, its Hook, its entry) and one line in `STRATEGIES`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from imgtrain.engine.events import Hook
+from imgtrain.engine.state import EpochPlan
+
+
+@dataclass
+class StrategyContext:
+    """What api.train knows when it builds the strategies' hooks."""
+    recipe: Any
+    classes: list[str]
+    channels: int
+    img_size: int                      # the side the data pipeline makes training images at
+    device: torch.device
+    model: torch.nn.Module | None = None   # created, starting weights loaded
+    splits: Any = None                 # DataSplits
+    loaders: Any = None                # Loaders; a strategy may replace loaders.train (curriculum's sampler)
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    plans: list[EpochPlan] = field(default_factory=list)
+    teacher: Any = None                # distill.teacher loaded and checked (evaluation/teachers.py)
+    notes: list[str] = field(default_factory=list)  # lines for train.log
+
+
+class Strategy:
+    """A registry entry; override what the strategy needs."""
+
+    name: str = ""
+    section: str = ""          # the recipe section it reads
+
+    def enabled(self, recipe: Any) -> bool:
+        return False
+
+    def check(self, recipe: Any) -> None:
+        """Checks across recipe sections, before any data is read (RecipeError: file, key, line)."""
+
+    def plan_epochs(self, recipe: Any, context: StrategyContext) -> list[EpochPlan] | None:
+        """Per-epoch image size, batch size, lr scale and schedule segment; None: the plain plan."""
+        return None
+
+    def param_groups(self, recipe: Any, model: torch.nn.Module) -> list[dict[str, Any]] | None:
+        """Optimizer parameter groups; None: the plain decay / no-decay groups."""
+        return None
+
+    def build(self, recipe: Any, context: StrategyContext) -> list[Hook]:
+        """The hooks that carry the strategy out in the loop."""
+        return []
+
+
+__all__ = ["Strategy", "StrategyContext"]
