@@ -280,7 +280,7 @@ def resolve_class_weights(recipe: Any, train_targets: torch.Tensor,
 
 def _training_counts(train_targets: torch.Tensor, num_classes: int, key: str) -> torch.Tensor:
     if train_targets is None or len(train_targets) == 0:
-        raise ValueError(f"{key} needs the training labels: pass train_targets (TrainData.train_targets)")
+        raise ValueError(f"{key} needs the training labels: pass the training split's labels (train_targets)")
     return class_counts(train_targets, num_classes)
 
 

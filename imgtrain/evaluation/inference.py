@@ -114,7 +114,7 @@ def is_ensemble_dir(target: Union[str, Path]) -> bool:
     return Path(target).is_dir() and (Path(target) / ENSEMBLE_FILE).is_file()
 
 
-def metrics_of(probs: torch.Tensor, targets: torch.Tensor, classes: List[str]) -> Dict[str, Any]:
+def metrics_of(probs: torch.Tensor, targets: torch.Tensor, classes: List[str]) -> dict[str, Any]:
     if probs.shape[0] == 0:
         raise DataError("nothing to evaluate: the split has no images")
     return compute_metrics(probs, targets, classes)

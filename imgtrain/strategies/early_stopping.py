@@ -130,7 +130,7 @@ class EarlyStopping(Strategy):
     def enabled(self, recipe: Any) -> bool:
         return recipe.early_stop.monitor is not None
 
-    def build(self, recipe: Any, context: StrategyContext) -> List[Hook]:
+    def build(self, recipe: Any, context: StrategyContext) -> list[Hook]:
         check_early_stop(recipe.early_stop, has_val=context.loaders.val is not None, file=recipe.source_file)
         return [EarlyStoppingHook(recipe.early_stop)]
 
