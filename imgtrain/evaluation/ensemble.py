@@ -39,8 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import yaml
+from scipy.optimize import minimize
+from scipy.special import logsumexp
 from torch.utils.data import Dataset
 
 from imgtrain.config import RecipeError
@@ -115,8 +118,8 @@ def fit_weights(member_probs: Union[torch.Tensor, Sequence[torch.Tensor]], targe
                 steps: int = 200) -> List[float]:
     """Weights on the probability simplex that minimise the soft ensemble's NLL on (probs, targets).
 
-    w = softmax(theta), theta starting at 0 (equal weights), L-BFGS with a strong-Wolfe line search
-    in float64: deterministic, and a few dozen iterations reach the optimum."""
+    w = softmax(theta), theta starting at 0 (equal weights), SciPy's L-BFGS-B with the analytic
+    gradient in float64: deterministic, and a few dozen iterations reach the optimum."""
     stacked = _stack(member_probs)
     count = stacked.shape[0]
     if count == 1:
@@ -125,21 +128,20 @@ def fit_weights(member_probs: Union[torch.Tensor, Sequence[torch.Tensor]], targe
         raise EnsembleError("fit_weights: no images to fit the weights on")
     # only the probability each member gives the true class matters to the NLL
     picked = stacked.gather(2, targets.long().view(1, -1, 1).expand(count, -1, 1)).squeeze(2)  # (K, N)
-    log_picked = picked.clamp_min(1e-12).log()
-    theta = torch.zeros(count, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([theta], lr=1.0, max_iter=steps, tolerance_grad=1e-10,
-                                  tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+    log_picked = picked.double().clamp_min(1e-12).log().numpy()
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
+    def nll_and_gradient(theta: np.ndarray) -> tuple[float, np.ndarray]:
         # log sum_k w_k p_k = logsumexp_k(log w_k + log p_k): stable even when a member is sure and wrong
-        loss = -torch.logsumexp(torch.log_softmax(theta, dim=0).view(-1, 1) + log_picked, dim=0).mean()
-        loss.backward()
-        return loss
+        log_w = theta - logsumexp(theta)
+        joint = log_w[:, None] + log_picked                      # (K, N): log w_k p_kn
+        log_mix = logsumexp(joint, axis=0)                       # (N,): log of the ensemble's probability
+        responsibility = np.exp(joint - log_mix)                 # w_k p_kn / sum_j w_j p_jn
+        return float(-log_mix.mean()), np.exp(log_w) - responsibility.mean(axis=1)  # d/dtheta of the mean NLL
 
-    with torch.enable_grad():
-        optimizer.step(closure)
-    weights = torch.softmax(theta.detach(), dim=0)
+    # w = softmax(theta), theta starting at 0 (equal weights); deterministic L-BFGS in float64
+    fitted = minimize(nll_and_gradient, np.zeros(count), jac=True, method="L-BFGS-B",
+                      options={"maxiter": steps, "gtol": 1e-10, "ftol": 1e-14})
+    weights = np.exp(fitted.x - logsumexp(fitted.x))
     return [float(w) for w in weights]
 
 
