@@ -257,6 +257,7 @@ class LrFinderHook(Hook):
         self.losses: List[float] = []
         self.smoothed: List[float] = []
         self.ratios: List[float] = []
+        self.momenta: List[Dict[str, Any]] = []
         self.saved: Dict[str, Any] = {}
         self.average, self.best, self.seconds = 0.0, math.inf, 0.0
         self.step_loss: Optional[torch.Tensor] = None
@@ -268,6 +269,9 @@ class LrFinderHook(Hook):
         # layer groups keep their ratio to the first group's peak lr (the head's: the recipe's optim.lr)
         peaks = [group.get("max_lr", group.get("initial_lr", group["lr"])) for group in state.optimizer.param_groups]
         self.ratios = [peak / peaks[0] for peak in peaks]
+        # momentum stays what the schedule starts with (one-cycle: max_momentum) for the whole test
+        self.momenta = [{key: group[key] for key in ("momentum", "betas") if key in group}
+                        for group in state.optimizer.param_groups]
 
     def after_backward(self, state: Any) -> None:
         loss = state.loss.detach().float()
@@ -276,8 +280,9 @@ class LrFinderHook(Hook):
 
     def before_step(self, state: Any) -> None:
         lr = self.schedule[len(self.lrs)]
-        for group, ratio in zip(state.optimizer.param_groups, self.ratios):
+        for group, ratio, momentum in zip(state.optimizer.param_groups, self.ratios, self.momenta):
             group["lr"] = lr * ratio
+            group.update(momentum)
 
     def after_step(self, state: Any) -> None:
         value = float(self.step_loss) / max(self.step_batches, 1)  # the mean over the step's batches
@@ -314,9 +319,8 @@ def find_lr(recipe: Any, parts: Any, settings: Any = None, hooks: Sequence[Hook]
     """
     cfg = settings if settings is not None else recipe.lr_find
     accum = recipe.train.grad_accum_steps
-    # one epoch of exactly the test's steps; a constant schedule, since the hook sets every step's lr
-    probe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, max_steps_per_epoch=None),
-                                schedule=dataclasses.replace(recipe.schedule, name="constant", warmup_epochs=0.0))
+    # one epoch of exactly the test's steps (the hook sets every step's lr, whatever the schedule says)
+    probe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, max_steps_per_epoch=None))
     plan = parts.plans[0]
     loader = parts.loader_for(plan.batch_size)
     test_parts = dataclasses.replace(parts, val=None, plans=[plan],
