@@ -7,6 +7,7 @@ import torch
 from imgtrain.config import DataConfig, Recipe, ShapesConfig
 from imgtrain.data import DataError, build_eval_transform, build_loaders, build_splits, build_train_transform
 from imgtrain.data.loaders import describe_data, resolve_pin_memory, resolve_workers, usable_cpus
+from imgtrain.strategies import mixing_enabled
 
 
 def _recipe():
@@ -98,11 +99,12 @@ def test_loader_settings_prefetch_persistent_workers():
 def test_mixing_drops_the_last_incomplete_train_batch():
     recipe = _recipe()
     assert len(build_loaders(recipe, build_splits(recipe.data), torch.device("cpu")).train) == 4  # 30 / 8, kept
-    recipe.mix.cutmix_alpha = 1.0
-    loaders = build_loaders(recipe, build_splits(recipe.data), torch.device("cpu"))
+    recipe.mix.cutmix_alpha = 1.0  # api.train asks for drop_last when mixing is on (strategies.mixing_enabled)
+    assert mixing_enabled(recipe)
+    loaders = build_loaders(recipe, build_splits(recipe.data), torch.device("cpu"), drop_last=True)
     assert loaders.train.drop_last is True and len(loaders.train) == 3
     assert [len(t) for _, t in loaders.train] == [8, 8, 8]
     assert loaders.val.drop_last is False and len(torch.cat([t for _, t in loaders.val])) == 12  # eval sees all
     recipe.data.batch_size = 64
     with pytest.raises(DataError, match=r"30 images, fewer than data.batch_size \(64\).*Lower data.batch_size"):
-        build_loaders(recipe, build_splits(recipe.data), torch.device("cpu"))
+        build_loaders(recipe, build_splits(recipe.data), torch.device("cpu"), drop_last=True)
