@@ -1,22 +1,26 @@
 """Small, fast CNNs for CPU training, registered in timm's registry.
 
 `timm.create_model("imgtrain_cnn_small", num_classes=10, in_chans=1)` builds them like
-any timm model, so one factory serves timm's nets and ours. They follow timm's model
-interface (`forward_features`, `forward_head`, `get_classifier`, `reset_classifier`,
-`group_matcher`) so transfer learning, freezing and Grad-CAM treat them like timm nets.
+any timm model, so one factory serves timm's nets and ours. They keep timm's model
+contract, so transfer learning, freezing, Grad-CAM and timm's own tools treat them like
+timm nets: `forward_features`, `forward_head(pre_logits=...)`, `get_classifier`,
+`reset_classifier`, `group_matcher`, `num_features`, `head_hidden_size`, `feature_info`
+(hence `features_only=True` with `out_indices`), TorchScript scripting and FX tracing.
 
 Shape: a stem conv, then stages of 3x3 conv-BN-ReLU blocks with 2x max-pooling between
-stages, global average pooling, dropout and a linear classifier. VGG-style plain stacks
+stages, global pooling, dropout and a linear classifier. VGG-style plain stacks
 are the fastest per accuracy point at 8-64 px on a CPU (few, wide, dense convolutions).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
+from timm.layers import SelectAdaptivePool2d
+from timm.models import build_model_with_cfg, register_model
 from torch import nn
-from timm.models import register_model, resolve_pretrained_cfg
 
 
 def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -36,9 +40,7 @@ class SmallConvNet(nn.Module):
         super().__init__()
         if len(widths) != len(depths):
             raise ValueError(f"widths {tuple(widths)} and depths {tuple(depths)} must have the same length")
-        self.num_classes = num_classes
         self.drop_rate = drop_rate
-        self.global_pool = global_pool
         self.stem = conv_bn_relu(in_chans, widths[0])
         stages = []
         previous = widths[0]
@@ -50,30 +52,45 @@ class SmallConvNet(nn.Module):
                 previous = width
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
-        self.num_features = previous
+        # no hidden pre-logits layer: the head sees the pooled last stage, as in timm's ResNets
+        self.num_features = self.head_hidden_size = previous
         self.head_drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(previous, num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = [dict(num_chs=w, reduction=2 ** i, module=f"stages.{i}") for i, w in enumerate(widths)]
+        self._set_head(num_classes, global_pool)
+        # timm's FeatureListNet (features_only=True) and Grad-CAM read this: one entry per stage,
+        # reduction = total stride (stage 0 keeps the input size, each later one halves it)
+        self.feature_info = [{"num_chs": width, "reduction": 2 ** index, "module": f"stages.{index}"}
+                             for index, width in enumerate(widths)]
+
+    def _set_head(self, num_classes: int, global_pool: str) -> None:
+        # timm's pooling module (no parameters, so the state dict keeps its names): `global_pool`
+        # means what it means for timm nets ("avg", "max", "avgmax", "catavgmax", "" for none)
+        if not global_pool and num_classes > 0:
+            raise ValueError(f"global_pool='' (no pooling) needs num_classes=0, not {num_classes}: "
+                             "a linear head takes pooled features")
+        self.num_classes = num_classes
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+        # feat_mult: "catavgmax" concatenates two poolings, doubling the head's inputs
+        in_features = self.num_features * self.global_pool.feat_mult()
+        self.fc = nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
 
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)")
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return {"stem": r"^stem", "blocks": r"^stages\.(\d+)"}
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        """A new head with `num_classes` outputs; 0 leaves none, so the model returns pooled features
+        (or, with global_pool="", the last feature map)."""
+        self._set_head(num_classes, self.global_pool.pool_type if global_pool is None else global_pool)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=(2, 3))
+        x = self.global_pool(x)
         x = self.head_drop(x)
         return x if pre_logits else self.fc(x)
 
@@ -81,7 +98,7 @@ class SmallConvNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _cfg(**kwargs: Any) -> Dict[str, Any]:
+def _cfg(**kwargs: Any) -> dict[str, Any]:
     # no url or hf_hub_id: timm lists these nets as having no pretrained weights. first_conv and
     # classifier name the layers that starting weights adapt (input channels) and replace (class count).
     return dict(url="", num_classes=1000, input_size=(3, 32, 32), pool_size=None, crop_pct=1.0,
@@ -97,19 +114,18 @@ def _create(name: str, widths: Sequence[int], depths: Sequence[int], pretrained:
     if pretrained:
         raise ValueError("imgtrain's own nets have no published pretrained weights; "
                          "start from a run folder or a .safetensors file instead")
-    pretrained_cfg = resolve_pretrained_cfg(name, kwargs.pop("pretrained_cfg", None),
-                                            kwargs.pop("pretrained_cfg_overlay", None))
-    for key in ("cache_dir", "drop_path_rate"):
-        kwargs.pop(key, None)  # timm's factory passes these to every model
-    model = SmallConvNet(widths=widths, depths=depths, **kwargs)
-    # what timm's build_model_with_cfg sets on its own models
-    model.pretrained_cfg = model.default_cfg = pretrained_cfg.to_dict()
-    return model
+    # timm's own builder, as for its CNNs: it sets pretrained_cfg and, for features_only=True, wraps
+    # the net in a FeatureListNet. flatten_sequential lets that wrapper stop after any stage of
+    # `stages` (it walks top-level children); the default out_indices are all our stages, not
+    # timm's five. drop_path_rate is dropped: a plain net has no residual branch to drop.
+    feature_cfg = {"flatten_sequential": True, "out_indices": tuple(range(len(widths)))}
+    return build_model_with_cfg(SmallConvNet, name, pretrained, widths=widths, depths=depths,
+                                feature_cfg=feature_cfg, kwargs_filter=("drop_path_rate",), **kwargs)
 
 
 @register_model
 def imgtrain_cnn_tiny(pretrained: bool = False, **kwargs: Any) -> SmallConvNet:
-    """16-32-64 channels, ~25k parameters: tests and smoke runs."""
+    """16-32-64 channels, ~26k parameters: tests and smoke runs."""
     return _create("imgtrain_cnn_tiny", (16, 32, 64), (1, 1, 1), pretrained, **kwargs)
 
 
@@ -121,7 +137,7 @@ def imgtrain_cnn_small(pretrained: bool = False, **kwargs: Any) -> SmallConvNet:
 
 @register_model
 def imgtrain_cnn_medium(pretrained: bool = False, **kwargs: Any) -> SmallConvNet:
-    """64-128-256 channels, ~2M parameters: a stronger CPU net (e.g. a distillation teacher)."""
+    """64-128-256 channels, ~1.1M parameters: a stronger CPU net (e.g. a distillation teacher)."""
     return _create("imgtrain_cnn_medium", (64, 128, 256), (1, 2, 2), pretrained, **kwargs)
 
 
