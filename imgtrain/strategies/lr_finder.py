@@ -270,6 +270,8 @@ class LrFinderHook(Hook):
         self.ratios = [peak / peaks[0] for peak in peaks]
 
     def after_backward(self, state: Any) -> None:
+        if state.pass_index:  # a replay of the group (a SAM hook passed in): the step's loss is the first pass's
+            return
         loss = state.loss.detach().float()
         self.step_loss = loss if self.step_loss is None else self.step_loss + loss
         self.step_batches += 1
