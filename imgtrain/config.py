@@ -134,6 +134,15 @@ class ModelConfig:
 
 
 @dataclass
+class SamConfig:
+    """optim.sam: sharpness-aware minimisation (strategies/sam.py); two forward/backward passes per step."""
+    # radius of the weight perturbation (L2 norm, weight units); SAM: 0.01 to 0.2. ASAM measures it
+    # relative to |w| and usually wants a larger one: 0.5 to 2
+    rho: float = param(0.05, min=0.0, min_exclusive=True)
+    adaptive: bool = False                # true: ASAM, the perturbation scaled elementwise by |w| (Kwon et al. 2021)
+
+
+@dataclass
 class OptimConfig:
     name: str = param("sgd", choices=("sgd", "adamw"))   # optimizer
     lr: Union[float, str] = param(0.1, min=0.0, min_exclusive=True)  # peak learning rate, for the effective batch; or find: the LR finder picks it
@@ -143,6 +152,7 @@ class OptimConfig:
     eps: float = param(1e-8, min=0.0, min_exclusive=True)              # adamw
     weight_decay: float = param(5e-4, min=0.0)
     decay_norm_and_bias: bool = False     # false: no weight decay on norm and bias parameters
+    sam: Optional[SamConfig] = None       # sharpness-aware minimisation: {rho, adaptive}; null: off
 
 
 @dataclass
@@ -591,6 +601,15 @@ def _check_range(value: Any, meta: Dict[str, Any], where: Dict[str, Any]) -> Non
             raise RecipeError(f"{v} is out of range: expected a value <= {hi}", **where)
 
 
+def _optional_section(tp: Any) -> Optional[type]:
+    """The section class of an optional section (`Optional[SamConfig]`: null is off, a mapping turns it on)."""
+    if typing.get_origin(tp) is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and dataclasses.is_dataclass(args[0]):
+            return args[0]
+    return None
+
+
 def _build(cls: type, data: Any, prefix: str, file: Optional[str], origins: Dict[str, tuple]) -> Any:
     section = prefix.rstrip(".") or "recipe"
     if data is None:
@@ -609,8 +628,13 @@ def _build(cls: type, data: Any, prefix: str, file: Optional[str], origins: Dict
             hint = f", did you mean {close[0]}?" if close else f" (valid keys: {', '.join(fields)})"
             raise RecipeError(f"unknown key{hint}", **_where(dotted, file, origins))
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, dotted + ".", file, origins)
+        section_type = _optional_section(tp)
+        if section_type is not None and value is not None and not isinstance(value, dict):
+            keys = ", ".join(f.name for f in dataclasses.fields(section_type))
+            raise RecipeError(f"expected a mapping of its keys ({keys}), e.g. {{}} for the defaults, or null (off); "
+                              f"got {value!r}", **_where(dotted, file, origins))
+        if dataclasses.is_dataclass(tp) or (section_type is not None and value is not None):
+            kwargs[key] = _build(section_type or tp, value, dotted + ".", file, origins)
             continue
         ok, coerced = _coerce(value, tp)
         if not ok:

@@ -9,6 +9,7 @@ order, and their hooks run in this order:
 3. progressive resizing (progressive.*): plans each epoch's size and batch size, and shrinks the
    batch at batch_start;
 4. mixing (mix.*): replaces the batch at batch_start, after resizing (cheaper at the small size);
+   then sam (optim.sam): has the loop replay each accumulation group's batches as mixing left them;
 5. distillation (distill.*): replaces the loss at after_loss; its teacher sees the batch as
    mixing (and resizing) left it;
 6. ema (ema.*): averages the weights after each optimizer step, once they are final;
@@ -39,6 +40,7 @@ from imgtrain.strategies.lr_finder import LrFinder, LrFinderHook, find_lr
 from imgtrain.strategies.mixing import Mixing, MixingHook, cutmix_box, mix_batch, mixing_enabled, sample_lam
 from imgtrain.strategies.progressive import (Progressive, ProgressiveResizingHook, plan_epochs, progressive_enabled,
                                              resize_batch)
+from imgtrain.strategies.sam import Sam, SamHook, perturb_weights, restore_weights, sam_perturbation
 from imgtrain.strategies.transfer import Transfer, TransferHook, freeze_until, layer_groups, transfer_enabled
 
 # the order hooks run in (see the module docstring); a new strategy is one line here
@@ -47,6 +49,7 @@ STRATEGIES: list[Strategy] = [
     Curriculum(),
     Progressive(),
     Mixing(),
+    Sam(),
     Distillation(),
     Ema(),
     Diagnostics(),
@@ -85,4 +88,5 @@ __all__ = ["STRATEGIES", "Strategy", "StrategyContext", "build_strategies", "che
            "DistillationHook", "TeacherEnsemble", "distillation_loss", "EarlyStoppingHook", "EmaHook", "MixingHook",
            "should_stop", "TransferHook", "freeze_until", "layer_groups", "transfer_enabled", "cutmix_box",
            "ema_decay", "ema_update", "mix_batch", "mixing_enabled", "sample_lam", "ProgressiveResizingHook",
-           "plan_epochs", "progressive_enabled", "resize_batch", "LrFinderHook", "find_lr"]
+           "plan_epochs", "progressive_enabled", "resize_batch", "LrFinderHook", "find_lr", "SamHook",
+           "perturb_weights", "restore_weights", "sam_perturbation"]

@@ -315,6 +315,8 @@ class CurriculumHook(Hook):
         return self.order[self.cursor:self.cursor + count]
 
     def after_forward(self, state: Any) -> None:
+        if state.pass_index:  # a replay of the group's batches (SAM): scored and counted at the first pass
+            return
         count = state.outputs.shape[0]
         if self.self_paced:
             index = self.batch_indices(count)

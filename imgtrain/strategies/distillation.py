@@ -236,6 +236,8 @@ class DistillationHook(Hook):
         # distillation_loss's formula, with its two terms kept for the history
         state.loss = self.alpha * ce + (1.0 - self.alpha) * kd
         state.loss_parts["ce"], state.loss_parts["kd"] = ce, kd
+        if state.pass_index:  # a replay of the group (SAM's second pass): its batches are counted once
+            return
         count = state.inputs.shape[0]
         self.ce_sum += ce.detach().float() * count
         self.kd_sum += kd.detach().float() * count

@@ -274,6 +274,8 @@ class LrFinderHook(Hook):
                         for group in state.optimizer.param_groups]
 
     def after_backward(self, state: Any) -> None:
+        if state.pass_index:  # a replay of the group (a SAM hook passed in): the step's loss is the first pass's
+            return
         loss = state.loss.detach().float()
         self.step_loss = loss if self.step_loss is None else self.step_loss + loss
         self.step_batches += 1
