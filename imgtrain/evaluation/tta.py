@@ -298,6 +298,7 @@ def tta_config_for(recipe: Any, tta: Any = True) -> Optional[TTAConfig]:
         return tta
     eval_cfg = getattr(recipe, "eval", None)
     merge = getattr(eval_cfg, "tta_merge", "mean_probs")
+    specs: Sequence[Any] | str
     if tta is True:
         specs = list(getattr(eval_cfg, "tta", None) or []) or list(DEFAULT_VIEWS)
     elif isinstance(tta, (str, list, tuple)):
