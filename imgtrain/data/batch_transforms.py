@@ -294,7 +294,8 @@ class _Normalizer:
 
     def __init__(self, mean: Sequence[float] | None, std: Sequence[float] | None, channels: int):
         identity = _is_identity(mean, std)
-        if mean is not None and std is not None and not identity and (len(mean) != channels or len(std) != channels):
+        if (mean is not None and std is not None and not identity
+                and (len(mean) != channels or len(std) != channels)):
             raise DataError(f"normalization has {len(mean)} mean / {len(std)} std values for "
                             f"{channels}-channel images; give one value per channel")
         self.mean = None if identity else torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)

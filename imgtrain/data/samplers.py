@@ -44,8 +44,8 @@ class ClassBalancedSampler(WeightedRandomSampler):
         if len(targets) == 0:
             raise ValueError("the balanced sampler needs at least one training image")
         # torch's stubs say Sequence[float]; the sampler converts with torch.as_tensor, a tensor is fine
-        super().__init__(cast(Sequence[float], class_balanced_weights(targets)), num_samples or len(targets), replacement=True,
-                         generator=generator)
+        super().__init__(cast(Sequence[float], class_balanced_weights(targets)), num_samples or len(targets),
+                         replacement=True, generator=generator)
 
 
 class PerClassBatchSampler(Sampler[list[int]]):

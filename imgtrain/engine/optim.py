@@ -42,7 +42,8 @@ def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float,
 def peak_lr(cfg: OptimConfig) -> float:
     """optim.lr as a number. `find` never reaches an optimizer: the LR finder replaces it first."""
     if isinstance(cfg.lr, str):
-        raise ValueError(f"optim.lr is {cfg.lr!r}: the LR finder must set a number before an optimizer is built")
+        raise ValueError(f"optim.lr is {cfg.lr!r}: the LR finder must set a number before an optimizer "
+                         "is built")
     return cfg.lr
 
 

@@ -133,7 +133,8 @@ def find_target_layer(model: nn.Module, example: Optional[torch.Tensor] = None) 
         blocks = net.blocks
         assert isinstance(blocks, (nn.Sequential, nn.ModuleList)), "_is_vit checked it"
         block_name = f"blocks.{len(blocks) - 1}"
-        name = f"{block_name}.norm1" if isinstance(getattr(blocks[-1], "norm1", None), nn.Module) else block_name
+        has_norm1 = isinstance(getattr(blocks[-1], "norm1", None), nn.Module)
+        name = f"{block_name}.norm1" if has_norm1 else block_name
         return name, net.get_submodule(name)
     info = getattr(net, "feature_info", None)
     if isinstance(info, list) and info and isinstance(info[-1], dict) and info[-1].get("module"):
@@ -400,7 +401,8 @@ def _resize_heat(heat: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     """A float heatmap resized bilinearly to (height, width)."""
     if heat.shape == size:
         return heat.astype(np.float32)
-    resized = Image.fromarray(heat.astype(np.float32), mode="F").resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    resized = Image.fromarray(heat.astype(np.float32), mode="F").resize((size[1], size[0]),
+                                                                        Image.Resampling.BILINEAR)
     return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
