@@ -28,6 +28,7 @@ from imgtrain.engine.checkpoint import CheckpointError, load_weights
 from imgtrain.engine.device import select_device
 from imgtrain.engine.events import Hook, HookList
 from imgtrain.engine.loop import TrainParts, Trainer
+from imgtrain.engine.optim import peak_lr
 from imgtrain.engine.state import EpochPlan
 from imgtrain.evaluation.teachers import load_teachers
 from imgtrain.evaluation.tta import TTAModel, tta_config_for
@@ -133,7 +134,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
     # so a --resume, which reads config.yaml, trains on the same number)
     lr_found = None
     if recipe.optim.lr == "find" and resume_file is not None:  # the lr the run chose is in its config.yaml
-        recipe = with_lr(recipe, load_recipe(run_dir / "config.yaml").optim.lr)
+        recipe = with_lr(recipe, peak_lr(load_recipe(run_dir / "config.yaml").optim))
     elif recipe.optim.lr == "find":
         recipe, lr_found = find_recipe_lr(recipe, model, prepared, context.plans)
     context.recipe = recipe

@@ -193,7 +193,7 @@ def gradient_check(model: torch.nn.Module, vanishing_below: float, exploding_abo
     if flags.vanishing:
         return Check("gradients", "FAIL", f"vanishing (< {vanishing_below:g}) in {', '.join(flags.vanishing[:5])}",
                      CAUSE_VANISHING, values)
-    smallest = min(norms, key=norms.get)
+    smallest = min(norms, key=norms.__getitem__)
     return Check("gradients", "PASS", f"all {len(norms)} trainable layers get gradients; smallest "
                  f"{norms[smallest]:.2g} ({smallest}), largest {max(norms.values()):.2g}{frozen_text}", values=values)
 
@@ -362,6 +362,7 @@ def run_doctor(recipe: Recipe, output: Union[str, Path] = "doctor") -> DoctorRep
     probe = _train(plain, model, splits, [(batch_x, batch_y)] * cfg.doctor_steps, None, schedule=False)
     pretrained = bool(recipe.model.weights or recipe.model.weights_file)
     checks.append(initial_loss_check(probe.curve[0], num_classes, cfg.doctor_init_tolerance, pretrained))
+    assert probe.gradients is not None, "set at the first optimizer step (doctor_steps >= 1)"
     checks.append(probe.gradients)
     accuracy, final = _accuracy_and_loss(model, batch_x, batch_y)
     checks.append(overfit_check(probe.curve, final, accuracy, cfg.doctor_loss_below, lr))
@@ -373,6 +374,7 @@ def run_doctor(recipe: Recipe, output: Union[str, Path] = "doctor") -> DoctorRep
         batches = CycledLoader(prepared.loaders.train, cfg.doctor_learn_steps)
         _train(plain, model, splits, batches, prepared.train_batch_transform, schedule=True)
         steps = cfg.doctor_learn_steps
+        assert splits.val is not None, "a val loader comes from a val split"
         val_targets = splits.val.targets
         majority = float(torch.bincount(val_targets, minlength=num_classes).max()) / max(len(val_targets), 1)
         accuracy, images = _val_accuracy(model, prepared, device)

@@ -185,6 +185,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 class ClassificationLoss(nn.Module):
     """Mean cross-entropy; `label_smoothing` for hard targets, `weight` per class."""
 
+    weight: torch.Tensor | None  # a registered buffer
+
     def __init__(self, label_smoothing: float = 0.0, weight: Optional[torch.Tensor] = None):
         super().__init__()
         self.label_smoothing = label_smoothing
@@ -196,6 +198,8 @@ class ClassificationLoss(nn.Module):
 
 class FocalLoss(nn.Module):
     """`focal_loss` as a module (buffers follow the model to its device)."""
+
+    weight: torch.Tensor | None  # a registered buffer
 
     def __init__(self, gamma: float = 2.0, alpha: Optional[float] = None, label_smoothing: float = 0.0,
                  weight: Optional[torch.Tensor] = None):
@@ -209,6 +213,9 @@ class FocalLoss(nn.Module):
 
 class LogitAdjustedLoss(nn.Module):
     """`logit_adjusted_cross_entropy` as a module, with the training prior as a buffer."""
+
+    prior: torch.Tensor  # registered buffers
+    weight: torch.Tensor | None
 
     def __init__(self, prior: torch.Tensor, tau: float = 1.0, label_smoothing: float = 0.0,
                  weight: Optional[torch.Tensor] = None):

@@ -7,7 +7,7 @@
     loaders = build_loaders(recipe, splits, device)     # Loaders: train/val/test, train_generator
 """
 
-from imgtrain.data.datasets import FileImageDataset, TensorImageDataset
+from imgtrain.data.datasets import FileImageDataset, ImageDataset, TensorImageDataset
 from imgtrain.data.errors import DataError
 from imgtrain.data.images import BadImageError, load_image, scan_images
 from imgtrain.data.loaders import Loaders, build_loaders, describe_data
@@ -22,6 +22,7 @@ __all__ = [
     "DataError",
     "DataSplits",
     "FileImageDataset",
+    "ImageDataset",
     "Loaders",
     "TensorImageDataset",
     "build_eval_transform",

@@ -294,7 +294,8 @@ class _Normalizer:
 
     def __init__(self, mean: Sequence[float] | None, std: Sequence[float] | None, channels: int):
         identity = _is_identity(mean, std)
-        if not identity and (len(mean) != channels or len(std) != channels):
+        if (mean is not None and std is not None and not identity
+                and (len(mean) != channels or len(std) != channels)):
             raise DataError(f"normalization has {len(mean)} mean / {len(std)} std values for "
                             f"{channels}-channel images; give one value per channel")
         self.mean = None if identity else torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
@@ -324,6 +325,7 @@ class _Normalizer:
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         if self.mean is None:
             return images
+        assert self.std is not None, "set together with mean"
         if images.device not in self._on:
             self._on[images.device] = (self.mean.to(images.device), self.std.to(images.device))
         mean, std = self._on[images.device]
@@ -371,9 +373,10 @@ class TrainBatchTransform:
         x = self._geometry(images, g)
         if self.jitter is not None:
             low, high = self.jitter
-            factors = [torch.empty(n).uniform_(low, high, generator=g) for _ in range(3)]
+            brightness, contrast, saturation = [torch.empty(n).uniform_(low, high, generator=g)
+                                                for _ in range(3)]
             order = torch.randperm(3, generator=g).tolist()
-            x = color_jitter(x, *factors, order=order)
+            x = color_jitter(x, brightness, contrast, saturation, order=order)
         if self.grayscale:
             gray = (torch.rand(n, generator=g) < self.grayscale).to(x.device).view(-1, 1, 1, 1)
             x = torch.where(gray, to_grayscale(x).expand_as(x), x)
@@ -405,6 +408,7 @@ class TrainBatchTransform:
         # the resampling writes a new tensor and only reads its input: a reused buffer serves
         x = self.norm.to_float(images, scratch=True)
         if not moves:
+            assert boxes is not None, "neither a box nor a move returned above"
             return resample(x, boxes, size)
         shift = torch.randint(0, 2 * self.pad + 1, (2, n), generator=g) - self.pad if self.pad else None
         vflip = torch.rand(n, generator=g) < self.vflip if self.vflip else None

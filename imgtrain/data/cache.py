@@ -45,11 +45,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from imgtrain.config import AugmentConfig
-from imgtrain.data.datasets import FileImageDataset, Transform
+from imgtrain.data.datasets import FileImageDataset, ImageDataset, Indices, Transform
 from imgtrain.data.errors import DataError
 from imgtrain.data.images import load_image
 from imgtrain.data.loaders import usable_cpus
@@ -112,11 +111,11 @@ class DecodedCache:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        if self.file is not None:
-            self.images = _open(self.file, self.images)
+        if self.file is not None:  # __getstate__ saved the image tensor's shape in its place
+            self.images = _open(self.file, state["images"])
 
 
-class CachedImageDataset(Dataset):
+class CachedImageDataset(ImageDataset):
     """Rows of a `DecodedCache`: `(uint8 (C, S, S) image, label)` like `TensorImageDataset`.
 
     `with_transform` and `subset` share the cache; `paths` names each item's file.
@@ -158,7 +157,7 @@ class CachedImageDataset(Dataset):
         clone.transform = transform
         return clone
 
-    def subset(self, indices: Sequence[int] | torch.Tensor) -> CachedImageDataset:
+    def subset(self, indices: Indices) -> CachedImageDataset:
         index = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         return CachedImageDataset(self.cache, self.rows[index], self.targets[index], self.classes,
                                   self.transform)

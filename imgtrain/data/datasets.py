@@ -12,15 +12,17 @@ import copy
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from imgtrain.data.images import load_image
 
 Transform = Callable[[torch.Tensor], torch.Tensor] | None
+Indices = Sequence[int] | torch.Tensor | np.ndarray  # what subset() takes (stratified splits give arrays)
 
 
-def _as_index(indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
+def _as_index(indices: Indices) -> torch.Tensor:
     return torch.as_tensor(indices, dtype=torch.long).reshape(-1)
 
 
@@ -33,7 +35,27 @@ def _as_targets(targets: Sequence[int] | torch.Tensor, count: int, num_classes: 
     return out
 
 
-class TensorImageDataset(Dataset):
+class ImageDataset(Dataset):
+    """What imgtrain's datasets share (this module's two and data/cache.py's CachedImageDataset):
+    `(image, label)` items, `.targets`, `.classes`, `with_transform` and `subset`."""
+
+    targets: torch.Tensor   # LongTensor (N,)
+    classes: list[str]
+    transform: Transform
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def with_transform(self, transform: Transform) -> ImageDataset:
+        """A view with another transform that shares the images."""
+        raise NotImplementedError
+
+    def subset(self, indices: Indices) -> ImageDataset:
+        """The items at `indices`, in that order."""
+        raise NotImplementedError
+
+
+class TensorImageDataset(ImageDataset):
     """Images already decoded into a uint8 tensor of shape (N, C, H, W)."""
 
     def __init__(self, images: torch.Tensor, targets: Sequence[int] | torch.Tensor,
@@ -63,7 +85,7 @@ class TensorImageDataset(Dataset):
         clone.transform = transform
         return clone
 
-    def subset(self, indices: Sequence[int] | torch.Tensor) -> TensorImageDataset:
+    def subset(self, indices: Indices) -> TensorImageDataset:
         index = _as_index(indices)
         return TensorImageDataset(self.images[index], self.targets[index], self.classes, self.transform)
 
@@ -72,7 +94,7 @@ class TensorImageDataset(Dataset):
         return f"TensorImageDataset({len(self)} images {shape}, {len(self.classes)} classes)"
 
 
-class FileImageDataset(Dataset):
+class FileImageDataset(ImageDataset):
     """Image files decoded on each access with `load_image(path, channels)`."""
 
     def __init__(self, paths: Sequence[str | Path], targets: Sequence[int] | torch.Tensor,
@@ -99,7 +121,7 @@ class FileImageDataset(Dataset):
         clone.transform = transform
         return clone
 
-    def subset(self, indices: Sequence[int] | torch.Tensor) -> FileImageDataset:
+    def subset(self, indices: Indices) -> FileImageDataset:
         index = _as_index(indices)
         paths = [self.paths[i] for i in index.tolist()]
         return FileImageDataset(paths, self.targets[index], self.classes, self.channels, self.transform)

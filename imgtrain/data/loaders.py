@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from imgtrain.data.datasets import ImageDataset
 from imgtrain.data.errors import DataError
 from imgtrain.data.sources import DataSplits
 from imgtrain.data.samplers import loader_with_sampling, with_train_sampler
@@ -142,7 +143,7 @@ class CycledLoader:
                 raise ValueError("the train loader yields no batches (fewer images than one batch with drop_last?)")
 
 
-def _class_counts(dataset: Dataset | None, classes) -> dict[str, Any] | None:
+def _class_counts(dataset: ImageDataset | None, classes: list[str]) -> dict[str, Any] | None:
     if dataset is None:
         return None
     counts = torch.bincount(dataset.targets, minlength=len(classes)).tolist()

@@ -21,7 +21,7 @@ the same batches in an uninterrupted and in a resumed run.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Sequence, cast
 
 import torch
 from torch.utils.data import DataLoader, Sampler, WeightedRandomSampler
@@ -43,8 +43,9 @@ class ClassBalancedSampler(WeightedRandomSampler):
         targets = torch.as_tensor(targets, dtype=torch.long)
         if len(targets) == 0:
             raise ValueError("the balanced sampler needs at least one training image")
-        super().__init__(class_balanced_weights(targets), num_samples or len(targets), replacement=True,
-                         generator=generator)
+        # torch's stubs say Sequence[float]; the sampler converts with torch.as_tensor, a tensor is fine
+        super().__init__(cast(Sequence[float], class_balanced_weights(targets)), num_samples or len(targets),
+                         replacement=True, generator=generator)
 
 
 class PerClassBatchSampler(Sampler[list[int]]):

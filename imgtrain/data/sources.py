@@ -23,16 +23,15 @@ import csv
 import gzip
 import re
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from imgtrain.config import DataConfig
-from imgtrain.data.datasets import FileImageDataset, TensorImageDataset
+from imgtrain.data.datasets import FileImageDataset, ImageDataset, TensorImageDataset
 from imgtrain.data.errors import DataError, format_bad_files, format_list
 from imgtrain.data.images import IMAGE_EXTENSIONS, inspect_images
 from imgtrain.data.shapes import generate_shapes, shape_classes
@@ -50,9 +49,9 @@ _CSV_SPLIT_VALUES = {"train": "train", "val": "val", "valid": "val", "validation
 
 @dataclass
 class DataSplits:
-    train: Dataset
-    val: Dataset | None
-    test: Dataset | None
+    train: ImageDataset
+    val: ImageDataset | None
+    test: ImageDataset | None
     classes: list[str]
     channels: int
     native_size: int  # image side in pixels (files: median of the train images' longer side)
@@ -61,7 +60,8 @@ class DataSplits:
 
 # ----------------------------------------------------------------------------- shared steps
 
-def _carve(train: Dataset, cfg: DataConfig, need_val: bool, need_test: bool) -> tuple[Dataset, Dataset | None, Dataset | None]:
+def _carve(train: ImageDataset, cfg: DataConfig, need_val: bool, need_test: bool
+           ) -> tuple[ImageDataset, ImageDataset | None, ImageDataset | None]:
     """Carve val and/or test from train (stratified by class, seeded by data.split_seed)."""
     val_fraction = cfg.val_fraction if need_val else 0.0
     test_fraction = cfg.test_fraction if need_test else 0.0
@@ -83,7 +83,7 @@ def _apply_train_subset(splits: DataSplits, cfg: DataConfig) -> None:
     splits.train = splits.train.subset(keep)
 
 
-def _check_same_classes(where: str, per_split: dict[str, Sequence[str]], hint: str) -> None:
+def _check_same_classes(where: str, per_split: Mapping[str, Sequence[str]], hint: str) -> None:
     train = list(per_split["train"])
     for split, names in per_split.items():
         if split == "train" or list(names) == train:
@@ -143,12 +143,14 @@ def _file_splits(where: str, native: dict[str, tuple[list[str], list[str]]], cla
 def _tensor_splits(native: dict[str, tuple[torch.Tensor, torch.Tensor]], classes: list[str],
                    cfg: DataConfig, carve: bool) -> DataSplits:
     built = {split: TensorImageDataset(images, targets, classes) for split, (images, targets) in native.items()}
-    train, val, test = built["train"], built.get("val"), built.get("test")
+    train: ImageDataset = built["train"]
+    val: ImageDataset | None = built.get("val")
+    test: ImageDataset | None = built.get("test")
     if carve:
         train, carved_val, carved_test = _carve(train, cfg, val is None, test is None)
         val = val if val is not None else carved_val
         test = test if test is not None else carved_test
-    images = train.images
+    images = built["train"].images  # carving keeps the image shape: the channels and size are the same
     return DataSplits(train=train, val=val, test=test, classes=list(classes), channels=int(images.shape[1]),
                       native_size=int(max(images.shape[2], images.shape[3])))
 

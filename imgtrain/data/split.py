@@ -83,7 +83,7 @@ def list_class_images(folder: PathLike) -> dict[str, list[str]]:
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     out: dict[str, list[str]] = {}
     for name in classes:
-        files = []
+        files: list[str] = []
         for dirpath, dirnames, filenames in os.walk(folder / name, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file(f))

@@ -45,7 +45,7 @@ def _is_identity(mean: Sequence[float] | None, std: Sequence[float] | None) -> b
 def _finish(steps: list[v2.Transform], mean: Sequence[float] | None, std: Sequence[float] | None,
             channels: int, after: Sequence[v2.Transform] = ()) -> v2.Compose:
     steps.append(v2.ToDtype(torch.float32, scale=True))
-    if not _is_identity(mean, std):
+    if mean is not None and std is not None and not _is_identity(mean, std):
         if len(mean) != channels or len(std) != channels:
             raise DataError(f"normalization has {len(mean)} mean / {len(std)} std values for {channels}-channel "
                             "images; give one value per channel")

@@ -100,7 +100,9 @@ def load_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
 
 def capture_rng_state() -> Dict[str, Any]:
     """Python, NumPy, torch CPU and CUDA generator states, as weights-only-loadable types."""
-    np_state = np.random.get_state()
+    # legacy=True is the default, spelled out: the stubs' overload for a bare call says dict
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple), "the global NumPy generator (MT19937) gives the legacy tuple"
     state = {
         "python": random.getstate(),
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),

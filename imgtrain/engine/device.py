@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, cast
 
 import torch
 
@@ -81,15 +81,17 @@ def compile_model(model: torch.nn.Module, image_sizes: int = 1) -> torch.nn.Modu
     compiled once, statically (dynamic=False: the fastest kernels; a stage change costs one
     recompile, never one per batch), and dynamo may keep a graph per shape: each size meets up to
     four batch shapes (full and last train batch, full and last eval batch)."""
+    # torch.compile's stubs type the result as a plain callable; given a Module it returns one
+    # (an OptimizedModule wrapping it)
     if image_sizes <= 1:
-        return torch.compile(model)
+        return cast(torch.nn.Module, torch.compile(model))
     import torch._dynamo.config as dynamo_config
     needed = 4 * image_sizes + 4
     for name in ("recompile_limit", "cache_size_limit"):  # the newer name, then the older
         if hasattr(dynamo_config, name):
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), needed))
             break
-    return torch.compile(model, dynamic=False)
+    return cast(torch.nn.Module, torch.compile(model, dynamic=False))
 
 
 def peak_memory_mb(device: torch.device) -> Dict[str, float]:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -28,12 +28,20 @@ from imgtrain.engine.optim import build_optimizer, build_scheduler
 from imgtrain.engine.state import EpochPlan, TrainState, run_summary
 from imgtrain.engine.validate import evaluate_batches
 
+class SizedIterable(Protocol):
+    """What a train loader must be: iterable, with a length in batches (a DataLoader)."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
 @dataclass
 class TrainParts:
     """What the Trainer trains with; api.train builds it from the recipe and the strategies."""
     model: torch.nn.Module
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, targets) -> mean loss
-    loader_for: Callable[[int], Iterable]    # the train loader at a batch size (the plans may change it)
+    loader_for: Callable[[int], SizedIterable]  # the train loader at a batch size (the plans may change it)
     plans: list[EpochPlan]                   # one per epoch: image size, batch size, lr scale, schedule segment
     classes: list[str]
     val: Iterable | None = None
@@ -68,8 +76,10 @@ class Trainer:
         sizes = len({plan.img_size for plan in self.plans})
         self.forward_model = compile_model(self.model, sizes) if cfg.compile else self.model
         self.train_loaders = {plan.batch_size: parts.loader_for(plan.batch_size) for plan in self.plans}
-        self.epoch_batches = [min(len(self.train_loaders[p.batch_size]), cfg.max_steps_per_epoch or math.inf)
-                              for p in self.plans]
+        self.epoch_batches: list[int] = [
+            min(len(self.train_loaders[p.batch_size]), cfg.max_steps_per_epoch)
+            if cfg.max_steps_per_epoch else len(self.train_loaders[p.batch_size])
+            for p in self.plans]
         self.epoch_steps = [math.ceil(b / cfg.grad_accum_steps) for b in self.epoch_batches]  # optimizer steps
         self.lr_scaled = any(p.lr_scale != 1.0 for p in self.plans)
         optimizer = build_optimizer(self.model, recipe.optim, parts.param_groups)
@@ -162,6 +172,7 @@ class Trainer:
             state.group_end = batch_index - group_start + 1 == group_size
             state.pass_index = 0
             self._forward_backward(group_size)
+            assert state.loss is not None and state.outputs is not None, "set by _forward_backward"
             with torch.no_grad():
                 count = state.targets.shape[0]
                 hard = state.targets.argmax(1) if state.targets.ndim == 2 else state.targets
@@ -191,6 +202,7 @@ class Trainer:
         """The batch in state.inputs/targets through the model, the loss and backward: the one step."""
         state = self.state
         state.loss_parts = {}
+        assert state.targets is not None, "set at batch_start, before the forward pass"
         with self._autocast():
             state.outputs = self.forward_model(state.inputs)
             self.hooks.fire("after_forward", state)

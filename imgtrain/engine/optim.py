@@ -27,7 +27,8 @@ def gets_weight_decay(param: torch.Tensor, decay_norm_and_bias: bool = False) ->
 def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float,
                               decay_norm_and_bias: bool = False) -> List[dict]:
     """Two groups: decayed weights, and (unless asked) undecayed norm/bias parameters."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for _, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -38,6 +39,14 @@ def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float,
     return groups
 
 
+def peak_lr(cfg: OptimConfig) -> float:
+    """optim.lr as a number. `find` never reaches an optimizer: the LR finder replaces it first."""
+    if isinstance(cfg.lr, str):
+        raise ValueError(f"optim.lr is {cfg.lr!r}: the LR finder must set a number before an optimizer "
+                         "is built")
+    return cfg.lr
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
                     param_groups: Optional[List[dict]] = None) -> torch.optim.Optimizer:
     """SGD or AdamW over `param_groups` (each may carry its own lr; default: the decay/no-decay
@@ -46,10 +55,11 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
         model, cfg.weight_decay, cfg.decay_norm_and_bias)
     if cfg.name == "sgd":
         # nesterov is invalid without momentum in torch: only ask for it when it applies
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+        return torch.optim.SGD(groups, lr=peak_lr(cfg), momentum=cfg.momentum,
                                nesterov=cfg.nesterov and cfg.momentum > 0)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        # config validation guarantees exactly two betas
+        return torch.optim.AdamW(groups, lr=peak_lr(cfg), betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps)
     raise ValueError(f"optim.name: unknown optimizer {cfg.name!r}")  # config validation prevents this
 
 
@@ -80,10 +90,9 @@ def lr_factor_fn(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int, pe
     start = cfg.warmup_start_factor
     min_factor = cfg.min_lr / peak_lr if peak_lr > 0 else 0.0
 
-    def warm(step: int) -> float | None:
-        if step < warmup:
-            return start + (1.0 - start) * step / warmup
-        return None
+    def warm(step: int) -> float:
+        """The linear warmup factor; every caller asks only for steps before `warmup`."""
+        return start + (1.0 - start) * step / warmup
 
     if cfg.name == "constant":
         return lambda s: warm(s) if s < warmup else 1.0

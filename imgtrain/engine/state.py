@@ -29,7 +29,7 @@ class EpochPlan:
 class TrainState:
     # --- the whole run
     recipe: Any                                  # imgtrain.config.Recipe
-    run_dir: Path
+    run_dir: Optional[Path]                      # None: no run folder (the LR finder, doctor)
     device: torch.device
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer

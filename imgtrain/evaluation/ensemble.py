@@ -239,6 +239,7 @@ class EnsemblePredictor:
                                         device=device, num_workers=num_workers)
             probs.append(p)
             targets = t if targets is None else targets
+        assert targets is not None, "an ensemble has members (check_members)"
         return probs, targets
 
     def combine(self, member_probs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -466,7 +467,7 @@ def load_ensemble(folder: Union[str, Path], tta: TTAArg = None,
         setting = _tta_argument(spec.tta) if tta is None else tta
     except ValueError as exc:
         raise EnsembleError(f"{spec.folder / ENSEMBLE_FILE}: tta: {exc}") from None
-    members = []
+    members: list[ModelPredictor | EnsemblePredictor] = []
     for index, path in enumerate(spec.members, start=1):
         try:
             if is_ensemble_dir(path):
@@ -550,6 +551,7 @@ def run_ensemble(targets: Sequence[Union[str, Path]], options: Optional[Ensemble
     classes = check_members(members, names)
     base = EnsemblePredictor(members, None, opts.vote, source="ensemble")
     recipe = members[0].recipe
+    info: dict[str, Any]
     weights, info = normalize_weights(opts.weights, len(members)), {"how": "given" if opts.weights else "uniform"}
     if opts.fit_weights == "val":
         splits = build_splits(recipe.data)

@@ -130,8 +130,11 @@ def find_target_layer(model: nn.Module, example: Optional[torch.Tensor] = None) 
     """
     net = network(model)
     if _is_vit(net):
-        block_name = f"blocks.{len(net.blocks) - 1}"
-        name = f"{block_name}.norm1" if isinstance(getattr(net.blocks[-1], "norm1", None), nn.Module) else block_name
+        blocks = net.blocks
+        assert isinstance(blocks, (nn.Sequential, nn.ModuleList)), "_is_vit checked it"
+        block_name = f"blocks.{len(blocks) - 1}"
+        has_norm1 = isinstance(getattr(blocks[-1], "norm1", None), nn.Module)
+        name = f"{block_name}.norm1" if has_norm1 else block_name
         return name, net.get_submodule(name)
     info = getattr(net, "feature_info", None)
     if isinstance(info, list) and info and isinstance(info[-1], dict) and info[-1].get("module"):
@@ -245,9 +248,11 @@ def _token_grid(net: nn.Module, tokens: int, input_hw: Tuple[int, int], exact: b
     patch embedding's grid, no square guess)."""
     patch_embed = net.patch_embed
     grid: Any = None
-    if hasattr(patch_embed, "dynamic_feat_size"):  # timm: the grid of this input size
+    # timm: the grid of this input size (getattr: Module's stubs type attributes as Tensor | Module)
+    dynamic_feat_size = getattr(patch_embed, "dynamic_feat_size", None)
+    if dynamic_feat_size is not None:
         with contextlib.suppress(Exception):
-            grid = tuple(patch_embed.dynamic_feat_size(input_hw))
+            grid = tuple(dynamic_feat_size(input_hw))
     if grid is None or grid[0] * grid[1] != tokens:
         grid = tuple(getattr(patch_embed, "grid_size", None) or (0, 0))
     if grid[0] * grid[1] != tokens:
@@ -396,7 +401,8 @@ def _resize_heat(heat: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     """A float heatmap resized bilinearly to (height, width)."""
     if heat.shape == size:
         return heat.astype(np.float32)
-    resized = Image.fromarray(heat.astype(np.float32), mode="F").resize((size[1], size[0]), Image.BILINEAR)
+    resized = Image.fromarray(heat.astype(np.float32), mode="F").resize((size[1], size[0]),
+                                                                        Image.Resampling.BILINEAR)
     return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
@@ -424,7 +430,7 @@ def render_panel(image: np.ndarray, heatmap: np.ndarray, title: Sequence[str], s
     height, width = rgb.shape[:2]
     scale = size / max(height, width)
     shown = (max(1, round(width * scale)), max(1, round(height * scale)))
-    big = np.asarray(Image.fromarray(rgb).resize(shown, Image.NEAREST))
+    big = np.asarray(Image.fromarray(rgb).resize(shown, Image.Resampling.NEAREST))
     mixed = overlay(big, _resize_heat(np.asarray(heatmap, dtype=np.float32), (shown[1], shown[0])))
     try:
         font: Any = ImageFont.load_default(size=13)
@@ -550,13 +556,14 @@ def _explain_batch(loaded: Any, batch: torch.Tensor, good: Sequence[Tuple[Path, 
     for i, (path, stem, records) in enumerate(good):
         pred, want = int(predicted[i]), int(explained[i])
         for name in methods:
+            png = out_dir / f"{stem}_{name}.png"
             record = ExplainRecord(path=str(path), method=name, explained_class=loaded.classes[want],
                                    predicted_class=loaded.classes[pred], probability=float(probs[i, pred]),
-                                   png=str(out_dir / f"{stem}_{name}.png"))
+                                   png=str(png))
             title = [f"{path.name}  ({name})",
                      (f"predicted {record.predicted_class} {record.probability:.1%}   "
                       f"explained {record.explained_class}")]
-            _save_png(render_panel(shown[i], heats[name][i], title), Path(record.png))
+            _save_png(render_panel(shown[i], heats[name][i], title), png)
             records.append(record)
 
 

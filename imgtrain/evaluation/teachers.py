@@ -67,6 +67,8 @@ def load_teacher(source: str, classes: Sequence[str], file: str | None = None) -
         raise fail(f"{name!r}: no such run folder or .safetensors file, and not a timm model name "
                    "(relative paths start in the working folder; `imgtrain models PATTERN` lists timm's)")
     pretrained = timm.models.get_pretrained_cfg(name)
+    if pretrained is None:  # every registered timm model has one; the stubs say it may be missing
+        raise fail(f"{name}: timm has no pretrained configuration for it")
     cfg = ModelConfig(name=name, weights="timm")
     try:
         resolve_weights_source(cfg)  # timm has weights for it

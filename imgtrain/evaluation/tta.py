@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterator, List, Literal, Optional, Sequence, Tuple, Union, overload
 
 import torch
 import torch.nn.functional as F
@@ -286,6 +286,10 @@ class TTAConfig:
         return f"{names} ({self.passes} views), {MERGE_RULES[self.merge]}"
 
 
+@overload
+def tta_config_for(recipe: Any, tta: Literal[True] = True) -> TTAConfig: ...
+@overload
+def tta_config_for(recipe: Any, tta: Any = True) -> Optional[TTAConfig]: ...
 def tta_config_for(recipe: Any, tta: Any = True) -> Optional[TTAConfig]:
     """The TTAConfig to use for a model trained with `recipe`; None when `tta` is None or False.
 
@@ -298,6 +302,7 @@ def tta_config_for(recipe: Any, tta: Any = True) -> Optional[TTAConfig]:
         return tta
     eval_cfg = getattr(recipe, "eval", None)
     merge = getattr(eval_cfg, "tta_merge", "mean_probs")
+    specs: Sequence[Any] | str
     if tta is True:
         specs = list(getattr(eval_cfg, "tta", None) or []) or list(DEFAULT_VIEWS)
     elif isinstance(tta, (str, list, tuple)):

@@ -55,7 +55,8 @@ class WeightsReport:
     unexpected: List[str] = field(default_factory=list)  # source keys the model lacks (ignored)
     head_replaced: List[str] = field(default_factory=list)   # classifier keys dropped for another class count
     input_adapted: List[str] = field(default_factory=list)   # first-conv keys adapted to the channel count
-    head_classes: Optional[Tuple[int, int]] = None  # (classes of the source, classes of the model)
+    # (classes of the source (None: its pretrained_cfg does not say), classes of the model)
+    head_classes: Optional[Tuple[Optional[int], int]] = None
     input_chans: Optional[Tuple[int, int]] = None   # (channels of the source, channels of the model)
 
     def lines(self) -> List[str]:
@@ -205,8 +206,10 @@ def _layer_names(model: torch.nn.Module, key: str) -> Tuple[str, ...]:
         names = get_model_traits(model).get("first_conv", pretrained_cfg.get("first_conv"))
     else:
         names = pretrained_cfg.get("classifier")
-        if names is None and hasattr(model, "get_classifier"):
-            head = model.get_classifier()
+        # a timm model's method (looked up with getattr: Module's stubs type attributes as Tensor | Module)
+        get_classifier = getattr(model, "get_classifier", None)
+        if names is None and get_classifier is not None:
+            head = get_classifier()
             names = next((n for n, m in model.named_modules() if m is head and n), None)
     if names is None:
         return ()

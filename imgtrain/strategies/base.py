@@ -62,9 +62,18 @@ class Strategy:
         """Optimizer parameter groups; None: the plain decay / no-decay groups."""
         return None
 
-    def build(self, recipe: Any, context: StrategyContext) -> list[Hook]:
-        """The hooks that carry the strategy out in the loop."""
+    def build(self, recipe: Any, context: StrategyContext | None) -> list[Hook]:
+        """The hooks that carry the strategy out in the loop. `context` is None when the caller has
+        no data or model (build_strategies without one); strategies that need it say so."""
         return []
 
 
-__all__ = ["Strategy", "StrategyContext"]
+def require_context(context: StrategyContext | None, strategy: str) -> StrategyContext:
+    """`context`, for a strategy whose hooks need the data or the model api.train builds."""
+    if context is None:
+        raise ValueError(f"{strategy}: building its hooks needs the StrategyContext api.train builds "
+                         "(the data and the model)")
+    return context
+
+
+__all__ = ["Strategy", "StrategyContext", "require_context"]

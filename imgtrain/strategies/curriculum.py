@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, Sampler
 from imgtrain.config import RecipeError
 from imgtrain.data.samplers import loader_with_sampling
 from imgtrain.engine.events import Hook
-from imgtrain.strategies.base import Strategy, StrategyContext
+from imgtrain.strategies.base import Strategy, StrategyContext, require_context
 from imgtrain.models.trained import load_trained
 
 PACINGS = ("linear", "root", "step")
@@ -285,14 +285,17 @@ class CurriculumHook(Hook):
             if self.scores is None:
                 self.scores = torch.zeros(len(self.sampler))
                 self.seen = torch.zeros(len(self.sampler), dtype=torch.bool)
+            assert self.seen is not None, "self-paced scores are saved and restored with their seen mask"
             # kept on the device: updating them each batch costs no host sync
             self.scores, self.seen = self.scores.to(state.device), self.seen.to(state.device)
 
     def ranking_scores(self) -> torch.Tensor:
         """The scores the pool is chosen by (self_paced: unseen images at the mean of the seen)."""
+        assert self.scores is not None, "scores are set by attach (given scores) or fit_start (self_paced)"
         scores = self.scores.detach().cpu().double()
         if not self.self_paced:
             return scores
+        assert self.seen is not None, "self_paced: set at fit_start with the scores"
         seen = self.seen.cpu()
         fill = scores[seen].mean() if seen.any() else torch.zeros((), dtype=torch.float64)
         return torch.where(seen, scores, fill)
@@ -302,6 +305,7 @@ class CurriculumHook(Hook):
                                    self.cfg.pacing, self.cfg.step_count)
         generator = epoch_generator(self.seed, state.epoch)
         pool = easiest(self.ranking_scores(), fraction, generator)
+        assert self.sampler is not None, "fit_start checked it"
         self.order = repeat_pool(pool, len(self.sampler), generator)
         self.sampler.order = self.order
         self.cursor = 0
@@ -312,6 +316,7 @@ class CurriculumHook(Hook):
     def batch_indices(self, count: int) -> torch.Tensor:
         """Dataset indices of the current batch of `count` images: the batches are consecutive
         slices of the epoch's order (the loader drops only at the end)."""
+        assert self.order is not None, "set at epoch_start"
         return self.order[self.cursor:self.cursor + count]
 
     def after_forward(self, state: Any) -> None:
@@ -326,6 +331,7 @@ class CurriculumHook(Hook):
             last = torch.full((len(where),), -1, dtype=torch.long).scatter_reduce(
                 0, inverse, torch.arange(count), reduce="amax")
             losses = per_sample_loss(state.outputs, state.targets)[last.to(state.outputs.device)]
+            assert self.scores is not None and self.seen is not None, "self_paced: set at fit_start"
             where = where.to(self.scores.device)
             momentum = self.cfg.momentum
             running = momentum * self.scores[where] + (1 - momentum) * losses
@@ -414,7 +420,8 @@ class Curriculum(Strategy):
                               "(data.sampler: random with a curriculum)",
                               file=recipe.source_file, key="curriculum.difficulty")
 
-    def build(self, recipe: Any, context: StrategyContext) -> List[Hook]:
+    def build(self, recipe: Any, context: StrategyContext | None) -> List[Hook]:
+        context = require_context(context, self.name)
         hook = CurriculumHook(recipe.curriculum, seed=recipe.train.seed)
         # scores the training images (reference, csv) and installs its sampler in loaders.train
         context.notes += prepare_curriculum([hook], recipe, context.splits, context.loaders, context.device)

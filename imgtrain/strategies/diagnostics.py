@@ -295,6 +295,7 @@ class NonFiniteGuardHook(Hook):
             state.epoch_metrics["nonfinite_skipped"] = len(self._skipped_epoch)
 
     def _check_window(self, state: Any) -> None:
+        assert self._losses is not None, "a window is checked only after a loss was recorded in it"
         losses, self._pending = self._losses[:self._pending], 0
         bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()  # one sync per window
         if bad:
@@ -384,7 +385,7 @@ class Diagnostics(Strategy):
     def check(self, recipe: Any) -> None:
         check_diagnostics(recipe.diagnostics, file=recipe.source_file)
 
-    def build(self, recipe: Any, context: StrategyContext) -> List[Hook]:
+    def build(self, recipe: Any, context: StrategyContext | None) -> List[Hook]:
         return build_diagnostics(recipe.diagnostics)  # gradient monitor, non-finite guard
 
 

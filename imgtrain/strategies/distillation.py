@@ -60,7 +60,7 @@ from torch import nn
 
 from imgtrain.config import RecipeError
 from imgtrain.engine.events import Hook
-from imgtrain.strategies.base import Strategy, StrategyContext
+from imgtrain.strategies.base import Strategy, StrategyContext, require_context
 from imgtrain.losses import distillation_kl, distillation_loss
 
 KEY = "distill.teacher"
@@ -245,6 +245,7 @@ class DistillationHook(Hook):
 
     def eval_end(self, state: Any) -> None:
         if self.seen:
+            assert self.ce_sum is not None and self.kd_sum is not None, "set at epoch_start"
             state.epoch_metrics["train_ce"] = self.ce_sum.item() / self.seen
             state.epoch_metrics["train_kd"] = self.kd_sum.item() / self.seen
 
@@ -262,7 +263,8 @@ class Distillation(Strategy):
     def check(self, recipe: Any) -> None:
         check_teacher_sources(recipe)  # a missing distill.teacher stops before the data is read
 
-    def build(self, recipe: Any, context: StrategyContext) -> list[Hook]:
+    def build(self, recipe: Any, context: StrategyContext | None) -> list[Hook]:
+        context = require_context(context, self.name)
         if context.teacher is None:
             raise ValueError("distill.teacher is set: api.train loads the teachers into context.teacher "
                              "(evaluation/teachers.py load_teachers)")

@@ -27,7 +27,7 @@ import torch
 
 from imgtrain.config import RecipeError
 from imgtrain.engine.events import Hook
-from imgtrain.strategies.base import Strategy, StrategyContext
+from imgtrain.strategies.base import Strategy, StrategyContext, require_context
 
 
 def improved(value: float, best: Optional[float], mode: str, min_delta: float) -> bool:
@@ -130,7 +130,8 @@ class EarlyStopping(Strategy):
     def enabled(self, recipe: Any) -> bool:
         return recipe.early_stop.monitor is not None
 
-    def build(self, recipe: Any, context: StrategyContext) -> list[Hook]:
+    def build(self, recipe: Any, context: StrategyContext | None) -> list[Hook]:
+        context = require_context(context, self.name)
         check_early_stop(recipe.early_stop, has_val=context.loaders.val is not None, file=recipe.source_file)
         return [EarlyStoppingHook(recipe.early_stop)]
 

@@ -78,6 +78,7 @@ class EmaHook(Hook):
             state.eval_model = self.ema.module
 
     def after_step(self, state: Any) -> None:
+        assert self.ema is not None, "built at fit_start"
         self.ema.update(state.model, step=state.step)
         self.updates += 1
 
@@ -101,6 +102,7 @@ class EmaHook(Hook):
             self._apply(state)
 
     def _apply(self, state: dict[str, Any]) -> None:
+        assert self.ema is not None, "called once the EMA is built"
         self.ema.module.load_state_dict(state["weights"])
         self.updates = int(state["updates"])
 
@@ -112,7 +114,7 @@ class Ema(Strategy):
     def enabled(self, recipe: Any) -> bool:
         return recipe.ema.enabled
 
-    def build(self, recipe: Any, context: StrategyContext) -> list[Hook]:
+    def build(self, recipe: Any, context: StrategyContext | None) -> list[Hook]:
         return [EmaHook(recipe.ema.decay, warmup=recipe.ema.warmup, validate=recipe.ema.validate)]
 
 

@@ -287,6 +287,7 @@ class LrFinderHook(Hook):
             group.update(momentum)
 
     def after_step(self, state: Any) -> None:
+        assert self.step_loss is not None, "after_backward ran for the step's batches"
         value = float(self.step_loss) / max(self.step_batches, 1)  # the mean over the step's batches
         self.step_loss, self.step_batches = None, 0
         # the moving average, kept step by step so the test can stop as it diverges
@@ -379,7 +380,7 @@ class LrFinder(Strategy):
     def check(self, recipe: Any) -> None:
         check_lr_find(recipe)
 
-    def build(self, recipe: Any, context: StrategyContext) -> List[Hook]:
+    def build(self, recipe: Any, context: StrategyContext | None) -> List[Hook]:
         return []  # nothing runs during training: the lr it chose is in the recipe by then
 
 

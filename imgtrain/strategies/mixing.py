@@ -138,7 +138,7 @@ class Mixing(Strategy):
                               f"(got {recipe.data.batch_size}), or turn mixing off",
                               file=recipe.source_file, key="data.batch_size")
 
-    def build(self, recipe: Any, context: StrategyContext) -> list[Hook]:
+    def build(self, recipe: Any, context: StrategyContext | None) -> list[Hook]:
         # mixing draws from its own generator, offset from the train seed so it does not
         # replay the shuffle's stream
         return [MixingHook(recipe.mix, recipe.train.label_smoothing, seed=recipe.train.seed + 1)]

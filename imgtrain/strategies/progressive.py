@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from imgtrain.config import RecipeError
 from imgtrain.engine.events import Hook
-from imgtrain.strategies.base import Strategy, StrategyContext
+from imgtrain.strategies.base import Strategy, StrategyContext, require_context
 from imgtrain.engine.state import EpochPlan
 
 
@@ -201,7 +201,8 @@ class Progressive(Strategy):
         check_progressive_recipe(recipe, context.img_size, batch_sampler=recipe.data.sampler == "per_class")
         return plan_epochs(recipe, context.img_size)
 
-    def build(self, recipe: Any, context: StrategyContext) -> List[Hook]:
+    def build(self, recipe: Any, context: StrategyContext | None) -> List[Hook]:
+        context = require_context(context, self.name)
         return [ProgressiveResizingHook(context.plans, channels_last=recipe.train.channels_last)]
 
 

@@ -37,7 +37,7 @@ import torch
 
 from imgtrain.config import RecipeError
 from imgtrain.engine.events import Hook
-from imgtrain.strategies.base import Strategy, StrategyContext
+from imgtrain.strategies.base import Strategy, StrategyContext, require_context
 from imgtrain.engine.optim import gets_weight_decay
 
 
@@ -222,7 +222,10 @@ class Transfer(Strategy):
     def param_groups(self, recipe: Any, model: torch.nn.Module) -> Optional[List[Dict[str, Any]]]:
         return transfer_param_groups(model, recipe)
 
-    def build(self, recipe: Any, context: StrategyContext) -> List[Hook]:
+    def build(self, recipe: Any, context: StrategyContext | None) -> List[Hook]:
+        context = require_context(context, self.name)
+        if context.model is None:
+            raise ValueError("transfer: checking transfer.* against the layer groups needs context.model")
         check_transfer_recipe(context.model, recipe)  # layer groups vs transfer.* (freeze_layers, group_lrs ...)
         return [TransferHook(recipe.transfer)]
 

@@ -101,9 +101,10 @@ def _fit(image: Image.Image) -> Image.Image:
     side = max(image.size)
     if side <= CELL:
         factor = CELL // side  # whole factor, nearest neighbour: pixels stay square and sharp
-        return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+        return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
     scale = CELL / side
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                        Image.Resampling.BILINEAR)
 
 
 def draw_grid(pixels: torch.Tensor, texts: list[str], path: Path) -> tuple:
