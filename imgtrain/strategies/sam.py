@@ -143,14 +143,15 @@ class SamHook(Hook):
         # them (also for momentum None, a cumulative average)
         self._momenta = [(m, m.momentum) for m in _norm_layers(state.model)]
         for module, _ in self._momenta:
-            module.momentum = 0.0
+            setattr(module, "momentum", 0.0)  # noqa: B010 (nn.Module's typed __setattr__ rejects a float)
         state.optimizer.zero_grad(set_to_none=True)
         state.repeat_group = True
 
     def _restore(self, state: Any) -> None:
+        assert self._saved is not None, "restore without a perturbation"
         restore_weights(self._params, self._saved)
         for module, momentum in self._momenta:
-            module.momentum = momentum
+            setattr(module, "momentum", momentum)  # noqa: B010
         self._saved, self._params, self._momenta = None, [], []
 
 
@@ -161,7 +162,7 @@ class Sam(Strategy):
     def enabled(self, recipe: Any) -> bool:
         return recipe.optim.sam is not None
 
-    def build(self, recipe: Any, context: StrategyContext) -> list[Hook]:
+    def build(self, recipe: Any, context: StrategyContext | None) -> list[Hook]:
         return [SamHook(recipe.optim.sam.rho, adaptive=recipe.optim.sam.adaptive)]
 
 

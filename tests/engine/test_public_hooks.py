@@ -50,6 +50,6 @@ def test_a_hook_that_only_reads_changes_nothing(tmp_path):
     plain = imgtrain.train(recipe(), run_dir=tmp_path / "plain")
     watched = imgtrain.train(recipe(), run_dir=tmp_path / "watched", hooks=[WeightNorms()])
     keep = ("train_loss", "val_loss", "val_acc", "lr")
-    assert [[r[k] for k in keep] for r in read_history(plain.run_dir)] == \
-        [[r[k] for k in keep] for r in read_history(watched.run_dir)]
+    assert [[r[k] for k in keep] for r in read_history(plain.run_dir / "history.csv")] == \
+        [[r[k] for k in keep] for r in read_history(watched.run_dir / "history.csv")]
     assert all(torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(), watched.model.state_dict().values()))
