@@ -12,12 +12,14 @@ order, and their hooks run in this order:
 5. distillation (distill.*): replaces the loss at after_loss; its teacher sees the batch as
    mixing (and resizing) left it;
 6. ema (ema.*): averages the weights after each optimizer step, once they are final;
-7. training diagnostics (diagnostics.*): the gradient monitor reads the final gradients at
+7. swa (swa.*): puts SWALR in place of the schedule at epoch_start of its first epoch, and averages
+   the epoch's final weights at before_eval, before validation sees them;
+8. training diagnostics (diagnostics.*): the gradient monitor reads the final gradients at
    before_step; the non-finite guard checks the loss at after_backward, after every hook that
    changes it, and stops the run or skips the step;
-8. early stopping (early_stop.*): reads the finished epoch's row at epoch_end, after the
+9. early stopping (early_stop.*): reads the finished epoch's row at epoch_end, after the
    averages, and may end the run (and restore the best weights at fit_end);
-9. the LR finder (optim.lr: find): its range test runs before training on the real Trainer
+10. the LR finder (optim.lr: find): its range test runs before training on the real Trainer
    (`find_lr`, an `LrFinderHook`) and leaves the model, optimizer and data order as it found them.
 """
 
@@ -39,6 +41,7 @@ from imgtrain.strategies.lr_finder import LrFinder, LrFinderHook, find_lr
 from imgtrain.strategies.mixing import Mixing, MixingHook, cutmix_box, mix_batch, mixing_enabled, sample_lam
 from imgtrain.strategies.progressive import (Progressive, ProgressiveResizingHook, plan_epochs, progressive_enabled,
                                              resize_batch)
+from imgtrain.strategies.swa import Swa, SwaHook, swa_update, update_bn_with
 from imgtrain.strategies.transfer import Transfer, TransferHook, freeze_until, layer_groups, transfer_enabled
 
 # the order hooks run in (see the module docstring); a new strategy is one line here
@@ -49,6 +52,7 @@ STRATEGIES: list[Strategy] = [
     Mixing(),
     Distillation(),
     Ema(),
+    Swa(),
     Diagnostics(),
     EarlyStopping(),
     LrFinder(),
@@ -85,4 +89,5 @@ __all__ = ["STRATEGIES", "Strategy", "StrategyContext", "build_strategies", "che
            "DistillationHook", "TeacherEnsemble", "distillation_loss", "EarlyStoppingHook", "EmaHook", "MixingHook",
            "should_stop", "TransferHook", "freeze_until", "layer_groups", "transfer_enabled", "cutmix_box",
            "ema_decay", "ema_update", "mix_batch", "mixing_enabled", "sample_lam", "ProgressiveResizingHook",
-           "plan_epochs", "progressive_enabled", "resize_batch", "LrFinderHook", "find_lr"]
+           "plan_epochs", "progressive_enabled", "resize_batch", "LrFinderHook", "find_lr", "SwaHook", "swa_update",
+           "update_bn_with"]
