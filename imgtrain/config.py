@@ -194,6 +194,15 @@ class EmaConfig:
 
 
 @dataclass
+class SwaConfig:
+    """Stochastic weight averaging (strategies/swa.py): an equal average of the end-of-epoch weights."""
+    start_epoch: Optional[int] = param(None, min=0)  # 0-based epoch SWA starts (averaged at its end); null: off
+    lr: Optional[float] = param(None, min=0.0, min_exclusive=True)  # constant lr after annealing, for the effective batch; null: keep the schedule's lr
+    anneal_epochs: float = param(1.0, min=0.0)       # epochs of annealing from the current lr to swa.lr
+    anneal_strategy: str = param("cos", choices=("cos", "linear"))  # shape of that annealing
+
+
+@dataclass
 class ImbalanceConfig:
     """Class-imbalance tools (losses.py, data/samplers.py)."""
     class_weights: Union[str, List[float]] = "none"  # none | inverse | effective | one weight per class
@@ -340,6 +349,7 @@ class Recipe:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
+    swa: SwaConfig = field(default_factory=SwaConfig)
     imbalance: ImbalanceConfig = field(default_factory=ImbalanceConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
@@ -499,6 +509,27 @@ def load_recipe(path: Union[str, Path, None] = None, overrides: Optional[List[st
     recipe = recipe_from_dict(data, file=file, origins=origins)
     recipe.source_file = file
     return recipe
+
+
+def key_origin(recipe: Recipe, key: str) -> Dict[str, Any]:
+    """Where a loaded recipe's dotted `key` was written, as RecipeError's file/key/line: for the
+    cross-section checks strategies make after loading (the Recipe keeps no lines). The file and line
+    come from the recipe's file, or a file it extends, when that file sets the value the recipe
+    holds; a value it does not hold came from an override: "command line", as load_recipe says."""
+    where: Dict[str, Any] = {"file": recipe.source_file, "key": key, "line": None}
+    if recipe.source_file is None:
+        return where
+    where["file"] = "command line"
+    data, origins = _read_recipe_file(Path(recipe.source_file))
+    written: Any = data
+    for part in key.split("."):
+        written = written.get(part) if isinstance(written, dict) else None
+    actual: Any = recipe
+    for part in key.split("."):
+        actual = getattr(actual, part)
+    if key in origins and written == actual:  # 2 == 2.0: YAML's int where a float goes still matches
+        where["file"], where["line"] = origins[key]
+    return where
 
 
 def recipe_from_dict(data: Dict[str, Any], file: Optional[str] = None,
@@ -907,6 +938,9 @@ def _check_section(obj: Any, prefix: str, file: Optional[str], origins: Dict[str
             if obj.difficulty == mode and not getattr(obj, mode):
                 what = "a run folder or .safetensors file" if mode == "reference" else "the path of a CSV file"
                 fail(mode, f"curriculum.difficulty {mode} needs this key: {what}")
+    if isinstance(obj, SwaConfig) and obj.start_epoch is None and obj.lr is not None:
+        fail("lr", "swa.lr is the lr of the SWA epochs, and SWA is off (swa.start_epoch is null); set "
+                   "swa.start_epoch (0-based) to turn it on, or leave swa.lr out")
     if isinstance(obj, TrainConfig):
         device = obj.device
         if not (device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())):

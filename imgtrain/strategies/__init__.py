@@ -9,16 +9,19 @@ order, and their hooks run in this order:
 3. progressive resizing (progressive.*): plans each epoch's size and batch size, and shrinks the
    batch at batch_start;
 4. mixing (mix.*): replaces the batch at batch_start, after resizing (cheaper at the small size);
-   then sam (optim.sam): has the loop replay each accumulation group's batches as mixing left them;
-5. distillation (distill.*): replaces the loss at after_loss; its teacher sees the batch as
+5. sam (optim.sam): perturbs the weights at the group's last after_backward and has the loop replay
+   the group's batches as mixing left them (a second forward/backward at w + e(w)), then restores w;
+6. distillation (distill.*): replaces the loss at after_loss; its teacher sees the batch as
    mixing (and resizing) left it;
-6. ema (ema.*): averages the weights after each optimizer step, once they are final;
-7. training diagnostics (diagnostics.*): the gradient monitor reads the final gradients at
+7. ema (ema.*): averages the weights after each optimizer step, once they are final;
+8. swa (swa.*): puts SWALR in place of the schedule at epoch_start of its first epoch, and averages
+   the epoch's final weights at before_eval, before validation sees them;
+9. training diagnostics (diagnostics.*): the gradient monitor reads the final gradients at
    before_step; the non-finite guard checks the loss at after_backward, after every hook that
    changes it, and stops the run or skips the step;
-8. early stopping (early_stop.*): reads the finished epoch's row at epoch_end, after the
+10. early stopping (early_stop.*): reads the finished epoch's row at epoch_end, after the
    averages, and may end the run (and restore the best weights at fit_end);
-9. the LR finder (optim.lr: find): its range test runs before training on the real Trainer
+11. the LR finder (optim.lr: find): its range test runs before training on the real Trainer
    (`find_lr`, an `LrFinderHook`) and leaves the model, optimizer and data order as it found them.
 """
 
@@ -41,6 +44,7 @@ from imgtrain.strategies.mixing import Mixing, MixingHook, cutmix_box, mix_batch
 from imgtrain.strategies.progressive import (Progressive, ProgressiveResizingHook, plan_epochs, progressive_enabled,
                                              resize_batch)
 from imgtrain.strategies.sam import Sam, SamHook, perturb_weights, restore_weights, sam_perturbation
+from imgtrain.strategies.swa import Swa, SwaHook, swa_update, update_bn_with
 from imgtrain.strategies.transfer import Transfer, TransferHook, freeze_until, layer_groups, transfer_enabled
 
 # the order hooks run in (see the module docstring); a new strategy is one line here
@@ -52,6 +56,7 @@ STRATEGIES: list[Strategy] = [
     Sam(),
     Distillation(),
     Ema(),
+    Swa(),
     Diagnostics(),
     EarlyStopping(),
     LrFinder(),
@@ -89,4 +94,4 @@ __all__ = ["STRATEGIES", "Strategy", "StrategyContext", "build_strategies", "che
            "should_stop", "TransferHook", "freeze_until", "layer_groups", "transfer_enabled", "cutmix_box",
            "ema_decay", "ema_update", "mix_batch", "mixing_enabled", "sample_lam", "ProgressiveResizingHook",
            "plan_epochs", "progressive_enabled", "resize_batch", "LrFinderHook", "find_lr", "SamHook",
-           "perturb_weights", "restore_weights", "sam_perturbation"]
+           "perturb_weights", "restore_weights", "sam_perturbation", "SwaHook", "swa_update", "update_bn_with"]
