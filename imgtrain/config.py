@@ -2,7 +2,7 @@
 
 A recipe is a YAML mapping with the sections below. Every key is declared here with its type,
 default, allowed range or choices and meaning, so a typo or a wrong value is caught before any work
-starts: pydantic checks, and `_recipe_error` turns its first complaint into a RecipeError naming the
+starts: pydantic checks, and recipe_errors.py turns its first complaint into a RecipeError naming the
 file, line, dotted key and the closest valid key. recipe_files.py reads the YAML and `extends:`.
 
     recipe = load_recipe("configs/fashion_mnist.yaml", ["train.epochs=3"])
@@ -12,11 +12,9 @@ file, line, dotted key and the closest valid key. recipe_files.py reads the YAML
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, NoReturn
+from typing import Annotated, Any, Literal
 
 import yaml
 from annotated_types import Ge, Gt
@@ -26,7 +24,8 @@ from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
 
 # imported here too (noqa) because they lived in this module before: `from imgtrain.config import RecipeError`
-from imgtrain.recipe_files import BUILTIN_RECIPES, RecipeError, builtin_recipes, parse_override  # noqa: F401
+from imgtrain.recipe_errors import RecipeError, fail, leaves, number_hint, recipe_error, where
+from imgtrain.recipe_files import BUILTIN_RECIPES, builtin_recipes, parse_override  # noqa: F401
 from imgtrain.recipe_files import read_recipe_file, resolve_recipe_path, set_dotted
 from imgtrain.tta_views import TTA_VIEWS, TTAView, parse_tta_view  # noqa: F401
 
@@ -41,23 +40,6 @@ Str = Annotated[str, Strict()]
 section = dataclass(config=ConfigDict(extra="forbid"))
 
 
-def _fail(key: str, message: str) -> NoReturn:
-    """A check between keys of one section failed at `key` (of that section); `_recipe_error` adds where."""
-    raise PydanticCustomError("recipe", "{message}", {"key": key, "message": message})
-
-
-def _leaves(tp: Any) -> list[Any]:
-    """The plain types a field annotation accepts (Annotated, unions and Literals unwrapped)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Annotated:
-        return _leaves(args[0])
-    if origin in (typing.Union, types.UnionType):
-        return [leaf for arg in args for leaf in _leaves(arg)]
-    if origin is Literal:
-        return [type(arg) for arg in args]
-    return [tp]
-
-
 @section
 class _Section:
     """What every section does to a value before pydantic checks it."""
@@ -68,8 +50,8 @@ class _Section:
         annotation = cls.__pydantic_fields__[info.field_name].annotation
         if value is None and dataclasses.is_dataclass(annotation):
             return {}  # `data:` with nothing under it: all defaults
-        leaves = _leaves(annotation)
-        if isinstance(value, bool) and str in leaves and bool not in leaves:
+        accepted = leaves(annotation)
+        if isinstance(value, bool) and str in accepted and bool not in accepted:
             return "on" if value else "off"  # YAML 1.1 reads `amp: off` as false: the user meant the word
         return value
 
@@ -79,7 +61,7 @@ class _Section:
         return self
 
     def _check(self) -> None:
-        """Checks that involve more than one key of the section: call _fail(key, message)."""
+        """Checks that involve more than one key of the section: call fail(key, message)."""
 
 
 # ----------------------------------------------------------------------------- sections
@@ -101,7 +83,7 @@ class ShapesConfig(_Section):
 
     def _check(self) -> None:
         if self.min_scale > self.max_scale:
-            _fail("min_scale", f"{self.min_scale} is larger than max_scale ({self.max_scale})")
+            fail("min_scale", f"{self.min_scale} is larger than max_scale ({self.max_scale})")
 
 
 @section
@@ -129,16 +111,16 @@ class DataConfig(_Section):
 
     def _check(self) -> None:
         if self.val_fraction + self.test_fraction >= 1.0:
-            _fail("test_fraction", "val_fraction + test_fraction must leave some training images (< 1)")
+            fail("test_fraction", "val_fraction + test_fraction must leave some training images (< 1)")
         if self.source in ("imagefolder", "csv") and not self.root:
             what = "folder" if self.source == "imagefolder" else "manifest CSV"
-            _fail("root", f"data.source {self.source} needs data.root (the {what})")
+            fail("root", f"data.source {self.source} needs data.root (the {what})")
 
 
 def _pair(key: str, pair: list[float], low: float, above: bool = False) -> None:
     """A [low, high] range key: two values in order, low at least (or, with above, more than) `low`."""
     if len(pair) != 2 or pair[0] > pair[1] or pair[0] < low or (above and pair[0] == low):
-        _fail(key, f"expected [low, high] with {low:g} {'<' if above else '<='} low <= high, got {pair}")
+        fail(key, f"expected [low, high] with {low:g} {'<' if above else '<='} low <= high, got {pair}")
 
 
 @section
@@ -177,23 +159,23 @@ class AugmentConfig(_Section):
         _pair("scale", self.scale, 0.0, above=True)
         _pair("ratio", self.ratio, 0.0, above=True)
         if self.scale[1] > 1.0:
-            _fail("scale", f"the crop area is a fraction of the image: high must be <= 1, got {self.scale[1]}")
+            fail("scale", f"the crop area is a fraction of the image: high must be <= 1, got {self.scale[1]}")
         if self.normalize == "given":
             if self.mean is None or self.std is None:
-                _fail("normalize", "normalize: given needs augment.mean and augment.std (one value per channel)")
+                fail("normalize", "normalize: given needs augment.mean and augment.std (one value per channel)")
             if len(self.mean) != len(self.std):
-                _fail("std", f"mean has {len(self.mean)} values and std {len(self.std)}; give one per channel")
+                fail("std", f"mean has {len(self.mean)} values and std {len(self.std)}; give one per channel")
             if any(s <= 0 for s in self.std):
-                _fail("std", f"every std must be > 0, got {self.std}")
+                fail("std", f"every std must be > 0, got {self.std}")
         elif self.mean is not None or self.std is not None:
-            _fail("mean", "augment.mean/std are used only with augment.normalize: given")
+            fail("mean", "augment.mean/std are used only with augment.normalize: given")
         _pair("affine_scale", self.affine_scale, 0.01)
         _pair("erasing_scale", self.erasing_scale, 0.0)
         if self.erasing_scale[1] > 1.0:
-            _fail("erasing_scale", "the erased area is a fraction of the image: high must be <= 1, "
+            fail("erasing_scale", "the erased area is a fraction of the image: high must be <= 1, "
                                    f"got {self.erasing_scale}")
         if len(self.translate) != 2 or not all(0.0 <= t <= 1.0 for t in self.translate):
-            _fail("translate", "expected [max_dx, max_dy], fractions of the width and height in [0, 1], "
+            fail("translate", "expected [max_dx, max_dy], fractions of the width and height in [0, 1], "
                                f"got {self.translate}")
 
 
@@ -209,12 +191,12 @@ class ModelConfig(_Section):
 
     def _check(self) -> None:
         if self.weights is not None and self.weights_file is not None:
-            _fail("weights_file", "model.weights and model.weights_file both set the starting weights; use one "
+            fail("weights_file", "model.weights and model.weights_file both set the starting weights; use one "
                                   "(weights: timm, a run folder or a .safetensors file; weights_file: a local "
                                   ".pth/.pt/.bin/.safetensors checkpoint)")
         for key in ("weights", "weights_file"):
             if getattr(self, key) == "":
-                _fail(key, "empty; leave it out (or null) to start from random weights")
+                fail(key, "empty; leave it out (or null) to start from random weights")
 
 
 @section
@@ -233,13 +215,13 @@ class OptimConfig(_Section):
     @classmethod
     def _lr_text(cls, value: Any) -> Any:
         if isinstance(value, str) and value != "find":
-            message = f"expected a number > 0 or find (run the LR finder first), got {value!r}{_number_hint(value)}"
+            message = f"expected a number > 0 or find (run the LR finder first), got {value!r}{number_hint(value)}"
             raise PydanticCustomError("recipe", "{message}", {"message": message})
         return value
 
     def _check(self) -> None:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            _fail("betas", f"expected two values in [0, 1), got {self.betas}")
+            fail("betas", f"expected two values in [0, 1), got {self.betas}")
 
 
 @section
@@ -261,11 +243,11 @@ class ScheduleConfig(_Section):
 
     def _check(self) -> None:
         if self.milestones != sorted(self.milestones) or any(m <= 0 for m in self.milestones):
-            _fail("milestones", f"expected increasing epochs > 0, got {self.milestones}")
+            fail("milestones", f"expected increasing epochs > 0, got {self.milestones}")
         if self.base_momentum > self.max_momentum:
-            _fail("base_momentum", f"{self.base_momentum} is larger than max_momentum ({self.max_momentum})")
+            fail("base_momentum", f"{self.base_momentum} is larger than max_momentum ({self.max_momentum})")
         if self.name == "warmup_cosine" and self.warmup_epochs <= 0:
-            _fail("warmup_epochs", "schedule warmup_cosine needs warmup_epochs > 0 (epochs of linear warmup)")
+            fail("warmup_epochs", "schedule warmup_cosine needs warmup_epochs > 0 (epochs of linear warmup)")
 
 
 @section
@@ -315,16 +297,16 @@ class TransferConfig(_Section):
     def _check(self) -> None:
         epochs = self.unfreeze_epochs
         if any(e < 1 for e in epochs) or epochs != sorted(set(epochs)):
-            _fail("unfreeze_epochs", "expected increasing epochs >= 1 (0-based: the epoch the group starts "
+            fail("unfreeze_epochs", "expected increasing epochs >= 1 (0-based: the epoch the group starts "
                                      f"training), got {epochs}")
         modes = [name for name, on in (("freeze_backbone", self.freeze_backbone),
                                        ("freeze_epochs", self.freeze_epochs > 0), ("unfreeze_epochs", bool(epochs))) if on]
         if len(modes) > 1:
-            _fail(modes[1], f"{' and '.join('transfer.' + m for m in modes)} each decide when the backbone trains; use one")
+            fail(modes[1], f"{' and '.join('transfer.' + m for m in modes)} each decide when the backbone trains; use one")
         if self.layer_decay is not None and self.group_lrs is not None:
-            _fail("group_lrs", "transfer.layer_decay and transfer.group_lrs both set the group learning rates; use one")
+            fail("group_lrs", "transfer.layer_decay and transfer.group_lrs both set the group learning rates; use one")
         if self.group_lrs is not None and (not self.group_lrs or any(lr < 0 for lr in self.group_lrs)):
-            _fail("group_lrs", f"expected one learning rate >= 0 per layer group, got {self.group_lrs}")
+            fail("group_lrs", f"expected one learning rate >= 0 per layer group, got {self.group_lrs}")
 
 
 @section
@@ -355,7 +337,7 @@ class CurriculumConfig(_Section):
         for mode in ("reference", "csv"):
             if self.difficulty == mode and not getattr(self, mode):
                 what = "a run folder or .safetensors file" if mode == "reference" else "the path of a CSV file"
-                _fail(mode, f"curriculum.difficulty {mode} needs this key: {what}")
+                fail(mode, f"curriculum.difficulty {mode} needs this key: {what}")
 
 
 STAGE_KEYS = {"img_size": (int, 4), "epochs": (int, 1), "batch_size": (int, 1), "lr": (float, 0.0)}
@@ -377,31 +359,30 @@ class ProgressiveConfig(_Section):
     def _check(self) -> None:
         """Each stage a mapping of img_size, epochs (required), batch_size, lr; sizes increasing."""
         if self.stages and self.min_size is not None:
-            _fail("min_size", "progressive.stages and a ramp (min_size) both set the sizes; use one")
+            fail("min_size", "progressive.stages and a ramp (min_size) both set the sizes; use one")
         for index, stage in enumerate(self.stages):
             where = f"stages[{index}]"
             unknown = sorted(set(stage) - set(STAGE_KEYS))
             if unknown:
-                _fail("stages", f"{where}: unknown key {unknown[0]!r}; a stage has img_size, epochs, batch_size, lr")
+                fail("stages", f"{where}: unknown key {unknown[0]!r}; a stage has img_size, epochs, batch_size, lr")
             for key in ("img_size", "epochs"):
                 if key not in stage:
-                    _fail("stages", f"{where}: {key} is missing")
+                    fail("stages", f"{where}: {key} is missing")
             for key, value in stage.items():
                 kind, low = STAGE_KEYS[key]
                 number = isinstance(value, (int, float)) and not isinstance(value, bool)
                 if not number or (kind is int and not isinstance(value, int)):
-                    _fail("stages", f"{where}.{key}: expected {'an integer' if kind is int else 'a number'}, "
-                                    f"got {value!r}")
+                    fail("stages", f"{where}.{key}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
                 if value < low or (key == "lr" and value <= 0):
-                    _fail("stages", f"{where}.{key}: {value} is out of range: expected a value "
+                    fail("stages", f"{where}.{key}: {value} is out of range: expected a value "
                                     f"{'>' if key == 'lr' else '>='} {low}")
         sizes = [stage["img_size"] for stage in self.stages]
         if any(later <= earlier for earlier, later in zip(sizes, sizes[1:])):
-            _fail("stages", f"stage sizes must increase from stage to stage, got {sizes}")
+            fail("stages", f"stage sizes must increase from stage to stage, got {sizes}")
         if self.min_size is not None and self.ramp_end < self.ramp_start:
-            _fail("ramp_end", f"ramp_end ({self.ramp_end}) is before ramp_start ({self.ramp_start})")
+            fail("ramp_end", f"ramp_end ({self.ramp_end}) is before ramp_start ({self.ramp_start})")
         if self.min_size is None and self.max_size is not None:
-            _fail("max_size", "max_size is the end of a ramp: set min_size too (or use stages)")
+            fail("max_size", "max_size is the end of a ramp: set min_size too (or use stages)")
 
 
 @section
@@ -416,7 +397,7 @@ class DistillConfig(_Section):
     def _check(self) -> None:
         teachers = self.teacher if isinstance(self.teacher, list) else [self.teacher]
         if self.teacher is not None and (not teachers or any(not t or not t.strip() for t in teachers)):
-            _fail("teacher", "expected a run folder, a .safetensors file or a timm model name (or a list of them), "
+            fail("teacher", "expected a run folder, a .safetensors file or a timm model name (or a list of them), "
                              f"got {self.teacher!r}; leave it out (or null) to train without a teacher")
 
 
@@ -432,7 +413,7 @@ class LrFindConfig(_Section):
 
     def _check(self) -> None:
         if self.start >= self.end:
-            _fail("start", f"the range test goes up from start to end: start ({self.start:g}) must be below "
+            fail("start", f"the range test goes up from start to end: start ({self.start:g}) must be below "
                            f"end ({self.end:g})")
 
 
@@ -463,7 +444,7 @@ class EvalConfig(_Section):
             try:
                 parse_tta_view(spec)
             except ValueError as exc:
-                _fail("tta", f"tta[{index}]: {exc}")
+                fail("tta", f"tta[{index}]: {exc}")
 
 
 @section
@@ -485,7 +466,7 @@ class TrainConfig(_Section):
     def _check(self) -> None:
         device = self.device
         if not (device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())):
-            _fail("device", f"expected auto, cpu, cuda or cuda:N, got {device!r}")
+            fail("device", f"expected auto, cpu, cuda or cuda:N, got {device!r}")
 
 
 @section
@@ -503,7 +484,7 @@ class OutputConfig(_Section):
 
     def _check(self) -> None:
         if self.name is not None and ("/" in self.name or self.name in (".", "..")):
-            _fail("name", f"a run name is one folder name, got {self.name!r}; use output.root for the parent")
+            fail("name", f"a run name is one folder name, got {self.name!r}; use output.root for the parent")
 
 
 @section
@@ -556,19 +537,18 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     return recipe
 
 
-def recipe_from_dict(data: dict[str, Any], file: str | None = None,
-                     origins: dict[str, tuple] | None = None) -> Recipe:
+def recipe_from_dict(data: dict[str, Any], file: str | None = None, origins: dict[str, tuple] | None = None) -> Recipe:
     """Build and validate a Recipe from plain data (e.g. a run folder's config.yaml)."""
     origins = origins or {}
     if not isinstance(data, dict):
-        raise RecipeError(f"expected a mapping of keys, got {type(data).__name__}", **_where("recipe", file, origins))
+        raise RecipeError(f"expected a mapping of keys, got {type(data).__name__}", **where("recipe", file, origins))
     data = _upgrade_legacy_keys(data)
     if "source_file" in data:  # a field of Recipe, but set by the loader, not a recipe key
-        raise RecipeError("unknown key (the loader sets it)", **_where("source_file", file, origins))
+        raise RecipeError("unknown key (the loader sets it)", **where("source_file", file, origins))
     try:
         return _RECIPE.validate_python(data)
     except ValidationError as exc:
-        raise _recipe_error(exc, data, file, origins) from None
+        raise recipe_error(exc, Recipe, data, file, origins) from None
 
 
 def _upgrade_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
@@ -583,98 +563,7 @@ def _upgrade_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "model": model}
 
 
-# ----------------------------------------------------------------------------- errors
-
 _RECIPE = TypeAdapter(Recipe)
-_RANGES = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"), "less_than_equal": ("le", "<="),
-           "less_than": ("lt", "<")}
-
-
-def _where(key: str, file: str | None, origins: dict[str, tuple]) -> dict[str, Any]:
-    origin_file, line = origins.get(key, (file, None))
-    return {"file": origin_file, "key": key, "line": line}
-
-
-def _number_hint(value: Any) -> str:
-    """YAML 1.1 reads 1e-3 (no dot) as text: say so next to the complaint."""
-    try:
-        return f" (YAML reads it as text: write {float(value):.1e})" if "e" in str(value).lower() else ""
-    except ValueError:
-        return ""
-
-
-def _type_name(tp: Any, plural: bool = False) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Annotated:
-        return _type_name(args[0], plural)
-    if origin in (typing.Union, types.UnionType):
-        names = " or ".join(_type_name(a) for a in args if a is not type(None))
-        return names + (" or null" if type(None) in args else "")
-    if origin is Literal:
-        return " or ".join(repr(a) for a in args)
-    if origin is list:
-        return f"a list of {_type_name(args[0], plural=True)}"
-    if origin is dict:
-        return "a mapping"
-    if plural:
-        return {int: "integers", float: "numbers", bool: "true or false", str: "strings"}.get(tp, str(tp))
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
-
-
-def _recipe_error(exc: ValidationError, data: dict[str, Any], file: str | None,
-                  origins: dict[str, tuple]) -> RecipeError:
-    """pydantic's first complaint as today's RecipeError: the dotted key, its file and line, and
-    what was expected in words (a union type makes one complaint per member: read them together)."""
-    errors = exc.errors()
-    first = errors[0]
-    cls: Any = Recipe
-    path: list[str] = []
-    annotation: Any = None
-    value: Any = data
-    for part in first["loc"]:  # sections down to the field; then list indexes and union members
-        if part not in cls.__pydantic_fields__:
-            path += [str(part)] if annotation is None else []  # an unknown key
-            break
-        path.append(part)
-        annotation = cls.__pydantic_fields__[part].annotation
-        value = value.get(part) if isinstance(value, dict) else None
-        if not dataclasses.is_dataclass(annotation):
-            break
-        cls, annotation = annotation, None
-    key = ".".join(path)
-    kind = first["type"]
-    if kind == "unexpected_keyword_argument":
-        prefix = key.rpartition(".")[0] + "." if "." in key else ""
-        fields = [name for name in cls.__pydantic_fields__ if name != "source_file"]
-        close = difflib.get_close_matches(key, [prefix + name for name in fields], n=1, cutoff=0.5)
-        hint = f", did you mean {close[0]}?" if close else f" (valid keys: {', '.join(fields)})"
-        return RecipeError(f"unknown key{hint}", **_where(key, file, origins))
-    if kind == "recipe":
-        key = ".".join(path + [first["ctx"]["key"]] if "key" in first["ctx"] else path)
-        return RecipeError(first["ctx"]["message"], **_where(key, file, origins))
-    if kind in ("dataclass_type", "dataclass_args_type"):
-        return RecipeError(f"expected a mapping of keys, got {type(value).__name__}", **_where(key, file, origins))
-    same = [e for e in errors if e["loc"][:len(path)] == first["loc"][:len(path)]]
-    ranged = next((e for e in same if e["type"] in _RANGES), None)
-    if ranged is not None:
-        bound_name, op = _RANGES[ranged["type"]]
-        bound, got = ranged["ctx"][bound_name], ranged["input"]
-        got = float(got) if isinstance(bound, float) else got  # an integer given for a number reads as one
-        return RecipeError(f"{got} is out of range: expected a value {op} {bound}", **_where(key, file, origins))
-    if kind == "literal_error" and len(same) == 1:
-        choices = [str(arg) for arg in _literal_args(annotation)]
-        close = difflib.get_close_matches(str(first["input"]), choices, n=1)
-        hint = f", did you mean {close[0]}?" if close else ""
-        return RecipeError(f"{first['input']!r} is not one of {', '.join(choices)}{hint}", **_where(key, file, origins))
-    return RecipeError(f"expected {_type_name(annotation)}, got {value!r}{_number_hint(value)}",
-                       **_where(key, file, origins))
-
-
-def _literal_args(tp: Any) -> list[Any]:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        return list(args)
-    return [a for arg in args for a in _literal_args(arg)] if origin in (typing.Union, types.UnionType) else []
 
 
 # ----------------------------------------------------------------------------- keys, schema, dump

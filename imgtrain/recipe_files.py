@@ -1,7 +1,7 @@
 """Reading recipe files: YAML with the line of every key, `extends:` (paths, built-in recipes
 and parts such as `data/digits`), dotted overrides. It knows nothing of the recipe's keys: config.py
 checks what this reads and uses the lines to say where a mistake is. A bottom-layer module: it
-imports nothing from imgtrain.
+imports only recipe_errors from imgtrain.
 """
 
 from __future__ import annotations
@@ -11,21 +11,9 @@ from typing import Any
 
 import yaml
 
+from imgtrain.recipe_errors import RecipeError
+
 BUILTIN_RECIPES = Path(__file__).parent / "configs"
-
-
-class RecipeError(ValueError):
-    """A recipe problem the user can fix: says where (file, key, line) and what to do."""
-
-    def __init__(self, message: str, file: str | None = None, key: str | None = None,
-                 line: int | None = None):
-        self.file, self.key, self.line = file, key, line
-        where = ""
-        if file:
-            where = f"{file}" + (f", line {line}" if line else "") + ": "
-        if key:
-            where += f"{key}: "
-        super().__init__(where + message)
 
 
 class _LineLoader(yaml.SafeLoader):
