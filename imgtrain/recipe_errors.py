@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from pydantic_core import PydanticCustomError
 
 INTERNAL = ("source_file",)  # fields of the recipe that are not recipe keys (set by the loader)
+# pydantic's range complaints: the name of the bound in their context and how to say it
 _RANGES = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"), "less_than_equal": ("le", "<="),
            "less_than": ("lt", "<")}
 
@@ -48,10 +49,6 @@ def leaves(tp: Any) -> list[Any]:
     if origin is Literal:
         return [type(arg) for arg in args]
     return [tp]
-
-
-_RANGES = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"), "less_than_equal": ("le", "<="),
-           "less_than": ("lt", "<")}
 
 
 def where(key: str, file: str | None, origins: dict[str, tuple]) -> dict[str, Any]:
@@ -110,7 +107,7 @@ def recipe_error(exc: ValidationError, root: type, data: dict[str, Any], file: s
     kind = first["type"]
     if kind == "unexpected_keyword_argument":
         prefix = key.rpartition(".")[0] + "." if "." in key else ""
-        fields = [name for name, info in cls.__pydantic_fields__.items() if name not in INTERNAL]
+        fields = [name for name in cls.__pydantic_fields__ if name not in INTERNAL]
         close = difflib.get_close_matches(key, [prefix + name for name in fields], n=1, cutoff=0.5)
         hint = f", did you mean {close[0]}?" if close else f" (valid keys: {', '.join(fields)})"
         return RecipeError(f"unknown key{hint}", **where(key, file, origins))
