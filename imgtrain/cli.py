@@ -351,6 +351,23 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from imgtrain.config import RecipeError, recipe_schema
+
+    text = json.dumps(recipe_schema(), indent=2) + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        Path(args.output).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise RecipeError(f"schema --output {args.output}: cannot write it ({exc.strerror}); "
+                          "give a file in an existing, writable folder") from None
+    print(f"wrote the recipe JSON Schema to {args.output}; point your editor's YAML support at it "
+          f"(first line of a recipe: # yaml-language-server: $schema={args.output})", file=sys.stderr)
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from imgtrain.config import load_recipe
     from imgtrain.doctor import run_doctor
@@ -493,6 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=3, help="passes over the train split (first: start-up)")
     p.add_argument("--batches", type=_positive_int, default=None, help="stop each pass after this many batches")
     p.set_defaults(func=cmd_bench_data)
+
+    p = sub.add_parser("schema", help="write the recipe's JSON Schema (editors complete and check recipe keys)")
+    p.add_argument("--output", help="file to write (default: stdout), e.g. recipe.schema.json")
+    p.set_defaults(func=cmd_schema)
 
     p = sub.add_parser("doctor", help="check data, initial loss, gradients and that one batch can be overfit")
     p.add_argument("recipe", help="recipe .yaml or built-in name")

@@ -255,3 +255,15 @@ def test_predict_bad_options_exit_2(digits_run, tmp_path, capsys, args, message)
     Image.new("L", (8, 8), 0).save(image)
     assert main(["predict", str(digits_run), str(image), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_schema_writes_the_recipe_json_schema(tmp_path, capsys):
+    assert main(["schema"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert main(["schema", "--output", str(tmp_path / "recipe.schema.json")]) == 0
+    written = json.loads((tmp_path / "recipe.schema.json").read_text())
+    assert written == printed
+    assert written["$defs"]["DataConfig"]["properties"]["batch_size"]["default"] == 128
+    assert "yaml-language-server: $schema=" in capsys.readouterr().err
+    assert main(["schema", "--output", str(tmp_path / "no" / "such" / "dir.json")]) == 2
+    assert "cannot write it" in capsys.readouterr().err

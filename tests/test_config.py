@@ -119,3 +119,94 @@ def test_resolved_recipe_round_trips():
     again = recipe_from_dict(recipe.to_dict())
     assert again.to_dict() == recipe.to_dict()
     assert "train.epochs" in recipe_keys() and "data.shapes.noise" in recipe_keys()
+
+
+# ----------------------------------------------------------------------------- composing parts, JSON Schema
+
+def test_extends_a_list_of_builtin_parts(tmp_path):
+    recipe_file = write(tmp_path / "r.yaml", "extends: [data/fashion_mnist, model/resnet18_frozen, "
+                                             "optim/sgd_onecycle.yaml]\ntrain:\n  epochs: 3\n")
+    recipe = load_recipe(recipe_file)
+    assert (recipe.data.source, recipe.augment.hflip, recipe.model.name, recipe.model.weights) == \
+        ("fashion-mnist", 0.5, "resnet18", "timm")
+    assert recipe.transfer.freeze_backbone and recipe.optim.name == "sgd" and recipe.schedule.name == "onecycle"
+    assert recipe.train.epochs == 3
+    # a later part wins over an earlier one, the recipe over all of them; lines point at the part's file
+    recipe = load_recipe(write(tmp_path / "r2.yaml", "extends: [model/cnn_small, model/cnn_tiny]\n"))
+    assert (recipe.model.name, recipe.model.drop_rate) == ("imgtrain_cnn_tiny", 0.0)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path / "r3.yaml", "extends: [data/digits, optim/adamw_cosine]\n"), ["optim.lr=0"])
+    assert "optim.lr: 0.0 is out of range" in str(info.value)
+
+
+def test_a_part_next_to_the_recipe_wins_over_the_builtin_one(tmp_path):
+    (tmp_path / "data").mkdir()
+    write(tmp_path / "data" / "digits.yaml", "data:\n  source: shapes\n  batch_sise: 8\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path / "r.yaml", "extends: [data/digits]\n"))
+    assert "data.batch_sise: unknown key, did you mean data.batch_size?" in str(info.value)
+    assert str(tmp_path / "data" / "digits.yaml") in str(info.value) and "line 3" in str(info.value)
+    with pytest.raises(RecipeError, match=r"recipe not found: data/nothing .*parts for extends: data/digits"):
+        load_recipe(write(tmp_path / "r2.yaml", "extends: [data/nothing]\n"))
+
+
+def test_every_builtin_part_loads_on_its_own():
+    parts = sorted(p.relative_to(BUILTIN_RECIPES).with_suffix("").as_posix()
+                   for p in BUILTIN_RECIPES.glob("*/*.yaml"))
+    assert {"data/digits", "data/fashion_mnist", "data/shapes", "data/imagefolder", "model/cnn_small",
+            "model/cnn_tiny", "model/resnet18_frozen", "optim/sgd_onecycle", "optim/adamw_cosine"} <= set(parts)
+    assert load_recipe("model/cnn_tiny").model.name == "imgtrain_cnn_tiny"
+    assert load_recipe("optim/adamw_cosine").schedule.name == "warmup_cosine"
+    assert load_recipe("data/shapes").data.source == "shapes"
+
+
+def test_a_composed_recipe_trains(tmp_path):
+    import imgtrain
+
+    recipe_file = write(tmp_path / "composed.yaml", "extends: [data/digits, model/cnn_tiny, optim/sgd_onecycle]\n"
+                                                    "train:\n  epochs: 1\n  max_steps_per_epoch: 6\n")
+    recipe = load_recipe(recipe_file, ["output.progress=off", "output.plots=false", "output.report=false"])
+    result = imgtrain.train(recipe, run_dir=tmp_path / "run")
+    assert len(result.history) == 1
+    row = result.history[0]
+    assert 0.0 < row["train_loss"] < 2.5 and 0.0 <= row["val_acc"] <= 1.0  # 10 classes: chance loss is 2.3
+    assert row["lr"] < 0.1  # one-cycle: the lr after the last step is far below the 0.1 peak
+    resolved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "imgtrain_cnn_tiny" in resolved and "onecycle" in resolved and "extends" not in resolved
+
+
+def _schema_errors(schema: dict, instance: dict) -> list[str]:
+    """jsonschema's complaints when it is installed, else a hand check of the keys (one level of sections)."""
+    try:
+        import jsonschema
+    except ImportError:
+        errors = [key for key in instance if key not in schema["properties"]]
+        for name, section in instance.items():
+            ref = schema["properties"].get(name, {}).get("$ref", "")
+            if isinstance(section, dict) and ref:
+                props = schema["$defs"][ref.rpartition("/")[2]]["properties"]
+                errors += [f"{name}.{key}" for key in section if key not in props]
+        return errors
+    return [error.message for error in jsonschema.Draft202012Validator(schema).iter_errors(instance)]
+
+
+def test_the_json_schema_describes_and_checks_recipes():
+    import yaml
+
+    from imgtrain.config import recipe_schema
+
+    schema = recipe_schema()
+    assert schema["additionalProperties"] is False and "extends" in schema["properties"]
+    train = schema["$defs"]["TrainConfig"]
+    assert train["additionalProperties"] is False
+    assert train["properties"]["amp"]["enum"] == ["auto", "off", "fp16", "bf16"]
+    assert train["properties"]["epochs"]["minimum"] == 1 and train["properties"]["epochs"]["default"] == 10
+    assert train["properties"]["epochs"]["description"] == "passes over the training split"
+    assert schema["$defs"]["AugmentConfig"]["properties"]["scale"]["default"] == [0.08, 1.0]
+    assert "source_file" not in schema["properties"]
+    for path in sorted(BUILTIN_RECIPES.glob("*.yaml")) + sorted(BUILTIN_RECIPES.glob("*/*.yaml")):
+        assert _schema_errors(schema, yaml.safe_load(path.read_text())) == [], path
+    assert _schema_errors(schema, load_recipe("progressive").to_dict()) == []
+    assert _schema_errors(schema, {"extends": ["data/digits", "model/cnn_tiny"], "train": {"epochs": 2}}) == []
+    assert _schema_errors(schema, {"train": {"epoch": 5}}) != []      # unknown key
+    assert _schema_errors(schema, {"trainer": {"epochs": 5}}) != []   # unknown section

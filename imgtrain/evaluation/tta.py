@@ -60,7 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imgtrain.config import RecipeError, TTAView, parse_tta_view
+from imgtrain.config import RecipeError
+from imgtrain.tta_views import TTAView, parse_tta_view
 
 DEFAULT_VIEWS = ("hflip",)  # tta=True on a recipe whose eval.tta is empty
 MERGE_RULES = {"mean_probs": "mean of probabilities", "mean_logits": "mean of logits",
