@@ -37,10 +37,10 @@ Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
 
 # every section: unknown keys are errors (with a did-you-mean), not silently ignored
-section = dataclass(config=ConfigDict(extra="forbid"))
+SECTION = ConfigDict(extra="forbid")
 
 
-@section
+@dataclass(config=SECTION)
 class _Section:
     """What every section does to a value before pydantic checks it."""
 
@@ -66,7 +66,7 @@ class _Section:
 
 # ----------------------------------------------------------------------------- sections
 
-@section
+@dataclass(config=SECTION)
 class ShapesConfig(_Section):
     """The synthetic `shapes` source: coloured shapes on a noisy background."""
     num_classes: Int = Field(4, ge=2, le=8, description="circle, square, triangle, cross, star, ...")
@@ -86,7 +86,7 @@ class ShapesConfig(_Section):
             fail("min_scale", f"{self.min_scale} is larger than max_scale ({self.max_scale})")
 
 
-@section
+@dataclass(config=SECTION)
 class DataConfig(_Section):
     """Where the images come from, how they are split, cached and batched (data/)."""
     source: Literal["imagefolder", "csv", "fashion-mnist", "digits", "shapes"] = Field("digits", description="where images come from")
@@ -123,7 +123,7 @@ def _pair(key: str, pair: list[float], low: float, above: bool = False) -> None:
         fail(key, f"expected [low, high] with {low:g} {'<' if above else '<='} low <= high, got {pair}")
 
 
-@section
+@dataclass(config=SECTION)
 class AugmentConfig(_Section):
     """Per-image transforms (torchvision v2). Probabilities are in [0, 1]."""
     img_size: Int | None = Field(None, ge=4, description="train/eval resolution, pixels; default: native")
@@ -179,7 +179,7 @@ class AugmentConfig(_Section):
                                f"got {self.translate}")
 
 
-@section
+@dataclass(config=SECTION)
 class ModelConfig(_Section):
     """The network and its starting weights (models/)."""
     name: Str = Field("imgtrain_cnn_small", description="any timm model name or one of ours (`imgtrain models`)")
@@ -199,7 +199,7 @@ class ModelConfig(_Section):
                 fail(key, "empty; leave it out (or null) to start from random weights")
 
 
-@section
+@dataclass(config=SECTION)
 class SamConfig(_Section):
     """optim.sam: sharpness-aware minimisation (strategies/sam.py); two forward/backward passes per step."""
     rho: Float = Field(0.05, gt=0.0, description="perturbation radius (L2, weight units): SAM 0.01 to 0.2; ASAM, "
@@ -207,7 +207,7 @@ class SamConfig(_Section):
     adaptive: Bool = Field(False, description="true: ASAM, the perturbation scaled elementwise by |w| (Kwon et al. 2021)")
 
 
-@section
+@dataclass(config=SECTION)
 class OptimConfig(_Section):
     """The optimizer (engine/optim.py)."""
     name: Literal["sgd", "adamw"] = Field("sgd", description="optimizer")
@@ -233,7 +233,7 @@ class OptimConfig(_Section):
             fail("betas", f"expected two values in [0, 1), got {self.betas}")
 
 
-@section
+@dataclass(config=SECTION)
 class ScheduleConfig(_Section):
     """Learning-rate schedule, stepped once per optimizer step."""
     name: Literal["constant", "step", "multistep", "cosine", "warmup_cosine", "onecycle"] = Field("onecycle", description="lr schedule")
@@ -259,7 +259,7 @@ class ScheduleConfig(_Section):
             fail("warmup_epochs", "schedule warmup_cosine needs warmup_epochs > 0 (epochs of linear warmup)")
 
 
-@section
+@dataclass(config=SECTION)
 class MixConfig(_Section):
     """Mixup / CutMix on training batches (soft targets; strategies/mixing.py)."""
     mixup_alpha: Annotated[Float, Gt(0.0)] | None = Field(None, description="Beta(alpha, alpha) for mixup; null: off")
@@ -269,7 +269,7 @@ class MixConfig(_Section):
     off_epoch: Int | None = Field(None, ge=0, description="no mixing from this epoch on (0-based)")
 
 
-@section
+@dataclass(config=SECTION)
 class EmaConfig(_Section):
     """Exponential moving average of the weights (timm's ModelEmaV3)."""
     enabled: Bool = Field(False, description="keep an EMA of the weights")
@@ -278,7 +278,7 @@ class EmaConfig(_Section):
     validate: Bool = Field(True, description="validate (and pick the best) on the EMA weights")
 
 
-@section
+@dataclass(config=SECTION)
 class SwaConfig(_Section):
     """Stochastic weight averaging (strategies/swa.py): an equal average of the end-of-epoch weights."""
     start_epoch: Int | None = Field(None, ge=0, description="0-based epoch SWA starts (averaged at its end); null: off")
@@ -293,7 +293,7 @@ class SwaConfig(_Section):
                        "swa.start_epoch (0-based) to turn it on, or leave swa.lr out")
 
 
-@section
+@dataclass(config=SECTION)
 class ImbalanceConfig(_Section):
     """Class-imbalance tools (losses.py, data/samplers.py)."""
     class_weights: Literal["none", "inverse", "effective"] | list[Annotated[Float, Ge(0.0)]] = Field("none", description="none | inverse | effective | one weight per class")
@@ -305,7 +305,7 @@ class ImbalanceConfig(_Section):
     posthoc_adjust: Bool = Field(False, description="subtract tau*log(prior) from logits at evaluation")
 
 
-@section
+@dataclass(config=SECTION)
 class TransferConfig(_Section):
     """Which layer groups train when (strategies/transfer.py). Groups come from timm's group matcher:
     stem, then stages (or blocks), then the head; they are numbered from the stem."""
@@ -333,7 +333,7 @@ class TransferConfig(_Section):
             fail("group_lrs", f"expected one learning rate >= 0 per layer group, got {self.group_lrs}")
 
 
-@section
+@dataclass(config=SECTION)
 class EarlyStopConfig(_Section):
     """End the run when a metric stops improving (strategies/early_stopping.py)."""
     monitor: Str | None = Field(None, description="a history.csv column (val_loss, val_acc ...); null: off")
@@ -343,7 +343,7 @@ class EarlyStopConfig(_Section):
     restore_best: Bool = Field(False, description="put the best epoch's weights back at the end")
 
 
-@section
+@dataclass(config=SECTION)
 class CurriculumConfig(_Section):
     """Curriculum learning: easiest images first, the pool grows to all of them (strategies/curriculum.py)."""
     difficulty: Literal["none", "reference", "self_paced", "csv"] | None = Field(None, description="what ranks the images; null: off")
@@ -367,7 +367,7 @@ class CurriculumConfig(_Section):
 STAGE_KEYS = {"img_size": (int, 4), "epochs": (int, 1), "batch_size": (int, 1), "lr": (float, 0.0)}
 
 
-@section
+@dataclass(config=SECTION)
 class ProgressiveConfig(_Section):
     """Progressive resizing: train at small images first (strategies/progressive.py)."""
     stages: list[dict[str, Any]] = Field(default_factory=list, description="[{img_size, epochs, batch_size?, lr?}], sizes increasing")
@@ -409,7 +409,7 @@ class ProgressiveConfig(_Section):
             fail("max_size", "max_size is the end of a ramp: set min_size too (or use stages)")
 
 
-@section
+@dataclass(config=SECTION)
 class DistillConfig(_Section):
     """Knowledge distillation from frozen teacher(s) (strategies/distillation.py)."""
     teacher: Str | list[Str] | None = Field(None, description="RUN_DIR, a .safetensors file, an ensemble folder or a timm name (or a list: averaged); null: off")
@@ -425,7 +425,7 @@ class DistillConfig(_Section):
                              f"got {self.teacher!r}; leave it out (or null) to train without a teacher")
 
 
-@section
+@dataclass(config=SECTION)
 class LrFindConfig(_Section):
     """The LR range test of `optim.lr: find` and `imgtrain lr-find` (strategies/lr_finder.py)."""
     start: Float = Field(1e-7, gt=0.0, description="first lr tried")
@@ -441,7 +441,7 @@ class LrFindConfig(_Section):
                            f"end ({self.end:g})")
 
 
-@section
+@dataclass(config=SECTION)
 class DiagnosticsConfig(_Section):
     """Training diagnostics (strategies/diagnostics.py) and the checks of `imgtrain doctor` (doctor.py)."""
     grad_monitor_every: Int | None = Field(None, ge=0, description="optimizer steps between per-layer gradient norm readings; null or 0: off")
@@ -457,7 +457,7 @@ class DiagnosticsConfig(_Section):
     doctor_learn_steps: Int = Field(50, ge=0, description="doctor: steps over different batches before the val check; 0: skip it")
 
 
-@section
+@dataclass(config=SECTION)
 class EvalConfig(_Section):
     """Test-time augmentation (evaluation/tta.py): evaluate/predict/ensemble --tta, teachers, the test split."""
     tta: list[Str | dict[str, Any]] = Field(default_factory=list, description="views, e.g. [hflip, five_crop: 0.875]; empty: off")
@@ -471,7 +471,7 @@ class EvalConfig(_Section):
                 fail("tta", f"tta[{index}]: {exc}")
 
 
-@section
+@dataclass(config=SECTION)
 class TrainConfig(_Section):
     """The training loop (engine/loop.py)."""
     epochs: Int = Field(10, ge=1, description="passes over the training split")
@@ -493,7 +493,7 @@ class TrainConfig(_Section):
             fail("device", f"expected auto, cpu, cuda or cuda:N, got {device!r}")
 
 
-@section
+@dataclass(config=SECTION)
 class OutputConfig(_Section):
     """The run folder and what goes in it (tracking/)."""
     root: Str = Field("runs", description="run folders go under this folder")
@@ -511,7 +511,7 @@ class OutputConfig(_Section):
             fail("name", f"a run name is one folder name, got {self.name!r}; use output.root for the parent")
 
 
-@section
+@dataclass(config=SECTION)
 class Recipe(_Section):
     """An imgtrain recipe: every section has defaults; write only what you change."""
     data: DataConfig = Field(default_factory=DataConfig)

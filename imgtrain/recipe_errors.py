@@ -97,7 +97,7 @@ def recipe_error(exc: ValidationError, root: type, data: dict[str, Any], file: s
         if part not in cls.__pydantic_fields__:
             path += [str(part)] if annotation is None else []  # an unknown key
             break
-        path.append(part)
+        path.append(str(part))
         annotation = cls.__pydantic_fields__[part].annotation
         value = value.get(part) if isinstance(value, dict) else None
         if not dataclasses.is_dataclass(annotation):

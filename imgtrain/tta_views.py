@@ -52,7 +52,7 @@ def parse_tta_view(spec: Any) -> TTAView:
     if isinstance(spec, str):
         name, _, rest = spec.strip().partition(":")
         values = [_yaml_scalar(part) for part in rest.split(":")] if rest else []
-        value = None if not values else values[0] if len(values) == 1 else values
+        value: Any = None if not values else values[0] if len(values) == 1 else values
     elif isinstance(spec, dict):
         names = [key for key in spec if key in TTA_VIEWS]
         if len(names) != 1:
