@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -25,16 +25,8 @@ from imgtrain.engine.checkpoint import (load_training_state, restore_training_st
 from imgtrain.engine.device import compile_model, configure_backends, select_device, select_precision
 from imgtrain.engine.events import HookList
 from imgtrain.engine.optim import build_optimizer, build_scheduler
-from imgtrain.engine.state import EpochPlan, TrainState, run_summary
+from imgtrain.engine.state import EpochPlan, SizedIterable, TrainState, run_summary
 from imgtrain.engine.validate import evaluate_batches
-
-class SizedIterable(Protocol):
-    """What a train loader must be: iterable, with a length in batches (a DataLoader)."""
-
-    def __len__(self) -> int: ...
-
-    def __iter__(self) -> Iterator[Any]: ...
-
 
 @dataclass
 class TrainParts:
@@ -76,10 +68,8 @@ class Trainer:
         sizes = len({plan.img_size for plan in self.plans})
         self.forward_model = compile_model(self.model, sizes) if cfg.compile else self.model
         self.train_loaders = {plan.batch_size: parts.loader_for(plan.batch_size) for plan in self.plans}
-        self.epoch_batches: list[int] = [
-            min(len(self.train_loaders[p.batch_size]), cfg.max_steps_per_epoch)
-            if cfg.max_steps_per_epoch else len(self.train_loaders[p.batch_size])
-            for p in self.plans]
+        self.epoch_batches = [min(len(self.train_loaders[p.batch_size]), cfg.max_steps_per_epoch or 2**62)
+                              for p in self.plans]
         self.epoch_steps = [math.ceil(b / cfg.grad_accum_steps) for b in self.epoch_batches]  # optimizer steps
         self.lr_scaled = any(p.lr_scale != 1.0 for p in self.plans)
         optimizer = build_optimizer(self.model, recipe.optim, parts.param_groups)

@@ -8,11 +8,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol
 
 import torch
 
 from imgtrain.engine.device import peak_memory_mb
+
+
+class SizedIterable(Protocol):
+    """What a train loader must be: iterable, with a length in batches (a DataLoader)."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
 
 
 @dataclass(frozen=True)
