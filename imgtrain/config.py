@@ -120,7 +120,7 @@ class DataConfig(_Section):
 def _pair(key: str, pair: list[float], low: float, above: bool = False) -> None:
     """A [low, high] range key: two values in order, low at least (or, with above, more than) `low`."""
     if len(pair) != 2 or pair[0] > pair[1] or pair[0] < low or (above and pair[0] == low):
-        fail(key, f"expected [low, high] with {low:g} {'<' if above else '<='} low <= high, got {pair}")
+        fail(key, f"expected [low, high] with {f'{low:g} <' if above else f'{low} <='} low <= high, got {pair}")
 
 
 @dataclass(config=SECTION)
@@ -262,11 +262,18 @@ class ScheduleConfig(_Section):
 @dataclass(config=SECTION)
 class MixConfig(_Section):
     """Mixup / CutMix on training batches (soft targets; strategies/mixing.py)."""
-    mixup_alpha: Annotated[Float, Gt(0.0)] | None = Field(None, description="Beta(alpha, alpha) for mixup; null: off")
-    cutmix_alpha: Annotated[Float, Gt(0.0)] | None = Field(None, description="Beta(alpha, alpha) for cutmix; null: off")
+    mixup_alpha: Float | None = Field(None, description="Beta(alpha, alpha) for mixup, > 0; null: off")
+    cutmix_alpha: Float | None = Field(None, description="Beta(alpha, alpha) for cutmix, > 0; null: off")
     switch_prob: Float = Field(0.5, ge=0.0, le=1.0, description="with both on: probability of cutmix")
     prob: Float = Field(1.0, ge=0.0, le=1.0, description="probability a batch is mixed at all")
     off_epoch: Int | None = Field(None, ge=0, description="no mixing from this epoch on (0-based)")
+
+    def _check(self) -> None:
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:  # checked here to say why, not only the range
+                fail(key, f"alpha must be > 0 (it shapes Beta(alpha, alpha)), got {value}; "
+                          "leave the key out (or null) to turn it off")
 
 
 @dataclass(config=SECTION)

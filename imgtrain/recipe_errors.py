@@ -100,9 +100,11 @@ def recipe_error(exc: ValidationError, root: type, data: dict[str, Any], file: s
         path.append(str(part))
         annotation = cls.__pydantic_fields__[part].annotation
         value = value.get(part) if isinstance(value, dict) else None
-        if not dataclasses.is_dataclass(annotation):
+        # a section, or an optional one (optim.sam: null or a mapping of its keys)
+        sections = [leaf for leaf in leaves(annotation) if dataclasses.is_dataclass(leaf)]
+        if not sections or not isinstance(value, dict):
             break
-        cls, annotation = annotation, None
+        cls, annotation = sections[0], None
     key = ".".join(path)
     kind = first["type"]
     if kind == "unexpected_keyword_argument":
@@ -115,6 +117,12 @@ def recipe_error(exc: ValidationError, root: type, data: dict[str, Any], file: s
         key = ".".join(path + [first["ctx"]["key"]] if "key" in first["ctx"] else path)
         return RecipeError(first["ctx"]["message"], **where(key, file, origins))
     if kind in ("dataclass_type", "dataclass_args_type"):
+        sections = [leaf for leaf in leaves(annotation) if dataclasses.is_dataclass(leaf)]
+        if sections:  # name the keys it takes; an optional section may also be null
+            keys = ", ".join(name for name in sections[0].__pydantic_fields__ if name not in INTERNAL)
+            off = ", or null (off)" if type(None) in leaves(annotation) else ""
+            return RecipeError(f"expected a mapping of its keys ({keys}), e.g. {{}} for the defaults{off}; got "
+                               f"{value!r}", **where(key, file, origins))
         return RecipeError(f"expected a mapping of keys, got {type(value).__name__}", **where(key, file, origins))
     same = [e for e in errors if e["loc"][:len(path)] == first["loc"][:len(path)]]
     ranged = next((e for e in same if e["type"] in _RANGES), None)
