@@ -165,7 +165,6 @@ table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
 td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}th{background:#f4f4f4}
 td.name,th.name{text-align:left}
 .figs{display:flex;flex-wrap:wrap;gap:8px}.figs figure{margin:0}svg.chart{max-width:100%;height:auto}
-figcaption{font-size:.85em;color:#555;text-align:center}
 pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:.85em}
 .headline td{font-size:1.1em}
 table.confusion td{min-width:2.2em;text-align:center}
