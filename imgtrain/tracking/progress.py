@@ -20,7 +20,9 @@ an injectable clock); tqdm formats the bar and writes the line.
 
 from __future__ import annotations
 
+import io
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -36,6 +38,7 @@ from imgtrain.tracking.history import history_columns
 MODES = ("auto", "bar", "log")
 BAR_WIDTH = 20  # characters between the brackets
 LOG_FRACTIONS = (0.25, 0.5, 0.75)  # log mode prints a line when an epoch passes each of these
+FALLBACK_COLUMNS, FALLBACK_ROWS = 120, 24  # bar: the terminal's size when it reports none (some ptys)
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -86,6 +89,14 @@ def format_epoch_line(row: dict[str, Any], epochs: int) -> str:
             continue
         parts.append(format_metric(key, row[key]))
     return " ".join(parts)
+
+
+def _terminal_columns(stream: Any) -> int:
+    """The width of the terminal behind `stream`; 0 when it has none or does not say."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        return 0
 
 
 def _isatty(stream: Any) -> bool:
@@ -195,7 +206,7 @@ class ProgressTracker(Hook):
             self._bar = tqdm(total=total, initial=done, desc=status, file=self.stream, ascii="-#",
                              bar_format=f"{self._epoch_label(state)} [{{bar:{BAR_WIDTH}}}] "
                                         "{n_fmt}/{total_fmt} {desc}",
-                             dynamic_ncols=True, leave=True)
+                             leave=True, **self._width())
         else:
             self._bar.n = done
             # the last step is drawn by close(), which draws a bar it leaves on screen once more
@@ -203,6 +214,14 @@ class ProgressTracker(Hook):
         self.draws += 1
         if done >= total:
             self._close_bar()
+
+    def _width(self) -> dict[str, Any]:
+        # a line wider than the terminal wraps, and `\r` then redraws only its last part, so tqdm
+        # trims it, reading the width at every draw (the window may be resized); a terminal
+        # that reports a size of 0 would get nothing drawn, so it gets a fixed size instead
+        if _terminal_columns(self.stream) > 0:
+            return {"dynamic_ncols": True}
+        return {"ncols": FALLBACK_COLUMNS, "nrows": FALLBACK_ROWS}
 
     def _log_line(self, state: Any, done: int, now: float) -> str:
         percent = 100 * done // max(state.steps_per_epoch, 1)
