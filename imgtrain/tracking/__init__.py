@@ -4,7 +4,7 @@
     (console)               progress bar or plain progress lines  ProgressTracker
     run_dir/history.csv     one row per epoch, rewritten whole    HistoryTracker
     run_dir/events.jsonl    JSON diary: fit_start, epochs, ...    EventLogTracker
-    run_dir/plots/*.png     loss, accuracy, lr, momentum curves   PlotTracker
+    run_dir/plots/*.png     loss, accuracy, lr, momentum, speed   PlotTracker
     run_dir/report.html     one self-contained page of it all     ReportTracker (tracking/report.py)
     run_dir/summary.json    final numbers                         write_summary
 
@@ -44,7 +44,7 @@ def build_trackers(recipe: Recipe, run_dir: Union[str, Path],
     train.log first, so a line about an epoch is on disk before anything else can fail;
     the console next; then the run-folder files. `output.progress: off` leaves out the
     ProgressTracker, `output.plots: false` the PlotTracker and `output.report: false` the
-    ReportTracker (last: it reads the PlotTracker's per-step lr record). `console_stream` defaults
+    ReportTracker (last: it inlines the PlotTracker's charts). `console_stream` defaults
     to sys.stderr; `report_inputs` gives the report the validation images it shows.
     """
     run_dir = Path(run_dir)
@@ -57,5 +57,5 @@ def build_trackers(recipe: Recipe, run_dir: Union[str, Path],
     if plots is not None:
         trackers.append(plots)
     if recipe.output.report:
-        trackers.append(ReportTracker(run_dir, report_inputs, step_record=plots))
+        trackers.append(ReportTracker(run_dir, report_inputs, plots=plots))
     return trackers

@@ -1,8 +1,9 @@
-"""Console progress: a redrawn bar on a terminal, plain lines in CI logs and files.
+"""Console progress: a tqdm bar on a terminal, plain lines in CI logs and files.
 
 `ProgressTracker(mode, stream)`:
 
-- "bar": one line per epoch, redrawn in place with `\\r`:
+- "bar": one tqdm bar per epoch, redrawn in place (tqdm fits it to the terminal's width and
+  shares the screen with other tqdm bars and `tqdm.write`):
   `epoch 3/10 [#######-------------] 120/200 loss 0.512 acc 81.2% lr 3.2e-02 1830 img/s ETA 0:12 mem 412 MB`
 - "log": no `\\r`; a plain line at about 25%, 50% and 75% of each epoch;
 - "auto": "bar" when the stream is a terminal, else "log".
@@ -12,19 +13,24 @@ train.log). Why the care about cost: the loop fires `after_step` thousands of ti
 minute and reading `state.loss_sum` (a device tensor) forces a GPU sync. So `after_step`
 does O(1) host work -- one clock read and a compare for the bar, one integer compare for
 the log -- and touches tensors only when it actually draws, at most `1 / refresh_seconds`
-times a second.
+times a second. So the tracker, not tqdm, decides when to draw: tqdm's own throttle would need
+the status (and its sync) at every step. The numbers are ours too (images/s, not batches/s, and
+an injectable clock); tqdm formats the bar and writes the line.
 """
 
 from __future__ import annotations
 
+import io
 import math
-import shutil
+import os
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 import psutil
 import torch
+from tqdm import tqdm
 
 from imgtrain.engine.events import Hook
 from imgtrain.tracking.history import history_columns
@@ -32,6 +38,7 @@ from imgtrain.tracking.history import history_columns
 MODES = ("auto", "bar", "log")
 BAR_WIDTH = 20  # characters between the brackets
 LOG_FRACTIONS = (0.25, 0.5, 0.75)  # log mode prints a line when an epoch passes each of these
+FALLBACK_COLUMNS, FALLBACK_ROWS = 120, 24  # bar: the terminal's size when it reports none (some ptys)
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -71,7 +78,7 @@ def format_metric(key: str, value: Any) -> str:
     return f"{key} {value:.4g}"
 
 
-def format_epoch_line(row: Dict[str, Any], epochs: int) -> str:
+def format_epoch_line(row: dict[str, Any], epochs: int) -> str:
     """`epoch 3/10 train_loss 0.5123 train_acc 81.2% ... 12.3 s 1830 img/s` from a history row.
 
     Shows whatever keys the row has, in history.csv column order; accuracies as percentages.
@@ -82,6 +89,14 @@ def format_epoch_line(row: Dict[str, Any], epochs: int) -> str:
             continue
         parts.append(format_metric(key, row[key]))
     return " ".join(parts)
+
+
+def _terminal_columns(stream: Any) -> int:
+    """The width of the terminal behind `stream`; 0 when it has none or does not say."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        return 0
 
 
 def _isatty(stream: Any) -> bool:
@@ -102,7 +117,7 @@ class ProgressTracker(Hook):
 
     name = "progress"
 
-    def __init__(self, mode: str = "auto", stream: Optional[TextIO] = None,
+    def __init__(self, mode: str = "auto", stream: TextIO | None = None,
                  refresh_seconds: float = 0.1, clock: Callable[[], float] = time.perf_counter):
         if mode not in MODES:
             raise ValueError(f"progress mode must be one of {', '.join(MODES)}, got {mode!r} "
@@ -111,15 +126,13 @@ class ProgressTracker(Hook):
         self.mode = ("bar" if _isatty(self.stream) else "log") if mode == "auto" else mode
         self.refresh_seconds = refresh_seconds
         self.clock = clock
-        self.draws = 0                 # status lines drawn (bar redraws or log lines), all epochs
+        self.draws = 0                 # status lines drawn (bar updates or log lines), all epochs
         self._process = psutil.Process()
         self._epoch_t0 = 0.0
         self._next_draw = -math.inf    # bar: clock time of the next allowed redraw
-        self._marks: List[int] = []    # log: batch counts that print a line, ascending
+        self._marks: list[int] = []    # log: batch counts that print a line, ascending
         self._mark_index = 0
-        self._bar_open = False         # bar: a line without its newline is on screen
-        self._last_len = 0             # bar: length of the last drawn line, to blank leftovers
-        self._width = self._terminal_width()  # bar: columns a line may use
+        self._bar: tqdm | None = None  # bar: this epoch's, from its first draw until its last step
 
     # --- events
 
@@ -129,8 +142,6 @@ class ProgressTracker(Hook):
         total = state.steps_per_epoch
         self._marks = sorted({math.ceil(total * f) for f in LOG_FRACTIONS} - {0, total})
         self._mark_index = 0
-        self._last_len = 0
-        self._width = self._terminal_width()  # the window may have been resized
 
     def after_step(self, state: Any) -> None:
         done = state.batch_index + 1
@@ -183,26 +194,34 @@ class ProgressTracker(Hook):
             return torch.cuda.max_memory_allocated(device)
         return self._process.memory_info().rss
 
-    @staticmethod
-    def _terminal_width() -> int:
-        # a line wider than the terminal wraps, and `\r` then redraws only its last part
-        return max(shutil.get_terminal_size(fallback=(120, 24)).columns - 1, 40)
-
     def _epoch_label(self, state: Any) -> str:
         return f"epoch {state.epoch + 1}/{state.epochs}"
 
     def _draw_bar(self, state: Any, done: int, now: float) -> None:
-        total = max(state.steps_per_epoch, 1)
-        filled = min(BAR_WIDTH, BAR_WIDTH * done // total)
-        bar = "#" * filled + "-" * (BAR_WIDTH - filled)
-        line = f"{self._epoch_label(state)} [{bar}] {done}/{state.steps_per_epoch} "
-        line = (line + self.status(state, done, now))[: self._width]
-        # pad with spaces over what is left of a longer previous line
-        self.stream.write("\r" + line.ljust(self._last_len))
-        self.stream.flush()
-        self._last_len = len(line)
-        self._bar_open = True
+        status = self.status(state, done, now)
+        total = state.steps_per_epoch
+        if self._bar is None:  # tqdm draws a new bar at once
+            # the label is fixed for the epoch, so it is part of the format; the status is the
+            # description, which tqdm lets a format place anywhere
+            self._bar = tqdm(total=total, initial=done, desc=status, file=self.stream, ascii="-#",
+                             bar_format=f"{self._epoch_label(state)} [{{bar:{BAR_WIDTH}}}] "
+                                        "{n_fmt}/{total_fmt} {desc}",
+                             leave=True, **self._width())
+        else:
+            self._bar.n = done
+            # the last step is drawn by close(), which draws a bar it leaves on screen once more
+            self._bar.set_description_str(status, refresh=done < total)
         self.draws += 1
+        if done >= total:
+            self._close_bar()
+
+    def _width(self) -> dict[str, Any]:
+        # a line wider than the terminal wraps, and `\r` then redraws only its last part, so tqdm
+        # trims it, reading the width at every draw (the window may be resized); a terminal
+        # that reports a size of 0 would get nothing drawn, so it gets a fixed size instead
+        if _terminal_columns(self.stream) > 0:
+            return {"dynamic_ncols": True}
+        return {"ncols": FALLBACK_COLUMNS, "nrows": FALLBACK_ROWS}
 
     def _log_line(self, state: Any, done: int, now: float) -> str:
         percent = 100 * done // max(state.steps_per_epoch, 1)
@@ -210,10 +229,9 @@ class ProgressTracker(Hook):
                 + self.status(state, done, now))
 
     def _close_bar(self) -> None:
-        if self._bar_open:
-            self.stream.write("\n")
-            self._bar_open = False
-            self._last_len = 0
+        if self._bar is not None:
+            self._bar.close()  # leave=True: the bar stays on screen, followed by a newline
+            self._bar = None
 
     def _write_line(self, line: str) -> None:
         self.stream.write(line + "\n")

@@ -6,9 +6,10 @@ scripts, no network), so the file can be mailed or attached to a ticket as it is
 
 - the headline numbers (best validation, test, test with TTA when `eval.tta` is set) and the
   run's status;
-- the curves, as inline SVG (a matplotlib figure costs ~0.2 s; these cost nothing): loss,
-  accuracy, learning rate and momentum (per optimizer step from the PlotTracker's record when
-  plots are on, else per epoch), throughput and epoch time;
+- the charts of tracking/plots.py as inline SVG, the same figures as plots/*.png (the
+  PlotTracker's, drawn once per redraw; drawn here only when plots are off): loss, accuracy,
+  learning rate and momentum (per optimizer step from the PlotTracker's record when plots are on,
+  else per epoch), throughput and epoch time;
 - the per-epoch history as a table;
 - per-class precision / recall / F1 / support and the confusion matrix (an HTML table up to 40
   classes, a PNG past that) of the validation split;
@@ -35,7 +36,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -43,9 +44,8 @@ from PIL import Image
 
 from imgtrain.data.transforms import denormalize
 from imgtrain.engine.events import Hook
-from imgtrain.tracking.plots import FIRST_DRAW_COST, PLOTS_DIR, REDRAW_BUDGET_FACTOR, plottable
+from imgtrain.tracking.plots import FIRST_DRAW_COST, PLOTS_DIR, REDRAW_BUDGET_FACTOR, PlotTracker, chart_svgs
 from imgtrain.tracking.summary import atomic_write_bytes, atomic_write_text
-from imgtrain.tracking.svg import line_chart
 
 REPORT_FILE = "report.html"
 REFRESH_SECONDS = 30       # while the run trains, the page reloads itself this often
@@ -78,7 +78,7 @@ class ReportContent:
     classes: List[str] = field(default_factory=list)
     confusion: Optional[List[List[int]]] = None
     confusion_note: str = ""
-    charts: Dict[str, str] = field(default_factory=dict)         # caption -> inline SVG
+    charts: Dict[str, str] = field(default_factory=dict)         # chart name -> inline SVG (plots.py)
     confusion_png: Optional[bytes] = None                        # only past CONFUSION_TABLE_LIMIT classes
     samples_png: Optional[bytes] = None
     samples_note: str = ""
@@ -124,41 +124,6 @@ def image_grid(images: torch.Tensor, columns: int = 8, gap: int = 2) -> np.ndarr
     return grid
 
 
-def curve_charts(rows: Sequence[Dict[str, Any]], lr_steps: Sequence[Tuple[float, float]] = (),
-                 momentum_steps: Sequence[Tuple[float, float]] = ()) -> Dict[str, str]:
-    """Loss, accuracy, lr, momentum, throughput and epoch time as inline SVG charts. The lr and
-    momentum are per optimizer step when the steps were recorded (the PlotTracker's record),
-    else per epoch from the history."""
-    def per_epoch(key: str, scale: float = 1.0) -> List[Tuple[float, float]]:
-        return [(float(r.get("epoch", i + 1)), plottable(r.get(key)) * scale) for i, r in enumerate(rows)]
-
-    def present(key: str) -> bool:
-        return any(math.isfinite(plottable(r.get(key))) for r in rows)
-
-    charts: Dict[str, str] = {}
-    loss = {k: per_epoch(k) for k in ("train_loss", "val_loss") if present(k)}
-    if loss:
-        charts["loss"] = line_chart(loss, "Loss", "epoch", "loss", integer_x=True)
-    accuracy = {k: per_epoch(k, 100.0) for k in ("train_acc", "val_acc", "val_balanced_acc") if present(k)}
-    if accuracy:
-        charts["accuracy"] = line_chart(accuracy, "Accuracy", "epoch", "accuracy (%)", integer_x=True)
-    for name, key, steps, ylabel in (("learning rate", "lr", lr_steps, "lr"),
-                                     ("momentum", "momentum", momentum_steps, "momentum / beta1")):
-        if steps:
-            values = [v for _, v in steps if v > 0]
-            wide = bool(values) and max(values) / min(values) > 100  # one-cycle / cosine: decades
-            charts[name] = line_chart({key: list(steps)}, f"{name.capitalize()} per optimizer step",
-                                      "optimizer step", ylabel, log_y=wide and key == "lr")
-        elif present(key):
-            charts[name] = line_chart({key: per_epoch(key)}, f"{name.capitalize()} per epoch", "epoch", ylabel,
-                                      integer_x=True)
-    for name, key, title, ylabel in (("throughput", "images_per_second", "Throughput", "training images / s"),
-                                     ("epoch time", "epoch_seconds", "Epoch time", "seconds")):
-        if present(key):
-            charts[name] = line_chart({key: per_epoch(key)}, title, "epoch", ylabel, integer_x=True)
-    return {name: svg for name, svg in charts.items() if svg}
-
-
 def worst_gallery(model: torch.nn.Module, inputs: torch.Tensor, targets: Sequence[int],
                   losses: Sequence[float], classes: Sequence[str], mean: Sequence[float],
                   std: Sequence[float]) -> tuple:
@@ -199,8 +164,7 @@ h1{margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin
 table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
 td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}th{background:#f4f4f4}
 td.name,th.name{text-align:left}
-.figs{display:flex;flex-wrap:wrap;gap:8px}.figs figure{margin:0}
-figcaption{font-size:.85em;color:#555;text-align:center}
+.figs{display:flex;flex-wrap:wrap;gap:8px}.figs figure{margin:0}svg.chart{max-width:100%;height:auto}
 pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:.85em}
 .headline td{font-size:1.1em}
 table.confusion td{min-width:2.2em;text-align:center}
@@ -279,8 +243,8 @@ def render_html(content: ReportContent) -> str:
         parts.append("<p>No epoch has finished yet.</p>")
 
     parts.append('<h2 id="curves">Curves</h2><div class="figs">')
-    for caption, svg in content.charts.items():
-        parts.append(f"<figure>{svg}<figcaption>{html.escape(caption)}</figcaption></figure>")
+    for svg in content.charts.values():  # each chart carries its own title
+        parts.append(f"<figure>{svg}</figure>")
     parts.append("</div>")
 
     if content.history:
@@ -385,10 +349,10 @@ class ReportTracker(Hook):
     name = "report"
 
     def __init__(self, run_dir: Union[str, Path], inputs: Optional[ReportInputs] = None,
-                 step_record: Any = None, redraw_budget_factor: Optional[float] = None):
+                 plots: Optional[PlotTracker] = None, redraw_budget_factor: Optional[float] = None):
         self.run_dir = Path(run_dir)
         self.inputs = inputs
-        self.step_record = step_record  # the PlotTracker: its per-step lr and momentum record
+        self.plots = plots  # draws the charts (once, for plots/ and this page); None: drawn here
         # 0: redraw at every epoch end
         self.redraw_budget_factor = REDRAW_BUDGET_FACTOR if redraw_budget_factor is None else redraw_budget_factor
         self.content: Optional[ReportContent] = None
@@ -457,9 +421,6 @@ class ReportTracker(Hook):
                                 live=True, recipe_text=_recipe_text(self.run_dir, state.recipe),
                                 history=history, summary=dict(state.summary), classes=list(state.classes),
                                 samples_png=self.samples_png, samples_note=self.samples_note)
-        steps = self.step_record
-        content.charts = curve_charts(history, steps.lr_steps() if steps is not None else (),
-                                      steps.momentum_steps() if steps is not None else ())
         content.resources = resources_of(history, _live_resources(state))
         if state.val_confusion is not None:
             content.confusion = state.val_confusion
@@ -469,6 +430,8 @@ class ReportTracker(Hook):
                 content.confusion_png = confusion_png(state.val_confusion, content.classes, f"validation, epoch {epoch}")
         if state.val_worst and self.inputs is not None and self.inputs.val_dataset is not None:
             content.worst, content.worst_note = self._worst(state)
+        # last: the PlotTracker draws on its own thread while the rest of the page is made
+        content.charts = self.plots.current_charts(state) if self.plots is not None else chart_svgs(history)
         return content
 
     def _worst(self, state: Any) -> tuple:
@@ -538,7 +501,7 @@ def rebuild_report(run_dir: Union[str, Path], device: str = "cpu", batch_size: i
                             live=False, recipe_text=(run_dir / "config.yaml").read_text(encoding="utf-8"),
                             history=history, summary=summary, classes=list(loaded.classes))
     lr_steps, momentum_steps = _recorded_steps(run_dir)
-    content.charts = curve_charts(history, lr_steps, momentum_steps)
+    content.charts = chart_svgs(history, lr_steps, momentum_steps)  # the charts of plots/*.png
     content.resources = resources_of(history, summary)
     samples = run_dir / PLOTS_DIR / SAMPLES_FILE
     if samples.is_file():

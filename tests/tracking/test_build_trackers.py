@@ -54,5 +54,5 @@ def test_all_trackers_fill_the_run_folder(run_dir, make_state, fake_loop):
     assert [r["epoch"] for r in read_history(run_dir / "history.csv")] == [1, 2]
     events = [json.loads(line)["event"] for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert events == ["fit_start", "epoch_end", "epoch_end", "fit_end"]
-    assert len(list((run_dir / "plots").glob("*.png"))) == 4
+    assert len(list((run_dir / "plots").glob("*.png"))) == 6  # loss, accuracy, lr, momentum, throughput, epoch time
     assert console.getvalue().count("\n") == 8  # 3 progress lines + 1 summary per epoch

@@ -11,7 +11,7 @@ import torch
 from imgtrain.tracking.plots import PlotTracker, decimate, plot_history
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-NAMES = ["accuracy.png", "loss.png", "lr.png", "momentum.png"]
+NAMES = ["accuracy.png", "epoch_time.png", "loss.png", "lr.png", "momentum.png", "throughput.png"]
 
 
 def _digests(plot_dir):
@@ -87,6 +87,7 @@ def test_state_round_trip_through_a_weights_only_checkpoint(run_dir, make_state,
     state = make_state(epochs=3, steps_per_epoch=8)
     tracker = PlotTracker(run_dir)
     fake_loop(state, [tracker]).run_epoch()
+    tracker.wait()  # no fit_end here to wait for the background draw; one left running dies at exit
 
     buffer = io.BytesIO()
     torch.save({"hooks": {"plots": tracker.state_dict()}}, buffer)
@@ -101,6 +102,7 @@ def test_state_round_trip_through_a_weights_only_checkpoint(run_dir, make_state,
     # the resumed run keeps recording after the restored points
     state.optimizer.param_groups[0]["lr"] = 0.01
     fake_loop(state, [restored]).run_epoch()
+    restored.wait()
     assert restored.steps == list(range(1, 17))
     assert restored.lr[8:] == pytest.approx([0.01] * 8)
 
@@ -128,7 +130,7 @@ def test_plot_history_without_a_hook(tmp_path):
             {"epoch": 2, "train_loss": float("inf"), "val_acc": 0.6}]
     lr = [(s, 0.1 * (0.999 ** s)) for s in range(5000)]
     written = plot_history(rows, lr, [], tmp_path / "out")
-    # momentum has no data, so no momentum.png
+    # momentum, throughput and epoch time have no data, so no PNG
     assert [p.name for p in written] == ["loss.png", "accuracy.png", "lr.png"]
     assert all(p.read_bytes()[:8] == PNG_MAGIC for p in written)
     assert not (tmp_path / "out" / "momentum.png").exists()

@@ -107,7 +107,7 @@ def test_report_holds_the_runs_numbers(report_run):
     losses = [float(r[-1]) for r in worst]
     assert losses == sorted(losses, reverse=True) and losses[0] > 0
     assert all(r[1] == "<img>" and r[2] == "<img>" for r in worst)
-    # the training samples and two per worst image, all inline; the six curves are inline SVG
+    # the training samples and two per worst image, all inline; the six charts are inline SVG
     assert len(page.images) == 1 + 2 * len(worst)
     assert all(src.startswith("data:image/png;base64") for src in page.images)  # self-contained
     assert page.charts == ["Loss", "Accuracy", "Learning rate per optimizer step", "Momentum per optimizer step",
@@ -172,8 +172,11 @@ window.addEventListener('load', () => {
   const tables = {};
   for (const t of document.querySelectorAll('table[id]'))
     tables[t.id] = [...t.rows].map(r => [...r.cells].map(c => c.innerText.trim()));
+  // per chart: its label, its curves (plots.py gives each the gid "series-COLUMN") that the
+  // browser laid out with a size, and the chart's width on the page
   const charts = [...document.querySelectorAll('svg.chart')].map(
-    svg => [svg.getAttribute('aria-label'), svg.querySelectorAll('polyline').length,
+    svg => [svg.getAttribute('aria-label'),
+            [...svg.querySelectorAll('g[id^="series-"]')].filter(g => g.getBBox().width > 0).length,
             svg.getBoundingClientRect().width]);
   const out = document.createElement('pre');
   out.id = 'probe';
@@ -205,9 +208,11 @@ def test_report_renders_in_a_headless_browser(report_run, tmp_path):
     probe = json.loads(html.unescape(dom[start:dom.index("</pre>", start)]))
     assert probe["images"] >= 3 and probe["loaded"] == probe["images"]
     assert all(w > 20 and h > 20 for w, h in probe["sizes"])
-    # six charts laid out at their size, each with a line per series (loss: train and val)
+    # six charts laid out at their size, each with a drawn line per series (accuracy: train, val, balanced)
     assert len(probe["charts"]) == 6 and all(width > 300 for _, _, width in probe["charts"])
-    assert dict((label, lines) for label, lines, _ in probe["charts"])["Loss"] == 2
+    lines = {label: count for label, count, _ in probe["charts"]}
+    assert lines["Loss"] == 2 and lines["Accuracy"] == 3 and lines["Learning rate per optimizer step"] == 1
+    assert all(count >= 1 for count in lines.values())
     summary = read_summary(report_run.run_dir)
     headline = dict(probe["tables"]["summary-table"][1:])
     assert headline["test accuracy"] == f"{summary['test_acc']:.2%}"
