@@ -119,7 +119,7 @@ def recipe_error(exc: ValidationError, root: type, data: dict[str, Any], file: s
     if kind in ("dataclass_type", "dataclass_args_type"):
         sections = [leaf for leaf in leaves(annotation) if dataclasses.is_dataclass(leaf)]
         if sections:  # name the keys it takes; an optional section may also be null
-            keys = ", ".join(name for name in sections[0].__pydantic_fields__ if name not in INTERNAL)
+            keys = ", ".join(f.name for f in dataclasses.fields(sections[0]) if f.name not in INTERNAL)
             off = ", or null (off)" if type(None) in leaves(annotation) else ""
             return RecipeError(f"expected a mapping of its keys ({keys}), e.g. {{}} for the defaults{off}; got "
                                f"{value!r}", **where(key, file, origins))

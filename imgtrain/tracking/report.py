@@ -137,6 +137,7 @@ def worst_gallery(model: torch.nn.Module, inputs: torch.Tensor, targets: Sequenc
     predicted = probs.argmax(dim=1)
     pixels = denormalize(inputs, mean, std)
     note = "Grad-CAM of the predicted class on the model's last convolutional stage"
+    overlays: list[Any]
     try:
         from imgtrain.evaluation.explain import cam_heatmaps, overlay
         heatmaps = cam_heatmaps(model, inputs, target_classes=predicted.tolist())
@@ -276,24 +277,25 @@ def render_html(content: ReportContent) -> str:
     parts.append('<h2 id="worst">Worst-classified validation images</h2>')
     if content.worst:
         parts.append(f"<p>{html.escape(content.worst_note)}</p>")
-        body = []
+        cells = []
         for i, row in enumerate(content.worst, start=1):
-            body.append(f"<tr><td class=\"name\">{i}</td><td>{_img(row['image'], 'image ' + str(i), 'pixel')}</td>"
+            cells.append(f"<tr><td class=\"name\">{i}</td><td>{_img(row['image'], 'image ' + str(i), 'pixel')}</td>"
                         f"<td>{_img(row['cam'], 'Grad-CAM ' + str(i))}</td>"
                         f"<td>{html.escape(row['true'])}</td><td>{html.escape(row['predicted'])}</td>"
                         f"<td>{row['probability']:.2%}</td><td>{row['true_probability']:.2%}</td>"
                         f"<td>{row['loss']:.4f}</td></tr>")
         parts.append('<table id="worst-table"><thead><tr><th class="name">#</th><th>image</th><th>Grad-CAM</th>'
                      "<th>true</th><th>predicted</th><th>p(predicted)</th><th>p(true)</th><th>loss</th></tr></thead>"
-                     f"<tbody>{''.join(body)}</tbody></table>")
+                     f"<tbody>{''.join(cells)}</tbody></table>")
     else:
         parts.append("<p>None yet.</p>")
 
     parts.append('<h2 id="timing">Timing and memory</h2>')
     resources = dict(content.resources)
-    rows = [(key.replace("_", " "), value) for key, value in resources.items()]
-    if rows:
-        body = "".join(f'<tr><td class="name">{html.escape(k)}</td><td>{_fmt(k, v)}</td></tr>' for k, v in rows)
+    resource_rows = [(key.replace("_", " "), value) for key, value in resources.items()]
+    if resource_rows:
+        body = "".join(f'<tr><td class="name">{html.escape(k)}</td><td>{_fmt(k, v)}</td></tr>'
+                       for k, v in resource_rows)
         parts.append(f'<table id="timing-table"><tbody>{body}</tbody></table>')
 
     parts.append('<h2 id="recipe">Recipe</h2>')
@@ -327,7 +329,7 @@ def write_report(run_dir: Union[str, Path], content: ReportContent) -> Path:
 
 def resources_of(history: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
-    seconds = [r.get("epoch_seconds") for r in history if isinstance(r.get("epoch_seconds"), (int, float))]
+    seconds: list[float] = [r["epoch_seconds"] for r in history if isinstance(r.get("epoch_seconds"), (int, float))]
     if seconds:
         out["training seconds (epochs)"] = round(sum(seconds), 1)
         out["mean epoch seconds"] = round(sum(seconds) / len(seconds), 2)
@@ -435,6 +437,7 @@ class ReportTracker(Hook):
         return content
 
     def _worst(self, state: Any) -> tuple:
+        assert self.inputs is not None, "the report shows worst images only when it was given the val images"
         chosen = state.val_worst[:WORST_SHOWN]
         items = [self.inputs.val_dataset[entry["index"]] for entry in chosen]
         inputs = torch.stack([torch.as_tensor(image) for image, _ in items]).to(state.device)
