@@ -77,7 +77,8 @@ def main() -> None:
     print(f"\naugmentation on 5,000 Fashion-MNIST training images: {args.model}, {args.epochs} epochs, "
           f"{args.seeds} seed(s), test accuracy on the 10,000 test images, {args.threads} CPU thread(s)")
     print(f"command: {command.strip()}")
-    header = f"{'variant':<13s}{'test acc':>10s}{'vs none':>10s}{'vs geometric':>14s}{'best val acc':>14s}{'seconds':>9s}"
+    header = (f"{'variant':<13s}{'test acc':>10s}{'vs none':>10s}{'vs geometric':>14s}{'best val acc':>14s}"
+              f"{'seconds':>9s}")
     print(header)
     print("-" * len(header))
     base, geo = results.get("none"), results.get("geometric")

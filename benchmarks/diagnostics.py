@@ -10,7 +10,8 @@ noisy neighbour hits all alike:
     python benchmarks/diagnostics.py [--images 10000] [--epochs 2] [--repeats 2] [--device auto]
 
 Ten training runs: 4.5 minutes on the quiet 2-core machine (9 with --repeats 4). Single runs move by
-10 to 15% here, more than the settings differ: see the README before reading a ratio. Fashion-MNIST when installed, else digits.
+10 to 15% here, more than the settings differ: see the README before reading a ratio. Fashion-MNIST when
+installed, else digits.
 Goal: the defaults (guard on, every batch; monitor off) at 0.97 or more of everything off.
 """
 

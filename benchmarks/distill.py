@@ -38,7 +38,8 @@ def recipe(model: str, args: argparse.Namespace, epochs: int, *extra: str):
     return load_recipe("fashion_mnist", [
         f"model.name={model}", f"augment.img_size={args.img_size}", "augment.pad_crop=1",
         f"data.train_subset={args.images}", "data.val_fraction=0.02", f"train.epochs={epochs}",
-        f"train.threads={args.threads}", f"train.seed={args.seed}", "output.progress=off", "output.plots=false", *extra])
+        f"train.threads={args.threads}", f"train.seed={args.seed}", "output.progress=off", "output.plots=false",
+        *extra])
 
 
 def run(name: str, model: str, args: argparse.Namespace, out: Path, epochs: int, *extra: str) -> dict:
@@ -72,7 +73,8 @@ def main() -> int:
     alone = run("student alone", STUDENT, args, out, args.epochs)
     taught = run("student distilled", STUDENT, args, out, args.epochs, f"distill.teacher={teacher}")
     rows += [alone, taught]
-    print(f"\nFashion-MNIST, {args.images} training images, {args.img_size} px, seed {args.seed}, {args.threads} thread(s); "
+    print(f"\nFashion-MNIST, {args.images} training images, {args.img_size} px, seed {args.seed}, "
+          f"{args.threads} thread(s); "
           f"test split 10,000 images; distill alpha 0.5, T 4")
     print(f"{'run':<20} {'model':<20} {'epochs':>6} {'test acc':>9} {'seconds':>8}")
     for row in rows:

@@ -36,9 +36,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from imgtrain.config import load_recipe
 from imgtrain.data import build_splits
 from imgtrain.engine.events import HookList
-from imgtrain.engine.loop import TrainParts, Trainer
-from imgtrain.engine.state import EpochPlan
+from imgtrain.engine.loop import Trainer, TrainParts
 from imgtrain.engine.optim import build_optimizer, build_scheduler
+from imgtrain.engine.state import EpochPlan
 from imgtrain.models import create_model
 from imgtrain.tracking import build_trackers
 

@@ -149,7 +149,8 @@ def main() -> None:
     for r in results:
         print(f"{r['arm']:<28s}{'/'.join(map(str, r['batches'])):>12s}{'/'.join(map(str, r['sizes'])):>12s}"
               f"{r['epochs']:>7d}{r['peak_mb']:>9.0f}{r['wall']:>8.0f}{r['wall'] / base['wall']:>8.2f}"
-              f"{r['train_seconds']:>9.0f}{r['cpu']:>8.0f}{r['test_acc']:>10.2%}{(r['test_acc'] - base['test_acc']) * 100:>+10.2f}")
+              f"{r['train_seconds']:>9.0f}{r['cpu']:>8.0f}{r['test_acc']:>10.2%}"
+              f"{(r['test_acc'] - base['test_acc']) * 100:>+10.2f}")
     print("wall s: training, every epoch with its validation (the goal's measure); train s: the training passes "
           "alone; cpu s: the whole process, data loading included")
     for r in results[1:]:

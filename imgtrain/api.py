@@ -27,7 +27,7 @@ from imgtrain.data.prepare import prepare_data as prepare_plain_data
 from imgtrain.engine.checkpoint import CheckpointError, load_weights
 from imgtrain.engine.device import select_device
 from imgtrain.engine.events import Hook, HookList
-from imgtrain.engine.loop import TrainParts, Trainer
+from imgtrain.engine.loop import Trainer, TrainParts
 from imgtrain.engine.optim import peak_lr
 from imgtrain.engine.state import EpochPlan
 from imgtrain.evaluation.teachers import load_teachers
@@ -155,7 +155,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
         dump_recipe(recipe, run_dir / "config.yaml")
     loaders = context.loaders
     report_inputs = ReportInputs(val_dataset=loaders.val.dataset if loaders.val is not None else None,
-                                 mean=prepared.mean, std=prepared.std, eval_batch_transform=prepared.eval_batch_transform)
+                                 mean=prepared.mean, std=prepared.std,
+                                 eval_batch_transform=prepared.eval_batch_transform)
     trackers = build_trackers(recipe, run_dir, console_stream=console, report_inputs=report_inputs)
     trainer = Trainer(recipe, train_parts(recipe, model, prepared, context.plans),
                       HookList(strategies=[*strategies, *hooks], trackers=trackers), run_dir, metadata)

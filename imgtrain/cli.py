@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any
 
 EXIT_BAD_INPUT = 2
 EXIT_CHECKS_FAILED = 1      # imgtrain doctor: a check failed
@@ -114,7 +115,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checkpoint_architecture(weights: str) -> Optional[str]:
+def _checkpoint_architecture(weights: str) -> str | None:
     """model.name recorded in an imgtrain run folder or checkpoint; None for other weights."""
     from imgtrain.api import resolve_checkpoint
     from imgtrain.engine.checkpoint import CheckpointError, read_metadata
@@ -149,7 +150,7 @@ def tta_argument(value: Any) -> Any:
     return [view.strip() for view in str(value).split(",") if view.strip()]
 
 
-def default_evaluation_dir(target: str, split_name: str) -> Optional[Path]:
+def default_evaluation_dir(target: str, split_name: str) -> Path | None:
     """RUN/evaluation/<split> for a run folder (or a checkpoint inside one); None otherwise."""
     from imgtrain.evaluation.inference import is_ensemble_dir
 
@@ -190,7 +191,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     failed = sum(1 for r in rows if r["error"])
     if args.output:
         write_predictions(rows, Path(args.output), args.topk)
-        print(f"{len(rows)} predictions written to {args.output}" + (f" ({failed} could not be read)" if failed else ""))
+        unread = f" ({failed} could not be read)" if failed else ""
+        print(f"{len(rows)} predictions written to {args.output}{unread}")
     else:
         print(format_predictions(rows, args.topk))
     return 0
@@ -272,7 +274,7 @@ def cmd_make_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_pairs(items: List[str]) -> Dict[str, Any]:
+def _parse_pairs(items: list[str]) -> dict[str, Any]:
     import yaml
     out = {}
     for item in items:
@@ -404,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last finished epoch")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--hook", action="append", default=[], metavar="MODULE:CLASS",
-                   help="your own imgtrain.Hook subclass, built without arguments (repeatable), e.g. myhooks:WeightNorm")
+                   help="your own imgtrain.Hook subclass, built without arguments (repeatable), "
+                        "e.g. myhooks:WeightNorm")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("finetune", help="fine-tune from weights: a run folder, .safetensors file or timm")
@@ -541,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
@@ -550,7 +553,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("imgtrain: stopped by Ctrl-C; every finished epoch is saved.", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as exc:  # noqa: BLE001 - sorted below: user errors get a message, bugs a traceback
+    except Exception as exc:
         if isinstance(exc, _user_errors()):
             print(f"imgtrain: error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT

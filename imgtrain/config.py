@@ -12,21 +12,37 @@ file, line, dotted key and the closest valid key. recipe_files.py reads the YAML
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from annotated_types import Ge, Gt
-from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, ValidationInfo
-from pydantic import field_validator, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
 
 # imported here too (noqa) because they lived in this module before: `from imgtrain.config import RecipeError`
 from imgtrain.recipe_errors import RecipeError, fail, leaves, number_hint, recipe_error, where
-from imgtrain.recipe_files import BUILTIN_RECIPES, builtin_recipes, parse_override  # noqa: F401
-from imgtrain.recipe_files import key_origin, read_recipe_file, resolve_recipe_path, set_dotted  # noqa: F401
+from imgtrain.recipe_files import (  # noqa: F401  # noqa: F401
+    BUILTIN_RECIPES,
+    builtin_recipes,
+    key_origin,
+    parse_override,
+    read_recipe_file,
+    resolve_recipe_path,
+    set_dotted,
+)
 from imgtrain.tta_views import TTA_VIEWS, TTAView, parse_tta_view  # noqa: F401
 
 # YAML gives exact types: "3" for an integer or `true` for a number is a mistake, not something
@@ -408,7 +424,7 @@ class ProgressiveConfig(_Section):
                     fail("stages", f"{where}.{key}: {value} is out of range: expected a value "
                                     f"{'>' if key == 'lr' else '>='} {low}")
         sizes = [stage["img_size"] for stage in self.stages]
-        if any(later <= earlier for earlier, later in zip(sizes, sizes[1:])):
+        if any(later <= earlier for earlier, later in itertools.pairwise(sizes)):
             fail("stages", f"stage sizes must increase from stage to stage, got {sizes}")
         if self.min_size is not None and self.ramp_end < self.ramp_start:
             fail("ramp_end", f"ramp_end ({self.ramp_end}) is before ramp_start ({self.ramp_start})")

@@ -33,7 +33,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,19 +45,19 @@ from imgtrain.data.prepare import seed_everything
 from imgtrain.data.sources import build_splits
 from imgtrain.engine.device import select_device
 from imgtrain.engine.events import Hook, HookList
-from imgtrain.engine.loop import TrainParts, Trainer
+from imgtrain.engine.loop import Trainer, TrainParts
 from imgtrain.engine.state import EpochPlan
 from imgtrain.io import dumps_json
 from imgtrain.losses import build_train_loss, check_imbalance_recipe
 from imgtrain.models import create_model
 from imgtrain.models.weights import load_initial_weights
+from imgtrain.strategies.base import StrategyContext
 from imgtrain.strategies.diagnostics import (
     check_diagnostics,
     classify_gradients,
     gradient_norms,
     missing_gradients,
 )
-from imgtrain.strategies.base import StrategyContext
 from imgtrain.strategies.transfer import Transfer
 from imgtrain.tools.preview import denormalize, draw_grid, label_text
 
@@ -90,14 +90,14 @@ class Check:
     status: str               # PASS | WARN | FAIL | SKIP
     detail: str
     cause: str = ""           # on FAIL (and WARN): the likely cause
-    values: Dict[str, Any] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class DoctorReport:
     recipe: str
-    checks: List[Check]
-    grid: Optional[Path]
+    checks: list[Check]
+    grid: Path | None
     seconds: float
 
     @property
@@ -118,7 +118,7 @@ class DoctorReport:
                      + (f"; failed: {', '.join(failed)}" if failed else "") + f" ({self.seconds:.0f} s)")
         return "\n".join(lines)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "ok": self.ok, "grid": str(self.grid) if self.grid else None,
                 "seconds": round(self.seconds, 2), "checks": [dataclasses.asdict(c) for c in self.checks]}
 
@@ -198,10 +198,11 @@ def gradient_check(model: torch.nn.Module, vanishing_below: float, exploding_abo
                  f"{norms[smallest]:.2g} ({smallest}), largest {max(norms.values()):.2g}{frozen_text}", values=values)
 
 
-def overfit_check(curve: List[float], final: float, accuracy: float, threshold: float, lr: float) -> Check:
+def overfit_check(curve: list[float], final: float, accuracy: float, threshold: float, lr: float) -> Check:
     """The batch loss must end below `threshold`; the shape of the curve names the cause."""
     start, steps = curve[0], len(curve)
-    detail = f"loss {start:.3f} -> {final:.4g} in {steps} steps (must end < {threshold:g}); batch accuracy {accuracy:.0%}"
+    detail = (f"loss {start:.3f} -> {final:.4g} in {steps} steps (must end < {threshold:g}); "
+              f"batch accuracy {accuracy:.0%}")
     values = {"curve": curve, "final": final, "accuracy": accuracy, "lr": lr}
     if math.isfinite(final) and final < threshold:
         return Check("overfit batch", "PASS", detail, values=values)
@@ -260,8 +261,8 @@ class _Probe(Hook):
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
-        self.curve: List[float] = []
-        self.gradients: Optional[Check] = None
+        self.curve: list[float] = []
+        self.gradients: Check | None = None
 
     def after_forward(self, state: Any) -> None:
         self.curve.append(float(F.cross_entropy(state.outputs.detach().float(), state.targets)))
@@ -325,7 +326,7 @@ def _val_accuracy(model: torch.nn.Module, prepared: Any, device: torch.device, l
     return correct / max(seen, 1), seen
 
 
-def run_doctor(recipe: Recipe, output: Union[str, Path] = "doctor") -> DoctorReport:
+def run_doctor(recipe: Recipe, output: str | Path = "doctor") -> DoctorReport:
     """Run the checks of the module docstring; writes OUTPUT/batch.png and OUTPUT/doctor.json."""
     started = time.perf_counter()
     cfg = recipe.diagnostics

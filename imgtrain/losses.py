@@ -35,7 +35,8 @@ training image counts as one, so its weight and its log-prior stay finite.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,6 @@ from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
 from imgtrain.config import RecipeError
-
 
 # ----------------------------------------------------------------------------- pure functions
 
@@ -60,7 +60,7 @@ def class_prior(counts: torch.Tensor) -> torch.Tensor:
     return (counts / counts.sum()).float()
 
 
-def class_weights_from_counts(counts: Union[torch.Tensor, Sequence[int]], mode: str = "inverse",
+def class_weights_from_counts(counts: torch.Tensor | Sequence[int], mode: str = "inverse",
                               beta: float = 0.999) -> torch.Tensor:
     """Per-class weights (float, (C,), mean 1) from training counts.
 
@@ -101,7 +101,7 @@ def soft_targets(targets: torch.Tensor, num_classes: int, label_smoothing: float
 
 
 def _weighted_mean(per_class_loss: torch.Tensor, targets: torch.Tensor,
-                   weight: Optional[torch.Tensor]) -> torch.Tensor:
+                   weight: torch.Tensor | None) -> torch.Tensor:
     """sum over images and classes of t_ic * w_c * loss_ic, over sum of t_ic * w_c.
 
     For one-hot targets this is F.cross_entropy's weighted mean; without weights, the mean.
@@ -110,7 +110,7 @@ def _weighted_mean(per_class_loss: torch.Tensor, targets: torch.Tensor,
     return (mass * per_class_loss).sum() / mass.sum().clamp_min(torch.finfo(mass.dtype).tiny)
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: Optional[torch.Tensor] = None,
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None,
                   label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean (or class-weighted mean) cross-entropy on hard (N,) or soft (N, C) targets."""
     logits = logits.float()
@@ -122,8 +122,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: Optional[
     return _weighted_mean(-F.log_softmax(logits, dim=1), target, weight)
 
 
-def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, alpha: Optional[float] = None,
-               weight: Optional[torch.Tensor] = None, label_smoothing: float = 0.0) -> torch.Tensor:
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, alpha: float | None = None,
+               weight: torch.Tensor | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
     """Focal loss (Lin et al. 2017) on hard (N,) or soft (N, C) targets.
 
     alpha None: softmax form, sum_c t_c (1 - p_c)^gamma (-log p_c) per image; gamma = 0 is
@@ -146,7 +146,7 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, 
 
 
 def logit_adjusted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, prior: torch.Tensor,
-                                 tau: float = 1.0, weight: Optional[torch.Tensor] = None,
+                                 tau: float = 1.0, weight: torch.Tensor | None = None,
                                  label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy on logits + tau * log(prior) (Menon et al. 2021, the loss form)."""
     adjusted = logits.float() + logit_adjustment(prior, tau).to(logits.device)
@@ -167,7 +167,7 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
                       alpha: float = 0.5, temperature: float = 4.0,
-                      label_loss: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      label_loss: torch.Tensor | None = None) -> torch.Tensor:
     """Knowledge distillation (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"):
 
         alpha * CE(student, targets) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T))
@@ -187,7 +187,7 @@ class ClassificationLoss(nn.Module):
 
     weight: torch.Tensor | None  # a registered buffer
 
-    def __init__(self, label_smoothing: float = 0.0, weight: Optional[torch.Tensor] = None):
+    def __init__(self, label_smoothing: float = 0.0, weight: torch.Tensor | None = None):
         super().__init__()
         self.label_smoothing = label_smoothing
         self.register_buffer("weight", weight, persistent=False)
@@ -201,8 +201,8 @@ class FocalLoss(nn.Module):
 
     weight: torch.Tensor | None  # a registered buffer
 
-    def __init__(self, gamma: float = 2.0, alpha: Optional[float] = None, label_smoothing: float = 0.0,
-                 weight: Optional[torch.Tensor] = None):
+    def __init__(self, gamma: float = 2.0, alpha: float | None = None, label_smoothing: float = 0.0,
+                 weight: torch.Tensor | None = None):
         super().__init__()
         self.gamma, self.alpha, self.label_smoothing = gamma, alpha, label_smoothing
         self.register_buffer("weight", weight, persistent=False)
@@ -218,7 +218,7 @@ class LogitAdjustedLoss(nn.Module):
     weight: torch.Tensor | None
 
     def __init__(self, prior: torch.Tensor, tau: float = 1.0, label_smoothing: float = 0.0,
-                 weight: Optional[torch.Tensor] = None):
+                 weight: torch.Tensor | None = None):
         super().__init__()
         self.tau, self.label_smoothing = tau, label_smoothing
         self.register_buffer("prior", prior.float(), persistent=False)
@@ -230,9 +230,9 @@ class LogitAdjustedLoss(nn.Module):
 
 
 # A loss builder takes (the recipe, per-class weights or None, the training prior).
-LossBuilder = Callable[[Any, Optional[torch.Tensor], torch.Tensor], nn.Module]
+LossBuilder = Callable[[Any, torch.Tensor | None, torch.Tensor], nn.Module]
 
-LOSSES: Dict[str, LossBuilder] = {
+LOSSES: dict[str, LossBuilder] = {
     "ce": lambda recipe, weight, prior: ClassificationLoss(recipe.train.label_smoothing, weight),
     "focal": lambda recipe, weight, prior: FocalLoss(recipe.imbalance.focal_gamma,
                                                      recipe.imbalance.focal_alpha,
@@ -274,7 +274,7 @@ def check_imbalance_recipe(recipe: Any, classes: Sequence[str]) -> None:
 
 
 def resolve_class_weights(recipe: Any, train_targets: torch.Tensor,
-                          num_classes: int) -> Optional[torch.Tensor]:
+                          num_classes: int) -> torch.Tensor | None:
     """The per-class weights the recipe asks for (None for `none`)."""
     cfg = recipe.imbalance
     if isinstance(cfg.class_weights, list):
@@ -303,7 +303,7 @@ def build_train_loss(recipe: Any, train_targets: torch.Tensor, num_classes: int)
     return LOSSES[cfg.loss](recipe, weight, prior)
 
 
-def eval_logit_offset(recipe: Any, train_targets: torch.Tensor, num_classes: int) -> Optional[torch.Tensor]:
+def eval_logit_offset(recipe: Any, train_targets: torch.Tensor, num_classes: int) -> torch.Tensor | None:
     """What to add to the logits at evaluation: -tau * log(prior) with `posthoc_adjust`, else None."""
     cfg = recipe.imbalance
     if not cfg.posthoc_adjust:
@@ -314,5 +314,6 @@ def eval_logit_offset(recipe: Any, train_targets: torch.Tensor, num_classes: int
 
 __all__ = ["LOSSES", "ClassificationLoss", "FocalLoss", "LogitAdjustedLoss", "build_train_loss",
            "check_imbalance_recipe", "class_counts", "class_prior", "class_weights_from_counts",
-           "cross_entropy", "distillation_kl", "distillation_loss", "eval_logit_offset", "focal_loss", "logit_adjusted_cross_entropy",
+           "cross_entropy", "distillation_kl", "distillation_loss", "eval_logit_offset", "focal_loss",
+           "logit_adjusted_cross_entropy",
            "logit_adjustment", "posthoc_adjust_logits", "resolve_class_weights", "soft_targets"]

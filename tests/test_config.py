@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from imgtrain.config import RecipeError, load_recipe, recipe_from_dict, recipe_keys, BUILTIN_RECIPES
+from imgtrain.config import BUILTIN_RECIPES, RecipeError, load_recipe, recipe_from_dict, recipe_keys
 
 
 def write(path: Path, text: str) -> Path:

@@ -9,10 +9,21 @@ import torch
 import torch.nn.functional as F
 
 from imgtrain.config import RecipeError, load_recipe
-from imgtrain.losses import (LOSSES, build_train_loss, check_imbalance_recipe, class_counts, class_prior,
-                             class_weights_from_counts, cross_entropy, eval_logit_offset, focal_loss,
-                             logit_adjusted_cross_entropy, logit_adjustment, posthoc_adjust_logits,
-                             soft_targets)
+from imgtrain.losses import (
+    LOSSES,
+    build_train_loss,
+    check_imbalance_recipe,
+    class_counts,
+    class_prior,
+    class_weights_from_counts,
+    cross_entropy,
+    eval_logit_offset,
+    focal_loss,
+    logit_adjusted_cross_entropy,
+    logit_adjustment,
+    posthoc_adjust_logits,
+    soft_targets,
+)
 
 COUNTS = torch.tensor([800, 150, 40, 10])
 

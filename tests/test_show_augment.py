@@ -62,7 +62,7 @@ def test_mixed_labels_name_both_images_with_their_weights(tmp_path):
     labels = [train.classes[int(train.targets[i])] for i in preview.indices]
     partners = labels[::-1]  # each image is mixed with its mirror in the batch
     mixed = 0
-    for text, own, partner, weights in zip(preview.labels, labels, partners, preview.targets):
+    for text, own, partner, _weights in zip(preview.labels, labels, partners, preview.targets):
         if own == partner:
             assert text == own
             continue

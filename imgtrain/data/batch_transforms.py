@@ -44,8 +44,13 @@ from torchvision.transforms import v2
 
 from imgtrain.config import AugmentConfig
 from imgtrain.data.errors import DataError
-from imgtrain.data.transforms import (ERASING_RATIO, _is_identity, build_augmentation, eval_resize_size,
-                                      requested_augmentations)
+from imgtrain.data.transforms import (
+    ERASING_RATIO,
+    _is_identity,
+    build_augmentation,
+    eval_resize_size,
+    requested_augmentations,
+)
 
 # registry entries (data/transforms.py AUGMENTATIONS) implemented here on whole batches;
 # any other entry, including ones added later, runs per image on the CPU

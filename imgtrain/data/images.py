@@ -82,7 +82,7 @@ def _open_decoded(path: PathLike) -> Image.Image:
             return oriented
     # Decoders raise many types on malformed input (OSError, SyntaxError, struct.error,
     # IndexError ...); all of them mean "this file is not a usable image".
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise BadImageError(path, _reason(exc)) from None
 
 
@@ -155,7 +155,7 @@ def load_image(path: PathLike, channels: int | None = None) -> torch.Tensor:
         img = to_8bit(_open_decoded(path))
     except BadImageError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a mode Pillow cannot convert (e.g. LAB)
+    except Exception as exc:
         raise BadImageError(path, f"unsupported image mode ({type(exc).__name__}: {exc})") from None
     if channels == 1 and img.mode == "RGB":
         img = img.convert("L")

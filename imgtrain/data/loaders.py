@@ -21,9 +21,8 @@ process competes with the training process for the same cores, and the images he
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from imgtrain.data.datasets import ImageDataset
 from imgtrain.data.errors import DataError
-from imgtrain.data.sources import DataSplits
 from imgtrain.data.samplers import loader_with_sampling, with_train_sampler
+from imgtrain.data.sources import DataSplits
 
 
 @dataclass
@@ -121,7 +120,8 @@ def with_batch_size(loader: DataLoader, batch_size: int) -> DataLoader:
 
 
 class CycledLoader:
-    """`batches` batches of a loader, pass after pass: the LR finder and doctor train for a number of steps, not epochs."""
+    """`batches` batches of a loader, pass after pass: the LR finder and doctor train for a number of
+    steps, not epochs."""
 
     def __init__(self, loader: Any, batches: int):
         self.loader, self.batches = loader, batches

@@ -11,8 +11,9 @@ last incomplete batch for mixing) arrives as arguments: the data package knows n
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch

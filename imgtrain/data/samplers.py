@@ -20,8 +20,8 @@ the same batches in an uninterrupted and in a resumed run.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, Sequence, cast
+from collections.abc import Iterator, Sequence
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Sampler, WeightedRandomSampler

@@ -216,7 +216,8 @@ def _read_manifest(manifest: Path) -> tuple[list[tuple[int, str, str, str | None
     try:
         text = manifest.read_text(encoding="utf-8-sig")  # -sig: Excel writes a BOM
     except OSError as exc:
-        raise DataError(f"cannot read the manifest {manifest} ({exc.strerror}); set data.root to the CSV file") from None
+        raise DataError(f"cannot read the manifest {manifest} ({exc.strerror}); "
+                        "set data.root to the CSV file") from None
     reader = csv.reader(text.splitlines())
     header = [h.strip().lower() for h in next(reader, [])]
     if "path" not in header or "label" not in header:

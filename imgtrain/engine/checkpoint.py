@@ -24,13 +24,12 @@ import random
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from safetensors import safe_open
 
 METADATA_KEY = "imgtrain"
 
@@ -55,10 +54,10 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise
 
 
-def weights_for_saving(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+def weights_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """CPU, contiguous, de-duplicated state dict (channels_last and tied weights handled)."""
-    out: Dict[str, torch.Tensor] = {}
-    seen: Dict[Tuple[int, int], str] = {}
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[tuple[int, int], str] = {}
     for key, tensor in model.state_dict().items():
         ident = (tensor.data_ptr(), tensor.numel())
         if tensor.numel() and ident in seen:
@@ -68,13 +67,13 @@ def weights_for_saving(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return out
 
 
-def save_weights(model: torch.nn.Module, path: Path, metadata: Dict[str, Any]) -> None:
+def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, Any]) -> None:
     tensors = weights_for_saving(model)
     meta = {METADATA_KEY: json.dumps(metadata, default=str)}
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def read_metadata(path: Path) -> Dict[str, Any]:
+def read_metadata(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -88,7 +87,7 @@ def read_metadata(path: Path) -> Dict[str, Any]:
     return json.loads(meta[METADATA_KEY])
 
 
-def load_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and imgtrain metadata of a .safetensors file."""
     metadata = read_metadata(path)
     try:
@@ -98,7 +97,7 @@ def load_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     return tensors, metadata
 
 
-def capture_rng_state() -> Dict[str, Any]:
+def capture_rng_state() -> dict[str, Any]:
     """Python, NumPy, torch CPU and CUDA generator states, as weights-only-loadable types."""
     # legacy=True is the default, spelled out: the stubs' overload for a bare call says dict
     np_state = np.random.get_state(legacy=True)
@@ -114,7 +113,7 @@ def capture_rng_state() -> Dict[str, Any]:
     return state
 
 
-def restore_rng_state(state: Dict[str, Any]) -> None:
+def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate(_to_tuple(state["python"]))
     np_state = state["numpy"]
     np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
@@ -131,11 +130,11 @@ def _to_tuple(value: Any) -> Any:
     return value
 
 
-def save_training_state(path: Path, state: Dict[str, Any]) -> None:
+def save_training_state(path: Path, state: dict[str, Any]) -> None:
     _atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_training_state(path: Path, map_location: Optional[str] = "cpu") -> Dict[str, Any]:
+def load_training_state(path: Path, map_location: str | None = "cpu") -> dict[str, Any]:
     """Load a resume file with `weights_only=True`: a file that needs unpickling is refused."""
     path = Path(path)
     if not path.is_file():
@@ -147,7 +146,7 @@ def load_training_state(path: Path, map_location: Optional[str] = "cpu") -> Dict
                               f"and imgtrain never unpickles them ({str(exc).splitlines()[0]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated training state ({exc})") from None
-def training_state(state: Any, best_mode: str, hooks: Any) -> Dict[str, Any]:
+def training_state(state: Any, best_mode: str, hooks: Any) -> dict[str, Any]:
     """Everything a resume needs after a finished epoch (last.state.pt): the weights, optimizer,
     schedule, grad scaler, every RNG, the history, the best so far and every hook's state."""
     return {
@@ -169,7 +168,7 @@ def training_state(state: Any, best_mode: str, hooks: Any) -> Dict[str, Any]:
     }
 
 
-def restore_training_state(state: Any, saved: Dict[str, Any], hooks: Any) -> str:
+def restore_training_state(state: Any, saved: dict[str, Any], hooks: Any) -> str:
     """Put a `training_state` back (the model's weights are loaded by the caller, before the schedule
     is rebuilt); returns the best-checkpoint mode it was saved with."""
     state.optimizer.load_state_dict(saved["optimizer"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Dict, Optional, Tuple, cast
+from typing import cast
 
 import torch
 
@@ -40,7 +40,7 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
-def select_precision(amp: str, device: torch.device) -> Tuple[Optional[torch.dtype], bool]:
+def select_precision(amp: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None for fp32, whether a GradScaler is needed)."""
     if amp == "off":
         return None, False
@@ -58,7 +58,7 @@ def select_precision(amp: str, device: torch.device) -> Tuple[Optional[torch.dty
     return None, False
 
 
-def configure_backends(device: torch.device, deterministic: bool, threads: Optional[int]) -> None:
+def configure_backends(device: torch.device, deterministic: bool, threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
     if deterministic:
@@ -94,7 +94,7 @@ def compile_model(model: torch.nn.Module, image_sizes: int = 1) -> torch.nn.Modu
     return cast(torch.nn.Module, torch.compile(model, dynamic=False))
 
 
-def peak_memory_mb(device: torch.device) -> Dict[str, float]:
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
     """The process's peak resident memory and, on CUDA, the peak memory torch allocated (MiB)."""
     import resource  # POSIX; ru_maxrss is in KiB on Linux (bytes on macOS)
 

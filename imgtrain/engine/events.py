@@ -29,14 +29,16 @@ The Trainer (engine/loop.py) runs this, firing each event on the hooks in order:
 
 A hook implements only the methods of the events it needs. `on_note(message, event, fields)` is no
 event of the loop: it receives what hooks report with `state.note(...)` (the train.log and
-events.jsonl trackers implement it), so a strategy can write to the run's log without knowing them. Hooks that change the batch,
-model, optimizer or schedule (strategies) run before hooks that only read (trackers); the
-order within each list is the order they are declared in, never computed from numbers.
+events.jsonl trackers implement it), so a strategy can write to the run's log without knowing them.
+Hooks that change the batch, model, optimizer or schedule (strategies) run before hooks that only
+read (trackers); the order within each list is the order they are declared in, never computed from
+numbers.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 EVENTS = (
     "fit_start", "epoch_start", "batch_start", "after_forward", "after_loss",
@@ -63,14 +65,14 @@ class Hook:
     def epoch_end(self, state: Any) -> None: ...
     def fit_end(self, state: Any) -> None: ...
 
-    def on_note(self, message: str, event: str | None, fields: Dict[str, Any]) -> None:
+    def on_note(self, message: str, event: str | None, fields: dict[str, Any]) -> None:
         """A line another hook reported with `state.note` (trackers write it down)."""
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """What a resume needs; hooks without state return {}."""
         return {}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
 
 
@@ -82,14 +84,14 @@ class HookList:
     """
 
     def __init__(self, strategies: Sequence[Hook] = (), trackers: Sequence[Hook] = ()):
-        self.strategies: List[Hook] = list(strategies)
-        self.trackers: List[Hook] = list(trackers)
+        self.strategies: list[Hook] = list(strategies)
+        self.trackers: list[Hook] = list(trackers)
         ordered = self.strategies + self.trackers
         names = [h.name for h in ordered]
         duplicates = {n for n in names if names.count(n) > 1}
         if duplicates:
             raise ValueError(f"hook names must be unique, got duplicates: {sorted(duplicates)}")
-        self._listeners: Dict[str, List[Any]] = {
+        self._listeners: dict[str, list[Any]] = {
             event: [getattr(h, event) for h in ordered
                     if getattr(type(h), event) is not getattr(Hook, event)]
             for event in EVENTS
@@ -102,7 +104,7 @@ class HookList:
     def __iter__(self):
         return iter(self.strategies + self.trackers)
 
-    def note(self, message: str, event: str | None, fields: Dict[str, Any]) -> None:
+    def note(self, message: str, event: str | None, fields: dict[str, Any]) -> None:
         for hook in self._note_listeners:
             hook.on_note(message, event, fields)
 
@@ -110,10 +112,10 @@ class HookList:
         for method in self._listeners[event]:
             method(state)
 
-    def state_dict(self) -> Dict[str, Dict[str, Any]]:
+    def state_dict(self) -> dict[str, dict[str, Any]]:
         return {h.name: state for h in self if (state := h.state_dict())}
 
-    def load_state_dict(self, states: Dict[str, Dict[str, Any]]) -> None:
+    def load_state_dict(self, states: dict[str, dict[str, Any]]) -> None:
         for hook in self:
             if hook.name in states:
                 hook.load_state_dict(states[hook.name])

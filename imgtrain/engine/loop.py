@@ -20,13 +20,19 @@ from typing import Any
 
 import torch
 
-from imgtrain.engine.checkpoint import (load_training_state, restore_training_state, save_training_state,
-                                        save_weights, training_state)
+from imgtrain.engine.checkpoint import (
+    load_training_state,
+    restore_training_state,
+    save_training_state,
+    save_weights,
+    training_state,
+)
 from imgtrain.engine.device import compile_model, configure_backends, select_device, select_precision
 from imgtrain.engine.events import HookList
 from imgtrain.engine.optim import build_optimizer, build_scheduler
 from imgtrain.engine.state import EpochPlan, SizedIterable, TrainState, run_summary
 from imgtrain.engine.validate import evaluate_batches
+
 
 @dataclass
 class TrainParts:

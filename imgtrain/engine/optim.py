@@ -12,7 +12,7 @@ means the same thing at any batch size or accumulation.
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -25,7 +25,7 @@ def gets_weight_decay(param: torch.Tensor, decay_norm_and_bias: bool = False) ->
 
 
 def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float,
-                              decay_norm_and_bias: bool = False) -> List[dict]:
+                              decay_norm_and_bias: bool = False) -> list[dict]:
     """Two groups: decayed weights, and (unless asked) undecayed norm/bias parameters."""
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
@@ -48,7 +48,7 @@ def peak_lr(cfg: OptimConfig) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
-                    param_groups: Optional[List[dict]] = None) -> torch.optim.Optimizer:
+                    param_groups: list[dict] | None = None) -> torch.optim.Optimizer:
     """SGD or AdamW over `param_groups` (each may carry its own lr; default: the decay/no-decay
     split of `param_groups_weight_decay`)."""
     groups = param_groups if param_groups is not None else param_groups_weight_decay(
@@ -79,7 +79,7 @@ def epochs_to_steps(epoch_steps: Sequence[int]) -> Callable[[float], int]:
 
 
 def lr_factor_fn(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int, peak_lr: float,
-                 epoch_steps: Optional[Sequence[int]] = None) -> Callable[[int], float]:
+                 epoch_steps: Sequence[int] | None = None) -> Callable[[int], float]:
     """The multiplier of the peak lr at optimizer step `s` (for LambdaLR), for non-one-cycle schedules.
 
     epoch_steps: the optimizer steps of every epoch when they differ; keys in epochs (warmup,
@@ -119,7 +119,7 @@ def lr_factor_fn(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int, pe
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, peak_lr: float,
-                    total_steps: int, steps_per_epoch: int, epoch_steps: Optional[Sequence[int]] = None
+                    total_steps: int, steps_per_epoch: int, epoch_steps: Sequence[int] | None = None
                     ) -> torch.optim.lr_scheduler.LRScheduler:
     """A scheduler to step once after every optimizer step (epoch_steps: see lr_factor_fn)."""
     if cfg.name == "onecycle":

@@ -6,9 +6,10 @@ Hooks read it (trackers) or change it (strategies: replace `inputs`, `targets` o
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -37,44 +38,44 @@ class EpochPlan:
 class TrainState:
     # --- the whole run
     recipe: Any                                  # imgtrain.config.Recipe
-    run_dir: Optional[Path]                      # None: no run folder (the LR finder, doctor)
+    run_dir: Path | None                      # None: no run folder (the LR finder, doctor)
     device: torch.device
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any                               # torch.optim.lr_scheduler.LRScheduler
-    scaler: Optional[torch.amp.GradScaler]
-    amp_dtype: Optional[torch.dtype]             # None: full precision
-    classes: List[str]
+    scaler: torch.amp.GradScaler | None
+    amp_dtype: torch.dtype | None             # None: full precision
+    classes: list[str]
     epochs: int                                  # total epochs of the run
     steps_per_epoch: int                         # batches per epoch (after max_steps_per_epoch)
-    history: List[Dict[str, Any]] = field(default_factory=list)  # one row per finished epoch
-    best_value: Optional[float] = None           # of recipe.output.best_metric
-    best_epoch: Optional[int] = None
-    summary: Dict[str, Any] = field(default_factory=dict)        # filled at fit_end
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per finished epoch
+    best_value: float | None = None           # of recipe.output.best_metric
+    best_epoch: int | None = None
+    summary: dict[str, Any] = field(default_factory=dict)        # filled at fit_end
     stop_training: bool = False                  # a hook sets it to end after this epoch
     wall_seconds_before: float = 0.0             # training time spent before a resume
-    eval_model: Optional[torch.nn.Module] = None  # validated and saved instead of `model` (an EMA)
-    val_per_class_recall: Dict[str, Any] = field(default_factory=dict)  # of the last validation
-    val_confusion: Optional[List[List[int]]] = None  # of the last validation; rows: true class
-    val_worst: List[Dict[str, Any]] = field(default_factory=list)  # its highest-loss images: index, loss
-    epoch_details: Dict[str, Any] = field(default_factory=dict)  # per-epoch values too wide for history.csv
+    eval_model: torch.nn.Module | None = None  # validated and saved instead of `model` (an EMA)
+    val_per_class_recall: dict[str, Any] = field(default_factory=dict)  # of the last validation
+    val_confusion: list[list[int]] | None = None  # of the last validation; rows: true class
+    val_worst: list[dict[str, Any]] = field(default_factory=list)  # its highest-loss images: index, loss
+    epoch_details: dict[str, Any] = field(default_factory=dict)  # per-epoch values too wide for history.csv
 
     # --- the current epoch (epoch is 0-based; history rows say epoch + 1)
     epoch: int = 0
     epoch_start_time: float = 0.0
     images_seen: int = 0                         # training images this epoch so far
-    loss_sum: Optional[torch.Tensor] = None      # sum of per-image loss this epoch (on device)
-    correct_sum: Optional[torch.Tensor] = None   # correct top-1 this epoch (on device)
-    epoch_metrics: Dict[str, Any] = field(default_factory=dict)  # the history row being built
+    loss_sum: torch.Tensor | None = None      # sum of per-image loss this epoch (on device)
+    correct_sum: torch.Tensor | None = None   # correct top-1 this epoch (on device)
+    epoch_metrics: dict[str, Any] = field(default_factory=dict)  # the history row being built
 
     # --- the current batch
     step: int = 0                                # optimizer steps taken in the whole run
     batch_index: int = 0                         # within the epoch
-    inputs: Optional[torch.Tensor] = None
-    targets: Optional[torch.Tensor] = None
-    outputs: Optional[torch.Tensor] = None
-    loss: Optional[torch.Tensor] = None          # this batch's loss (the loop divides it for accumulation)
-    loss_parts: Dict[str, torch.Tensor] = field(default_factory=dict)  # named terms of `loss` (e.g. ce, kd), per batch
+    inputs: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    outputs: torch.Tensor | None = None
+    loss: torch.Tensor | None = None          # this batch's loss (the loop divides it for accumulation)
+    loss_parts: dict[str, torch.Tensor] = field(default_factory=dict)  # named terms of `loss` (e.g. ce, kd), per batch
     skip_step: bool = False                      # a hook sets it: the next optimizer step is not taken
     skipped_steps: int = 0                       # optimizer steps skipped so far in the run
     # a hook sets it at after_backward of a group's last batch: the loop replays the accumulation
@@ -87,11 +88,11 @@ class TrainState:
     # --- what hooks may use to read data the way the loop does
     train_loader: Any = None                     # this epoch's train loader
     # a loader's input batch -> on the device, batch-transformed, in the model's memory format
-    prepare_batch: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    prepare_batch: Callable[[torch.Tensor], torch.Tensor] | None = None
     # where note() lines go (train.log, events.jsonl): set by the Trainer to its hooks' on_note
-    note_sink: Optional[Callable[[str, Optional[str], Dict[str, Any]], None]] = None
+    note_sink: Callable[[str, str | None, dict[str, Any]], None] | None = None
 
-    def note(self, message: str, event: Optional[str] = None, **fields: Any) -> None:
+    def note(self, message: str, event: str | None = None, **fields: Any) -> None:
         """A line for the run's log (train.log), and a record in events.jsonl when `event` is given:
         how a strategy reports what it did without knowing the trackers."""
         if self.note_sink is not None:
@@ -110,10 +111,10 @@ class TrainState:
         return float(group.get("momentum", 0.0))
 
 
-def run_summary(state: TrainState, best_metric: str, amp_dtype: Optional[torch.dtype]) -> Dict[str, Any]:
+def run_summary(state: TrainState, best_metric: str, amp_dtype: torch.dtype | None) -> dict[str, Any]:
     """summary.json's training numbers, from the history and the state at the end of fit."""
     rows = state.history
-    summary: Dict[str, Any] = {"epochs_run": len(rows), "best_epoch": state.best_epoch,
+    summary: dict[str, Any] = {"epochs_run": len(rows), "best_epoch": state.best_epoch,
                                "best_metric": best_metric, "best_value": state.best_value}
     if rows and "val_acc" in rows[-1]:
         summary["best_val_acc"] = max(r["val_acc"] for r in rows)

@@ -1,8 +1,15 @@
 """Evaluation and prediction with trained models and ensembles (see inference.py for the
 predictors they share, metrics.py for the numbers, tta.py, ensemble.py and explain.py)."""
 
-from imgtrain.evaluation.ensemble import (EnsembleOptions, EnsemblePredictor, fit_weights, load_ensemble, load_predictor,
-                                          run_ensemble, save_ensemble)
+from imgtrain.evaluation.ensemble import (
+                                          EnsembleOptions,
+                                          EnsemblePredictor,
+                                          fit_weights,
+                                          load_ensemble,
+                                          load_predictor,
+                                          run_ensemble,
+                                          save_ensemble,
+)
 from imgtrain.evaluation.evaluate import evaluate, evaluate_dataset, write_evaluation
 from imgtrain.evaluation.inference import ImageListDataset, ModelPredictor
 from imgtrain.evaluation.metrics import MetricSuite, compute_metrics, format_metrics

@@ -35,9 +35,10 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,8 +50,15 @@ from torch.utils.data import Dataset
 from imgtrain.config import RecipeError
 from imgtrain.data import build_splits
 from imgtrain.engine.checkpoint import CheckpointError
-from imgtrain.evaluation.inference import (ENSEMBLE_FILE, ModelPredictor, TTAArg, check_classes, evaluation_data,
-                                          is_ensemble_dir, metrics_of)
+from imgtrain.evaluation.inference import (
+    ENSEMBLE_FILE,
+    ModelPredictor,
+    TTAArg,
+    check_classes,
+    evaluation_data,
+    is_ensemble_dir,
+    metrics_of,
+)
 from imgtrain.io import check_replaceable
 from imgtrain.models.trained import load_trained
 
@@ -67,7 +75,7 @@ class EnsembleError(CheckpointError):
 
 # ----------------------------------------------------------------------------- pure functions
 
-def normalize_weights(weights: Optional[Sequence[float]], count: int, where: str = "weights") -> List[float]:
+def normalize_weights(weights: Sequence[float] | None, count: int, where: str = "weights") -> list[float]:
     """`weights` scaled to sum to 1 (None: all equal); an EnsembleError for a wrong count,
     a negative or non-finite weight, or all zero."""
     if count < 1:
@@ -105,7 +113,7 @@ def combine_probabilities(member_probs: Sequence[torch.Tensor], weights: Sequenc
     return ((1.0 - HARD_TIE_EPS) * shares + HARD_TIE_EPS * soft).float()
 
 
-def ensemble_nll(member_probs: Union[torch.Tensor, Sequence[torch.Tensor]], targets: torch.Tensor,
+def ensemble_nll(member_probs: torch.Tensor | Sequence[torch.Tensor], targets: torch.Tensor,
                  weights: Sequence[float]) -> float:
     """Mean negative log-likelihood of the soft ensemble with these weights."""
     stacked = _stack(member_probs)
@@ -114,8 +122,8 @@ def ensemble_nll(member_probs: Union[torch.Tensor, Sequence[torch.Tensor]], targ
     return float(-mixed.clamp_min(1e-12).log().mean())
 
 
-def fit_weights(member_probs: Union[torch.Tensor, Sequence[torch.Tensor]], targets: torch.Tensor,
-                steps: int = 200) -> List[float]:
+def fit_weights(member_probs: torch.Tensor | Sequence[torch.Tensor], targets: torch.Tensor,
+                steps: int = 200) -> list[float]:
     """Weights on the probability simplex that minimise the soft ensemble's NLL on (probs, targets).
 
     w = softmax(theta), theta starting at 0 (equal weights), SciPy's L-BFGS-B with the analytic
@@ -160,7 +168,7 @@ def to_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
     raise EnsembleError(f"cannot turn {have}-channel images into {channels}-channel ones")
 
 
-def _stack(member_probs: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
+def _stack(member_probs: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     if isinstance(member_probs, torch.Tensor):
         return member_probs.double()
     return torch.stack([p.double() for p in member_probs])
@@ -181,7 +189,7 @@ class ChannelView(Dataset):
         image = to_channels(image, self.channels)
         return (self.transform(image) if self.transform is not None else image), target
 
-    def with_transform(self, transform: Any) -> "ChannelView":
+    def with_transform(self, transform: Any) -> ChannelView:
         return ChannelView(self.raw, self.channels, transform)
 
 
@@ -206,7 +214,7 @@ class EnsemblePredictor:
     (the first member's: it names the data an ensemble is evaluated on), `tta`, `describe()`,
     `without_tta()` and `probabilities(dataset)`."""
 
-    def __init__(self, members: Sequence[Any], weights: Optional[Sequence[float]] = None, vote: str = "soft",
+    def __init__(self, members: Sequence[Any], weights: Sequence[float] | None = None, vote: str = "soft",
                  source: str = "ensemble"):
         if vote not in VOTES:
             raise EnsembleError(f"vote: {vote!r} is not one of {', '.join(VOTES)}")
@@ -214,8 +222,8 @@ class EnsemblePredictor:
         self.weights = normalize_weights(weights, len(self.members))
         self.vote = vote
         self.source = source
-        self.folder: Optional[Path] = None  # the saved folder it was loaded from (load_ensemble sets it)
-        self.classes: List[str] = check_members(self.members)
+        self.folder: Path | None = None  # the saved folder it was loaded from (load_ensemble sets it)
+        self.classes: list[str] = check_members(self.members)
         self.channels = max(m.channels for m in self.members)
         self.recipe = self.members[0].recipe
         configs = [getattr(m, "tta", None) for m in self.members]
@@ -225,13 +233,13 @@ class EnsemblePredictor:
         parts = [f"{w:.3f} x {m.describe()}" for m, w in zip(self.members, self.weights)]
         return f"ensemble of {len(self.members)} ({self.vote} vote): " + "; ".join(parts)
 
-    def without_tta(self) -> "EnsemblePredictor":
+    def without_tta(self) -> EnsemblePredictor:
         plain = EnsemblePredictor([m.without_tta() for m in self.members], self.weights, self.vote, self.source)
         plain.folder = self.folder
         return plain
 
-    def member_probabilities(self, dataset: Any, batch_size: int = 256, device: Union[str, torch.device] = "cpu",
-                             num_workers: int = 0) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    def member_probabilities(self, dataset: Any, batch_size: int = 256, device: str | torch.device = "cpu",
+                             num_workers: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Each member's (N, C) probabilities (its own channels and eval pipeline) and the targets."""
         probs, targets = [], None
         for member in self.members:
@@ -245,8 +253,8 @@ class EnsemblePredictor:
     def combine(self, member_probs: Sequence[torch.Tensor]) -> torch.Tensor:
         return combine_probabilities(member_probs, self.weights, self.vote)
 
-    def probabilities(self, dataset: Any, batch_size: int = 256, device: Union[str, torch.device] = "cpu",
-                      num_workers: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    def probabilities(self, dataset: Any, batch_size: int = 256, device: str | torch.device = "cpu",
+                      num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, C) ensemble probabilities on the CPU and the dataset's (N,) targets, in order."""
         probs, targets = self.member_probabilities(dataset, batch_size, device, num_workers)
         return self.combine(probs), targets
@@ -262,7 +270,7 @@ def member_name(member: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "member"
 
 
-def check_members(members: Sequence[Any], names: Optional[Sequence[str]] = None) -> List[str]:
+def check_members(members: Sequence[Any], names: Sequence[str] | None = None) -> list[str]:
     """The members' common class list; an EnsembleError naming two members and how they differ."""
     if not members:
         raise EnsembleError("an ensemble needs at least one member")
@@ -313,7 +321,7 @@ def _view_spec(view: Any) -> Any:
     """A parsed TTAView as the eval.tta entry that gives it back."""
     if view.value is None:
         return view.name
-    spec: Dict[str, Any] = {view.name: list(view.value) if isinstance(view.value, tuple) else view.value}
+    spec: dict[str, Any] = {view.name: list(view.value) if isinstance(view.value, tuple) else view.value}
     if view.name == "random":
         spec.update(seed=view.seed, area=list(view.area), hflip=view.hflip)
     return spec
@@ -327,8 +335,8 @@ def _tta_argument(setting: Any) -> TTAArg:
     return setting
 
 
-def save_ensemble(folder: Union[str, Path], ensemble: EnsemblePredictor, overwrite: bool = False,
-                  tta: TTAArg = None, weights_info: Optional[Dict[str, Any]] = None) -> Path:
+def save_ensemble(folder: str | Path, ensemble: EnsemblePredictor, overwrite: bool = False,
+                  tta: TTAArg = None, weights_info: dict[str, Any] | None = None) -> Path:
     """Write `ensemble` to `folder` (ensemble.yaml + a copy of each member), atomically: built in a
     temporary folder beside it, then renamed into place. A non-empty `folder` is refused unless
     `overwrite` and it is an ensemble folder. Returns the folder."""
@@ -346,7 +354,7 @@ def save_ensemble(folder: Union[str, Path], ensemble: EnsemblePredictor, overwri
         for index, (member, weight) in enumerate(zip(ensemble.members, ensemble.weights), start=1):
             name = f"{index}-{member_name(member)}"
             entries.append(_copy_member(member, tmp / "members", name, weight))
-        spec: Dict[str, Any] = {
+        spec: dict[str, Any] = {
             "format": FORMAT,
             "classes": list(ensemble.classes),
             "vote": ensemble.vote,
@@ -380,13 +388,13 @@ _REFUSE = "folder exists and is not empty; pass --overwrite to replace it, or ch
 _FOREIGN = f"the folder is not an imgtrain ensemble (no {ENSEMBLE_FILE})"
 
 
-def check_save_folder(folder: Union[str, Path], overwrite: bool) -> None:
+def check_save_folder(folder: str | Path, overwrite: bool) -> None:
     """Before any work: `folder` may be written (absent, empty, or --overwrite of an ensemble folder)."""
     folder = Path(folder)
     check_replaceable(folder, overwrite, ours=is_ensemble_dir(folder), refuse=_REFUSE, foreign=_FOREIGN)
 
 
-def _copy_member(member: Any, into: Path, name: str, weight: float) -> Dict[str, Any]:
+def _copy_member(member: Any, into: Path, name: str, weight: float) -> dict[str, Any]:
     if isinstance(member, EnsemblePredictor):
         folder = member.folder
         if folder is None:
@@ -407,15 +415,15 @@ def _copy_member(member: Any, into: Path, name: str, weight: float) -> Dict[str,
 class EnsembleSpec:
     """ensemble.yaml, checked: what load_ensemble and distillation read."""
     folder: Path
-    classes: List[str]
+    classes: list[str]
     vote: str
     tta: Any
-    weights: List[float]
-    members: List[Path]                      # member files (or nested ensemble folders), in order
-    info: Dict[str, Any] = field(default_factory=dict)  # everything else in the file
+    weights: list[float]
+    members: list[Path]                      # member files (or nested ensemble folders), in order
+    info: dict[str, Any] = field(default_factory=dict)  # everything else in the file
 
 
-def read_ensemble_spec(folder: Union[str, Path]) -> EnsembleSpec:
+def read_ensemble_spec(folder: str | Path) -> EnsembleSpec:
     """Read and check DIR/ensemble.yaml; an EnsembleError saying what is wrong and where."""
     folder = Path(folder)
     file = folder / ENSEMBLE_FILE
@@ -457,8 +465,8 @@ def read_ensemble_spec(folder: Union[str, Path]) -> EnsembleSpec:
                         tta=spec.get("tta"), weights=weights, members=paths, info=info)
 
 
-def load_ensemble(folder: Union[str, Path], tta: TTAArg = None,
-                  device: Union[str, torch.device] = "cpu") -> EnsemblePredictor:
+def load_ensemble(folder: str | Path, tta: TTAArg = None,
+                  device: str | torch.device = "cpu") -> EnsemblePredictor:
     """The EnsemblePredictor saved in `folder`. `tta`: None uses the setting saved with it,
     False turns it off, True or views (or a TTAConfig) replace it."""
 
@@ -485,7 +493,7 @@ def load_ensemble(folder: Union[str, Path], tta: TTAArg = None,
     return ensemble
 
 
-def load_predictor(target: Union[str, Path], tta: TTAArg = None, device: Union[str, torch.device] = "cpu") -> Any:
+def load_predictor(target: str | Path, tta: TTAArg = None, device: str | torch.device = "cpu") -> Any:
     """A run folder or .safetensors file (ModelPredictor), or a folder written by
     `imgtrain ensemble --save` (EnsemblePredictor)."""
     if is_ensemble_dir(target):
@@ -493,11 +501,11 @@ def load_predictor(target: Union[str, Path], tta: TTAArg = None, device: Union[s
     return ModelPredictor(load_trained(target, device=device), tta=tta)
 
 
-def flat_members(folder: Union[str, Path]) -> Tuple[EnsembleSpec, List[Tuple[Path, float]]]:
+def flat_members(folder: str | Path) -> tuple[EnsembleSpec, list[tuple[Path, float]]]:
     """(spec, [(checkpoint file, weight)]): nested ensembles expanded, weights multiplied through, so
     that the soft vote of the list is the folder's soft vote (what a distillation teacher uses)."""
     spec = read_ensemble_spec(folder)
-    out: List[Tuple[Path, float]] = []
+    out: list[tuple[Path, float]] = []
     for path, weight in zip(spec.members, spec.weights):
         if is_ensemble_dir(path):
             _, inner = flat_members(path)
@@ -512,19 +520,19 @@ def flat_members(folder: Union[str, Path]) -> Tuple[EnsembleSpec, List[Tuple[Pat
 @dataclass
 class EnsembleOptions:
     """What `imgtrain ensemble` is asked (one place, so the function keeps few parameters)."""
-    weights: Optional[Sequence[float]] = None   # one per member; None: equal, or fitted with fit_weights
-    fit_weights: Optional[str] = None           # "val": fit the weights on the first member's val split
+    weights: Sequence[float] | None = None   # one per member; None: equal, or fitted with fit_weights
+    fit_weights: str | None = None           # "val": fit the weights on the first member's val split
     tta: TTAArg = None                          # None: off; True: each member's eval.tta; a list of views
     vote: str = "soft"                          # soft | hard
     split: str = "test"                         # the split the table is measured on
-    data: Optional[Union[str, Path]] = None     # or this image folder / CSV instead
-    save: Optional[Union[str, Path]] = None     # write the ensemble folder here
+    data: str | Path | None = None     # or this image folder / CSV instead
+    save: str | Path | None = None     # write the ensemble folder here
     overwrite: bool = False                     # replace an existing ensemble folder at `save`
     batch_size: int = 256
     device: str = "cpu"
 
 
-def run_ensemble(targets: Sequence[Union[str, Path]], options: Optional[EnsembleOptions] = None) -> Dict[str, Any]:
+def run_ensemble(targets: Sequence[str | Path], options: EnsembleOptions | None = None) -> dict[str, Any]:
     """`imgtrain ensemble`: load the members, choose the weights, measure every member and the
     ensemble on one split (each member's probabilities computed once), and save it if asked.
 
@@ -577,7 +585,7 @@ def run_ensemble(targets: Sequence[Union[str, Path]], options: Optional[Ensemble
         scores = metrics_of(p, split_targets, classes)
         rows.append({"source": name, "model": member.describe(), "weight": weight,
                      **{k: scores[k] for k in HEADLINE if k in scores}})
-    result: Dict[str, Any] = {
+    result: dict[str, Any] = {
         "split": opts.split if opts.data is None else str(opts.data), "images": int(split_targets.numel()),
         "classes": classes, "vote": opts.vote, "tta": ensemble.tta.describe() if ensemble.tta else None,
         "weights": list(ensemble.weights), "weights_from": info["how"], "members": rows,
@@ -591,7 +599,7 @@ def run_ensemble(targets: Sequence[Union[str, Path]], options: Optional[Ensemble
     return result
 
 
-def format_ensemble(result: Dict[str, Any]) -> str:
+def format_ensemble(result: dict[str, Any]) -> str:
     """The table `imgtrain ensemble` prints: one row per member, then the ensemble."""
     top5 = any("top5_acc" in row for row in result["members"])
     head = f"{'':<4s}{'member':<44s}{'weight':>8s}{'acc':>9s}" + (f"{'top-5':>9s}" if top5 else "") \
@@ -600,7 +608,7 @@ def format_ensemble(result: Dict[str, Any]) -> str:
              f"{result['vote']} vote; weights {result['weights_from']}"
              + (f"; TTA {result['tta']}" if result["tta"] else ""), head]
 
-    def row(label: str, name: str, weight: str, m: Dict[str, Any]) -> str:
+    def row(label: str, name: str, weight: str, m: dict[str, Any]) -> str:
         name = name if len(name) <= 43 else "..." + name[-40:]
         return (f"{label:<4s}{name:<44s}{weight:>8s}{m['acc']:>9.2%}" + (f"{m['top5_acc']:>9.2%}" if top5 else "")
                 + f"{m['balanced_acc']:>10.2%}{m['loss']:>9.4f}{m['ece']:>8.4f}")
@@ -619,7 +627,8 @@ def format_ensemble(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["load_predictor", "ChannelView", "EnsembleError", "EnsembleOptions", "EnsemblePredictor", "EnsembleSpec", "VOTES",
+__all__ = ["load_predictor", "ChannelView", "EnsembleError", "EnsembleOptions", "EnsemblePredictor", "EnsembleSpec",
+           "VOTES",
            "check_members", "combine_probabilities", "ensemble_nll", "fit_weights", "flat_members",
            "format_ensemble", "load_ensemble", "member_name", "normalize_weights", "read_ensemble_spec",
            "run_ensemble", "save_ensemble", "to_channels"]

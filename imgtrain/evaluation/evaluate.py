@@ -17,31 +17,29 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any
 
 import torch
 
-from imgtrain.data import DataError, build_splits
 from imgtrain.evaluation.ensemble import load_predictor
 from imgtrain.evaluation.inference import TTAArg, check_classes, evaluation_data, metrics_of
-from imgtrain.evaluation.metrics import compute_metrics, save_confusion_png, write_confusion_csv
+from imgtrain.evaluation.metrics import save_confusion_png, write_confusion_csv
 from imgtrain.io import atomic_write_text, json_safe
 
 HEADLINE = ("images", "loss", "acc", "top5_acc", "balanced_acc", "macro_f1", "ece")
 
 
 def evaluate_dataset(predictor: Any, dataset: Any, batch_size: int = 256,
-                     device: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+                     device: str | torch.device = "cpu") -> dict[str, Any]:
     """Every metric of `predictor` (see inference.py) on a dataset of raw images."""
     probs, targets = predictor.probabilities(dataset, batch_size=batch_size, device=device)
     return metrics_of(probs, targets, predictor.classes)
 
 
-def evaluate(target: Union[str, Path], split: str = "test", data: Optional[Union[str, Path]] = None,
+def evaluate(target: str | Path, split: str = "test", data: str | Path | None = None,
              batch_size: int = 256, device: str = "cpu", tta: TTAArg = None,
-             output_dir: Optional[Union[str, Path]] = None) -> Dict[str, Any]:
+             output_dir: str | Path | None = None) -> dict[str, Any]:
     """Evaluate a run folder, checkpoint or ensemble folder on `split` of its recipe's data, or
     on `data`. With TTA the result also holds `without_tta`: the headline numbers of the same
     model(s) without it, measured on the same images."""
@@ -60,7 +58,7 @@ def evaluate(target: Union[str, Path], split: str = "test", data: Optional[Union
     return result
 
 
-def write_evaluation(result: Dict[str, Any], output_dir: Union[str, Path]) -> List[Path]:
+def write_evaluation(result: dict[str, Any], output_dir: str | Path) -> list[Path]:
     """metrics.json, per_class.csv, confusion.csv and confusion.png in `output_dir`."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -78,7 +76,7 @@ def write_evaluation(result: Dict[str, Any], output_dir: Union[str, Path]) -> Li
     return written
 
 
-def _write_csv(path: Path, header: List[str], rows: List[List[Any]]) -> Path:
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)

@@ -43,9 +43,10 @@ import contextlib
 import difflib
 import io
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,12 +68,12 @@ from torch import nn
 
 from imgtrain.data import BadImageError, load_image
 from imgtrain.data.transforms import denormalize as data_denormalize
-from imgtrain.models import LogitOffset, ModelError
 from imgtrain.io import atomic_write_bytes
+from imgtrain.models import LogitOffset, ModelError
 from imgtrain.models.trained import load_trained
 
 # name -> grad-cam class; every entry runs on the CPU with imgtrain's nets and timm CNNs and ViTs
-CAM_METHODS: Dict[str, type] = {
+CAM_METHODS: dict[str, type] = {
     "gradcam": GradCAM,
     "gradcam++": GradCAMPlusPlus,
     "hirescam": HiResCAM,
@@ -120,7 +121,7 @@ def _is_vit(net: nn.Module) -> bool:
             and isinstance(getattr(net, "num_prefix_tokens", None), int))
 
 
-def find_target_layer(model: nn.Module, example: Optional[torch.Tensor] = None) -> Tuple[str, nn.Module]:
+def find_target_layer(model: nn.Module, example: torch.Tensor | None = None) -> tuple[str, nn.Module]:
     """(name, module) of the layer to explain: the last convolutional stage.
 
     Vision transformers: `blocks[-1].norm1` (the last block's input: every patch token still
@@ -150,7 +151,7 @@ def find_target_layer(model: nn.Module, example: Optional[torch.Tensor] = None) 
     return name, net.get_submodule(name)
 
 
-def resolve_layer(model: nn.Module, name: str) -> Tuple[str, nn.Module]:
+def resolve_layer(model: nn.Module, name: str) -> tuple[str, nn.Module]:
     """(name, module) for a dotted module name such as `stages.2` or `blocks.11.norm1`."""
     net = network(model)
     names = [n for n, _ in net.named_modules() if n]
@@ -162,7 +163,7 @@ def resolve_layer(model: nn.Module, name: str) -> Tuple[str, nn.Module]:
     return name, net.get_submodule(name)
 
 
-def layer_candidates(model: nn.Module, example: Optional[torch.Tensor] = None) -> List[Tuple[str, str, Tuple[int, ...]]]:
+def layer_candidates(model: nn.Module, example: torch.Tensor | None = None) -> list[tuple[str, str, tuple[int, ...]]]:
     """(name, type, output shape) of the modules worth explaining, in forward order: convolutions,
     norms and blocks/stages whose output is spatial (or, in a ViT, patch tokens)."""
     net = network(model)
@@ -194,11 +195,11 @@ def _example_input(net: nn.Module) -> torch.Tensor:
     return torch.zeros(1, channels, max(int(height), 8), max(int(width), 8), device=device)
 
 
-def _probe_shapes(model: nn.Module, example: torch.Tensor) -> Dict[str, Tuple[int, ...]]:
+def _probe_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, ...]]:
     """Output shape of every module of `network(model)` on `example`, in the order they finish
     (eval mode, no gradients; the model is left as it was)."""
     net, forward = network(model), _forward_model(model)
-    shapes: Dict[str, Tuple[int, ...]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     handles = []
 
     def recorder(name: str) -> Callable:
@@ -227,7 +228,7 @@ class TokensToGrid:
     """ViT tokens (N, prefix + gh*gw, C) -> (N, C, gh, gw): drops the class/register/distillation
     tokens and lays the patch tokens out on the patch grid, row by row (timm's order)."""
 
-    def __init__(self, num_prefix_tokens: int, grid: Tuple[int, int]):
+    def __init__(self, num_prefix_tokens: int, grid: tuple[int, int]):
         self.num_prefix_tokens = num_prefix_tokens
         self.grid = grid
 
@@ -243,7 +244,7 @@ class ChannelsLastToFirst:
         return x.permute(0, 3, 1, 2)
 
 
-def _token_grid(net: nn.Module, tokens: int, input_hw: Tuple[int, int], exact: bool = False) -> Tuple[int, int]:
+def _token_grid(net: nn.Module, tokens: int, input_hw: tuple[int, int], exact: bool = False) -> tuple[int, int]:
     """The patch grid of `tokens` patch tokens for an input of `input_hw` pixels (`exact`: only the
     patch embedding's grid, no square guess)."""
     patch_embed = net.patch_embed
@@ -264,8 +265,8 @@ def _token_grid(net: nn.Module, tokens: int, input_hw: Tuple[int, int], exact: b
     return int(grid[0]), int(grid[1])
 
 
-def _reshape_for(net: nn.Module, layer: nn.Module, shape: Tuple[int, ...], input_hw: Tuple[int, int],
-                 name: str) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+def _reshape_for(net: nn.Module, layer: nn.Module, shape: tuple[int, ...], input_hw: tuple[int, int],
+                 name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The grad-cam reshape_transform that makes the layer's output (N, C, H, W), or None."""
     if len(shape) == 3 and hasattr(net, "patch_embed"):
         prefix = int(getattr(net, "num_prefix_tokens", 0) or 0)
@@ -287,11 +288,11 @@ class TargetLayer:
     """The layer a heatmap is taken from, as cam_heatmaps uses it."""
     name: str                       # dotted module name in `network(model)`
     module: nn.Module
-    shape: Tuple[int, ...]          # its output for one input image
-    reshape: Optional[Callable[[torch.Tensor], torch.Tensor]]  # to (N, C, H, W) for grad-cam; None: already
+    shape: tuple[int, ...]          # its output for one input image
+    reshape: Callable[[torch.Tensor], torch.Tensor] | None  # to (N, C, H, W) for grad-cam; None: already
 
 
-def target_layer(model: nn.Module, inputs: torch.Tensor, layer: Optional[str] = None) -> TargetLayer:
+def target_layer(model: nn.Module, inputs: torch.Tensor, layer: str | None = None) -> TargetLayer:
     """The named layer (`resolve_layer`) or the automatic one (`find_target_layer`), with its output
     shape on `inputs[:1]` and the reshape that lays that output out as (N, C, H, W)."""
     net = network(model)
@@ -321,8 +322,8 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             param.grad = grad
 
 
-def cam_heatmaps(model: nn.Module, inputs: torch.Tensor, target_classes: Optional[Union[int, Sequence[int]]] = None,
-                 method: str = "gradcam", layer: Optional[str] = None) -> np.ndarray:
+def cam_heatmaps(model: nn.Module, inputs: torch.Tensor, target_classes: int | Sequence[int] | None = None,
+                 method: str = "gradcam", layer: str | None = None) -> np.ndarray:
     """Heatmaps (N, H, W) float32 in [0, 1] for a batch already transformed for the model.
 
     target_classes: one class index for all images, one per image, or None for each image's
@@ -344,9 +345,10 @@ def cam_heatmaps(model: nn.Module, inputs: torch.Tensor, target_classes: Optiona
             # gradients are only needed with respect to the layer's activations: the input
             # requires grad instead, so no parameter .grad is written and frozen nets work too
             param.requires_grad_(False)
-        extra: Dict[str, Any] = {}
+        extra: dict[str, Any] = {}
         if method == "ablationcam":  # a fresh ablation layer each call (grad-cam's default is shared)
-            extra["ablation_layer"] = AblationLayerVit() if isinstance(chosen.reshape, TokensToGrid) else AblationLayer()
+            extra["ablation_layer"] = AblationLayerVit() if isinstance(chosen.reshape,
+                                                                       TokensToGrid) else AblationLayer()
         cam = CAM_METHODS[method](model=forward, target_layers=[module], reshape_transform=chosen.reshape,
                                  **extra)
         try:
@@ -362,12 +364,13 @@ def cam_heatmaps(model: nn.Module, inputs: torch.Tensor, target_classes: Optiona
     return np.clip(np.nan_to_num(np.asarray(heat, dtype=np.float32)), 0.0, 1.0)
 
 
-def _targets(target_classes: Optional[Union[int, Sequence[int]]], count: int) -> Optional[List[Any]]:
+def _targets(target_classes: int | Sequence[int] | None, count: int) -> list[Any] | None:
     if target_classes is None:
         return None
     if isinstance(target_classes, (int, np.integer)):
         target_classes = [int(target_classes)] * count
-    classes = [int(c) for c in (target_classes.tolist() if isinstance(target_classes, torch.Tensor) else target_classes)]
+    classes = [int(c) for c in (target_classes.tolist() if isinstance(target_classes,
+                                                                      torch.Tensor) else target_classes)]
     if len(classes) != count:
         raise ExplainError(f"{len(classes)} target classes for {count} images")
     return [ClassifierOutputTarget(c) for c in classes]
@@ -380,7 +383,7 @@ def _set_submodule(net: nn.Module, name: str, module: nn.Module) -> None:
 
 # ----------------------------------------------------------------------------- pictures
 
-def _to_hwc_rgb(image: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
+def _to_hwc_rgb(image: np.ndarray | torch.Tensor) -> np.ndarray:
     """uint8 H x W x 3 from H x W, H x W x C or C x H x W (C x H x W when the first axis is 1 or 3
     and the last is not); grey becomes RGB."""
     array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
@@ -397,7 +400,7 @@ def _to_hwc_rgb(image: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
     return np.clip(array, 0, 255).astype(np.uint8)
 
 
-def _resize_heat(heat: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+def _resize_heat(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A float heatmap resized bilinearly to (height, width)."""
     if heat.shape == size:
         return heat.astype(np.float32)
@@ -406,7 +409,7 @@ def _resize_heat(heat: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
-def overlay(image: Union[np.ndarray, torch.Tensor], heatmap: np.ndarray, alpha: float = _OVERLAY_ALPHA) -> np.ndarray:
+def overlay(image: np.ndarray | torch.Tensor, heatmap: np.ndarray, alpha: float = _OVERLAY_ALPHA) -> np.ndarray:
     """The heatmap (values in [0, 1], resized to the image when it differs) coloured with the jet
     map over a uint8 image (H x W, H x W x C or C x H x W); uint8 H x W x 3."""
     from matplotlib import colormaps  # the colormap only: no figure, no backend
@@ -461,14 +464,14 @@ class ExplainRecord:
     """One image explained with one method (or the reason it could not be)."""
     path: str
     method: str
-    png: Optional[str] = None
-    explained_class: Optional[str] = None
-    predicted_class: Optional[str] = None
-    probability: Optional[float] = None     # of the predicted class
+    png: str | None = None
+    explained_class: str | None = None
+    predicted_class: str | None = None
+    probability: float | None = None     # of the predicted class
     error: str = ""
 
 
-def resolve_class(class_: Union[int, str, None], classes: Sequence[str]) -> Optional[int]:
+def resolve_class(class_: int | str | None, classes: Sequence[str]) -> int | None:
     """A class name, or an index 0..N-1 (a name wins when a class is called e.g. "3"); None stays None."""
     if class_ is None:
         return None
@@ -482,7 +485,7 @@ def resolve_class(class_: Union[int, str, None], classes: Sequence[str]) -> Opti
                        f"or an index 0..{len(classes) - 1}")
 
 
-def _methods(method: Union[str, Sequence[str]]) -> List[str]:
+def _methods(method: str | Sequence[str]) -> list[str]:
     names = [method] if isinstance(method, str) else list(method)
     names = [part.strip() for name in names for part in name.split(",") if part.strip()]
     unknown = [name for name in names if name not in CAM_METHODS]
@@ -491,9 +494,9 @@ def _methods(method: Union[str, Sequence[str]]) -> List[str]:
     return list(dict.fromkeys(names))
 
 
-def _png_stems(paths: Sequence[Path]) -> List[str]:
+def _png_stems(paths: Sequence[Path]) -> list[str]:
     """A distinct file stem per image: its own, then -2, -3 ... when two images share one."""
-    seen: Dict[str, int] = {}
+    seen: dict[str, int] = {}
     stems = []
     for path in paths:
         count = seen.get(path.stem, 0) + 1
@@ -502,9 +505,9 @@ def _png_stems(paths: Sequence[Path]) -> List[str]:
     return stems
 
 
-def explain(target: Union[str, Path], images: Sequence[Union[str, Path]], method: Union[str, Sequence[str]] = "gradcam",
-            class_: Union[int, str, None] = None, layer: Optional[str] = None,
-            output_dir: Union[str, Path] = "explain", device: str = "cpu") -> List[ExplainRecord]:
+def explain(target: str | Path, images: Sequence[str | Path], method: str | Sequence[str] = "gradcam",
+            class_: int | str | None = None, layer: str | None = None,
+            output_dir: str | Path = "explain", device: str = "cpu") -> list[ExplainRecord]:
     """Write `OUTPUT_DIR/<image stem>_<method>.png` for every image and method: the image as the
     model sees it next to the heatmap over it, titled with the predicted class, its probability
     and the explained class (`class_`, a name or index; default: the predicted class).
@@ -523,13 +526,13 @@ def explain(target: Union[str, Path], images: Sequence[Union[str, Path]], method
     paths = collect_paths(images)
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records: List[ExplainRecord] = []
+    records: list[ExplainRecord] = []
     stems = _png_stems(paths)
     for start in range(0, len(paths), BATCH_SIZE):
         # records in the order the images were given: image by image, its methods in order
-        slots: List[List[ExplainRecord]] = []
-        good: List[Tuple[Path, str, List[ExplainRecord]]] = []
-        tensors: List[torch.Tensor] = []
+        slots: list[list[ExplainRecord]] = []
+        good: list[tuple[Path, str, list[ExplainRecord]]] = []
+        tensors: list[torch.Tensor] = []
         for path, stem in zip(paths[start:start + BATCH_SIZE], stems[start:start + BATCH_SIZE]):
             slots.append([])
             try:
@@ -544,8 +547,8 @@ def explain(target: Union[str, Path], images: Sequence[Union[str, Path]], method
     return records
 
 
-def _explain_batch(loaded: Any, batch: torch.Tensor, good: Sequence[Tuple[Path, str, List[ExplainRecord]]],
-                   methods: Sequence[str], class_index: Optional[int], layer: Optional[str], out_dir: Path) -> None:
+def _explain_batch(loaded: Any, batch: torch.Tensor, good: Sequence[tuple[Path, str, list[ExplainRecord]]],
+                   methods: Sequence[str], class_index: int | None, layer: str | None, out_dir: Path) -> None:
     """Heatmaps and PNGs for one batch of decoded images; appends each image's records to its list."""
     with torch.no_grad():
         probs = loaded.model(batch).float().softmax(dim=1).cpu()
@@ -567,7 +570,7 @@ def _explain_batch(loaded: Any, batch: torch.Tensor, good: Sequence[Tuple[Path, 
             records.append(record)
 
 
-def list_layers(target: Union[str, Path], device: str = "cpu") -> List[str]:
+def list_layers(target: str | Path, device: str = "cpu") -> list[str]:
     """`imgtrain explain CHECKPOINT --list-layers`: one line per candidate layer, the automatic
     choice marked."""
 

@@ -14,25 +14,26 @@ differ in input size, channels and normalisation:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from imgtrain.data import DataError, build_splits
 from imgtrain.evaluation.metrics import compute_metrics
-from imgtrain.models.trained import LoadedModel, load_trained
+from imgtrain.models.trained import LoadedModel
 
 ENSEMBLE_FILE = "ensemble.yaml"  # marks a folder written by `imgtrain ensemble --save`
-TTAArg = Union[None, bool, Any]  # None/False: off; True: the recipe's eval.tta (or the default); a TTAConfig
+TTAArg = None | bool | Any  # None/False: off; True: the recipe's eval.tta (or the default); a TTAConfig
 
 
 class ImageListDataset(Dataset):
     """Decoded images held in a list (what predict reads from files), with a swappable transform."""
 
-    def __init__(self, images: Sequence[torch.Tensor], targets: Optional[Sequence[int]] = None,
+    def __init__(self, images: Sequence[torch.Tensor], targets: Sequence[int] | None = None,
                  transform: Any = None):
         self.images = list(images)
         self.targets = list(targets) if targets is not None else [-1] * len(self.images)
@@ -45,7 +46,7 @@ class ImageListDataset(Dataset):
         image = self.images[index]
         return (self.transform(image) if self.transform is not None else image), self.targets[index]
 
-    def with_transform(self, transform: Any) -> "ImageListDataset":
+    def with_transform(self, transform: Any) -> ImageListDataset:
         return ImageListDataset(self.images, self.targets, transform)
 
 
@@ -55,7 +56,7 @@ class ModelPredictor:
 
     def __init__(self, loaded: LoadedModel, tta: TTAArg = None):
         self.loaded = loaded
-        self.classes: List[str] = list(loaded.classes)
+        self.classes: list[str] = list(loaded.classes)
         self.channels = loaded.channels
         self.recipe = loaded.recipe
         self.source = str(loaded.path)
@@ -72,12 +73,12 @@ class ModelPredictor:
         from imgtrain.evaluation.tta import TTAModel
         return TTAModel(self.loaded.model, self.tta)
 
-    def without_tta(self) -> "ModelPredictor":
+    def without_tta(self) -> ModelPredictor:
         return ModelPredictor(self.loaded, tta=None)
 
     @torch.no_grad()
-    def probabilities(self, dataset: Any, batch_size: int = 256, device: Union[str, torch.device] = "cpu",
-                      num_workers: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    def probabilities(self, dataset: Any, batch_size: int = 256, device: str | torch.device = "cpu",
+                      num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, C) probabilities on the CPU and the dataset's (N,) targets, in dataset order."""
         return run_model(self.module(), dataset.with_transform(self.loaded.eval_transform()),
                          batch_size=batch_size, device=device, num_workers=num_workers)
@@ -85,7 +86,7 @@ class ModelPredictor:
 
 @torch.no_grad()
 def run_model(model: torch.nn.Module, dataset: Any, batch_size: int = 256,
-              device: Union[str, torch.device] = "cpu", num_workers: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+              device: str | torch.device = "cpu", num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax of `model` over a transformed dataset, in order; (probs, targets) on the CPU."""
     device = torch.device(device)
     model = model.to(device).eval()
@@ -110,17 +111,17 @@ def resolve_tta(recipe: Any, tta: TTAArg) -> Any:
     return tta_config_for(recipe, tta)
 
 
-def is_ensemble_dir(target: Union[str, Path]) -> bool:
+def is_ensemble_dir(target: str | Path) -> bool:
     return Path(target).is_dir() and (Path(target) / ENSEMBLE_FILE).is_file()
 
 
-def metrics_of(probs: torch.Tensor, targets: torch.Tensor, classes: List[str]) -> dict[str, Any]:
+def metrics_of(probs: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> dict[str, Any]:
     if probs.shape[0] == 0:
         raise DataError("nothing to evaluate: the split has no images")
     return compute_metrics(probs, targets, classes)
 
 
-def evaluation_data(recipe: Any, split: str = "test", data: Optional[Union[str, Path]] = None) -> Any:
+def evaluation_data(recipe: Any, split: str = "test", data: str | Path | None = None) -> Any:
     """`split` of the recipe's data, or everything in `data` (an image folder of class
     subfolders, or a path,label CSV), as a dataset of raw images."""
     data_cfg = recipe.data
@@ -141,7 +142,7 @@ def evaluation_data(recipe: Any, split: str = "test", data: Optional[Union[str, 
     return dataset, splits.classes, str(data_cfg.root or data_cfg.source)
 
 
-def check_classes(model_classes: List[str], data_classes: List[str], where: str) -> None:
+def check_classes(model_classes: list[str], data_classes: list[str], where: str) -> None:
     if list(model_classes) != list(data_classes):
         extra = sorted(set(data_classes) - set(model_classes))
         missing = sorted(set(model_classes) - set(data_classes))

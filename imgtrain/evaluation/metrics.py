@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from torchmetrics import MeanMetric
@@ -41,7 +42,7 @@ PROB_FLOOR = 1e-12  # -log(0) is inf: a hard vote can give the true class probab
 class MetricSuite:
     """Accumulates predictions batch by batch; `compute` gives every metric the tools report."""
 
-    def __init__(self, num_classes: int, device: Union[str, torch.device] = "cpu"):
+    def __init__(self, num_classes: int, device: str | torch.device = "cpu"):
         if num_classes < 2:
             raise ValueError(f"classification metrics need at least 2 classes, got {num_classes}")
         self.num_classes = num_classes
@@ -63,7 +64,7 @@ class MetricSuite:
         picked = probs.gather(1, targets[:, None]).squeeze(1)
         self.loss.update(-picked.clamp_min(PROB_FLOOR).log())
 
-    def compute(self, classes: Sequence[str]) -> Dict[str, Any]:
+    def compute(self, classes: Sequence[str]) -> dict[str, Any]:
         """images, loss (mean NLL), acc, top5_acc (more than 5 classes), balanced_acc, macro_f1,
         ece, per_class {name: precision, recall, f1, support}, confusion (rows: true class)."""
         if len(classes) != self.num_classes:
@@ -72,7 +73,7 @@ class MetricSuite:
         seen = int(matrix.sum())
         if seen == 0:
             raise ValueError("no predictions to compute metrics from")
-        result: Dict[str, Any] = {"images": seen, "loss": float(self.loss.compute()),
+        result: dict[str, Any] = {"images": seen, "loss": float(self.loss.compute()),
                                   "acc": int(matrix.diagonal().sum()) / seen}
         if self.top5 is not None:
             result["top5_acc"] = float(self.top5.compute())
@@ -86,7 +87,7 @@ class MetricSuite:
         return result
 
 
-def per_class_scores(matrix: torch.Tensor, classes: Sequence[str]) -> Dict[str, Dict[str, float]]:
+def per_class_scores(matrix: torch.Tensor, classes: Sequence[str]) -> dict[str, dict[str, float]]:
     """Precision, recall, F1 and support of each class from a confusion matrix (rows: true)."""
     matrix = matrix.double()
     true_pos = matrix.diagonal()
@@ -102,7 +103,7 @@ def per_class_scores(matrix: torch.Tensor, classes: Sequence[str]) -> Dict[str, 
     return scores
 
 
-def compute_metrics(probs: torch.Tensor, targets: torch.Tensor, classes: Sequence[str]) -> Dict[str, Any]:
+def compute_metrics(probs: torch.Tensor, targets: torch.Tensor, classes: Sequence[str]) -> dict[str, Any]:
     """All metrics of one set of predictions at once (a MetricSuite fed one batch)."""
     suite = MetricSuite(len(classes))
     suite.update(probs, targets)
@@ -111,7 +112,7 @@ def compute_metrics(probs: torch.Tensor, targets: torch.Tensor, classes: Sequenc
 
 # ----------------------------------------------------------------------------- files
 
-def write_confusion_csv(path: Union[str, Path], confusion: Sequence[Sequence[int]],
+def write_confusion_csv(path: str | Path, confusion: Sequence[Sequence[int]],
                         classes: Sequence[str]) -> Path:
     """The matrix with a header row of predicted classes and a first column of true classes."""
 
@@ -124,7 +125,7 @@ def write_confusion_csv(path: Union[str, Path], confusion: Sequence[Sequence[int
     return Path(path)
 
 
-def read_confusion_csv(path: Union[str, Path]) -> tuple:
+def read_confusion_csv(path: str | Path) -> tuple:
     """(classes, matrix) back from `write_confusion_csv`'s file."""
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
@@ -170,21 +171,21 @@ def confusion_png(confusion: Sequence[Sequence[int]], classes: Sequence[str],
     return buffer.getvalue()
 
 
-def save_confusion_png(path: Union[str, Path], confusion: Sequence[Sequence[int]], classes: Sequence[str],
+def save_confusion_png(path: str | Path, confusion: Sequence[Sequence[int]], classes: Sequence[str],
                        title: str = "confusion matrix") -> Path:
 
     atomic_write_bytes(path, confusion_png(confusion, classes, title))
     return Path(path)
 
 
-def format_metrics(metrics: Dict[str, Any], per_class: bool = True, limit: Optional[int] = 50) -> str:
+def format_metrics(metrics: dict[str, Any], per_class: bool = True, limit: int | None = 50) -> str:
     """The metrics as a person reads them: headline numbers, then a per-class table."""
     lines = [f"images {metrics['images']}  loss {metrics['loss']:.4f}  acc {metrics['acc']:.2%}"
              + (f"  top5 {metrics['top5_acc']:.2%}" if "top5_acc" in metrics else "")
              + f"  balanced {metrics['balanced_acc']:.2%}  macro F1 {metrics['macro_f1']:.4f}"
              + f"  ECE {metrics['ece']:.4f}"]
     if per_class:
-        rows: List[Dict[str, Any]] = [dict(name=k, **v) for k, v in metrics["per_class"].items()]
+        rows: list[dict[str, Any]] = [dict(name=k, **v) for k, v in metrics["per_class"].items()]
         width = max(8, max(len(r["name"]) for r in rows))
         lines.append(f"{'class':<{width}}  precision  recall      f1  support")
         for row in rows[:limit]:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any
 
 from imgtrain.data import BadImageError, DataError, load_image
 from imgtrain.evaluation.ensemble import load_predictor
@@ -26,10 +27,10 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 CHUNK = 1024  # images decoded at once
 
 
-def collect_inputs(inputs: Iterable[Union[str, Path]]) -> List[Tuple[Path, Optional[str]]]:
+def collect_inputs(inputs: Iterable[str | Path]) -> list[tuple[Path, str | None]]:
     """(path, label or None): files as given; folders searched recursively for images; a .csv
     manifest gives its `path` column (relative to the CSV's folder) and its `label` column if any."""
-    found: List[Tuple[Path, Optional[str]]] = []
+    found: list[tuple[Path, str | None]] = []
     for item in inputs:
         item = Path(item)
         if item.is_dir():
@@ -51,13 +52,13 @@ def collect_inputs(inputs: Iterable[Union[str, Path]]) -> List[Tuple[Path, Optio
     return found
 
 
-def collect_paths(inputs: Iterable[Union[str, Path]]) -> List[Path]:
+def collect_paths(inputs: Iterable[str | Path]) -> list[Path]:
     """The image paths `collect_inputs` finds, without labels."""
     return [path for path, _ in collect_inputs(inputs)]
 
 
-def predict(target: Union[str, Path], inputs: Iterable[Union[str, Path]], topk: int = 1,
-            batch_size: int = 64, device: str = "cpu", tta: TTAArg = None) -> List[Dict[str, Any]]:
+def predict(target: str | Path, inputs: Iterable[str | Path], topk: int = 1,
+            batch_size: int = 64, device: str = "cpu", tta: TTAArg = None) -> list[dict[str, Any]]:
     """One row per image: path, top-k classes and probabilities, or the reason it failed.
     `target`: a run folder, a .safetensors checkpoint or an ensemble folder."""
     if topk < 1:
@@ -65,11 +66,11 @@ def predict(target: Union[str, Path], inputs: Iterable[Union[str, Path]], topk: 
     predictor = load_predictor(target, tta=tta, device=device)
     k = min(topk, len(predictor.classes))
     items = collect_inputs(inputs)
-    rows: List[Dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
     for start in range(0, len(items), CHUNK):
         images, readable = [], []
         for path, label in items[start:start + CHUNK]:
-            row: Dict[str, Any] = {"path": str(path)}
+            row: dict[str, Any] = {"path": str(path)}
             if label is not None:
                 row["label"] = label
             row["error"] = ""
@@ -91,7 +92,7 @@ def predict(target: Union[str, Path], inputs: Iterable[Union[str, Path]], topk: 
     return rows
 
 
-def write_predictions(rows: List[Dict[str, Any]], output: Union[str, Path], topk: int) -> Path:
+def write_predictions(rows: list[dict[str, Any]], output: str | Path, topk: int) -> Path:
     """rows as .json (a list of objects) or .csv (one line per image), written atomically."""
     output = Path(output)
     if output.suffix.lower() not in (".csv", ".json"):
@@ -111,7 +112,7 @@ def write_predictions(rows: List[Dict[str, Any]], output: Union[str, Path], topk
     return output
 
 
-def format_predictions(rows: List[Dict[str, Any]], topk: int, limit: Optional[int] = None) -> str:
+def format_predictions(rows: list[dict[str, Any]], topk: int, limit: int | None = None) -> str:
     lines = []
     for row in rows[:limit]:
         if row["error"]:

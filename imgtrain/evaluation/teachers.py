@@ -26,8 +26,7 @@ from imgtrain.models.create import ModelError, create_model
 from imgtrain.models.nets import OUR_MODELS
 from imgtrain.models.trained import load_trained, resolve_checkpoint
 from imgtrain.models.weights import load_initial_weights, resolve_weights_source
-from imgtrain.strategies.distillation import (KEY, LoadedTeacher, TeacherEnsemble, class_list, is_path,
-                                              teacher_sources)
+from imgtrain.strategies.distillation import KEY, LoadedTeacher, TeacherEnsemble, class_list, is_path, teacher_sources
 
 
 def load_teacher(source: str, classes: Sequence[str], file: str | None = None) -> LoadedTeacher:

@@ -53,8 +53,9 @@ ensemble members, a distillation teacher (`distill.teacher_tta`) and the end-of-
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, List, Literal, Optional, Sequence, Tuple, Union, overload
+from typing import Any, Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -84,14 +85,14 @@ class ViewOp:
         scale  factor
         shift  (dy, dx), in pixels when `pixels` else fractions of the side"""
     kind: str
-    dims: Tuple[int, ...] = ()
+    dims: tuple[int, ...] = ()
     fraction: float = 1.0
     corner: str = ""
-    box: Tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
+    box: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
     pre_flip: bool = False
     post_flip: bool = False
     factor: float = 1.0
-    shift: Tuple[float, float] = (0.0, 0.0)
+    shift: tuple[float, float] = (0.0, 0.0)
     pixels: bool = False
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
@@ -124,7 +125,7 @@ def five_crop_boxes(height: int, width: int, fraction: float) -> dict:
             "br": (height - ch, width - cw, ch, cw), "center": (centre_top, centre_left, ch, cw)}
 
 
-def resize_batch(batch: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+def resize_batch(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize of a batch (antialiased when shrinking, as torchvision's resize)."""
     if tuple(batch.shape[-2:]) == tuple(size):
         return batch
@@ -171,7 +172,7 @@ def _crop_view(batch: torch.Tensor, op: ViewOp) -> torch.Tensor:
     return torch.flip(x, dims=(-1,)) if op.post_flip else x
 
 
-def _random_ops(view: TTAView) -> List[ViewOp]:
+def _random_ops(view: TTAView) -> list[ViewOp]:
     """`view.value` random resized crops (+ flips), drawn once from a generator seeded with view.seed."""
     generator = torch.Generator().manual_seed(view.seed)
     ops = []
@@ -187,7 +188,7 @@ def _random_ops(view: TTAView) -> List[ViewOp]:
     return ops
 
 
-def view_ops(view: TTAView) -> List[ViewOp]:
+def view_ops(view: TTAView) -> list[ViewOp]:
     """The operations one eval.tta entry stands for (see the module docstring)."""
     name, value = view.name, view.value
     if name == "identity":
@@ -209,7 +210,7 @@ def view_ops(view: TTAView) -> List[ViewOp]:
     raise ValueError(f"unknown view {name!r}")
 
 
-def as_views(views: Union["TTAConfig", Sequence[Any], str]) -> Tuple[TTAView, ...]:
+def as_views(views: TTAConfig | Sequence[Any] | str) -> tuple[TTAView, ...]:
     """Parsed views from a TTAConfig, a list of specs (strings, mappings, TTAView) or a
     comma-separated string."""
     if isinstance(views, TTAConfig):
@@ -228,7 +229,7 @@ def as_views(views: Union["TTAConfig", Sequence[Any], str]) -> Tuple[TTAView, ..
     return tuple(parsed)
 
 
-def build_ops(views: Union["TTAConfig", Sequence[Any], str]) -> List[ViewOp]:
+def build_ops(views: TTAConfig | Sequence[Any] | str) -> list[ViewOp]:
     """The original batch first, then every view's operations, each distinct one once."""
     ops = [ViewOp("identity")]
     for view in as_views(views):
@@ -241,13 +242,13 @@ def build_ops(views: Union["TTAConfig", Sequence[Any], str]) -> List[ViewOp]:
 
 # ----------------------------------------------------------------------------- pure functions
 
-def iter_views(batch: torch.Tensor, views: Union["TTAConfig", Sequence[Any], str]) -> Iterator[torch.Tensor]:
+def iter_views(batch: torch.Tensor, views: TTAConfig | Sequence[Any] | str) -> Iterator[torch.Tensor]:
     """The views of a batch one at a time (only one extra copy of the batch alive at once)."""
     for op in build_ops(views):
         yield op(batch)
 
 
-def tta_views(batch: torch.Tensor, views: Union["TTAConfig", Sequence[Any], str]) -> List[torch.Tensor]:
+def tta_views(batch: torch.Tensor, views: TTAConfig | Sequence[Any] | str) -> list[torch.Tensor]:
     """Every view of a (N, C, H, W) batch, the batch itself first; each view is (N, C, H, W)."""
     return list(iter_views(batch, views))
 
@@ -270,10 +271,10 @@ def merge_predictions(logits_list: Sequence[torch.Tensor], rule: str = "mean_pro
 @dataclass(frozen=True)
 class TTAConfig:
     """What TTAModel does: the views (parsed eval.tta entries) and the merge rule."""
-    views: Tuple[TTAView, ...] = field(default_factory=tuple)
+    views: tuple[TTAView, ...] = field(default_factory=tuple)
     merge: str = "mean_probs"
 
-    def ops(self) -> List[ViewOp]:
+    def ops(self) -> list[ViewOp]:
         return build_ops(self.views)
 
     @property
@@ -290,8 +291,8 @@ class TTAConfig:
 @overload
 def tta_config_for(recipe: Any, tta: Literal[True] = True) -> TTAConfig: ...
 @overload
-def tta_config_for(recipe: Any, tta: Any = True) -> Optional[TTAConfig]: ...
-def tta_config_for(recipe: Any, tta: Any = True) -> Optional[TTAConfig]:
+def tta_config_for(recipe: Any, tta: Any = True) -> TTAConfig | None: ...
+def tta_config_for(recipe: Any, tta: Any = True) -> TTAConfig | None:
     """The TTAConfig to use for a model trained with `recipe`; None when `tta` is None or False.
 
     tta: True (the recipe's eval.tta, or hflip when it names none), a list of view specs (what
@@ -320,8 +321,8 @@ class TTAModel(nn.Module):
     wherever a trained model does, a distillation teacher included. The views run one after
     another, so memory holds one extra copy of the batch, not one per view."""
 
-    def __init__(self, model: nn.Module, settings: Union[TTAConfig, Sequence[Any], str],
-                 merge: Optional[str] = None):
+    def __init__(self, model: nn.Module, settings: TTAConfig | Sequence[Any] | str,
+                 merge: str | None = None):
         super().__init__()
         if not isinstance(settings, TTAConfig):
             settings = TTAConfig(views=as_views(settings), merge=merge or "mean_probs")
@@ -334,7 +335,7 @@ class TTAModel(nn.Module):
         self.view_ops = settings.ops()
         self.train(False)
 
-    def train(self, mode: bool = True) -> "TTAModel":
+    def train(self, mode: bool = True) -> TTAModel:
         return super().train(False)
 
     def describe(self) -> str:

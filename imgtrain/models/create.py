@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Dict, List
+from typing import Any
 
 import timm
 import torch
@@ -35,7 +35,7 @@ def create_model(cfg: ModelConfig, num_classes: int, in_chans: int) -> torch.nn.
         raise ModelError(f"model.kwargs: {cfg.name} does not accept these arguments ({exc})") from None
 
 
-def model_kwargs(cfg: ModelConfig) -> Dict[str, Any]:
+def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     """The keyword arguments `timm.create_model` gets for `cfg` besides classes and channels."""
     kwargs = dict(cfg.kwargs)
     if cfg.drop_rate:
@@ -47,7 +47,7 @@ def model_kwargs(cfg: ModelConfig) -> Dict[str, Any]:
     return kwargs
 
 
-def list_models(pattern: str = "*") -> List[str]:
+def list_models(pattern: str = "*") -> list[str]:
     """Our nets first, then timm's, matching a shell-style pattern."""
     ours = [name for name in OUR_MODELS if fnmatch.fnmatch(name, pattern)]
     theirs = [name for name in timm.list_models(pattern) if name not in OUR_MODELS]

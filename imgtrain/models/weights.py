@@ -25,9 +25,10 @@ from __future__ import annotations
 import pickle
 import re
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import timm
 import torch
@@ -51,15 +52,15 @@ class WeightsReport:
     source: str                                  # where the weights came from
     loaded: int                                  # tensors copied into the model
     total: int                                   # tensors in the model's state dict
-    missing: List[str] = field(default_factory=list)     # model keys the source lacks (random init kept)
-    unexpected: List[str] = field(default_factory=list)  # source keys the model lacks (ignored)
-    head_replaced: List[str] = field(default_factory=list)   # classifier keys dropped for another class count
-    input_adapted: List[str] = field(default_factory=list)   # first-conv keys adapted to the channel count
+    missing: list[str] = field(default_factory=list)     # model keys the source lacks (random init kept)
+    unexpected: list[str] = field(default_factory=list)  # source keys the model lacks (ignored)
+    head_replaced: list[str] = field(default_factory=list)   # classifier keys dropped for another class count
+    input_adapted: list[str] = field(default_factory=list)   # first-conv keys adapted to the channel count
     # (classes of the source (None: its pretrained_cfg does not say), classes of the model)
-    head_classes: Optional[Tuple[Optional[int], int]] = None
-    input_chans: Optional[Tuple[int, int]] = None   # (channels of the source, channels of the model)
+    head_classes: tuple[int | None, int] | None = None
+    input_chans: tuple[int, int] | None = None   # (channels of the source, channels of the model)
 
-    def lines(self) -> List[str]:
+    def lines(self) -> list[str]:
         out = [f"weights: loaded {self.loaded} of {self.total} tensors from {self.source}"]
         if self.head_replaced:
             classes = f" ({self.head_classes[0]} classes -> {self.head_classes[1]})" if self.head_classes else ""
@@ -85,10 +86,10 @@ def _some(keys: Sequence[Any]) -> str:
 class WeightsSource:
     key: str                 # the recipe key that named it: model.weights or model.weights_file
     kind: str                # timm | checkpoint (run folder or .safetensors) | file
-    path: Optional[Path] = None
+    path: Path | None = None
 
 
-def resolve_weights_source(cfg: ModelConfig) -> Optional[WeightsSource]:
+def resolve_weights_source(cfg: ModelConfig) -> WeightsSource | None:
     """Check what `model.weights`/`model.weights_file` name exists (cheap: called before a run starts).
 
     Relative paths are relative to the working folder, as `data.root` is."""
@@ -122,7 +123,7 @@ def resolve_weights_source(cfg: ModelConfig) -> Optional[WeightsSource]:
 # ----------------------------------------------------------------------------- loading
 
 def load_initial_weights(model: torch.nn.Module, cfg: ModelConfig, num_classes: int,
-                         in_chans: int) -> Optional[WeightsReport]:
+                         in_chans: int) -> WeightsReport | None:
     """Load the starting weights `cfg` names into `model` (built for `num_classes`, `in_chans`).
 
     Returns None when there are none to load (random initialisation)."""
@@ -137,10 +138,10 @@ def load_initial_weights(model: torch.nn.Module, cfg: ModelConfig, num_classes: 
                                 key=source.key, trained_as=(metadata.get("model") or {}).get("name"))
 
 
-def read_state_dict(path: Path, key: str = "model.weights_file") -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+def read_state_dict(path: Path, key: str = "model.weights_file") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors of a checkpoint file (containers unwrapped, DDP/compile prefixes removed) and
     imgtrain's metadata when the file has it."""
-    metadata: Dict[str, Any] = {}
+    metadata: dict[str, Any] = {}
     if path.suffix.lower() == ".safetensors":
         try:
             checkpoint, metadata = load_weights(path)
@@ -151,7 +152,8 @@ def read_state_dict(path: Path, key: str = "model.weights_file") -> Tuple[Dict[s
     state_dict = _unwrap(checkpoint)
     tensors = {k: v for k, v in clean_state_dict(state_dict).items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        found = ", ".join(map(str, list(checkpoint)[:SHOWN])) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        found = ", ".join(map(str, list(checkpoint)[:SHOWN])) if isinstance(checkpoint,
+                                                                            dict) else type(checkpoint).__name__
         raise ModelError(f"{key}: {path} holds no weights (no tensors under the keys {', '.join(CONTAINER_KEYS)} "
                          f"or at the top level; found: {found})")
     return tensors, metadata
@@ -199,7 +201,7 @@ def _unwrap(checkpoint: Any) -> Any:
     return checkpoint
 
 
-def _layer_names(model: torch.nn.Module, key: str) -> Tuple[str, ...]:
+def _layer_names(model: torch.nn.Module, key: str) -> tuple[str, ...]:
     """The model's `first_conv` or `classifier` module names, as timm records them."""
     pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
     if key == "first_conv":
@@ -220,14 +222,14 @@ def _belongs(key: str, modules: Sequence[str]) -> bool:
     return any(key.startswith(name + ".") for name in modules)
 
 
-def load_state_dict_into(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str,
+def load_state_dict_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str,
                          model_name: str, key: str = "model.weights",
-                         trained_as: Optional[str] = None) -> WeightsReport:
+                         trained_as: str | None = None) -> WeightsReport:
     """Fit `state_dict` to `model` (head, input channels) and load it; refuse another architecture."""
     target = model.state_dict()
     classifiers, first_convs = _layer_names(model, "classifier"), _layer_names(model, "first_conv")
     first_conv_weights = {name + ".weight" for name in first_convs}
-    fitted: Dict[str, torch.Tensor] = {}
+    fitted: dict[str, torch.Tensor] = {}
     head, adapted, unexpected, mismatched = [], [], [], []
     head_classes = input_chans = None
     order = {name: index for index, name in enumerate(target)}  # report in the model's order, not the file's
@@ -273,7 +275,7 @@ def load_state_dict_into(model: torch.nn.Module, state_dict: Dict[str, torch.Ten
 
 # ----------------------------------------------------------------------------- timm's weights
 
-def _timm_weights_cfg(name: str) -> Dict[str, Any]:
+def _timm_weights_cfg(name: str) -> dict[str, Any]:
     """timm's pretrained config for `name`; a ModelError if timm has no weights for it."""
     from imgtrain.models.nets import OUR_MODELS
     if name.split(".")[0] in OUR_MODELS:
@@ -290,7 +292,7 @@ def _timm_weights_cfg(name: str) -> Dict[str, Any]:
     return pretrained_cfg.to_dict()
 
 
-def _hub_file(pretrained_cfg: Dict[str, Any]) -> Tuple[Optional[str], Optional[str], List[str]]:
+def _hub_file(pretrained_cfg: dict[str, Any]) -> tuple[str | None, str | None, list[str]]:
     """(repo id, the cached file or None, the file names timm would look for) of a Hugging Face hub cfg."""
     hub_id = pretrained_cfg.get("hf_hub_id")
     if not hub_id or pretrained_cfg.get("custom_load"):
@@ -354,7 +356,7 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _not_cached_message(name: str, repo: str, names: List[str], why: str) -> str:
+def _not_cached_message(name: str, repo: str, names: list[str], why: str) -> str:
     from huggingface_hub import constants
     cache = Path(constants.HF_HUB_CACHE)
     folder = cache / ("models--" + repo.replace("/", "--"))

@@ -31,18 +31,37 @@ from typing import Any
 
 from imgtrain.engine.events import Hook
 from imgtrain.strategies.base import Strategy, StrategyContext
-from imgtrain.strategies.curriculum import (Curriculum, CurriculumHook, curriculum_enabled, easiest, pacing_fraction,
-                                             prepare_curriculum)
-from imgtrain.strategies.diagnostics import (Diagnostics, GradientMonitorHook, NonFiniteGuardHook, NonFiniteLossError,
-                                             build_diagnostics, check_diagnostics, classify_gradients,
-                                             first_nonfinite_gradient, gradient_norms)
+from imgtrain.strategies.curriculum import (
+    Curriculum,
+    CurriculumHook,
+    curriculum_enabled,
+    easiest,
+    pacing_fraction,
+    prepare_curriculum,
+)
+from imgtrain.strategies.diagnostics import (
+    Diagnostics,
+    GradientMonitorHook,
+    NonFiniteGuardHook,
+    NonFiniteLossError,
+    build_diagnostics,
+    check_diagnostics,
+    classify_gradients,
+    first_nonfinite_gradient,
+    gradient_norms,
+)
 from imgtrain.strategies.distillation import Distillation, DistillationHook, TeacherEnsemble, distillation_loss
 from imgtrain.strategies.early_stopping import EarlyStopping, EarlyStoppingHook, should_stop
 from imgtrain.strategies.ema import Ema, EmaHook, ema_decay, ema_update
 from imgtrain.strategies.lr_finder import LrFinder, LrFinderHook, find_lr
 from imgtrain.strategies.mixing import Mixing, MixingHook, cutmix_box, mix_batch, mixing_enabled, sample_lam
-from imgtrain.strategies.progressive import (Progressive, ProgressiveResizingHook, plan_epochs, progressive_enabled,
-                                             resize_batch)
+from imgtrain.strategies.progressive import (
+    Progressive,
+    ProgressiveResizingHook,
+    plan_epochs,
+    progressive_enabled,
+    resize_batch,
+)
 from imgtrain.strategies.sam import Sam, SamHook, perturb_weights, restore_weights, sam_perturbation
 from imgtrain.strategies.swa import Swa, SwaHook, swa_update, update_bn_with
 from imgtrain.strategies.transfer import Transfer, TransferHook, freeze_until, layer_groups, transfer_enabled

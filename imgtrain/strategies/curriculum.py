@@ -44,8 +44,9 @@ from __future__ import annotations
 import csv
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +55,8 @@ from torch.utils.data import DataLoader, Sampler
 from imgtrain.config import RecipeError
 from imgtrain.data.samplers import loader_with_sampling
 from imgtrain.engine.events import Hook
-from imgtrain.strategies.base import Strategy, StrategyContext, require_context
 from imgtrain.models.trained import load_trained
+from imgtrain.strategies.base import Strategy, StrategyContext, require_context
 
 PACINGS = ("linear", "root", "step")
 #: offsets the curriculum's generator from the shuffle's and mixing's (train.seed, train.seed + 1)
@@ -90,7 +91,7 @@ def pool_size(fraction: float, total: int) -> int:
 
 
 def easiest(scores: torch.Tensor, fraction: float,
-            generator: Optional[torch.Generator] = None) -> torch.Tensor:
+            generator: torch.Generator | None = None) -> torch.Tensor:
     """Indices of the easiest (lowest-scoring) `ceil(fraction * len(scores))` images, easiest
     first; equal scores are ordered at random (from `generator`)."""
     scores = torch.as_tensor(scores, dtype=torch.float64).cpu()
@@ -100,7 +101,7 @@ def easiest(scores: torch.Tensor, fraction: float,
     return ranked[:pool_size(fraction, len(scores))]
 
 
-def repeat_pool(pool: torch.Tensor, length: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def repeat_pool(pool: torch.Tensor, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """`length` draws from `pool`: shuffled copies of the whole pool one after another, cut at
     `length`, so every pool image comes once before any comes twice."""
     copies = math.ceil(length / len(pool))
@@ -127,8 +128,8 @@ def _names(items: Sequence[Any], limit: int = 3) -> str:
     return shown + (", ..." if len(items) > limit else "")
 
 
-def csv_difficulty(path: str, column: str, id_column: Optional[str], dataset: Any,
-                   search_dirs: Sequence[str] = (), file: Optional[str] = None) -> torch.Tensor:
+def csv_difficulty(path: str, column: str, id_column: str | None, dataset: Any,
+                   search_dirs: Sequence[str] = (), file: str | None = None) -> torch.Tensor:
     """Difficulty of every image of `dataset` (the train split) from a CSV column.
 
     Rows are matched to images by `id_column`: a file path for file sources (absolute, or
@@ -156,7 +157,7 @@ def csv_difficulty(path: str, column: str, id_column: Optional[str], dataset: An
         lookup = {os.path.abspath(p): i for i, p in enumerate(paths)}
         bases = [csv_path.parent, Path.cwd(), *(Path(d) for d in search_dirs)]
 
-        def locate(text: str) -> Optional[int]:
+        def locate(text: str) -> int | None:
             candidate = Path(text).expanduser()
             for where in ([candidate] if candidate.is_absolute() else [b / candidate for b in bases]):
                 found = lookup.get(os.path.abspath(where))
@@ -164,7 +165,7 @@ def csv_difficulty(path: str, column: str, id_column: Optional[str], dataset: An
                     return found
             return None
     else:
-        def locate(text: str) -> Optional[int]:
+        def locate(text: str) -> int | None:
             try:
                 index = int(text)
             except ValueError:
@@ -200,7 +201,7 @@ def csv_difficulty(path: str, column: str, id_column: Optional[str], dataset: An
 @torch.no_grad()
 def reference_difficulty(target: str, dataset: Any, classes: Sequence[str], channels: int,
                          device: torch.device, batch_size: int = 256,
-                         file: Optional[str] = None) -> torch.Tensor:
+                         file: str | None = None) -> torch.Tensor:
     """Per-image cross-entropy of a trained model (`imgtrain.models.trained.load_trained`) on `dataset`,
     in eval mode with that model's own eval transform."""
     from imgtrain.engine.checkpoint import CheckpointError
@@ -239,10 +240,10 @@ class CurriculumSampler(Sampler[int]):
     loader used outside the Trainer) it is a plain shuffle from the loader's generator.
     """
 
-    def __init__(self, length: int, generator: Optional[torch.Generator] = None):
+    def __init__(self, length: int, generator: torch.Generator | None = None):
         self.length = length
         self.generator = generator
-        self.order: Optional[torch.Tensor] = None
+        self.order: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.length
@@ -262,17 +263,17 @@ class CurriculumHook(Hook):
 
     def __init__(self, cfg: Any, seed: int):
         self.cfg, self.seed = cfg, seed  # seed: train.seed (the pools and orders derive from it)
-        self.sampler: Optional[CurriculumSampler] = None
-        self.scores: Optional[torch.Tensor] = None      # difficulty per image (self_paced: on the device)
-        self.seen: Optional[torch.Tensor] = None        # self_paced: images measured at least once
-        self.order: Optional[torch.Tensor] = None       # this epoch's draws (dataset indices)
+        self.sampler: CurriculumSampler | None = None
+        self.scores: torch.Tensor | None = None      # difficulty per image (self_paced: on the device)
+        self.seen: torch.Tensor | None = None        # self_paced: images measured at least once
+        self.order: torch.Tensor | None = None       # this epoch's draws (dataset indices)
         self.cursor = 0                                  # draws of this epoch already in a batch
 
     @property
     def self_paced(self) -> bool:
         return self.cfg.difficulty == "self_paced"
 
-    def attach(self, sampler: CurriculumSampler, scores: Optional[torch.Tensor]) -> None:
+    def attach(self, sampler: CurriculumSampler, scores: torch.Tensor | None) -> None:
         """The sampler installed in the train loader, and the scores (None for self_paced)."""
         self.sampler = sampler
         if scores is not None:
@@ -339,16 +340,16 @@ class CurriculumHook(Hook):
             self.seen[where] = True
         self.cursor += count
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         # tensors only: last.state.pt is loaded with weights_only=True
         if self.scores is None:
             return {}
-        out: Dict[str, Any] = {"scores": self.scores.detach().cpu().clone()}
+        out: dict[str, Any] = {"scores": self.scores.detach().cpu().clone()}
         if self.seen is not None:
             out["seen"] = self.seen.detach().cpu().clone()
         return out
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         if "scores" not in state:
             return
         device = self.scores.device if self.scores is not None else torch.device("cpu")
@@ -364,7 +365,7 @@ def curriculum_enabled(recipe: Any) -> bool:
 
 
 def prepare_curriculum(hooks: Sequence[Hook], recipe: Any, splits: Any, loaders: Any,
-                       device: torch.device) -> List[str]:
+                       device: torch.device) -> list[str]:
     """Scores the training images (reference, csv), installs the curriculum sampler in
     `loaders.train` and hands it to the `CurriculumHook` among `hooks`. Runs before the run
     folder is made: a bad CSV or reference stops the run with nothing written.
@@ -379,7 +380,7 @@ def prepare_curriculum(hooks: Sequence[Hook], recipe: Any, splits: Any, loaders:
                           "(data.sampler: random with a curriculum)",
                           file=file, key="curriculum.difficulty")
     dataset = splits.train
-    scores: Optional[torch.Tensor] = None
+    scores: torch.Tensor | None = None
     if cfg.difficulty == "csv":
         search = [d for d in (recipe.data.image_root, recipe.data.root) if d]
         if recipe.data.root and Path(recipe.data.root).is_file():  # a csv source: its manifest's folder
@@ -420,7 +421,7 @@ class Curriculum(Strategy):
                               "(data.sampler: random with a curriculum)",
                               file=recipe.source_file, key="curriculum.difficulty")
 
-    def build(self, recipe: Any, context: StrategyContext | None) -> List[Hook]:
+    def build(self, recipe: Any, context: StrategyContext | None) -> list[Hook]:
         context = require_context(context, self.name)
         hook = CurriculumHook(recipe.curriculum, seed=recipe.train.seed)
         # scores the training images (reference, csv) and installs its sampler in loaders.train

@@ -52,7 +52,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 
@@ -73,11 +73,11 @@ def layer_of(parameter_name: str) -> str:
     return parameter_name.rsplit(".", 1)[0] if "." in parameter_name else parameter_name
 
 
-def _gradients(model: torch.nn.Module) -> List[tuple]:
+def _gradients(model: torch.nn.Module) -> list[tuple]:
     return [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
 
 
-def gradient_norms(model: torch.nn.Module, by: str = "layer") -> Dict[str, float]:
+def gradient_norms(model: torch.nn.Module, by: str = "layer") -> dict[str, float]:
     """L2 norm of the current gradients, per layer (module; its weight and bias together) or per
     parameter (`by="parameter"`), in the model's order. Parameters without a gradient (frozen,
     unused) are left out. One device sync in all."""
@@ -87,7 +87,7 @@ def gradient_norms(model: torch.nn.Module, by: str = "layer") -> Dict[str, float
     if not grads:
         return {}
     keys = [layer_of(name) if by == "layer" else name for name, _ in grads]
-    index: Dict[str, int] = {}
+    index: dict[str, int] = {}
     for key in keys:
         index.setdefault(key, len(index))
     device = grads[0][1].device
@@ -99,7 +99,7 @@ def gradient_norms(model: torch.nn.Module, by: str = "layer") -> Dict[str, float
     return dict(zip(index, per_key.sqrt().tolist()))
 
 
-def total_norm(norms: Dict[str, float]) -> float:
+def total_norm(norms: dict[str, float]) -> float:
     """The global gradient norm from per-layer (or per-parameter) norms."""
     return math.sqrt(sum(v * v for v in norms.values()))
 
@@ -107,12 +107,12 @@ def total_norm(norms: Dict[str, float]) -> float:
 @dataclass
 class GradientFlags:
     """Layers whose gradient norm is out of bounds."""
-    vanishing: List[str] = field(default_factory=list)   # norm < vanishing_below
-    exploding: List[str] = field(default_factory=list)   # norm > exploding_above (inf included)
-    nonfinite: List[str] = field(default_factory=list)   # nan or inf
+    vanishing: list[str] = field(default_factory=list)   # norm < vanishing_below
+    exploding: list[str] = field(default_factory=list)   # norm > exploding_above (inf included)
+    nonfinite: list[str] = field(default_factory=list)   # nan or inf
 
 
-def classify_gradients(norms: Dict[str, float], vanishing_below: float = VANISHING_BELOW,
+def classify_gradients(norms: dict[str, float], vanishing_below: float = VANISHING_BELOW,
                        exploding_above: float = 100.0) -> GradientFlags:
     """Sort layers into vanishing (< vanishing_below), exploding (> exploding_above) and non-finite."""
     if vanishing_below < 0 or exploding_above <= 0 or vanishing_below >= exploding_above:
@@ -128,7 +128,7 @@ def classify_gradients(norms: Dict[str, float], vanishing_below: float = VANISHI
     return flags
 
 
-def first_nonfinite_gradient(model: torch.nn.Module) -> Optional[str]:
+def first_nonfinite_gradient(model: torch.nn.Module) -> str | None:
     """Name of the first parameter (in the model's order) whose gradient holds a nan or an inf."""
     grads = _gradients(model)
     if not grads:
@@ -138,12 +138,12 @@ def first_nonfinite_gradient(model: torch.nn.Module) -> Optional[str]:
     return next((name for (name, _), ok in zip(grads, finite) if not ok), None)
 
 
-def missing_gradients(model: torch.nn.Module) -> List[str]:
+def missing_gradients(model: torch.nn.Module) -> list[str]:
     """Trainable parameters that got no gradient from the last backward (unused or detached)."""
     return [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
 
 
-def check_diagnostics(cfg: Any, file: Optional[str] = None) -> None:
+def check_diagnostics(cfg: Any, file: str | None = None) -> None:
     """Cross-key checks of the diagnostics section (single keys are checked by config.py)."""
     if cfg.vanishing_below >= cfg.exploding_above:
         raise RecipeError(f"must be below diagnostics.exploding_above ({cfg.exploding_above}), got "
@@ -160,7 +160,7 @@ class NonFiniteLossError(RuntimeError):
 
 # ----------------------------------------------------------------------------- run folder notes
 
-def _note(state: Any, message: str, event: Optional[str] = None, **fields: Any) -> None:
+def _note(state: Any, message: str, event: str | None = None, **fields: Any) -> None:
     """A line in train.log (and a record in events.jsonl) of the run, through the trackers."""
     state.note(message, event, **fields)
 
@@ -181,8 +181,8 @@ class GradientMonitorHook(Hook):
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         self.every, self.vanishing_below, self.exploding_above = every, vanishing_below, exploding_above
-        self.warned: Dict[str, str] = {}      # layer -> "vanishing" / "exploding", each warned once
-        self.readings: List[Dict[str, Any]] = []  # this epoch's
+        self.warned: dict[str, str] = {}      # layer -> "vanishing" / "exploding", each warned once
+        self.readings: list[dict[str, Any]] = []  # this epoch's
 
     def epoch_start(self, state: Any) -> None:
         self.readings = []
@@ -194,7 +194,7 @@ class GradientMonitorHook(Hook):
         norms = gradient_norms(state.model)
         if not norms:
             return
-        reading: Dict[str, Any] = {"step": state.step + 1, "total": total_norm(norms), "layers": norms}
+        reading: dict[str, Any] = {"step": state.step + 1, "total": total_norm(norms), "layers": norms}
         if state.scaler is not None and not math.isfinite(reading["total"]):
             reading["overflow"] = True  # fp16: the GradScaler skips this step and lowers its scale
         else:
@@ -237,11 +237,11 @@ class GradientMonitorHook(Hook):
             "grad_exploding_layers": len({n for r in usable for n in r["exploding"]}),
         })
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         # the layers already warned about, so a resumed run does not repeat itself
         return {"warned": dict(self.warned)} if self.warned else {}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.warned = dict(state.get("warned", {}))
 
 
@@ -262,10 +262,10 @@ class NonFiniteGuardHook(Hook):
         self.mode, self.check_every, self.max_skipped_steps = mode, check_every, max_skipped_steps
         self.skipped = 0                      # optimizer steps skipped in the run (resumed)
         self._group_bad = False               # this accumulation group had a bad batch
-        self._skipped_epoch: List[Dict[str, Any]] = []
-        self._losses: Optional[torch.Tensor] = None  # deferred checks: this window's losses, on the device
+        self._skipped_epoch: list[dict[str, Any]] = []
+        self._losses: torch.Tensor | None = None  # deferred checks: this window's losses, on the device
         self._pending = 0
-        self._window: List[tuple] = []        # (batch index, optimizer step) of each pending loss
+        self._window: list[tuple] = []        # (batch index, optimizer step) of each pending loss
 
     def epoch_start(self, state: Any) -> None:
         self._group_bad, self._skipped_epoch, self._pending = False, [], 0
@@ -357,16 +357,16 @@ class NonFiniteGuardHook(Hook):
               loss=value, first_nonfinite_gradient=first)
         raise NonFiniteLossError(message)
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {"skipped": self.skipped} if self.mode == "skip" else {}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped = int(state.get("skipped", 0))
 
 
-def build_diagnostics(cfg: Any) -> List[Hook]:
+def build_diagnostics(cfg: Any) -> list[Hook]:
     """The diagnostics hooks a recipe's `diagnostics` section asks for: monitor, then guard."""
-    hooks: List[Hook] = []
+    hooks: list[Hook] = []
     if cfg.grad_monitor_every:
         hooks.append(GradientMonitorHook(cfg.grad_monitor_every, cfg.vanishing_below, cfg.exploding_above))
     if cfg.nonfinite != "off":
@@ -385,10 +385,11 @@ class Diagnostics(Strategy):
     def check(self, recipe: Any) -> None:
         check_diagnostics(recipe.diagnostics, file=recipe.source_file)
 
-    def build(self, recipe: Any, context: StrategyContext | None) -> List[Hook]:
+    def build(self, recipe: Any, context: StrategyContext | None) -> list[Hook]:
         return build_diagnostics(recipe.diagnostics)  # gradient monitor, non-finite guard
 
 
-__all__ = ["Diagnostics", "GradientFlags", "GradientMonitorHook", "NonFiniteGuardHook", "NonFiniteLossError", "build_diagnostics",
+__all__ = ["Diagnostics", "GradientFlags", "GradientMonitorHook", "NonFiniteGuardHook", "NonFiniteLossError",
+           "build_diagnostics",
            "check_diagnostics", "classify_gradients", "first_nonfinite_gradient", "gradient_norms", "layer_of",
            "missing_gradients", "total_norm"]

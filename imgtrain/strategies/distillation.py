@@ -60,8 +60,8 @@ from torch import nn
 
 from imgtrain.config import RecipeError
 from imgtrain.engine.events import Hook
-from imgtrain.strategies.base import Strategy, StrategyContext, require_context
 from imgtrain.losses import distillation_kl, distillation_loss
+from imgtrain.strategies.base import Strategy, StrategyContext, require_context
 
 KEY = "distill.teacher"
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, what PIL's convert("L") uses
@@ -273,5 +273,6 @@ class Distillation(Strategy):
         return [DistillationHook(recipe.distill, context.teacher)]
 
 
-__all__ = ["Distillation", "KEY", "DistillationHook", "LoadedTeacher", "TeacherEnsemble", "adapt_batch", "check_teacher_sources",
+__all__ = ["Distillation", "KEY", "DistillationHook", "LoadedTeacher", "TeacherEnsemble", "adapt_batch",
+           "check_teacher_sources",
            "class_list", "distillation_kl", "distillation_loss", "ensemble_logits", "is_path", "teacher_sources"]

@@ -21,7 +21,7 @@ run goes on counting where it stopped.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import torch
 
@@ -30,7 +30,7 @@ from imgtrain.engine.events import Hook
 from imgtrain.strategies.base import Strategy, StrategyContext, require_context
 
 
-def improved(value: float, best: Optional[float], mode: str, min_delta: float) -> bool:
+def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
     """Does `value` beat `best` by more than `min_delta` in direction `mode` (min|max)?"""
     if math.isnan(value):
         return False
@@ -39,8 +39,8 @@ def improved(value: float, best: Optional[float], mode: str, min_delta: float) -
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
-def should_stop(value: float, best: Optional[float], wait: int, mode: str, patience: int,
-                min_delta: float) -> Tuple[bool, Optional[float], int]:
+def should_stop(value: float, best: float | None, wait: int, mode: str, patience: int,
+                min_delta: float) -> tuple[bool, float | None, int]:
     """One epoch of early stopping: (stop now?, new best, epochs without improvement)."""
     if improved(value, best, mode, min_delta):
         return False, value, 0
@@ -48,7 +48,7 @@ def should_stop(value: float, best: Optional[float], wait: int, mode: str, patie
     return wait >= patience, best, wait
 
 
-def check_early_stop(cfg: Any, has_val: bool, file: Optional[str] = None) -> None:
+def check_early_stop(cfg: Any, has_val: bool, file: str | None = None) -> None:
     """The monitored metric must be one the run logs: checked before training starts."""
     if cfg.monitor is None:
         return
@@ -78,11 +78,11 @@ class EarlyStoppingHook(Hook):
         self.monitor = cfg.monitor
         self.mode = monitor_mode(cfg.monitor, cfg.mode)
         self.patience, self.min_delta, self.restore_best = cfg.patience, cfg.min_delta, cfg.restore_best
-        self.best: Optional[float] = None
-        self.best_epoch: Optional[int] = None
+        self.best: float | None = None
+        self.best_epoch: int | None = None
         self.wait = 0
-        self.stopped_epoch: Optional[int] = None
-        self.best_weights: Optional[Dict[str, torch.Tensor]] = None
+        self.stopped_epoch: int | None = None
+        self.best_weights: dict[str, torch.Tensor] | None = None
 
     def epoch_end(self, state: Any) -> None:
         row = state.history[-1]
@@ -109,15 +109,15 @@ class EarlyStoppingHook(Hook):
             model.load_state_dict(self.best_weights)
             state.summary["restored_best_epoch"] = self.best_epoch
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         # plain values and tensors: last.state.pt is loaded with weights_only=True
-        out: Dict[str, Any] = {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait,
+        out: dict[str, Any] = {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait,
                                "stopped_epoch": self.stopped_epoch}
         if self.best_weights is not None:
             out["best_weights"] = self.best_weights
         return out
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.best_epoch = state.get("best"), state.get("best_epoch")
         self.wait, self.stopped_epoch = int(state.get("wait", 0)), state.get("stopped_epoch")
         self.best_weights = state.get("best_weights")

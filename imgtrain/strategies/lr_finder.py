@@ -46,9 +46,10 @@ import dataclasses
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 
@@ -66,7 +67,7 @@ SKIP_END = 5          # points dropped from the end of the curve before suggesti
 
 # ----------------------------------------------------------------------------- the pure functions
 
-def lr_schedule(start: float, end: float, steps: int) -> List[float]:
+def lr_schedule(start: float, end: float, steps: int) -> list[float]:
     """`steps` learning rates from `start` to `end` (both included), evenly spaced in log lr."""
     if not 0 < start < end:
         raise ValueError(f"the range test goes up: need 0 < start < end, got start {start:g}, end {end:g}")
@@ -76,7 +77,7 @@ def lr_schedule(start: float, end: float, steps: int) -> List[float]:
     return [start * ratio ** (i / (steps - 1)) for i in range(steps)]
 
 
-def smooth_losses(losses: Sequence[float], beta: float = 0.98) -> List[float]:
+def smooth_losses(losses: Sequence[float], beta: float = 0.98) -> list[float]:
     """Exponential moving average with bias correction (beta 0: the losses themselves)."""
     average, out = 0.0, []
     for count, loss in enumerate(losses, start=1):
@@ -90,7 +91,7 @@ def diverged(smoothed: float, best: float, factor: float = 4.0) -> bool:
     return not math.isfinite(smoothed) or smoothed > factor * best
 
 
-def steepest(lrs: Sequence[float], losses: Sequence[float]) -> Tuple[float, int]:
+def steepest(lrs: Sequence[float], losses: Sequence[float]) -> tuple[float, int]:
     """The lr where the loss falls fastest against log lr: (lr, index)."""
     slopes = [(losses[i + 1] - losses[i]) / (math.log(lrs[i + 1]) - math.log(lrs[i]))
               for i in range(len(lrs) - 1)]
@@ -98,7 +99,7 @@ def steepest(lrs: Sequence[float], losses: Sequence[float]) -> Tuple[float, int]
     return float(lrs[index]), index
 
 
-def valley(lrs: Sequence[float], losses: Sequence[float]) -> Tuple[float, int]:
+def valley(lrs: Sequence[float], losses: Sequence[float]) -> tuple[float, int]:
     """fastai's valley: the longest decreasing run of losses (a longest decreasing subsequence,
     ending at its first longest end), then two thirds of the way down it: (lr, index)."""
     n = len(losses)
@@ -114,18 +115,18 @@ def valley(lrs: Sequence[float], losses: Sequence[float]) -> Tuple[float, int]:
     return float(lrs[index]), index
 
 
-def minimum_tenth(lrs: Sequence[float], losses: Sequence[float]) -> Tuple[float, int]:
+def minimum_tenth(lrs: Sequence[float], losses: Sequence[float]) -> tuple[float, int]:
     """A tenth of the lr with the lowest loss: (lr / 10, index of the minimum)."""
     index = min(range(len(losses)), key=losses.__getitem__)
     return float(lrs[index]) / 10.0, index
 
 
-SUGGESTIONS: Dict[str, Callable[[Sequence[float], Sequence[float]], Tuple[float, int]]] = {
+SUGGESTIONS: dict[str, Callable[[Sequence[float], Sequence[float]], tuple[float, int]]] = {
     "valley": valley, "steep": steepest, "min10": minimum_tenth,
 }
 
 
-def suggest(lrs: Sequence[float], smoothed: Sequence[float], steps: int) -> Dict[str, float]:
+def suggest(lrs: Sequence[float], smoothed: Sequence[float], steps: int) -> dict[str, float]:
     """Every suggestion on the recorded curve, as fastai reads it: the first steps // 10 points
     (the loss still settling) and the last 5 (already diverging) dropped, and the curve cut at
     its first non-finite loss. A curve too short for that is used whole."""
@@ -144,13 +145,13 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float], steps: int) -> Dict
 @dataclass
 class LrFindResult:
     """What a range test recorded: one row per optimizer step it took, and its suggestions."""
-    lrs: List[float]
-    losses: List[float]            # raw training loss of the step (mean over its accumulated batches)
-    smoothed: List[float]
+    lrs: list[float]
+    losses: list[float]            # raw training loss of the step (mean over its accumulated batches)
+    smoothed: list[float]
     steps: int                     # steps asked for; fewer were run when the loss diverged
     start: float
     end: float
-    suggestions: Dict[str, float] = field(default_factory=dict)
+    suggestions: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0           # wall time of the test
 
     def __post_init__(self) -> None:
@@ -161,13 +162,13 @@ class LrFindResult:
     def stopped_early(self) -> bool:
         return len(self.lrs) < self.steps
 
-    def summary(self, chosen: str) -> Dict[str, Any]:
+    def summary(self, chosen: str) -> dict[str, Any]:
         """For summary.json: the lr used, which suggestion it is, all of them, how the test went."""
         return {"lr": self.suggestions[chosen], "suggestion": chosen, "suggestions": dict(self.suggestions),
                 "start": self.start, "end": self.end, "steps": self.steps, "steps_run": len(self.lrs),
                 "stopped_early": self.stopped_early, "seconds": round(self.seconds, 3)}
 
-    def lines(self, chosen: Optional[str] = None) -> List[str]:
+    def lines(self, chosen: str | None = None) -> list[str]:
         """Human lines for the console and train.log."""
         how = (f"stopped at step {len(self.lrs)}: the smoothed loss diverged" if self.stopped_early
                else "ran every step")
@@ -185,14 +186,14 @@ class LrFindResult:
             writer.writerows((repr(a), repr(b), repr(c)) for a, b, c in zip(self.lrs, self.losses, self.smoothed))
 
     @classmethod
-    def read_csv(cls, path: Path, steps: int, start: float, end: float) -> "LrFindResult":
+    def read_csv(cls, path: Path, steps: int, start: float, end: float) -> LrFindResult:
         """A test written by write_csv (the suggestions are computed again: the same numbers)."""
         with open(path, newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
         return cls(lrs=[float(r["lr"]) for r in rows], losses=[float(r["loss"]) for r in rows],
                    smoothed=[float(r["smoothed"]) for r in rows], steps=steps, start=start, end=end)
 
-    def plot(self, path: Path, chosen: Optional[str] = None) -> None:
+    def plot(self, path: Path, chosen: str | None = None) -> None:
         """Smoothed (and raw) loss against lr on a log axis, each suggestion marked on the curve."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -222,7 +223,7 @@ class LrFindResult:
         fig.savefig(tmp, format="png")
         os.replace(tmp, path)
 
-    def write(self, out_dir: Path, chosen: Optional[str] = None) -> List[Path]:
+    def write(self, out_dir: Path, chosen: str | None = None) -> list[Path]:
         """lr_find.csv and lr_find.png in `out_dir`."""
         csv_path, png_path = Path(out_dir) / CSV_NAME, Path(out_dir) / PLOT_NAME
         self.write_csv(csv_path)
@@ -250,17 +251,17 @@ class LrFinderHook(Hook):
 
     name = "lr_finder"
 
-    def __init__(self, settings: Any, generator: Optional[torch.Generator] = None):
+    def __init__(self, settings: Any, generator: torch.Generator | None = None):
         self.cfg, self.generator = settings, generator
         self.schedule = lr_schedule(settings.start, settings.end, settings.steps)
-        self.lrs: List[float] = []
-        self.losses: List[float] = []
-        self.smoothed: List[float] = []
-        self.ratios: List[float] = []
-        self.momenta: List[Dict[str, Any]] = []
-        self.saved: Dict[str, Any] = {}
+        self.lrs: list[float] = []
+        self.losses: list[float] = []
+        self.smoothed: list[float] = []
+        self.ratios: list[float] = []
+        self.momenta: list[dict[str, Any]] = []
+        self.saved: dict[str, Any] = {}
         self.average, self.best, self.seconds = 0.0, math.inf, 0.0
-        self.step_loss: Optional[torch.Tensor] = None
+        self.step_loss: torch.Tensor | None = None
         self.step_batches = 0
 
     def fit_start(self, state: Any) -> None:
@@ -333,7 +334,7 @@ def find_lr(recipe: Any, parts: Any, settings: Any = None, hooks: Sequence[Hook]
     return finder.result()
 
 
-def _snapshot(state: Any, generator: Optional[torch.Generator]) -> Dict[str, Any]:
+def _snapshot(state: Any, generator: torch.Generator | None) -> dict[str, Any]:
     """Everything the range test changes, copied (the weights and optimizer state deep)."""
     model = state.model
     return {
@@ -347,7 +348,7 @@ def _snapshot(state: Any, generator: Optional[torch.Generator]) -> Dict[str, Any
     }
 
 
-def _restore(state: Any, saved: Dict[str, Any], generator: Optional[torch.Generator]) -> None:
+def _restore(state: Any, saved: dict[str, Any], generator: torch.Generator | None) -> None:
     model = state.model
     model.load_state_dict(saved["model"])
     state.optimizer.load_state_dict(saved["optimizer"])  # drops the momentum the test built up
@@ -380,9 +381,10 @@ class LrFinder(Strategy):
     def check(self, recipe: Any) -> None:
         check_lr_find(recipe)
 
-    def build(self, recipe: Any, context: StrategyContext | None) -> List[Hook]:
+    def build(self, recipe: Any, context: StrategyContext | None) -> list[Hook]:
         return []  # nothing runs during training: the lr it chose is in the recipe by then
 
 
-__all__ = ["CSV_NAME", "LrFinder", "LrFinderHook", "PLOT_NAME", "LrFindResult", "SUGGESTIONS", "check_lr_find", "diverged", "find_lr",
+__all__ = ["CSV_NAME", "LrFinder", "LrFinderHook", "PLOT_NAME", "LrFindResult", "SUGGESTIONS", "check_lr_find",
+           "diverged", "find_lr",
            "lr_schedule", "minimum_tenth", "smooth_losses", "steepest", "suggest", "valley"]

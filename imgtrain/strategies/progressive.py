@@ -30,16 +30,15 @@ size, batch size and lr scale of its epoch without any saved state.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from imgtrain.config import RecipeError
 from imgtrain.engine.events import Hook
-from imgtrain.strategies.base import Strategy, StrategyContext, require_context
 from imgtrain.engine.state import EpochPlan
+from imgtrain.strategies.base import Strategy, StrategyContext, require_context
 
 
 def progressive_enabled(recipe: Any) -> bool:
@@ -74,7 +73,7 @@ def lr_scale_for(batch_size: int, base_batch_size: int, rule: str) -> float:
     return 1.0
 
 
-def plan_epochs(recipe: Any, train_size: int) -> List[EpochPlan]:
+def plan_epochs(recipe: Any, train_size: int) -> list[EpochPlan]:
     """One EpochPlan per epoch of the run; without progressive resizing, the same plan every epoch.
 
     train_size: the side the data pipeline makes (augment.img_size or the native size).
@@ -85,7 +84,7 @@ def plan_epochs(recipe: Any, train_size: int) -> List[EpochPlan]:
         return stage if cfg.schedule == "restart" else 0
 
     if cfg.stages:
-        plans: List[EpochPlan] = []
+        plans: list[EpochPlan] = []
         for index, stage in enumerate(cfg.stages):
             batch = int(stage.get("batch_size", base_batch))
             if stage.get("lr") is not None:
@@ -140,7 +139,7 @@ def check_progressive_recipe(recipe: Any, train_size: int, batch_sampler: bool =
                           "per batch)", file=file, key="progressive.stages" if cfg.stages else "progressive.max_size")
 
 
-def describe_plans(plans: List[EpochPlan]) -> str:
+def describe_plans(plans: list[EpochPlan]) -> str:
     """'stage 1: 16 px, batch 256, 3 epochs; stage 2: ...' (one entry per run of equal plans)."""
     parts, run = [], 1
     for index, plan in enumerate(plans):
@@ -170,9 +169,9 @@ class ProgressiveResizingHook(Hook):
 
     name = "progressive_resizing"
 
-    def __init__(self, plans: List[EpochPlan], channels_last: bool = False):
+    def __init__(self, plans: list[EpochPlan], channels_last: bool = False):
         self.plans, self.channels_last = plans, channels_last
-        self.size: Optional[int] = None
+        self.size: int | None = None
 
     def epoch_start(self, state: Any) -> None:
         plan = self.plans[min(state.epoch, len(self.plans) - 1)]
@@ -196,15 +195,16 @@ class Progressive(Strategy):
     def enabled(self, recipe: Any) -> bool:
         return progressive_enabled(recipe)
 
-    def plan_epochs(self, recipe: Any, context: StrategyContext) -> List[EpochPlan]:
+    def plan_epochs(self, recipe: Any, context: StrategyContext) -> list[EpochPlan]:
         # stage sizes vs the size the data pipeline makes, stage epochs vs train.epochs
         check_progressive_recipe(recipe, context.img_size, batch_sampler=recipe.data.sampler == "per_class")
         return plan_epochs(recipe, context.img_size)
 
-    def build(self, recipe: Any, context: StrategyContext | None) -> List[Hook]:
+    def build(self, recipe: Any, context: StrategyContext | None) -> list[Hook]:
         context = require_context(context, self.name)
         return [ProgressiveResizingHook(context.plans, channels_last=recipe.train.channels_last)]
 
 
-__all__ = ["Progressive", "EpochPlan", "ProgressiveResizingHook", "check_progressive_recipe", "describe_plans", "eval_size", "lr_scale_for",
+__all__ = ["Progressive", "EpochPlan", "ProgressiveResizingHook", "check_progressive_recipe", "describe_plans",
+           "eval_size", "lr_scale_for",
            "plan_epochs", "progressive_enabled", "ramp_size", "resize_batch"]

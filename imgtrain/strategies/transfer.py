@@ -31,17 +31,17 @@ their running statistics stay those of the pretrained weights.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 
 from imgtrain.config import RecipeError
 from imgtrain.engine.events import Hook
-from imgtrain.strategies.base import Strategy, StrategyContext, require_context
 from imgtrain.engine.optim import gets_weight_decay
+from imgtrain.strategies.base import Strategy, StrategyContext, require_context
 
 
-def layer_groups(model: torch.nn.Module, by: str = "stage") -> List[List[str]]:
+def layer_groups(model: torch.nn.Module, by: str = "stage") -> list[list[str]]:
     """Parameter names per layer group, stem first, head last (timm's group matcher).
 
     by: "stage" (timm's coarse grouping: stem, each stage, head) or "block" (one per block).
@@ -77,8 +77,8 @@ def _classifier_names(model: torch.nn.Module) -> set:
     return {name for name, p in model.named_parameters() if id(p) in ids}
 
 
-def group_lr_multipliers(num_groups: int, lr: float, layer_decay: Optional[float] = None,
-                         group_lrs: Optional[List[float]] = None) -> List[float]:
+def group_lr_multipliers(num_groups: int, lr: float, layer_decay: float | None = None,
+                         group_lrs: list[float] | None = None) -> list[float]:
     """The lr of each group, stem first: lr x decay^(groups above it), or the explicit list."""
     if group_lrs is not None:
         if len(group_lrs) != num_groups:
@@ -105,7 +105,7 @@ def first_trainable_group(cfg: Any, epoch: int, num_groups: int) -> int:
     return max(first, cfg.freeze_layers)
 
 
-def check_transfer(cfg: Any, num_groups: int, model_name: str, file: Optional[str] = None) -> None:
+def check_transfer(cfg: Any, num_groups: int, model_name: str, file: str | None = None) -> None:
     """Settings that need the model's group count: clear errors before training."""
     body = num_groups - 1  # groups below the head
     if cfg.freeze_layers > body:
@@ -119,7 +119,7 @@ def check_transfer(cfg: Any, num_groups: int, model_name: str, file: Optional[st
                           file=file, key="transfer.unfreeze_epochs")
 
 
-def freeze_until(model: torch.nn.Module, groups: List[List[str]], first_trainable: int) -> None:
+def freeze_until(model: torch.nn.Module, groups: list[list[str]], first_trainable: int) -> None:
     """requires_grad False for the groups below `first_trainable`, True from it up."""
     frozen = {name for group in groups[:first_trainable] for name in group}
     for name, param in model.named_parameters():
@@ -138,7 +138,7 @@ def frozen_norms_to_eval(model: torch.nn.Module) -> int:
     return count
 
 
-def trainable_counts(model: torch.nn.Module, groups: List[List[str]]) -> List[int]:
+def trainable_counts(model: torch.nn.Module, groups: list[list[str]]) -> list[int]:
     """Trainable parameter count (elements) of each group."""
     params = dict(model.named_parameters())
     return [sum(params[n].numel() for n in group if params[n].requires_grad) for group in groups]
@@ -153,7 +153,7 @@ def check_transfer_recipe(model: torch.nn.Module, recipe: Any) -> None:
         group_lr_multipliers(len(groups), recipe.optim.lr, cfg.layer_decay, cfg.group_lrs)
 
 
-def transfer_param_groups(model: torch.nn.Module, recipe: Any) -> Optional[List[Dict[str, Any]]]:
+def transfer_param_groups(model: torch.nn.Module, recipe: Any) -> list[dict[str, Any]] | None:
     """Optimizer param groups with per-layer-group learning rates, head first, or None when the
     recipe uses no transfer key that needs them (then the plain two groups are built).
 
@@ -167,7 +167,7 @@ def transfer_param_groups(model: torch.nn.Module, recipe: Any) -> Optional[List[
     check_transfer(cfg, len(groups), recipe.model.name, recipe.source_file)
     lrs = group_lr_multipliers(len(groups), optim.lr, cfg.layer_decay, cfg.group_lrs)
     params = dict(model.named_parameters())
-    out: List[Dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
     for index in reversed(range(len(groups))):
         decay = [params[n] for n in groups[index] if gets_weight_decay(params[n], optim.decay_norm_and_bias)]
         no_decay = [params[n] for n in groups[index] if not gets_weight_decay(params[n], optim.decay_norm_and_bias)]
@@ -191,7 +191,7 @@ class TransferHook(Hook):
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
-        self.groups: List[List[str]] = []
+        self.groups: list[list[str]] = []
         self.first_trainable = 0
 
     def fit_start(self, state: Any) -> None:
@@ -219,10 +219,10 @@ class Transfer(Strategy):
     def enabled(self, recipe: Any) -> bool:
         return transfer_enabled(recipe)
 
-    def param_groups(self, recipe: Any, model: torch.nn.Module) -> Optional[List[Dict[str, Any]]]:
+    def param_groups(self, recipe: Any, model: torch.nn.Module) -> list[dict[str, Any]] | None:
         return transfer_param_groups(model, recipe)
 
-    def build(self, recipe: Any, context: StrategyContext | None) -> List[Hook]:
+    def build(self, recipe: Any, context: StrategyContext | None) -> list[Hook]:
         context = require_context(context, self.name)
         if context.model is None:
             raise ValueError("transfer: checking transfer.* against the layer groups needs context.model")
@@ -230,5 +230,6 @@ class Transfer(Strategy):
         return [TransferHook(recipe.transfer)]
 
 
-__all__ = ["Transfer", "TransferHook", "check_transfer", "check_transfer_recipe", "first_trainable_group", "freeze_until", "frozen_norms_to_eval",
+__all__ = ["Transfer", "TransferHook", "check_transfer", "check_transfer_recipe", "first_trainable_group",
+           "freeze_until", "frozen_norms_to_eval",
            "group_lr_multipliers", "layer_groups", "trainable_counts", "transfer_enabled", "transfer_param_groups"]

@@ -123,7 +123,8 @@ def _draw_grid(pixels: torch.Tensor, texts: list[str], path: Path) -> tuple:
     for k, (image, text) in enumerate(zip(pixels, texts)):
         x0, y0 = (k % columns) * cell_w, (k // columns) * cell_h
         array = image.permute(1, 2, 0).numpy()
-        tile = Image.fromarray(array[..., 0], "L").convert("RGB") if array.shape[2] == 1 else Image.fromarray(array, "RGB")
+        tile = Image.fromarray(array[..., 0], "L").convert("RGB") if array.shape[2] == 1 else Image.fromarray(array,
+                                                                                                              "RGB")
         tile = _fit(tile)
         canvas.paste(tile, (x0 + PAD + (CELL - tile.width) // 2, y0 + PAD + (CELL - tile.height) // 2))
         for line_no, line in enumerate(text.split(" / ")[:LABEL_LINES]):

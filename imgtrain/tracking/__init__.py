@@ -16,7 +16,7 @@ rank 0 should build them, or every process would write the same files.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, TextIO, Union
+from typing import TextIO
 
 from imgtrain.config import Recipe
 from imgtrain.engine.events import Hook
@@ -36,9 +36,9 @@ __all__ = [
 ]
 
 
-def build_trackers(recipe: Recipe, run_dir: Union[str, Path],
-                   console_stream: Optional[TextIO] = None,
-                   report_inputs: Optional[ReportInputs] = None) -> List[Hook]:
+def build_trackers(recipe: Recipe, run_dir: str | Path,
+                   console_stream: TextIO | None = None,
+                   report_inputs: ReportInputs | None = None) -> list[Hook]:
     """The trackers a recipe asks for, in firing order.
 
     train.log first, so a line about an epoch is on disk before anything else can fail;
@@ -48,7 +48,7 @@ def build_trackers(recipe: Recipe, run_dir: Union[str, Path],
     to sys.stderr; `report_inputs` gives the report the validation images it shows.
     """
     run_dir = Path(run_dir)
-    trackers: List[Hook] = [TrainLogTracker(run_dir)]
+    trackers: list[Hook] = [TrainLogTracker(run_dir)]
     if recipe.output.progress != "off":
         trackers.append(ProgressTracker(recipe.output.progress, console_stream))
     trackers.append(HistoryTracker(run_dir))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any
 
 from imgtrain.engine.events import Hook
 from imgtrain.tracking.summary import dumps_json
@@ -30,15 +30,15 @@ def now_iso() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="milliseconds")
 
 
-def amp_name(dtype: Any) -> Union[str, None]:
+def amp_name(dtype: Any) -> str | None:
     """`torch.bfloat16` -> "bfloat16"; None (full precision) stays None."""
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
-def fit_start_fields(state: Any) -> Dict[str, Any]:
+def fit_start_fields(state: Any) -> dict[str, Any]:
     """What the run is about to do; shared by the event log and train.log."""
     params = list(state.model.parameters())
-    fields: Dict[str, Any] = {
+    fields: dict[str, Any] = {
         "model": getattr(getattr(state.recipe, "model", None), "name", type(state.model).__name__),
         "device": str(state.device),
         "amp_dtype": amp_name(state.amp_dtype),
@@ -60,16 +60,16 @@ class EventLogTracker(Hook):
 
     name = "events"
 
-    def __init__(self, run_dir: Union[str, Path], filename: str = EVENTS_FILE):
+    def __init__(self, run_dir: str | Path, filename: str = EVENTS_FILE):
         self.path = Path(run_dir) / filename
 
     def log(self, event: str, **fields: Any) -> None:
         """Append one record; `time` and `event` come first and cannot be overridden."""
         self.write(event, fields)
 
-    def write(self, event: str, fields: Dict[Any, Any]) -> None:
+    def write(self, event: str, fields: dict[Any, Any]) -> None:
         """`log` for a dict whose keys need not be identifiers (a summary, a history row)."""
-        record: Dict[str, Any] = {"time": now_iso(), "event": event}
+        record: dict[str, Any] = {"time": now_iso(), "event": event}
         for key, value in fields.items():
             if str(key) not in record:
                 record[str(key)] = value
@@ -78,7 +78,7 @@ class EventLogTracker(Hook):
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line)
 
-    def on_note(self, message: str, event: Any, fields: Dict[Any, Any]) -> None:
+    def on_note(self, message: str, event: Any, fields: dict[Any, Any]) -> None:
         if event is not None:  # a strategy's note with an event name (state.note) becomes a record
             self.write(event, fields)
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any
 
 from imgtrain.engine.events import Hook
 from imgtrain.tracking.summary import atomic_write_text
@@ -37,9 +38,9 @@ _INT_RE = re.compile(r"[+-]?\d+")
 _FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf)", re.IGNORECASE)
 
 
-def history_columns(rows: Sequence[Dict[str, Any]]) -> List[str]:
+def history_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
     """Column order for `rows`: epoch, the standard columns present, then the rest as first seen."""
-    seen: Dict[str, None] = {}  # a dict keeps first-seen order and makes lookups O(1)
+    seen: dict[str, None] = {}  # a dict keeps first-seen order and makes lookups O(1)
     for row in rows:
         for key in row:
             seen.setdefault(key, None)
@@ -76,7 +77,7 @@ def parse_value(text: str) -> Any:
     return text
 
 
-def write_history(path: Union[str, Path], rows: Sequence[Dict[str, Any]]) -> None:
+def write_history(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
     """Atomically (re)write `path` as a CSV of `rows` (see the module docstring for columns)."""
     columns = history_columns(rows)
     buffer = io.StringIO()
@@ -87,7 +88,7 @@ def write_history(path: Union[str, Path], rows: Sequence[Dict[str, Any]]) -> Non
     atomic_write_text(path, buffer.getvalue())
 
 
-def read_history(path: Union[str, Path]) -> List[Dict[str, Any]]:
+def read_history(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a history.csv, numbers parsed to int/float, blank cells left out."""
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
@@ -103,7 +104,7 @@ class HistoryTracker(Hook):
 
     name = "history"
 
-    def __init__(self, run_dir: Union[str, Path], filename: str = HISTORY_FILE):
+    def __init__(self, run_dir: str | Path, filename: str = HISTORY_FILE):
         self.path = Path(run_dir) / filename
 
     def fit_start(self, state: Any) -> None:

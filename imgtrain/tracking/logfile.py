@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any
 
 from imgtrain.engine.events import Hook
 from imgtrain.tracking.events_log import fit_start_fields
@@ -24,7 +24,7 @@ from imgtrain.tracking.summary import json_safe
 LOG_FILE = "train.log"
 
 
-def format_fields(fields: Dict[str, Any]) -> str:
+def format_fields(fields: dict[str, Any]) -> str:
     """`key value` pairs; floats compact, nested values as JSON."""
     parts = []
     for key, value in json_safe(fields).items():
@@ -43,7 +43,7 @@ class TrainLogTracker(Hook):
 
     name = "train_log"
 
-    def __init__(self, run_dir: Union[str, Path], filename: str = LOG_FILE):
+    def __init__(self, run_dir: str | Path, filename: str = LOG_FILE):
         self.path = Path(run_dir) / filename
 
     def log(self, message: str) -> None:

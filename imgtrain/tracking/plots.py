@@ -334,7 +334,7 @@ class PlotTracker(Hook):
             figures = draw_charts(rows, lr, momentum)
             self.last_written = write_pngs(figures, self.out_dir)
             self.charts = {name: svg_element(fig) for name, fig in figures.items()}
-        except BaseException as error:  # noqa: BLE001 - handed to the loop's thread by wait()
+        except BaseException as error:
             self._error = error
         self._last_draw_end = time.perf_counter()
         self._last_cost = self._last_draw_end - started

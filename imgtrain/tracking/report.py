@@ -34,9 +34,10 @@ import io
 import math
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,7 +64,7 @@ class ReportInputs:
     val_dataset: Any                 # indexable: the transformed (C, H, W) image and its label; None: no val split
     mean: Sequence[float]
     std: Sequence[float]
-    eval_batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    eval_batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -73,23 +74,23 @@ class ReportContent:
     status: str
     live: bool
     recipe_text: str = ""
-    history: List[Dict[str, Any]] = field(default_factory=list)
-    summary: Dict[str, Any] = field(default_factory=dict)
-    classes: List[str] = field(default_factory=list)
-    confusion: Optional[List[List[int]]] = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    classes: list[str] = field(default_factory=list)
+    confusion: list[list[int]] | None = None
     confusion_note: str = ""
-    charts: Dict[str, str] = field(default_factory=dict)         # chart name -> inline SVG (plots.py)
-    confusion_png: Optional[bytes] = None                        # only past CONFUSION_TABLE_LIMIT classes
-    samples_png: Optional[bytes] = None
+    charts: dict[str, str] = field(default_factory=dict)         # chart name -> inline SVG (plots.py)
+    confusion_png: bytes | None = None                        # only past CONFUSION_TABLE_LIMIT classes
+    samples_png: bytes | None = None
     samples_note: str = ""
-    worst: List[Dict[str, Any]] = field(default_factory=list)    # image/cam PNGs, true, predicted, prob, loss
+    worst: list[dict[str, Any]] = field(default_factory=list)    # image/cam PNGs, true, predicted, prob, loss
     worst_note: str = ""
-    resources: Dict[str, Any] = field(default_factory=dict)
+    resources: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- pictures
 
-def png_bytes(image: Union[np.ndarray, Image.Image]) -> bytes:
+def png_bytes(image: np.ndarray | Image.Image) -> bytes:
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     buffer = io.BytesIO()
@@ -142,7 +143,7 @@ def worst_gallery(model: torch.nn.Module, inputs: torch.Tensor, targets: Sequenc
         from imgtrain.evaluation.explain import cam_heatmaps, overlay
         heatmaps = cam_heatmaps(model, inputs, target_classes=predicted.tolist())
         overlays = [upscale(overlay(to_rgb(img), heat)) for img, heat in zip(pixels, heatmaps)]
-    except Exception as exc:  # noqa: BLE001 - the report never stops a run; it says why CAM is missing
+    except Exception as exc:
         overlays = [None] * len(pixels)
         note = f"no Grad-CAM: {type(exc).__name__}: {exc}"
     rows = []
@@ -173,7 +174,7 @@ img.pixel{image-rendering:pixelated}
 """
 
 
-def _img(data: Optional[bytes], alt: str, css: str = "") -> str:
+def _img(data: bytes | None, alt: str, css: str = "") -> str:
     if not data:
         return "<em>none</em>"
     encoded = base64.b64encode(data).decode("ascii")
@@ -191,7 +192,7 @@ def _fmt(key: str, value: Any) -> str:
             return f"{value:.2%}"
         if isinstance(value, int):
             return str(value)
-        if key in ("lr",) or abs(value) < 1e-3 and value != 0:
+        if key in ("lr",) or (abs(value) < 1e-3 and value != 0):
             return f"{value:.3e}"
         return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
     return html.escape(str(value))
@@ -304,7 +305,7 @@ def render_html(content: ReportContent) -> str:
     return "\n".join(p for p in parts if p)
 
 
-def confusion_table(confusion: List[List[int]], classes: Sequence[str]) -> str:
+def confusion_table(confusion: list[list[int]], classes: Sequence[str]) -> str:
     """Rows: true class, columns: predicted; each cell shaded by its share of the true class."""
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in classes)
     rows = []
@@ -320,15 +321,15 @@ def confusion_table(confusion: List[List[int]], classes: Sequence[str]) -> str:
             f'{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
 
-def write_report(run_dir: Union[str, Path], content: ReportContent) -> Path:
+def write_report(run_dir: str | Path, content: ReportContent) -> Path:
     """run_dir/report.html, replaced atomically (a browser reloading it never sees half a page)."""
     path = Path(run_dir) / REPORT_FILE
     atomic_write_text(path, render_html(content))
     return path
 
 
-def resources_of(history: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
+def resources_of(history: Sequence[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     seconds: list[float] = [r["epoch_seconds"] for r in history if isinstance(r.get("epoch_seconds"), (int, float))]
     if seconds:
         out["training seconds (epochs)"] = round(sum(seconds), 1)
@@ -350,17 +351,17 @@ class ReportTracker(Hook):
 
     name = "report"
 
-    def __init__(self, run_dir: Union[str, Path], inputs: Optional[ReportInputs] = None,
-                 plots: Optional[PlotTracker] = None, redraw_budget_factor: Optional[float] = None):
+    def __init__(self, run_dir: str | Path, inputs: ReportInputs | None = None,
+                 plots: PlotTracker | None = None, redraw_budget_factor: float | None = None):
         self.run_dir = Path(run_dir)
         self.inputs = inputs
         self.plots = plots  # draws the charts (once, for plots/ and this page); None: drawn here
         # 0: redraw at every epoch end
         self.redraw_budget_factor = REDRAW_BUDGET_FACTOR if redraw_budget_factor is None else redraw_budget_factor
-        self.content: Optional[ReportContent] = None
-        self.samples_png: Optional[bytes] = None
+        self.content: ReportContent | None = None
+        self.samples_png: bytes | None = None
         self.samples_note = ""
-        self._last_draw_end: Optional[float] = None
+        self._last_draw_end: float | None = None
         self._last_cost = FIRST_DRAW_COST
         self._pending = False
         self.draws = 0
@@ -405,7 +406,7 @@ class ReportTracker(Hook):
         self._last_draw_end = time.perf_counter()
         self._last_cost = self._last_draw_end - started
 
-    def finish(self, summary: Dict[str, Any]) -> Optional[Path]:
+    def finish(self, summary: dict[str, Any]) -> Path | None:
         """The final page, with the test numbers api.train measured after fit."""
         if self.content is None:
             return None
@@ -426,10 +427,12 @@ class ReportTracker(Hook):
         content.resources = resources_of(history, _live_resources(state))
         if state.val_confusion is not None:
             content.confusion = state.val_confusion
-            content.confusion_note = f"validation split after epoch {epoch} ({history[-1].get('val_acc', 0):.2%} accurate)"
+            accuracy = history[-1].get("val_acc", 0)
+            content.confusion_note = f"validation split after epoch {epoch} ({accuracy:.2%} accurate)"
             if len(content.classes) > CONFUSION_TABLE_LIMIT:
                 from imgtrain.evaluation.metrics import confusion_png  # matplotlib: only when it is drawn
-                content.confusion_png = confusion_png(state.val_confusion, content.classes, f"validation, epoch {epoch}")
+                content.confusion_png = confusion_png(state.val_confusion, content.classes,
+                                                      f"validation, epoch {epoch}")
         if state.val_worst and self.inputs is not None and self.inputs.val_dataset is not None:
             content.worst, content.worst_note = self._worst(state)
         # last: the PlotTracker draws on its own thread while the rest of the page is made
@@ -447,11 +450,11 @@ class ReportTracker(Hook):
         try:
             return worst_gallery(model, inputs, [int(t) for _, t in items], [e["loss"] for e in chosen],
                                  state.classes, self.inputs.mean, self.inputs.std)
-        except Exception:  # noqa: BLE001 - never stop training for a picture
+        except Exception:
             return [], "could not draw the worst images:\n" + traceback.format_exc(limit=2)
 
 
-def _live_resources(state: Any) -> Dict[str, Any]:
+def _live_resources(state: Any) -> dict[str, Any]:
     from imgtrain.engine.device import peak_memory_mb
     return peak_memory_mb(state.device)
 
@@ -480,13 +483,13 @@ def _recorded_steps(run_dir: Path) -> tuple:
     return list(zip(steps, record.get("lr", []))), list(zip(steps, record.get("momentum", [])))
 
 
-def rebuild_report(run_dir: Union[str, Path], device: str = "cpu", batch_size: int = 256) -> Path:
+def rebuild_report(run_dir: str | Path, device: str = "cpu", batch_size: int = 256) -> Path:
     """Draw run_dir/report.html from its files: config.yaml, history.csv, summary.json, plots/,
     and the best (else last) checkpoint evaluated on the recipe's validation split."""
-    from imgtrain.models.trained import load_trained
     from imgtrain.evaluation.evaluate import evaluation_data
     from imgtrain.evaluation.inference import run_model
     from imgtrain.evaluation.metrics import PROB_FLOOR, compute_metrics, confusion_png
+    from imgtrain.models.trained import load_trained
     from imgtrain.tracking.history import HISTORY_FILE, read_history
     from imgtrain.tracking.summary import SUMMARY_FILE, read_summary
 
@@ -513,7 +516,7 @@ def rebuild_report(run_dir: Union[str, Path], device: str = "cpu", batch_size: i
         content.samples_note = "the training images are drawn during training only"
     try:
         dataset, _, _ = evaluation_data(loaded.recipe, "val")
-    except Exception:  # noqa: BLE001 - e.g. no validation split: the page says so
+    except Exception:
         dataset = None
     if dataset is not None and len(dataset):
         transformed = dataset.with_transform(loaded.eval_transform())

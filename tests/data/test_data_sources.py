@@ -185,7 +185,8 @@ def test_csv_bad_header_and_split_value(tmp_path, write_image):
 # ----------------------------------------------------------------------------- built-in data
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR),
-                    reason=f"Fashion-MNIST not installed in {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)")
+                    reason=f"Fashion-MNIST not installed in {FASHION_MNIST_DIR} "
+                           "(apt-get install dataset-fashion-mnist)")
 def test_fashion_mnist():
     splits = build_splits(DataConfig(source="fashion-mnist", val_fraction=0.1))
     assert len(splits.train) + len(splits.val) == 60000 and len(splits.test) == 10000

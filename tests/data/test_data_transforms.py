@@ -68,7 +68,8 @@ def test_computed_normalization_matches_the_data():
     mean, std = resolve_normalization(AugmentConfig(normalize="compute"), _splits(images))
     x = images.float() / 255
     assert mean == pytest.approx(x.mean(dim=(0, 2, 3)).tolist(), abs=1e-5)
-    assert std[:2] == pytest.approx(x[:, :2].permute(1, 0, 2, 3).flatten(1).std(dim=1, unbiased=False).tolist(), abs=1e-5)
+    assert std[:2] == pytest.approx(x[:, :2].permute(1, 0, 2, 3).flatten(1).std(dim=1, unbiased=False).tolist(),
+                                    abs=1e-5)
     assert std[2] == 1.0
     tf = build_eval_transform(AugmentConfig(), 3, 8, mean, std, native_size=8)
     normalized = torch.stack([tf(img) for img in images])

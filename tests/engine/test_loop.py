@@ -16,9 +16,9 @@ import torch
 from imgtrain.api import RunDirError, train
 from imgtrain.config import load_recipe
 from imgtrain.engine.checkpoint import CheckpointError, load_training_state, read_metadata
-from imgtrain.engine.events import Hook, HookList
 from imgtrain.engine.device import select_precision
-from imgtrain.engine.loop import TrainParts, Trainer
+from imgtrain.engine.events import Hook, HookList
+from imgtrain.engine.loop import Trainer, TrainParts
 from imgtrain.engine.state import EpochPlan
 from imgtrain.tracking import read_history
 
@@ -128,7 +128,8 @@ def test_resume_after_interrupt_gives_same_history(tmp_path, interrupt_at):
     assert load_training_state(tmp_path / "cut" / "checkpoints" / "last.state.pt")["epoch"] == 1
     resumed = train(digits_recipe(*overrides), resume=tmp_path / "cut")
     assert _metrics(resumed.history) == _metrics(full.history)
-    assert _metrics(read_history(tmp_path / "cut" / "history.csv")) == _metrics(read_history(tmp_path / "full" / "history.csv"))
+    cut, full = (read_history(tmp_path / name / "history.csv") for name in ("cut", "full"))
+    assert _metrics(cut) == _metrics(full)
     assert resumed.summary["test_acc"] == full.summary["test_acc"]
 
 

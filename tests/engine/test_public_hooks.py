@@ -18,15 +18,17 @@ class WeightNorms(imgtrain.Hook):
         self.norms: list[dict[str, float]] = []
 
     def epoch_end(self, state):
-        norms = {name: float(p.detach().norm()) for name, p in state.model.named_parameters() if name.endswith("weight")}
+        norms = {name: float(p.detach().norm()) for name,
+                 p in state.model.named_parameters() if name.endswith("weight")}
         self.norms.append(norms)
         state.note(f"largest weight norm {max(norms.values()):.3f}", "weight_norms", epoch=state.epoch + 1, **norms)
 
 
 def recipe():
-    return imgtrain.load_recipe("quickstart", ["model.name=imgtrain_cnn_tiny", "augment.img_size=8", "train.epochs=2",
-                                               "train.max_steps_per_epoch=4", "output.progress=off", "output.plots=false",
-                                               "output.report=false", "train.threads=1", "train.deterministic=true"])
+    return imgtrain.load_recipe("quickstart", [
+        "model.name=imgtrain_cnn_tiny", "augment.img_size=8", "train.epochs=2", "train.max_steps_per_epoch=4",
+        "output.progress=off", "output.plots=false", "output.report=false", "train.threads=1",
+        "train.deterministic=true"])
 
 
 def test_a_user_hook_sees_every_epoch_and_writes_to_the_run_log(tmp_path):
@@ -52,4 +54,5 @@ def test_a_hook_that_only_reads_changes_nothing(tmp_path):
     keep = ("train_loss", "val_loss", "val_acc", "lr")
     assert [[r[k] for k in keep] for r in read_history(plain.run_dir / "history.csv")] == \
         [[r[k] for k in keep] for r in read_history(watched.run_dir / "history.csv")]
-    assert all(torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(), watched.model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(),
+                                                 watched.model.state_dict().values()))

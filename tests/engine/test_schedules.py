@@ -4,10 +4,9 @@
 import pytest
 import torch
 
-from imgtrain.config import OptimConfig, ScheduleConfig
+from imgtrain.config import ModelConfig, OptimConfig, ScheduleConfig
 from imgtrain.engine.optim import build_optimizer, build_scheduler, param_groups_weight_decay
 from imgtrain.models import create_model
-from imgtrain.config import ModelConfig
 
 SCHEDULES = ("constant", "step", "multistep", "cosine", "warmup_cosine", "onecycle")
 

@@ -17,9 +17,18 @@ from safetensors.torch import save_file
 
 from imgtrain.cli import main
 from imgtrain.engine.checkpoint import METADATA_KEY, load_weights
-from imgtrain.evaluation.ensemble import (EnsembleError, EnsemblePredictor, combine_probabilities, ensemble_nll,
-                                          fit_weights, flat_members, load_ensemble, normalize_weights, to_channels)
-from imgtrain.evaluation.ensemble import load_predictor
+from imgtrain.evaluation.ensemble import (
+    EnsembleError,
+    EnsemblePredictor,
+    combine_probabilities,
+    ensemble_nll,
+    fit_weights,
+    flat_members,
+    load_ensemble,
+    load_predictor,
+    normalize_weights,
+    to_channels,
+)
 from imgtrain.evaluation.inference import ImageListDataset
 from imgtrain.strategies.distillation import ensemble_logits
 from imgtrain.tracking import read_summary
@@ -183,7 +192,7 @@ def test_ensemble_command_saves_a_folder_that_evaluate_and_predict_use(runs, tmp
     # predict ENSEMBLE_DIR on a PNG: the weighted mean of the members' probabilities for it
     predictor = load_predictor(ens)
     dataset = _digits_test(predictor)
-    image, label = dataset[0]
+    image, _label = dataset[0]
     png = tmp_path / "digit.png"
     Image.fromarray(image[0].numpy()).save(png)
     out = tmp_path / "preds.json"

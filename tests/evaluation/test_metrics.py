@@ -9,8 +9,14 @@ import torch
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from imgtrain.evaluation.metrics import (MetricSuite, compute_metrics, format_metrics, read_confusion_csv,
-                                         save_confusion_png, write_confusion_csv)
+from imgtrain.evaluation.metrics import (
+    MetricSuite,
+    compute_metrics,
+    format_metrics,
+    read_confusion_csv,
+    save_confusion_png,
+    write_confusion_csv,
+)
 
 CLASSES = ["cat", "dog", "fox"]
 # six images; the predicted class is the argmax: right, wrong (dog), right, wrong (fox), right, wrong (dog)
@@ -77,7 +83,7 @@ def test_batched_updates_agree_with_scikit_learn():
     m = suite.compute(classes)
     preds = probs.argmax(1).numpy()
     assert m["confusion"] == confusion_matrix(targets, preds, labels=list(range(k))).tolist()
-    precision, recall, f1, support = precision_recall_fscore_support(targets, preds, labels=list(range(k)),
+    precision, recall, f1, _support = precision_recall_fscore_support(targets, preds, labels=list(range(k)),
                                                                      zero_division=0)
     assert [m["per_class"][c]["precision"] for c in classes] == pytest.approx(precision)
     assert [m["per_class"][c]["recall"] for c in classes] == pytest.approx(recall)

@@ -19,8 +19,15 @@ from imgtrain.config import RecipeError, load_recipe
 from imgtrain.data import build_splits
 from imgtrain.engine.events import Hook
 from imgtrain.evaluation import evaluate
-from imgtrain.evaluation.tta import (TTAConfig, TTAModel, merge_predictions, scale_batch, shift_batch,
-                                     tta_config_for, tta_views)
+from imgtrain.evaluation.tta import (
+    TTAConfig,
+    TTAModel,
+    merge_predictions,
+    scale_batch,
+    shift_batch,
+    tta_config_for,
+    tta_views,
+)
 from imgtrain.losses import distillation_kl
 from imgtrain.strategies.distillation import adapt_batch
 

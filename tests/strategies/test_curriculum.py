@@ -16,8 +16,15 @@ from imgtrain.config import RecipeError, ShapesConfig, load_recipe
 from imgtrain.data import build_splits, write_shapes_imagefolder
 from imgtrain.engine.checkpoint import load_training_state
 from imgtrain.engine.events import Hook
-from imgtrain.strategies.curriculum import (CurriculumHook, easiest, epoch_generator, pacing_fraction,
-                                            per_sample_loss, pool_size, repeat_pool)
+from imgtrain.strategies.curriculum import (
+    CurriculumHook,
+    easiest,
+    epoch_generator,
+    pacing_fraction,
+    per_sample_loss,
+    pool_size,
+    repeat_pool,
+)
 
 
 def digits(*overrides: str):
@@ -145,7 +152,8 @@ def test_a_csv_curriculum_draws_the_easiest_images_first_and_grows(tmp_path, ext
     # 30% of 1168 = 351 images: the digits 0, 1 and 2 (about 117 each) and a few 3s, no digit above
     assert set(first.tolist()) == set(range(cutoff + 1)) and cutoff == 3
     assert int((first == 3).sum()) < int((first == 2).sum()) / 2
-    assert set(recorder.epoch_labels(1).tolist()) == set(range(int(labels.sort().values[pool_size(0.65, total) - 1]) + 1))
+    assert set(recorder.epoch_labels(1).tolist()) == set(range(int(labels.sort().values[pool_size(0.65,
+                                                                                                  total) - 1]) + 1))
     assert set(recorder.epoch_labels(2).tolist()) == set(range(10))
     assert result.summary["test_acc"] > 0.5
 
@@ -255,7 +263,8 @@ def test_a_csv_missing_training_images_stops_before_training(tmp_path):
 
 
 def test_a_reference_with_another_class_count_stops_before_training(tmp_path):
-    shapes = train(load_recipe("quickstart", ["data.source=shapes", "data.shapes.image_size=8", "data.shapes.train_size=40",
+    shapes = train(load_recipe("quickstart", ["data.source=shapes", "data.shapes.image_size=8",
+                                              "data.shapes.train_size=40",
                                               "data.shapes.val_size=8", "data.shapes.test_size=0", "train.epochs=1",
                                               "model.name=imgtrain_cnn_tiny", "output.progress=off",
                                               "output.plots=false", "train.threads=1"]),

@@ -188,12 +188,14 @@ def test_a_learning_rate_far_too_high_is_caught_at_the_first_nan(tmp_path):
 def test_deferred_checks_still_catch_the_batch_and_name_it(tmp_path):
     # losses stay on the device and are looked at every 4 batches: batch 2 is named at batch 4
     with pytest.raises(NonFiniteLossError) as stopped:
-        train(digits("train.epochs=2", "diagnostics.nonfinite_check_every=4"), run_dir=tmp_path / "run", hooks=[PoisonLoss((0, 1))])
+        train(digits("train.epochs=2", "diagnostics.nonfinite_check_every=4"), run_dir=tmp_path / "run",
+              hooks=[PoisonLoss((0, 1))])
     assert "at epoch 1/2, batch 2/6, optimizer step 2 (found at batch 4: diagnostics.nonfinite_check_every is 4)" \
         in str(stopped.value)
     # a bad batch in the last, short window of an epoch is caught before the epoch's checkpoint
     with pytest.raises(NonFiniteLossError, match="batch 6/6"):
-        train(digits("train.epochs=2", "diagnostics.nonfinite_check_every=4"), run_dir=tmp_path / "run2", hooks=[PoisonLoss((0, 5))])
+        train(digits("train.epochs=2", "diagnostics.nonfinite_check_every=4"), run_dir=tmp_path / "run2",
+              hooks=[PoisonLoss((0, 5))])
     assert not (tmp_path / "run2" / "checkpoints" / "last.state.pt").exists()
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from timm.utils import ModelEmaV3
@@ -12,7 +10,7 @@ from imgtrain.api import train
 from imgtrain.config import RecipeError, load_recipe
 from imgtrain.engine.checkpoint import load_training_state, load_weights
 from imgtrain.engine.events import Hook, HookList
-from imgtrain.engine.loop import TrainParts, Trainer
+from imgtrain.engine.loop import Trainer, TrainParts
 from imgtrain.engine.state import EpochPlan
 from imgtrain.evaluation import evaluate
 from imgtrain.strategies import EmaHook, build_strategies, ema_decay, ema_update
@@ -130,11 +128,13 @@ def test_resume_with_ema_and_mixing_gives_same_history(tmp_path, interrupt_at):
         return [{k: r[k] for k in METRICS} for r in rows]
 
     assert metrics(resumed.history) == metrics(full.history)
-    assert metrics(read_history(tmp_path / "cut" / "history.csv")) == metrics(read_history(tmp_path / "full" / "history.csv"))
+    cut, full = (read_history(tmp_path / name / "history.csv") for name in ("cut", "full"))
+    assert metrics(cut) == metrics(full)
     a = load_training_state(tmp_path / "cut" / "checkpoints" / "last.state.pt")["hooks"]
     b = load_training_state(tmp_path / "full" / "checkpoints" / "last.state.pt")["hooks"]
     assert all(torch.equal(a["ema"]["weights"][k], v) for k, v in b["ema"]["weights"].items())
-    assert a["ema"]["updates"] == b["ema"]["updates"] and torch.equal(a["mixing"]["generator"], b["mixing"]["generator"])
+    assert a["ema"]["updates"] == b["ema"]["updates"] and torch.equal(a["mixing"]["generator"],
+                                                                      b["mixing"]["generator"])
     assert resumed.summary["test_acc"] == full.summary["test_acc"]
 
 

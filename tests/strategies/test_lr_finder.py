@@ -4,9 +4,8 @@ on digits that leaves training exactly as it was, `optim.lr: find` end to end (a
 
 from __future__ import annotations
 
-import dataclasses
-
 import csv
+import dataclasses
 import math
 import random
 
@@ -18,10 +17,9 @@ from imgtrain.cli import main
 from imgtrain.config import LrFindConfig, RecipeError, load_recipe
 from imgtrain.data import build_splits
 from imgtrain.engine.checkpoint import load_training_state
-from imgtrain.engine.events import HookList
 from imgtrain.engine.loop import Trainer
-from imgtrain.strategies import StrategyContext
 from imgtrain.models import create_model
+from imgtrain.strategies import StrategyContext
 from imgtrain.strategies.lr_finder import (
     diverged,
     find_lr,
@@ -202,7 +200,8 @@ def test_optim_lr_find_trains_with_the_suggestion_and_a_resume_keeps_it(tmp_path
     rows = list(csv.DictReader((found.run_dir / "lr_find.csv").read_text().splitlines()))
     assert list(rows[0]) == ["lr", "loss", "smoothed"] and 5 < len(rows) <= 20
     assert (found.run_dir / "lr_find.png").stat().st_size > 5000
-    assert f"lr_find: using min10 (lr_find.suggestion): optim.lr = {lr:.3g}" in (found.run_dir / "train.log").read_text()
+    log = (found.run_dir / "train.log").read_text()
+    assert f"lr_find: using min10 (lr_find.suggestion): optim.lr = {lr:.3g}" in log
 
     # the test put the weights, RNG and data order back: the same run as giving the number
     given = train(digits(*overrides[4:], f"optim.lr={lr!r}"), run_dir=tmp_path / "given")

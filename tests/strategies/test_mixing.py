@@ -157,7 +157,8 @@ def test_mixing_trains_on_digits_with_soft_targets(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("mix.mixup_alpha=0", "mix.mixup_alpha: alpha must be > 0 (it shapes Beta(alpha, alpha)), got 0.0; leave the key out"),
+    ("mix.mixup_alpha=0",
+     "mix.mixup_alpha: alpha must be > 0 (it shapes Beta(alpha, alpha)), got 0.0; leave the key out"),
     ("mix.cutmix_alpha=0.0", "mix.cutmix_alpha: alpha must be > 0"),
     ("mix.cutmix_alpha=-1", "mix.cutmix_alpha: alpha must be > 0 (it shapes Beta(alpha, alpha)), got -1.0"),
     ("mix.switch_prob=1.5", "mix.switch_prob: 1.5 is out of range: expected a value <= 1"),

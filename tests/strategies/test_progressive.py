@@ -12,8 +12,14 @@ import torch
 from imgtrain.api import load_trained, train
 from imgtrain.config import RecipeError, load_recipe
 from imgtrain.engine.events import Hook
-from imgtrain.strategies.progressive import (EpochPlan, describe_plans, lr_scale_for, plan_epochs, ramp_size,
-                                             resize_batch)
+from imgtrain.strategies.progressive import (
+    EpochPlan,
+    describe_plans,
+    lr_scale_for,
+    plan_epochs,
+    ramp_size,
+    resize_batch,
+)
 
 TWO_STAGES = "progressive.stages=[{img_size: 8, batch_size: 128, epochs: 2}, {img_size: 16, epochs: 2}]"
 
@@ -75,7 +81,8 @@ def test_resize_batch_shrinks_with_antialiasing_and_keeps_a_batch_at_its_size():
 
 def test_stages_reach_the_model_with_their_batch_size_and_lr(tmp_path):
     recorder = Recorder()
-    result = train(digits("schedule.name=constant", "optim.lr=0.05", TWO_STAGES), run_dir=tmp_path / "run", hooks=[recorder])
+    result = train(digits("schedule.name=constant", "optim.lr=0.05", TWO_STAGES), run_dir=tmp_path / "run",
+                   hooks=[recorder])
     rows = result.history
     assert [(r["stage"], r["img_size"], r["batch_size"]) for r in rows] == [(1, 8, 128), (1, 8, 128),
                                                                            (2, 16, 64), (2, 16, 64)]
@@ -92,7 +99,8 @@ def test_stages_reach_the_model_with_their_batch_size_and_lr(tmp_path):
 
 def test_one_cycle_spans_the_whole_run_and_restart_repeats_it_per_stage(tmp_path):
     continuous, restart = Recorder(), Recorder()
-    train(digits("schedule.name=onecycle", "optim.lr=0.05", TWO_STAGES), run_dir=tmp_path / "continuous", hooks=[continuous])
+    train(digits("schedule.name=onecycle", "optim.lr=0.05", TWO_STAGES), run_dir=tmp_path / "continuous",
+          hooks=[continuous])
     train(digits("schedule.name=onecycle", "optim.lr=0.05", "progressive.schedule=restart", TWO_STAGES),
           run_dir=tmp_path / "restart", hooks=[restart])
     stage2 = continuous.batches[0] + continuous.batches[1]
@@ -114,7 +122,8 @@ def test_evaluation_runs_at_eval_size_and_the_checkpoint_says_so(tmp_path):
     assert loaded.img_size == 24
     image = torch.zeros(1, 8, 8, dtype=torch.uint8)  # an 8x8 digit as the source holds them
     assert loaded.eval_transform()(image).shape[-1] == 24
-    default = train(digits("train.epochs=2", "progressive.stages=[{img_size: 8, epochs: 1}, {img_size: 12, epochs: 1}]"),
+    default = train(digits("train.epochs=2",
+                           "progressive.stages=[{img_size: 8, epochs: 1}, {img_size: 12, epochs: 1}]"),
                     run_dir=tmp_path / "default")
     assert load_trained(default.run_dir).img_size == 12  # the last stage's size
 
@@ -129,7 +138,8 @@ def test_compile_builds_one_graph_per_shape_not_per_batch(tmp_path, monkeypatch)
     torch._dynamo.reset()
     recorder = Recorder()
     train(digits("train.compile=true", "train.epochs=2", "data.test_fraction=0",
-                 "progressive.stages=[{img_size: 8, epochs: 1}, {img_size: 16, epochs: 1}]"), run_dir=tmp_path / "run", hooks=[recorder])
+                 "progressive.stages=[{img_size: 8, epochs: 1}, {img_size: 16, epochs: 1}]"),
+          run_dir=tmp_path / "run", hooks=[recorder])
     torch._dynamo.reset()
     shapes = {shape for _, shape in recorder.shapes}
     assert len(recorder.shapes) >= 20 and len(shapes) == 4  # full and last batch, at 8 and 16 px

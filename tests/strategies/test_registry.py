@@ -17,7 +17,8 @@ BASE = ("model.name=imgtrain_cnn_tiny", "augment.img_size=8", "output.progress=o
 ON = {
     "transfer": ("transfer.freeze_layers=1", "transfer.layer_decay=0.8"),
     "curriculum": ("curriculum.difficulty=self_paced", "curriculum.start_fraction=0.5"),
-    "progressive_resizing": ("augment.img_size=12", "progressive.stages=[{img_size: 8, epochs: 2}, {img_size: 12, epochs: 1}]"),
+    "progressive_resizing": ("augment.img_size=12",
+                             "progressive.stages=[{img_size: 8, epochs: 2}, {img_size: 12, epochs: 1}]"),
     "mixing": ("mix.mixup_alpha=0.4", "mix.cutmix_alpha=1.0"),
     "distillation": ("distill.alpha=0.3", "distill.temperature=2.0"),  # + the teacher fixture
     "ema": ("ema.enabled=true", "ema.decay=0.9"),

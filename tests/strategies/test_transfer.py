@@ -14,8 +14,13 @@ from imgtrain.api import train
 from imgtrain.config import RecipeError, load_recipe
 from imgtrain.engine.checkpoint import load_training_state, load_weights
 from imgtrain.engine.events import Hook
-from imgtrain.strategies.transfer import (first_trainable_group, freeze_until, frozen_norms_to_eval,
-                                          group_lr_multipliers, layer_groups)
+from imgtrain.strategies.transfer import (
+    first_trainable_group,
+    freeze_until,
+    frozen_norms_to_eval,
+    group_lr_multipliers,
+    layer_groups,
+)
 from imgtrain.tracking import read_history
 
 # imgtrain_cnn_tiny by stage: stem, stages.0, stages.1, stages.2, head (fc) = 5 groups
@@ -75,7 +80,8 @@ def test_frozen_batchnorm_goes_to_eval_mode():
 
 def test_frozen_layers_and_their_batchnorm_statistics_do_not_move(tmp_path):
     snapshot = SnapshotAtFitStart()
-    result = train(digits("transfer.freeze_layers=2", "optim.weight_decay=0.01"), run_dir=tmp_path / "run", hooks=[snapshot])
+    result = train(digits("transfer.freeze_layers=2", "optim.weight_decay=0.01"), run_dir=tmp_path / "run",
+                   hooks=[snapshot])
     start = snapshot.weights
     final, _ = load_weights(result.run_dir / "checkpoints" / "last.safetensors")
     for key, value in start.items():

@@ -11,8 +11,9 @@ running accuracy is 0.5 + 0.125 * e (whole images of a batch of 16).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def _make_state(run_dir: Path, epochs: int = 3, steps_per_epoch: int = 8) -> Tra
     )
 
 
-def _epoch_row(epoch: int, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def _epoch_row(epoch: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The history row of 0-based `epoch`; matches what FakeLoop accumulates."""
     row = {"epoch": epoch + 1, "train_loss": 1.0 / (epoch + 1), "train_acc": 0.5 + 0.125 * epoch,
            "val_loss": 0.8 / (epoch + 1), "val_acc": 0.55 + 0.1 * epoch, "lr": 0.1 * 0.5 ** epoch,
@@ -48,12 +49,12 @@ def _epoch_row(epoch: int, extra: Optional[Dict[str, Any]] = None) -> Dict[str, 
 class FakeLoop:
     """Fires the loop's events on `hooks` over `state`, like engine/loop.py does."""
 
-    def __init__(self, state: TrainState, hooks: Sequence[Hook], on_step: Optional[Callable[[], None]] = None):
+    def __init__(self, state: TrainState, hooks: Sequence[Hook], on_step: Callable[[], None] | None = None):
         self.state = state
         self.on_step = on_step  # called before each after_step (tests advance a fake clock here)
         self.hooks = HookList(strategies=[], trackers=list(hooks))
 
-    def run_epoch(self, extra: Optional[Dict[str, Any]] = None) -> None:
+    def run_epoch(self, extra: dict[str, Any] | None = None) -> None:
         state = self.state
         state.images_seen = 0
         state.loss_sum = torch.zeros(())
@@ -81,8 +82,8 @@ class FakeLoop:
         self.hooks.fire("epoch_end", state)
         state.epoch += 1
 
-    def fit(self, epochs: Optional[int] = None,
-            extras: Optional[List[Optional[Dict[str, Any]]]] = None) -> TrainState:
+    def fit(self, epochs: int | None = None,
+            extras: list[dict[str, Any] | None] | None = None) -> TrainState:
         """fit_start, `epochs` epochs from state.epoch (default: to the end), fit_end."""
         state = self.state
         self.hooks.fire("fit_start", state)

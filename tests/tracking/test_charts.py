@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from imgtrain.tracking.plots import (SERIES_ID, PlotTracker, chart_svgs, draw_charts, lr_chart, svg_element)
+from imgtrain.tracking.plots import SERIES_ID, PlotTracker, chart_svgs, draw_charts, lr_chart, svg_element
 
 SVG = "{http://www.w3.org/2000/svg}"
 
