@@ -128,8 +128,8 @@ def test_resume_after_interrupt_gives_same_history(tmp_path, interrupt_at):
     assert load_training_state(tmp_path / "cut" / "checkpoints" / "last.state.pt")["epoch"] == 1
     resumed = train(digits_recipe(*overrides), resume=tmp_path / "cut")
     assert _metrics(resumed.history) == _metrics(full.history)
-    cut, full = (read_history(tmp_path / name / "history.csv") for name in ("cut", "full"))
-    assert _metrics(cut) == _metrics(full)
+    cut_rows, full_rows = (read_history(tmp_path / name / "history.csv") for name in ("cut", "full"))
+    assert _metrics(cut_rows) == _metrics(full_rows)
     assert resumed.summary["test_acc"] == full.summary["test_acc"]
 
 

@@ -128,8 +128,8 @@ def test_resume_with_ema_and_mixing_gives_same_history(tmp_path, interrupt_at):
         return [{k: r[k] for k in METRICS} for r in rows]
 
     assert metrics(resumed.history) == metrics(full.history)
-    cut, full = (read_history(tmp_path / name / "history.csv") for name in ("cut", "full"))
-    assert metrics(cut) == metrics(full)
+    cut_rows, full_rows = (read_history(tmp_path / name / "history.csv") for name in ("cut", "full"))
+    assert metrics(cut_rows) == metrics(full_rows)
     a = load_training_state(tmp_path / "cut" / "checkpoints" / "last.state.pt")["hooks"]
     b = load_training_state(tmp_path / "full" / "checkpoints" / "last.state.pt")["hooks"]
     assert all(torch.equal(a["ema"]["weights"][k], v) for k, v in b["ema"]["weights"].items())
