@@ -20,13 +20,7 @@ from typing import Any
 
 import torch
 
-from imgtrain.engine.checkpoint import (
-    load_training_state,
-    restore_training_state,
-    save_training_state,
-    save_weights,
-    training_state,
-)
+from imgtrain.engine import checkpoint
 from imgtrain.engine.device import compile_model, configure_backends, select_device, select_precision
 from imgtrain.engine.events import HookList
 from imgtrain.engine.optim import build_optimizer, build_scheduler
@@ -329,10 +323,10 @@ class Trainer:
         ckpt_dir = self.run_dir / "checkpoints"
         meta = dict(self.metadata, epoch=row["epoch"], metrics={k: v for k, v in row.items() if k != "epoch"})
         if is_best and out.save_best:
-            save_weights(self._saved_model(), ckpt_dir / "best.safetensors", meta)
+            checkpoint.save_weights(self._saved_model(), ckpt_dir / "best.safetensors", meta)
         if out.save_last:
-            save_weights(self._saved_model(), ckpt_dir / "last.safetensors", meta)
-            save_training_state(ckpt_dir / "last.state.pt", self._training_state())
+            checkpoint.save_weights(self._saved_model(), ckpt_dir / "last.safetensors", meta)
+            checkpoint.save_training_state(ckpt_dir / "last.state.pt", self._training_state())
 
     def _saved_model(self) -> torch.nn.Module:
         """The validated weights (an average's when there is one) without a torch.compile wrapper."""
@@ -340,16 +334,16 @@ class Trainer:
         return getattr(model, "_orig_mod", model)
 
     def _training_state(self) -> dict[str, Any]:
-        return training_state(self.state, self.best_mode, self.hooks)
+        return checkpoint.training_state(self.state, self.best_mode, self.hooks)
 
     def _resume(self, path: Path) -> None:
-        saved = load_training_state(path)
+        saved = checkpoint.load_training_state(path)
         self.model.load_state_dict(saved["model"])
         if saved["epoch"] > 0 and self.plans[saved["epoch"] - 1].schedule_segment != self.plans[0].schedule_segment:
             # the schedule of the last finished epoch's segment; built before the optimizer's lrs are
             # restored, since building one sets them
             self.state.scheduler = self._build_scheduler(saved["epoch"] - 1)
-        self.best_mode = restore_training_state(self.state, saved, self.hooks)
+        self.best_mode = checkpoint.restore_training_state(self.state, saved, self.hooks)
 
     def _summarise(self) -> dict[str, Any]:
         return run_summary(self.state, self.recipe.output.best_metric, self.amp_dtype)
