@@ -21,8 +21,8 @@ scripts, no network), so the file can be mailed or attached to a ticket as it is
 training state; `rebuild_report(run_dir)` (`imgtrain report RUN_DIR`) draws it again from the
 run folder's files, evaluating the best checkpoint on the validation split for the per-class
 table, the confusion matrix and the worst images, and the per-step lr from checkpoints/last.state.pt.
-Like the plots, a redraw is skipped while less than 50x its last cost has passed (training pays
-at most ~2%); the last epoch always draws, and `finish` adds the test numbers once api.train has
+Like the plots, a redraw is skipped while less than 150x its last cost has passed (training pays
+under 1%); the last epoch always draws, and `finish` adds the test numbers once api.train has
 measured them.
 """
 
