@@ -37,10 +37,9 @@ from imgtrain.losses import build_train_loss, check_imbalance_recipe, eval_logit
 from imgtrain.models import count_parameters, create_model
 from imgtrain.models.trained import LoadedModel, load_trained, resolve_checkpoint
 from imgtrain.models.weights import load_initial_weights, resolve_weights_source
-from imgtrain.strategies import STRATEGIES, StrategyContext, check_strategies, enabled_strategies, mixing_enabled
+from imgtrain.strategies import StrategyContext, check_strategies, enabled_strategies
 from imgtrain.strategies.lr_finder import CSV_NAME as LR_FIND_CSV
 from imgtrain.strategies.lr_finder import LrFindResult, find_lr
-from imgtrain.strategies.progressive import describe_plans, eval_size
 from imgtrain.tracking import ReportInputs, ReportTracker, TrainLogTracker, build_trackers, write_summary
 
 # keys that may change when resuming: how the run is executed, never what it computes
@@ -141,9 +140,6 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
     if recipe.distill.teacher is not None:  # loaded and checked against the data's classes before the run starts
         context.teacher = load_teachers(recipe, splits.classes, prepared.mean, prepared.std)
     strategies = [hook for strategy in enabled_strategies(recipe) for hook in strategy.build(recipe, context)]
-    if len({plan.img_size for plan in context.plans}) > 1 or len({p.batch_size for p in context.plans}) > 1:
-        context.notes.append("progressive resizing: " + describe_plans(context.plans)
-                             + f"; evaluation at {prepared.eval_size} px")
     metadata = {
         "model": {"name": recipe.model.name, "kwargs": recipe.model.kwargs, "drop_rate": recipe.model.drop_rate},
         "num_classes": len(splits.classes), "in_chans": splits.channels, "classes": list(splits.classes),
@@ -245,8 +241,9 @@ def prepare_data(recipe: Recipe, splits: Any, device: torch.device) -> PreparedD
     """data/prepare.py's prepare_data with what the recipe's strategies change about the data: the
     evaluation size (progressive resizing) and dropping the last incomplete batch (mixing)."""
     img_size = recipe.augment.img_size or splits.native_size
-    return prepare_plain_data(recipe, splits, device, eval_size=eval_size(recipe, img_size),
-                              drop_last=mixing_enabled(recipe))
+    sizes = [size for strategy in enabled_strategies(recipe) if (size := strategy.eval_size(recipe, img_size))]
+    return prepare_plain_data(recipe, splits, device, eval_size=sizes[0] if sizes else None,
+                              drop_last=any(s.drops_last_batch(recipe) for s in enabled_strategies(recipe)))
 
 
 def _check_not_overwritten(weights: Path, run_dir: str | Path) -> None:
@@ -309,7 +306,7 @@ def find_recipe_lr(recipe: Recipe, model: torch.nn.Module, prepared: PreparedDat
     # layers frozen in the first epoch (transfer.freeze_backbone, freeze_epochs ...) stay frozen in the test
     context = StrategyContext(recipe=probe, classes=parts.classes, channels=prepared.splits.channels,
                               img_size=prepared.img_size, device=select_device(recipe.train.device), model=model)
-    freezing = [hook for strategy in STRATEGIES if strategy.name == "transfer" and strategy.enabled(probe)
+    freezing = [hook for strategy in enabled_strategies(probe) if strategy.in_lr_find
                 for hook in strategy.build(probe, context)]
     result = find_lr(probe, parts, recipe.lr_find, hooks=freezing)
     return with_lr(recipe, result.suggestions[recipe.lr_find.suggestion]), result

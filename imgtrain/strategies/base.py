@@ -47,6 +47,9 @@ class Strategy:
 
     name: str = ""
     section: str = ""          # the recipe section it reads
+    # its hooks also run during the LR finder's range test (transfer: layers frozen in the first
+    # epoch stay frozen); the other strategies' hooks change the batch or the loss the test measures
+    in_lr_find: bool = False
 
     def enabled(self, recipe: Any) -> bool:
         return False
@@ -57,6 +60,14 @@ class Strategy:
     def plan_epochs(self, recipe: Any, context: StrategyContext) -> list[EpochPlan] | None:
         """Per-epoch image size, batch size, lr scale and schedule segment; None: the plain plan."""
         return None
+
+    def eval_size(self, recipe: Any, train_size: int) -> int | None:
+        """The side validation and test images are made at, when the strategy changes it; None: train_size."""
+        return None
+
+    def drops_last_batch(self, recipe: Any) -> bool:
+        """Whether the train loader must drop its last incomplete batch (mixing needs full batches)."""
+        return False
 
     def param_groups(self, recipe: Any, model: torch.nn.Module) -> list[dict[str, Any]] | None:
         """Optimizer parameter groups; None: the plain decay / no-decay groups."""

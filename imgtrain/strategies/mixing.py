@@ -132,6 +132,9 @@ class Mixing(Strategy):
     def enabled(self, recipe: Any) -> bool:
         return mixing_enabled(recipe)
 
+    def drops_last_batch(self, recipe: Any) -> bool:
+        return True  # a last batch of one or two images mixes only with itself: a noisy step
+
     def check(self, recipe: Any) -> None:
         if recipe.data.batch_size < 2:
             raise RecipeError("Mixup/CutMix blend images within a batch: data.batch_size must be >= 2 "

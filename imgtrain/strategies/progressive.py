@@ -200,8 +200,13 @@ class Progressive(Strategy):
         check_progressive_recipe(recipe, context.img_size, batch_sampler=recipe.data.sampler == "per_class")
         return plan_epochs(recipe, context.img_size)
 
+    def eval_size(self, recipe: Any, train_size: int) -> int:
+        return eval_size(recipe, train_size)
+
     def build(self, recipe: Any, context: StrategyContext | None) -> list[Hook]:
         context = require_context(context, self.name)
+        context.notes.append("progressive resizing: " + describe_plans(context.plans)
+                             + f"; evaluation at {eval_size(recipe, context.img_size)} px")
         return [ProgressiveResizingHook(context.plans, channels_last=recipe.train.channels_last)]
 
 

@@ -215,6 +215,7 @@ class TransferHook(Hook):
 class Transfer(Strategy):
     """transfer.*: frozen backbone, partial freezing, gradual unfreezing, discriminative lrs."""
     name, section = "transfer", "transfer"
+    in_lr_find = True
 
     def enabled(self, recipe: Any) -> bool:
         return transfer_enabled(recipe)
