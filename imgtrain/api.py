@@ -135,7 +135,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
     if recipe.optim.lr == "find" and resume_file is not None:  # the lr the run chose is in its config.yaml
         recipe = with_lr(recipe, peak_lr(load_recipe(run_dir / "config.yaml").optim))
     elif recipe.optim.lr == "find":
-        recipe, lr_found = find_recipe_lr(recipe, model, prepared, context.plans)
+        recipe, lr_found = find_recipe_lr(recipe, model, prepared)
     context.recipe = recipe
     if recipe.distill.teacher is not None:  # loaded and checked against the data's classes before the run starts
         context.teacher = load_teachers(recipe, splits.classes, prepared.mean, prepared.std)
@@ -295,14 +295,15 @@ def with_lr(recipe: Recipe, lr: float) -> Recipe:
     return dataclasses.replace(recipe, optim=dataclasses.replace(recipe.optim, lr=lr))
 
 
-def find_recipe_lr(recipe: Recipe, model: torch.nn.Module, prepared: PreparedData,
-                   plans: list[EpochPlan]) -> tuple[Recipe, LrFindResult]:
+def find_recipe_lr(recipe: Recipe, model: torch.nn.Module, prepared: PreparedData) -> tuple[Recipe, LrFindResult]:
     """Run the range test (lr_find.*) on this model and data; (recipe with optim.lr = the chosen
     suggestion, LrFindResult). The model, RNG states and data order are as they were before."""
     # the Trainer's own pieces (loss, autocast, scaler, accumulation, layer-group lr ratios), built
     # at a placeholder peak lr of 1.0; the test sets the lr of every step itself
     probe = with_lr(recipe, 1.0)
-    parts = train_parts(probe, model, prepared, plans)
+    # batches of data.batch_size at the data's size, whatever the first progressive stage says: the
+    # test measures the loss the recipe's own loader gives, as `imgtrain lr-find` does
+    parts = train_parts(probe, model, prepared, [EpochPlan(0, prepared.img_size, recipe.data.batch_size)])
     # layers frozen in the first epoch (transfer.freeze_backbone, freeze_epochs ...) stay frozen in the test
     context = StrategyContext(recipe=probe, classes=parts.classes, channels=prepared.splits.channels,
                               img_size=prepared.img_size, device=select_device(recipe.train.device), model=model)
@@ -324,15 +325,14 @@ def lr_find(recipe: Recipe, output: str | Path | None = None, overwrite: bool = 
     """`imgtrain lr-find`: the range test alone, on the recipe's data and model; writes lr_find.csv,
     lr_find.png and the recipe it ran (config.yaml) to `output` (default: output.root/lr_find/NAME)."""
     out_dir = plan_lr_find_dir(recipe, output, overwrite)
-    check_strategies(with_lr(recipe, 1.0) if recipe.optim.lr == "find" else recipe)
+    check_strategies(recipe)
     seed_everything(recipe.train.seed)
     splits = build_splits(recipe.data)
     check_imbalance_recipe(recipe, splits.classes)
     prepared = prepare_data(recipe, splits, select_device(recipe.train.device))
     model = create_model(recipe.model, num_classes=len(splits.classes), in_chans=splits.channels)
     load_initial_weights(model, recipe.model, num_classes=len(splits.classes), in_chans=splits.channels)
-    plans = [EpochPlan(0, prepared.img_size, recipe.data.batch_size)]
-    _, result = find_recipe_lr(recipe, model, prepared, plans)
+    _, result = find_recipe_lr(recipe, model, prepared)
     make_run_dir(out_dir)
     dump_recipe(recipe, out_dir / "config.yaml")
     files = result.write(out_dir, chosen=recipe.lr_find.suggestion)
