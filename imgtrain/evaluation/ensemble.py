@@ -1,31 +1,16 @@
-"""Ensembles: several trained models predicting together, and the folder that keeps them.
+"""Ensembles: several trained models predicting together, and the folder that keeps them
+(README "Ensembling" has the command, the saved folder's layout and measurements).
 
     ens = EnsemblePredictor([load_predictor("runs/a"), load_predictor("runs/b")], weights=[2, 1])
     probs, targets = ens.probabilities(dataset)          # the same interface as ModelPredictor
     save_ensemble("runs/ab", ens)                        # evaluate, predict and distill accept it
 
-Members may differ in architecture, input size, channels and normalisation: each one runs its
-own eval pipeline on the raw images (grey repeated to RGB for an RGB member, RGB turned grey with
-ITU-R 601 luma, as PIL's "L", for a grey one). Two vote rules:
-
-    soft   sum_k w_k p_k                 the weighted mean of the members' probabilities
-    hard   (1 - eps) s + eps * soft      s[c] = sum of the weights of the members whose top
-                                         class is c (the weighted vote share); eps = 1e-6, so a
-                                         tie in the vote is won by the class the soft mean ranks
-                                         higher, and any clear vote is never overturned
-
-Weights are normalised to sum to 1 (none given: all equal). `fit_weights` chooses them on held-out
-predictions: the point of the probability simplex (softmax-parametrised) that minimises the soft
-ensemble's negative log-likelihood, found with L-BFGS; the NLL is convex in the weights, so the
-optimum is unique up to ties and the fit is deterministic. It is the stacking of Breiman 1996
-("Stacked regressions") restricted to a convex combination; it gives the weight to the member
-whose probabilities are best on the validation images, not to the most accurate one.
-
-`imgtrain ensemble ... --save DIR` writes a folder that survives its source runs being deleted:
-
-    DIR/ensemble.yaml             classes, vote, tta, members (file, source, model, size, weight),
-                                  how the weights were chosen and, when fitted, their val score
-    DIR/members/1-NAME.safetensors  a copy of each member's checkpoint (a nested ensemble: a folder)
+Each member runs its own eval pipeline on the raw images, converted to its channels (`to_channels`).
+Weights are normalised to sum to 1. soft vote: sum_k w_k p_k; hard vote: the weighted vote shares,
+mixed with HARD_TIE_EPS of the soft mean, so that only ties are decided by it. `fit_weights` is
+Breiman's stacking (1996) restricted to the simplex: the soft vote's NLL on held-out predictions is
+convex in the weights, so the fit is deterministic; it favours the member whose probabilities are
+best, not the most accurate one.
 """
 
 from __future__ import annotations
@@ -86,8 +71,7 @@ def normalize_weights(weights: Sequence[float] | None, count: int, where: str = 
     if len(values) != count:
         raise EnsembleError(f"{where}: {len(values)} weight(s) for {count} member(s); give one per member, "
                             "in the members' order")
-    bad = [w for w in values if not math.isfinite(w) or w < 0]
-    if bad:
+    if any(not math.isfinite(w) or w < 0 for w in values):
         raise EnsembleError(f"{where}: weights must be finite and >= 0, got {values}")
     total = sum(values)
     if total <= 0:
@@ -116,9 +100,8 @@ def combine_probabilities(member_probs: Sequence[torch.Tensor], weights: Sequenc
 def ensemble_nll(member_probs: torch.Tensor | Sequence[torch.Tensor], targets: torch.Tensor,
                  weights: Sequence[float]) -> float:
     """Mean negative log-likelihood of the soft ensemble with these weights."""
-    stacked = _stack(member_probs)
-    picked = stacked.gather(2, targets.long().view(1, -1, 1).expand(stacked.shape[0], -1, 1)).squeeze(2)
-    mixed = (torch.tensor(list(weights), dtype=torch.float64).view(-1, 1) * picked).sum(dim=0)
+    w = torch.tensor(list(weights), dtype=torch.float64).view(-1, 1)
+    mixed = (w * _picked(member_probs, targets)).sum(dim=0)
     return float(-mixed.clamp_min(1e-12).log().mean())
 
 
@@ -128,15 +111,13 @@ def fit_weights(member_probs: torch.Tensor | Sequence[torch.Tensor], targets: to
 
     w = softmax(theta), theta starting at 0 (equal weights), SciPy's L-BFGS-B with the analytic
     gradient in float64: deterministic, and a few dozen iterations reach the optimum."""
-    stacked = _stack(member_probs)
-    count = stacked.shape[0]
+    count = len(member_probs)
     if count == 1:
         return [1.0]
-    if stacked.shape[1] == 0:
+    picked = _picked(member_probs, targets)
+    if picked.shape[1] == 0:
         raise EnsembleError("fit_weights: no images to fit the weights on")
-    # only the probability each member gives the true class matters to the NLL
-    picked = stacked.gather(2, targets.long().view(1, -1, 1).expand(count, -1, 1)).squeeze(2)  # (K, N)
-    log_picked = picked.double().clamp_min(1e-12).log().numpy()
+    log_picked = picked.clamp_min(1e-12).log().numpy()
 
     def nll_and_gradient(theta: np.ndarray) -> tuple[float, np.ndarray]:
         # log sum_k w_k p_k = logsumexp_k(log w_k + log p_k): stable even when a member is sure and wrong
@@ -146,11 +127,9 @@ def fit_weights(member_probs: torch.Tensor | Sequence[torch.Tensor], targets: to
         responsibility = np.exp(joint - log_mix)                 # w_k p_kn / sum_j w_j p_jn
         return float(-log_mix.mean()), np.exp(log_w) - responsibility.mean(axis=1)  # d/dtheta of the mean NLL
 
-    # w = softmax(theta), theta starting at 0 (equal weights); deterministic L-BFGS in float64
     fitted = minimize(nll_and_gradient, np.zeros(count), jac=True, method="L-BFGS-B",
                       options={"maxiter": steps, "gtol": 1e-10, "ftol": 1e-14})
-    weights = np.exp(fitted.x - logsumexp(fitted.x))
-    return [float(w) for w in weights]
+    return [float(w) for w in np.exp(fitted.x - logsumexp(fitted.x))]
 
 
 def to_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
@@ -168,10 +147,10 @@ def to_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
     raise EnsembleError(f"cannot turn {have}-channel images into {channels}-channel ones")
 
 
-def _stack(member_probs: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-    if isinstance(member_probs, torch.Tensor):
-        return member_probs.double()
-    return torch.stack([p.double() for p in member_probs])
+def _picked(member_probs: torch.Tensor | Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """(K, N) float64: each member's probability of each image's true class, all the NLL depends on."""
+    stacked = torch.stack([p.double() for p in member_probs])
+    return stacked.gather(2, targets.long().view(1, -1, 1).expand(stacked.shape[0], -1, 1)).squeeze(2)
 
 
 class ChannelView(Dataset):
@@ -207,12 +186,9 @@ class EnsembleTTA:
 
 
 class EnsemblePredictor:
-    """Several predictors (ModelPredictor or nested EnsemblePredictor) voting with weights.
-
-    The interface is ModelPredictor's: `classes` (all members must agree, see check_members),
-    `channels` (3 when any member takes RGB, else 1: what images should be decoded as), `recipe`
-    (the first member's: it names the data an ensemble is evaluated on), `tta`, `describe()`,
-    `without_tta()` and `probabilities(dataset)`."""
+    """Several predictors (ModelPredictor or nested EnsemblePredictor) voting with weights, with
+    ModelPredictor's interface. `channels`: 3 when any member takes RGB (what to decode images as);
+    `recipe`: the first member's (it names the data an ensemble is evaluated on)."""
 
     def __init__(self, members: Sequence[Any], weights: Sequence[float] | None = None, vote: str = "soft",
                  source: str = "ensemble"):
@@ -241,14 +217,9 @@ class EnsemblePredictor:
     def member_probabilities(self, dataset: Any, batch_size: int = 256, device: str | torch.device = "cpu",
                              num_workers: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Each member's (N, C) probabilities (its own channels and eval pipeline) and the targets."""
-        probs, targets = [], None
-        for member in self.members:
-            p, t = member.probabilities(ChannelView(dataset, member.channels), batch_size=batch_size,
-                                        device=device, num_workers=num_workers)
-            probs.append(p)
-            targets = t if targets is None else targets
-        assert targets is not None, "an ensemble has members (check_members)"
-        return probs, targets
+        results = [member.probabilities(ChannelView(dataset, member.channels), batch_size=batch_size,
+                                        device=device, num_workers=num_workers) for member in self.members]
+        return [probs for probs, _ in results], results[0][1]
 
     def combine(self, member_probs: Sequence[torch.Tensor]) -> torch.Tensor:
         return combine_probabilities(member_probs, self.weights, self.vote)
@@ -303,10 +274,8 @@ def _short(classes: Sequence[str], limit: int = 12) -> str:
 def tta_setting(tta: TTAArg) -> Any:
     """The TTA argument as ensemble.yaml keeps it: null (off), true (each member's recipe eval.tta),
     a list of views (`--tta hflip,five_crop`), or {views, merge} for a TTAConfig."""
-    if tta is None or tta is False:
-        return None
-    if tta is True:
-        return True
+    if tta is None or isinstance(tta, bool):
+        return tta or None
     if isinstance(tta, str):
         return [v.strip() for v in tta.split(",") if v.strip()]
     if isinstance(tta, (list, tuple)):
@@ -340,7 +309,6 @@ def save_ensemble(folder: str | Path, ensemble: EnsemblePredictor, overwrite: bo
     """Write `ensemble` to `folder` (ensemble.yaml + a copy of each member), atomically: built in a
     temporary folder beside it, then renamed into place. A non-empty `folder` is refused unless
     `overwrite` and it is an ensemble folder. Returns the folder."""
-
     folder = Path(folder)
     check_save_folder(folder, overwrite)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -368,8 +336,7 @@ def save_ensemble(folder: str | Path, ensemble: EnsemblePredictor, overwrite: bo
                   "# and distill.teacher (always a soft vote there). Members are copies: the source runs may go.\n")
         (tmp / ENSEMBLE_FILE).write_text(header + yaml.safe_dump(spec, sort_keys=False, default_flow_style=None),
                                          encoding="utf-8")
-        # checked again right before the swap: the members were copied in the meantime
-        check_replaceable(folder, overwrite, ours=is_ensemble_dir(folder), refuse=_REFUSE, foreign=_FOREIGN)
+        check_save_folder(folder, overwrite)  # again right before the swap: the members were copied meanwhile
         old = None
         if folder.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
@@ -390,8 +357,7 @@ _FOREIGN = f"the folder is not an imgtrain ensemble (no {ENSEMBLE_FILE})"
 
 def check_save_folder(folder: str | Path, overwrite: bool) -> None:
     """Before any work: `folder` may be written (absent, empty, or --overwrite of an ensemble folder)."""
-    folder = Path(folder)
-    check_replaceable(folder, overwrite, ours=is_ensemble_dir(folder), refuse=_REFUSE, foreign=_FOREIGN)
+    check_replaceable(Path(folder), overwrite, ours=is_ensemble_dir(folder), refuse=_REFUSE, foreign=_FOREIGN)
 
 
 def _copy_member(member: Any, into: Path, name: str, weight: float) -> dict[str, Any]:
@@ -469,7 +435,6 @@ def load_ensemble(folder: str | Path, tta: TTAArg = None,
                   device: str | torch.device = "cpu") -> EnsemblePredictor:
     """The EnsemblePredictor saved in `folder`. `tta`: None uses the setting saved with it,
     False turns it off, True or views (or a TTAConfig) replace it."""
-
     spec = read_ensemble_spec(folder)
     try:
         setting = _tta_argument(spec.tta) if tta is None else tta
@@ -535,10 +500,7 @@ class EnsembleOptions:
 def run_ensemble(targets: Sequence[str | Path], options: EnsembleOptions | None = None) -> dict[str, Any]:
     """`imgtrain ensemble`: load the members, choose the weights, measure every member and the
     ensemble on one split (each member's probabilities computed once), and save it if asked.
-
-    Returns a dict: split, images, classes, vote, tta, weights, weights_from, fit (when fitted),
-    members [{source, model, weight, acc, top5_acc, balanced_acc, loss, ece, ...}], ensemble (every
-    metric, as evaluate gives them), saved (the folder, when saved)."""
+    Returns what `format_ensemble` prints; `ensemble` has every metric, as evaluate gives them."""
     opts = options or EnsembleOptions()
     if not targets:
         raise EnsembleError("give at least one member: run folders, .safetensors files or ensemble folders")
@@ -559,17 +521,17 @@ def run_ensemble(targets: Sequence[str | Path], options: EnsembleOptions | None 
     classes = check_members(members, names)
     base = EnsemblePredictor(members, None, opts.vote, source="ensemble")
     recipe = members[0].recipe
-    info: dict[str, Any]
-    weights, info = normalize_weights(opts.weights, len(members)), {"how": "given" if opts.weights else "uniform"}
+    weights = normalize_weights(opts.weights, len(members))
+    info: dict[str, Any] = {"how": "given" if opts.weights else "uniform"}
     if opts.fit_weights == "val":
         splits = build_splits(recipe.data)
         if splits.val is None:
             raise EnsembleError(f"--fit-weights val: the first member's recipe ({names[0]}) has no val split to fit "
                                 "the weights on (data.val_fraction is 0 and the data has no val folder); give "
                                 "--weights instead")
-        val, val_classes, where = splits.val, splits.classes, f"{recipe.data.root or recipe.data.source} (val)"
-        check_classes(classes, val_classes, where)
-        val_probs, val_targets = base.member_probabilities(val.with_transform(None), opts.batch_size, opts.device)
+        check_classes(classes, splits.classes, f"{recipe.data.root or recipe.data.source} (val)")
+        val_probs, val_targets = base.member_probabilities(splits.val.with_transform(None), opts.batch_size,
+                                                           opts.device)
         weights = fit_weights(val_probs, val_targets)
         fitted = combine_probabilities(val_probs, weights, "soft")
         info = {"how": "fit", "split": "val", "images": int(val_targets.numel()),
@@ -628,7 +590,6 @@ def format_ensemble(result: dict[str, Any]) -> str:
 
 
 __all__ = ["load_predictor", "ChannelView", "EnsembleError", "EnsembleOptions", "EnsemblePredictor", "EnsembleSpec",
-           "VOTES",
-           "check_members", "combine_probabilities", "ensemble_nll", "fit_weights", "flat_members",
+           "VOTES", "check_members", "combine_probabilities", "ensemble_nll", "fit_weights", "flat_members",
            "format_ensemble", "load_ensemble", "member_name", "normalize_weights", "read_ensemble_spec",
            "run_ensemble", "save_ensemble", "to_channels"]

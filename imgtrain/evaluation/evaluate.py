@@ -14,8 +14,6 @@ calibration error. With `output_dir` they are also written there:
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import torch
 
 from imgtrain.evaluation.ensemble import load_predictor
 from imgtrain.evaluation.inference import TTAArg, check_classes, evaluation_data, metrics_of
-from imgtrain.evaluation.metrics import save_confusion_png, write_confusion_csv
+from imgtrain.evaluation.metrics import save_confusion_png, write_confusion_csv, write_csv
 from imgtrain.io import atomic_write_text, json_safe
 
 HEADLINE = ("images", "loss", "acc", "top5_acc", "balanced_acc", "macro_f1", "ece")
@@ -65,24 +63,13 @@ def write_evaluation(result: dict[str, Any], output_dir: str | Path) -> list[Pat
     classes = result["classes"]
     atomic_write_text(out / "metrics.json", json.dumps(json_safe(result), indent=2) + "\n")
     written = [out / "metrics.json"]
-    lines = ["class,precision,recall,f1,support"]
-    rows = []
-    for name, row in result["per_class"].items():
-        rows.append([name, f"{row['precision']:.6f}", f"{row['recall']:.6f}", f"{row['f1']:.6f}", row["support"]])
-    written.append(_write_csv(out / "per_class.csv", lines[0].split(","), rows))
+    rows = [[name, f"{row['precision']:.6f}", f"{row['recall']:.6f}", f"{row['f1']:.6f}", row["support"]]
+            for name, row in result["per_class"].items()]
+    written.append(write_csv(out / "per_class.csv", ["class", "precision", "recall", "f1", "support"], rows))
     written.append(write_confusion_csv(out / "confusion.csv", result["confusion"], classes))
     title = f"confusion matrix: {result['split']} ({result['acc']:.2%} accurate)"
     written.append(save_confusion_png(out / "confusion.png", result["confusion"], classes, title=title))
     return written
-
-
-def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
-    return path
 
 
 __all__ = ["HEADLINE", "check_classes", "evaluate", "evaluate_dataset", "evaluation_data", "metrics_of",

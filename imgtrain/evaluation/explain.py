@@ -1,40 +1,18 @@
-"""Explanations: where in an image a trained classifier looked, as a Grad-CAM heatmap.
+"""Explanations: where in an image a trained classifier looked, as a Grad-CAM heatmap
+(README "Explanations" compares the methods of CAM_METHODS, all from the grad-cam package).
 
     records = explain("runs/shapes", ["cat.png", "photos/"], method=["gradcam", "eigencam"])
     heat = cam_heatmaps(model, batch)            # (N, H, W) in [0, 1], any model, mid-training too
     png = overlay(image_uint8, heat[0])          # H x W x 3 uint8, the heatmap over the image
 
-What it shows. Grad-CAM (Selvaraju et al. 2017, https://arxiv.org/abs/1610.02391) takes the
-activations of one convolutional stage (C maps of h x w), weights each map by the mean gradient
-of the explained class's score with respect to it, sums, keeps the positive part and upsamples
-it to the input: the regions whose features raised that class's score. It is as coarse as the
-stage (a 32 px input seen by a stage of reduction 4 gives an 8 x 8 map), and it explains the
-model, not the data: a heatmap on the background means the model uses the background.
+Grad-CAM (Selvaraju et al. 2017, arXiv:1610.02391) weights each activation map of one layer by the
+mean gradient of the class score over it, sums, keeps the positive part and upsamples it to the
+input. It is as coarse as the layer, and it explains the model, not the data: heat on the
+background means the model uses the background. The default layer is the last convolutional stage
+(`find_target_layer`); ViT tokens are laid out on the patch grid (`TokensToGrid`).
 
-Which method. All come from the grad-cam package (https://github.com/jacobgil/pytorch-grad-cam):
-- gradcam: the default; one forward and one backward pass.
-- gradcam++ (Chattopadhyay et al. 2018, arXiv:1710.11063): better when several instances of
-  the class are in the image. xgradcam (Fu et al. 2020, arXiv:2008.02312) and hirescam (Draelos
-  & Carin 2020, arXiv:2011.08891, element-wise gradient x activation: faithful to what the model
-  computed) are variants of the same weighting.
-- layercam (Jiang et al. 2021): weights every position by its own gradient; sharper on earlier,
-  higher-resolution layers (pair it with --layer).
-- eigencam (Muhammad & Yeasin 2020, arXiv:2008.00299): the first principal component of the
-  activations; needs no gradient and does not depend on the class (the same map for every
-  class). eigengradcam: the same on gradient x activation, so class dependent.
-- scorecam (Wang et al. 2020, arXiv:1910.01279) and ablationcam (Desai & Ramaswamy 2020): no
-  gradients; one forward pass per channel of the layer (slow on big layers, fine on small nets;
-  they draw a progress bar on stderr).
-
-Which layer. By default the last convolutional stage: the last `feature_info` entry of timm
-models and of imgtrain's own nets (`stages.2` for imgtrain_cnn_*, `layer4` for ResNets); for
-vision transformers `blocks[-1].norm1`, whose tokens (prefix tokens dropped) are reshaped to the
-patch grid; otherwise the last module whose output is a spatial (N, C, H, W) map, found by a
-forward probe. `--layer NAME` takes any module name; `--list-layers` lists the candidates.
-
-`cam_heatmaps` leaves the model exactly as it found it (train/eval mode of every module,
-requires_grad flags, parameter gradients, no hooks left), so the run report can call it on
-validation images in the middle of training.
+`cam_heatmaps` leaves the model exactly as it found it (`preserved_state`, no hooks left), so the
+run report can call it on validation images in the middle of training.
 """
 
 from __future__ import annotations
@@ -122,13 +100,9 @@ def _is_vit(net: nn.Module) -> bool:
 
 
 def find_target_layer(model: nn.Module, example: torch.Tensor | None = None) -> tuple[str, nn.Module]:
-    """(name, module) of the layer to explain: the last convolutional stage.
-
-    Vision transformers: `blocks[-1].norm1` (the last block's input: every patch token still
-    reaches the output through attention there). timm CNNs and imgtrain's nets: the module of the
-    last `feature_info` entry. Anything else: the last module whose output is a spatial
-    (N, C, H, W) map on `example` (one input batch; a dummy one when not given).
-    """
+    """(name, module) of the layer to explain: for a ViT `blocks[-1].norm1` (every patch token still
+    reaches the output through attention there), for timm CNNs and imgtrain's nets the last
+    `feature_info` entry, else the last module with a spatial (N, C, H, W) output on `example`."""
     net = network(model)
     if _is_vit(net):
         blocks = net.blocks
@@ -167,8 +141,7 @@ def layer_candidates(model: nn.Module, example: torch.Tensor | None = None) -> l
     """(name, type, output shape) of the modules worth explaining, in forward order: convolutions,
     norms and blocks/stages whose output is spatial (or, in a ViT, patch tokens)."""
     net = network(model)
-    example = example if example is not None else _example_input(net)
-    shapes = _probe_shapes(model, example)
+    shapes = _probe_shapes(model, example if example is not None else _example_input(net))
     tokens = _is_vit(net)
     modules = dict(net.named_modules())
     rows = []
@@ -347,10 +320,9 @@ def cam_heatmaps(model: nn.Module, inputs: torch.Tensor, target_classes: int | S
             param.requires_grad_(False)
         extra: dict[str, Any] = {}
         if method == "ablationcam":  # a fresh ablation layer each call (grad-cam's default is shared)
-            extra["ablation_layer"] = AblationLayerVit() if isinstance(chosen.reshape,
-                                                                       TokensToGrid) else AblationLayer()
-        cam = CAM_METHODS[method](model=forward, target_layers=[module], reshape_transform=chosen.reshape,
-                                 **extra)
+            vit = isinstance(chosen.reshape, TokensToGrid)
+            extra["ablation_layer"] = AblationLayerVit() if vit else AblationLayer()
+        cam = CAM_METHODS[method](model=forward, target_layers=[module], reshape_transform=chosen.reshape, **extra)
         try:
             # the report may call this inside torch.no_grad() or autocast: grad-cam needs gradients,
             # and float32 activations (it converts them to numpy, which has no bfloat16)
@@ -369,8 +341,9 @@ def _targets(target_classes: int | Sequence[int] | None, count: int) -> list[Any
         return None
     if isinstance(target_classes, (int, np.integer)):
         target_classes = [int(target_classes)] * count
-    classes = [int(c) for c in (target_classes.tolist() if isinstance(target_classes,
-                                                                      torch.Tensor) else target_classes)]
+    if isinstance(target_classes, torch.Tensor):
+        target_classes = target_classes.tolist()
+    classes = [int(c) for c in target_classes]
     if len(classes) != count:
         raise ExplainError(f"{len(classes)} target classes for {count} images")
     return [ClassifierOutputTarget(c) for c in classes]
@@ -573,7 +546,6 @@ def _explain_batch(loaded: Any, batch: torch.Tensor, good: Sequence[tuple[Path, 
 def list_layers(target: str | Path, device: str = "cpu") -> list[str]:
     """`imgtrain explain CHECKPOINT --list-layers`: one line per candidate layer, the automatic
     choice marked."""
-
     loaded = load_trained(target, device=device)
     net = network(loaded.model)
     example = torch.zeros(1, loaded.channels, loaded.img_size, loaded.img_size, device=device)

@@ -5,19 +5,10 @@
         suite.update(probs, targets)
     metrics = suite.compute(classes)   # a plain dict: see `MetricSuite.compute`
 
-torchmetrics keeps the sufficient statistics (the confusion matrix, top-k hits, calibration
-bins, the summed loss) as metric states that it all-reduces across processes under DDP, so
-the numbers are those of the whole split, not of one rank's shard. Everything else (per-class
-precision, recall and F1, balanced accuracy) is derived from the synced confusion matrix, so
-the parts always agree with each other.
-
-Conventions, as scikit-learn's:
-- balanced accuracy is the mean recall over the classes that occur in the targets (a class
-  with no images has no recall to average, so it is left out rather than counted as 0);
-- precision of a class never predicted, and F1 where precision + recall is 0, are 0;
-- the confusion matrix has the true class as the row and the predicted class as the column.
-Expected calibration error is torchmetrics' (15 equal-width confidence bins, L1): the
-images-weighted gap between confidence and accuracy (Guo et al. 2017).
+torchmetrics all-reduces its states (confusion matrix, top-k hits, calibration bins, summed loss)
+across processes under DDP, so the numbers are the whole split's. Per-class scores and balanced
+accuracy are derived from the synced confusion matrix, following scikit-learn: balanced accuracy
+averages recall over the classes that occur in the targets; an undefined precision or F1 is 0.
 """
 
 from __future__ import annotations
@@ -112,17 +103,21 @@ def compute_metrics(probs: torch.Tensor, targets: torch.Tensor, classes: Sequenc
 
 # ----------------------------------------------------------------------------- files
 
+def write_csv(path: str | Path, header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> Path:
+    """`header` and `rows` as a CSV file, written atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+    return Path(path)
+
+
 def write_confusion_csv(path: str | Path, confusion: Sequence[Sequence[int]],
                         classes: Sequence[str]) -> Path:
     """The matrix with a header row of predicted classes and a first column of true classes."""
-
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["true \\ predicted"] + [str(c) for c in classes])
-    for name, row in zip(classes, confusion):
-        writer.writerow([str(name)] + [int(v) for v in row])
-    atomic_write_text(path, buffer.getvalue())
-    return Path(path)
+    return write_csv(path, ["true \\ predicted"] + [str(c) for c in classes],
+                     [[str(name)] + [int(v) for v in row] for name, row in zip(classes, confusion)])
 
 
 def read_confusion_csv(path: str | Path) -> tuple:
@@ -153,12 +148,9 @@ def confusion_figure(confusion: Sequence[Sequence[int]], classes: Sequence[str],
     ax.set_ylabel("true")
     ax.set_title(title)
     if n <= 30:
-        for i in range(n):
-            for j in range(n):
-                count = int(matrix[i, j])
-                if count:
-                    ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
-                            color="white" if share[i, j] > 0.5 else "black")
+        for i, j in matrix.nonzero().tolist():
+            ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=7,
+                    color="white" if share[i, j] > 0.5 else "black")
     fig.tight_layout()
     return fig
 
@@ -173,7 +165,6 @@ def confusion_png(confusion: Sequence[Sequence[int]], classes: Sequence[str],
 
 def save_confusion_png(path: str | Path, confusion: Sequence[Sequence[int]], classes: Sequence[str],
                        title: str = "confusion matrix") -> Path:
-
     atomic_write_bytes(path, confusion_png(confusion, classes, title))
     return Path(path)
 

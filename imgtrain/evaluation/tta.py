@@ -1,53 +1,29 @@
-"""Test-time augmentation: predict each image as several views and merge the predictions.
-
-A model trained with flips, crops and shifts has learnt that those changes do not change the
-class; asking it about several views of an image and averaging the answers smooths out the
-mistakes it makes on one of them. It typically gains a few tenths of a point to a point of
-accuracy (more for a model that is unsure, less for one that is already nearly right) and
-improves calibration; it costs one forward pass per view. (Krizhevsky et al. 2012 averaged ten
-crops; Simonyan & Zisserman 2015 flips and scales; fastai and timm offer it for the same reason.)
+"""Test-time augmentation: predict each image as several views and merge the predictions
+(README "Test-time augmentation" has the measurements and the recipe keys).
 
     settings = tta_config_for(recipe, ["hflip", "five_crop:0.8"])    # or True: the recipe's eval.tta
     model = TTAModel(trained_model, settings)     # batch -> merged logits, like the model itself
     views = tta_views(batch, ["hflip"])           # [batch, flipped batch]
     logits = merge_predictions([net(v) for v in views], "mean_probs")
 
-Views act on a batch as the model takes it: transformed and normalised, (N, C, H, W), on its
-device, all images at once (no per-image Python loop); every view keeps the size H x W. The
-original batch is always the first view; each `eval.tta` entry adds its views to it, and a view
-that equals one already there (`identity`, `scale: 1.0`, `translate: 0`, a repeated entry) is
-not run twice. So `hflip` alone means 2 views, `[hflip, five_crop]` 7.
+Views act on the transformed batch (N, C, H, W) on its device, all images at once, and keep its
+size. The original batch is always the first view; a view equal to one already there is not run
+twice. What each eval.tta entry adds:
 
-    identity          the batch as it is (always included; listing it alone turns TTA into the plain model)
-    hflip / vflip     torch.flip of the width / height axis
-    five_crop: f      torchvision's FiveCrop: the four corner crops and the centre crop, each of side
-                      round(f * H) x round(f * W) (f in (0, 1); default 0.875), each resized back to
-                      H x W (bilinear): 5 views
-    ten_crop: f       torchvision's TenCrop: five_crop of the batch, then five_crop of its hflip: 10 views
-    scale: [s, ...]   zoom about the centre by each factor s in [0.25, 4] (default [0.9, 1.1]): resize
-                      to round(s * H) x round(s * W) (bilinear, antialiased when shrinking), then
-                      torchvision's center_crop back to H x W, which crops (s > 1) or pads with zeros
-                      (s < 1). Zero is the dataset's mean colour after normalisation (black with
-                      augment.normalize: none): 1 view per factor
-    translate: d      shift the content right, left, down and up by d: an integer is pixels, a number
-                      with a point a fraction of the side (round(d * W) across, round(d * H) down;
-                      default 0.1); uncovered pixels are zeros (the mean, as for scale): 4 views
-    random: n         n random resized crops (area a fraction in `area`, default [0.6, 1.0], of the
-                      image; aspect ratio log-uniform in [3/4, 4/3]; resized back to H x W) each
-                      flipped with probability 0.5 (`flip: false` turns that off). The crops are
-                      drawn once from a torch.Generator seeded with `seed` (default 0), as fractions
-                      of the image, and every image of every batch gets the same n: results are
-                      reproducible and do not depend on the batch size: n views
+    identity          nothing (listed alone, TTA is the plain model)
+    hflip / vflip     a flip of the width / height axis: 1 view
+    five_crop: f      torchvision's FiveCrop of side round(f * H) x round(f * W), each resized back: 5 views
+    ten_crop: f       five_crop of the batch, then of its hflip: 10 views
+    scale: [s, ...]   resize by s, then torchvision's center_crop back (crops, or pads with zeros): 1 per factor
+    translate: d      shift right, left, down and up by d (int: pixels, float: a fraction of the side): 4 views
+    random: n         n random resized crops (+ flips), drawn once from a generator seeded with `seed`,
+                      as fractions of the image: the same for every image and batch size: n views
 
-Merge rules (`eval.tta_merge`), each handing back logits (what the model returns):
+Zeros are the dataset's mean colour after normalisation. Merge rules (`eval.tta_merge`), handing back logits:
 
     mean_probs    log(mean_v softmax(z_v)): the softmax of the result is the mean probability (default)
     mean_logits   mean_v z_v
-    max           log(max_v softmax(z_v)), per class: its softmax is the per-class max, renormalised
-
-`TTAModel` is an nn.Module, so it goes wherever a model does: evaluate/predict (`--tta`),
-ensemble members, a distillation teacher (`distill.teacher_tta`) and the end-of-training test
-(`summary.json`'s `test_acc_tta` when the recipe sets `eval.tta`).
+    max           log(max_v softmax(z_v)), per class
 """
 
 from __future__ import annotations
@@ -65,8 +41,7 @@ from imgtrain.config import RecipeError
 from imgtrain.tta_views import TTAView, parse_tta_view
 
 DEFAULT_VIEWS = ("hflip",)  # tta=True on a recipe whose eval.tta is empty
-MERGE_RULES = {"mean_probs": "mean of probabilities", "mean_logits": "mean of logits",
-               "max": "max probability"}
+MERGE_RULES = {"mean_probs": "mean of probabilities", "mean_logits": "mean of logits", "max": "max probability"}
 RATIO = (3 / 4, 4 / 3)  # random: aspect-ratio range of the crops (torchvision's RandomResizedCrop default)
 
 
@@ -74,16 +49,12 @@ RATIO = (3 / 4, 4 / 3)  # random: aspect-ratio range of the crops (torchvision's
 
 @dataclass(frozen=True)
 class ViewOp:
-    """One view: a transform of the whole batch that keeps its size.
+    """One view: a transform of the whole batch that keeps its size. Sizes stay fractions of the
+    side until applied, so one ViewOp serves any input size.
 
-    kind: identity | flip | crop | scale | shift. Sizes are kept as fractions of the side until
-    applied, so one ViewOp serves any input size.
-        flip   dims: the axes flipped ((-1,) width, (-2,) height)
-        crop   box (top, left, height, width) as fractions; `corner` names a five_crop position
-               (tl, tr, bl, br, center) computed as torchvision does; flipped first with `pre_flip`,
-               flipped after with `post_flip`
-        scale  factor
-        shift  (dy, dx), in pixels when `pixels` else fractions of the side"""
+    kind: identity | flip (the axes `dims`) | crop (`box` (top, left, height, width), or the
+    five_crop `corner` of side `fraction`; `pre_flip` / `post_flip`: hflip before / after) |
+    scale (`factor`) | shift (`shift` (dy, dx): pixels when `pixels`, else fractions of the side)"""
     kind: str
     dims: tuple[int, ...] = ()
     fraction: float = 1.0
@@ -293,11 +264,10 @@ def tta_config_for(recipe: Any, tta: Literal[True] = True) -> TTAConfig: ...
 @overload
 def tta_config_for(recipe: Any, tta: Any = True) -> TTAConfig | None: ...
 def tta_config_for(recipe: Any, tta: Any = True) -> TTAConfig | None:
-    """The TTAConfig to use for a model trained with `recipe`; None when `tta` is None or False.
+    """The TTAConfig for a model trained with `recipe`; None when `tta` is None or False.
 
-    tta: True (the recipe's eval.tta, or hflip when it names none), a list of view specs (what
-    `--tta hflip,five_crop` gives), a comma-separated string, or a TTAConfig (used as it is).
-    The merge rule is the recipe's eval.tta_merge (mean_probs without a recipe)."""
+    tta: True (the recipe's eval.tta, or DEFAULT_VIEWS), view specs (a list or a comma-separated
+    string), or a TTAConfig (used as it is). The merge rule is the recipe's eval.tta_merge."""
     if tta is None or tta is False:
         return None
     if isinstance(tta, TTAConfig):
@@ -317,9 +287,8 @@ def tta_config_for(recipe: Any, tta: Any = True) -> TTAConfig | None:
 class TTAModel(nn.Module):
     """A model seen through test-time augmentation: (N, C, H, W) batch -> merged logits (N, K).
 
-    Always in eval mode and without gradients (`train()` cannot switch it), so it can stand
-    wherever a trained model does, a distillation teacher included. The views run one after
-    another, so memory holds one extra copy of the batch, not one per view."""
+    Always in eval mode and without gradients (`train()` cannot switch it), so it can stand in for
+    a trained model, a distillation teacher included. The views run one after another."""
 
     def __init__(self, model: nn.Module, settings: TTAConfig | Sequence[Any] | str,
                  merge: str | None = None):
