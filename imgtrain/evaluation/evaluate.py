@@ -1,15 +1,8 @@
-"""Evaluate a trained model or ensemble on a split of its recipe's data or on any folder / CSV.
+"""Evaluate a trained model or ensemble on a split of its recipe's data or on any folder / CSV,
+with metrics.py's metrics; `write_evaluation` saves them (metrics.json, per_class.csv, confusion.csv
+and confusion.png).
 
     result = evaluate("runs/fmnist", split="test", tta=True, output_dir="runs/fmnist/evaluation/test")
-
-The metrics are evaluation/metrics.py's (torchmetrics): top-1, top-5 (more than 5 classes),
-balanced accuracy, per-class precision/recall/F1, the confusion matrix and the expected
-calibration error. With `output_dir` they are also written there:
-
-    metrics.json     every number, as `imgtrain evaluate --json` prints it
-    per_class.csv    class, precision, recall, f1, support
-    confusion.csv    rows: true class, columns: predicted class
-    confusion.png    the same, coloured by the share of the true class
 """
 
 from __future__ import annotations

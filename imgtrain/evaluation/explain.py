@@ -311,7 +311,6 @@ def cam_heatmaps(model: nn.Module, inputs: torch.Tensor, target_classes: int | S
     net, forward = network(model), _forward_model(model)
     inputs = inputs.detach().to(next(net.parameters()).device)
     chosen = target_layer(model, inputs, layer)
-    name, module = chosen.name, chosen.module
     targets = _targets(target_classes, len(inputs))
     with preserved_state(forward):
         for param in forward.parameters():
@@ -322,7 +321,8 @@ def cam_heatmaps(model: nn.Module, inputs: torch.Tensor, target_classes: int | S
         if method == "ablationcam":  # a fresh ablation layer each call (grad-cam's default is shared)
             vit = isinstance(chosen.reshape, TokensToGrid)
             extra["ablation_layer"] = AblationLayerVit() if vit else AblationLayer()
-        cam = CAM_METHODS[method](model=forward, target_layers=[module], reshape_transform=chosen.reshape, **extra)
+        cam = CAM_METHODS[method](model=forward, target_layers=[chosen.module], reshape_transform=chosen.reshape,
+                                 **extra)
         try:
             # the report may call this inside torch.no_grad() or autocast: grad-cam needs gradients,
             # and float32 activations (it converts them to numpy, which has no bfloat16)
@@ -331,8 +331,9 @@ def cam_heatmaps(model: nn.Module, inputs: torch.Tensor, target_classes: int | S
         finally:
             # not `with cam:`: grad-cam's __exit__ swallows IndexError; release removes its hooks
             cam.activations_and_grads.release()
-            if net.get_submodule(name) is not module:  # ablationcam swaps the layer in and out
-                _set_submodule(net, name, module)
+            if net.get_submodule(chosen.name) is not chosen.module:  # ablationcam swaps the layer in and out
+                parent, _, child = chosen.name.rpartition(".")
+                setattr(net.get_submodule(parent), child, chosen.module)
     return np.clip(np.nan_to_num(np.asarray(heat, dtype=np.float32)), 0.0, 1.0)
 
 
@@ -347,11 +348,6 @@ def _targets(target_classes: int | Sequence[int] | None, count: int) -> list[Any
     if len(classes) != count:
         raise ExplainError(f"{len(classes)} target classes for {count} images")
     return [ClassifierOutputTarget(c) for c in classes]
-
-
-def _set_submodule(net: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(net.get_submodule(parent_name) if parent_name else net, child, module)
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -421,13 +417,6 @@ def render_panel(image: np.ndarray, heatmap: np.ndarray, title: Sequence[str], s
     panel.paste(Image.fromarray(big), (gap, band))
     panel.paste(Image.fromarray(mixed), (2 * gap + shown[0], band))
     return panel
-
-
-def _save_png(image: Image.Image, path: Path) -> None:
-    """Written to a temporary file next to it, then renamed: never a half-written PNG."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 # ----------------------------------------------------------------------------- explain files
@@ -539,7 +528,9 @@ def _explain_batch(loaded: Any, batch: torch.Tensor, good: Sequence[tuple[Path, 
             title = [f"{path.name}  ({name})",
                      (f"predicted {record.predicted_class} {record.probability:.1%}   "
                       f"explained {record.explained_class}")]
-            _save_png(render_panel(shown[i], heats[name][i], title), png)
+            buffer = io.BytesIO()
+            render_panel(shown[i], heats[name][i], title).save(buffer, format="PNG")
+            atomic_write_bytes(png, buffer.getvalue())  # never a half-written PNG
             records.append(record)
 
 

@@ -1,12 +1,7 @@
 """Predictors: what evaluate, predict, ensemble and the report run images through.
 
-A predictor turns a dataset of raw images (uint8 (C, H, W) tensors, no transform yet) into
-class probabilities. Each one applies its own eval pipeline, so members of an ensemble may
-differ in input size, channels and normalisation:
-
-    ModelPredictor      one trained model (a run folder or .safetensors), optionally with
-                        test-time augmentation (evaluation/tta.py)
-    EnsemblePredictor   several predictors combined (evaluation/ensemble.py)
+A predictor (ModelPredictor here, EnsemblePredictor in ensemble.py) turns a dataset of raw images
+(uint8 (C, H, W), no transform yet) into class probabilities through its own eval pipeline:
 
     predictor = load_predictor("runs/fmnist", tta=True)     # or an ensemble folder
     probs, targets = predictor.probabilities(dataset)        # (N, C) and (N,)
@@ -105,8 +100,6 @@ def run_model(model: torch.nn.Module, dataset: Any, batch_size: int = 256,
 def resolve_tta(recipe: Any, tta: TTAArg) -> Any:
     """None when TTA is off; the TTAConfig to use otherwise (True means the recipe's
     `eval.tta`, or the default views when the recipe names none)."""
-    if tta is None or tta is False:
-        return None
     from imgtrain.evaluation.tta import tta_config_for
     return tta_config_for(recipe, tta)
 
@@ -152,5 +145,4 @@ def check_classes(model_classes: list[str], data_classes: list[str], where: str)
 
 
 __all__ = ["ENSEMBLE_FILE", "ImageListDataset", "ModelPredictor", "check_classes", "evaluation_data",
-           "is_ensemble_dir", "metrics_of",
-           "resolve_tta", "run_model"]
+           "is_ensemble_dir", "metrics_of", "resolve_tta", "run_model"]

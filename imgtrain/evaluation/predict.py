@@ -3,16 +3,14 @@
     rows = predict("runs/fmnist", ["photos/", "more.csv"], topk=3, tta=True)
     write_predictions(rows, "preds.csv", topk=3)
 
-One row per image, in the order given (folders sorted): `path`, `class_1`, `prob_1` ... up to
-`topk`, `label` when a CSV manifest has a label column, and `error`, which says why an image
-could not be read (its other fields stay empty; the rest are still predicted). Images are
-decoded and predicted in chunks, so a folder of any size fits in memory.
+One row per image, in the order given (folders sorted): `path`, `label` (from a CSV manifest),
+`class_1`, `prob_1` ... up to `topk`, and `error`: why an image could not be read (the rest are
+still predicted). Images are decoded in chunks, so a folder of any size fits in memory.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 from imgtrain.data import BadImageError, DataError, load_image
 from imgtrain.evaluation.ensemble import load_predictor
 from imgtrain.evaluation.inference import ImageListDataset, TTAArg
+from imgtrain.evaluation.metrics import write_csv
 from imgtrain.io import atomic_write_text
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -104,12 +103,7 @@ def write_predictions(rows: list[dict[str, Any]], output: str | Path, topk: int)
         return output
     fields = ["path"] + (["label"] if any("label" in r for r in rows) else [])
     fields += [f"{kind}_{rank}" for rank in range(1, topk + 1) for kind in ("class", "prob")] + ["error"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(output, buffer.getvalue())
-    return output
+    return write_csv(output, fields, [[row.get(field, "") for field in fields] for row in rows])
 
 
 def format_predictions(rows: list[dict[str, Any]], topk: int, limit: int | None = None) -> str:

@@ -2,10 +2,8 @@
 
 A teacher is an imgtrain run folder or `.safetensors` checkpoint, an `imgtrain ensemble --save`
 folder (its members, with the ensemble's weights), or a timm model name with its pretrained weights.
-`load_teachers(recipe, classes, mean, std)` returns the frozen `TeacherEnsemble` that
-strategies/distillation.py's hook runs each batch, or None when distillation is off. It lives here,
-beside TTA and ensembles, because a teacher is a trained model predicting: the strategy itself only
-needs the ensemble it is handed (api.train loads it before the run folder is made).
+It lives here, beside TTA and ensembles, because a teacher is a trained model predicting:
+strategies/distillation.py only runs the `TeacherEnsemble` that `load_teachers` hands it.
 """
 
 from __future__ import annotations
@@ -94,8 +92,7 @@ def with_tta(teacher: LoadedTeacher) -> LoadedTeacher:
     """The teacher predicting with test-time augmentation (evaluation/tta.py): its run's eval.tta
     views and merge rule, or hflip and the mean of probabilities when it names none (a timm model)."""
     settings = tta_config_for(teacher.recipe, True)
-    return dataclasses.replace(teacher, model=TTAModel(teacher.model, settings),
-                               tta=settings.describe())
+    return dataclasses.replace(teacher, model=TTAModel(teacher.model, settings), tta=settings.describe())
 
 
 def load_teachers(recipe: Any, classes: Sequence[str], mean: Sequence[float],

@@ -8,18 +8,12 @@
 
 Views act on the transformed batch (N, C, H, W) on its device, all images at once, and keep its
 size. The original batch is always the first view; a view equal to one already there is not run
-twice. What each eval.tta entry adds:
+twice. `view_ops` says what each eval.tta entry adds (README has the table); crops and shifts
+follow torchvision's FiveCrop, TenCrop and center_crop, and uncovered pixels are zeros (the
+dataset's mean colour after normalisation). `random` crops are drawn once from a generator seeded
+with the view's `seed`, so every image and batch size gets the same ones.
 
-    identity          nothing (listed alone, TTA is the plain model)
-    hflip / vflip     a flip of the width / height axis: 1 view
-    five_crop: f      torchvision's FiveCrop of side round(f * H) x round(f * W), each resized back: 5 views
-    ten_crop: f       five_crop of the batch, then of its hflip: 10 views
-    scale: [s, ...]   resize by s, then torchvision's center_crop back (crops, or pads with zeros): 1 per factor
-    translate: d      shift right, left, down and up by d (int: pixels, float: a fraction of the side): 4 views
-    random: n         n random resized crops (+ flips), drawn once from a generator seeded with `seed`,
-                      as fractions of the image: the same for every image and batch size: n views
-
-Zeros are the dataset's mean colour after normalisation. Merge rules (`eval.tta_merge`), handing back logits:
+Merge rules (`eval.tta_merge`), handing back logits:
 
     mean_probs    log(mean_v softmax(z_v)): the softmax of the result is the mean probability (default)
     mean_logits   mean_v z_v
