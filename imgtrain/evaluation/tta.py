@@ -154,7 +154,7 @@ def _random_ops(view: TTAView) -> list[ViewOp]:
 
 
 def view_ops(view: TTAView) -> list[ViewOp]:
-    """The operations one eval.tta entry stands for (see the module docstring)."""
+    """The operations one eval.tta entry stands for (README "Test-time augmentation" has the table)."""
     name, value = view.name, view.value
     if name == "identity":
         return [ViewOp("identity")]
