@@ -5,12 +5,10 @@
         def enabled(self, recipe): return recipe.ema.enabled
         def build(self, recipe, context): return [EmaHook(recipe.ema.decay, ...)]
 
-`STRATEGIES` (strategies/__init__.py) lists one instance of each, in the order their hooks run;
-`api.train` loops over it: `check(recipe)` of every enabled strategy before any data is read, then
-`plan_epochs` and `param_groups` (what the Trainer takes), then `build(recipe, context)` once the data
-and the model exist (it may raise a RecipeError for what needs them: the model's layer groups, the
-data's image size), all before the run folder is made. Adding a strategy is one file (its pure
-function, its Hook, its entry) and one line in `STRATEGIES`.
+`api.train` loops over `STRATEGIES` (strategies/__init__.py): `check(recipe)` of every enabled
+strategy before any data is read, then `plan_epochs` and `param_groups`, then `build(recipe,
+context)` once the data and the model exist (it may raise a RecipeError for what needs them), all
+before the run folder is made.
 """
 
 from __future__ import annotations

@@ -1,38 +1,20 @@
 """Curriculum learning: train on the easiest images first, then let the harder ones in.
 
-Every training image gets a difficulty score; each epoch draws only from the easiest
-`fraction(epoch)` of them, and a pacing function grows that fraction from
-`start_fraction` to 1.0 by `end_point` of training (Bengio et al. 2009, "Curriculum
-Learning"). Pacing functions as in Hacohen & Weinshall 2019 ("On the Power of Curriculum
-Learning in Training Deep Networks"; their "single step" and staircase pacing is `step`)
-and Platanios et al. 2019 ("Competence-based Curriculum Learning", `linear` and `root`):
+Each epoch draws only from the easiest `fraction(epoch)` of the training images, and a pacing
+function grows that fraction from `start_fraction` to 1.0 by `end_point` of training (Bengio et
+al. 2009; pacings from Hacohen & Weinshall 2019 and Platanios et al. 2019):
 
     progress p = min(1, epoch / (end_point * epochs))          (epoch 0-based)
     linear:  s + (1 - s) * p
     root:    sqrt(s^2 + (1 - s^2) * p)        (grows fast early, when the model learns fastest)
     step:    s + (1 - s) * floor(p * step_count) / step_count
 
-The difficulty comes from one of:
-- `reference`: the per-image loss of a trained model (a run folder or checkpoint), computed
-  once before training on the train split, in eval mode with that model's eval transform
-  ("transfer scoring" in Hacohen & Weinshall);
-- `self_paced`: the model's own running loss (Kumar et al. 2010, "Self-Paced Learning for
-  Latent Variable Models"): an exponential moving average of each image's cross-entropy,
-  measured on the training forward pass itself (no extra forward). An image never seen yet
-  counts as the mean of the measured ones: it is neither kept out as hard nor let in ahead
-  of images known to be easy, and a random share of the unseen fill the pool each epoch;
-- `csv`: a column of a CSV the user writes, one row per training image (higher = harder).
-
-The epoch length never changes: an epoch is still len(train split) draws, made as shuffled
-repeats of the easy pool (every pool image once, in a new order, then again ...), so the
-steps per epoch, and with them the lr schedule, stay what the recipe says. Pool and order
-of epoch k come from a generator seeded by (train.seed, k): a resumed run draws the same
-images. Ties in difficulty are broken at random, per epoch.
-
-When it helps: noisy or mislabelled data (hard images are often the wrong ones), short
-budgets on data with a clear easy-to-hard structure, and large models early in training.
-On clean, easy data at equal epochs it is usually neutral or slightly worse: the model sees
-fewer distinct images early on. Measure before adopting it (benchmarks/curriculum.py).
+The difficulty is a reference model's per-image loss (`reference`), a CSV column (`csv`, higher =
+harder), or the model's own running loss (`self_paced`, Kumar et al. 2010: an EMA of each image's
+cross-entropy on the training forward pass; unseen images count as the mean of the seen ones).
+An epoch is still len(train split) draws (shuffled repeats of the easy pool), so the lr schedule
+is what the recipe says; pool and order of epoch k are seeded by (train.seed, k), so a resumed
+run draws the same images. When it helps: README, "Curriculum learning".
 
     fraction = pacing_fraction(epoch, epochs, start_fraction=0.3, end_point=0.5, kind="root")
     pool = easiest(scores, fraction, generator)          # indices of the easiest images
@@ -132,11 +114,9 @@ def csv_difficulty(path: str, column: str, id_column: str | None, dataset: Any,
                    search_dirs: Sequence[str] = (), file: str | None = None) -> torch.Tensor:
     """Difficulty of every image of `dataset` (the train split) from a CSV column.
 
-    Rows are matched to images by `id_column`: a file path for file sources (absolute, or
-    relative to the CSV's folder, the working folder or one of `search_dirs`), the row index
-    within the train split for in-memory sources. Rows of other images (val, test) are ignored;
-    a training image without a row is an error.
-    """
+    Rows are matched by `id_column`: a file path (absolute, or relative to the CSV's folder, the
+    working folder or one of `search_dirs`) or, for in-memory sources, the row index in the train
+    split. Rows of other images are ignored; a training image without a row is an error."""
     csv_path = Path(path).expanduser()
     if not csv_path.is_file():
         raise RecipeError(f"{csv_path}: no such file (relative paths start in the working folder)",
@@ -233,12 +213,8 @@ def reference_difficulty(target: str, dataset: Any, classes: Sequence[str], chan
 # ----------------------------------------------------------------------------- sampler and hook
 
 class CurriculumSampler(Sampler[int]):
-    """Yields the epoch's order that `CurriculumHook` sets (`order`), len(train split) indices.
-
-    Iterated in the main process (also with workers), when the loop starts the epoch, so the
-    order set at epoch_start is the one the batches are made of. Without an order set (the
-    loader used outside the Trainer) it is a plain shuffle from the loader's generator.
-    """
+    """Yields the epoch's `order` that `CurriculumHook` sets at epoch_start (the sampler is iterated
+    in the main process when the epoch starts); without one, a plain shuffle."""
 
     def __init__(self, length: int, generator: torch.Generator | None = None):
         self.length = length
@@ -267,7 +243,7 @@ class CurriculumHook(Hook):
         self.scores: torch.Tensor | None = None      # difficulty per image (self_paced: on the device)
         self.seen: torch.Tensor | None = None        # self_paced: images measured at least once
         self.order: torch.Tensor | None = None       # this epoch's draws (dataset indices)
-        self.cursor = 0                                  # draws of this epoch already in a batch
+        self.cursor = 0                              # draws of this epoch already in a batch
 
     @property
     def self_paced(self) -> bool:
@@ -367,18 +343,13 @@ def curriculum_enabled(recipe: Any) -> bool:
 def prepare_curriculum(hooks: Sequence[Hook], recipe: Any, splits: Any, loaders: Any,
                        device: torch.device) -> list[str]:
     """Scores the training images (reference, csv), installs the curriculum sampler in
-    `loaders.train` and hands it to the `CurriculumHook` among `hooks`. Runs before the run
-    folder is made: a bad CSV or reference stops the run with nothing written.
-    Returns lines for train.log."""
+    `loaders.train` and hands it to the `CurriculumHook` among `hooks`; returns lines for train.log.
+    Runs before the run folder is made: a bad CSV or reference stops the run with nothing written."""
     hook = next((h for h in hooks if isinstance(h, CurriculumHook)), None)
     if hook is None:
         return []
     cfg, file = recipe.curriculum, recipe.source_file
-    if recipe.data.sampler != "random":
-        raise RecipeError(f"curriculum learning chooses which images each epoch draws, and so does "
-                          f"data.sampler: {recipe.data.sampler}; use one "
-                          "(data.sampler: random with a curriculum)",
-                          file=file, key="curriculum.difficulty")
+    _check_sampler(recipe)
     dataset = splits.train
     scores: torch.Tensor | None = None
     if cfg.difficulty == "csv":
@@ -402,6 +373,15 @@ def prepare_curriculum(hooks: Sequence[Hook], recipe: Any, splits: Any, loaders:
     return [line]
 
 
+def _check_sampler(recipe: Any) -> None:
+    """A curriculum needs data.sampler: random (both choose the images each epoch draws)."""
+    if recipe.data.sampler != "random":
+        raise RecipeError(f"curriculum learning chooses which images each epoch draws, and so does "
+                          f"data.sampler: {recipe.data.sampler}; use one "
+                          "(data.sampler: random with a curriculum)",
+                          file=recipe.source_file, key="curriculum.difficulty")
+
+
 def loader_with_sampler(loader: DataLoader, sampler: Sampler) -> DataLoader:
     """The train loader, same settings, drawing the curriculum's order."""
     return loader_with_sampling(loader, batch_size=loader.batch_size, sampler=sampler)
@@ -415,16 +395,11 @@ class Curriculum(Strategy):
         return curriculum_enabled(recipe)
 
     def check(self, recipe: Any) -> None:
-        if recipe.data.sampler != "random":
-            raise RecipeError(f"curriculum learning chooses which images each epoch draws, and so does "
-                              f"data.sampler: {recipe.data.sampler}; use one "
-                              "(data.sampler: random with a curriculum)",
-                              file=recipe.source_file, key="curriculum.difficulty")
+        _check_sampler(recipe)
 
     def build(self, recipe: Any, context: StrategyContext | None) -> list[Hook]:
         context = require_context(context, self.name)
         hook = CurriculumHook(recipe.curriculum, seed=recipe.train.seed)
-        # scores the training images (reference, csv) and installs its sampler in loaders.train
         context.notes += prepare_curriculum([hook], recipe, context.splits, context.loaders, context.device)
         return [hook]
 

@@ -1,46 +1,17 @@
 """Training diagnostics: per-layer gradient norms, and a guard against non-finite losses.
 
-When a run does not learn, or learns and then blows up, the cause is usually one of a few
-things, and the seed project's "Debugging Training" checklist is the order to look in:
-
-1. Look at the data as the model sees it: the images after augmentation, with their labels
-   (a wrong label map or a loader that shuffles images and labels apart shows at once).
-2. Check the loss at initialisation: a fresh C-class classifier scores about log(C). Far
-   above means big initial logits or unnormalised inputs; far below means the labels leak.
-3. Overfit one batch: a model that cannot drive the loss on 32 images to zero in a hundred
-   steps has a bug (learning rate far too low or high, frozen layers, the wrong loss).
-4. Check that gradients flow: every trainable layer gets one; none vanishes (below 1e-7: the
-   layer no longer learns) and none explodes (the learning rate is too high for it).
-5. A loss of NaN or inf: the learning rate is too high (add warmup or clipping), fp16
-   overflowed (use bf16 or fp32), or an input or label is bad (an image of NaNs, a label
-   outside the classes).
-6. A loss that will not fall: learning rate too low, layers frozen by mistake, labels
-   shuffled against the images (a data-loading bug), a loss that does not fit the targets.
-
-`imgtrain doctor` (imgtrain/doctor.py) runs 1 to 4 before training. During training two
-hooks watch 4 and 5:
+`imgtrain doctor` (imgtrain/doctor.py) checks the data, the initial loss and the gradients before
+training; during it two hooks watch (README, "Training diagnostics"):
 
 - `GradientMonitorHook` (`diagnostics.grad_monitor_every: N`): every N optimizer steps, at
-  before_step (gradients final and unscaled), reads the gradient norm of every layer with one
-  device sync, writes them to events.jsonl (`grad_norms` of each epoch_end), puts a summary in
-  history.csv (`grad_norm_total`, `grad_norm_max`, `grad_norm_max_layer`,
-  `grad_vanishing_layers`, `grad_exploding_layers`), and warns once per layer in train.log
-  and on stderr. Under fp16 a reading with inf gradients is the GradScaler's overflow, which
-  it handles (it skips that step and lowers its scale): it is recorded, not warned about.
-- `NonFiniteGuardHook` (`diagnostics.nonfinite: stop | skip | off`, on by default): at
-  after_backward, checks that the batch loss is finite. `stop` ends the run with
-  `NonFiniteLossError`, naming the epoch, batch and step, the loss parts, the first parameter
-  with a non-finite gradient and the likely causes; the checkpoints of the last finished epoch
-  are untouched and resumable. `skip` zeroes the accumulation group's gradients and skips its
-  optimizer step (the schedule still steps), up to `max_skipped_steps` in the run, then stops.
-  The decision reads the loss, never the gradients: with fp16 an inf gradient is the
-  GradScaler's business, and the guard does not fight it.
-
-The loss check costs one device sync per batch (fastai's TerminateOnNaN pays the same): free
-on a CPU, on a GPU a stall of the host that can cost a few percent of throughput with small
-batches. `nonfinite_check_every: N` keeps the losses on the device and looks every N batches
-(and at the end of every epoch, before its checkpoint is written), naming the bad batch up to
-N - 1 batches late; `nonfinite: off` drops the check.
+  before_step (gradients final and unscaled), reads every layer's gradient norm in one device
+  sync: all of them to events.jsonl, a summary to history.csv, one warning per vanishing or
+  exploding layer. Under fp16, inf gradients are the GradScaler's overflow: recorded, not warned.
+- `NonFiniteGuardHook` (`diagnostics.nonfinite: stop | skip | off`): at after_backward, checks the
+  batch loss, never the gradients (an fp16 inf gradient is the GradScaler's business). `stop`
+  raises `NonFiniteLossError` (where, likely causes, what is saved); `skip` zeroes the group's
+  gradients and skips its step, up to `max_skipped_steps`. The check costs one device sync per
+  batch; `nonfinite_check_every: N` syncs every N batches and at each epoch's end instead.
 
     norms = gradient_norms(model)                     # {"stem.0": 0.12, "stages.0.0.0": 0.31, ...}
     flags = classify_gradients(norms, vanishing_below=1e-7, exploding_above=100.0)
@@ -78,9 +49,8 @@ def _gradients(model: torch.nn.Module) -> list[tuple]:
 
 
 def gradient_norms(model: torch.nn.Module, by: str = "layer") -> dict[str, float]:
-    """L2 norm of the current gradients, per layer (module; its weight and bias together) or per
-    parameter (`by="parameter"`), in the model's order. Parameters without a gradient (frozen,
-    unused) are left out. One device sync in all."""
+    """L2 norm of the current gradients per layer (a module's weight and bias together) or per
+    parameter (`by="parameter"`), in the model's order, in one device sync; no gradient, no entry."""
     if by not in ("layer", "parameter"):
         raise ValueError(f"by must be 'layer' or 'parameter', got {by!r}")
     grads = _gradients(model)
@@ -158,13 +128,6 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped on a nan/inf loss; the message says where, why, and what is saved."""
 
 
-# ----------------------------------------------------------------------------- run folder notes
-
-def _note(state: Any, message: str, event: str | None = None, **fields: Any) -> None:
-    """A line in train.log (and a record in events.jsonl) of the run, through the trackers."""
-    state.note(message, event, **fields)
-
-
 def _warn(message: str) -> None:
     print(f"imgtrain: warning: {message}", file=sys.stderr, flush=True)
 
@@ -220,7 +183,7 @@ class GradientMonitorHook(Hook):
                        f"{self.exploding_above:g}) at step {state.step + 1}, epoch {state.epoch + 1}: lower "
                        "optim.lr, add warmup (schedule.warmup_epochs) or clip (train.clip_grad_norm)")
         _warn(message)
-        _note(state, message)
+        state.note(message)
 
     def eval_end(self, state: Any) -> None:
         # before the loop turns epoch_metrics into the history row: the summary lands in history.csv
@@ -328,7 +291,7 @@ class NonFiniteGuardHook(Hook):
         message = (f"non-finite loss ({value}) at {where}: step skipped ({self.skipped} of at most "
                    f"{self.max_skipped_steps} in the run, diagnostics.max_skipped_steps)")
         _warn(message)
-        _note(state, message, "nonfinite_skipped", **record)
+        state.note(message, "nonfinite_skipped", **record)
 
     def after_step(self, state: Any) -> None:
         self._group_bad = False
@@ -353,8 +316,8 @@ class NonFiniteGuardHook(Hook):
         message = (f"non-finite training loss ({value}) at {where}{found}{limit}; "
                    + (f"loss parts: {parts}; " if parts else "")
                    + f"{gradient}. Likely causes: {LIKELY_CAUSES}. {saved}")
-        _note(state, "stopped: " + message, "nonfinite_loss", epoch=state.epoch + 1, step=state.step + 1,
-              loss=value, first_nonfinite_gradient=first)
+        state.note("stopped: " + message, "nonfinite_loss", epoch=state.epoch + 1, step=state.step + 1,
+                   loss=value, first_nonfinite_gradient=first)
         raise NonFiniteLossError(message)
 
     def state_dict(self) -> dict[str, Any]:
@@ -386,10 +349,9 @@ class Diagnostics(Strategy):
         check_diagnostics(recipe.diagnostics, file=recipe.source_file)
 
     def build(self, recipe: Any, context: StrategyContext | None) -> list[Hook]:
-        return build_diagnostics(recipe.diagnostics)  # gradient monitor, non-finite guard
+        return build_diagnostics(recipe.diagnostics)
 
 
 __all__ = ["Diagnostics", "GradientFlags", "GradientMonitorHook", "NonFiniteGuardHook", "NonFiniteLossError",
-           "build_diagnostics",
-           "check_diagnostics", "classify_gradients", "first_nonfinite_gradient", "gradient_norms", "layer_of",
-           "missing_gradients", "total_norm"]
+           "build_diagnostics", "check_diagnostics", "classify_gradients", "first_nonfinite_gradient",
+           "gradient_norms", "layer_of", "missing_gradients", "total_norm"]

@@ -1,36 +1,19 @@
 """LR finder: the learning-rate range test, to pick the peak learning rate before training.
 
-Train for `steps` optimizer steps while the learning rate grows exponentially from `start`
-to `end`, one lr per step, and record the training loss. The loss first barely moves (lr too
-small), then falls (the useful range), then turns and explodes (lr too large); the test stops
-once the smoothed loss passes `diverge` x its best. Three suggestions are read off the
-smoothed curve, after dropping its first tenth and its last 5 points as fastai does:
+Train `steps` optimizer steps while the lr grows exponentially from `start` to `end`, recording the
+loss, until the smoothed loss (bias-corrected EMA, fastai's `AvgSmoothLoss`) passes `diverge` x its
+best (Smith 2015, "Cyclical Learning Rates for Training Neural Networks", sec. 3.3; fastai's
+`lr_find`). The suggestions are read off the smoothed curve without its first tenth and last 5
+points, as fastai does: `steep` (the fastest fall against log lr), `valley` (fastai's default: 2/3
+of the way down the longest falling stretch) and `min10` (a tenth of the lr of the lowest loss; our
+default: in benchmarks/lr_finder.py it trains within a point of the best grid lr, where `valley`
+lands two decades low).
 
-- `steep`: where the loss falls fastest (minimum slope of loss against log lr);
-- `valley`: fastai's default since 2.5: the longest stretch of falling loss, then 2/3 of the
-  way down it (a little past its middle), which is robust to a noisy start;
-- `min10`: the lr of the lowest loss divided by 10, the classic rule of thumb, and our default
-  (`lr_find.suggestion`): in benchmarks/lr_finder.py it trains within a point of the best grid lr,
-  where `valley`, on the lagging smoothed curve, lands two decades low.
-
-It helps when you train a new model/data/batch size and do not know the lr: one test costs
-about `steps` batches, against a grid of full trainings. The suggestion is a peak lr: with the
-one-cycle schedule it is one-cycle's max lr (fastai's `fit_one_cycle(lr_max=...)` use). Leslie
-Smith 2015, "Cyclical Learning Rates for Training Neural Networks" (sec. 3.3, the "LR range
-test"); fastai's `Learner.lr_find`, and the `torch-lr-finder` package.
-
-The loss is smoothed with a bias-corrected exponential moving average (fastai's
-`AvgSmoothLoss`): avg = beta * avg + (1 - beta) * loss; smoothed = avg / (1 - beta^n).
-
-`find_lr(recipe, parts)` runs the test on the real Trainer (`LrFinderHook`, as fastai's LRFinder
-callback): its forward model (compiled or not), train loss (label smoothing, class weights, focal
-...), train batch transform, channels_last, autocast and GradScaler, gradient clipping and
-accumulation (one lr per optimizer step, `grad_accum_steps` batches each), drawing batches from the
-train loader (cycled when it runs out). Per-group lrs (layer decay) keep their ratios to the first
-group's. Afterwards it puts back the weights, BatchNorm statistics, optimizer and grad-scaler
-state, module train/eval modes, `requires_grad` flags, the global RNG states and the train
-loader's generator, so training after it is exactly training without it. Strategy hooks
-(mixing, distillation ...) are not applied during the test: it measures the plain loss.
+`find_lr(recipe, parts)` runs the test on the real Trainer (`LrFinderHook`), with the run's model,
+loss, batch transforms, precision, clipping and accumulation (one lr per optimizer step); per-group
+lrs keep their ratios to the first group's. Afterwards it puts back all the test changed, so training
+after it is exactly training without it. Hooks that change the batch or the loss (mixing,
+distillation ...) do not run: the test measures the plain loss.
 
     lrs = lr_schedule(1e-7, 10, 100)
     smoothed = smooth_losses(raw_losses, beta=0.98)
@@ -51,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from imgtrain.config import RecipeError
@@ -58,7 +42,7 @@ from imgtrain.data.loaders import CycledLoader
 from imgtrain.engine.checkpoint import capture_rng_state, restore_rng_state
 from imgtrain.engine.events import Hook, HookList
 from imgtrain.engine.loop import Trainer
-from imgtrain.strategies.base import Strategy, StrategyContext
+from imgtrain.strategies.base import Strategy
 
 CSV_NAME = "lr_find.csv"
 PLOT_NAME = "lr_find.png"
@@ -205,7 +189,7 @@ class LrFindResult:
         ax.plot(self.lrs, self.smoothed, color="C0", label="smoothed loss")
         log_lrs = [math.log(v) for v in self.lrs]
         for color, (name, lr) in zip(("C1", "C2", "C3"), self.suggestions.items()):
-            loss = _interpolate(math.log(lr), log_lrs, self.smoothed)
+            loss = float(np.interp(math.log(lr), log_lrs, self.smoothed))
             label = f"{name} {lr:.1e}" + (" (used)" if name == chosen else "")
             ax.plot([lr], [loss], "o", color=color, markersize=9 if name == chosen else 6, label=label)
         finite = [v for v in self.smoothed if math.isfinite(v)]
@@ -231,23 +215,11 @@ class LrFindResult:
         return [csv_path, png_path]
 
 
-def _interpolate(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
-    if x <= xs[0]:
-        return ys[0]
-    for i in range(1, len(xs)):
-        if x <= xs[i]:
-            w = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
-            return ys[i - 1] + w * (ys[i] - ys[i - 1])
-    return ys[-1]
-
-
 # ----------------------------------------------------------------------------- the range test
 
 class LrFinderHook(Hook):
-    """The range test as a hook on the real Trainer (fastai's LRFinder callback): sets each optimizer
-    step's lr, records the step's mean loss, ends the run once the smoothed loss diverges, and at
-    fit_end puts back what the test changed (weights, BatchNorm statistics, optimizer and grad-scaler
-    state, module modes, requires_grad flags, RNG states, the train loader's generator)."""
+    """The range test on the real Trainer (fastai's LRFinder callback): sets each step's lr, records
+    its loss, stops once the smoothed loss diverges, and at fit_end puts back what the test changed."""
 
     name = "lr_finder"
 
@@ -314,13 +286,9 @@ class LrFinderHook(Hook):
 def find_lr(recipe: Any, parts: Any, settings: Any = None, hooks: Sequence[Hook] = ()) -> LrFindResult:
     """Run the range test on the real Trainer and put everything back as it was.
 
-    parts: the `TrainParts` training would use (model, loss, parameter groups, train loader ...); the
-    test trains with the recipe's precision, accumulation, clipping, channels_last and batch
-    transforms, one lr per optimizer step (`grad_accum_steps` batches each), without validation or
-    checkpoints. settings: an `LrFindConfig` (default: recipe.lr_find). hooks: run before the test's
-    own, e.g. the transfer hook, so layers frozen in the first epoch stay frozen. Strategy hooks that
-    change the batch or the loss (mixing, distillation ...) are left out: the test measures the plain loss.
-    """
+    parts: the `TrainParts` training would use (trained without validation or checkpoints);
+    settings: an `LrFindConfig` (default: recipe.lr_find); hooks: run before the test's own, e.g.
+    the transfer hook, so layers frozen in the first epoch stay frozen."""
     cfg = settings if settings is not None else recipe.lr_find
     accum = recipe.train.grad_accum_steps
     # one epoch of exactly the test's steps (the hook sets every step's lr, whatever the schedule says)
@@ -372,7 +340,8 @@ def check_lr_find(recipe: Any) -> None:
 
 
 class LrFinder(Strategy):
-    """optim.lr: find: the range test runs before training (api.find_recipe_lr) and picks optim.lr."""
+    """optim.lr: find: the range test runs before training (api.find_recipe_lr) and picks optim.lr;
+    no hook runs during training."""
     name, section = "lr_finder", "lr_find"
 
     def enabled(self, recipe: Any) -> bool:
@@ -381,10 +350,6 @@ class LrFinder(Strategy):
     def check(self, recipe: Any) -> None:
         check_lr_find(recipe)
 
-    def build(self, recipe: Any, context: StrategyContext | None) -> list[Hook]:
-        return []  # nothing runs during training: the lr it chose is in the recipe by then
-
 
 __all__ = ["CSV_NAME", "LrFinder", "LrFinderHook", "PLOT_NAME", "LrFindResult", "SUGGESTIONS", "check_lr_find",
-           "diverged", "find_lr",
-           "lr_schedule", "minimum_tenth", "smooth_losses", "steepest", "suggest", "valley"]
+           "diverged", "find_lr", "lr_schedule", "minimum_tenth", "smooth_losses", "steepest", "suggest", "valley"]

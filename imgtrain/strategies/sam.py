@@ -7,18 +7,10 @@ order, then takes the gradient there and applies it at w:
     e(w) = rho * w^2 g / ||w g||       ASAM (adaptive): the neighbourhood scaled elementwise by |w|
     w <- optimizer step from w with the gradient at w + e(w)
 
-so training prefers flat minima, whose loss does not rise when the weights move a little; they
-generalise better. It helps most where a model can fit its training set with room to spare: small
-data sets, long runs, large models, noisy labels (Foret et al. report +0.5 to +1.5 points on CIFAR
-and ImageNet); little in short runs that are still underfitting. ASAM's neighbourhood does not
-change when a layer's weights are rescaled (as BatchNorm allows), and takes a larger rho (0.5 to 2).
-Foret, Kleiner, Mobahi & Neyshabur 2021, "Sharpness-Aware Minimization for Efficiently Improving
-Generalization"; Kwon, Kim, Park & Choi 2021, "ASAM: Adaptive Sharpness-Aware Minimization for
-Scale-Invariant Learning of Deep Neural Networks".
-
-The cost: two forward and two backward passes per optimizer step (about twice the time per step;
-an epoch of SAM costs about as much as two plain ones), and one copy of the trainable weights held
-between the passes.
+so training prefers flat minima, which generalise better (Foret et al. 2021, "Sharpness-Aware
+Minimization for Efficiently Improving Generalization"; Kwon et al. 2021, "ASAM"; ASAM is invariant
+to rescaled layers and takes a larger rho, 0.5 to 2). It costs a second forward and backward pass
+per step and a copy of the trainable weights. In your own loop:
 
     params = [p for p in model.parameters() if p.requires_grad]
     loss_fn(model(x), y).backward()              # the gradient at w
@@ -27,22 +19,13 @@ between the passes.
     optimizer.zero_grad()
     loss_fn(model(x), y).backward()              # the gradient at w + e(w)
     restore_weights(params, saved)               # back to w, bit for bit
-    optimizer.step()                             # your own loop; weight decay is the optimizer's
+    optimizer.step()                             # weight decay is the optimizer's
 
-`SamHook` does this in the Trainer's one step. At `after_backward` of an accumulation group's last
-batch (first pass) `.grad` holds the group's accumulated gradient at w: the hook perturbs the
-weights, zeroes the gradients and sets `state.repeat_group`; the loop replays the group's batches
-(as mixing and resizing left them) through forward and backward (`state.pass_index` 1), and at the
-end of that pass the hook puts w back. The loop then unscales, clips and steps with the gradient at
-w + e(w), so accumulation, clipping and AMP work as in any step. Under fp16 the gradients are still
-multiplied by the GradScaler's scale at the first pass; e(w) does not depend on that scale, so they
-need no unscaling; when one is inf or nan (an fp16 overflow) the step is taken without perturbation
-and the scaler skips it as usual. Frozen parameters (transfer learning) and those without a gradient
-are not perturbed. BatchNorm running statistics are updated by the first pass only (the second
-forward runs at the perturbed weights; as in davda54/sam's example). The loop's train_loss and
-train_acc are the first pass's (at w).
-
-Nothing to resume: w is restored within the step, so the hook keeps no state across steps.
+`SamHook` does this in the Trainer's step: at `after_backward` of a group's last batch it perturbs
+the weights and sets `state.repeat_group`; the loop replays the group's batches (`state.pass_index`
+1), after which the hook restores w, and the loop unscales, clips and steps as always. Under fp16
+e(w) does not depend on the GradScaler's scale; an overflow skips the perturbation. BatchNorm
+statistics move in the first pass only. The hook keeps no state across steps: nothing to resume.
 """
 
 from __future__ import annotations
@@ -61,13 +44,10 @@ NORM_EPS = 1e-12  # keeps e(w) finite (zero) when the gradient is exactly zero
 @torch.no_grad()
 def sam_perturbation(params: Iterable[torch.Tensor], rho: float,
                      adaptive: bool = False) -> list[torch.Tensor | None] | None:
-    """e(w) for each parameter, from the gradients in `.grad`: rho * g / ||g|| (SAM) or
-    rho * w^2 g / ||w g|| (adaptive: ASAM), the norm taken over all of them together.
-
-    Entries are None for parameters without a gradient. Returns None when there is nothing to
-    perturb: some gradient is inf or nan (an fp16 overflow: skip SAM for this step) or none exists.
-    The result does not change when every gradient is multiplied by the same factor (a GradScaler's
-    scale), so scaled gradients need no unscaling first."""
+    """e(w) for each parameter from its `.grad` (None without one): rho * g / ||g|| (SAM) or
+    rho * w^2 g / ||w g|| (adaptive: ASAM), the norm over all of them together. None when a gradient
+    is inf or nan (an fp16 overflow: skip SAM this step) or none exists. A GradScaler's scale cancels
+    out, so scaled gradients need no unscaling."""
     params = list(params)
     # the direction whose norm is taken: g, or |w| g for ASAM
     directions = [None if p.grad is None else (p.grad * p.abs() if adaptive else p.grad) for p in params]

@@ -1,21 +1,11 @@
 """SWA: stochastic weight averaging, an equal average of the weights at the end of the last epochs.
 
-From `swa.start_epoch` (0-based) on, the weights at the end of every epoch join a running mean,
-swa = swa + (w - swa) / (n + 1); with `swa.lr` the schedule is replaced, at that epoch, by torch's
-`SWALR`: `swa.anneal_epochs` epochs of cosine (or linear) annealing from the current lr to the
-constant `swa.lr`, which keeps SGD exploring around the optimum so the averaged points differ.
-The mean of those points lies in a wider, flatter region of the loss than any one of them and
-generalises better, at no extra training cost: it helps most at the end of a schedule that
-would otherwise be decayed to zero (the last 25% of epochs is the paper's choice), with SGD and a
-fairly high constant lr. Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima and
-Better Generalization".
-
-BatchNorm statistics of averaged weights are not the average of the statistics, so after every
-update they are recomputed (torch's `update_bn`) with one forward pass of the averaged model over
-the epoch's training batches, as training prepares them (on the device, batch-transformed, in the
-model's memory format): one extra forward pass over the training data per SWA epoch, none for a
-model without BatchNorm. Inputs are not mixed (Mixup/CutMix) nor resized by progressive resizing,
-whose batches exist only inside the training step.
+From `swa.start_epoch` (0-based) on, the weights at the end of every epoch join a running mean; with
+`swa.lr` the schedule is replaced there by torch's `SWALR` (`swa.anneal_epochs` of cosine or linear
+annealing to the constant `swa.lr`). Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima
+and Better Generalization". The average's BatchNorm statistics are recomputed after every update
+(torch's `update_bn`): one forward pass over the epoch's training batches as training prepares them
+(not mixed, not resized), none for a model without BatchNorm.
 
     averaged = torch.optim.swa_utils.AveragedModel(model)             # your own loop
     for epoch in range(epochs):
@@ -24,11 +14,9 @@ whose batches exist only inside the training step.
             swa_update(averaged, model, train_loader, prepare=lambda x: x.to(device))
     evaluate(averaged.module, ...)
 
-`SwaHook` averages at `before_eval` (the epoch's training is done, validation not started) and
-then sets `state.eval_model`, so validation, the best/last checkpoints and the test score use the
-averaged weights from the first SWA epoch on. Its state (the average, the number of models in it,
-SWALR's position and the SWA lrs) goes into last.state.pt, so a resumed run continues the same
-average on the same schedule.
+`SwaHook` averages at `before_eval` and sets `state.eval_model`, so validation, the checkpoints and
+the test score use the average from the first SWA epoch on. Its state (the average, SWALR's position,
+the SWA lrs) goes into last.state.pt, so a resumed run continues the same average on the same schedule.
 """
 
 from __future__ import annotations
@@ -91,12 +79,9 @@ def swa_lr_at(step: int, start_lr: float, swa_lr: float, steps: int, strategy: s
 
 
 class SwaSchedule:
-    """What `state.scheduler` is during SWA: it steps SWALR, and checkpoints the schedule it replaced.
-
-    The Trainer saves `state.scheduler.state_dict()` and, on resume, loads it into the schedule it
-    builds from the recipe, before any hook is restored: SWALR's state would not load there (a
-    LambdaLR wants its lr_lambdas). So the checkpoint keeps the replaced schedule's state (frozen:
-    nothing steps it any more) and SwaHook keeps SWALR's in its own state."""
+    """What `state.scheduler` is during SWA: it steps SWALR, and checkpoints the schedule it replaced,
+    which a resume loads into the recipe's schedule (SWALR's state would not load there; SwaHook
+    keeps it in its own state)."""
 
     def __init__(self, swalr: SWALR, replaced: Any):
         self.swalr, self.replaced = swalr, replaced
@@ -115,8 +100,8 @@ class SwaSchedule:
 
 
 class SwaHook(Hook):
-    """Keeps torch's AveragedModel of `state.model` (one point per epoch from start_epoch) and, with
-    a swa_lr, runs SWALR in place of the recipe's schedule from start_epoch on."""
+    """Keeps torch's AveragedModel of `state.model` (one point per epoch from start_epoch) and, with a
+    swa_lr, runs SWALR in place of the recipe's schedule from then on."""
 
     name = "swa"
 
@@ -136,10 +121,8 @@ class SwaHook(Hook):
         return int(self.averaged.n_averaged) if self.averaged is not None else 0
 
     def fit_start(self, state: Any) -> None:
-        # built here: the Trainer has moved the model to its device and memory format, and loaded
-        # the resumed weights. Parameters only (use_buffers=False): BatchNorm statistics are
-        # recomputed for the averaged weights after every update, and averaging them would only be
-        # overwritten; other buffers follow the model's
+        # built once the Trainer has moved the model and loaded resumed weights; parameters only
+        # (use_buffers=False): BatchNorm statistics are recomputed after every update
         self.averaged = AveragedModel(state.model)
         if self._pending is not None:
             if "averaged" in self._pending:
