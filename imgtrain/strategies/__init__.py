@@ -7,13 +7,11 @@ order, and their hooks run in this order:
 2. curriculum: picks the epoch's images at epoch_start; reads the logits at after_forward (self_paced);
 3. progressive resizing: plans each epoch's size and batch size, shrinks the batch at batch_start;
 4. mixing: replaces the batch at batch_start, after resizing (cheaper at the small size);
-5. sam: perturbs the weights at the group's last after_backward and has the loop replay the group's
-   batches as mixing left them, then restores the weights;
+5. sam: perturbs the weights at the group's last after_backward; the loop replays the mixed batches;
 6. distillation: replaces the loss at after_loss; its teacher sees the batch as mixing left it;
 7. ema: averages the weights after each optimizer step, once they are final;
 8. swa: puts SWALR in place of the schedule at epoch_start, averages the weights at before_eval;
-9. diagnostics: the gradient monitor reads the final gradients at before_step; the non-finite guard
-   checks the loss at after_backward, after every hook that changes it;
+9. diagnostics: reads the final gradients at before_step, and the loss at after_backward, once final;
 10. early stopping: reads the finished epoch's row at epoch_end, after the averages;
 11. the LR finder (optim.lr: find): its range test runs before training (`find_lr`).
 """

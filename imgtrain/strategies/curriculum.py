@@ -1,20 +1,17 @@
 """Curriculum learning: train on the easiest images first, then let the harder ones in.
 
-Each epoch draws only from the easiest `fraction(epoch)` of the training images, and a pacing
-function grows that fraction from `start_fraction` to 1.0 by `end_point` of training (Bengio et
-al. 2009; pacings from Hacohen & Weinshall 2019 and Platanios et al. 2019):
+Each epoch draws only from the easiest `fraction(epoch)` of the training images; the pacing grows
+that fraction from `start_fraction` (s) to 1.0 by `end_point` of training:
 
     progress p = min(1, epoch / (end_point * epochs))          (epoch 0-based)
     linear:  s + (1 - s) * p
     root:    sqrt(s^2 + (1 - s^2) * p)        (grows fast early, when the model learns fastest)
     step:    s + (1 - s) * floor(p * step_count) / step_count
 
-The difficulty is a reference model's per-image loss (`reference`), a CSV column (`csv`, higher =
-harder), or the model's own running loss (`self_paced`, Kumar et al. 2010: an EMA of each image's
-cross-entropy on the training forward pass; unseen images count as the mean of the seen ones).
-An epoch is still len(train split) draws (shuffled repeats of the easy pool), so the lr schedule
-is what the recipe says; pool and order of epoch k are seeded by (train.seed, k), so a resumed
-run draws the same images. When it helps: README, "Curriculum learning".
+The difficulty is a reference model's per-image loss, a CSV column (higher = harder) or, self-paced,
+a running average of each image's loss in training. An epoch is still len(train split) draws
+(shuffled repeats of the easy pool), so the lr schedule is unchanged; pools and orders are seeded by
+(train.seed, epoch), so a resumed run draws the same images. Sources: README, "Curriculum learning".
 
     fraction = pacing_fraction(epoch, epochs, start_fraction=0.3, end_point=0.5, kind="root")
     pool = easiest(scores, fraction, generator)          # indices of the easiest images
@@ -44,8 +41,6 @@ PACINGS = ("linear", "root", "step")
 #: offsets the curriculum's generator from the shuffle's and mixing's (train.seed, train.seed + 1)
 SEED_OFFSET = 2
 
-
-# ----------------------------------------------------------------------------- pure functions
 
 def pacing_fraction(epoch: int, epochs: int, start_fraction: float, end_point: float, kind: str = "linear",
                     step_count: int = 3) -> float:
@@ -103,8 +98,6 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed + SEED_OFFSET) * 1_000_003 + epoch)
 
 
-# ----------------------------------------------------------------------------- difficulty sources
-
 def _names(items: Sequence[Any], limit: int = 3) -> str:
     shown = ", ".join(str(i) for i in items[:limit])
     return shown + (", ..." if len(items) > limit else "")
@@ -112,11 +105,9 @@ def _names(items: Sequence[Any], limit: int = 3) -> str:
 
 def csv_difficulty(path: str, column: str, id_column: str | None, dataset: Any,
                    search_dirs: Sequence[str] = (), file: str | None = None) -> torch.Tensor:
-    """Difficulty of every image of `dataset` (the train split) from a CSV column.
-
-    Rows are matched by `id_column`: a file path (absolute, or relative to the CSV's folder, the
-    working folder or one of `search_dirs`) or, for in-memory sources, the row index in the train
-    split. Rows of other images are ignored; a training image without a row is an error."""
+    """Difficulty of every image of `dataset` (the train split) from a CSV column, rows matched by
+    `id_column`: a file path (absolute, or relative to the CSV's folder, the working folder or one of
+    `search_dirs`) or the row index in the train split. A training image without a row is an error."""
     csv_path = Path(path).expanduser()
     if not csv_path.is_file():
         raise RecipeError(f"{csv_path}: no such file (relative paths start in the working folder)",
@@ -209,8 +200,6 @@ def reference_difficulty(target: str, dataset: Any, classes: Sequence[str], chan
         losses.append(per_sample_loss(outputs, targets.to(device)).cpu())
     return torch.cat(losses)
 
-
-# ----------------------------------------------------------------------------- sampler and hook
 
 class CurriculumSampler(Sampler[int]):
     """Yields the epoch's `order` that `CurriculumHook` sets at epoch_start (the sampler is iterated
@@ -318,12 +307,8 @@ class CurriculumHook(Hook):
 
     def state_dict(self) -> dict[str, Any]:
         # tensors only: last.state.pt is loaded with weights_only=True
-        if self.scores is None:
-            return {}
-        out: dict[str, Any] = {"scores": self.scores.detach().cpu().clone()}
-        if self.seen is not None:
-            out["seen"] = self.seen.detach().cpu().clone()
-        return out
+        tensors = {"scores": self.scores, "seen": self.seen} if self.scores is not None else {}
+        return {key: value.detach().cpu().clone() for key, value in tensors.items() if value is not None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "scores" not in state:
@@ -334,17 +319,14 @@ class CurriculumHook(Hook):
             self.seen = state["seen"].to(device)
 
 
-# ----------------------------------------------------------------------------- wiring
-
 def curriculum_enabled(recipe: Any) -> bool:
     return recipe.curriculum.difficulty not in (None, "none")
 
 
 def prepare_curriculum(hooks: Sequence[Hook], recipe: Any, splits: Any, loaders: Any,
                        device: torch.device) -> list[str]:
-    """Scores the training images (reference, csv), installs the curriculum sampler in
-    `loaders.train` and hands it to the `CurriculumHook` among `hooks`; returns lines for train.log.
-    Runs before the run folder is made: a bad CSV or reference stops the run with nothing written."""
+    """Scores the training images, installs the curriculum sampler in `loaders.train` and hands it to
+    the `CurriculumHook` among `hooks`; returns lines for train.log. Runs before the run folder exists."""
     hook = next((h for h in hooks if isinstance(h, CurriculumHook)), None)
     if hook is None:
         return []

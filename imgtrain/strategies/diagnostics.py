@@ -1,17 +1,12 @@
 """Training diagnostics: per-layer gradient norms, and a guard against non-finite losses.
 
-`imgtrain doctor` (imgtrain/doctor.py) checks the data, the initial loss and the gradients before
-training; during it two hooks watch (README, "Training diagnostics"):
-
-- `GradientMonitorHook` (`diagnostics.grad_monitor_every: N`): every N optimizer steps, at
-  before_step (gradients final and unscaled), reads every layer's gradient norm in one device
-  sync: all of them to events.jsonl, a summary to history.csv, one warning per vanishing or
-  exploding layer. Under fp16, inf gradients are the GradScaler's overflow: recorded, not warned.
-- `NonFiniteGuardHook` (`diagnostics.nonfinite: stop | skip | off`): at after_backward, checks the
-  batch loss, never the gradients (an fp16 inf gradient is the GradScaler's business). `stop`
-  raises `NonFiniteLossError` (where, likely causes, what is saved); `skip` zeroes the group's
-  gradients and skips its step, up to `max_skipped_steps`. The check costs one device sync per
-  batch; `nonfinite_check_every: N` syncs every N batches and at each epoch's end instead.
+`imgtrain doctor` checks a run before training; during it two hooks watch (README, "Training
+diagnostics"): `GradientMonitorHook` reads every layer's gradient norm every N optimizer steps, at
+before_step, in one device sync, and warns once per vanishing or exploding layer (under fp16, inf
+gradients are the GradScaler's overflow: recorded, not warned). `NonFiniteGuardHook` checks each
+batch's loss (never the gradients, which are the GradScaler's business under fp16) at after_backward,
+and stops the run with `NonFiniteLossError` or skips the step; `nonfinite_check_every: N` trades one
+device sync per batch for one per N batches.
 
     norms = gradient_norms(model)                     # {"stem.0": 0.12, "stages.0.0.0": 0.31, ...}
     flags = classify_gradients(norms, vanishing_below=1e-7, exploding_above=100.0)
@@ -37,8 +32,6 @@ LIKELY_CAUSES = ("the learning rate is too high (lower optim.lr, add schedule.wa
                  "(an image of NaNs or infs, a label outside the classes)")
 
 
-# ----------------------------------------------------------------------------- pure functions
-
 def layer_of(parameter_name: str) -> str:
     """The layer (module path) a parameter belongs to: "stem.0.weight" -> "stem.0"."""
     return parameter_name.rsplit(".", 1)[0] if "." in parameter_name else parameter_name
@@ -57,9 +50,7 @@ def gradient_norms(model: torch.nn.Module, by: str = "layer") -> dict[str, float
     if not grads:
         return {}
     keys = [layer_of(name) if by == "layer" else name for name, _ in grads]
-    index: dict[str, int] = {}
-    for key in keys:
-        index.setdefault(key, len(index))
+    index = {key: i for i, key in enumerate(dict.fromkeys(keys))}  # first-seen order
     device = grads[0][1].device
     # squared norm per tensor, summed per layer on the device; only the final list crosses over
     squares = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32).to(device) ** 2
@@ -131,8 +122,6 @@ class NonFiniteLossError(RuntimeError):
 def _warn(message: str) -> None:
     print(f"imgtrain: warning: {message}", file=sys.stderr, flush=True)
 
-
-# ----------------------------------------------------------------------------- gradient monitor
 
 class GradientMonitorHook(Hook):
     """Every `every` optimizer steps: per-layer gradient norms to events.jsonl, a summary to
@@ -207,8 +196,6 @@ class GradientMonitorHook(Hook):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.warned = dict(state.get("warned", {}))
 
-
-# ----------------------------------------------------------------------------- non-finite guard
 
 class NonFiniteGuardHook(Hook):
     """Stops the run (or skips the step) when a batch's loss is nan or inf."""

@@ -6,16 +6,11 @@ The loss is Hinton et al. 2015 ("Distilling the Knowledge in a Neural Network"),
 
     loss = distillation_loss(student_logits, teacher_logits, labels, alpha=0.5, temperature=4.0)
 
-`DistillationHook` applies it at `after_loss` (inside autocast). The CE term is the run's own
-training loss and the targets are whatever the batch holds, so Mixup/CutMix and progressive
-resizing compose with it: the teacher sees the same mixed, resized images as the student.
-
-Teachers (`distill.teacher`: one, or a list) are run folders, `.safetensors` checkpoints, timm model
-names (pretrained) or `imgtrain ensemble --save` folders (members weighted by the ensemble's weights,
-always a soft vote). They are frozen, in eval mode, never in the optimizer or the checkpoints, and
-each gets the batch as it expects it (`adapt_batch`: its normalisation, channels and size). Several
-are averaged in probability at temperature T (`ensemble_logits`). With `distill.teacher_tta` each
-predicts with its run's `eval.tta` views. A resume needs no hook state: the teachers are reloaded.
+`DistillationHook` applies it at `after_loss`, with the run's own training loss as CE, so Mixup/CutMix
+and progressive resizing compose with it: the teacher sees the same mixed, resized batch. Teachers
+(run folders, checkpoints, ensemble folders or timm models) are frozen, outside the optimizer and the
+checkpoints; each gets the batch as it expects it (`adapt_batch`), and several are averaged in
+probability at temperature T (`ensemble_logits`). A resume reloads them: the hook keeps no state.
 """
 
 from __future__ import annotations
@@ -40,14 +35,10 @@ KEY = "distill.teacher"
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, what PIL's convert("L") uses
 
 
-# ----------------------------------------------------------------------------- pure functions
-
 def ensemble_logits(logits: Sequence[torch.Tensor], temperature: float,
                     weights: Sequence[float] | None = None) -> torch.Tensor:
-    """Logits whose softmax at `temperature` is the (weighted) mean of the teachers' softmaxes at it.
-
-    T * log(sum_k w_k softmax(z_k / T)), w_k = 1/K without `weights` (which must sum to 1): one
-    teacher gives back its own logits up to a constant per image (which softmax ignores)."""
+    """T * log(sum_k w_k softmax(z_k / T)), whose softmax at T is the (weighted) mean of the teachers'
+    softmaxes at T; w_k = 1/K without `weights` (which must sum to 1). One teacher: its own logits."""
     if len(logits) == 1:
         return logits[0].float()
     log_probs = torch.stack([F.log_softmax(z.float() / temperature, dim=1) for z in logits])
@@ -86,8 +77,6 @@ def adapt_batch(inputs: torch.Tensor, from_mean: Sequence[float], from_std: Sequ
     return x
 
 
-# ----------------------------------------------------------------------------- teachers
-
 @dataclass
 class LoadedTeacher:
     """One teacher and what it expects of its input."""
@@ -104,10 +93,8 @@ class LoadedTeacher:
 
 
 class TeacherEnsemble(nn.Module):
-    """Frozen teacher(s) taking the student's normalised batch; returns (ensembled) logits.
-
-    Not a submodule of the student, so its weights are never in the optimizer or a checkpoint.
-    `train()` cannot switch it out of eval mode: BatchNorm and dropout stay as evaluated."""
+    """Frozen teacher(s) taking the student's normalised batch; returns (ensembled) logits. Not part
+    of the student (never in the optimizer or a checkpoint), and always in eval mode."""
 
     def __init__(self, teachers: Sequence[LoadedTeacher], student_mean: Sequence[float],
                  student_std: Sequence[float], temperature: float, img_size: int | None = None,
@@ -173,8 +160,6 @@ def check_teacher_sources(recipe: Any) -> None:
                               "(relative paths start in the working folder; `imgtrain models PATTERN` lists "
                               "timm's)", file=file, key=KEY)
 
-
-# ----------------------------------------------------------------------------- the hook
 
 class DistillationHook(Hook):
     """Replaces each batch's loss by the distillation loss; logs its two terms per epoch."""

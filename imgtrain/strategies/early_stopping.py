@@ -1,14 +1,11 @@
 """Early stopping: end training when a monitored metric stops improving (Prechelt 1998).
 
-An epoch improves when the monitored column of history.csv beats the best so far by more than
-`min_delta`; after `patience` epochs without improvement the run ends (that epoch is still saved,
-and the test split is scored on the best checkpoint). With one-cycle or cosine schedules, which
-settle only in their last epochs, give it generous patience. With `restore_best` the best epoch's
+After `patience` epochs in a row whose monitored history.csv column does not beat the best by more
+than `min_delta`, the run ends (that epoch is still saved). With `restore_best` the best epoch's
 weights (the EMA's when it is validated) are put back at the end, as Keras' `restore_best_weights`.
+The counter, best value and epoch, and kept weights are the hook's state, for resumes.
 
     stop, best, wait = should_stop(value, best, wait, mode="min", patience=5, min_delta=0.0)
-
-The counter, the best value and epoch, and the kept weights are the hook's state, for resumes.
 """
 
 from __future__ import annotations

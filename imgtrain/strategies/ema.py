@@ -1,16 +1,13 @@
 """EMA of weights: validate and keep an exponential moving average of the model's weights.
 
 After every optimizer step, ema = decay * ema + (1 - decay) * weights (parameters and BatchNorm
-buffers): flatter and steadier than the last iterate, it helps most late in long, noisy runs
-(Polyak & Juditsky 1992; EfficientNet, DeiT). The average is timm's `ModelEmaV3`; with `ema.warmup`
-the decay at step t is min(decay, 1 - (1 + t) ** (-2/3)), so the EMA is not stuck near the initial
-weights; step 1 copies them.
+buffers), with timm's `ModelEmaV3`; with `ema.warmup` the decay at step t is
+min(decay, 1 - (1 + t) ** (-2/3)), so the EMA does not stay near the initial weights.
+`EmaHook` updates at `after_step`; with `ema.validate` it sets `state.eval_model`, so validation,
+the checkpoints and the test score use the EMA. Its state goes into last.state.pt for resumes.
 
     decay = ema_decay(step, 0.9998, warmup=True)
     ema_update(list(ema_model.parameters()), list(model.parameters()), decay)   # your own loop
-
-`EmaHook` updates at `after_step`; with `ema.validate` it sets `state.eval_model`, so validation,
-the checkpoints and the test score use the EMA. Its state goes into last.state.pt for resumes.
 """
 
 from __future__ import annotations

@@ -1,19 +1,15 @@
-"""LR finder: the learning-rate range test, to pick the peak learning rate before training.
+"""LR finder: the learning-rate range test (Smith 2015; fastai's `lr_find`), to pick the peak lr.
 
-Train `steps` optimizer steps while the lr grows exponentially from `start` to `end`, recording the
-loss, until the smoothed loss (bias-corrected EMA, fastai's `AvgSmoothLoss`) passes `diverge` x its
-best (Smith 2015, "Cyclical Learning Rates for Training Neural Networks", sec. 3.3; fastai's
-`lr_find`). The suggestions are read off the smoothed curve without its first tenth and last 5
-points, as fastai does: `steep` (the fastest fall against log lr), `valley` (fastai's default: 2/3
-of the way down the longest falling stretch) and `min10` (a tenth of the lr of the lowest loss; our
-default: in benchmarks/lr_finder.py it trains within a point of the best grid lr, where `valley`
-lands two decades low).
+Train `steps` optimizer steps while the lr grows exponentially from `start` to `end` until the
+smoothed loss (a bias-corrected EMA, fastai's `AvgSmoothLoss`) passes `diverge` x its best. The
+suggestions are read off the smoothed curve without its first tenth and last 5 points: `steep` (the
+fastest fall against log lr), `valley` (fastai's default) and `min10` (a tenth of the lr of the
+lowest loss; our default: in benchmarks/lr_finder.py it trains within a point of the best grid lr,
+where `valley` lands two decades low).
 
-`find_lr(recipe, parts)` runs the test on the real Trainer (`LrFinderHook`), with the run's model,
-loss, batch transforms, precision, clipping and accumulation (one lr per optimizer step); per-group
-lrs keep their ratios to the first group's. Afterwards it puts back all the test changed, so training
-after it is exactly training without it. Hooks that change the batch or the loss (mixing,
-distillation ...) do not run: the test measures the plain loss.
+`find_lr` runs the test on the real Trainer (`LrFinderHook`), one lr per optimizer step, and puts
+back all it changed, so training after it is exactly training without it. Hooks that change the
+batch or the loss (mixing, distillation ...) do not run: the test measures the plain loss.
 
     lrs = lr_schedule(1e-7, 10, 100)
     smoothed = smooth_losses(raw_losses, beta=0.98)
@@ -48,8 +44,6 @@ CSV_NAME = "lr_find.csv"
 PLOT_NAME = "lr_find.png"
 SKIP_END = 5          # points dropped from the end of the curve before suggesting (fastai's skip_end)
 
-
-# ----------------------------------------------------------------------------- the pure functions
 
 def lr_schedule(start: float, end: float, steps: int) -> list[float]:
     """`steps` learning rates from `start` to `end` (both included), evenly spaced in log lr."""
@@ -111,9 +105,8 @@ SUGGESTIONS: dict[str, Callable[[Sequence[float], Sequence[float]], tuple[float,
 
 
 def suggest(lrs: Sequence[float], smoothed: Sequence[float], steps: int) -> dict[str, float]:
-    """Every suggestion on the recorded curve, as fastai reads it: the first steps // 10 points
-    (the loss still settling) and the last 5 (already diverging) dropped, and the curve cut at
-    its first non-finite loss. A curve too short for that is used whole."""
+    """Every suggestion on the curve up to its first non-finite loss, without the first steps // 10
+    points (still settling) and the last 5 (diverging) as fastai reads it, unless that is too short."""
     finite = next((i for i, v in enumerate(smoothed) if not math.isfinite(v)), len(smoothed))
     lrs, smoothed = list(lrs[:finite]), list(smoothed[:finite])
     if not lrs:
@@ -123,8 +116,6 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float], steps: int) -> dict
         lrs, smoothed = lrs[first:last], smoothed[first:last]
     return {name: func(lrs, smoothed)[0] for name, func in SUGGESTIONS.items()}
 
-
-# ----------------------------------------------------------------------------- the result
 
 @dataclass
 class LrFindResult:
@@ -196,10 +187,7 @@ class LrFindResult:
         if finite:  # keep the explosion at the end from flattening the useful part
             low, first = min(finite), finite[0]
             ax.set_ylim(low - 0.1 * abs(first - low) - 1e-3, max(first, low) + 0.6 * abs(first - low) + 1e-3)
-        ax.set_xscale("log")
-        ax.set_xlabel("learning rate")
-        ax.set_ylabel("training loss")
-        ax.set_title("LR range test")
+        ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="LR range test")
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best", fontsize="small")
         fig.tight_layout()
@@ -214,8 +202,6 @@ class LrFindResult:
         self.plot(png_path, chosen)
         return [csv_path, png_path]
 
-
-# ----------------------------------------------------------------------------- the range test
 
 class LrFinderHook(Hook):
     """The range test on the real Trainer (fastai's LRFinder callback): sets each step's lr, records
@@ -232,7 +218,7 @@ class LrFinderHook(Hook):
         self.ratios: list[float] = []
         self.momenta: list[dict[str, Any]] = []
         self.saved: dict[str, Any] = {}
-        self.average, self.best, self.seconds = 0.0, math.inf, 0.0
+        self.best, self.seconds = math.inf, 0.0
         self.step_loss: torch.Tensor | None = None
         self.step_batches = 0
 
@@ -263,11 +249,9 @@ class LrFinderHook(Hook):
         assert self.step_loss is not None, "after_backward ran for the step's batches"
         value = float(self.step_loss) / max(self.step_batches, 1)  # the mean over the step's batches
         self.step_loss, self.step_batches = None, 0
-        # the moving average, kept step by step so the test can stop as it diverges
-        self.average = self.cfg.smoothing * self.average + (1.0 - self.cfg.smoothing) * value
-        smooth = self.average / (1.0 - self.cfg.smoothing ** (len(self.losses) + 1))
         self.lrs.append(self.schedule[len(self.lrs)])
         self.losses.append(value)
+        smooth = smooth_losses(self.losses, self.cfg.smoothing)[-1]  # each step: the test stops as it diverges
         self.smoothed.append(smooth)
         if diverged(smooth, self.best, self.cfg.diverge) or len(self.lrs) == len(self.schedule):
             state.stop_training = True
@@ -284,11 +268,8 @@ class LrFinderHook(Hook):
 
 
 def find_lr(recipe: Any, parts: Any, settings: Any = None, hooks: Sequence[Hook] = ()) -> LrFindResult:
-    """Run the range test on the real Trainer and put everything back as it was.
-
-    parts: the `TrainParts` training would use (trained without validation or checkpoints);
-    settings: an `LrFindConfig` (default: recipe.lr_find); hooks: run before the test's own, e.g.
-    the transfer hook, so layers frozen in the first epoch stay frozen."""
+    """Run the range test on the `TrainParts` training would use (without validation or checkpoints)
+    and put everything back; `hooks` run before the test's own (transfer: frozen layers stay frozen)."""
     cfg = settings if settings is not None else recipe.lr_find
     accum = recipe.train.grad_accum_steps
     # one epoch of exactly the test's steps (the hook sets every step's lr, whatever the schedule says)
@@ -340,8 +321,7 @@ def check_lr_find(recipe: Any) -> None:
 
 
 class LrFinder(Strategy):
-    """optim.lr: find: the range test runs before training (api.find_recipe_lr) and picks optim.lr;
-    no hook runs during training."""
+    """optim.lr: find: the range test runs before training (api.find_recipe_lr), with no hook in it."""
     name, section = "lr_finder", "lr_find"
 
     def enabled(self, recipe: Any) -> bool:

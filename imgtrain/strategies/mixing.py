@@ -1,11 +1,9 @@
 """Mixup and CutMix: train on blends of two images with a blend of their labels.
 
 Mixup (Zhang et al. 2018) replaces each image by lam * x_i + (1 - lam) * x_j; CutMix (Yun et al.
-2019) pastes a box of x_j into x_i; the target is the same blend of the two one-hot labels. They
-help most when a model overfits (long schedules, small data, large models). As in timm's batch
-mode, one lam ~ Beta(alpha, alpha) per batch, and image i is paired with image N-1-i. CutMix's box
-is clipped at the border and lam recomputed from the area actually pasted; label smoothing is
-folded into the soft targets, exactly like timm's `Mixup`.
+2019) pastes a box of x_j into x_i; the target is the same blend of the two one-hot labels. As in
+timm's batch mode: one lam per batch, image i paired with image N-1-i, label smoothing folded into
+the soft targets; CutMix's lam is recomputed from the area actually pasted.
 
     inputs, soft_targets = mix_batch(inputs, targets, num_classes=10, mixup_alpha=0.2,
                                      label_smoothing=0.1, generator=torch.Generator().manual_seed(0))
@@ -49,10 +47,8 @@ def mix_batch(inputs: torch.Tensor, targets: torch.Tensor, num_classes: int, mix
               label_smoothing: float = 0.0, generator: torch.Generator | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mix a batch (N, C, H, W) with class indices (N,): (mixed inputs, soft targets (N, num_classes)).
-
-    With both alphas > 0, CutMix is used with probability `switch_prob`, else Mixup; a batch is
-    mixed at all with probability `prob` (an unmixed one still gets smoothed one-hot targets).
-    Draws come from `generator` (torch's global RNG when None); the inputs are not changed in place."""
+    CutMix is used with probability `switch_prob` when both alphas are > 0; a batch is mixed at all
+    with probability `prob` (else it gets smoothed one-hot targets). The inputs are not changed."""
     if targets.ndim != 1:
         raise ValueError(f"mix_batch takes class indices (N,), got targets of shape {tuple(targets.shape)}")
     use_mixup, use_cutmix = mixup_alpha > 0, cutmix_alpha > 0

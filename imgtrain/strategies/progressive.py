@@ -1,17 +1,12 @@
-"""Progressive resizing: train on small images first, then on larger ones.
+"""Progressive resizing: train on small images first, then on larger ones (Howard 2018; FFCV).
 
-Early epochs learn coarse shapes, which small images show as well as large ones at a fraction of
-the cost; ending (and evaluating) at full size recovers the detail (Howard 2018, fast.ai's ImageNet
-in 18 minutes; FFCV's ramps; Touvron et al. 2019 on testing larger than the last training size).
-A recipe gives `stages` (`[{img_size: 14, batch_size: 512, epochs: 3}, {img_size: 28, epochs: 3}]`,
-each with an optional `batch_size` and `lr`) or a ramp from `min_size` to `max_size` between
-`ramp_start` and `ramp_end` (fractions of the run), rounded to `size_multiple` as FFCV does.
-
-The data pipeline makes images at `augment.img_size` and each batch is shrunk on the device
-(`resize_batch`); evaluation is at `eval_size` (default: the last training size). A stage that
-changes the batch size without an lr scales the lr (`lr_scaling`: linear or sqrt); the schedule
-runs once (`schedule: continuous`) or restarts in every stage (`restart`). The plan is a pure
-function of the epoch (`plan_epochs`), so a resume needs no saved state.
+Early epochs learn coarse shapes, which small images show as well at a fraction of the cost. A
+recipe gives `stages` (each with an image size, epochs, and optionally a batch size and lr) or a
+linear ramp from `min_size` to `max_size` (FFCV's). The data pipeline makes images at
+`augment.img_size` and each batch is shrunk on the device (`resize_batch`); evaluation is at
+`eval_size` (default: the last training size). A stage that changes the batch size without an lr
+scales the lr (`lr_scaling`). The plan is a pure function of the epoch (`plan_epochs`), so a resume
+needs no saved state.
 """
 
 from __future__ import annotations
@@ -49,11 +44,7 @@ def ramp_size(epoch: int, epochs: int, min_size: int, max_size: int, ramp_start:
 def lr_scale_for(batch_size: int, base_batch_size: int, rule: str) -> float:
     """Learning-rate multiplier for a batch of `batch_size` when the recipe's lr is for `base_batch_size`."""
     ratio = batch_size / base_batch_size
-    if rule == "linear":
-        return ratio
-    if rule == "sqrt":
-        return math.sqrt(ratio)
-    return 1.0
+    return {"linear": ratio, "sqrt": math.sqrt(ratio)}.get(rule, 1.0)
 
 
 def plan_epochs(recipe: Any, train_size: int) -> list[EpochPlan]:
@@ -68,10 +59,8 @@ def plan_epochs(recipe: Any, train_size: int) -> list[EpochPlan]:
         plans: list[EpochPlan] = []
         for index, stage in enumerate(cfg.stages):
             batch = int(stage.get("batch_size", base_batch))
-            if stage.get("lr") is not None:
-                scale = float(stage["lr"]) / recipe.optim.lr
-            else:
-                scale = lr_scale_for(batch, base_batch, cfg.lr_scaling)
+            scale = (float(stage["lr"]) / recipe.optim.lr if stage.get("lr") is not None
+                     else lr_scale_for(batch, base_batch, cfg.lr_scaling))
             plans += [EpochPlan(index, int(stage["img_size"]), batch, scale, segment(index))] * int(stage["epochs"])
         return plans
     if cfg.min_size is not None:

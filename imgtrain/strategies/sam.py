@@ -1,16 +1,14 @@
 """Sharpness-aware minimisation (SAM) and its adaptive form (ASAM): minimise the worst loss nearby.
 
 Each optimizer step first moves the weights w to the worst point of a small neighbourhood, to first
-order, then takes the gradient there and applies it at w:
+order, then takes the gradient there and applies it at w, so training prefers flat minima, which
+generalise better (Foret et al. 2021; Kwon et al. 2021, ASAM, scale-invariant, with a larger rho):
 
     e(w) = rho * g / ||g||             SAM: g the gradient at w, ||.|| the L2 norm over all weights
     e(w) = rho * w^2 g / ||w g||       ASAM (adaptive): the neighbourhood scaled elementwise by |w|
     w <- optimizer step from w with the gradient at w + e(w)
 
-so training prefers flat minima, which generalise better (Foret et al. 2021, "Sharpness-Aware
-Minimization for Efficiently Improving Generalization"; Kwon et al. 2021, "ASAM"; ASAM is invariant
-to rescaled layers and takes a larger rho, 0.5 to 2). It costs a second forward and backward pass
-per step and a copy of the trainable weights. In your own loop:
+In your own loop (two forward and backward passes per step):
 
     params = [p for p in model.parameters() if p.requires_grad]
     loss_fn(model(x), y).backward()              # the gradient at w
@@ -22,10 +20,8 @@ per step and a copy of the trainable weights. In your own loop:
     optimizer.step()                             # weight decay is the optimizer's
 
 `SamHook` does this in the Trainer's step: at `after_backward` of a group's last batch it perturbs
-the weights and sets `state.repeat_group`; the loop replays the group's batches (`state.pass_index`
-1), after which the hook restores w, and the loop unscales, clips and steps as always. Under fp16
-e(w) does not depend on the GradScaler's scale; an overflow skips the perturbation. BatchNorm
-statistics move in the first pass only. The hook keeps no state across steps: nothing to resume.
+the weights and sets `state.repeat_group`; the loop replays the group's batches, the hook restores
+w, and the loop unscales, clips and steps as always. BatchNorm statistics move in the first pass only.
 """
 
 from __future__ import annotations
@@ -44,10 +40,9 @@ NORM_EPS = 1e-12  # keeps e(w) finite (zero) when the gradient is exactly zero
 @torch.no_grad()
 def sam_perturbation(params: Iterable[torch.Tensor], rho: float,
                      adaptive: bool = False) -> list[torch.Tensor | None] | None:
-    """e(w) for each parameter from its `.grad` (None without one): rho * g / ||g|| (SAM) or
-    rho * w^2 g / ||w g|| (adaptive: ASAM), the norm over all of them together. None when a gradient
-    is inf or nan (an fp16 overflow: skip SAM this step) or none exists. A GradScaler's scale cancels
-    out, so scaled gradients need no unscaling."""
+    """e(w) for each parameter from its `.grad` (None without one), the norm over all of them; None
+    when a gradient is inf or nan (fp16 overflow: skip SAM this step) or none exists. A GradScaler's
+    scale cancels out, so scaled gradients need no unscaling."""
     params = list(params)
     # the direction whose norm is taken: g, or |w| g for ASAM
     directions = [None if p.grad is None else (p.grad * p.abs() if adaptive else p.grad) for p in params]
@@ -82,13 +77,9 @@ def restore_weights(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor
             p.copy_(weights)
 
 
-def _norm_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-
-
 class SamHook(Hook):
-    """Perturbs the weights after a group's first backward pass, asks the loop to replay the group,
-    and restores the weights after the replay's backward pass (see the module docstring)."""
+    """Perturbs the weights after a group's first backward pass, has the loop replay the group, and
+    restores the weights after the replay's."""
 
     name = "sam"
     replays_group = True  # the loop keeps each accumulation group's batches for the second pass
@@ -121,7 +112,8 @@ class SamHook(Hook):
         del perturbation
         # the replay's forward at w + e(w) must not move the running statistics: momentum 0 keeps
         # them (also for momentum None, a cumulative average)
-        self._momenta = [(m, m.momentum) for m in _norm_layers(state.model)]
+        self._momenta = [(m, m.momentum) for m in state.model.modules()
+                         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         for module, _ in self._momenta:
             setattr(module, "momentum", 0.0)  # noqa: B010 (nn.Module's typed __setattr__ rejects a float)
         state.optimizer.zero_grad(set_to_none=True)

@@ -1,10 +1,8 @@
 """SWA: stochastic weight averaging, an equal average of the weights at the end of the last epochs.
 
 From `swa.start_epoch` (0-based) on, the weights at the end of every epoch join a running mean; with
-`swa.lr` the schedule is replaced there by torch's `SWALR` (`swa.anneal_epochs` of cosine or linear
-annealing to the constant `swa.lr`). Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima
-and Better Generalization". The average's BatchNorm statistics are recomputed after every update
-(torch's `update_bn`): one forward pass over the epoch's training batches as training prepares them
+`swa.lr`, torch's `SWALR` replaces the schedule there (Izmailov et al. 2018). The average's BatchNorm
+statistics are recomputed after every update with one forward pass over the epoch's training batches
 (not mixed, not resized), none for a model without BatchNorm.
 
     averaged = torch.optim.swa_utils.AveragedModel(model)             # your own loop
@@ -15,8 +13,7 @@ and Better Generalization". The average's BatchNorm statistics are recomputed af
     evaluate(averaged.module, ...)
 
 `SwaHook` averages at `before_eval` and sets `state.eval_model`, so validation, the checkpoints and
-the test score use the average from the first SWA epoch on. Its state (the average, SWALR's position,
-the SWA lrs) goes into last.state.pt, so a resumed run continues the same average on the same schedule.
+the test score use the average; its state goes into last.state.pt, so a resume continues it.
 """
 
 from __future__ import annotations
@@ -79,9 +76,8 @@ def swa_lr_at(step: int, start_lr: float, swa_lr: float, steps: int, strategy: s
 
 
 class SwaSchedule:
-    """What `state.scheduler` is during SWA: it steps SWALR, and checkpoints the schedule it replaced,
-    which a resume loads into the recipe's schedule (SWALR's state would not load there; SwaHook
-    keeps it in its own state)."""
+    """`state.scheduler` during SWA: steps SWALR, and checkpoints the schedule it replaced (a resume
+    loads that into the recipe's schedule; SwaHook keeps SWALR's state)."""
 
     def __init__(self, swalr: SWALR, replaced: Any):
         self.swalr, self.replaced = swalr, replaced

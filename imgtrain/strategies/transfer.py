@@ -1,16 +1,12 @@
 """Transfer learning: frozen backbones, partial freezing, discriminative learning rates and
 gradual unfreezing.
 
-The model is split into layer groups by timm's group matcher (stem first, head last). Then
-`freeze_backbone` trains the head alone; `freeze_layers: N` keeps the first N groups fixed (Yosinski
-et al. 2014); `unfreeze_epochs` adds one group from the top at each listed epoch (ULMFiT, Howard &
-Ruder 2018), and `freeze_epochs: N` is fastai's `fine_tune`; `layer_decay` or `group_lrs` give group
-i of n the lr x decay^(n-1-i) (timm's layer decay, fastai's `slice(lo, hi)`).
-
-Every parameter is in the optimizer from the start; a frozen one has `requires_grad=False`, so it
-gets no gradient and no step (nor weight decay), and joins at the schedule's lr when unfrozen. Which
-groups train is a pure function of the epoch (`first_trainable_group`): a resume needs no state.
-BatchNorm layers of frozen groups go to eval mode at every epoch start, keeping pretrained statistics.
+The model is split into layer groups by timm's group matcher (stem first, head last);
+`freeze_backbone`, `freeze_layers`, `freeze_epochs` (fastai's `fine_tune`) and `unfreeze_epochs`
+(ULMFiT) choose which train, `layer_decay` or `group_lrs` their lrs (group i of n: lr x
+decay^(n-1-i)). A frozen parameter stays in the optimizer with `requires_grad=False` (no gradient,
+no step), and its BatchNorm layers are in eval mode. Which groups train is a pure function of the
+epoch (`first_trainable_group`), so a resume needs no state.
 
     groups = layer_groups(model)                       # [[param names of the stem], ..., [head]]
     freeze_until(model, groups, first_trainable=len(groups) - 1)   # head only
@@ -29,11 +25,8 @@ from imgtrain.strategies.base import Strategy, StrategyContext, require_context
 
 
 def layer_groups(model: torch.nn.Module, by: str = "stage") -> list[list[str]]:
-    """Parameter names per layer group, stem first, head last (timm's group matcher).
-
-    by: "stage" (timm's coarse grouping: stem, each stage, head) or "block" (one per block).
-    Models without a group matcher get two groups: everything but the classifier, the classifier.
-    """
+    """Parameter names per layer group, stem first, head last, by timm's group matcher ("stage":
+    coarse, "block": one per block); without one, two groups: all but the classifier, the classifier."""
     from timm.models import group_parameters
 
     names = [name for name, _ in model.named_parameters()]
@@ -145,10 +138,8 @@ def check_transfer_recipe(model: torch.nn.Module, recipe: Any) -> None:
 
 
 def transfer_param_groups(model: torch.nn.Module, recipe: Any) -> list[dict[str, Any]] | None:
-    """Optimizer param groups with per-layer-group lrs, or None without transfer (the plain groups).
-
-    Each layer group gives a decayed and an undecayed (norm and bias) group; the head comes first
-    so that the lr in the history is the head's, the recipe's optim.lr."""
+    """Optimizer param groups (decayed and undecayed) per layer group, head first so that the lr in
+    the history is the head's, the recipe's optim.lr; None without transfer (the plain groups)."""
     if not transfer_enabled(recipe):
         return None
     optim = recipe.optim
