@@ -8,10 +8,9 @@ that fraction from `start_fraction` (s) to 1.0 by `end_point` of training:
     root:    sqrt(s^2 + (1 - s^2) * p)        (grows fast early, when the model learns fastest)
     step:    s + (1 - s) * floor(p * step_count) / step_count
 
-The difficulty is a reference model's per-image loss, a CSV column (higher = harder) or, self-paced,
-a running average of each image's loss in training. An epoch is still len(train split) draws
-(shuffled repeats of the easy pool), so the lr schedule is unchanged; pools and orders are seeded by
-(train.seed, epoch), so a resumed run draws the same images. Sources: README, "Curriculum learning".
+The difficulty is a reference model's loss, a CSV column or, self-paced, each image's running loss.
+An epoch is still len(train split) draws (repeats of the pool), so the lr schedule is unchanged; pools
+are seeded by (train.seed, epoch), so a resumed run draws the same images.
 
     fraction = pacing_fraction(epoch, epochs, start_fraction=0.3, end_point=0.5, kind="root")
     pool = easiest(scores, fraction, generator)          # indices of the easiest images
@@ -69,8 +68,7 @@ def pool_size(fraction: float, total: int) -> int:
 
 def easiest(scores: torch.Tensor, fraction: float,
             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Indices of the easiest (lowest-scoring) `ceil(fraction * len(scores))` images, easiest
-    first; equal scores are ordered at random (from `generator`)."""
+    """Indices of the easiest (lowest-scoring) `ceil(fraction * n)` images, easiest first, ties at random."""
     scores = torch.as_tensor(scores, dtype=torch.float64).cpu()
     shuffled = torch.randperm(len(scores), generator=generator)
     # a stable sort of randomly permuted scores: ties keep the random order
@@ -79,8 +77,7 @@ def easiest(scores: torch.Tensor, fraction: float,
 
 
 def repeat_pool(pool: torch.Tensor, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """`length` draws from `pool`: shuffled copies of the whole pool one after another, cut at
-    `length`, so every pool image comes once before any comes twice."""
+    """`length` draws from `pool`: shuffled copies of it in a row (each image once before any twice)."""
     copies = math.ceil(length / len(pool))
     return torch.cat([pool[torch.randperm(len(pool), generator=generator)] for _ in range(copies)])[:length]
 
@@ -173,8 +170,7 @@ def csv_difficulty(path: str, column: str, id_column: str | None, dataset: Any,
 def reference_difficulty(target: str, dataset: Any, classes: Sequence[str], channels: int,
                          device: torch.device, batch_size: int = 256,
                          file: str | None = None) -> torch.Tensor:
-    """Per-image cross-entropy of a trained model (`imgtrain.models.trained.load_trained`) on `dataset`,
-    in eval mode with that model's own eval transform."""
+    """Per-image cross-entropy on `dataset` of a trained model, in eval mode with its own eval transform."""
     from imgtrain.engine.checkpoint import CheckpointError
     try:
         reference = load_trained(target, device=device)
@@ -192,13 +188,9 @@ def reference_difficulty(target: str, dataset: Any, classes: Sequence[str], chan
     if reference.channels != channels:
         raise RecipeError(f"{target} takes {reference.channels}-channel images, this data has {channels} "
                           "channel(s)", file=file, key="curriculum.reference")
-    loader = DataLoader(dataset.with_transform(reference.eval_transform()), batch_size=batch_size,
-                        shuffle=False)
-    losses = []
-    for inputs, targets in loader:
-        outputs = reference.model(inputs.to(device))
-        losses.append(per_sample_loss(outputs, targets.to(device)).cpu())
-    return torch.cat(losses)
+    loader = DataLoader(dataset.with_transform(reference.eval_transform()), batch_size=batch_size, shuffle=False)
+    return torch.cat([per_sample_loss(reference.model(inputs.to(device)), targets.to(device)).cpu()
+                      for inputs, targets in loader])
 
 
 class CurriculumSampler(Sampler[int]):
@@ -214,9 +206,7 @@ class CurriculumSampler(Sampler[int]):
         return self.length
 
     def __iter__(self):
-        order = self.order
-        if order is None:
-            order = torch.randperm(self.length, generator=self.generator)
+        order = self.order if self.order is not None else torch.randperm(self.length, generator=self.generator)
         return iter(order.tolist())
 
 
@@ -280,8 +270,7 @@ class CurriculumHook(Hook):
         state.epoch_metrics["curriculum_images"] = len(pool)
 
     def batch_indices(self, count: int) -> torch.Tensor:
-        """Dataset indices of the current batch of `count` images: the batches are consecutive
-        slices of the epoch's order (the loader drops only at the end)."""
+        """Dataset indices of the current batch: the next `count` of the epoch's order."""
         assert self.order is not None, "set at epoch_start"
         return self.order[self.cursor:self.cursor + count]
 
@@ -291,8 +280,7 @@ class CurriculumHook(Hook):
         count = state.outputs.shape[0]
         if self.self_paced:
             index = self.batch_indices(count)
-            # an image drawn twice in one batch (where two shuffled copies of the pool meet)
-            # keeps its last loss: one write per image, so the result is deterministic
+            # an image drawn twice in one batch keeps its last loss: one write per image, deterministic
             where, inverse = torch.unique(index, return_inverse=True)
             last = torch.full((len(where),), -1, dtype=torch.long).scatter_reduce(
                 0, inverse, torch.arange(count), reduce="amax")
@@ -370,7 +358,6 @@ def loader_with_sampler(loader: DataLoader, sampler: Sampler) -> DataLoader:
 
 
 class Curriculum(Strategy):
-    """curriculum.*: easiest images first (reference model, a CSV, or self-paced)."""
     name, section = "curriculum", "curriculum"
 
     def enabled(self, recipe: Any) -> bool:

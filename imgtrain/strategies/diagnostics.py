@@ -124,8 +124,7 @@ def _warn(message: str) -> None:
 
 
 class GradientMonitorHook(Hook):
-    """Every `every` optimizer steps: per-layer gradient norms to events.jsonl, a summary to
-    history.csv, and one warning per vanishing or exploding layer."""
+    """Every `every` optimizer steps: per-layer gradient norms, a history summary, one warning per bad layer."""
 
     name = "gradient_monitor"
 
@@ -325,7 +324,6 @@ def build_diagnostics(cfg: Any) -> list[Hook]:
 
 
 class Diagnostics(Strategy):
-    """diagnostics.*: per-layer gradient monitor and the non-finite loss guard."""
     name, section = "diagnostics", "diagnostics"
 
     def enabled(self, recipe: Any) -> bool:

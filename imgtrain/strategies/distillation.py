@@ -6,11 +6,9 @@ The loss is Hinton et al. 2015 ("Distilling the Knowledge in a Neural Network"),
 
     loss = distillation_loss(student_logits, teacher_logits, labels, alpha=0.5, temperature=4.0)
 
-`DistillationHook` applies it at `after_loss`, with the run's own training loss as CE, so Mixup/CutMix
-and progressive resizing compose with it: the teacher sees the same mixed, resized batch. Teachers
-(run folders, checkpoints, ensemble folders or timm models) are frozen, outside the optimizer and the
-checkpoints; each gets the batch as it expects it (`adapt_batch`), and several are averaged in
-probability at temperature T (`ensemble_logits`). A resume reloads them: the hook keeps no state.
+`DistillationHook` applies it at `after_loss` with the run's own training loss as CE; the teachers
+(frozen, outside the optimizer and the checkpoints) see the batch as mixing and resizing left it,
+each adapted to its own input (`adapt_batch`), several averaged in probability (`ensemble_logits`).
 """
 
 from __future__ import annotations
@@ -113,11 +111,10 @@ class TeacherEnsemble(nn.Module):
         return super().train(False)
 
     def describe(self) -> str:
-        parts = [f"{t.source} ({t.img_size if self.img_size is None else self.img_size} px, {t.channels} ch"
-                 + (f", TTA {t.tta}" if t.tta else "")
-                 + (f", weight {self.weights[i]:.3f})" if self.weights is not None else ")")
-                 for i, t in enumerate(self.teachers)]
-        return ", ".join(parts)
+        return ", ".join(f"{t.source} ({t.img_size if self.img_size is None else self.img_size} px, {t.channels} ch"
+                         + (f", TTA {t.tta}" if t.tta else "")
+                         + (f", weight {self.weights[i]:.3f})" if self.weights is not None else ")")
+                         for i, t in enumerate(self.teachers))
 
     @torch.no_grad()
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -147,8 +144,8 @@ def class_list(classes: Sequence[str], limit: int = 12) -> str:
 
 
 def check_teacher_sources(recipe: Any) -> None:
-    """Cheap, before any data is read: every path `distill.teacher` names exists, every other
-    name is a timm model. (Classes and weights are checked by `load_teachers`.)"""
+    """Before any data is read: every path `distill.teacher` names exists, every other name is a timm
+    model (`load_teachers` checks classes and weights)."""
     file = getattr(recipe, "source_file", None)
     for source in teacher_sources(recipe.distill):
         if is_path(source):
@@ -209,7 +206,6 @@ class DistillationHook(Hook):
 
 
 class Distillation(Strategy):
-    """distill.*: a student learns from frozen teachers' softened predictions."""
     name, section = "distillation", "distill"
 
     def enabled(self, recipe: Any) -> bool:

@@ -114,7 +114,6 @@ class EarlyStoppingHook(Hook):
 
 
 class EarlyStopping(Strategy):
-    """early_stop.*: end the run when a metric stops improving."""
     name, section = "early_stopping", "early_stop"
 
     def enabled(self, recipe: Any) -> bool:

@@ -73,7 +73,6 @@ class EmaHook(Hook):
 
     @property
     def module(self) -> torch.nn.Module:
-        """The averaged model (built at fit_start)."""
         if self.ema is None:
             raise RuntimeError("the EMA is built when training starts (fit_start)")
         return self.ema.module
@@ -97,7 +96,6 @@ class EmaHook(Hook):
 
 
 class Ema(Strategy):
-    """ema.*: an exponential moving average of the weights, validated and saved."""
     name, section = "ema", "ema"
 
     def enabled(self, recipe: Any) -> bool:

@@ -1,15 +1,11 @@
 """LR finder: the learning-rate range test (Smith 2015; fastai's `lr_find`), to pick the peak lr.
 
-Train `steps` optimizer steps while the lr grows exponentially from `start` to `end` until the
-smoothed loss (a bias-corrected EMA, fastai's `AvgSmoothLoss`) passes `diverge` x its best. The
-suggestions are read off the smoothed curve without its first tenth and last 5 points: `steep` (the
-fastest fall against log lr), `valley` (fastai's default) and `min10` (a tenth of the lr of the
-lowest loss; our default: in benchmarks/lr_finder.py it trains within a point of the best grid lr,
-where `valley` lands two decades low).
-
-`find_lr` runs the test on the real Trainer (`LrFinderHook`), one lr per optimizer step, and puts
-back all it changed, so training after it is exactly training without it. Hooks that change the
-batch or the loss (mixing, distillation ...) do not run: the test measures the plain loss.
+`find_lr` trains `steps` optimizer steps on the real Trainer (`LrFinderHook`) while the lr grows
+exponentially from `start` to `end`, until the smoothed loss passes `diverge` x its best, then puts
+back all it changed. Hooks that change the batch or the loss (mixing ...) do not run. Suggestions
+come from the smoothed curve without its first tenth and last 5 points: `steep`, `valley` (fastai's
+default) and `min10` (a tenth of the lowest loss's lr; our default: in benchmarks/lr_finder.py it
+trains within a point of the best grid lr, where `valley` lands two decades low).
 
     lrs = lr_schedule(1e-7, 10, 100)
     smoothed = smooth_losses(raw_losses, beta=0.98)

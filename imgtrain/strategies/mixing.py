@@ -31,8 +31,7 @@ def sample_lam(alpha: float, generator: torch.Generator | None = None) -> float:
 
 def cutmix_box(height: int, width: int, lam: float,
                generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) of a box of area ~(1 - lam) of the image, centred uniformly,
-    clipped at the border (so a box near an edge is smaller than asked; see `mix_batch`)."""
+    """(top, bottom, left, right) of a box of area ~(1 - lam), centred uniformly, clipped at the border."""
     cut = (1.0 - lam) ** 0.5
     cut_h, cut_w = int(height * cut), int(width * cut)
     cy = int(torch.randint(0, height, (1,), generator=generator).item())
@@ -79,8 +78,7 @@ class MixingHook(Hook):
     name = "mixing"
 
     def __init__(self, mix: Any, label_smoothing: float, seed: int):
-        self.mix = mix
-        self.label_smoothing = label_smoothing
+        self.mix, self.label_smoothing = mix, label_smoothing
         self.generator = torch.Generator().manual_seed(seed)
 
     def batch_start(self, state: Any) -> None:
@@ -105,7 +103,6 @@ def mixing_enabled(recipe: Any) -> bool:
 
 
 class Mixing(Strategy):
-    """mix.*: Mixup and CutMix of training batches."""
     name, section = "mixing", "mix"
 
     def enabled(self, recipe: Any) -> bool:

@@ -127,8 +127,7 @@ def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
     shrinking = size < images.shape[-1] or size < images.shape[-2]
-    # in float32: the antialiased kernel has no half-precision CPU version, and batches are float
-    # here anyway (autocast lowers precision inside the model, not before it)
+    # float32: the antialiased kernel has no half-precision CPU version (autocast acts inside the model)
     out = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False,
                         antialias=shrinking)
     return out.to(dtype=images.dtype)
@@ -158,7 +157,6 @@ class ProgressiveResizingHook(Hook):
 
 
 class Progressive(Strategy):
-    """progressive.*: small images first (stages or a ramp), bigger as training goes on."""
     name, section = "progressive_resizing", "progressive"
 
     def enabled(self, recipe: Any) -> bool:

@@ -19,9 +19,8 @@ In your own loop (two forward and backward passes per step):
     restore_weights(params, saved)               # back to w, bit for bit
     optimizer.step()                             # weight decay is the optimizer's
 
-`SamHook` does this in the Trainer's step: at `after_backward` of a group's last batch it perturbs
-the weights and sets `state.repeat_group`; the loop replays the group's batches, the hook restores
-w, and the loop unscales, clips and steps as always. BatchNorm statistics move in the first pass only.
+`SamHook` does this in the Trainer's step (`state.repeat_group`: the loop replays the group's batches
+at w + e(w)), so accumulation, clipping and AMP work as always; BatchNorm moves in the first pass only.
 """
 
 from __future__ import annotations
@@ -103,9 +102,7 @@ class SamHook(Hook):
         # the optimizer's parameters: what the step updates; frozen ones have no gradient
         self._params = [p for group in state.optimizer.param_groups for p in group["params"] if p.requires_grad]
         perturbation = sam_perturbation(self._params, self.rho, self.adaptive)
-        if perturbation is None:
-            # inf/nan in the gradient at w: no second pass; the GradScaler (or the non-finite guard)
-            # skips this step as it would without SAM
+        if perturbation is None:  # inf/nan at w: no replay; the GradScaler (or the guard) skips the step
             self.unperturbed_steps += 1
             return
         self._saved = perturb_weights(self._params, perturbation)
@@ -128,7 +125,6 @@ class SamHook(Hook):
 
 
 class Sam(Strategy):
-    """optim.sam: sharpness-aware minimisation (ASAM with adaptive: true)."""
     name, section = "sam", "optim"
 
     def enabled(self, recipe: Any) -> bool:

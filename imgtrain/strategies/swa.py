@@ -50,8 +50,7 @@ def update_bn_with(model: torch.nn.Module, batches: Iterable,
 
 def swa_update(averaged: AveragedModel, model: torch.nn.Module, batches: Iterable,
                prepare: Callable[[torch.Tensor], torch.Tensor] | None = None, limit: int | None = None) -> None:
-    """One SWA point: add `model`'s parameters to the equal average, then recompute the average's
-    BatchNorm statistics over the training batches."""
+    """One SWA point: add `model` to the equal average, then recompute the average's BatchNorm statistics."""
     averaged.update_parameters(model)
     update_bn_with(averaged.module, batches, prepare, limit)
 
@@ -117,8 +116,7 @@ class SwaHook(Hook):
         return int(self.averaged.n_averaged) if self.averaged is not None else 0
 
     def fit_start(self, state: Any) -> None:
-        # built once the Trainer has moved the model and loaded resumed weights; parameters only
-        # (use_buffers=False): BatchNorm statistics are recomputed after every update
+        # built once the model is moved and resumed; parameters only: BatchNorm statistics are recomputed
         self.averaged = AveragedModel(state.model)
         if self._pending is not None:
             if "averaged" in self._pending:
@@ -132,8 +130,7 @@ class SwaHook(Hook):
     def epoch_start(self, state: Any) -> None:
         if self.swa_lr is None or state.epoch < self.start_epoch or state.scheduler is self.schedule:
             return
-        # SWALR takes over: at the first SWA epoch, after a resume (the Trainer rebuilt the
-        # recipe's schedule), or when the loop started a new schedule segment (progressive plans)
+        # SWALR takes over: at the first SWA epoch, after a resume, or at a new schedule segment
         groups = state.optimizer.param_groups
         if self.swalr is None:
             if self.group_swa_lrs is None:
@@ -148,8 +145,7 @@ class SwaHook(Hook):
             else:
                 state.note(f"swa: from epoch {state.epoch + 1}, lr annealed ({self.anneal_strategy}) over {steps} "
                            f"steps to {self.swa_lr:g}", event="swa_start", steps=steps, swa_lr=self.swa_lr)
-        # building SWALR steps it once, and a rebuilt recipe schedule set its own lrs: put back the
-        # lrs SWALR last set (SWALR reads them to compute the next, so they must be exactly these)
+        # put back SWALR's last lrs (building it steps it; a rebuilt schedule sets others): it computes the next
         for group, lr in zip(groups, self.swalr.get_last_lr()):
             group["lr"] = lr
         self.schedule = SwaSchedule(self.swalr, replaced=state.scheduler)
@@ -175,7 +171,6 @@ class SwaHook(Hook):
 
     @property
     def module(self) -> torch.nn.Module:
-        """The averaged model (built at fit_start)."""
         return self.module_average().module
 
     def state_dict(self) -> dict[str, Any]:
@@ -221,7 +216,6 @@ def check_swa_plans(recipe: Any, context: StrategyContext) -> None:
 
 
 class Swa(Strategy):
-    """swa.*: an equal average of the end-of-epoch weights, validated and saved, with SWALR."""
     name, section = "swa", "swa"
 
     def enabled(self, recipe: Any) -> bool:

@@ -191,7 +191,6 @@ class TransferHook(Hook):
 
 
 class Transfer(Strategy):
-    """transfer.*: frozen backbone, partial freezing, gradual unfreezing, discriminative lrs."""
     name, section = "transfer", "transfer"
     in_lr_find = True
 
