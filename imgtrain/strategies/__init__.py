@@ -3,26 +3,17 @@
 `STRATEGIES` is the one declared list: api.train checks, plans and builds the enabled ones in this
 order, and their hooks run in this order:
 
-1. transfer (transfer.*): sets which layer groups train at epoch_start, before any batch;
-2. curriculum (curriculum.*): picks the epoch's images at epoch_start (its sampler's order),
-   after transfer and before anything sees a batch; reads the logits at after_forward (self_paced);
-3. progressive resizing (progressive.*): plans each epoch's size and batch size, and shrinks the
-   batch at batch_start;
-4. mixing (mix.*): replaces the batch at batch_start, after resizing (cheaper at the small size);
-5. sam (optim.sam): perturbs the weights at the group's last after_backward and has the loop replay
-   the group's batches as mixing left them (a second forward/backward at w + e(w)), then restores w;
-6. distillation (distill.*): replaces the loss at after_loss; its teacher sees the batch as
-   mixing (and resizing) left it;
-7. ema (ema.*): averages the weights after each optimizer step, once they are final;
-8. swa (swa.*): puts SWALR in place of the schedule at epoch_start of its first epoch, and averages
-   the epoch's final weights at before_eval, before validation sees them;
-9. training diagnostics (diagnostics.*): the gradient monitor reads the final gradients at
-   before_step; the non-finite guard checks the loss at after_backward, after every hook that
-   changes it, and stops the run or skips the step;
-10. early stopping (early_stop.*): reads the finished epoch's row at epoch_end, after the
-   averages, and may end the run (and restore the best weights at fit_end);
-11. the LR finder (optim.lr: find): its range test runs before training on the real Trainer
-   (`find_lr`, an `LrFinderHook`) and leaves the model, optimizer and data order as it found them.
+1. transfer: sets which layer groups train at epoch_start, before any batch;
+2. curriculum: picks the epoch's images at epoch_start; reads the logits at after_forward (self_paced);
+3. progressive resizing: plans each epoch's size and batch size, shrinks the batch at batch_start;
+4. mixing: replaces the batch at batch_start, after resizing (cheaper at the small size);
+5. sam: perturbs the weights at the group's last after_backward; the loop replays the mixed batches;
+6. distillation: replaces the loss at after_loss; its teacher sees the batch as mixing left it;
+7. ema: averages the weights after each optimizer step, once they are final;
+8. swa: puts SWALR in place of the schedule at epoch_start, averages the weights at before_eval;
+9. diagnostics: reads the final gradients at before_step, and the loss at after_backward, once final;
+10. early stopping: reads the finished epoch's row at epoch_end, after the averages;
+11. the LR finder (optim.lr: find): its range test runs before training (`find_lr`).
 """
 
 from __future__ import annotations
@@ -94,9 +85,8 @@ def check_strategies(recipe: Any) -> None:
 
 
 def build_strategies(recipe: Any, context: StrategyContext | None = None) -> list[Hook]:
-    """The hooks of a recipe's enabled strategies, in declared order (checks included). Strategies
-    that need the data or the model (transfer, curriculum, progressive, distillation, early stopping)
-    need the `context` api.train builds."""
+    """The hooks of a recipe's enabled strategies, in declared order (checks included); strategies
+    that need the data or the model need the `context` api.train builds."""
     hooks: list[Hook] = []
     for strategy in enabled_strategies(recipe):
         strategy.check(recipe)
@@ -105,8 +95,7 @@ def build_strategies(recipe: Any, context: StrategyContext | None = None) -> lis
 
 
 __all__ = ["STRATEGIES", "Strategy", "StrategyContext", "build_strategies", "check_strategies",
-           "enabled_strategies",
-           "GradientMonitorHook", "NonFiniteGuardHook", "NonFiniteLossError", "build_diagnostics",
+           "enabled_strategies", "GradientMonitorHook", "NonFiniteGuardHook", "NonFiniteLossError", "build_diagnostics",
            "check_diagnostics", "classify_gradients", "first_nonfinite_gradient", "gradient_norms",
            "CurriculumHook", "curriculum_enabled", "easiest", "pacing_fraction", "prepare_curriculum",
            "DistillationHook", "TeacherEnsemble", "distillation_loss", "EarlyStoppingHook", "EmaHook", "MixingHook",

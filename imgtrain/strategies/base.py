@@ -1,16 +1,8 @@
 """What a strategy is to the rest of imgtrain: a registry entry that builds hooks from a recipe.
 
-    class Ema(Strategy):                         # strategies/ema.py
-        name, section = "ema", "ema"
-        def enabled(self, recipe): return recipe.ema.enabled
-        def build(self, recipe, context): return [EmaHook(recipe.ema.decay, ...)]
-
-`STRATEGIES` (strategies/__init__.py) lists one instance of each, in the order their hooks run;
-`api.train` loops over it: `check(recipe)` of every enabled strategy before any data is read, then
-`plan_epochs` and `param_groups` (what the Trainer takes), then `build(recipe, context)` once the data
-and the model exist (it may raise a RecipeError for what needs them: the model's layer groups, the
-data's image size), all before the run folder is made. Adding a strategy is one file (its pure
-function, its Hook, its entry) and one line in `STRATEGIES`.
+For each enabled entry of `STRATEGIES` (strategies/__init__.py), `api.train` calls `check(recipe)`
+before any data is read, then `plan_epochs` and `param_groups`, then `build(recipe, context)` once
+the data and the model exist, all before the run folder is made. strategies/ema.py is the shortest.
 """
 
 from __future__ import annotations
@@ -47,8 +39,7 @@ class Strategy:
 
     name: str = ""
     section: str = ""          # the recipe section it reads
-    # its hooks also run during the LR finder's range test (transfer: layers frozen in the first
-    # epoch stay frozen); the other strategies' hooks change the batch or the loss the test measures
+    # its hooks also run in the LR finder's range test (transfer's frozen layers); others change what it measures
     in_lr_find: bool = False
 
     def enabled(self, recipe: Any) -> bool:

@@ -1,38 +1,16 @@
 """Curriculum learning: train on the easiest images first, then let the harder ones in.
 
-Every training image gets a difficulty score; each epoch draws only from the easiest
-`fraction(epoch)` of them, and a pacing function grows that fraction from
-`start_fraction` to 1.0 by `end_point` of training (Bengio et al. 2009, "Curriculum
-Learning"). Pacing functions as in Hacohen & Weinshall 2019 ("On the Power of Curriculum
-Learning in Training Deep Networks"; their "single step" and staircase pacing is `step`)
-and Platanios et al. 2019 ("Competence-based Curriculum Learning", `linear` and `root`):
+Each epoch draws only from the easiest `fraction(epoch)` of the training images; the pacing grows
+that fraction from `start_fraction` (s) to 1.0 by `end_point` of training:
 
     progress p = min(1, epoch / (end_point * epochs))          (epoch 0-based)
     linear:  s + (1 - s) * p
     root:    sqrt(s^2 + (1 - s^2) * p)        (grows fast early, when the model learns fastest)
     step:    s + (1 - s) * floor(p * step_count) / step_count
 
-The difficulty comes from one of:
-- `reference`: the per-image loss of a trained model (a run folder or checkpoint), computed
-  once before training on the train split, in eval mode with that model's eval transform
-  ("transfer scoring" in Hacohen & Weinshall);
-- `self_paced`: the model's own running loss (Kumar et al. 2010, "Self-Paced Learning for
-  Latent Variable Models"): an exponential moving average of each image's cross-entropy,
-  measured on the training forward pass itself (no extra forward). An image never seen yet
-  counts as the mean of the measured ones: it is neither kept out as hard nor let in ahead
-  of images known to be easy, and a random share of the unseen fill the pool each epoch;
-- `csv`: a column of a CSV the user writes, one row per training image (higher = harder).
-
-The epoch length never changes: an epoch is still len(train split) draws, made as shuffled
-repeats of the easy pool (every pool image once, in a new order, then again ...), so the
-steps per epoch, and with them the lr schedule, stay what the recipe says. Pool and order
-of epoch k come from a generator seeded by (train.seed, k): a resumed run draws the same
-images. Ties in difficulty are broken at random, per epoch.
-
-When it helps: noisy or mislabelled data (hard images are often the wrong ones), short
-budgets on data with a clear easy-to-hard structure, and large models early in training.
-On clean, easy data at equal epochs it is usually neutral or slightly worse: the model sees
-fewer distinct images early on. Measure before adopting it (benchmarks/curriculum.py).
+The difficulty is a reference model's loss, a CSV column or, self-paced, each image's running loss.
+An epoch is still len(train split) draws (repeats of the pool), so the lr schedule is unchanged; pools
+are seeded by (train.seed, epoch), so a resumed run draws the same images.
 
     fraction = pacing_fraction(epoch, epochs, start_fraction=0.3, end_point=0.5, kind="root")
     pool = easiest(scores, fraction, generator)          # indices of the easiest images
@@ -63,8 +41,6 @@ PACINGS = ("linear", "root", "step")
 SEED_OFFSET = 2
 
 
-# ----------------------------------------------------------------------------- pure functions
-
 def pacing_fraction(epoch: int, epochs: int, start_fraction: float, end_point: float, kind: str = "linear",
                     step_count: int = 3) -> float:
     """Fraction of the training images (the easiest ones) used at `epoch` (0-based) of `epochs`."""
@@ -92,8 +68,7 @@ def pool_size(fraction: float, total: int) -> int:
 
 def easiest(scores: torch.Tensor, fraction: float,
             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Indices of the easiest (lowest-scoring) `ceil(fraction * len(scores))` images, easiest
-    first; equal scores are ordered at random (from `generator`)."""
+    """Indices of the easiest (lowest-scoring) `ceil(fraction * n)` images, easiest first, ties at random."""
     scores = torch.as_tensor(scores, dtype=torch.float64).cpu()
     shuffled = torch.randperm(len(scores), generator=generator)
     # a stable sort of randomly permuted scores: ties keep the random order
@@ -102,8 +77,7 @@ def easiest(scores: torch.Tensor, fraction: float,
 
 
 def repeat_pool(pool: torch.Tensor, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """`length` draws from `pool`: shuffled copies of the whole pool one after another, cut at
-    `length`, so every pool image comes once before any comes twice."""
+    """`length` draws from `pool`: shuffled copies of it in a row (each image once before any twice)."""
     copies = math.ceil(length / len(pool))
     return torch.cat([pool[torch.randperm(len(pool), generator=generator)] for _ in range(copies)])[:length]
 
@@ -121,8 +95,6 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed + SEED_OFFSET) * 1_000_003 + epoch)
 
 
-# ----------------------------------------------------------------------------- difficulty sources
-
 def _names(items: Sequence[Any], limit: int = 3) -> str:
     shown = ", ".join(str(i) for i in items[:limit])
     return shown + (", ..." if len(items) > limit else "")
@@ -130,13 +102,9 @@ def _names(items: Sequence[Any], limit: int = 3) -> str:
 
 def csv_difficulty(path: str, column: str, id_column: str | None, dataset: Any,
                    search_dirs: Sequence[str] = (), file: str | None = None) -> torch.Tensor:
-    """Difficulty of every image of `dataset` (the train split) from a CSV column.
-
-    Rows are matched to images by `id_column`: a file path for file sources (absolute, or
-    relative to the CSV's folder, the working folder or one of `search_dirs`), the row index
-    within the train split for in-memory sources. Rows of other images (val, test) are ignored;
-    a training image without a row is an error.
-    """
+    """Difficulty of every image of `dataset` (the train split) from a CSV column, rows matched by
+    `id_column`: a file path (absolute, or relative to the CSV's folder, the working folder or one of
+    `search_dirs`) or the row index in the train split. A training image without a row is an error."""
     csv_path = Path(path).expanduser()
     if not csv_path.is_file():
         raise RecipeError(f"{csv_path}: no such file (relative paths start in the working folder)",
@@ -202,8 +170,7 @@ def csv_difficulty(path: str, column: str, id_column: str | None, dataset: Any,
 def reference_difficulty(target: str, dataset: Any, classes: Sequence[str], channels: int,
                          device: torch.device, batch_size: int = 256,
                          file: str | None = None) -> torch.Tensor:
-    """Per-image cross-entropy of a trained model (`imgtrain.models.trained.load_trained`) on `dataset`,
-    in eval mode with that model's own eval transform."""
+    """Per-image cross-entropy on `dataset` of a trained model, in eval mode with its own eval transform."""
     from imgtrain.engine.checkpoint import CheckpointError
     try:
         reference = load_trained(target, device=device)
@@ -221,24 +188,14 @@ def reference_difficulty(target: str, dataset: Any, classes: Sequence[str], chan
     if reference.channels != channels:
         raise RecipeError(f"{target} takes {reference.channels}-channel images, this data has {channels} "
                           "channel(s)", file=file, key="curriculum.reference")
-    loader = DataLoader(dataset.with_transform(reference.eval_transform()), batch_size=batch_size,
-                        shuffle=False)
-    losses = []
-    for inputs, targets in loader:
-        outputs = reference.model(inputs.to(device))
-        losses.append(per_sample_loss(outputs, targets.to(device)).cpu())
-    return torch.cat(losses)
+    loader = DataLoader(dataset.with_transform(reference.eval_transform()), batch_size=batch_size, shuffle=False)
+    return torch.cat([per_sample_loss(reference.model(inputs.to(device)), targets.to(device)).cpu()
+                      for inputs, targets in loader])
 
-
-# ----------------------------------------------------------------------------- sampler and hook
 
 class CurriculumSampler(Sampler[int]):
-    """Yields the epoch's order that `CurriculumHook` sets (`order`), len(train split) indices.
-
-    Iterated in the main process (also with workers), when the loop starts the epoch, so the
-    order set at epoch_start is the one the batches are made of. Without an order set (the
-    loader used outside the Trainer) it is a plain shuffle from the loader's generator.
-    """
+    """Yields the epoch's `order` that `CurriculumHook` sets at epoch_start (the sampler is iterated
+    in the main process when the epoch starts); without one, a plain shuffle."""
 
     def __init__(self, length: int, generator: torch.Generator | None = None):
         self.length = length
@@ -249,9 +206,7 @@ class CurriculumSampler(Sampler[int]):
         return self.length
 
     def __iter__(self):
-        order = self.order
-        if order is None:
-            order = torch.randperm(self.length, generator=self.generator)
+        order = self.order if self.order is not None else torch.randperm(self.length, generator=self.generator)
         return iter(order.tolist())
 
 
@@ -267,7 +222,7 @@ class CurriculumHook(Hook):
         self.scores: torch.Tensor | None = None      # difficulty per image (self_paced: on the device)
         self.seen: torch.Tensor | None = None        # self_paced: images measured at least once
         self.order: torch.Tensor | None = None       # this epoch's draws (dataset indices)
-        self.cursor = 0                                  # draws of this epoch already in a batch
+        self.cursor = 0                              # draws of this epoch already in a batch
 
     @property
     def self_paced(self) -> bool:
@@ -315,8 +270,7 @@ class CurriculumHook(Hook):
         state.epoch_metrics["curriculum_images"] = len(pool)
 
     def batch_indices(self, count: int) -> torch.Tensor:
-        """Dataset indices of the current batch of `count` images: the batches are consecutive
-        slices of the epoch's order (the loader drops only at the end)."""
+        """Dataset indices of the current batch: the next `count` of the epoch's order."""
         assert self.order is not None, "set at epoch_start"
         return self.order[self.cursor:self.cursor + count]
 
@@ -326,8 +280,7 @@ class CurriculumHook(Hook):
         count = state.outputs.shape[0]
         if self.self_paced:
             index = self.batch_indices(count)
-            # an image drawn twice in one batch (where two shuffled copies of the pool meet)
-            # keeps its last loss: one write per image, so the result is deterministic
+            # an image drawn twice in one batch keeps its last loss: one write per image, deterministic
             where, inverse = torch.unique(index, return_inverse=True)
             last = torch.full((len(where),), -1, dtype=torch.long).scatter_reduce(
                 0, inverse, torch.arange(count), reduce="amax")
@@ -342,12 +295,8 @@ class CurriculumHook(Hook):
 
     def state_dict(self) -> dict[str, Any]:
         # tensors only: last.state.pt is loaded with weights_only=True
-        if self.scores is None:
-            return {}
-        out: dict[str, Any] = {"scores": self.scores.detach().cpu().clone()}
-        if self.seen is not None:
-            out["seen"] = self.seen.detach().cpu().clone()
-        return out
+        tensors = {"scores": self.scores, "seen": self.seen} if self.scores is not None else {}
+        return {key: value.detach().cpu().clone() for key, value in tensors.items() if value is not None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "scores" not in state:
@@ -358,27 +307,19 @@ class CurriculumHook(Hook):
             self.seen = state["seen"].to(device)
 
 
-# ----------------------------------------------------------------------------- wiring
-
 def curriculum_enabled(recipe: Any) -> bool:
     return recipe.curriculum.difficulty not in (None, "none")
 
 
 def prepare_curriculum(hooks: Sequence[Hook], recipe: Any, splits: Any, loaders: Any,
                        device: torch.device) -> list[str]:
-    """Scores the training images (reference, csv), installs the curriculum sampler in
-    `loaders.train` and hands it to the `CurriculumHook` among `hooks`. Runs before the run
-    folder is made: a bad CSV or reference stops the run with nothing written.
-    Returns lines for train.log."""
+    """Scores the training images, installs the curriculum sampler in `loaders.train` and hands it to
+    the `CurriculumHook` among `hooks`; returns lines for train.log. Runs before the run folder exists."""
     hook = next((h for h in hooks if isinstance(h, CurriculumHook)), None)
     if hook is None:
         return []
     cfg, file = recipe.curriculum, recipe.source_file
-    if recipe.data.sampler != "random":
-        raise RecipeError(f"curriculum learning chooses which images each epoch draws, and so does "
-                          f"data.sampler: {recipe.data.sampler}; use one "
-                          "(data.sampler: random with a curriculum)",
-                          file=file, key="curriculum.difficulty")
+    _check_sampler(recipe)
     dataset = splits.train
     scores: torch.Tensor | None = None
     if cfg.difficulty == "csv":
@@ -402,29 +343,32 @@ def prepare_curriculum(hooks: Sequence[Hook], recipe: Any, splits: Any, loaders:
     return [line]
 
 
+def _check_sampler(recipe: Any) -> None:
+    """A curriculum needs data.sampler: random (both choose the images each epoch draws)."""
+    if recipe.data.sampler != "random":
+        raise RecipeError(f"curriculum learning chooses which images each epoch draws, and so does "
+                          f"data.sampler: {recipe.data.sampler}; use one "
+                          "(data.sampler: random with a curriculum)",
+                          file=recipe.source_file, key="curriculum.difficulty")
+
+
 def loader_with_sampler(loader: DataLoader, sampler: Sampler) -> DataLoader:
     """The train loader, same settings, drawing the curriculum's order."""
     return loader_with_sampling(loader, batch_size=loader.batch_size, sampler=sampler)
 
 
 class Curriculum(Strategy):
-    """curriculum.*: easiest images first (reference model, a CSV, or self-paced)."""
     name, section = "curriculum", "curriculum"
 
     def enabled(self, recipe: Any) -> bool:
         return curriculum_enabled(recipe)
 
     def check(self, recipe: Any) -> None:
-        if recipe.data.sampler != "random":
-            raise RecipeError(f"curriculum learning chooses which images each epoch draws, and so does "
-                              f"data.sampler: {recipe.data.sampler}; use one "
-                              "(data.sampler: random with a curriculum)",
-                              file=recipe.source_file, key="curriculum.difficulty")
+        _check_sampler(recipe)
 
     def build(self, recipe: Any, context: StrategyContext | None) -> list[Hook]:
         context = require_context(context, self.name)
         hook = CurriculumHook(recipe.curriculum, seed=recipe.train.seed)
-        # scores the training images (reference, csv) and installs its sampler in loaders.train
         context.notes += prepare_curriculum([hook], recipe, context.splits, context.loaders, context.device)
         return [hook]
 

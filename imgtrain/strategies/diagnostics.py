@@ -1,46 +1,12 @@
 """Training diagnostics: per-layer gradient norms, and a guard against non-finite losses.
 
-When a run does not learn, or learns and then blows up, the cause is usually one of a few
-things, and the seed project's "Debugging Training" checklist is the order to look in:
-
-1. Look at the data as the model sees it: the images after augmentation, with their labels
-   (a wrong label map or a loader that shuffles images and labels apart shows at once).
-2. Check the loss at initialisation: a fresh C-class classifier scores about log(C). Far
-   above means big initial logits or unnormalised inputs; far below means the labels leak.
-3. Overfit one batch: a model that cannot drive the loss on 32 images to zero in a hundred
-   steps has a bug (learning rate far too low or high, frozen layers, the wrong loss).
-4. Check that gradients flow: every trainable layer gets one; none vanishes (below 1e-7: the
-   layer no longer learns) and none explodes (the learning rate is too high for it).
-5. A loss of NaN or inf: the learning rate is too high (add warmup or clipping), fp16
-   overflowed (use bf16 or fp32), or an input or label is bad (an image of NaNs, a label
-   outside the classes).
-6. A loss that will not fall: learning rate too low, layers frozen by mistake, labels
-   shuffled against the images (a data-loading bug), a loss that does not fit the targets.
-
-`imgtrain doctor` (imgtrain/doctor.py) runs 1 to 4 before training. During training two
-hooks watch 4 and 5:
-
-- `GradientMonitorHook` (`diagnostics.grad_monitor_every: N`): every N optimizer steps, at
-  before_step (gradients final and unscaled), reads the gradient norm of every layer with one
-  device sync, writes them to events.jsonl (`grad_norms` of each epoch_end), puts a summary in
-  history.csv (`grad_norm_total`, `grad_norm_max`, `grad_norm_max_layer`,
-  `grad_vanishing_layers`, `grad_exploding_layers`), and warns once per layer in train.log
-  and on stderr. Under fp16 a reading with inf gradients is the GradScaler's overflow, which
-  it handles (it skips that step and lowers its scale): it is recorded, not warned about.
-- `NonFiniteGuardHook` (`diagnostics.nonfinite: stop | skip | off`, on by default): at
-  after_backward, checks that the batch loss is finite. `stop` ends the run with
-  `NonFiniteLossError`, naming the epoch, batch and step, the loss parts, the first parameter
-  with a non-finite gradient and the likely causes; the checkpoints of the last finished epoch
-  are untouched and resumable. `skip` zeroes the accumulation group's gradients and skips its
-  optimizer step (the schedule still steps), up to `max_skipped_steps` in the run, then stops.
-  The decision reads the loss, never the gradients: with fp16 an inf gradient is the
-  GradScaler's business, and the guard does not fight it.
-
-The loss check costs one device sync per batch (fastai's TerminateOnNaN pays the same): free
-on a CPU, on a GPU a stall of the host that can cost a few percent of throughput with small
-batches. `nonfinite_check_every: N` keeps the losses on the device and looks every N batches
-(and at the end of every epoch, before its checkpoint is written), naming the bad batch up to
-N - 1 batches late; `nonfinite: off` drops the check.
+`imgtrain doctor` checks a run before training; during it two hooks watch (README, "Training
+diagnostics"): `GradientMonitorHook` reads every layer's gradient norm every N optimizer steps, at
+before_step, in one device sync, and warns once per vanishing or exploding layer (under fp16, inf
+gradients are the GradScaler's overflow: recorded, not warned). `NonFiniteGuardHook` checks each
+batch's loss (never the gradients, which are the GradScaler's business under fp16) at after_backward,
+and stops the run with `NonFiniteLossError` or skips the step; `nonfinite_check_every: N` trades one
+device sync per batch for one per N batches.
 
     norms = gradient_norms(model)                     # {"stem.0": 0.12, "stages.0.0.0": 0.31, ...}
     flags = classify_gradients(norms, vanishing_below=1e-7, exploding_above=100.0)
@@ -66,8 +32,6 @@ LIKELY_CAUSES = ("the learning rate is too high (lower optim.lr, add schedule.wa
                  "(an image of NaNs or infs, a label outside the classes)")
 
 
-# ----------------------------------------------------------------------------- pure functions
-
 def layer_of(parameter_name: str) -> str:
     """The layer (module path) a parameter belongs to: "stem.0.weight" -> "stem.0"."""
     return parameter_name.rsplit(".", 1)[0] if "." in parameter_name else parameter_name
@@ -78,18 +42,15 @@ def _gradients(model: torch.nn.Module) -> list[tuple]:
 
 
 def gradient_norms(model: torch.nn.Module, by: str = "layer") -> dict[str, float]:
-    """L2 norm of the current gradients, per layer (module; its weight and bias together) or per
-    parameter (`by="parameter"`), in the model's order. Parameters without a gradient (frozen,
-    unused) are left out. One device sync in all."""
+    """L2 norm of the current gradients per layer (a module's weight and bias together) or per
+    parameter (`by="parameter"`), in the model's order, in one device sync; no gradient, no entry."""
     if by not in ("layer", "parameter"):
         raise ValueError(f"by must be 'layer' or 'parameter', got {by!r}")
     grads = _gradients(model)
     if not grads:
         return {}
     keys = [layer_of(name) if by == "layer" else name for name, _ in grads]
-    index: dict[str, int] = {}
-    for key in keys:
-        index.setdefault(key, len(index))
+    index = {key: i for i, key in enumerate(dict.fromkeys(keys))}  # first-seen order
     device = grads[0][1].device
     # squared norm per tensor, summed per layer on the device; only the final list crosses over
     squares = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32).to(device) ** 2
@@ -158,22 +119,12 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped on a nan/inf loss; the message says where, why, and what is saved."""
 
 
-# ----------------------------------------------------------------------------- run folder notes
-
-def _note(state: Any, message: str, event: str | None = None, **fields: Any) -> None:
-    """A line in train.log (and a record in events.jsonl) of the run, through the trackers."""
-    state.note(message, event, **fields)
-
-
 def _warn(message: str) -> None:
     print(f"imgtrain: warning: {message}", file=sys.stderr, flush=True)
 
 
-# ----------------------------------------------------------------------------- gradient monitor
-
 class GradientMonitorHook(Hook):
-    """Every `every` optimizer steps: per-layer gradient norms to events.jsonl, a summary to
-    history.csv, and one warning per vanishing or exploding layer."""
+    """Every `every` optimizer steps: per-layer gradient norms, a history summary, one warning per bad layer."""
 
     name = "gradient_monitor"
 
@@ -220,7 +171,7 @@ class GradientMonitorHook(Hook):
                        f"{self.exploding_above:g}) at step {state.step + 1}, epoch {state.epoch + 1}: lower "
                        "optim.lr, add warmup (schedule.warmup_epochs) or clip (train.clip_grad_norm)")
         _warn(message)
-        _note(state, message)
+        state.note(message)
 
     def eval_end(self, state: Any) -> None:
         # before the loop turns epoch_metrics into the history row: the summary lands in history.csv
@@ -244,8 +195,6 @@ class GradientMonitorHook(Hook):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.warned = dict(state.get("warned", {}))
 
-
-# ----------------------------------------------------------------------------- non-finite guard
 
 class NonFiniteGuardHook(Hook):
     """Stops the run (or skips the step) when a batch's loss is nan or inf."""
@@ -328,7 +277,7 @@ class NonFiniteGuardHook(Hook):
         message = (f"non-finite loss ({value}) at {where}: step skipped ({self.skipped} of at most "
                    f"{self.max_skipped_steps} in the run, diagnostics.max_skipped_steps)")
         _warn(message)
-        _note(state, message, "nonfinite_skipped", **record)
+        state.note(message, "nonfinite_skipped", **record)
 
     def after_step(self, state: Any) -> None:
         self._group_bad = False
@@ -353,8 +302,8 @@ class NonFiniteGuardHook(Hook):
         message = (f"non-finite training loss ({value}) at {where}{found}{limit}; "
                    + (f"loss parts: {parts}; " if parts else "")
                    + f"{gradient}. Likely causes: {LIKELY_CAUSES}. {saved}")
-        _note(state, "stopped: " + message, "nonfinite_loss", epoch=state.epoch + 1, step=state.step + 1,
-              loss=value, first_nonfinite_gradient=first)
+        state.note("stopped: " + message, "nonfinite_loss", epoch=state.epoch + 1, step=state.step + 1,
+                   loss=value, first_nonfinite_gradient=first)
         raise NonFiniteLossError(message)
 
     def state_dict(self) -> dict[str, Any]:
@@ -375,7 +324,6 @@ def build_diagnostics(cfg: Any) -> list[Hook]:
 
 
 class Diagnostics(Strategy):
-    """diagnostics.*: per-layer gradient monitor and the non-finite loss guard."""
     name, section = "diagnostics", "diagnostics"
 
     def enabled(self, recipe: Any) -> bool:
@@ -386,10 +334,9 @@ class Diagnostics(Strategy):
         check_diagnostics(recipe.diagnostics, file=recipe.source_file)
 
     def build(self, recipe: Any, context: StrategyContext | None) -> list[Hook]:
-        return build_diagnostics(recipe.diagnostics)  # gradient monitor, non-finite guard
+        return build_diagnostics(recipe.diagnostics)
 
 
 __all__ = ["Diagnostics", "GradientFlags", "GradientMonitorHook", "NonFiniteGuardHook", "NonFiniteLossError",
-           "build_diagnostics",
-           "check_diagnostics", "classify_gradients", "first_nonfinite_gradient", "gradient_norms", "layer_of",
-           "missing_gradients", "total_norm"]
+           "build_diagnostics", "check_diagnostics", "classify_gradients", "first_nonfinite_gradient",
+           "gradient_norms", "layer_of", "missing_gradients", "total_norm"]

@@ -4,45 +4,11 @@ The loss is Hinton et al. 2015 ("Distilling the Knowledge in a Neural Network"),
 
     alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 
-The teacher's softened probabilities say which wrong classes look like the right one (a shirt
-is closer to a T-shirt than to a sandal); that "dark knowledge" is a richer target than a
-one-hot label, so a small student trained this way usually beats the same student trained on
-labels alone, most of all when the student is much smaller than the teacher, the data is
-limited, or the labels are noisy. It costs one teacher forward pass per batch.
-
     loss = distillation_loss(student_logits, teacher_logits, labels, alpha=0.5, temperature=4.0)
 
-`DistillationHook` applies it to every training batch at `after_loss` (inside autocast, so the
-teacher runs in the loop's precision). The CE term is the run's own training loss as the loop
-computed it (label smoothing, class weights, focal ... included) and the targets are whatever
-the batch holds, so Mixup/CutMix and progressive resizing, which run earlier, compose with it:
-the teacher sees the same mixed, resized images as the student.
-
-Teachers (`distill.teacher`: one, or a list) are an imgtrain run folder or `.safetensors`
-checkpoint, or a timm model name with its pretrained weights (from the Hugging Face cache, as
-`model.weights: timm` loads them). They are frozen (no gradients, never in the optimizer or
-the checkpoints), in eval mode, under `torch.no_grad`. Each gets the batch as it would expect
-it: un-normalised with the student's mean/std and re-normalised with its own; resized
-(bilinear, antialiased when shrinking) to its own input size (or `distill.teacher_img_size`);
-grey images repeated to 3 channels for an RGB teacher, RGB turned grey (ITU-R 601 luma, as
-PIL's "L") for a grey one. Several teachers are averaged in probability at temperature T (the
-ensemble's arithmetic mean, Hinton et al.'s choice for ensembles), handed on as the logits
-T * log(mean_k softmax(z_k / T)), whose softmax at T is that mean exactly.
-
-A folder written by `imgtrain ensemble --save` is a teacher too: its members become teachers with
-the ensemble's weights (T * log(sum_k w_k softmax(z_k / T))), always as a soft vote whatever the
-folder's `vote` says, since a hard vote's nearly one-hot output is what distillation avoids. Next to
-other teachers in a list, each list entry has an equal share and the folder splits its share by
-its weights.
-
-With `distill.teacher_tta: true` each teacher predicts with test-time augmentation
-(evaluation/tta.py's TTAModel, after the batch is adapted to it): the views and merge rule of its
-run's `eval.tta` (hflip and the mean of probabilities when it names none, or for a timm model).
-Its merged logits (log of the mean probability by default) are then softened by T like any
-teacher's. It costs one teacher forward pass per view.
-
-The hook holds no state a resume needs: the teachers are reloaded from disk and are fixed,
-and its per-epoch sums start again with the epoch a resume restarts.
+`DistillationHook` applies it at `after_loss` with the run's own training loss as CE; the teachers
+(frozen, outside the optimizer and the checkpoints) see the batch as mixing and resizing left it,
+each adapted to its own input (`adapt_batch`), several averaged in probability (`ensemble_logits`).
 """
 
 from __future__ import annotations
@@ -67,14 +33,10 @@ KEY = "distill.teacher"
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, what PIL's convert("L") uses
 
 
-# ----------------------------------------------------------------------------- pure functions
-
 def ensemble_logits(logits: Sequence[torch.Tensor], temperature: float,
                     weights: Sequence[float] | None = None) -> torch.Tensor:
-    """Logits whose softmax at `temperature` is the (weighted) mean of the teachers' softmaxes at it.
-
-    T * log(sum_k w_k softmax(z_k / T)), w_k = 1/K without `weights` (which must sum to 1): one
-    teacher gives back its own logits up to a constant per image (which softmax ignores)."""
+    """T * log(sum_k w_k softmax(z_k / T)), whose softmax at T is the (weighted) mean of the teachers'
+    softmaxes at T; w_k = 1/K without `weights` (which must sum to 1). One teacher: its own logits."""
     if len(logits) == 1:
         return logits[0].float()
     log_probs = torch.stack([F.log_softmax(z.float() / temperature, dim=1) for z in logits])
@@ -88,12 +50,9 @@ def ensemble_logits(logits: Sequence[torch.Tensor], temperature: float,
 def adapt_batch(inputs: torch.Tensor, from_mean: Sequence[float], from_std: Sequence[float],
                 to_mean: Sequence[float], to_std: Sequence[float], channels: int,
                 size: int | None) -> torch.Tensor:
-    """A batch normalised one way (the student's) as another model expects it.
-
-    Un-normalise with (from_mean, from_std), convert the channels (1 -> 3 repeats the grey
-    plane; 3 -> 1 takes the luma), resize to size x size (bilinear, antialiased when
-    shrinking; None keeps the size), normalise with (to_mean, to_std). Each step is skipped
-    when it would change nothing."""
+    """A batch normalised one way (the student's) as another model expects it: un-normalised, its
+    channels converted (1 -> 3 repeats the grey plane; 3 -> 1 takes the luma), normalised again and
+    resized to size x size (bilinear, antialiased when shrinking; None keeps the size)."""
     x = inputs
     same_norm = list(from_mean) == list(to_mean) and list(from_std) == list(to_std)
     if not same_norm or x.shape[1] != channels:
@@ -116,8 +75,6 @@ def adapt_batch(inputs: torch.Tensor, from_mean: Sequence[float], from_std: Sequ
     return x
 
 
-# ----------------------------------------------------------------------------- teachers
-
 @dataclass
 class LoadedTeacher:
     """One teacher and what it expects of its input."""
@@ -134,10 +91,8 @@ class LoadedTeacher:
 
 
 class TeacherEnsemble(nn.Module):
-    """Frozen teacher(s) taking the student's normalised batch; returns (ensembled) logits.
-
-    Not a submodule of the student, so its weights are never in the optimizer or a checkpoint.
-    `train()` cannot switch it out of eval mode: BatchNorm and dropout stay as evaluated."""
+    """Frozen teacher(s) taking the student's normalised batch; returns (ensembled) logits. Not part
+    of the student (never in the optimizer or a checkpoint), and always in eval mode."""
 
     def __init__(self, teachers: Sequence[LoadedTeacher], student_mean: Sequence[float],
                  student_std: Sequence[float], temperature: float, img_size: int | None = None,
@@ -156,11 +111,10 @@ class TeacherEnsemble(nn.Module):
         return super().train(False)
 
     def describe(self) -> str:
-        parts = [f"{t.source} ({t.img_size if self.img_size is None else self.img_size} px, {t.channels} ch"
-                 + (f", TTA {t.tta}" if t.tta else "")
-                 + (f", weight {self.weights[i]:.3f})" if self.weights is not None else ")")
-                 for i, t in enumerate(self.teachers)]
-        return ", ".join(parts)
+        return ", ".join(f"{t.source} ({t.img_size if self.img_size is None else self.img_size} px, {t.channels} ch"
+                         + (f", TTA {t.tta}" if t.tta else "")
+                         + (f", weight {self.weights[i]:.3f})" if self.weights is not None else ")")
+                         for i, t in enumerate(self.teachers))
 
     @torch.no_grad()
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -190,8 +144,8 @@ def class_list(classes: Sequence[str], limit: int = 12) -> str:
 
 
 def check_teacher_sources(recipe: Any) -> None:
-    """Cheap, before any data is read: every path `distill.teacher` names exists, every other
-    name is a timm model. (Classes and weights are checked by `load_teachers`.)"""
+    """Before any data is read: every path `distill.teacher` names exists, every other name is a timm
+    model (`load_teachers` checks classes and weights)."""
     file = getattr(recipe, "source_file", None)
     for source in teacher_sources(recipe.distill):
         if is_path(source):
@@ -203,8 +157,6 @@ def check_teacher_sources(recipe: Any) -> None:
                               "(relative paths start in the working folder; `imgtrain models PATTERN` lists "
                               "timm's)", file=file, key=KEY)
 
-
-# ----------------------------------------------------------------------------- the hook
 
 class DistillationHook(Hook):
     """Replaces each batch's loss by the distillation loss; logs its two terms per epoch."""
@@ -254,7 +206,6 @@ class DistillationHook(Hook):
 
 
 class Distillation(Strategy):
-    """distill.*: a student learns from frozen teachers' softened predictions."""
     name, section = "distillation", "distill"
 
     def enabled(self, recipe: Any) -> bool:
@@ -274,5 +225,5 @@ class Distillation(Strategy):
 
 
 __all__ = ["Distillation", "KEY", "DistillationHook", "LoadedTeacher", "TeacherEnsemble", "adapt_batch",
-           "check_teacher_sources",
-           "class_list", "distillation_kl", "distillation_loss", "ensemble_logits", "is_path", "teacher_sources"]
+           "check_teacher_sources", "class_list", "distillation_kl", "distillation_loss", "ensemble_logits",
+           "is_path", "teacher_sources"]

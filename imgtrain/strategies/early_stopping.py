@@ -1,21 +1,11 @@
-"""Early stopping: end training when a monitored metric stops improving.
+"""Early stopping: end training when a monitored metric stops improving (Prechelt 1998).
 
-After every epoch the monitored metric (any column of history.csv: `val_loss`, `val_acc`,
-`val_balanced_acc`, `train_loss` ...) is compared with the best so far. An epoch improves
-when it beats the best by more than `min_delta` (lower for `min`, higher for `max`); after
-`patience` epochs in a row without improvement the run ends (that epoch is still saved, and
-the test split is scored on the best checkpoint as always). It saves the epochs a long
-schedule would spend overfitting; with one-cycle or cosine schedules, which only settle in
-their last epochs, give it generous patience. Prechelt 1998, "Early stopping - but when?".
-
-With `restore_best`, the weights of the best epoch (the EMA's when validation uses the EMA)
-are kept in memory and put back at the end, so the model `imgtrain.train` returns is the
-best one, as Keras' `restore_best_weights`.
+After `patience` epochs in a row whose monitored history.csv column does not beat the best by more
+than `min_delta`, the run ends (that epoch is still saved). With `restore_best` the best epoch's
+weights (the EMA's when it is validated) are put back at the end, as Keras' `restore_best_weights`.
+The counter, best value and epoch, and kept weights are the hook's state, for resumes.
 
     stop, best, wait = should_stop(value, best, wait, mode="min", patience=5, min_delta=0.0)
-
-The counter, the best value and epoch (and the kept weights) are the hook's state: a resumed
-run goes on counting where it stopped.
 """
 
 from __future__ import annotations
@@ -124,7 +114,6 @@ class EarlyStoppingHook(Hook):
 
 
 class EarlyStopping(Strategy):
-    """early_stop.*: end the run when a metric stops improving."""
     name, section = "early_stopping", "early_stop"
 
     def enabled(self, recipe: Any) -> bool:

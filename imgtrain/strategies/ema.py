@@ -1,23 +1,13 @@
 """EMA of weights: validate and keep an exponential moving average of the model's weights.
 
-After every optimizer step, ema = decay * ema + (1 - decay) * weights (parameters and
-BatchNorm buffers). The average sits in a flatter, better-generalising spot than the last
-iterate, and is steadier from epoch to epoch; it helps most late in long runs with noisy
-gradients (large learning rates, strong augmentation, small batches). Polyak & Juditsky 1992,
-"Acceleration of stochastic approximation by averaging"; as used for EfficientNet and ViTs
-(Tan & Le 2019; Touvron et al. 2021, DeiT).
-
-The average is timm's `ModelEmaV3`. With `ema.warmup` the decay at optimizer step t is
-min(decay, 1 - (1 + t) ** (-2/3)) (timm's warmup: the first steps average over few updates,
-so the EMA is not stuck near the random initial weights); step 1 copies the weights.
+After every optimizer step, ema = decay * ema + (1 - decay) * weights (parameters and BatchNorm
+buffers), with timm's `ModelEmaV3`; with `ema.warmup` the decay at step t is
+min(decay, 1 - (1 + t) ** (-2/3)), so the EMA does not stay near the initial weights.
+`EmaHook` updates at `after_step`; with `ema.validate` it sets `state.eval_model`, so validation,
+the checkpoints and the test score use the EMA. Its state goes into last.state.pt for resumes.
 
     decay = ema_decay(step, 0.9998, warmup=True)
     ema_update(list(ema_model.parameters()), list(model.parameters()), decay)   # your own loop
-
-`EmaHook` updates the EMA at `after_step`; with `ema.validate` it sets `state.eval_model`, so
-validation, the best/last checkpoints and the test score use the EMA weights. Its state
-(the EMA weights, plain tensors) goes into last.state.pt, so a resumed run continues the
-same average.
 """
 
 from __future__ import annotations
@@ -67,8 +57,7 @@ class EmaHook(Hook):
         self._pending: dict[str, Any] | None = None   # state loaded before the model is known
 
     def fit_start(self, state: Any) -> None:
-        # built here, not in __init__: the Trainer has moved the model to its device (and
-        # memory format) by now, and on resume it has loaded the model weights
+        # built once the Trainer has moved the model and loaded resumed weights
         self.ema = ModelEmaV3(state.model, decay=self.decay, use_warmup=self.warmup,
                               warmup_gamma=WARMUP_GAMMA, warmup_power=WARMUP_POWER)
         if self._pending is not None:
@@ -84,7 +73,6 @@ class EmaHook(Hook):
 
     @property
     def module(self) -> torch.nn.Module:
-        """The averaged model (built at fit_start)."""
         if self.ema is None:
             raise RuntimeError("the EMA is built when training starts (fit_start)")
         return self.ema.module
@@ -108,7 +96,6 @@ class EmaHook(Hook):
 
 
 class Ema(Strategy):
-    """ema.*: an exponential moving average of the weights, validated and saved."""
     name, section = "ema", "ema"
 
     def enabled(self, recipe: Any) -> bool:

@@ -1,36 +1,11 @@
-"""LR finder: the learning-rate range test, to pick the peak learning rate before training.
+"""LR finder: the learning-rate range test (Smith 2015; fastai's `lr_find`), to pick the peak lr.
 
-Train for `steps` optimizer steps while the learning rate grows exponentially from `start`
-to `end`, one lr per step, and record the training loss. The loss first barely moves (lr too
-small), then falls (the useful range), then turns and explodes (lr too large); the test stops
-once the smoothed loss passes `diverge` x its best. Three suggestions are read off the
-smoothed curve, after dropping its first tenth and its last 5 points as fastai does:
-
-- `steep`: where the loss falls fastest (minimum slope of loss against log lr);
-- `valley`: fastai's default since 2.5: the longest stretch of falling loss, then 2/3 of the
-  way down it (a little past its middle), which is robust to a noisy start;
-- `min10`: the lr of the lowest loss divided by 10, the classic rule of thumb, and our default
-  (`lr_find.suggestion`): in benchmarks/lr_finder.py it trains within a point of the best grid lr,
-  where `valley`, on the lagging smoothed curve, lands two decades low.
-
-It helps when you train a new model/data/batch size and do not know the lr: one test costs
-about `steps` batches, against a grid of full trainings. The suggestion is a peak lr: with the
-one-cycle schedule it is one-cycle's max lr (fastai's `fit_one_cycle(lr_max=...)` use). Leslie
-Smith 2015, "Cyclical Learning Rates for Training Neural Networks" (sec. 3.3, the "LR range
-test"); fastai's `Learner.lr_find`, and the `torch-lr-finder` package.
-
-The loss is smoothed with a bias-corrected exponential moving average (fastai's
-`AvgSmoothLoss`): avg = beta * avg + (1 - beta) * loss; smoothed = avg / (1 - beta^n).
-
-`find_lr(recipe, parts)` runs the test on the real Trainer (`LrFinderHook`, as fastai's LRFinder
-callback): its forward model (compiled or not), train loss (label smoothing, class weights, focal
-...), train batch transform, channels_last, autocast and GradScaler, gradient clipping and
-accumulation (one lr per optimizer step, `grad_accum_steps` batches each), drawing batches from the
-train loader (cycled when it runs out). Per-group lrs (layer decay) keep their ratios to the first
-group's. Afterwards it puts back the weights, BatchNorm statistics, optimizer and grad-scaler
-state, module train/eval modes, `requires_grad` flags, the global RNG states and the train
-loader's generator, so training after it is exactly training without it. Strategy hooks
-(mixing, distillation ...) are not applied during the test: it measures the plain loss.
+`find_lr` trains `steps` optimizer steps on the real Trainer (`LrFinderHook`) while the lr grows
+exponentially from `start` to `end`, until the smoothed loss passes `diverge` x its best, then puts
+back all it changed. Hooks that change the batch or the loss (mixing ...) do not run. Suggestions
+come from the smoothed curve without its first tenth and last 5 points: `steep`, `valley` (fastai's
+default) and `min10` (a tenth of the lowest loss's lr; our default: in benchmarks/lr_finder.py it
+trains within a point of the best grid lr, where `valley` lands two decades low).
 
     lrs = lr_schedule(1e-7, 10, 100)
     smoothed = smooth_losses(raw_losses, beta=0.98)
@@ -51,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from imgtrain.config import RecipeError
@@ -58,14 +34,12 @@ from imgtrain.data.loaders import CycledLoader
 from imgtrain.engine.checkpoint import capture_rng_state, restore_rng_state
 from imgtrain.engine.events import Hook, HookList
 from imgtrain.engine.loop import Trainer
-from imgtrain.strategies.base import Strategy, StrategyContext
+from imgtrain.strategies.base import Strategy
 
 CSV_NAME = "lr_find.csv"
 PLOT_NAME = "lr_find.png"
 SKIP_END = 5          # points dropped from the end of the curve before suggesting (fastai's skip_end)
 
-
-# ----------------------------------------------------------------------------- the pure functions
 
 def lr_schedule(start: float, end: float, steps: int) -> list[float]:
     """`steps` learning rates from `start` to `end` (both included), evenly spaced in log lr."""
@@ -127,9 +101,8 @@ SUGGESTIONS: dict[str, Callable[[Sequence[float], Sequence[float]], tuple[float,
 
 
 def suggest(lrs: Sequence[float], smoothed: Sequence[float], steps: int) -> dict[str, float]:
-    """Every suggestion on the recorded curve, as fastai reads it: the first steps // 10 points
-    (the loss still settling) and the last 5 (already diverging) dropped, and the curve cut at
-    its first non-finite loss. A curve too short for that is used whole."""
+    """Every suggestion on the curve up to its first non-finite loss, without the first steps // 10
+    points (still settling) and the last 5 (diverging) as fastai reads it, unless that is too short."""
     finite = next((i for i, v in enumerate(smoothed) if not math.isfinite(v)), len(smoothed))
     lrs, smoothed = list(lrs[:finite]), list(smoothed[:finite])
     if not lrs:
@@ -139,8 +112,6 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float], steps: int) -> dict
         lrs, smoothed = lrs[first:last], smoothed[first:last]
     return {name: func(lrs, smoothed)[0] for name, func in SUGGESTIONS.items()}
 
-
-# ----------------------------------------------------------------------------- the result
 
 @dataclass
 class LrFindResult:
@@ -205,17 +176,14 @@ class LrFindResult:
         ax.plot(self.lrs, self.smoothed, color="C0", label="smoothed loss")
         log_lrs = [math.log(v) for v in self.lrs]
         for color, (name, lr) in zip(("C1", "C2", "C3"), self.suggestions.items()):
-            loss = _interpolate(math.log(lr), log_lrs, self.smoothed)
+            loss = float(np.interp(math.log(lr), log_lrs, self.smoothed))
             label = f"{name} {lr:.1e}" + (" (used)" if name == chosen else "")
             ax.plot([lr], [loss], "o", color=color, markersize=9 if name == chosen else 6, label=label)
         finite = [v for v in self.smoothed if math.isfinite(v)]
         if finite:  # keep the explosion at the end from flattening the useful part
             low, first = min(finite), finite[0]
             ax.set_ylim(low - 0.1 * abs(first - low) - 1e-3, max(first, low) + 0.6 * abs(first - low) + 1e-3)
-        ax.set_xscale("log")
-        ax.set_xlabel("learning rate")
-        ax.set_ylabel("training loss")
-        ax.set_title("LR range test")
+        ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="LR range test")
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best", fontsize="small")
         fig.tight_layout()
@@ -231,23 +199,9 @@ class LrFindResult:
         return [csv_path, png_path]
 
 
-def _interpolate(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
-    if x <= xs[0]:
-        return ys[0]
-    for i in range(1, len(xs)):
-        if x <= xs[i]:
-            w = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
-            return ys[i - 1] + w * (ys[i] - ys[i - 1])
-    return ys[-1]
-
-
-# ----------------------------------------------------------------------------- the range test
-
 class LrFinderHook(Hook):
-    """The range test as a hook on the real Trainer (fastai's LRFinder callback): sets each optimizer
-    step's lr, records the step's mean loss, ends the run once the smoothed loss diverges, and at
-    fit_end puts back what the test changed (weights, BatchNorm statistics, optimizer and grad-scaler
-    state, module modes, requires_grad flags, RNG states, the train loader's generator)."""
+    """The range test on the real Trainer (fastai's LRFinder callback): sets each step's lr, records
+    its loss, stops once the smoothed loss diverges, and at fit_end puts back what the test changed."""
 
     name = "lr_finder"
 
@@ -260,7 +214,7 @@ class LrFinderHook(Hook):
         self.ratios: list[float] = []
         self.momenta: list[dict[str, Any]] = []
         self.saved: dict[str, Any] = {}
-        self.average, self.best, self.seconds = 0.0, math.inf, 0.0
+        self.best, self.seconds = math.inf, 0.0
         self.step_loss: torch.Tensor | None = None
         self.step_batches = 0
 
@@ -291,11 +245,9 @@ class LrFinderHook(Hook):
         assert self.step_loss is not None, "after_backward ran for the step's batches"
         value = float(self.step_loss) / max(self.step_batches, 1)  # the mean over the step's batches
         self.step_loss, self.step_batches = None, 0
-        # the moving average, kept step by step so the test can stop as it diverges
-        self.average = self.cfg.smoothing * self.average + (1.0 - self.cfg.smoothing) * value
-        smooth = self.average / (1.0 - self.cfg.smoothing ** (len(self.losses) + 1))
         self.lrs.append(self.schedule[len(self.lrs)])
         self.losses.append(value)
+        smooth = smooth_losses(self.losses, self.cfg.smoothing)[-1]  # each step: the test stops as it diverges
         self.smoothed.append(smooth)
         if diverged(smooth, self.best, self.cfg.diverge) or len(self.lrs) == len(self.schedule):
             state.stop_training = True
@@ -312,15 +264,8 @@ class LrFinderHook(Hook):
 
 
 def find_lr(recipe: Any, parts: Any, settings: Any = None, hooks: Sequence[Hook] = ()) -> LrFindResult:
-    """Run the range test on the real Trainer and put everything back as it was.
-
-    parts: the `TrainParts` training would use (model, loss, parameter groups, train loader ...); the
-    test trains with the recipe's precision, accumulation, clipping, channels_last and batch
-    transforms, one lr per optimizer step (`grad_accum_steps` batches each), without validation or
-    checkpoints. settings: an `LrFindConfig` (default: recipe.lr_find). hooks: run before the test's
-    own, e.g. the transfer hook, so layers frozen in the first epoch stay frozen. Strategy hooks that
-    change the batch or the loss (mixing, distillation ...) are left out: the test measures the plain loss.
-    """
+    """Run the range test on the `TrainParts` training would use (without validation or checkpoints)
+    and put everything back; `hooks` run before the test's own (transfer: frozen layers stay frozen)."""
     cfg = settings if settings is not None else recipe.lr_find
     accum = recipe.train.grad_accum_steps
     # one epoch of exactly the test's steps (the hook sets every step's lr, whatever the schedule says)
@@ -372,7 +317,7 @@ def check_lr_find(recipe: Any) -> None:
 
 
 class LrFinder(Strategy):
-    """optim.lr: find: the range test runs before training (api.find_recipe_lr) and picks optim.lr."""
+    """optim.lr: find: the range test runs before training (api.find_recipe_lr), with no hook in it."""
     name, section = "lr_finder", "lr_find"
 
     def enabled(self, recipe: Any) -> bool:
@@ -381,10 +326,6 @@ class LrFinder(Strategy):
     def check(self, recipe: Any) -> None:
         check_lr_find(recipe)
 
-    def build(self, recipe: Any, context: StrategyContext | None) -> list[Hook]:
-        return []  # nothing runs during training: the lr it chose is in the recipe by then
-
 
 __all__ = ["CSV_NAME", "LrFinder", "LrFinderHook", "PLOT_NAME", "LrFindResult", "SUGGESTIONS", "check_lr_find",
-           "diverged", "find_lr",
-           "lr_schedule", "minimum_tenth", "smooth_losses", "steepest", "suggest", "valley"]
+           "diverged", "find_lr", "lr_schedule", "minimum_tenth", "smooth_losses", "steepest", "suggest", "valley"]

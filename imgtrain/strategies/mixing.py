@@ -1,22 +1,12 @@
 """Mixup and CutMix: train on blends of two images with a blend of their labels.
 
-Mixup (Zhang et al. 2018, "mixup: Beyond Empirical Risk Minimization") replaces each image
-by lam * x_i + (1 - lam) * x_j; CutMix (Yun et al. 2019, "CutMix: Regularization Strategy to
-Train Strong Classifiers with Localizable Features") pastes a box of x_j into x_i. The target
-is the same blend of the two one-hot labels, so the model learns calibrated, less confident
-predictions. They help most when a model overfits: long schedules, small datasets, large
-models; on a few short epochs they usually cost accuracy, because the task gets harder.
-
-One lam (drawn from Beta(alpha, alpha)) per batch, and image i is paired with image N-1-i
-of the flipped batch, as in timm's batch mode: one draw and two tensor ops per batch. For
-CutMix the box is clipped at the image border, and lam is recomputed from the area actually
-pasted, so the target always matches the pixels. Label smoothing is folded into the soft
-targets (the loss does not smooth soft targets again), exactly like timm's `Mixup`.
+Mixup (Zhang et al. 2018) replaces each image by lam * x_i + (1 - lam) * x_j; CutMix (Yun et al.
+2019) pastes a box of x_j into x_i; the target is the same blend of the two one-hot labels. As in
+timm's batch mode: one lam per batch, image i paired with image N-1-i, label smoothing folded into
+the soft targets; CutMix's lam is recomputed from the area actually pasted.
 
     inputs, soft_targets = mix_batch(inputs, targets, num_classes=10, mixup_alpha=0.2,
                                      label_smoothing=0.1, generator=torch.Generator().manual_seed(0))
-
-`MixingHook` applies it to every training batch (at `batch_start`) until `mix.off_epoch`.
 """
 
 from __future__ import annotations
@@ -33,19 +23,15 @@ from imgtrain.strategies.base import Strategy, StrategyContext
 
 
 def sample_lam(alpha: float, generator: torch.Generator | None = None) -> float:
-    """One draw from Beta(alpha, alpha), reproducible from a torch generator (or torch's global RNG).
-
-    torch's Beta sampler takes no generator, so a seed is drawn from the torch generator and
-    NumPy draws the Beta sample: the stream is still fully determined by the torch generator.
-    """
+    """One draw from Beta(alpha, alpha), determined by a torch generator (or torch's global RNG):
+    torch's Beta sampler takes no generator, so NumPy draws it from a seed the generator gives."""
     seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
     return float(np.random.default_rng(seed).beta(alpha, alpha))
 
 
 def cutmix_box(height: int, width: int, lam: float,
                generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) of a box of area ~(1 - lam) of the image, centred uniformly,
-    clipped at the border (so a box near an edge is smaller than asked; see `mix_batch`)."""
+    """(top, bottom, left, right) of a box of area ~(1 - lam), centred uniformly, clipped at the border."""
     cut = (1.0 - lam) ** 0.5
     cut_h, cut_w = int(height * cut), int(width * cut)
     cy = int(torch.randint(0, height, (1,), generator=generator).item())
@@ -59,14 +45,9 @@ def mix_batch(inputs: torch.Tensor, targets: torch.Tensor, num_classes: int, mix
               cutmix_alpha: float = 0.0, switch_prob: float = 0.5, prob: float = 1.0,
               label_smoothing: float = 0.0, generator: torch.Generator | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mix a batch: returns (mixed inputs, soft targets (N, num_classes) that sum to one).
-
-    inputs: (N, C, H, W); targets: class indices (N,). With both alphas > 0, CutMix is used
-    with probability `switch_prob`, else Mixup; a batch is mixed at all with probability
-    `prob` (an unmixed batch still gets smoothed one-hot targets, so the loss stays the same
-    kind). Random draws come from `generator` (torch's global RNG when None). The inputs
-    are not modified in place.
-    """
+    """Mix a batch (N, C, H, W) with class indices (N,): (mixed inputs, soft targets (N, num_classes)).
+    CutMix is used with probability `switch_prob` when both alphas are > 0; a batch is mixed at all
+    with probability `prob` (else it gets smoothed one-hot targets). The inputs are not changed."""
     if targets.ndim != 1:
         raise ValueError(f"mix_batch takes class indices (N,), got targets of shape {tuple(targets.shape)}")
     use_mixup, use_cutmix = mixup_alpha > 0, cutmix_alpha > 0
@@ -91,17 +72,13 @@ def mix_batch(inputs: torch.Tensor, targets: torch.Tensor, num_classes: int, mix
 
 
 class MixingHook(Hook):
-    """Replaces each training batch by its Mixup/CutMix blend, up to `mix.off_epoch`.
-
-    Holds its own generator (seeded from train.seed), saved in checkpoints, so a resumed
-    run draws the same lams and boxes as an uninterrupted one.
-    """
+    """Replaces each training batch by its Mixup/CutMix blend, up to `mix.off_epoch`; its generator
+    is saved in checkpoints, so a resumed run draws the same lams and boxes."""
 
     name = "mixing"
 
     def __init__(self, mix: Any, label_smoothing: float, seed: int):
-        self.mix = mix
-        self.label_smoothing = label_smoothing
+        self.mix, self.label_smoothing = mix, label_smoothing
         self.generator = torch.Generator().manual_seed(seed)
 
     def batch_start(self, state: Any) -> None:
@@ -126,7 +103,6 @@ def mixing_enabled(recipe: Any) -> bool:
 
 
 class Mixing(Strategy):
-    """mix.*: Mixup and CutMix of training batches."""
     name, section = "mixing", "mix"
 
     def enabled(self, recipe: Any) -> bool:
@@ -142,8 +118,7 @@ class Mixing(Strategy):
                               file=recipe.source_file, key="data.batch_size")
 
     def build(self, recipe: Any, context: StrategyContext | None) -> list[Hook]:
-        # mixing draws from its own generator, offset from the train seed so it does not
-        # replay the shuffle's stream
+        # seed + 1: not the shuffle's stream
         return [MixingHook(recipe.mix, recipe.train.label_smoothing, seed=recipe.train.seed + 1)]
 
 

@@ -1,30 +1,12 @@
-"""Progressive resizing: train on small images first, then on larger ones.
+"""Progressive resizing: train on small images first, then on larger ones (Howard 2018; FFCV).
 
-Early in training a network learns coarse shapes, which small images show as well as
-large ones at a fraction of the cost (a convolution's work grows with the image area).
-Ending at full size, and evaluating there, recovers the detail. fast.ai used it to train
-ImageNet quickly (Howard 2018, "Now anyone can train Imagenet in 18 minutes"); FFCV's
-ResNet recipes ramp the size linearly; Composer calls it ProgressiveResizing; Touvron et
-al. 2019 ("Fixing the train-test resolution discrepancy") explain why testing somewhat
-larger than the last training size helps.
-
-Two ways to say it in a recipe (the `progressive` section):
-
-- stages: `[{img_size: 14, batch_size: 512, epochs: 3}, {img_size: 28, epochs: 3}]`;
-  a stage may give its own `batch_size` (small images fit more per step) and `lr`;
-- a ramp: `min_size` to `max_size` between `ramp_start` and `ramp_end` (fractions of the
-  run), sizes rounded to `size_multiple`, as FFCV does.
-
-The data pipeline makes every image at `augment.img_size` (the largest training size);
-each batch is shrunk on the device to the epoch's size (`resize_batch`, antialiased).
-Evaluation uses `eval_size` (default: the last training size), built by the eval pipeline
-directly. The model, optimizer and EMA carry across stages. When a stage changes the
-batch size without giving an lr, the lr is scaled by the batch ratio (`lr_scaling`:
-linear, Goyal et al. 2017, or sqrt, Krizhevsky 2014). The schedule runs once over the
-whole run (`schedule: continuous`) or restarts in every stage (`restart`).
-
-The plan is a pure function of the epoch (`plan_epochs`), so a resumed run picks up the
-size, batch size and lr scale of its epoch without any saved state.
+Early epochs learn coarse shapes, which small images show as well at a fraction of the cost. A
+recipe gives `stages` (each with an image size, epochs, and optionally a batch size and lr) or a
+linear ramp from `min_size` to `max_size` (FFCV's). The data pipeline makes images at
+`augment.img_size` and each batch is shrunk on the device (`resize_batch`); evaluation is at
+`eval_size` (default: the last training size). A stage that changes the batch size without an lr
+scales the lr (`lr_scaling`). The plan is a pure function of the epoch (`plan_epochs`), so a resume
+needs no saved state.
 """
 
 from __future__ import annotations
@@ -48,12 +30,8 @@ def progressive_enabled(recipe: Any) -> bool:
 
 def ramp_size(epoch: int, epochs: int, min_size: int, max_size: int, ramp_start: float, ramp_end: float,
               multiple: int) -> int:
-    """The image size of `epoch` (0-based) on a linear ramp, rounded down to `multiple`.
-
-    The size is min_size up to ramp_start x epochs, max_size from ramp_end x epochs, linear in
-    between, rounded to the nearest multiple (FFCV's `get_resolution`, per epoch); never below
-    min_size nor above max_size.
-    """
+    """The image size of `epoch` (0-based): min_size up to ramp_start x epochs, max_size from ramp_end
+    x epochs, linear in between, rounded to the nearest `multiple` (FFCV's `get_resolution`)."""
     start, end = ramp_start * epochs, ramp_end * epochs
     if end <= start:
         fraction = 1.0 if epoch >= end else 0.0
@@ -66,18 +44,12 @@ def ramp_size(epoch: int, epochs: int, min_size: int, max_size: int, ramp_start:
 def lr_scale_for(batch_size: int, base_batch_size: int, rule: str) -> float:
     """Learning-rate multiplier for a batch of `batch_size` when the recipe's lr is for `base_batch_size`."""
     ratio = batch_size / base_batch_size
-    if rule == "linear":
-        return ratio
-    if rule == "sqrt":
-        return math.sqrt(ratio)
-    return 1.0
+    return {"linear": ratio, "sqrt": math.sqrt(ratio)}.get(rule, 1.0)
 
 
 def plan_epochs(recipe: Any, train_size: int) -> list[EpochPlan]:
-    """One EpochPlan per epoch of the run; without progressive resizing, the same plan every epoch.
-
-    train_size: the side the data pipeline makes (augment.img_size or the native size).
-    """
+    """One EpochPlan per epoch of the run (the same plan every epoch without progressive resizing);
+    train_size: the side the data pipeline makes (augment.img_size or the native size)."""
     cfg, base_batch, epochs = recipe.progressive, recipe.data.batch_size, recipe.train.epochs
 
     def segment(stage: int) -> int:  # schedule: restart gives each stage a schedule of its own
@@ -87,10 +59,8 @@ def plan_epochs(recipe: Any, train_size: int) -> list[EpochPlan]:
         plans: list[EpochPlan] = []
         for index, stage in enumerate(cfg.stages):
             batch = int(stage.get("batch_size", base_batch))
-            if stage.get("lr") is not None:
-                scale = float(stage["lr"]) / recipe.optim.lr
-            else:
-                scale = lr_scale_for(batch, base_batch, cfg.lr_scaling)
+            scale = (float(stage["lr"]) / recipe.optim.lr if stage.get("lr") is not None
+                     else lr_scale_for(batch, base_batch, cfg.lr_scaling))
             plans += [EpochPlan(index, int(stage["img_size"]), batch, scale, segment(index))] * int(stage["epochs"])
         return plans
     if cfg.min_size is not None:
@@ -157,8 +127,7 @@ def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
     shrinking = size < images.shape[-1] or size < images.shape[-2]
-    # in float32: the antialiased kernel has no half-precision CPU version, and batches are float
-    # here anyway (autocast lowers precision inside the model, not before it)
+    # float32: the antialiased kernel has no half-precision CPU version (autocast acts inside the model)
     out = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False,
                         antialias=shrinking)
     return out.to(dtype=images.dtype)
@@ -176,7 +145,6 @@ class ProgressiveResizingHook(Hook):
     def epoch_start(self, state: Any) -> None:
         plan = self.plans[min(state.epoch, len(self.plans) - 1)]
         self.size = plan.img_size
-        # columns of history.csv for this epoch
         state.epoch_metrics.update({"stage": plan.stage + 1, "img_size": plan.img_size,
                                     "batch_size": plan.batch_size})
 
@@ -189,14 +157,12 @@ class ProgressiveResizingHook(Hook):
 
 
 class Progressive(Strategy):
-    """progressive.*: small images first (stages or a ramp), bigger as training goes on."""
     name, section = "progressive_resizing", "progressive"
 
     def enabled(self, recipe: Any) -> bool:
         return progressive_enabled(recipe)
 
     def plan_epochs(self, recipe: Any, context: StrategyContext) -> list[EpochPlan]:
-        # stage sizes vs the size the data pipeline makes, stage epochs vs train.epochs
         check_progressive_recipe(recipe, context.img_size, batch_sampler=recipe.data.sampler == "per_class")
         return plan_epochs(recipe, context.img_size)
 
@@ -211,5 +177,4 @@ class Progressive(Strategy):
 
 
 __all__ = ["Progressive", "EpochPlan", "ProgressiveResizingHook", "check_progressive_recipe", "describe_plans",
-           "eval_size", "lr_scale_for",
-           "plan_epochs", "progressive_enabled", "ramp_size", "resize_batch"]
+           "eval_size", "lr_scale_for", "plan_epochs", "progressive_enabled", "ramp_size", "resize_batch"]

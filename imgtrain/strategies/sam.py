@@ -1,24 +1,14 @@
 """Sharpness-aware minimisation (SAM) and its adaptive form (ASAM): minimise the worst loss nearby.
 
 Each optimizer step first moves the weights w to the worst point of a small neighbourhood, to first
-order, then takes the gradient there and applies it at w:
+order, then takes the gradient there and applies it at w, so training prefers flat minima, which
+generalise better (Foret et al. 2021; Kwon et al. 2021, ASAM, scale-invariant, with a larger rho):
 
     e(w) = rho * g / ||g||             SAM: g the gradient at w, ||.|| the L2 norm over all weights
     e(w) = rho * w^2 g / ||w g||       ASAM (adaptive): the neighbourhood scaled elementwise by |w|
     w <- optimizer step from w with the gradient at w + e(w)
 
-so training prefers flat minima, whose loss does not rise when the weights move a little; they
-generalise better. It helps most where a model can fit its training set with room to spare: small
-data sets, long runs, large models, noisy labels (Foret et al. report +0.5 to +1.5 points on CIFAR
-and ImageNet); little in short runs that are still underfitting. ASAM's neighbourhood does not
-change when a layer's weights are rescaled (as BatchNorm allows), and takes a larger rho (0.5 to 2).
-Foret, Kleiner, Mobahi & Neyshabur 2021, "Sharpness-Aware Minimization for Efficiently Improving
-Generalization"; Kwon, Kim, Park & Choi 2021, "ASAM: Adaptive Sharpness-Aware Minimization for
-Scale-Invariant Learning of Deep Neural Networks".
-
-The cost: two forward and two backward passes per optimizer step (about twice the time per step;
-an epoch of SAM costs about as much as two plain ones), and one copy of the trainable weights held
-between the passes.
+In your own loop (two forward and backward passes per step):
 
     params = [p for p in model.parameters() if p.requires_grad]
     loss_fn(model(x), y).backward()              # the gradient at w
@@ -27,22 +17,10 @@ between the passes.
     optimizer.zero_grad()
     loss_fn(model(x), y).backward()              # the gradient at w + e(w)
     restore_weights(params, saved)               # back to w, bit for bit
-    optimizer.step()                             # your own loop; weight decay is the optimizer's
+    optimizer.step()                             # weight decay is the optimizer's
 
-`SamHook` does this in the Trainer's one step. At `after_backward` of an accumulation group's last
-batch (first pass) `.grad` holds the group's accumulated gradient at w: the hook perturbs the
-weights, zeroes the gradients and sets `state.repeat_group`; the loop replays the group's batches
-(as mixing and resizing left them) through forward and backward (`state.pass_index` 1), and at the
-end of that pass the hook puts w back. The loop then unscales, clips and steps with the gradient at
-w + e(w), so accumulation, clipping and AMP work as in any step. Under fp16 the gradients are still
-multiplied by the GradScaler's scale at the first pass; e(w) does not depend on that scale, so they
-need no unscaling; when one is inf or nan (an fp16 overflow) the step is taken without perturbation
-and the scaler skips it as usual. Frozen parameters (transfer learning) and those without a gradient
-are not perturbed. BatchNorm running statistics are updated by the first pass only (the second
-forward runs at the perturbed weights; as in davda54/sam's example). The loop's train_loss and
-train_acc are the first pass's (at w).
-
-Nothing to resume: w is restored within the step, so the hook keeps no state across steps.
+`SamHook` does this in the Trainer's step (`state.repeat_group`: the loop replays the group's batches
+at w + e(w)), so accumulation, clipping and AMP work as always; BatchNorm moves in the first pass only.
 """
 
 from __future__ import annotations
@@ -61,13 +39,9 @@ NORM_EPS = 1e-12  # keeps e(w) finite (zero) when the gradient is exactly zero
 @torch.no_grad()
 def sam_perturbation(params: Iterable[torch.Tensor], rho: float,
                      adaptive: bool = False) -> list[torch.Tensor | None] | None:
-    """e(w) for each parameter, from the gradients in `.grad`: rho * g / ||g|| (SAM) or
-    rho * w^2 g / ||w g|| (adaptive: ASAM), the norm taken over all of them together.
-
-    Entries are None for parameters without a gradient. Returns None when there is nothing to
-    perturb: some gradient is inf or nan (an fp16 overflow: skip SAM for this step) or none exists.
-    The result does not change when every gradient is multiplied by the same factor (a GradScaler's
-    scale), so scaled gradients need no unscaling first."""
+    """e(w) for each parameter from its `.grad` (None without one), the norm over all of them; None
+    when a gradient is inf or nan (fp16 overflow: skip SAM this step) or none exists. A GradScaler's
+    scale cancels out, so scaled gradients need no unscaling."""
     params = list(params)
     # the direction whose norm is taken: g, or |w| g for ASAM
     directions = [None if p.grad is None else (p.grad * p.abs() if adaptive else p.grad) for p in params]
@@ -102,13 +76,9 @@ def restore_weights(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor
             p.copy_(weights)
 
 
-def _norm_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-
-
 class SamHook(Hook):
-    """Perturbs the weights after a group's first backward pass, asks the loop to replay the group,
-    and restores the weights after the replay's backward pass (see the module docstring)."""
+    """Perturbs the weights after a group's first backward pass, has the loop replay the group, and
+    restores the weights after the replay's."""
 
     name = "sam"
     replays_group = True  # the loop keeps each accumulation group's batches for the second pass
@@ -132,16 +102,15 @@ class SamHook(Hook):
         # the optimizer's parameters: what the step updates; frozen ones have no gradient
         self._params = [p for group in state.optimizer.param_groups for p in group["params"] if p.requires_grad]
         perturbation = sam_perturbation(self._params, self.rho, self.adaptive)
-        if perturbation is None:
-            # inf/nan in the gradient at w: no second pass; the GradScaler (or the non-finite guard)
-            # skips this step as it would without SAM
+        if perturbation is None:  # inf/nan at w: no replay; the GradScaler (or the guard) skips the step
             self.unperturbed_steps += 1
             return
         self._saved = perturb_weights(self._params, perturbation)
         del perturbation
         # the replay's forward at w + e(w) must not move the running statistics: momentum 0 keeps
         # them (also for momentum None, a cumulative average)
-        self._momenta = [(m, m.momentum) for m in _norm_layers(state.model)]
+        self._momenta = [(m, m.momentum) for m in state.model.modules()
+                         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         for module, _ in self._momenta:
             setattr(module, "momentum", 0.0)  # noqa: B010 (nn.Module's typed __setattr__ rejects a float)
         state.optimizer.zero_grad(set_to_none=True)
@@ -156,7 +125,6 @@ class SamHook(Hook):
 
 
 class Sam(Strategy):
-    """optim.sam: sharpness-aware minimisation (ASAM with adaptive: true)."""
     name, section = "sam", "optim"
 
     def enabled(self, recipe: Any) -> bool:

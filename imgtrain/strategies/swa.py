@@ -1,21 +1,9 @@
 """SWA: stochastic weight averaging, an equal average of the weights at the end of the last epochs.
 
-From `swa.start_epoch` (0-based) on, the weights at the end of every epoch join a running mean,
-swa = swa + (w - swa) / (n + 1); with `swa.lr` the schedule is replaced, at that epoch, by torch's
-`SWALR`: `swa.anneal_epochs` epochs of cosine (or linear) annealing from the current lr to the
-constant `swa.lr`, which keeps SGD exploring around the optimum so the averaged points differ.
-The mean of those points lies in a wider, flatter region of the loss than any one of them and
-generalises better, at no extra training cost: it helps most at the end of a schedule that
-would otherwise be decayed to zero (the last 25% of epochs is the paper's choice), with SGD and a
-fairly high constant lr. Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima and
-Better Generalization".
-
-BatchNorm statistics of averaged weights are not the average of the statistics, so after every
-update they are recomputed (torch's `update_bn`) with one forward pass of the averaged model over
-the epoch's training batches, as training prepares them (on the device, batch-transformed, in the
-model's memory format): one extra forward pass over the training data per SWA epoch, none for a
-model without BatchNorm. Inputs are not mixed (Mixup/CutMix) nor resized by progressive resizing,
-whose batches exist only inside the training step.
+From `swa.start_epoch` (0-based) on, the weights at the end of every epoch join a running mean; with
+`swa.lr`, torch's `SWALR` replaces the schedule there (Izmailov et al. 2018). The average's BatchNorm
+statistics are recomputed after every update with one forward pass over the epoch's training batches
+(not mixed, not resized), none for a model without BatchNorm.
 
     averaged = torch.optim.swa_utils.AveragedModel(model)             # your own loop
     for epoch in range(epochs):
@@ -24,11 +12,8 @@ whose batches exist only inside the training step.
             swa_update(averaged, model, train_loader, prepare=lambda x: x.to(device))
     evaluate(averaged.module, ...)
 
-`SwaHook` averages at `before_eval` (the epoch's training is done, validation not started) and
-then sets `state.eval_model`, so validation, the best/last checkpoints and the test score use the
-averaged weights from the first SWA epoch on. Its state (the average, the number of models in it,
-SWALR's position and the SWA lrs) goes into last.state.pt, so a resumed run continues the same
-average on the same schedule.
+`SwaHook` averages at `before_eval` and sets `state.eval_model`, so validation, the checkpoints and
+the test score use the average; its state goes into last.state.pt, so a resume continues it.
 """
 
 from __future__ import annotations
@@ -65,8 +50,7 @@ def update_bn_with(model: torch.nn.Module, batches: Iterable,
 
 def swa_update(averaged: AveragedModel, model: torch.nn.Module, batches: Iterable,
                prepare: Callable[[torch.Tensor], torch.Tensor] | None = None, limit: int | None = None) -> None:
-    """One SWA point: add `model`'s parameters to the equal average, then recompute the average's
-    BatchNorm statistics over the training batches."""
+    """One SWA point: add `model` to the equal average, then recompute the average's BatchNorm statistics."""
     averaged.update_parameters(model)
     update_bn_with(averaged.module, batches, prepare, limit)
 
@@ -91,12 +75,8 @@ def swa_lr_at(step: int, start_lr: float, swa_lr: float, steps: int, strategy: s
 
 
 class SwaSchedule:
-    """What `state.scheduler` is during SWA: it steps SWALR, and checkpoints the schedule it replaced.
-
-    The Trainer saves `state.scheduler.state_dict()` and, on resume, loads it into the schedule it
-    builds from the recipe, before any hook is restored: SWALR's state would not load there (a
-    LambdaLR wants its lr_lambdas). So the checkpoint keeps the replaced schedule's state (frozen:
-    nothing steps it any more) and SwaHook keeps SWALR's in its own state."""
+    """`state.scheduler` during SWA: steps SWALR, and checkpoints the schedule it replaced (a resume
+    loads that into the recipe's schedule; SwaHook keeps SWALR's state)."""
 
     def __init__(self, swalr: SWALR, replaced: Any):
         self.swalr, self.replaced = swalr, replaced
@@ -115,8 +95,8 @@ class SwaSchedule:
 
 
 class SwaHook(Hook):
-    """Keeps torch's AveragedModel of `state.model` (one point per epoch from start_epoch) and, with
-    a swa_lr, runs SWALR in place of the recipe's schedule from start_epoch on."""
+    """Keeps torch's AveragedModel of `state.model` (one point per epoch from start_epoch) and, with a
+    swa_lr, runs SWALR in place of the recipe's schedule from then on."""
 
     name = "swa"
 
@@ -136,10 +116,7 @@ class SwaHook(Hook):
         return int(self.averaged.n_averaged) if self.averaged is not None else 0
 
     def fit_start(self, state: Any) -> None:
-        # built here: the Trainer has moved the model to its device and memory format, and loaded
-        # the resumed weights. Parameters only (use_buffers=False): BatchNorm statistics are
-        # recomputed for the averaged weights after every update, and averaging them would only be
-        # overwritten; other buffers follow the model's
+        # built once the model is moved and resumed; parameters only: BatchNorm statistics are recomputed
         self.averaged = AveragedModel(state.model)
         if self._pending is not None:
             if "averaged" in self._pending:
@@ -153,8 +130,7 @@ class SwaHook(Hook):
     def epoch_start(self, state: Any) -> None:
         if self.swa_lr is None or state.epoch < self.start_epoch or state.scheduler is self.schedule:
             return
-        # SWALR takes over: at the first SWA epoch, after a resume (the Trainer rebuilt the
-        # recipe's schedule), or when the loop started a new schedule segment (progressive plans)
+        # SWALR takes over: at the first SWA epoch, after a resume, or at a new schedule segment
         groups = state.optimizer.param_groups
         if self.swalr is None:
             if self.group_swa_lrs is None:
@@ -169,8 +145,7 @@ class SwaHook(Hook):
             else:
                 state.note(f"swa: from epoch {state.epoch + 1}, lr annealed ({self.anneal_strategy}) over {steps} "
                            f"steps to {self.swa_lr:g}", event="swa_start", steps=steps, swa_lr=self.swa_lr)
-        # building SWALR steps it once, and a rebuilt recipe schedule set its own lrs: put back the
-        # lrs SWALR last set (SWALR reads them to compute the next, so they must be exactly these)
+        # put back SWALR's last lrs (building it steps it; a rebuilt schedule sets others): it computes the next
         for group, lr in zip(groups, self.swalr.get_last_lr()):
             group["lr"] = lr
         self.schedule = SwaSchedule(self.swalr, replaced=state.scheduler)
@@ -196,7 +171,6 @@ class SwaHook(Hook):
 
     @property
     def module(self) -> torch.nn.Module:
-        """The averaged model (built at fit_start)."""
         return self.module_average().module
 
     def state_dict(self) -> dict[str, Any]:
@@ -242,7 +216,6 @@ def check_swa_plans(recipe: Any, context: StrategyContext) -> None:
 
 
 class Swa(Strategy):
-    """swa.*: an equal average of the end-of-epoch weights, validated and saved, with SWALR."""
     name, section = "swa", "swa"
 
     def enabled(self, recipe: Any) -> bool:

@@ -1,29 +1,12 @@
 """Transfer learning: frozen backbones, partial freezing, discriminative learning rates and
 gradual unfreezing.
 
-A pretrained network is a stack of layer groups: the stem, the stages (or blocks), the
-head. They are found with timm's group matcher (`model.group_matcher`, the same one timm's
-layer-wise lr decay uses), numbered from the stem; the last group is the head. Then:
-
-- feature extraction (`freeze_backbone`) trains the head alone: the cheapest adaptation,
-  best when the new data is small and close to what the backbone saw;
-- partial freezing (`freeze_layers: N`) keeps the first N groups fixed: low-level filters
-  transfer almost everywhere (Yosinski et al. 2014, "How transferable are features");
-- gradual unfreezing (`unfreeze_epochs`) starts with the head and adds one group from the top
-  at each listed epoch, so the randomly initialised head cannot wreck the pretrained features
-  with large early gradients (Howard & Ruder 2018, ULMFiT); `freeze_epochs: N` is fastai's
-  `fine_tune`: head alone for N epochs, then everything;
-- discriminative learning rates (`layer_decay` or `group_lrs`) give lower groups smaller
-  steps: group i of n gets lr x decay^(n-1-i), timm's layer decay and fastai's `slice(lo, hi)`.
-
-Every parameter is in the optimizer from the start, in its group's param groups with its own
-lr; a frozen parameter has `requires_grad=False`, gets no gradient and is skipped by the
-optimizer step (weight decay included). Unfreezing flips `requires_grad`, so the group joins
-with the lr the schedule gives it at that moment, and its optimizer state starts then.
-Which groups train is a pure function of the epoch (`first_trainable_group`), so a resumed
-run recomputes it and needs no state of its own; the optimizer's state comes back from the
-checkpoint. BatchNorm layers of frozen groups are put in eval mode at every epoch start, so
-their running statistics stay those of the pretrained weights.
+The model is split into layer groups by timm's group matcher (stem first, head last);
+`freeze_backbone`, `freeze_layers`, `freeze_epochs` (fastai's `fine_tune`) and `unfreeze_epochs`
+(ULMFiT) choose which train, `layer_decay` or `group_lrs` their lrs (group i of n: lr x
+decay^(n-1-i)). A frozen parameter stays in the optimizer with `requires_grad=False` (no gradient,
+no step), and its BatchNorm layers are in eval mode. Which groups train is a pure function of the
+epoch (`first_trainable_group`), so a resume needs no state.
 
     groups = layer_groups(model)                       # [[param names of the stem], ..., [head]]
     freeze_until(model, groups, first_trainable=len(groups) - 1)   # head only
@@ -42,26 +25,22 @@ from imgtrain.strategies.base import Strategy, StrategyContext, require_context
 
 
 def layer_groups(model: torch.nn.Module, by: str = "stage") -> list[list[str]]:
-    """Parameter names per layer group, stem first, head last (timm's group matcher).
-
-    by: "stage" (timm's coarse grouping: stem, each stage, head) or "block" (one per block).
-    Models without a group matcher get two groups: everything but the classifier, the classifier.
-    """
+    """Parameter names per layer group, stem first, head last, by timm's group matcher ("stage":
+    coarse, "block": one per block); without one, two groups: all but the classifier, the classifier."""
     from timm.models import group_parameters
 
     names = [name for name, _ in model.named_parameters()]
     matcher = getattr(model, "group_matcher", None)
+    head = _classifier_names(model)
     if matcher is not None:
         grouped = group_parameters(model, matcher(coarse=(by == "stage")))
         groups = [list(params) for _, params in sorted(grouped.items())]
     else:
-        head = _classifier_names(model)
         if not head:
             raise RecipeError(f"transfer: {type(model).__name__} has neither timm's group_matcher nor a "
                               "get_classifier(); its layer groups cannot be found", key="transfer")
         groups = [[n for n in names if n not in head], [n for n in names if n in head]]
     # the head must be a group of its own for "head only" to mean the classifier
-    head = _classifier_names(model)
     if head and len(groups) > 1 and not set(head) <= set(groups[-1]):
         raise RecipeError(f"transfer: the last layer group of {type(model).__name__} does not hold its classifier "
                           f"({sorted(head)[:2]}); the group matcher does not fit this model", key="transfer")
@@ -144,28 +123,27 @@ def trainable_counts(model: torch.nn.Module, groups: list[list[str]]) -> list[in
     return [sum(params[n].numel() for n in group if params[n].requires_grad) for group in groups]
 
 
+def _checked_groups(model: torch.nn.Module, recipe: Any) -> tuple[list[list[str]], list[float]]:
+    """The model's layer groups and their lrs, once every transfer.* setting is checked against them."""
+    cfg = recipe.transfer
+    groups = layer_groups(model, cfg.groups)
+    check_transfer(cfg, len(groups), recipe.model.name, recipe.source_file)
+    return groups, group_lr_multipliers(len(groups), recipe.optim.lr, cfg.layer_decay, cfg.group_lrs)
+
+
 def check_transfer_recipe(model: torch.nn.Module, recipe: Any) -> None:
     """Every transfer.* setting the model's layer groups must allow, checked before training."""
     if transfer_enabled(recipe):
-        cfg = recipe.transfer
-        groups = layer_groups(model, cfg.groups)
-        check_transfer(cfg, len(groups), recipe.model.name, recipe.source_file)
-        group_lr_multipliers(len(groups), recipe.optim.lr, cfg.layer_decay, cfg.group_lrs)
+        _checked_groups(model, recipe)
 
 
 def transfer_param_groups(model: torch.nn.Module, recipe: Any) -> list[dict[str, Any]] | None:
-    """Optimizer param groups with per-layer-group learning rates, head first, or None when the
-    recipe uses no transfer key that needs them (then the plain two groups are built).
-
-    Each layer group gives a decayed and an undecayed (norm and bias) group; the head comes first
-    so that the lr in the history is the head's, the recipe's optim.lr.
-    """
-    cfg, optim = recipe.transfer, recipe.optim
+    """Optimizer param groups (decayed and undecayed) per layer group, head first so that the lr in
+    the history is the head's, the recipe's optim.lr; None without transfer (the plain groups)."""
     if not transfer_enabled(recipe):
         return None
-    groups = layer_groups(model, cfg.groups)
-    check_transfer(cfg, len(groups), recipe.model.name, recipe.source_file)
-    lrs = group_lr_multipliers(len(groups), optim.lr, cfg.layer_decay, cfg.group_lrs)
+    optim = recipe.optim
+    groups, lrs = _checked_groups(model, recipe)
     params = dict(model.named_parameters())
     out: list[dict[str, Any]] = []
     for index in reversed(range(len(groups))):
@@ -213,7 +191,6 @@ class TransferHook(Hook):
 
 
 class Transfer(Strategy):
-    """transfer.*: frozen backbone, partial freezing, gradual unfreezing, discriminative lrs."""
     name, section = "transfer", "transfer"
     in_lr_find = True
 
@@ -227,10 +204,10 @@ class Transfer(Strategy):
         context = require_context(context, self.name)
         if context.model is None:
             raise ValueError("transfer: checking transfer.* against the layer groups needs context.model")
-        check_transfer_recipe(context.model, recipe)  # layer groups vs transfer.* (freeze_layers, group_lrs ...)
+        check_transfer_recipe(context.model, recipe)
         return [TransferHook(recipe.transfer)]
 
 
 __all__ = ["Transfer", "TransferHook", "check_transfer", "check_transfer_recipe", "first_trainable_group",
-           "freeze_until", "frozen_norms_to_eval",
-           "group_lr_multipliers", "layer_groups", "trainable_counts", "transfer_enabled", "transfer_param_groups"]
+           "freeze_until", "frozen_norms_to_eval", "group_lr_multipliers", "layer_groups", "trainable_counts",
+           "transfer_enabled", "transfer_param_groups"]
