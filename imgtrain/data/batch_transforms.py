@@ -1,36 +1,25 @@
 """Training augmentation of whole batches on the device, with the distributions of the per-image path.
 
-Why: the per-image path (data/transforms.py) runs each image through torchvision v2 in the
-DataLoader's workers, one image at a time. With decoded images (the in-memory sources, or
-data.cache) that Python-per-image work is the bottleneck: a GPU waits for a few CPU cores.
-Here the loader only gathers uint8 images into a batch; the batch moves to the device as
-uint8 (4x fewer bytes than float) and is augmented there, all images at once:
+With decoded images (in-memory sources, data.cache) the per-image torchvision path in the loader's
+workers is the bottleneck. Here the loader only stacks uint8 images; the batch moves to the device
+as uint8 (4x fewer bytes) and is augmented there, all images at once:
 
-    uint8 (B, C, H, W) -> float [0, 1]
-      -> random resized crop (per-image boxes) | resize (shorter side) + centre crop,
-         then pad-crop shift (zero fill) and flips: all in one `grid_sample` call
-      -> colour jitter (brightness, contrast, saturation: per-image factors)
-      -> random grayscale -> normalize -> random erasing
+    uint8 -> float [0, 1] -> random resized crop | resize + centre crop, pad-crop shift and flips
+    (one `grid_sample`) -> colour jitter -> random grayscale -> normalize -> random erasing
 
-The same registry entries with the same parameters as the per-image path, and the same
-distributions: crop boxes come from a vectorised copy of `v2.RandomResizedCrop.make_params`
-(10 tries, then the central fallback), erasing boxes from `v2.RandomErasing.make_params`,
-shifts, flips and jitter factors from the same ranges. Two differences, both in how the
-pixels are computed, not in what is drawn: a crop k >= 2 times larger than the output
-averages k x k bilinear samples per output pixel (as roi_align does) where v2 uses an
-antialiasing filter (close, not identical), and the three
-colour operations run in one random order per batch (v2: per image; each image still sees
-a uniformly random order). Hue is per image only (`color_jitter` with `augment.hue > 0`
-stays on the CPU).
+Crop and erasing boxes are vectorised copies of `v2.RandomResizedCrop.make_params` and
+`v2.RandomErasing.make_params`; shifts, flips and jitter factors use the same ranges. Only the
+pixel computation differs: a crop k >= 2 times the output averages k x k bilinear samples where
+v2 antialiases, and the colour operations share one random order per batch (v2: per image).
+Hue stays per image on the CPU.
 
-Random parameters are drawn on the CPU from `generator` (default: torch's global one,
-which the trainer seeds and saves in checkpoints), so a seed gives the same crops on the
-CPU and on a GPU; only per-pixel noise (erasing_value: random) is drawn on the device.
+Random parameters are drawn on the CPU from `generator` (default: torch's global one, which the
+trainer seeds and checkpoints), so a seed gives the same crops on CPU and GPU; only per-pixel
+noise (erasing_value: random) is drawn on the device.
 
-`augment.device_transforms`: auto turns this on when training on CUDA and every requested
-augmentation is batched here; on forces it (also on the CPU), and the augmentations that
-are not batched (rotation, affine, perspective, the policies, hue) then run per image on the
-CPU first, before the crop (`BatchPipelines.train_item`); off keeps the per-image path.
+`augment.device_transforms`: auto turns this on for CUDA when every requested augmentation is
+batched here; on forces it, running the others per image on the CPU first
+(`BatchPipelines.train_item`); off keeps the per-image path.
 """
 
 from __future__ import annotations
@@ -43,10 +32,9 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from imgtrain.config import AugmentConfig
-from imgtrain.data.errors import DataError
 from imgtrain.data.transforms import (
     ERASING_RATIO,
-    _is_identity,
+    _normalizes,
     build_augmentation,
     eval_resize_size,
     requested_augmentations,
@@ -103,9 +91,12 @@ def _tried_boxes(n: int, height: int, width: int, scale: Sequence[float], ratio:
     return (w, h) if transpose else (h, w)     # RandomErasing puts the aspect on the height
 
 
-def _first_valid(ok: torch.Tensor, *values: torch.Tensor) -> list[torch.Tensor]:
+def _place_first_fit(ok: torch.Tensor, h: torch.Tensor, w: torch.Tensor, height: int, width: int,
+                     generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
+    """(top, left, h, w): each image's first try that fits, at a uniform position."""
     first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)  # argmax: the first True
-    return [v.gather(1, first).squeeze(1).long() for v in values]
+    h, w = (v.gather(1, first).squeeze(1).long() for v in (h, w))
+    return _randint_below(height - h + 1, generator), _randint_below(width - w + 1, generator), h, w
 
 
 def sample_crop_boxes(n: int, height: int, width: int, scale: Sequence[float] = (0.08, 1.0),
@@ -118,38 +109,32 @@ def sample_crop_boxes(n: int, height: int, width: int, scale: Sequence[float] = 
     """
     h, w = _tried_boxes(n, height, width, scale, ratio, generator, transpose=False)
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    h, w = _first_valid(ok, h, w)
-    top = _randint_below(height - h + 1, generator)
-    left = _randint_below(width - w + 1, generator)
+    boxes = torch.stack(_place_first_fit(ok, h, w, height, width, generator), dim=1)
     found = ok.any(dim=1)
-    if not bool(found.all()):
-        in_ratio = width / height
-        if in_ratio < min(ratio):
-            fw, fh = width, round(width / min(ratio))
-        elif in_ratio > max(ratio):
-            fw, fh = round(height * max(ratio)), height
-        else:
-            fw, fh = width, height
-        fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw])
-        boxes = torch.stack([top, left, h, w], dim=1)
-        return torch.where(found[:, None], boxes, fallback)
-    return torch.stack([top, left, h, w], dim=1)
+    if bool(found.all()):
+        return boxes
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        fw, fh = round(height * max(ratio)), height
+    else:
+        fw, fh = width, height
+    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw])
+    return torch.where(found[:, None], boxes, fallback)
 
 
 def sample_erasing_boxes(n: int, height: int, width: int, p: float, scale: Sequence[float],
                          ratio: Sequence[float] = ERASING_RATIO,
                          generator: torch.Generator | None = None) -> torch.Tensor:
-    """(n, 4) long (top, left, height, width) per image, height 0 where nothing is erased.
+    """(n, 4) long (top, left, height, width): `v2.RandomErasing(p, scale, ratio)` for n images.
 
-    `v2.RandomErasing(p, scale, ratio)`: applied with probability p; the first of 10 tries
-    strictly smaller than the image, else (no try fits) no erasing.
+    Height 0 where nothing is erased: not drawn (probability 1 - p), or none of the 10 tries fits.
     """
     apply = torch.rand(n, generator=generator) < p
     h, w = _tried_boxes(n, height, width, scale, ratio, generator, transpose=True)
     ok = (h < height) & (w < width)
-    h, w = _first_valid(ok, h, w)
-    top = _randint_below(height - h + 1, generator)
-    left = _randint_below(width - w + 1, generator)
+    top, left, h, w = _place_first_fit(ok, h, w, height, width, generator)
     h = torch.where(apply & ok.any(dim=1), h, torch.zeros_like(h))
     return torch.stack([top, left, h, w], dim=1)
 
@@ -298,23 +283,17 @@ class _Normalizer:
     """uint8 -> float in [0, 1] and (x - mean) / std, with the constants kept per device."""
 
     def __init__(self, mean: Sequence[float] | None, std: Sequence[float] | None, channels: int):
-        identity = _is_identity(mean, std)
-        if (mean is not None and std is not None and not identity
-                and (len(mean) != channels or len(std) != channels)):
-            raise DataError(f"normalization has {len(mean)} mean / {len(std)} std values for "
-                            f"{channels}-channel images; give one value per channel")
-        self.mean = None if identity else torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = None if identity else torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        normalizes = _normalizes(mean, std, channels)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) if normalizes else None
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) if normalizes else None
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._scratch: dict[tuple, torch.Tensor] = {}
 
     def to_float(self, images: torch.Tensor, scratch: bool = False) -> torch.Tensor:
         """A float copy in [0, 1] (uint8 is divided by 255, float is taken as [0, 1] already).
 
-        scratch: write it into a buffer that the next call reuses, for a caller that only
-        reads it (the resampling). A fresh float batch every step costs page faults that,
-        on the CPU, took as long as the resampling itself; on CUDA the caching allocator
-        makes this moot and it changes nothing.
+        scratch: into a buffer the next call reuses, for a caller that only reads it. On the CPU a
+        fresh float batch per step costs page faults as long as the resampling itself.
         """
         if scratch:
             key = (tuple(images.shape), images.device)
@@ -351,12 +330,8 @@ class EvalBatchTransform:
 
 
 class TrainBatchTransform:
-    """The batched registry entries of `aug` (see the module docstring), on any device.
-
-    Call it on a uint8 (or [0, 1] float) batch (B, C, H, W) of one size; returns float32
-    (B, C, img_size, img_size), normalized. generator: draws the random parameters (CPU);
-    None uses torch's global generator.
-    """
+    """The batched registry entries of `aug`, on any device: uint8 (or [0, 1] float) (B, C, H, W)
+    -> normalized float32 (B, C, img_size, img_size). generator: for the random parameters."""
 
     def __init__(self, aug: AugmentConfig, channels: int, img_size: int, mean: Sequence[float] | None,
                  std: Sequence[float] | None, generator: torch.Generator | None = None):
@@ -447,10 +422,9 @@ def build_batch_pipelines(aug: AugmentConfig, channels: int, img_size: int, mean
                           generator: torch.Generator | None = None) -> BatchPipelines:
     """Split the recipe's augmentation between the loader (CPU, per image) and the device (per batch).
 
-    source_size: the side of the square images the datasets hold, when they are all one
-    size (data.cache, in-memory sources); None for files of mixed sizes, which the loader
-    then resizes (shorter side) and centre-crops to `eval_resize_size`, the size the cache
-    would hold, so that they stack into a batch.
+    source_size: the side of the datasets' images when all are one square size (data.cache,
+    in-memory sources); None for files of mixed sizes, which the loader then resizes and
+    centre-crops to `eval_resize_size` (as the cache would) so that they stack into a batch.
     """
     side = eval_resize_size(aug, img_size)
     train_steps: list[v2.Transform] = []

@@ -1,37 +1,23 @@
 """The decoded cache (`data.cache`): decode each image file once, then read pixels, not files.
 
-Decoding a JPEG costs more than everything a training step does with it on small images, and
-the per-image path pays it every epoch. With `data.cache: memory` or `disk`, every file of
-every split is decoded once into one uint8 array (N, C, S, S) and the splits become
-`CachedImageDataset`s: rows of that array, read like an in-memory source.
+Decoding a JPEG costs more than a training step does with a small image, every epoch. With
+`data.cache: memory` or `disk`, every file of every split is decoded once into one uint8 array
+(N, C, S, S), and the splits become `CachedImageDataset`s over its rows. Only file sources
+(imagefolder, csv) are cached; the others are decoded tensors already.
 
-What is stored, per file: `load_image(path, channels)` (so EXIF rotation, transparency and
-16-bit handling are the same as without the cache), resized so its shorter side is S
-(antialiased, `v2.Resize`) and centre-cropped to S x S (`v2.CenterCrop`). S is the largest
-resolution the run reads, `cache_resolution`: floor(img_size / crop_pct), the size eval
-resizes to (img_size itself with the default crop_pct 1). A file already S x S is stored
-exactly as decoded. The one change in what a run sees: random crops come from the central
-square of a non-square image (eval looks there anyway); leave the cache off when the margins
-of wide or tall images matter to your task.
+Each file is stored as `load_image(path, channels)`, shorter side resized to S (antialiased) and
+centre-cropped square; S is `cache_resolution`, the size eval resizes to. So random crops come
+from the central square of a non-square image: leave the cache off when the margins matter.
 
-Only file sources (imagefolder, csv) are cached: digits, fashion-mnist and shapes are
-decoded uint8 tensors already, and are left as they are.
-
-- memory: one tensor in RAM, built at the start of each run (a thread pool: Pillow and the
-  resize release the GIL). Refused, with the numbers, when it would not fit in the RAM
-  that is available.
-- disk: a memory-mapped file in `data.cache_dir`, shared through the OS page cache by the
-  loader's workers and by concurrent runs, reused by later runs. Its name is a key hashed
-  from the sorted file list with every file's size and modification time, the resolution,
-  the channels and `CACHE_FORMAT`: a changed, added or removed file makes a new key, so
-  the cache is rebuilt (and the older version of the same file list deleted). It is written
-  under a temporary name and renamed only when complete, so an interrupted build is never
-  mistaken for a cache.
+- memory: one tensor in RAM, built each run; refused when it would not fit in the available RAM.
+- disk: a memory-mapped file in `data.cache_dir`, shared by workers and concurrent runs and reused
+  by later ones. Its name hashes the sorted files with their sizes and mtimes, S, the channels and
+  `CACHE_FORMAT`, so any change rebuilds it (replacing the older version); it is written under a
+  temporary name and renamed when complete, so an interrupted build is never taken for a cache.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -50,8 +36,7 @@ from torchvision.transforms import v2
 from imgtrain.config import AugmentConfig
 from imgtrain.data.datasets import FileImageDataset, ImageDataset, Indices, Transform
 from imgtrain.data.errors import DataError
-from imgtrain.data.images import load_image
-from imgtrain.data.loaders import usable_cpus
+from imgtrain.data.images import load_image, usable_cpus
 from imgtrain.data.transforms import eval_resize_size
 
 CACHE_FORMAT = 1        # bump when decoding or resizing changes: every older disk cache then misses
@@ -151,11 +136,6 @@ class CachedImageDataset(ImageDataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self._labels[index])
-
-    def with_transform(self, transform: Transform) -> CachedImageDataset:
-        clone = copy.copy(self)  # shallow: the cache is shared
-        clone.transform = transform
-        return clone
 
     def subset(self, indices: Indices) -> CachedImageDataset:
         index = torch.as_tensor(indices, dtype=torch.long).reshape(-1)

@@ -12,9 +12,8 @@ stratified and seeded (`data.val_fraction`, `data.test_fraction`, `data.split_se
 | digits        | none (1797 images, sklearn)                    | val and test      |
 | shapes        | train/val/test of data.shapes sizes            | nothing           |
 
-Then, for every source: `data.train_subset` keeps N training images (stratified).
-File sources decode every image once up front (`data.on_bad_image`): `error` stops with
-the list of bad files, `skip` drops them and records them in `DataSplits.skipped`.
+Then `data.train_subset` keeps N training images (stratified). File sources decode every image
+up front: `data.on_bad_image: error` lists the bad files, `skip` records them in `DataSplits.skipped`.
 """
 
 from __future__ import annotations
@@ -108,8 +107,7 @@ def _file_splits(where: str, native: dict[str, tuple[list[str], list[str]]], cla
                  cfg: DataConfig) -> DataSplits:
     """Shared end of the file sources: scan, skip or fail, datasets, carving.
 
-    native: {split: (paths, class names)} for the splits the source has; classes: the
-    class list (already checked to agree between splits).
+    native: {split: (paths, class names)} of the source's splits; classes: checked to agree between them.
     """
     all_paths = [p for paths, _ in native.values() for p in paths]
     bad, info = inspect_images(all_paths)
@@ -135,9 +133,8 @@ def _file_splits(where: str, native: dict[str, tuple[list[str], list[str]]], cla
     built = {split: FileImageDataset(paths, targets, classes, channels)
              for split, (paths, targets) in datasets.items() if paths}
     train, val, test = _carve(built["train"], cfg, "val" not in native, "test" not in native)
-    splits = DataSplits(train=train, val=built.get("val", val), test=built.get("test", test),
-                        classes=list(classes), channels=channels, native_size=native_size, skipped=bad)
-    return splits
+    return DataSplits(train=train, val=built.get("val", val), test=built.get("test", test),
+                      classes=list(classes), channels=channels, native_size=native_size, skipped=bad)
 
 
 def _tensor_splits(native: dict[str, tuple[torch.Tensor, torch.Tensor]], classes: list[str],
@@ -211,8 +208,8 @@ def _imagefolder(cfg: DataConfig) -> DataSplits:
 
 # ----------------------------------------------------------------------------- csv
 
-def _read_manifest(manifest: Path) -> tuple[list[tuple[int, str, str, str | None]], bool]:
-    """Rows as (line, path, label, split or None) and whether the split column exists."""
+def _read_manifest(manifest: Path) -> list[tuple[int, str, str, str | None]]:
+    """Rows as (line, path, label, split or None)."""
     try:
         text = manifest.read_text(encoding="utf-8-sig")  # -sig: Excel writes a BOM
     except OSError as exc:
@@ -239,7 +236,7 @@ def _read_manifest(manifest: Path) -> tuple[list[tuple[int, str, str, str | None
         rows.append((line, cells["path"], cells["label"], split))
     if not rows:
         raise DataError(f"{manifest} lists no images (only a header)")
-    return rows, "split" in col
+    return rows
 
 
 def _csv(cfg: DataConfig) -> DataSplits:
@@ -247,7 +244,7 @@ def _csv(cfg: DataConfig) -> DataSplits:
     if not manifest.is_file():
         raise DataError(f"data.root {manifest} is not a file; data.source csv needs the manifest CSV "
                         "(columns path,label and optionally split)")
-    rows, _has_split = _read_manifest(manifest)
+    rows = _read_manifest(manifest)
     base = Path(cfg.image_root) if cfg.image_root else manifest.parent
     native: dict[str, tuple[list[str], list[str]]] = {}
     missing = []
@@ -296,8 +293,7 @@ def _fashion_mnist(cfg: DataConfig) -> DataSplits:
     for split, stems in FASHION_MNIST_FILES.items():
         arrays = []
         for stem in stems:
-            candidates = [folder / f"{stem}.gz", folder / stem]
-            found = next((p for p in candidates if p.is_file()), None)
+            found = next((p for p in (folder / f"{stem}.gz", folder / stem) if p.is_file()), None)
             if found is None:
                 raise DataError(f"Fashion-MNIST: {stem}.gz not found in {folder}. Install it with "
                                 "`apt-get install dataset-fashion-mnist`, or set data.root to the folder "
