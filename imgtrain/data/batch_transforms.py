@@ -40,8 +40,7 @@ from imgtrain.data.transforms import (
     requested_augmentations,
 )
 
-# registry entries (data/transforms.py AUGMENTATIONS) implemented here on whole batches;
-# any other entry, including ones added later, runs per image on the CPU
+# the AUGMENTATIONS entries implemented here on whole batches; any other runs per image on the CPU
 BATCHED_AUGMENTATIONS = ("random_resized_crop", "pad_crop", "hflip", "vflip", "color_jitter", "grayscale",
                          "erasing")
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
@@ -102,11 +101,8 @@ def _place_first_fit(ok: torch.Tensor, h: torch.Tensor, w: torch.Tensor, height:
 def sample_crop_boxes(n: int, height: int, width: int, scale: Sequence[float] = (0.08, 1.0),
                       ratio: Sequence[float] = (3 / 4, 4 / 3),
                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """(n, 4) long tensor of (top, left, height, width): `v2.RandomResizedCrop.make_params` for n images.
-
-    Each image takes its first of 10 tries that fits; none fitting, the central crop with the
-    aspect ratio clamped into `ratio` (torchvision's fallback).
-    """
+    """(n, 4) long tensor of (top, left, height, width): `v2.RandomResizedCrop.make_params` for n images
+    (the first of 10 tries that fits, else the central crop with the aspect ratio clamped into `ratio`)."""
     h, w = _tried_boxes(n, height, width, scale, ratio, generator, transpose=False)
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     boxes = torch.stack(_place_first_fit(ok, h, w, height, width, generator), dim=1)
@@ -182,11 +178,10 @@ def resample(images: torch.Tensor, boxes: torch.Tensor, size: int, vflip: torch.
              hflip: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
     """Crop each image to its box, resize to size x size, shift and flip, in one resampling.
 
-    boxes: (n, 4) (top, left, height, width) in source pixels, fractional allowed. Then, as
-    v2 orders them: shift (2, n) (dy, dx) output pixels with zero fill (pad-crop), vflip and
-    hflip (n,) bools. Bilinear; a box that shrinks by k = round(box / size) >= 2 averages
-    k x k samples per output pixel (as roi_align's sampling_ratio k): a box filter in place
-    of v2's antialiasing (one grid_sample call per distinct k in the batch).
+    boxes: (n, 4) (top, left, height, width) in source pixels, fractional allowed; then, in v2's
+    order, shift (2, n) (dy, dx) output pixels with zero fill, vflip and hflip (n,) bools. A box
+    shrinking by k = round(box / size) >= 2 averages k x k bilinear samples per output pixel (as
+    roi_align) in place of v2's antialiasing.
     """
     n = images.shape[0]
     boxes = boxes.to(torch.float64).cpu()
@@ -246,11 +241,8 @@ def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> t
 
 def color_jitter(images: torch.Tensor, brightness: torch.Tensor | None, contrast: torch.Tensor | None,
                  saturation: torch.Tensor | None, order: Sequence[int] = (0, 1, 2)) -> torch.Tensor:
-    """Per-image brightness, contrast and saturation factors (None: leave out), on [0, 1] floats.
-
-    order: the operations' order as indices into (brightness, contrast, saturation).
-    Saturation is skipped on 1-channel batches.
-    """
+    """Per-image brightness, contrast and saturation factors (None: leave out), on [0, 1] floats,
+    in `order` (indices into those three). Saturation is skipped on 1-channel batches."""
     for op in order:
         if op == 0 and brightness is not None:
             images = (images * brightness.to(images.device, images.dtype).view(-1, 1, 1, 1)).clamp_(0, 1)
@@ -387,9 +379,6 @@ class TrainBatchTransform:
             return self.norm.to_float(images)  # nothing to resample: the float copy is the result
         # the resampling writes a new tensor and only reads its input: a reused buffer serves
         x = self.norm.to_float(images, scratch=True)
-        if not moves:
-            assert boxes is not None, "neither a box nor a move returned above"
-            return resample(x, boxes, size)
         shift = torch.randint(0, 2 * self.pad + 1, (2, n), generator=g) - self.pad if self.pad else None
         vflip = torch.rand(n, generator=g) < self.vflip if self.vflip else None
         hflip = torch.rand(n, generator=g) < self.hflip if self.hflip else None

@@ -101,10 +101,7 @@ class DecodedCache:
 
 
 class CachedImageDataset(ImageDataset):
-    """Rows of a `DecodedCache`: `(uint8 (C, S, S) image, label)` like `TensorImageDataset`.
-
-    `with_transform` and `subset` share the cache; `paths` names each item's file.
-    """
+    """Rows of a `DecodedCache` (shared by `with_transform` and `subset`), read like `TensorImageDataset`."""
 
     def __init__(self, cache: DecodedCache, rows: torch.Tensor, targets: torch.Tensor, classes: Sequence[str],
                  transform: Transform = None):
@@ -273,10 +270,9 @@ def build_cache(paths: Sequence[str], channels: int, size: int, mode: str, cache
 
 
 def apply_cache(splits: Any, cfg: Any, size: int) -> DecodedCache | None:
-    """Replace file-backed splits by cached ones (`cfg`: recipe.data); None when nothing is cached.
+    """Replace file-backed splits by cached ones sharing one cache (`cfg`: recipe.data).
 
-    All splits share one cache. In-memory sources, and data.cache: off, are left as they are.
-    """
+    None when nothing is cached (in-memory sources, data.cache: off)."""
     datasets = {name: getattr(splits, name) for name in ("train", "val", "test")}
     present = [d for d in datasets.values() if d is not None]
     if cfg.cache == "off" or not all(isinstance(d, FileImageDataset) for d in present):

@@ -72,8 +72,7 @@ def _open_decoded(path: PathLike) -> Image.Image:
             oriented = ImageOps.exif_transpose(img)
             oriented.load()
             return oriented
-    # Decoders raise many types on malformed input (OSError, SyntaxError, struct.error,
-    # IndexError ...); all of them mean "this file is not a usable image".
+    # decoders raise many types on malformed input (OSError, SyntaxError, struct.error, IndexError ...)
     except Exception as exc:
         raise BadImageError(path, _reason(exc)) from None
 
@@ -118,20 +117,9 @@ def to_8bit(img: Image.Image) -> Image.Image:
         return Image.fromarray(_scale_to_uint8(np.asarray(img), mode), mode="L")
     if mode in ("LA", "La", "RGBA", "RGBa"):
         return _composite_on_white(img)
-    if mode in ("P", "PA"):
-        if mode == "PA" or "transparency" in img.info:
-            return _composite_on_white(img.convert("RGBA"))
-        return img.convert("RGB")
-    return img.convert("RGB")  # CMYK, YCbCr, RGBX, HSV ...
-
-
-def _to_tensor(img: Image.Image) -> torch.Tensor:
-    arr = np.array(img)  # a writable copy: torch.from_numpy warns on read-only buffers
-    if arr.ndim == 2:
-        arr = arr[None]
-    else:
-        arr = np.ascontiguousarray(arr.transpose(2, 0, 1))
-    return torch.from_numpy(arr)
+    if mode == "PA" or (mode == "P" and "transparency" in img.info):
+        return _composite_on_white(img.convert("RGBA"))
+    return img.convert("RGB")  # P, CMYK, YCbCr, RGBX, HSV ...
 
 
 def load_image(path: PathLike, channels: int | None = None) -> torch.Tensor:
@@ -153,7 +141,8 @@ def load_image(path: PathLike, channels: int | None = None) -> torch.Tensor:
         img = img.convert("L")
     elif channels == 3 and img.mode == "L":
         img = img.convert("RGB")
-    return _to_tensor(img)
+    arr = np.array(img)  # a writable copy: torch.from_numpy warns on read-only buffers
+    return torch.from_numpy(arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
 def usable_cpus() -> int:
@@ -185,9 +174,6 @@ def inspect_images(paths: Iterable[PathLike]) -> tuple[list[tuple[str, str]], di
 
 
 def scan_images(paths: Iterable[PathLike]) -> list[tuple[str, str]]:
-    """Fully decode each file and return [(path, reason)] for those that fail (empty: all good).
-
-    Use it before a long training run: a bad file otherwise stops training mid-epoch.
-    """
+    """[(path, reason)] of the files that fail to decode fully (a bad file would stop training mid-epoch)."""
     bad, _ = inspect_images(paths)
     return bad

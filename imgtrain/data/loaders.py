@@ -69,9 +69,7 @@ def _loader(dataset: Dataset, batch_size: int, shuffle: bool, settings: LoaderSe
 def build_loaders(recipe: Any, splits: DataSplits, device: torch.device, drop_last: bool = False) -> Loaders:
     """Loaders over the splits' datasets as they are (set transforms with `with_transform` first).
 
-    drop_last: the train loader drops its last incomplete batch (with mixing, mix.*, a batch of one
-    or two images mixes only with itself).
-    """
+    drop_last: drop the last incomplete train batch (mix.*: one or two images mix only with themselves)."""
     cfg = recipe.data
     settings = LoaderSettings(workers=resolve_workers(cfg.workers),
                               pin_memory=resolve_pin_memory(cfg.pin_memory, device),

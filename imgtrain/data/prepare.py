@@ -51,8 +51,7 @@ def prepare_data(recipe: Any, splits: Any, device: torch.device, eval_size: int 
                  drop_last: bool = False) -> PreparedData:
     """splits -> decoded cache -> normalization -> per-image and per-batch transforms -> loaders.
 
-    eval_size: the side of validation and test images when not the training size; drop_last: see
-    `build_loaders`."""
+    eval_size: the side of val/test images when not the training size; drop_last: see `build_loaders`."""
     aug, channels = recipe.augment, splits.channels
     img_size = aug.img_size or splits.native_size
     notes: list[str] = []

@@ -42,10 +42,8 @@ class ClassBalancedSampler(WeightedRandomSampler):
 
 
 class PerClassBatchSampler(Sampler[list[int]]):
-    """Batches of `batch_size // images_per_class` classes x `images_per_class` images each.
-
-    len(targets) // batch_size full batches (at least one): about as many images as a shuffle.
-    """
+    """len(targets) // batch_size (at least one) full batches of `batch_size // images_per_class`
+    classes x `images_per_class` images each."""
 
     def __init__(self, targets: torch.Tensor, batch_size: int, images_per_class: int,
                  generator: torch.Generator | None = None):
@@ -93,10 +91,8 @@ class PerClassBatchSampler(Sampler[list[int]]):
 
 
 def train_sampling(cfg: Any, targets: torch.Tensor, generator: torch.Generator) -> dict[str, Any]:
-    """DataLoader arguments for the train split's order, per `data.sampler` (cfg: recipe.data).
-
-    A batch sampler takes over batch_size, shuffle and drop_last (DataLoader refuses them alongside it).
-    """
+    """DataLoader arguments for the train split's order, per `data.sampler` (cfg: recipe.data); a batch
+    sampler comes alone, as DataLoader refuses batch_size, shuffle and drop_last alongside it."""
     if cfg.sampler == "random":
         return {"batch_size": cfg.batch_size, "shuffle": True}
     if cfg.sampler == "balanced":

@@ -136,8 +136,7 @@ def _draw_split(cfg: ShapesConfig, labels: np.ndarray, rng: np.random.Generator)
 def generate_shapes(cfg: ShapesConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{split: (uint8 images (N, 3, S, S), int64 labels (N,))} for train/val/test (empty splits left out).
 
-    Deterministic from cfg.seed; each split has its own random stream, so changing
-    val_size does not change the training images. `imbalance` applies to train only.
+    Seeded, one random stream per split (val_size does not change train); `imbalance` is train's only.
     """
     if not 2 <= cfg.num_classes <= len(SHAPE_NAMES):
         raise DataError(f"data.shapes.num_classes must be 2..{len(SHAPE_NAMES)}, got {cfg.num_classes}")

@@ -140,16 +140,10 @@ def _file_splits(where: str, native: dict[str, tuple[list[str], list[str]]], cla
 def _tensor_splits(native: dict[str, tuple[torch.Tensor, torch.Tensor]], classes: list[str],
                    cfg: DataConfig, carve: bool) -> DataSplits:
     built = {split: TensorImageDataset(images, targets, classes) for split, (images, targets) in native.items()}
-    train: ImageDataset = built["train"]
-    val: ImageDataset | None = built.get("val")
-    test: ImageDataset | None = built.get("test")
-    if carve:
-        train, carved_val, carved_test = _carve(train, cfg, val is None, test is None)
-        val = val if val is not None else carved_val
-        test = test if test is not None else carved_test
+    train, val, test = _carve(built["train"], cfg, carve and "val" not in native, carve and "test" not in native)
     images = built["train"].images  # carving keeps the image shape: the channels and size are the same
-    return DataSplits(train=train, val=val, test=test, classes=list(classes), channels=int(images.shape[1]),
-                      native_size=int(max(images.shape[2], images.shape[3])))
+    return DataSplits(train=train, val=built.get("val", val), test=built.get("test", test), classes=list(classes),
+                      channels=int(images.shape[1]), native_size=int(max(images.shape[2], images.shape[3])))
 
 
 # ----------------------------------------------------------------------------- imagefolder

@@ -33,17 +33,11 @@ def allocate(counts: np.ndarray, total: int, capacity: np.ndarray) -> np.ndarray
     remainder = quota - np.floor(quota)
     order = np.argsort(-remainder, kind="stable")  # ties: the earlier class first
     left = total - int(out.sum())
-    while left > 0:
-        progressed = False
+    while left > 0 and (out < capacity).any():
         for k in order:
-            if left == 0:
-                break
-            if out[k] < capacity[k]:
+            if left > 0 and out[k] < capacity[k]:
                 out[k] += 1
                 left -= 1
-                progressed = True
-        if not progressed:
-            break
     return out
 
 
@@ -51,9 +45,8 @@ def stratified_split_indices(targets: Sequence[int] | np.ndarray | torch.Tensor,
                              fractions: Sequence[float], seed: int = 0) -> list[np.ndarray]:
     """Split item indices by class. Returns [rest, part_1, ..., part_k] (sorted index arrays).
 
-    Part i holds about fractions[i] of the items of every class; `rest` (train) keeps the
-    remainder and at least one item per class. Part 1 is taken first from each class's
-    seeded shuffle, so changing a later fraction does not change part 1.
+    Part i holds about fractions[i] of every class; `rest` keeps at least one item per class. Parts
+    are taken in order from each class's seeded shuffle: a later fraction does not change part 1.
     """
     y = targets.cpu().numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets)
     if any(f < 0 for f in fractions) or sum(fractions) >= 1.0:

@@ -186,10 +186,7 @@ def build_augmentation(name: str, aug: AugmentConfig, channels: int, img_size: i
 def build_train_transform(aug: AugmentConfig, channels: int, img_size: int,
                           mean: Sequence[float] | None, std: Sequence[float] | None,
                           native_size: int | None = None) -> v2.Compose:
-    """The `AUGMENTATIONS` entries `aug` turns on, in order -> normalized float32 (C, img_size, img_size).
-
-    mean/std None (or all 0 / all 1) skips Normalize.
-    """
+    """The `AUGMENTATIONS` entries `aug` turns on, in order -> normalized float32 (C, img_size, img_size)."""
     steps: list[v2.Transform] = []
     if not aug.random_resized_crop and native_size != img_size:
         steps += [v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size)]

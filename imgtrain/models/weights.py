@@ -6,18 +6,11 @@
     model.weights: some.safetensors      ours (with metadata) or any plain safetensors state dict
     model.weights_file: resnet18.pth     a local timm/torchvision checkpoint (.safetensors .pth .pt .bin)
 
-Whatever the source, the weights are fitted to the model the data asks for, the way timm fits
-its own pretrained weights: a classifier of another class count is dropped (the new head keeps
-its random initialisation), and a first conv trained on 3 channels is adapted to 1 (summing
-RGB) or 1 to 3 (repeating, rescaled) with timm's `adapt_input_conv`. Any other shape mismatch,
-or a file that covers fewer than half of the model's parameters, is weights for another
-architecture and stops the run before it starts.
-
-`.pth`/`.pt`/`.bin` files are read only with `torch.load(weights_only=True)`: a pickle that
-would run code (objects other than tensors and plain containers) is refused, never unpickled.
-
-    report = load_initial_weights(model, recipe.model, num_classes=10, in_chans=1)
-    for line in report.lines(): print(line)
+The weights are fitted to the model as timm fits its own: a classifier of another class count is
+dropped (the new head stays random), a first conv is adapted 3 -> 1 or 1 -> 3 channels
+(`adapt_input_conv`). Any other shape mismatch, or a file covering under half of the model's
+parameters, is another architecture and stops the run before it starts. `.pth`/`.pt`/`.bin` are
+read only with `torch.load(weights_only=True)`: a pickle that would run code is never unpickled.
 """
 
 from __future__ import annotations
@@ -172,12 +165,10 @@ def _torch_load_weights_only(path: Path, key: str) -> Any:
                              "unpickling could rebuild, and imgtrain never unpickles: .pth/.pt/.bin files are read "
                              "with torch.load(weights_only=True), tensors and plain data only. Save the weights "
                              "alone (torch.save(model.state_dict(), path)) or as .safetensors") from None
-        raise ModelError(f"{key}: {path} is not a readable PyTorch checkpoint ({detail}); it was refused and "
-                         "never unpickled") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{key}: {path} is not a readable PyTorch checkpoint ({first}); it was refused and "
-                         "never unpickled") from None
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    raise ModelError(f"{key}: {path} is not a readable PyTorch checkpoint ({detail}); it was refused and "
+                     "never unpickled") from None
 
 
 def _unpickler_detail(exc: Exception) -> str:
