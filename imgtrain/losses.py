@@ -4,16 +4,12 @@
 class indices (N,) or probabilities (N, C) (Mixup/CutMix, smoothing already folded in, so
 label smoothing applies to hard targets only); every loss here takes both.
 
-Class imbalance (recipe section `imbalance`, the README's "Class imbalance"):
-- class weights: `inverse` frequency or inverse `effective` number of samples (Cui et al.,
-  CVPR 2019), normalised to mean 1, or a list used as given; the batch loss is the weighted
-  mean (PyTorch's convention), so weights shift the balance between classes, not the step size.
-- focal loss (Lin et al., ICCV 2017): softmax form, or with `focal_alpha` the paper's
-  one-vs-all sigmoid form (torchvision's sigmoid_focal_loss, as mmpretrain's FocalLoss).
-- logit adjustment (Menon et al., ICLR 2021): the loss form trains on logits + tau * log(prior);
-  the post-hoc form (`posthoc_adjust`) subtracts it at evaluation (`eval_logit_offset`).
-
-Prior and count-based weights come from the training counts; an empty class counts as one.
+The `imbalance` tools (the README's "Class imbalance"): class weights (`class_weights_from_counts`;
+the batch loss is the weighted mean, so weights shift the balance between classes, not the step
+size), focal loss (Lin et al. 2017; with `focal_alpha`, the sigmoid form of torchvision's
+sigmoid_focal_loss), and logit adjustment (Menon et al. 2021), in the loss or post hoc at
+evaluation (`eval_logit_offset`). Priors and weights come from the training counts; an empty class
+counts as one.
 """
 
 from __future__ import annotations

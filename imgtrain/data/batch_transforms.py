@@ -1,25 +1,16 @@
-"""Training augmentation of whole batches on the device, with the distributions of the per-image path.
+"""Training augmentation of whole batches on the device (`augment.device_transforms`; the README's
+"Feeding the model fast"), with the distributions of the per-image path.
 
-With decoded images (in-memory sources, data.cache) the per-image torchvision path in the loader's
-workers is the bottleneck. Here the loader only stacks uint8 images; the batch moves to the device
-as uint8 (4x fewer bytes) and is augmented there, all images at once:
+The loader only stacks uint8 images; on the device, all images at once:
 
     uint8 -> float [0, 1] -> random resized crop | resize + centre crop, pad-crop shift and flips
     (one `grid_sample`) -> colour jitter -> random grayscale -> normalize -> random erasing
 
-Crop and erasing boxes are vectorised copies of `v2.RandomResizedCrop.make_params` and
-`v2.RandomErasing.make_params`; shifts, flips and jitter factors use the same ranges. Only the
-pixel computation differs: a crop k >= 2 times the output averages k x k bilinear samples where
-v2 antialiases, and the colour operations share one random order per batch (v2: per image).
-Hue stays per image on the CPU.
-
-Random parameters are drawn on the CPU from `generator` (default: torch's global one, which the
-trainer seeds and checkpoints), so a seed gives the same crops on CPU and GPU; only per-pixel
-noise (erasing_value: random) is drawn on the device.
-
-`augment.device_transforms`: auto turns this on for CUDA when every requested augmentation is
-batched here; on forces it, running the others per image on the CPU first
-(`BatchPipelines.train_item`); off keeps the per-image path.
+Crop and erasing boxes are vectorised copies of torchvision's `make_params`. Only the pixel
+computation differs: a box filter where v2 antialiases, and one random colour-operation order per
+batch (v2: per image). Random parameters are drawn on the CPU from `generator` (default: torch's
+global one), so a seed gives the same crops on CPU and GPU. Hue, and the entries not batched here,
+run per image on the CPU (`BatchPipelines.train_item`).
 """
 
 from __future__ import annotations

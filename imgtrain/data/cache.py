@@ -1,19 +1,13 @@
-"""The decoded cache (`data.cache`): decode each image file once, then read pixels, not files.
+"""The decoded cache (`data.cache`, the README's "Feeding the model fast"): decode each file once.
 
-Decoding a JPEG costs more than a training step does with a small image, every epoch. With
-`data.cache: memory` or `disk`, every file of every split is decoded once into one uint8 array
-(N, C, S, S), and the splits become `CachedImageDataset`s over its rows. Only file sources
-(imagefolder, csv) are cached; the others are decoded tensors already.
-
-Each file is stored as `load_image(path, channels)`, shorter side resized to S (antialiased) and
-centre-cropped square; S is `cache_resolution`, the size eval resizes to. So random crops come
-from the central square of a non-square image: leave the cache off when the margins matter.
+Every file of every split (file sources only) is decoded once into one uint8 array (N, C, S, S) and
+the splits become `CachedImageDataset`s over its rows. Each file is stored as `load_image` decodes
+it, shorter side resized to S = `cache_resolution` and centre-cropped square.
 
 - memory: one tensor in RAM, built each run; refused when it would not fit in the available RAM.
-- disk: a memory-mapped file in `data.cache_dir`, shared by workers and concurrent runs and reused
-  by later ones. Its name hashes the sorted files with their sizes and mtimes, S, the channels and
-  `CACHE_FORMAT`, so any change rebuilds it (replacing the older version); it is written under a
-  temporary name and renamed when complete, so an interrupted build is never taken for a cache.
+- disk: a memory-mapped file in `data.cache_dir`, shared by workers and runs. Its name hashes the
+  sorted files with their sizes and mtimes, S, the channels and `CACHE_FORMAT`, so any change
+  rebuilds it; it is written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations

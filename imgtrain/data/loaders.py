@@ -43,9 +43,7 @@ def resolve_workers(workers: int | str) -> int:
 
 
 def resolve_pin_memory(pin_memory: bool | str, device: torch.device) -> bool:
-    if pin_memory == "auto":
-        return device.type == "cuda"
-    return bool(pin_memory)
+    return device.type == "cuda" if pin_memory == "auto" else bool(pin_memory)
 
 
 @dataclass

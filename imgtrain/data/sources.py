@@ -1,19 +1,10 @@
 """Data sources -> `DataSplits` (train / val / test datasets plus what the model needs to know).
 
-A source provides the splits it has natively; what it lacks is carved from train,
-stratified and seeded (`data.val_fraction`, `data.test_fraction`, `data.split_seed`):
-
-| source        | native splits                                  | carved from train |
-|---------------|------------------------------------------------|-------------------|
-| imagefolder   | root/train, root/val (or valid), root/test;    | missing val/test  |
-|               | or a flat root of class folders: none          |                   |
-| csv           | the optional `split` column (train/val/test)   | missing val/test  |
-| fashion-mnist | train (60000), test (10000)                    | val               |
-| digits        | none (1797 images, sklearn)                    | val and test      |
-| shapes        | train/val/test of data.shapes sizes            | nothing           |
-
-Then `data.train_subset` keeps N training images (stratified). File sources decode every image
-up front: `data.on_bad_image: error` lists the bad files, `skip` records them in `DataSplits.skipped`.
+A source provides the splits it has natively (the README's table of sources); what it lacks is
+carved from train, stratified and seeded (`data.val_fraction`, `data.test_fraction`,
+`data.split_seed`). Then `data.train_subset` keeps N training images (stratified). File sources
+decode every image up front: `data.on_bad_image: error` lists the bad files, `skip` records them
+in `DataSplits.skipped`.
 """
 
 from __future__ import annotations

@@ -182,14 +182,9 @@ def _unpickler_detail(exc: Exception) -> str:
 
 def _unwrap(checkpoint: Any) -> Any:
     """{"state_dict": ...}, {"model": ...}, {"model_ema": ...} -> the state dict inside."""
-    if not isinstance(checkpoint, dict):
-        return checkpoint
-    if any(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        return checkpoint  # already a state dict
-    for name in CONTAINER_KEYS:
-        if isinstance(checkpoint.get(name), dict):
-            return checkpoint[name]
-    return checkpoint
+    if not isinstance(checkpoint, dict) or any(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return checkpoint  # not a container, or already a state dict
+    return next((checkpoint[name] for name in CONTAINER_KEYS if isinstance(checkpoint.get(name), dict)), checkpoint)
 
 
 def _layer_names(model: torch.nn.Module, key: str) -> tuple[str, ...]:
@@ -302,6 +297,7 @@ def _hub_file(pretrained_cfg: dict[str, Any]) -> tuple[str | None, str | None, l
 def _load_timm(model: torch.nn.Module, cfg: ModelConfig, num_classes: int, in_chans: int) -> WeightsReport:
     """timm's pretrained weights through timm itself: its per-model checkpoint filters (position
     embeddings, renamed stems), head replacement and input-channel adaptation all apply."""
+    from huggingface_hub import constants
     _timm_weights_cfg(cfg.name)
     pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     repo, cached, names = _hub_file(pretrained_cfg)
@@ -309,7 +305,7 @@ def _load_timm(model: torch.nn.Module, cfg: ModelConfig, num_classes: int, in_ch
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
     if cached is not None:
         overlay["file"] = cached  # already in the cache: load it from there, no network call at all
-    elif repo is not None and _hub_offline():
+    elif repo is not None and constants.HF_HUB_OFFLINE:
         raise ModelError(_not_cached_message(cfg.name, repo, names, "HF_HUB_OFFLINE is set"))
     try:
         pretrained = timm.create_model(cfg.name, pretrained=True, num_classes=num_classes, in_chans=in_chans,
@@ -340,11 +336,6 @@ def _load_timm(model: torch.nn.Module, cfg: ModelConfig, num_classes: int, in_ch
                          unexpected=list(result.unexpected_keys), head_replaced=head, input_adapted=adapted,
                          head_classes=(source_classes, num_classes) if head else None,
                          input_chans=(source_chans, in_chans) if adapted else None)
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _not_cached_message(name: str, repo: str, names: list[str], why: str) -> str:
