@@ -1,36 +1,15 @@
-"""Training losses: cross-entropy, focal and logit-adjusted, with class weights.
+"""Training losses: cross-entropy, focal and logit-adjusted, with class weights; distillation.
 
-`build_train_loss(recipe, train_targets, num_classes)` is what the Trainer calls, with the
-labels of the training split. Targets are class indices (N,) or probabilities (N, C)
-(Mixup/CutMix make the latter, with label smoothing already folded in, so smoothing is
-applied to hard targets only). Every loss here takes both.
+`build_train_loss(recipe, train_targets, num_classes)` is what the Trainer calls. Targets are
+class indices (N,) or probabilities (N, C) (Mixup/CutMix, smoothing already folded in, so
+label smoothing applies to hard targets only); every loss here takes both.
 
-Knowledge distillation (`distillation_loss`, `distillation_kl`; the hook that uses them is
-strategies/distillation.py): the label loss blended with the KL divergence to a teacher's
-temperature-softened predictions.
-
-Class-imbalance tools (the README's "Class imbalance"; recipe section `imbalance`):
-
-- Class weights (`class_weights`): `inverse` frequency, or the inverse `effective` number
-  of samples, (1 - beta) / (1 - beta^n) (Cui et al., "Class-Balanced Loss Based on
-  Effective Number of Samples", CVPR 2019), both normalised to mean 1 over the classes;
-  or a list, one weight per class, used as given. They weight each class's term of the
-  loss, with PyTorch's convention: the batch loss is the weighted mean, so the weights
-  change the balance between classes, not the overall step size.
-- Focal loss (`loss: focal`; Lin et al., "Focal Loss for Dense Object Detection", ICCV
-  2017): (1 - p)^gamma down-weights examples the model already gets right, so the many
-  easy head-class images stop dominating the gradient. With `focal_alpha` unset it is the
-  softmax (multi-class) form; with `focal_alpha` set it is the paper's own one-vs-all
-  sigmoid form, alpha for the positive and 1 - alpha for the negative terms
-  (torchvision.ops.sigmoid_focal_loss, as mmpretrain's FocalLoss does).
-- Logit-adjusted loss (`loss: logit_adjusted`; Menon et al., "Long-tail learning via
-  logit adjustment", ICLR 2021): cross-entropy on logits + tau * log(prior), so the model
-  must beat the prior to predict a head class; its plain logits then serve balanced
-  accuracy. The post-hoc variant (`posthoc_adjust`) trains with plain cross-entropy and
-  subtracts tau * log(prior) from the logits at evaluation: `eval_logit_offset`.
-
-The prior and the count-based weights come from the training counts; a class with no
-training image counts as one, so its weight and its log-prior stay finite.
+The `imbalance` tools (the README's "Class imbalance"): class weights (`class_weights_from_counts`;
+the batch loss is the weighted mean, so weights shift the balance between classes, not the step
+size), focal loss (Lin et al. 2017; with `focal_alpha`, the sigmoid form of torchvision's
+sigmoid_focal_loss), and logit adjustment (Menon et al. 2021), in the loss or post hoc at
+evaluation (`eval_logit_offset`). Priors and weights come from the training counts; an empty class
+counts as one.
 """
 
 from __future__ import annotations
@@ -64,9 +43,8 @@ def class_weights_from_counts(counts: torch.Tensor | Sequence[int], mode: str = 
                               beta: float = 0.999) -> torch.Tensor:
     """Per-class weights (float, (C,), mean 1) from training counts.
 
-    mode `inverse`: 1 / n_c. mode `effective`: 1 / E(n_c) with E(n) = (1 - beta^n) / (1 - beta),
-    the expected number of distinct samples when neighbouring images overlap (Cui et al. 2019);
-    beta = 0 gives equal weights, beta -> 1 tends to `inverse`.
+    mode `inverse`: 1 / n_c. mode `effective`: 1 / E(n_c), E(n) = (1 - beta^n) / (1 - beta) the
+    expected number of distinct samples (Cui et al. 2019); beta 0: equal weights, beta -> 1: inverse.
     """
     n = torch.as_tensor(counts, dtype=torch.float64).clamp_min(1)
     if mode == "inverse" or (mode == "effective" and beta >= 1.0):
@@ -102,10 +80,7 @@ def soft_targets(targets: torch.Tensor, num_classes: int, label_smoothing: float
 
 def _weighted_mean(per_class_loss: torch.Tensor, targets: torch.Tensor,
                    weight: torch.Tensor | None) -> torch.Tensor:
-    """sum over images and classes of t_ic * w_c * loss_ic, over sum of t_ic * w_c.
-
-    For one-hot targets this is F.cross_entropy's weighted mean; without weights, the mean.
-    """
+    """sum of t_ic * w_c * loss_ic over sum of t_ic * w_c: F.cross_entropy's weighted mean for one-hot t."""
     mass = targets if weight is None else targets * weight.to(targets.dtype)
     return (mass * per_class_loss).sum() / mass.sum().clamp_min(torch.finfo(mass.dtype).tiny)
 
@@ -124,12 +99,11 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Ten
 
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, alpha: float | None = None,
                weight: torch.Tensor | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Focal loss (Lin et al. 2017) on hard (N,) or soft (N, C) targets.
+    """Focal loss on hard (N,) or soft (N, C) targets.
 
-    alpha None: softmax form, sum_c t_c (1 - p_c)^gamma (-log p_c) per image; gamma = 0 is
-    cross-entropy. alpha in [0, 1]: the paper's sigmoid form, each class a binary problem,
-    positives weighted alpha and negatives 1 - alpha, summed over classes. `weight` (C,)
-    weights each image by its target class (t . w) and the batch loss is the weighted mean.
+    alpha None: softmax form, sum_c t_c (1 - p_c)^gamma (-log p_c) per image (gamma 0: cross-entropy).
+    alpha in [0, 1]: sigmoid form, one binary problem per class, positives weighted alpha, negatives
+    1 - alpha. `weight` (C,) weights each image by t . w; the batch loss is the weighted mean.
     """
     logits = logits.float()
     target = soft_targets(targets, logits.shape[1], label_smoothing)
@@ -140,9 +114,7 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, 
     per_image = sigmoid_focal_loss(logits, target, alpha=alpha, gamma=gamma, reduction="none").sum(dim=1)
     if weight is None:
         return per_image.mean()
-    image_weight = target @ weight.to(target.dtype)
-    total = image_weight.sum().clamp_min(torch.finfo(image_weight.dtype).tiny)
-    return (image_weight * per_image).sum() / total
+    return _weighted_mean(per_image, target @ weight.to(target.dtype), None)  # each image weighted t . w
 
 
 def logit_adjusted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, prior: torch.Tensor,
@@ -155,10 +127,9 @@ def logit_adjusted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, pr
 
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                     temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), summed over classes, mean over images.
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), mean over images, in float32.
 
-    The T^2 keeps the gradient of this term on the scale of the label loss's whatever T is
-    (Hinton et al. 2015, section 2). Computed in float32 even under autocast."""
+    T^2 keeps this term's gradient on the label loss's scale whatever T is (Hinton et al. 2015)."""
     log_student = F.log_softmax(student_logits.float() / temperature, dim=1)
     log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
     kl = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
@@ -168,13 +139,9 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
                       alpha: float = 0.5, temperature: float = 4.0,
                       label_loss: torch.Tensor | None = None) -> torch.Tensor:
-    """Knowledge distillation (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"):
+    """alpha * CE(student, targets) + (1 - alpha) * `distillation_kl` (Hinton et al. 2015).
 
-        alpha * CE(student, targets) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T))
-
-    `targets` are class indices (N,) or probabilities (N, C) (Mixup/CutMix). `label_loss`, when
-    given, is used as the CE term instead (a loss already computed with label smoothing or class
-    weights: what the Trainer passes)."""
+    `label_loss`, when given, replaces the CE term (the Trainer's loss, with smoothing or weights)."""
     if label_loss is None:
         label_loss = cross_entropy(student_logits, targets)
     return alpha * label_loss + (1.0 - alpha) * distillation_kl(student_logits, teacher_logits, temperature)
@@ -250,11 +217,7 @@ def _format_classes(classes: Sequence[str], limit: int = 12) -> str:
 
 
 def check_imbalance_recipe(recipe: Any, classes: Sequence[str]) -> None:
-    """Checks of the `imbalance` section that need the data's classes; run before training.
-
-    Raises RecipeError for a class weight list whose length is not the number of classes,
-    and for post-hoc adjustment on top of the logit-adjusted loss (that would adjust twice).
-    """
+    """Checks of the `imbalance` section that need the data's classes (RecipeError); run before training."""
     cfg, file = recipe.imbalance, getattr(recipe, "source_file", None)
     weights = cfg.class_weights
     if isinstance(weights, list):

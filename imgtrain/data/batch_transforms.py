@@ -1,36 +1,16 @@
-"""Training augmentation of whole batches on the device, with the distributions of the per-image path.
+"""Training augmentation of whole batches on the device (`augment.device_transforms`; the README's
+"Feeding the model fast"), with the distributions of the per-image path.
 
-Why: the per-image path (data/transforms.py) runs each image through torchvision v2 in the
-DataLoader's workers, one image at a time. With decoded images (the in-memory sources, or
-data.cache) that Python-per-image work is the bottleneck: a GPU waits for a few CPU cores.
-Here the loader only gathers uint8 images into a batch; the batch moves to the device as
-uint8 (4x fewer bytes than float) and is augmented there, all images at once:
+The loader only stacks uint8 images; on the device, all images at once:
 
-    uint8 (B, C, H, W) -> float [0, 1]
-      -> random resized crop (per-image boxes) | resize (shorter side) + centre crop,
-         then pad-crop shift (zero fill) and flips: all in one `grid_sample` call
-      -> colour jitter (brightness, contrast, saturation: per-image factors)
-      -> random grayscale -> normalize -> random erasing
+    uint8 -> float [0, 1] -> random resized crop | resize + centre crop, pad-crop shift and flips
+    (one `grid_sample`) -> colour jitter -> random grayscale -> normalize -> random erasing
 
-The same registry entries with the same parameters as the per-image path, and the same
-distributions: crop boxes come from a vectorised copy of `v2.RandomResizedCrop.make_params`
-(10 tries, then the central fallback), erasing boxes from `v2.RandomErasing.make_params`,
-shifts, flips and jitter factors from the same ranges. Two differences, both in how the
-pixels are computed, not in what is drawn: a crop k >= 2 times larger than the output
-averages k x k bilinear samples per output pixel (as roi_align does) where v2 uses an
-antialiasing filter (close, not identical), and the three
-colour operations run in one random order per batch (v2: per image; each image still sees
-a uniformly random order). Hue is per image only (`color_jitter` with `augment.hue > 0`
-stays on the CPU).
-
-Random parameters are drawn on the CPU from `generator` (default: torch's global one,
-which the trainer seeds and saves in checkpoints), so a seed gives the same crops on the
-CPU and on a GPU; only per-pixel noise (erasing_value: random) is drawn on the device.
-
-`augment.device_transforms`: auto turns this on when training on CUDA and every requested
-augmentation is batched here; on forces it (also on the CPU), and the augmentations that
-are not batched (rotation, affine, perspective, the policies, hue) then run per image on the
-CPU first, before the crop (`BatchPipelines.train_item`); off keeps the per-image path.
+Crop and erasing boxes are vectorised copies of torchvision's `make_params`. Only the pixel
+computation differs: a box filter where v2 antialiases, and one random colour-operation order per
+batch (v2: per image). Random parameters are drawn on the CPU from `generator` (default: torch's
+global one), so a seed gives the same crops on CPU and GPU. Hue, and the entries not batched here,
+run per image on the CPU (`BatchPipelines.train_item`).
 """
 
 from __future__ import annotations
@@ -43,17 +23,15 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from imgtrain.config import AugmentConfig
-from imgtrain.data.errors import DataError
 from imgtrain.data.transforms import (
     ERASING_RATIO,
-    _is_identity,
+    _normalizes,
     build_augmentation,
     eval_resize_size,
     requested_augmentations,
 )
 
-# registry entries (data/transforms.py AUGMENTATIONS) implemented here on whole batches;
-# any other entry, including ones added later, runs per image on the CPU
+# the AUGMENTATIONS entries implemented here on whole batches; any other runs per image on the CPU
 BATCHED_AUGMENTATIONS = ("random_resized_crop", "pad_crop", "hflip", "vflip", "color_jitter", "grayscale",
                          "erasing")
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
@@ -103,53 +81,47 @@ def _tried_boxes(n: int, height: int, width: int, scale: Sequence[float], ratio:
     return (w, h) if transpose else (h, w)     # RandomErasing puts the aspect on the height
 
 
-def _first_valid(ok: torch.Tensor, *values: torch.Tensor) -> list[torch.Tensor]:
+def _place_first_fit(ok: torch.Tensor, h: torch.Tensor, w: torch.Tensor, height: int, width: int,
+                     generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
+    """(top, left, h, w): each image's first try that fits, at a uniform position."""
     first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)  # argmax: the first True
-    return [v.gather(1, first).squeeze(1).long() for v in values]
+    h, w = (v.gather(1, first).squeeze(1).long() for v in (h, w))
+    return _randint_below(height - h + 1, generator), _randint_below(width - w + 1, generator), h, w
 
 
 def sample_crop_boxes(n: int, height: int, width: int, scale: Sequence[float] = (0.08, 1.0),
                       ratio: Sequence[float] = (3 / 4, 4 / 3),
                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """(n, 4) long tensor of (top, left, height, width): `v2.RandomResizedCrop.make_params` for n images.
-
-    Each image takes its first of 10 tries that fits; none fitting, the central crop with the
-    aspect ratio clamped into `ratio` (torchvision's fallback).
-    """
+    """(n, 4) long tensor of (top, left, height, width): `v2.RandomResizedCrop.make_params` for n images
+    (the first of 10 tries that fits, else the central crop with the aspect ratio clamped into `ratio`)."""
     h, w = _tried_boxes(n, height, width, scale, ratio, generator, transpose=False)
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    h, w = _first_valid(ok, h, w)
-    top = _randint_below(height - h + 1, generator)
-    left = _randint_below(width - w + 1, generator)
+    boxes = torch.stack(_place_first_fit(ok, h, w, height, width, generator), dim=1)
     found = ok.any(dim=1)
-    if not bool(found.all()):
-        in_ratio = width / height
-        if in_ratio < min(ratio):
-            fw, fh = width, round(width / min(ratio))
-        elif in_ratio > max(ratio):
-            fw, fh = round(height * max(ratio)), height
-        else:
-            fw, fh = width, height
-        fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw])
-        boxes = torch.stack([top, left, h, w], dim=1)
-        return torch.where(found[:, None], boxes, fallback)
-    return torch.stack([top, left, h, w], dim=1)
+    if bool(found.all()):
+        return boxes
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        fw, fh = round(height * max(ratio)), height
+    else:
+        fw, fh = width, height
+    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw])
+    return torch.where(found[:, None], boxes, fallback)
 
 
 def sample_erasing_boxes(n: int, height: int, width: int, p: float, scale: Sequence[float],
                          ratio: Sequence[float] = ERASING_RATIO,
                          generator: torch.Generator | None = None) -> torch.Tensor:
-    """(n, 4) long (top, left, height, width) per image, height 0 where nothing is erased.
+    """(n, 4) long (top, left, height, width): `v2.RandomErasing(p, scale, ratio)` for n images.
 
-    `v2.RandomErasing(p, scale, ratio)`: applied with probability p; the first of 10 tries
-    strictly smaller than the image, else (no try fits) no erasing.
+    Height 0 where nothing is erased: not drawn (probability 1 - p), or none of the 10 tries fits.
     """
     apply = torch.rand(n, generator=generator) < p
     h, w = _tried_boxes(n, height, width, scale, ratio, generator, transpose=True)
     ok = (h < height) & (w < width)
-    h, w = _first_valid(ok, h, w)
-    top = _randint_below(height - h + 1, generator)
-    left = _randint_below(width - w + 1, generator)
+    top, left, h, w = _place_first_fit(ok, h, w, height, width, generator)
     h = torch.where(apply & ok.any(dim=1), h, torch.zeros_like(h))
     return torch.stack([top, left, h, w], dim=1)
 
@@ -197,11 +169,10 @@ def resample(images: torch.Tensor, boxes: torch.Tensor, size: int, vflip: torch.
              hflip: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
     """Crop each image to its box, resize to size x size, shift and flip, in one resampling.
 
-    boxes: (n, 4) (top, left, height, width) in source pixels, fractional allowed. Then, as
-    v2 orders them: shift (2, n) (dy, dx) output pixels with zero fill (pad-crop), vflip and
-    hflip (n,) bools. Bilinear; a box that shrinks by k = round(box / size) >= 2 averages
-    k x k samples per output pixel (as roi_align's sampling_ratio k): a box filter in place
-    of v2's antialiasing (one grid_sample call per distinct k in the batch).
+    boxes: (n, 4) (top, left, height, width) in source pixels, fractional allowed; then, in v2's
+    order, shift (2, n) (dy, dx) output pixels with zero fill, vflip and hflip (n,) bools. A box
+    shrinking by k = round(box / size) >= 2 averages k x k bilinear samples per output pixel (as
+    roi_align) in place of v2's antialiasing.
     """
     n = images.shape[0]
     boxes = boxes.to(torch.float64).cpu()
@@ -261,11 +232,8 @@ def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> t
 
 def color_jitter(images: torch.Tensor, brightness: torch.Tensor | None, contrast: torch.Tensor | None,
                  saturation: torch.Tensor | None, order: Sequence[int] = (0, 1, 2)) -> torch.Tensor:
-    """Per-image brightness, contrast and saturation factors (None: leave out), on [0, 1] floats.
-
-    order: the operations' order as indices into (brightness, contrast, saturation).
-    Saturation is skipped on 1-channel batches.
-    """
+    """Per-image brightness, contrast and saturation factors (None: leave out), on [0, 1] floats,
+    in `order` (indices into those three). Saturation is skipped on 1-channel batches."""
     for op in order:
         if op == 0 and brightness is not None:
             images = (images * brightness.to(images.device, images.dtype).view(-1, 1, 1, 1)).clamp_(0, 1)
@@ -298,23 +266,17 @@ class _Normalizer:
     """uint8 -> float in [0, 1] and (x - mean) / std, with the constants kept per device."""
 
     def __init__(self, mean: Sequence[float] | None, std: Sequence[float] | None, channels: int):
-        identity = _is_identity(mean, std)
-        if (mean is not None and std is not None and not identity
-                and (len(mean) != channels or len(std) != channels)):
-            raise DataError(f"normalization has {len(mean)} mean / {len(std)} std values for "
-                            f"{channels}-channel images; give one value per channel")
-        self.mean = None if identity else torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = None if identity else torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        normalizes = _normalizes(mean, std, channels)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) if normalizes else None
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) if normalizes else None
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._scratch: dict[tuple, torch.Tensor] = {}
 
     def to_float(self, images: torch.Tensor, scratch: bool = False) -> torch.Tensor:
         """A float copy in [0, 1] (uint8 is divided by 255, float is taken as [0, 1] already).
 
-        scratch: write it into a buffer that the next call reuses, for a caller that only
-        reads it (the resampling). A fresh float batch every step costs page faults that,
-        on the CPU, took as long as the resampling itself; on CUDA the caching allocator
-        makes this moot and it changes nothing.
+        scratch: into a buffer the next call reuses, for a caller that only reads it. On the CPU a
+        fresh float batch per step costs page faults as long as the resampling itself.
         """
         if scratch:
             key = (tuple(images.shape), images.device)
@@ -351,12 +313,8 @@ class EvalBatchTransform:
 
 
 class TrainBatchTransform:
-    """The batched registry entries of `aug` (see the module docstring), on any device.
-
-    Call it on a uint8 (or [0, 1] float) batch (B, C, H, W) of one size; returns float32
-    (B, C, img_size, img_size), normalized. generator: draws the random parameters (CPU);
-    None uses torch's global generator.
-    """
+    """The batched registry entries of `aug`, on any device: uint8 (or [0, 1] float) (B, C, H, W)
+    -> normalized float32 (B, C, img_size, img_size). generator: for the random parameters."""
 
     def __init__(self, aug: AugmentConfig, channels: int, img_size: int, mean: Sequence[float] | None,
                  std: Sequence[float] | None, generator: torch.Generator | None = None):
@@ -412,9 +370,6 @@ class TrainBatchTransform:
             return self.norm.to_float(images)  # nothing to resample: the float copy is the result
         # the resampling writes a new tensor and only reads its input: a reused buffer serves
         x = self.norm.to_float(images, scratch=True)
-        if not moves:
-            assert boxes is not None, "neither a box nor a move returned above"
-            return resample(x, boxes, size)
         shift = torch.randint(0, 2 * self.pad + 1, (2, n), generator=g) - self.pad if self.pad else None
         vflip = torch.rand(n, generator=g) < self.vflip if self.vflip else None
         hflip = torch.rand(n, generator=g) < self.hflip if self.hflip else None
@@ -447,10 +402,9 @@ def build_batch_pipelines(aug: AugmentConfig, channels: int, img_size: int, mean
                           generator: torch.Generator | None = None) -> BatchPipelines:
     """Split the recipe's augmentation between the loader (CPU, per image) and the device (per batch).
 
-    source_size: the side of the square images the datasets hold, when they are all one
-    size (data.cache, in-memory sources); None for files of mixed sizes, which the loader
-    then resizes (shorter side) and centre-crops to `eval_resize_size`, the size the cache
-    would hold, so that they stack into a batch.
+    source_size: the side of the datasets' images when all are one square size (data.cache,
+    in-memory sources); None for files of mixed sizes, which the loader then resizes and
+    centre-crops to `eval_resize_size` (as the cache would) so that they stack into a batch.
     """
     side = eval_resize_size(aug, img_size)
     train_steps: list[v2.Transform] = []

@@ -1,37 +1,17 @@
-"""The decoded cache (`data.cache`): decode each image file once, then read pixels, not files.
+"""The decoded cache (`data.cache`, the README's "Feeding the model fast"): decode each file once.
 
-Decoding a JPEG costs more than everything a training step does with it on small images, and
-the per-image path pays it every epoch. With `data.cache: memory` or `disk`, every file of
-every split is decoded once into one uint8 array (N, C, S, S) and the splits become
-`CachedImageDataset`s: rows of that array, read like an in-memory source.
+Every file of every split (file sources only) is decoded once into one uint8 array (N, C, S, S) and
+the splits become `CachedImageDataset`s over its rows. Each file is stored as `load_image` decodes
+it, shorter side resized to S = `cache_resolution` and centre-cropped square.
 
-What is stored, per file: `load_image(path, channels)` (so EXIF rotation, transparency and
-16-bit handling are the same as without the cache), resized so its shorter side is S
-(antialiased, `v2.Resize`) and centre-cropped to S x S (`v2.CenterCrop`). S is the largest
-resolution the run reads, `cache_resolution`: floor(img_size / crop_pct), the size eval
-resizes to (img_size itself with the default crop_pct 1). A file already S x S is stored
-exactly as decoded. The one change in what a run sees: random crops come from the central
-square of a non-square image (eval looks there anyway); leave the cache off when the margins
-of wide or tall images matter to your task.
-
-Only file sources (imagefolder, csv) are cached: digits, fashion-mnist and shapes are
-decoded uint8 tensors already, and are left as they are.
-
-- memory: one tensor in RAM, built at the start of each run (a thread pool: Pillow and the
-  resize release the GIL). Refused, with the numbers, when it would not fit in the RAM
-  that is available.
-- disk: a memory-mapped file in `data.cache_dir`, shared through the OS page cache by the
-  loader's workers and by concurrent runs, reused by later runs. Its name is a key hashed
-  from the sorted file list with every file's size and modification time, the resolution,
-  the channels and `CACHE_FORMAT`: a changed, added or removed file makes a new key, so
-  the cache is rebuilt (and the older version of the same file list deleted). It is written
-  under a temporary name and renamed only when complete, so an interrupted build is never
-  mistaken for a cache.
+- memory: one tensor in RAM, built each run; refused when it would not fit in the available RAM.
+- disk: a memory-mapped file in `data.cache_dir`, shared by workers and runs. Its name hashes the
+  sorted files with their sizes and mtimes, S, the channels and `CACHE_FORMAT`, so any change
+  rebuilds it; it is written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -50,8 +30,7 @@ from torchvision.transforms import v2
 from imgtrain.config import AugmentConfig
 from imgtrain.data.datasets import FileImageDataset, ImageDataset, Indices, Transform
 from imgtrain.data.errors import DataError
-from imgtrain.data.images import load_image
-from imgtrain.data.loaders import usable_cpus
+from imgtrain.data.images import load_image, usable_cpus
 from imgtrain.data.transforms import eval_resize_size
 
 CACHE_FORMAT = 1        # bump when decoding or resizing changes: every older disk cache then misses
@@ -116,10 +95,7 @@ class DecodedCache:
 
 
 class CachedImageDataset(ImageDataset):
-    """Rows of a `DecodedCache`: `(uint8 (C, S, S) image, label)` like `TensorImageDataset`.
-
-    `with_transform` and `subset` share the cache; `paths` names each item's file.
-    """
+    """Rows of a `DecodedCache` (shared by `with_transform` and `subset`), read like `TensorImageDataset`."""
 
     def __init__(self, cache: DecodedCache, rows: torch.Tensor, targets: torch.Tensor, classes: Sequence[str],
                  transform: Transform = None):
@@ -151,11 +127,6 @@ class CachedImageDataset(ImageDataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self._labels[index])
-
-    def with_transform(self, transform: Transform) -> CachedImageDataset:
-        clone = copy.copy(self)  # shallow: the cache is shared
-        clone.transform = transform
-        return clone
 
     def subset(self, indices: Indices) -> CachedImageDataset:
         index = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
@@ -293,10 +264,9 @@ def build_cache(paths: Sequence[str], channels: int, size: int, mode: str, cache
 
 
 def apply_cache(splits: Any, cfg: Any, size: int) -> DecodedCache | None:
-    """Replace file-backed splits by cached ones (`cfg`: recipe.data); None when nothing is cached.
+    """Replace file-backed splits by cached ones sharing one cache (`cfg`: recipe.data).
 
-    All splits share one cache. In-memory sources, and data.cache: off, are left as they are.
-    """
+    None when nothing is cached (in-memory sources, data.cache: off)."""
     datasets = {name: getattr(splits, name) for name in ("train", "val", "test")}
     present = [d for d in datasets.values() if d is not None]
     if cfg.cache == "off" or not all(isinstance(d, FileImageDataset) for d in present):

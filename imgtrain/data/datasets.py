@@ -1,9 +1,7 @@
 """Two map-style datasets: decoded images in one uint8 tensor, or image files read on demand.
 
-Both return `(image, label)` where image is a uint8 (C, H, W) tensor unless a transform is
-set, expose `.targets` (LongTensor) and `.classes`, and make cheap variants:
-`with_transform(t)` shares the images with the original (only the transform differs), so
-train and eval views of the same data cost no memory; `subset(indices)` keeps some items.
+Items are `(image, label)`, image a uint8 (C, H, W) tensor unless a transform is set.
+`with_transform(t)` shares the images, so train and eval views of the same data cost no memory.
 """
 
 from __future__ import annotations
@@ -11,6 +9,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from imgtrain.data.images import load_image
 
 Transform = Callable[[torch.Tensor], torch.Tensor] | None
 Indices = Sequence[int] | torch.Tensor | np.ndarray  # what subset() takes (stratified splits give arrays)
+D = TypeVar("D", bound="ImageDataset")
 
 
 def _as_index(indices: Indices) -> torch.Tensor:
@@ -46,9 +46,11 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def with_transform(self, transform: Transform) -> ImageDataset:
-        """A view with another transform that shares the images."""
-        raise NotImplementedError
+    def with_transform(self: D, transform: Transform) -> D:
+        """A view with another transform that shares the images (a shallow copy)."""
+        clone = copy.copy(self)
+        clone.transform = transform
+        return clone
 
     def subset(self, indices: Indices) -> ImageDataset:
         """The items at `indices`, in that order."""
@@ -80,11 +82,6 @@ class TensorImageDataset(ImageDataset):
             image = self.transform(image)
         return image, int(self.targets[index])
 
-    def with_transform(self, transform: Transform) -> TensorImageDataset:
-        clone = copy.copy(self)  # shallow: the image tensor is shared, not copied
-        clone.transform = transform
-        return clone
-
     def subset(self, indices: Indices) -> TensorImageDataset:
         index = _as_index(indices)
         return TensorImageDataset(self.images[index], self.targets[index], self.classes, self.transform)
@@ -115,11 +112,6 @@ class FileImageDataset(ImageDataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.targets[index])
-
-    def with_transform(self, transform: Transform) -> FileImageDataset:
-        clone = copy.copy(self)  # shallow: the path list is shared
-        clone.transform = transform
-        return clone
 
     def subset(self, indices: Indices) -> FileImageDataset:
         index = _as_index(indices)

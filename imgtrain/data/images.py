@@ -1,18 +1,10 @@
-"""Decode one image file into a uint8 CHW tensor, and find the files that cannot be decoded.
+"""Decode one image file into a uint8 CHW tensor (`load_image`), and find the files that cannot be decoded.
 
-Every file-based source goes through `load_image`, so all the odd cases of real image
-folders are handled in one place:
-
-- Pillow modes: `1`, `L`, `LA`, `P` (with or without a transparent colour), `RGB`,
-  `RGBA`, `CMYK`, `YCbCr`, 16-bit `I;16*`, 32-bit `I` and float `F`.
-- Transparency is composited on white, not dropped: the colour stored under a fully
-  transparent pixel is arbitrary (often black), so dropping alpha would turn a dark
-  logo on a transparent background into black-on-black. White is what viewers show.
-- 16-bit images are scaled to 8 bits (value / 257, so 65535 -> 255), never clipped;
-  a 16-bit scan clipped at 255 would be almost all white.
-- EXIF orientation is applied (phone photos are stored sideways with a rotation tag).
-- Truncated files are errors: we never set `ImageFile.LOAD_TRUNCATED_IMAGES`, and we
-  call `.load()` so the whole file is decoded, not just its header.
+Every file source goes through `load_image`, so the odd cases of real folders are handled once:
+all Pillow modes (1, L, LA, P, RGB, RGBA, CMYK, YCbCr, I;16*, I, F); transparency composited on
+white (the colour under transparent pixels is arbitrary, often black); 16-bit scaled to 8
+(value / 257), never clipped; EXIF orientation applied; truncated files are errors (the whole
+file is decoded, `ImageFile.LOAD_TRUNCATED_IMAGES` is never set).
 """
 
 from __future__ import annotations
@@ -80,8 +72,7 @@ def _open_decoded(path: PathLike) -> Image.Image:
             oriented = ImageOps.exif_transpose(img)
             oriented.load()
             return oriented
-    # Decoders raise many types on malformed input (OSError, SyntaxError, struct.error,
-    # IndexError ...); all of them mean "this file is not a usable image".
+    # decoders raise many types on malformed input (OSError, SyntaxError, struct.error, IndexError ...)
     except Exception as exc:
         raise BadImageError(path, _reason(exc)) from None
 
@@ -126,20 +117,9 @@ def to_8bit(img: Image.Image) -> Image.Image:
         return Image.fromarray(_scale_to_uint8(np.asarray(img), mode), mode="L")
     if mode in ("LA", "La", "RGBA", "RGBa"):
         return _composite_on_white(img)
-    if mode in ("P", "PA"):
-        if mode == "PA" or "transparency" in img.info:
-            return _composite_on_white(img.convert("RGBA"))
-        return img.convert("RGB")
-    return img.convert("RGB")  # CMYK, YCbCr, RGBX, HSV ...
-
-
-def _to_tensor(img: Image.Image) -> torch.Tensor:
-    arr = np.array(img)  # a writable copy: torch.from_numpy warns on read-only buffers
-    if arr.ndim == 2:
-        arr = arr[None]
-    else:
-        arr = np.ascontiguousarray(arr.transpose(2, 0, 1))
-    return torch.from_numpy(arr)
+    if mode == "PA" or (mode == "P" and "transparency" in img.info):
+        return _composite_on_white(img.convert("RGBA"))
+    return img.convert("RGB")  # P, CMYK, YCbCr, RGBX, HSV ...
 
 
 def load_image(path: PathLike, channels: int | None = None) -> torch.Tensor:
@@ -161,15 +141,15 @@ def load_image(path: PathLike, channels: int | None = None) -> torch.Tensor:
         img = img.convert("L")
     elif channels == 3 and img.mode == "L":
         img = img.convert("RGB")
-    return _to_tensor(img)
+    arr = np.array(img)  # a writable copy: torch.from_numpy warns on read-only buffers
+    return torch.from_numpy(arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
-def _scan_threads() -> int:
+def usable_cpus() -> int:
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))  # respects taskset / container CPU limits
     except AttributeError:  # macOS, Windows
-        cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus))
+        return os.cpu_count() or 1
 
 
 def inspect_images(paths: Iterable[PathLike]) -> tuple[list[tuple[str, str]], dict]:
@@ -184,7 +164,7 @@ def inspect_images(paths: Iterable[PathLike]) -> tuple[list[tuple[str, str]], di
     bad: list[tuple[str, str]] = []
     info: dict = {}
     # Threads, not processes: Pillow releases the GIL while decoding, and map keeps the order.
-    with ThreadPoolExecutor(max_workers=_scan_threads()) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(8, usable_cpus()))) as pool:
         for path, result in pool.map(check, list(paths)):
             if isinstance(result[1], str):
                 bad.append(result)
@@ -194,9 +174,6 @@ def inspect_images(paths: Iterable[PathLike]) -> tuple[list[tuple[str, str]], di
 
 
 def scan_images(paths: Iterable[PathLike]) -> list[tuple[str, str]]:
-    """Fully decode each file and return [(path, reason)] for those that fail (empty: all good).
-
-    Use it before a long training run: a bad file otherwise stops training mid-epoch.
-    """
+    """[(path, reason)] of the files that fail to decode fully (a bad file would stop training mid-epoch)."""
     bad, _ = inspect_images(paths)
     return bad

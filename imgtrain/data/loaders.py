@@ -1,27 +1,18 @@
 """DataLoaders for the splits, with the reproducibility the trainer's resume relies on.
 
-The train loader shuffles with its own `torch.Generator` (`Loaders.train_generator`).
-The trainer re-seeds it before every epoch (`manual_seed(seed + epoch)`), which fixes
-that epoch's order and the base seed of its worker processes, so epoch k after a resume
-sees the same batches as epoch k of an uninterrupted run.
+The train loader shuffles with its own generator (`Loaders.train_generator`), which the trainer
+re-seeds before every epoch (`seed + epoch`): that fixes the epoch's order and its workers' base
+seed, so epoch k after a resume sees the same batches as without one. Persistent workers seed
+their augmentation once, at start, so `train.deterministic: true` restarts them every epoch
+(`data.persistent_workers: false` always does); with workers = 0 augmentation draws from torch's
+global RNG, which checkpoints save.
 
-With workers > 0, workers normally stay alive between epochs (`persistent_workers`,
-which saves their start-up every epoch), but then their augmentation random streams
-are seeded once, when they start, and a resumed run would augment differently. So with
-`train.deterministic: true` workers restart every epoch, seeded from the re-seeded
-generator, and a resume is exact. With workers = 0, augmentation draws from the global
-torch RNG, which the trainer saves and restores. `data.persistent_workers: false` restarts
-workers every epoch in any case (it frees their memory between epochs);
-`data.prefetch_factor` is how many batches each worker prepares ahead.
-
-workers: "auto" -> min(4, usable CPUs - 1), and 0 with 2 or fewer CPUs: there a worker
-process competes with the training process for the same cores, and the images here
-(decoded tensors, small files) are cheap enough to prepare inline.
+workers "auto": min(4, usable CPUs - 1), and 0 with 2 CPUs or fewer (a worker would compete with
+training for the same cores).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from imgtrain.data.datasets import ImageDataset
 from imgtrain.data.errors import DataError
+from imgtrain.data.images import usable_cpus
 from imgtrain.data.samplers import loader_with_sampling, with_train_sampler
 from imgtrain.data.sources import DataSplits
 
@@ -43,13 +35,6 @@ class Loaders:
     train_generator: torch.Generator  # the train loader's shuffle generator; re-seed per epoch
 
 
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # respects taskset / container CPU limits
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def resolve_workers(workers: int | str) -> int:
     if workers != "auto":
         return int(workers)
@@ -58,9 +43,7 @@ def resolve_workers(workers: int | str) -> int:
 
 
 def resolve_pin_memory(pin_memory: bool | str, device: torch.device) -> bool:
-    if pin_memory == "auto":
-        return device.type == "cuda"
-    return bool(pin_memory)
+    return device.type == "cuda" if pin_memory == "auto" else bool(pin_memory)
 
 
 @dataclass
@@ -84,10 +67,7 @@ def _loader(dataset: Dataset, batch_size: int, shuffle: bool, settings: LoaderSe
 def build_loaders(recipe: Any, splits: DataSplits, device: torch.device, drop_last: bool = False) -> Loaders:
     """Loaders over the splits' datasets as they are (set transforms with `with_transform` first).
 
-    recipe: an `imgtrain.config.Recipe` (uses recipe.data and recipe.train).
-    drop_last: the train loader drops its last incomplete batch; api.train asks for it with mixing on
-    (mix.*), since a batch of one or two images mixes only with itself, a noisy step.
-    """
+    drop_last: drop the last incomplete train batch (mix.*: one or two images mix only with themselves)."""
     cfg = recipe.data
     settings = LoaderSettings(workers=resolve_workers(cfg.workers),
                               pin_memory=resolve_pin_memory(cfg.pin_memory, device),
@@ -110,9 +90,7 @@ def build_loaders(recipe: Any, splits: DataSplits, device: torch.device, drop_la
 
 
 def with_batch_size(loader: DataLoader, batch_size: int) -> DataLoader:
-    """The same loader (dataset, sampler and its generator, workers, pinning ...) with another batch
-    size: progressive resizing's stages. A loader that draws whole batches (data.sampler per_class)
-    has no batch size to change."""
+    """The same loader with another batch size (progressive resizing's stages)."""
     if loader.batch_size is None:
         raise DataError("this train loader builds its own batches (data.sampler per_class): its batch "
                         "size cannot change between stages")

@@ -51,9 +51,7 @@ def prepare_data(recipe: Any, splits: Any, device: torch.device, eval_size: int 
                  drop_last: bool = False) -> PreparedData:
     """splits -> decoded cache -> normalization -> per-image and per-batch transforms -> loaders.
 
-    eval_size: the side of validation and test images when it differs from the training size
-    (progressive resizing evaluates at its last stage's size); drop_last: the train loader drops its
-    last incomplete batch (Mixup/CutMix: a batch of one image mixes only with itself)."""
+    eval_size: the side of val/test images when not the training size; drop_last: see `build_loaders`."""
     aug, channels = recipe.augment, splits.channels
     img_size = aug.img_size or splits.native_size
     notes: list[str] = []

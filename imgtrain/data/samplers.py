@@ -1,21 +1,14 @@
 """Training samplers for imbalanced data (`data.sampler`).
 
 - `random` (default): a shuffle, every image once per epoch.
-- `balanced`: every draw picks a class uniformly, then an image of that class uniformly,
-  with replacement; an epoch has as many draws as the split has images. Tail-class images
-  are repeated and head-class images skipped, so the model sees the classes equally
-  often ("class-balanced sampling", e.g. Kang et al., "Decoupling Representation and
-  Classifier for Long-Tailed Recognition", ICLR 2020). It is torch's WeightedRandomSampler
-  with weight 1 / count(class) per image, which is exactly that two-step draw.
-- `per_class`: batches of `batch_size / images_per_class` distinct classes with
-  `images_per_class` images each ("P x K" batches, as in metric learning: Hermans et al.,
-  "In Defense of the Triplet Loss", 2017). Classes are drawn uniformly per batch; within a
-  class, images are taken in a shuffled order and reshuffled when used up, so every image
-  of a tail class comes round before any repeats.
+- `balanced`: each draw picks a class uniformly, then one of its images, with replacement, as
+  many draws as images ("class-balanced sampling", Kang et al., ICLR 2020).
+- `per_class`: "P x K" batches (Hermans et al. 2017) of `batch_size / images_per_class` classes
+  drawn uniformly, `images_per_class` images each, taken from a per-class shuffle that is
+  reshuffled when used up, so every tail-class image comes round before any repeats.
 
-Both samplers draw from the `torch.Generator` they are given: `build_loaders` passes the
-train loader's generator, which the trainer re-seeds before every epoch, so epoch k draws
-the same batches in an uninterrupted and in a resumed run.
+Both draw from the generator they are given, the train loader's, which the trainer re-seeds
+every epoch, so a resumed run draws the same batches.
 """
 
 from __future__ import annotations
@@ -49,11 +42,8 @@ class ClassBalancedSampler(WeightedRandomSampler):
 
 
 class PerClassBatchSampler(Sampler[list[int]]):
-    """Batches of `batch_size // images_per_class` classes x `images_per_class` images each.
-
-    `len()` is len(targets) // batch_size batches (at least one), so an epoch shows about as
-    many images as a shuffle does; every batch is full.
-    """
+    """len(targets) // batch_size (at least one) full batches of `batch_size // images_per_class`
+    classes x `images_per_class` images each."""
 
     def __init__(self, targets: torch.Tensor, batch_size: int, images_per_class: int,
                  generator: torch.Generator | None = None):
@@ -101,11 +91,8 @@ class PerClassBatchSampler(Sampler[list[int]]):
 
 
 def train_sampling(cfg: Any, targets: torch.Tensor, generator: torch.Generator) -> dict[str, Any]:
-    """DataLoader arguments for the train split's order, per `data.sampler`.
-
-    cfg: the recipe's `data` section. A batch sampler takes over batch_size, shuffle and
-    drop_last, which DataLoader refuses alongside it, so they are returned only without one.
-    """
+    """DataLoader arguments for the train split's order, per `data.sampler` (cfg: recipe.data); a batch
+    sampler comes alone, as DataLoader refuses batch_size, shuffle and drop_last alongside it."""
     if cfg.sampler == "random":
         return {"batch_size": cfg.batch_size, "shuffle": True}
     if cfg.sampler == "balanced":
@@ -130,15 +117,13 @@ def train_sampling(cfg: Any, targets: torch.Tensor, generator: torch.Generator) 
 
 
 def with_train_sampler(loader: DataLoader, cfg: Any, targets: torch.Tensor) -> DataLoader:
-    """The same loader (workers, pinning, prefetch, collate, generator ...) drawing its order
-    from `data.sampler`; `loader` is the train loader `build_loaders` made with a shuffle."""
+    """The train loader `build_loaders` made with a shuffle, drawing its order from `data.sampler`."""
     return loader_with_sampling(loader, **train_sampling(cfg, targets, loader.generator))
 
 
 def loader_with_sampling(loader: DataLoader, **sampling: Any) -> DataLoader:
     """The same loader (workers, pinning, prefetch, collate, generator ...) with another order:
-    `sampling` is DataLoader's `batch_size` with `shuffle` or `sampler`, or a `batch_sampler`.
-    (data.sampler above; curriculum learning installs its own sampler this way.)"""
+    `sampling` is DataLoader's `batch_size` with `shuffle` or `sampler`, or a `batch_sampler`."""
     if "batch_sampler" not in sampling:
         sampling["drop_last"] = loader.drop_last
     return DataLoader(loader.dataset, **sampling, num_workers=loader.num_workers,

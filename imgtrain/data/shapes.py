@@ -1,14 +1,9 @@
-"""`shapes`: a synthetic, fully deterministic dataset of coloured shapes on noisy backgrounds.
+"""`shapes`: a synthetic, deterministic dataset of coloured shapes on noisy backgrounds.
 
-Useful to test a pipeline in seconds without downloads, and to make controlled problems:
-class imbalance (`imbalance`), scale and rotation variation, noise. Each image is one
-shape (circle, square, triangle, cross, star, hexagon, ring, diamond: the first
-`num_classes` of these) with random size, rotation, position, colour and background.
-
-Drawing is vectorised with numpy: for a batch of images of one class, each pixel gets its
-coordinates in the shape's own frame (u, v: centred, rotated, divided by the radius) and a
-signed distance to the shape's edge (negative inside, in units of the radius). Turning the
-distance into pixels and clipping `0.5 - d` to [0, 1] gives an anti-aliased edge for free.
+Tests a pipeline in seconds without downloads, and makes controlled problems (class imbalance,
+scale and rotation variation, noise). Each image is one of the first `num_classes` shapes with
+random size, rotation, position and colours. Drawing is vectorised: each pixel gets a signed
+distance to the shape's edge in the shape's own frame, and clip(0.5 - d) is an anti-aliased edge.
 """
 
 from __future__ import annotations
@@ -39,9 +34,8 @@ def _regular_polygon(u: np.ndarray, v: np.ndarray, sides: int) -> np.ndarray:
 
 
 def _star(u: np.ndarray, v: np.ndarray, points: int = 5, inner: float = 0.45) -> np.ndarray:
-    # Radial distance to a straight-edged star: fold the angle into one half-spike
-    # [0, alpha] and use the polar equation of the line from the tip (r=1) to the
-    # inner vertex (r=inner, angle alpha).
+    # radial distance: fold the angle into one half-spike [0, alpha], then the polar equation of
+    # the edge from the tip (r=1) to the inner vertex (r=inner, angle alpha)
     alpha = np.pi / points
     rho = np.sqrt(u * u + v * v)
     phi = np.mod(np.arctan2(u, -v), 2 * alpha)  # 0 at the upward tip
@@ -142,8 +136,7 @@ def _draw_split(cfg: ShapesConfig, labels: np.ndarray, rng: np.random.Generator)
 def generate_shapes(cfg: ShapesConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{split: (uint8 images (N, 3, S, S), int64 labels (N,))} for train/val/test (empty splits left out).
 
-    Deterministic from cfg.seed; each split has its own random stream, so changing
-    val_size does not change the training images. `imbalance` applies to train only.
+    Seeded, one random stream per split (val_size does not change train); `imbalance` is train's only.
     """
     if not 2 <= cfg.num_classes <= len(SHAPE_NAMES):
         raise DataError(f"data.shapes.num_classes must be 2..{len(SHAPE_NAMES)}, got {cfg.num_classes}")
@@ -167,11 +160,10 @@ def shape_classes(cfg: ShapesConfig) -> list[str]:
 
 def write_shapes_imagefolder(cfg: ShapesConfig, out_dir: str | Path, fmt: str = "png",
                              layout: str = "split") -> dict[str, dict[str, int]]:
-    """Write the shapes dataset as image files, to exercise the file-based sources.
+    """Write the shapes dataset as image files (fmt png, jpg or mixed), to exercise the file sources.
 
-    layout "split": out_dir/{train,val,test}/<class>/<split>_<n>.<ext>; "flat":
-    out_dir/<class>/... (all splits together, for the automatic split). fmt "png", "jpg",
-    or "mixed" (alternating). Refuses a non-empty out_dir. Returns {split: {class: count}}.
+    layout "split": out_dir/{train,val,test}/<class>/<split>_<n>.<ext>; "flat": out_dir/<class>/...
+    (all splits together). Refuses a non-empty out_dir. Returns {split: {class: count}}.
     """
     if fmt not in ("png", "jpg", "mixed"):
         raise DataError(f"fmt must be png, jpg or mixed, got {fmt!r}")

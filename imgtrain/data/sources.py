@@ -1,20 +1,10 @@
 """Data sources -> `DataSplits` (train / val / test datasets plus what the model needs to know).
 
-A source provides the splits it has natively; what it lacks is carved from train,
-stratified and seeded (`data.val_fraction`, `data.test_fraction`, `data.split_seed`):
-
-| source        | native splits                                  | carved from train |
-|---------------|------------------------------------------------|-------------------|
-| imagefolder   | root/train, root/val (or valid), root/test;    | missing val/test  |
-|               | or a flat root of class folders: none          |                   |
-| csv           | the optional `split` column (train/val/test)   | missing val/test  |
-| fashion-mnist | train (60000), test (10000)                    | val               |
-| digits        | none (1797 images, sklearn)                    | val and test      |
-| shapes        | train/val/test of data.shapes sizes            | nothing           |
-
-Then, for every source: `data.train_subset` keeps N training images (stratified).
-File sources decode every image once up front (`data.on_bad_image`): `error` stops with
-the list of bad files, `skip` drops them and records them in `DataSplits.skipped`.
+A source provides the splits it has natively (the README's table of sources); what it lacks is
+carved from train, stratified and seeded (`data.val_fraction`, `data.test_fraction`,
+`data.split_seed`). Then `data.train_subset` keeps N training images (stratified). File sources
+decode every image up front: `data.on_bad_image: error` lists the bad files, `skip` records them
+in `DataSplits.skipped`.
 """
 
 from __future__ import annotations
@@ -108,8 +98,7 @@ def _file_splits(where: str, native: dict[str, tuple[list[str], list[str]]], cla
                  cfg: DataConfig) -> DataSplits:
     """Shared end of the file sources: scan, skip or fail, datasets, carving.
 
-    native: {split: (paths, class names)} for the splits the source has; classes: the
-    class list (already checked to agree between splits).
+    native: {split: (paths, class names)} of the source's splits; classes: checked to agree between them.
     """
     all_paths = [p for paths, _ in native.values() for p in paths]
     bad, info = inspect_images(all_paths)
@@ -135,24 +124,17 @@ def _file_splits(where: str, native: dict[str, tuple[list[str], list[str]]], cla
     built = {split: FileImageDataset(paths, targets, classes, channels)
              for split, (paths, targets) in datasets.items() if paths}
     train, val, test = _carve(built["train"], cfg, "val" not in native, "test" not in native)
-    splits = DataSplits(train=train, val=built.get("val", val), test=built.get("test", test),
-                        classes=list(classes), channels=channels, native_size=native_size, skipped=bad)
-    return splits
+    return DataSplits(train=train, val=built.get("val", val), test=built.get("test", test),
+                      classes=list(classes), channels=channels, native_size=native_size, skipped=bad)
 
 
 def _tensor_splits(native: dict[str, tuple[torch.Tensor, torch.Tensor]], classes: list[str],
                    cfg: DataConfig, carve: bool) -> DataSplits:
     built = {split: TensorImageDataset(images, targets, classes) for split, (images, targets) in native.items()}
-    train: ImageDataset = built["train"]
-    val: ImageDataset | None = built.get("val")
-    test: ImageDataset | None = built.get("test")
-    if carve:
-        train, carved_val, carved_test = _carve(train, cfg, val is None, test is None)
-        val = val if val is not None else carved_val
-        test = test if test is not None else carved_test
+    train, val, test = _carve(built["train"], cfg, carve and "val" not in native, carve and "test" not in native)
     images = built["train"].images  # carving keeps the image shape: the channels and size are the same
-    return DataSplits(train=train, val=val, test=test, classes=list(classes), channels=int(images.shape[1]),
-                      native_size=int(max(images.shape[2], images.shape[3])))
+    return DataSplits(train=train, val=built.get("val", val), test=built.get("test", test), classes=list(classes),
+                      channels=int(images.shape[1]), native_size=int(max(images.shape[2], images.shape[3])))
 
 
 # ----------------------------------------------------------------------------- imagefolder
@@ -211,8 +193,8 @@ def _imagefolder(cfg: DataConfig) -> DataSplits:
 
 # ----------------------------------------------------------------------------- csv
 
-def _read_manifest(manifest: Path) -> tuple[list[tuple[int, str, str, str | None]], bool]:
-    """Rows as (line, path, label, split or None) and whether the split column exists."""
+def _read_manifest(manifest: Path) -> list[tuple[int, str, str, str | None]]:
+    """Rows as (line, path, label, split or None)."""
     try:
         text = manifest.read_text(encoding="utf-8-sig")  # -sig: Excel writes a BOM
     except OSError as exc:
@@ -239,7 +221,7 @@ def _read_manifest(manifest: Path) -> tuple[list[tuple[int, str, str, str | None
         rows.append((line, cells["path"], cells["label"], split))
     if not rows:
         raise DataError(f"{manifest} lists no images (only a header)")
-    return rows, "split" in col
+    return rows
 
 
 def _csv(cfg: DataConfig) -> DataSplits:
@@ -247,7 +229,7 @@ def _csv(cfg: DataConfig) -> DataSplits:
     if not manifest.is_file():
         raise DataError(f"data.root {manifest} is not a file; data.source csv needs the manifest CSV "
                         "(columns path,label and optionally split)")
-    rows, _has_split = _read_manifest(manifest)
+    rows = _read_manifest(manifest)
     base = Path(cfg.image_root) if cfg.image_root else manifest.parent
     native: dict[str, tuple[list[str], list[str]]] = {}
     missing = []
@@ -296,8 +278,7 @@ def _fashion_mnist(cfg: DataConfig) -> DataSplits:
     for split, stems in FASHION_MNIST_FILES.items():
         arrays = []
         for stem in stems:
-            candidates = [folder / f"{stem}.gz", folder / stem]
-            found = next((p for p in candidates if p.is_file()), None)
+            found = next((p for p in (folder / f"{stem}.gz", folder / stem) if p.is_file()), None)
             if found is None:
                 raise DataError(f"Fashion-MNIST: {stem}.gz not found in {folder}. Install it with "
                                 "`apt-get install dataset-fashion-mnist`, or set data.root to the folder "

@@ -1,10 +1,8 @@
 """Stratified splitting: index-level (`stratified_split_indices`) and folder-level (`split_folder`).
 
-Both the automatic val/test carving of the sources and `imgtrain split` use the same
-allocation, so a folder split on disk and the in-memory split agree: per class, a shuffled
-order (seeded), the parts taken from its front, and the class's share of each part decided
-by largest remainder so the total of a part is round(fraction x N) even when classes are
-small. Every class keeps at least one image in the remainder (train).
+The sources' val/test carving and `imgtrain split` share one allocation, so both agree: per
+class a seeded shuffle, parts taken from its front, each class's share by largest remainder (a
+part totals round(fraction x N) even with small classes); every class keeps one image in train.
 """
 
 from __future__ import annotations
@@ -35,17 +33,11 @@ def allocate(counts: np.ndarray, total: int, capacity: np.ndarray) -> np.ndarray
     remainder = quota - np.floor(quota)
     order = np.argsort(-remainder, kind="stable")  # ties: the earlier class first
     left = total - int(out.sum())
-    while left > 0:
-        progressed = False
+    while left > 0 and (out < capacity).any():
         for k in order:
-            if left == 0:
-                break
-            if out[k] < capacity[k]:
+            if left > 0 and out[k] < capacity[k]:
                 out[k] += 1
                 left -= 1
-                progressed = True
-        if not progressed:
-            break
     return out
 
 
@@ -53,9 +45,8 @@ def stratified_split_indices(targets: Sequence[int] | np.ndarray | torch.Tensor,
                              fractions: Sequence[float], seed: int = 0) -> list[np.ndarray]:
     """Split item indices by class. Returns [rest, part_1, ..., part_k] (sorted index arrays).
 
-    Part i holds about fractions[i] of the items of every class; `rest` (train) keeps the
-    remainder and at least one item per class. Part 1 is taken first from each class's
-    seeded shuffle, so changing a later fraction does not change part 1.
+    Part i holds about fractions[i] of every class; `rest` keeps at least one item per class. Parts
+    are taken in order from each class's seeded shuffle: a later fraction does not change part 1.
     """
     y = targets.cpu().numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets)
     if any(f < 0 for f in fractions) or sum(fractions) >= 1.0:
@@ -73,8 +64,7 @@ def stratified_split_indices(targets: Sequence[int] | np.ndarray | torch.Tensor,
         parts.append([orders[k][taken[k]:taken[k] + share[k]] for k in range(len(labels))])
         taken += share
     rest = [orders[k][taken[k]:] for k in range(len(labels))]
-    out = [rest] + parts
-    return [np.sort(np.concatenate(p)) if p else np.zeros(0, dtype=np.int64) for p in out]
+    return [np.sort(np.concatenate(p)) if p else np.zeros(0, dtype=np.int64) for p in [rest, *parts]]
 
 
 def list_class_images(folder: PathLike) -> dict[str, list[str]]:
@@ -95,10 +85,8 @@ def split_folder(src: PathLike, dst: PathLike, val: float = 0.1, test: float = 0
                  seed: int = 0, link: bool = False) -> dict[str, dict[str, int]]:
     """Split a flat `src/<class>/<images>` folder into `dst/{train,val,test}/<class>/`.
 
-    Stratified and deterministic by `seed`; every class keeps at least one train image.
-    Files are copied, or symlinked (absolute links) with `link=True`. A split with fraction
-    0 is not created; a requested split gets every class folder, empty if a class was too
-    small to spare an image. Returns {split: {class: number of images}}.
+    Stratified, seeded; files copied, or symlinked (absolute) with `link=True`. A split with fraction
+    0 is not created; the others get every class folder, even empty. Returns {split: {class: count}}.
     """
     src, dst = Path(src), Path(dst)
     if not src.is_dir():

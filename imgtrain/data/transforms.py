@@ -1,20 +1,12 @@
 """Per-image transforms (torchvision.transforms.v2) on uint8 (C, H, W) tensors, and normalization.
 
-Train: [RandomResizedCrop | Resize + CenterCrop] -> pad-crop -> flips -> rotation -> affine
-(translate, zoom, shear) -> perspective -> policy (RandAugment | AutoAugment |
-TrivialAugmentWide | AugMix) -> ColorJitter -> RandomGrayscale -> float in [0, 1] ->
-Normalize -> RandomErasing; each step is an entry of the `AUGMENTATIONS` registry.
-Eval: Resize(img_size / crop_pct) -> CenterCrop(img_size) -> float -> Normalize (timm's
-eval recipe).
+Train: the `AUGMENTATIONS` registry in order (crop, geometry, policy, colour on uint8, the fast
+path; then float, Normalize, erasing). Eval: Resize(img_size / crop_pct) -> CenterCrop(img_size)
+-> float -> Normalize (timm's eval recipe).
 
-Geometry runs on uint8 (torchvision's fast path) and the float conversion comes last, so
-a worker moves 4x fewer bytes through the augmentations.
-
-Sizes: both builders take an optional `native_size`. Pass it only when every image is
-exactly native_size x native_size (the tensor sources); then a pipeline at the native
-size skips resizing altogether. Without it the Resize/CenterCrop steps stay in: they
-make file images of mixed sizes batchable, and cost nothing on an image that already
-has the target size (torchvision returns it unchanged).
+`native_size`: pass it only when every image is exactly that square size (tensor sources); a
+pipeline at that size then skips resizing. Otherwise Resize/CenterCrop stay in to make files of
+mixed sizes batchable (a no-op on an image already at the target size).
 """
 
 from __future__ import annotations
@@ -38,26 +30,29 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZATION_SAMPLE = 5000  # images used to compute mean/std: plenty for 3 decimals
 
 
-def _is_identity(mean: Sequence[float] | None, std: Sequence[float] | None) -> bool:
-    return mean is None or std is None or (all(m == 0 for m in mean) and all(s == 1 for s in std))
+def _normalizes(mean: Sequence[float] | None, std: Sequence[float] | None, channels: int) -> bool:
+    """Whether mean/std ask for a Normalize (None, or all 0 and all 1, do not); checks their lengths."""
+    if mean is None or std is None or (all(m == 0 for m in mean) and all(s == 1 for s in std)):
+        return False
+    if len(mean) != channels or len(std) != channels:
+        raise DataError(f"normalization has {len(mean)} mean / {len(std)} std values for {channels}-channel "
+                        "images; give one value per channel")
+    return True
 
 
 def _finish(steps: list[v2.Transform], mean: Sequence[float] | None, std: Sequence[float] | None,
             channels: int, after: Sequence[v2.Transform] = ()) -> v2.Compose:
     steps.append(v2.ToDtype(torch.float32, scale=True))
-    if mean is not None and std is not None and not _is_identity(mean, std):
-        if len(mean) != channels or len(std) != channels:
-            raise DataError(f"normalization has {len(mean)} mean / {len(std)} std values for {channels}-channel "
-                            "images; give one value per channel")
+    if _normalizes(mean, std, channels):
+        assert mean is not None and std is not None
         steps.append(v2.Normalize(list(mean), list(std)))
     steps.extend(after)
     return v2.Compose(steps)
 
 
 def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Normalised float (N, C, H, W) back to uint8 pixels on the CPU, for display: the inverse of
-    `_finish`'s Normalize and ToDtype (values augmentation pushed outside 0..1, such as erased or
-    mixed pixels, are clipped). show-augment, doctor, the run report and explain draw with it."""
+    """Normalised float (N, C, H, W) back to uint8 pixels on the CPU, for display (values outside
+    0..1, such as erased or mixed pixels, are clipped)."""
     images = images.detach().float().cpu()
     m = torch.as_tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.as_tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
@@ -110,9 +105,7 @@ def _affine(aug: AugmentConfig, channels: int, img_size: int) -> v2.Transform | 
 
 
 def _perspective(aug: AugmentConfig, channels: int, img_size: int) -> v2.Transform | None:
-    if aug.perspective <= 0:
-        return None
-    return v2.RandomPerspective(PERSPECTIVE_DISTORTION, p=aug.perspective)
+    return v2.RandomPerspective(PERSPECTIVE_DISTORTION, p=aug.perspective) if aug.perspective > 0 else None
 
 
 def _color_jitter(aug: AugmentConfig, channels: int, img_size: int) -> v2.Transform | None:
@@ -138,9 +131,7 @@ def _randaugment(aug: AugmentConfig, channels: int, img_size: int) -> v2.Transfo
 
 
 def _autoaugment(aug: AugmentConfig, channels: int, img_size: int) -> v2.Transform | None:
-    if aug.policy != "autoaugment":
-        return None
-    return v2.AutoAugment(v2.AutoAugmentPolicy(aug.autoaugment_policy))
+    return v2.AutoAugment(v2.AutoAugmentPolicy(aug.autoaugment_policy)) if aug.policy == "autoaugment" else None
 
 
 def _trivialaugment(aug: AugmentConfig, channels: int, img_size: int) -> v2.Transform | None:
@@ -195,11 +186,7 @@ def build_augmentation(name: str, aug: AugmentConfig, channels: int, img_size: i
 def build_train_transform(aug: AugmentConfig, channels: int, img_size: int,
                           mean: Sequence[float] | None, std: Sequence[float] | None,
                           native_size: int | None = None) -> v2.Compose:
-    """Training augmentation -> float32 (C, img_size, img_size), normalized.
-
-    mean/std None (or all 0 / all 1) skips Normalize. Every step comes from the registry
-    above (`AUGMENTATIONS`), in its order; entries the recipe leaves off are skipped.
-    """
+    """The `AUGMENTATIONS` entries `aug` turns on, in order -> normalized float32 (C, img_size, img_size)."""
     steps: list[v2.Transform] = []
     if not aug.random_resized_crop and native_size != img_size:
         steps += [v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size)]
@@ -219,19 +206,12 @@ def build_eval_transform(aug: AugmentConfig, channels: int, img_size: int,
 
 
 def eval_resize_size(aug: AugmentConfig, img_size: int) -> int:
-    """The side eval resizes to before its centre crop: floor(img_size / crop_pct).
-
-    The largest resolution a run reads (the decoded cache keeps images at this size).
-    """
+    """floor(img_size / crop_pct), the side eval resizes to: the largest resolution a run reads."""
     return math.floor(img_size / aug.crop_pct + 1e-6)  # +1e-6: 224 / 0.875 must give 256, not 255.99999
 
 
 def requested_augmentations(aug: AugmentConfig, channels: int, img_size: int) -> list[str]:
-    """Names of the `AUGMENTATIONS` entries the recipe turns on, in pipeline order.
-
-    data/batch_transforms.py uses it to tell the augmentations it runs on whole batches
-    from those that stay per image on the CPU.
-    """
+    """Names of the `AUGMENTATIONS` entries the recipe turns on, in pipeline order."""
     return [name for name, build in AUGMENTATIONS.items() if build(aug, channels, img_size) is not None]
 
 
@@ -270,11 +250,10 @@ def compute_mean_std(dataset, channels: int, limit: int = NORMALIZATION_SAMPLE,
 
 
 def resolve_normalization(aug: AugmentConfig, splits: DataSplits) -> tuple[list[float], list[float]]:
-    """(mean, std), one value per channel, on the 0..1 scale, from augment.normalize.
+    """(mean, std), one value per channel on the 0..1 scale, per augment.normalize.
 
-    compute: measured on (up to 5000 of) the training images; imagenet: the ImageNet
-    statistics (averaged to one value for 1-channel data); none: mean 0, std 1 (the
-    transform builders then skip Normalize); given: augment.mean / augment.std.
+    compute: measured on (up to 5000) training images; imagenet: ImageNet's (averaged for 1
+    channel); none: mean 0, std 1 (Normalize skipped); given: augment.mean / augment.std.
     """
     channels = splits.channels
     if aug.normalize == "compute":

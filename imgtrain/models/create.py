@@ -20,9 +20,7 @@ class ModelError(ValueError):
 def create_model(cfg: ModelConfig, num_classes: int, in_chans: int) -> torch.nn.Module:
     """Build `cfg.name` with `num_classes` outputs taking `in_chans` input channels, randomly initialised.
 
-    Starting weights (`model.weights`, `model.weights_file`) are loaded afterwards by
-    `imgtrain.models.weights.load_initial_weights`, and only for a new run: a resumed run and a
-    trained model loaded for prediction get theirs from their own checkpoint."""
+    A new run's starting weights are loaded afterwards (`imgtrain.models.weights.load_initial_weights`)."""
     if not timm.is_model(cfg.name):
         import difflib
         close = difflib.get_close_matches(cfg.name, timm.list_models(), n=3)

@@ -1,15 +1,12 @@
 """Small, fast CNNs for CPU training, registered in timm's registry.
 
-`timm.create_model("imgtrain_cnn_small", num_classes=10, in_chans=1)` builds them like
-any timm model, so one factory serves timm's nets and ours. They keep timm's model
-contract, so transfer learning, freezing, Grad-CAM and timm's own tools treat them like
-timm nets: `forward_features`, `forward_head(pre_logits=...)`, `get_classifier`,
-`reset_classifier`, `group_matcher`, `num_features`, `head_hidden_size`, `feature_info`
-(hence `features_only=True` with `out_indices`), TorchScript scripting and FX tracing.
+`timm.create_model("imgtrain_cnn_small", num_classes=10, in_chans=1)` builds them, and they keep
+timm's model contract (`forward_features`, `forward_head(pre_logits=...)`, `get_classifier`,
+`reset_classifier`, `group_matcher`, `num_features`, `head_hidden_size`, `feature_info`,
+`features_only=True`, TorchScript, FX), so transfer learning, Grad-CAM and timm's tools work.
 
-Shape: a stem conv, then stages of 3x3 conv-BN-ReLU blocks with 2x max-pooling between
-stages, global pooling, dropout and a linear classifier. VGG-style plain stacks
-are the fastest per accuracy point at 8-64 px on a CPU (few, wide, dense convolutions).
+A stem conv, stages of 3x3 conv-BN-ReLU blocks with 2x max-pooling between them, pooling, dropout,
+a linear head: VGG-style plain stacks are the fastest per accuracy point at 8-64 px on a CPU.
 """
 
 from __future__ import annotations
@@ -62,8 +59,7 @@ class SmallConvNet(nn.Module):
                              for index, width in enumerate(widths)]
 
     def _set_head(self, num_classes: int, global_pool: str) -> None:
-        # timm's pooling module (no parameters, so the state dict keeps its names): `global_pool`
-        # means what it means for timm nets ("avg", "max", "avgmax", "catavgmax", "" for none)
+        # timm's pooling module (no parameters): `global_pool` means what it does for timm nets
         if not global_pool and num_classes > 0:
             raise ValueError(f"global_pool='' (no pooling) needs num_classes=0, not {num_classes}: "
                              "a linear head takes pooled features")
@@ -114,10 +110,9 @@ def _create(name: str, widths: Sequence[int], depths: Sequence[int], pretrained:
     if pretrained:
         raise ValueError("imgtrain's own nets have no published pretrained weights; "
                          "start from a run folder or a .safetensors file instead")
-    # timm's own builder, as for its CNNs: it sets pretrained_cfg and, for features_only=True, wraps
-    # the net in a FeatureListNet. flatten_sequential lets that wrapper stop after any stage of
-    # `stages` (it walks top-level children); the default out_indices are all our stages, not
-    # timm's five. drop_path_rate is dropped: a plain net has no residual branch to drop.
+    # timm's builder sets pretrained_cfg and wraps features_only=True in a FeatureListNet, which
+    # walks top-level children: flatten_sequential lets it stop after any stage. drop_path_rate is
+    # dropped: a plain net has no residual branch.
     feature_cfg = {"flatten_sequential": True, "out_indices": tuple(range(len(widths)))}
     return build_model_with_cfg(SmallConvNet, name, pretrained, widths=widths, depths=depths,
                                 feature_cfg=feature_cfg, kwargs_filter=("drop_path_rate",), **kwargs)

@@ -1,9 +1,8 @@
 """Trained models back from disk: a run folder or a checkpoint file, with what they need to take images.
 
-`load_trained(RUN_DIR | file.safetensors)` rebuilds the network from the recipe stored in the
-checkpoint's metadata, loads its weights, and returns it with its classes, channels, image size and
-normalisation, so evaluate, predict, explain, ensembles, teachers and curriculum references all read a
-trained model the same way.
+`load_trained(RUN_DIR | file.safetensors)` rebuilds the network from the checkpoint's recipe, loads its
+weights, and returns it with its classes, channels, image size and normalisation: the one way every
+command that uses a trained model reads it.
 """
 
 from __future__ import annotations

@@ -6,18 +6,11 @@
     model.weights: some.safetensors      ours (with metadata) or any plain safetensors state dict
     model.weights_file: resnet18.pth     a local timm/torchvision checkpoint (.safetensors .pth .pt .bin)
 
-Whatever the source, the weights are fitted to the model the data asks for, the way timm fits
-its own pretrained weights: a classifier of another class count is dropped (the new head keeps
-its random initialisation), and a first conv trained on 3 channels is adapted to 1 (summing
-RGB) or 1 to 3 (repeating, rescaled) with timm's `adapt_input_conv`. Any other shape mismatch,
-or a file that covers fewer than half of the model's parameters, is weights for another
-architecture and stops the run before it starts.
-
-`.pth`/`.pt`/`.bin` files are read only with `torch.load(weights_only=True)`: a pickle that
-would run code (objects other than tensors and plain containers) is refused, never unpickled.
-
-    report = load_initial_weights(model, recipe.model, num_classes=10, in_chans=1)
-    for line in report.lines(): print(line)
+The weights are fitted to the model as timm fits its own: a classifier of another class count is
+dropped (the new head stays random), a first conv is adapted 3 -> 1 or 1 -> 3 channels
+(`adapt_input_conv`). Any other shape mismatch, or a file covering under half of the model's
+parameters, is another architecture and stops the run before it starts. `.pth`/`.pt`/`.bin` are
+read only with `torch.load(weights_only=True)`: a pickle that would run code is never unpickled.
 """
 
 from __future__ import annotations
@@ -172,12 +165,10 @@ def _torch_load_weights_only(path: Path, key: str) -> Any:
                              "unpickling could rebuild, and imgtrain never unpickles: .pth/.pt/.bin files are read "
                              "with torch.load(weights_only=True), tensors and plain data only. Save the weights "
                              "alone (torch.save(model.state_dict(), path)) or as .safetensors") from None
-        raise ModelError(f"{key}: {path} is not a readable PyTorch checkpoint ({detail}); it was refused and "
-                         "never unpickled") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{key}: {path} is not a readable PyTorch checkpoint ({first}); it was refused and "
-                         "never unpickled") from None
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    raise ModelError(f"{key}: {path} is not a readable PyTorch checkpoint ({detail}); it was refused and "
+                     "never unpickled") from None
 
 
 def _unpickler_detail(exc: Exception) -> str:
@@ -191,14 +182,9 @@ def _unpickler_detail(exc: Exception) -> str:
 
 def _unwrap(checkpoint: Any) -> Any:
     """{"state_dict": ...}, {"model": ...}, {"model_ema": ...} -> the state dict inside."""
-    if not isinstance(checkpoint, dict):
-        return checkpoint
-    if any(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        return checkpoint  # already a state dict
-    for name in CONTAINER_KEYS:
-        if isinstance(checkpoint.get(name), dict):
-            return checkpoint[name]
-    return checkpoint
+    if not isinstance(checkpoint, dict) or any(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return checkpoint  # not a container, or already a state dict
+    return next((checkpoint[name] for name in CONTAINER_KEYS if isinstance(checkpoint.get(name), dict)), checkpoint)
 
 
 def _layer_names(model: torch.nn.Module, key: str) -> tuple[str, ...]:
@@ -311,6 +297,7 @@ def _hub_file(pretrained_cfg: dict[str, Any]) -> tuple[str | None, str | None, l
 def _load_timm(model: torch.nn.Module, cfg: ModelConfig, num_classes: int, in_chans: int) -> WeightsReport:
     """timm's pretrained weights through timm itself: its per-model checkpoint filters (position
     embeddings, renamed stems), head replacement and input-channel adaptation all apply."""
+    from huggingface_hub import constants
     _timm_weights_cfg(cfg.name)
     pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     repo, cached, names = _hub_file(pretrained_cfg)
@@ -318,7 +305,7 @@ def _load_timm(model: torch.nn.Module, cfg: ModelConfig, num_classes: int, in_ch
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
     if cached is not None:
         overlay["file"] = cached  # already in the cache: load it from there, no network call at all
-    elif repo is not None and _hub_offline():
+    elif repo is not None and constants.HF_HUB_OFFLINE:
         raise ModelError(_not_cached_message(cfg.name, repo, names, "HF_HUB_OFFLINE is set"))
     try:
         pretrained = timm.create_model(cfg.name, pretrained=True, num_classes=num_classes, in_chans=in_chans,
@@ -349,11 +336,6 @@ def _load_timm(model: torch.nn.Module, cfg: ModelConfig, num_classes: int, in_ch
                          unexpected=list(result.unexpected_keys), head_replaced=head, input_adapted=adapted,
                          head_classes=(source_classes, num_classes) if head else None,
                          input_chans=(source_chans, in_chans) if adapted else None)
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _not_cached_message(name: str, repo: str, names: list[str], why: str) -> str:
