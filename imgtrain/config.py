@@ -1,40 +1,26 @@
-"""Typed recipe: one pydantic dataclass per section, loading (files, `extends:`, overrides), JSON Schema.
+"""The recipe schema: one pydantic dataclass per section, loading (files, `extends:`, overrides), JSON Schema.
 
-A recipe is a YAML mapping with the sections below. Every key is declared here with its type,
-default, allowed range or choices and meaning, so a typo or a wrong value is caught before any work
-starts: pydantic checks, and recipe_errors.py turns its first complaint into a RecipeError naming the
-file, line, dotted key and the closest valid key. recipe_files.py reads the YAML and `extends:`.
-
-    recipe = load_recipe("configs/fashion_mnist.yaml", ["train.epochs=3"])
-    recipe.train.epochs  # 3
+Every key is declared with its type, default, range or choices and meaning, so a mistake is caught before
+any work starts; recipe_errors.py words pydantic's complaint, recipe_files.py reads the YAML.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from annotated_types import Ge, Gt
-from pydantic import (
-    ConfigDict,
-    Field,
-    Strict,
-    TypeAdapter,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
+from pydantic_core.core_schema import ValidationInfo
 
-# imported here too (noqa) because they lived in this module before: `from imgtrain.config import RecipeError`
+# the noqa names are re-exported: they lived in this module before
 from imgtrain.recipe_errors import RecipeError, fail, leaves, number_hint, recipe_error, where
-from imgtrain.recipe_files import (  # noqa: F401  # noqa: F401
+from imgtrain.recipe_files import (  # noqa: F401
     BUILTIN_RECIPES,
     builtin_recipes,
     key_origin,
@@ -218,8 +204,7 @@ class ModelConfig(_Section):
 @dataclass(config=SECTION)
 class SamConfig(_Section):
     """optim.sam: sharpness-aware minimisation (strategies/sam.py); two forward/backward passes per step."""
-    rho: Float = Field(0.05, gt=0.0, description="perturbation radius (L2, weight units): SAM 0.01 to 0.2; ASAM, "
-                                                 "relative to |w|, usually 0.5 to 2")
+    rho: Float = Field(0.05, gt=0.0, description="perturbation radius (L2, weight units): SAM 0.01 to 0.2; ASAM, relative to |w|, usually 0.5 to 2")
     adaptive: Bool = Field(False, description="true: ASAM, the perturbation scaled elementwise by |w| (Kwon et al. 2021)")
 
 
@@ -305,8 +290,7 @@ class EmaConfig(_Section):
 class SwaConfig(_Section):
     """Stochastic weight averaging (strategies/swa.py): an equal average of the end-of-epoch weights."""
     start_epoch: Int | None = Field(None, ge=0, description="0-based epoch SWA starts (averaged at its end); null: off")
-    lr: Float | None = Field(None, gt=0.0, description="constant lr after annealing, for the effective batch; null: "
-                                                       "keep the schedule's lr")
+    lr: Float | None = Field(None, gt=0.0, description="constant lr after annealing, for the effective batch; null: keep the schedule's lr")
     anneal_epochs: Float = Field(1.0, ge=0.0, description="epochs of annealing from the current lr to swa.lr")
     anneal_strategy: Literal["cos", "linear"] = Field("cos", description="shape of that annealing")
 
@@ -330,8 +314,7 @@ class ImbalanceConfig(_Section):
 
 @dataclass(config=SECTION)
 class TransferConfig(_Section):
-    """Which layer groups train when (strategies/transfer.py). Groups come from timm's group matcher:
-    stem, then stages (or blocks), then the head; they are numbered from the stem."""
+    """Which layer groups train when (strategies/transfer.py): timm's groups, numbered from the stem to the head."""
     groups: Literal["stage", "block"] = Field("stage", description="group granularity: timm's coarse or fine matcher")
     freeze_backbone: Bool = Field(False, description="train only the head (feature extraction)")
     freeze_layers: Int = Field(0, ge=0, description="keep the first N groups (stem = 1) frozen all run")
@@ -404,7 +387,6 @@ class ProgressiveConfig(_Section):
     eval_size: Int | None = Field(None, ge=4, description="validation/test size, pixels; default: the last training size")
 
     def _check(self) -> None:
-        """Each stage a mapping of img_size, epochs (required), batch_size, lr; sizes increasing."""
         if self.stages and self.min_size is not None:
             fail("min_size", "progressive.stages and a ramp (min_size) both set the sizes; use one")
         for index, stage in enumerate(self.stages):
@@ -618,25 +600,22 @@ _RECIPE = TypeAdapter(Recipe)
 
 def recipe_keys() -> list[str]:
     """Every dotted recipe key (for help texts and suggestions)."""
-    keys: list[str] = []
 
-    def walk(cls: type, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.metadata.get("internal"):
-                continue
-            if dataclasses.is_dataclass(hints[f.name]):
-                walk(hints[f.name], f"{prefix}{f.name}.")
-            else:
-                keys.append(f"{prefix}{f.name}")
+    def walk(section: Any, prefix: str) -> list[str]:
+        keys: list[str] = []
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(value):
+                keys += walk(value, f"{prefix}{f.name}.")
+            elif not f.metadata.get("internal"):
+                keys.append(prefix + f.name)
+        return keys
 
-    walk(Recipe, "")
-    return keys
+    return walk(Recipe(), "")
 
 
 def recipe_schema() -> dict[str, Any]:
-    """The JSON Schema of a recipe file (`imgtrain schema`), for editors: every key with its type,
-    range, choices, default and meaning; unknown keys are refused."""
+    """The JSON Schema of a recipe file (`imgtrain schema`), for editors; unknown keys are refused."""
     schema = _RECIPE.json_schema()
     schema["properties"].pop("source_file")
     schema["properties"]["extends"] = {
