@@ -198,21 +198,16 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
 def plan_epochs(recipe: Recipe, context: StrategyContext) -> list[EpochPlan]:
     """One plan per epoch: the first enabled strategy that plans epochs (progressive resizing), else
     the recipe's image and batch size every epoch."""
-    for strategy in enabled_strategies(recipe):
-        plans = strategy.plan_epochs(recipe, context)
-        if plans is not None:
-            return plans
-    return [EpochPlan(0, context.img_size, recipe.data.batch_size)] * recipe.train.epochs
+    plans = (strategy.plan_epochs(recipe, context) for strategy in enabled_strategies(recipe))
+    default = [EpochPlan(0, context.img_size, recipe.data.batch_size)] * recipe.train.epochs
+    return next((plan for plan in plans if plan is not None), default)
 
 
 def param_groups(recipe: Recipe, model: torch.nn.Module) -> list[dict[str, Any]] | None:
     """The optimizer's parameter groups: the first enabled strategy that sets them (transfer's
     per-layer-group lrs), else None (the plain decay / no-decay groups)."""
-    for strategy in enabled_strategies(recipe):
-        groups = strategy.param_groups(recipe, model)
-        if groups is not None:
-            return groups
-    return None
+    answers = (strategy.param_groups(recipe, model) for strategy in enabled_strategies(recipe))
+    return next((groups for groups in answers if groups is not None), None)
 
 
 def train_parts(recipe: Recipe, model: torch.nn.Module, prepared: PreparedData,
@@ -255,10 +250,7 @@ def _check_not_overwritten(weights: Path, run_dir: str | Path) -> None:
 
 
 def _tracker_logger(trackers: Sequence[Any]) -> Any:
-    for tracker in trackers:
-        if isinstance(tracker, TrainLogTracker):
-            return tracker.log
-    return lambda message: None
+    return next((tracker.log for tracker in trackers if isinstance(tracker, TrainLogTracker)), lambda message: None)
 
 
 def _write_skipped(run_dir: Path, skipped: Sequence[tuple]) -> None:
@@ -298,11 +290,9 @@ def with_lr(recipe: Recipe, lr: float) -> Recipe:
 def find_recipe_lr(recipe: Recipe, model: torch.nn.Module, prepared: PreparedData) -> tuple[Recipe, LrFindResult]:
     """Run the range test (lr_find.*) on this model and data; (recipe with optim.lr = the chosen
     suggestion, LrFindResult). The model, RNG states and data order are as they were before."""
-    # the Trainer's own pieces (loss, autocast, scaler, accumulation, layer-group lr ratios), built
-    # at a placeholder peak lr of 1.0; the test sets the lr of every step itself
+    # the Trainer's own pieces at a placeholder peak lr of 1.0 (the test sets every step's lr), on batches
+    # of data.batch_size at the data's size whatever the first progressive stage says, as `imgtrain lr-find`
     probe = with_lr(recipe, 1.0)
-    # batches of data.batch_size at the data's size, whatever the first progressive stage says: the
-    # test measures the loss the recipe's own loader gives, as `imgtrain lr-find` does
     parts = train_parts(probe, model, prepared, [EpochPlan(0, prepared.img_size, recipe.data.batch_size)])
     # layers frozen in the first epoch (transfer.freeze_backbone, freeze_epochs ...) stay frozen in the test
     context = StrategyContext(recipe=probe, classes=parts.classes, channels=prepared.splits.channels,
