@@ -25,6 +25,7 @@ from imgtrain.recipe_files import (  # noqa: F401
     builtin_recipes,
     key_origin,
     parse_override,
+    read_recipe,
     read_recipe_file,
     resolve_recipe_path,
     set_dotted,
@@ -552,16 +553,7 @@ class Recipe(_Section):
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
     """Load a recipe file (or the defaults when path is None), apply overrides, validate."""
-    if path is None:
-        data, origins, file = {}, {}, None
-    else:
-        recipe_path = resolve_recipe_path(str(path))
-        data, origins = read_recipe_file(recipe_path)
-        file = str(recipe_path)
-    for text in overrides or []:
-        key, value = parse_override(text)
-        set_dotted(data, key, value)
-        origins[key] = ("command line", None)
+    data, origins, file = read_recipe(path, overrides or [])
     recipe = recipe_from_dict(data, file=file, origins=origins)
     recipe.source_file = file
     return recipe

@@ -139,9 +139,26 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def read_recipe(path: str | Path | None, overrides: list[str]) -> tuple[dict[str, Any], dict[str, tuple], str | None]:
+    """A recipe file (None: no file) and what it extends, with the overrides applied: the data,
+    key -> (file, line) (("command line", None) for an override) and the file's path."""
+    data: dict[str, Any] = {}
+    origins: dict[str, tuple] = {}
+    file = None
+    if path is not None:
+        recipe_path = resolve_recipe_path(str(path))
+        data, origins = read_recipe_file(recipe_path)
+        file = str(recipe_path)
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(data, key, value)
+        origins[key] = ("command line", None)
+    return data, origins, file
+
+
 def key_origin(recipe: Any, key: str) -> dict[str, Any]:
-    """Where a loaded recipe's dotted `key` was written, as RecipeError's file/key/line, for checks made
-    after loading: the recipe's file (or one it extends) when that holds the value, else the command line."""
+    """Where a loaded recipe's dotted `key` was written (RecipeError's file/key/line), for checks after
+    loading: the recipe's file (or one it extends) when that holds the value, else "command line"."""
     where: dict[str, Any] = {"file": recipe.source_file, "key": key, "line": None}
     if recipe.source_file is None:
         return where
