@@ -67,8 +67,6 @@ class _Section:
         """Checks that involve more than one key of the section: call fail(key, message)."""
 
 
-# ----------------------------------------------------------------------------- sections
-
 @dataclass(config=SECTION)
 class ShapesConfig(_Section):
     """The synthetic `shapes` source: coloured shapes on a noisy background."""
@@ -549,8 +547,6 @@ class Recipe(_Section):
         return out
 
 
-# ----------------------------------------------------------------------------- loading
-
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
     """Load a recipe file (or the defaults when path is None), apply overrides, validate."""
     data, origins, file = read_recipe(path, overrides or [])
@@ -588,22 +584,21 @@ def _upgrade_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
 _RECIPE = TypeAdapter(Recipe)
 
 
-# ----------------------------------------------------------------------------- keys, schema, dump
+def _defaults(section: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> default of every recipe key in a section (of a default Recipe: all of them)."""
+    defaults: dict[str, Any] = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            defaults.update(_defaults(value, f"{prefix}{f.name}."))
+        elif not f.metadata.get("internal"):
+            defaults[prefix + f.name] = value
+    return defaults
+
 
 def recipe_keys() -> list[str]:
     """Every dotted recipe key (for help texts and suggestions)."""
-
-    def walk(section: Any, prefix: str) -> list[str]:
-        keys: list[str] = []
-        for f in dataclasses.fields(section):
-            value = getattr(section, f.name)
-            if dataclasses.is_dataclass(value):
-                keys += walk(value, f"{prefix}{f.name}.")
-            elif not f.metadata.get("internal"):
-                keys.append(prefix + f.name)
-        return keys
-
-    return walk(Recipe(), "")
+    return list(_defaults(Recipe()))
 
 
 def recipe_schema() -> dict[str, Any]:
@@ -614,17 +609,13 @@ def recipe_schema() -> dict[str, Any]:
         "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
         "description": "recipe(s) this one starts from, merged in order: a path relative to this file or a "
                        "built-in name (" + ", ".join(builtin_recipes()) + ")"}
-
-    def add_defaults(node: dict[str, Any], defaults: Any) -> None:
-        # pydantic leaves out defaults made by a factory (lists, sections): take them from a default recipe
-        for f in dataclasses.fields(defaults):
-            prop, value = node["properties"].get(f.name), getattr(defaults, f.name)
-            if prop is not None and dataclasses.is_dataclass(value):
-                add_defaults(schema["$defs"][prop["$ref"].rpartition("/")[2]], value)
-            elif prop is not None:
-                prop.setdefault("default", value)
-
-    add_defaults(schema, Recipe())
+    # pydantic leaves out defaults made by a factory (lists, sections): take them from a default recipe
+    for key, value in _defaults(Recipe()).items():
+        *sections, name = key.split(".")
+        node = schema
+        for section in sections:
+            node = schema["$defs"][node["properties"][section]["$ref"].rpartition("/")[2]]
+        node["properties"][name].setdefault("default", value)
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
