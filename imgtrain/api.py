@@ -91,12 +91,9 @@ def prepare_run_dir(recipe: Recipe, run_dir: str | Path | None, overwrite: bool)
 
 def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path | None = None,
           overwrite: bool = False, console: Any = None, hooks: Sequence[Hook] = ()) -> TrainResult:
-    """Train from a recipe; returns the run folder, the history and the summary.
-
-    With `resume=RUN_DIR`, continue that run in place from its last finished epoch. `hooks`: your
-    own `imgtrain.Hook`s (engine/events.py); they run after the recipe's strategies and before the
-    trackers, on every event of the loop.
-    """
+    """Train from a recipe; returns the run folder, the history and the summary. `resume=RUN_DIR` continues
+    that run in place from its last finished epoch; `hooks` (your `imgtrain.Hook`s) run on every event of
+    the loop, after the recipe's strategies and before the trackers."""
     started = time.perf_counter()
     if resume is not None:
         run_dir = Path(resume)
@@ -104,9 +101,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
         if not resume_file.is_file():
             raise CheckpointError(f"{run_dir}: nothing to resume: {resume_file} does not exist")
     else:
-        # the folder is only planned here: every check below (weights, data, model, strategies)
-        # runs before it is created, so bad input leaves no folder behind and --overwrite
-        # deletes the old run only once the new one is ready to start
+        # only planned: every check below runs before the folder is made, so bad input leaves no folder
+        # behind and --overwrite deletes the old run only once the new one is ready to start
         run_dir = plan_run_dir(recipe, run_dir, overwrite)
         weights = resolve_weights_source(recipe.model)  # a wrong model.weights stops before data is read
         if overwrite and weights is not None and weights.path is not None:
@@ -128,9 +124,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
     weights_report = None if resume_file is not None else load_initial_weights(
         model, recipe.model, num_classes=len(splits.classes), in_chans=splits.channels)
     context.model = model
-    # optim.lr: find: the range test runs here, on this run's data and starting weights, and puts
-    # them back; from here on the recipe holds the lr it chose (config.yaml, the checkpoints, and
-    # so a --resume, which reads config.yaml, trains on the same number)
+    # optim.lr: find: the range test runs here (and puts the weights back); from here on the recipe
+    # holds the lr it chose, so config.yaml, the checkpoints and a --resume have that number
     lr_found = None
     if recipe.optim.lr == "find" and resume_file is not None:  # the lr the run chose is in its config.yaml
         recipe = with_lr(recipe, peak_lr(load_recipe(run_dir / "config.yaml").optim))

@@ -36,10 +36,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from imgtrain.config import RecipeError, load_recipe, parse_override
 
     overrides = list(args.overrides)
-    recipe_arg = args.recipe
+    recipe_arg: str | Path | None = args.recipe
     # `imgtrain train RUN --resume` is not a thing, but `imgtrain train a=b --resume DIR` is:
-    if recipe_arg is not None and "=" in recipe_arg and not recipe_arg.endswith((".yaml", ".yml")):
-        overrides.insert(0, recipe_arg)
+    if args.recipe is not None and "=" in args.recipe and not args.recipe.endswith((".yaml", ".yml")):
+        overrides.insert(0, args.recipe)
         recipe_arg = None
     if args.resume:
         run = Path(args.resume)
@@ -50,11 +50,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             if key not in RESUME_OVERRIDABLE:
                 raise RecipeError(f"{key} cannot change when resuming (the run would no longer be the same run); "
                                   f"allowed: {', '.join(RESUME_OVERRIDABLE)}", file="command line")
-        recipe = load_recipe(run / "config.yaml", overrides)
-    else:
-        if recipe_arg is None:
-            raise RecipeError("give a recipe (a .yaml file or a built-in name such as quickstart), or --resume RUN_DIR")
-        recipe = load_recipe(recipe_arg, overrides)
+        recipe_arg = run / "config.yaml"
+    elif recipe_arg is None:
+        raise RecipeError("give a recipe (a .yaml file or a built-in name such as quickstart), or --resume RUN_DIR")
+    recipe = load_recipe(recipe_arg, overrides)
     hooks = [load_hook(spec) for spec in args.hook]
     _print_result(train(recipe, run_dir=args.run_dir, resume=args.resume, overwrite=args.overwrite, hooks=hooks))
     return 0
