@@ -1,7 +1,5 @@
 """The recipe schema: one pydantic dataclass per section, loading (files, `extends:`, overrides), JSON Schema.
-
-Every key is declared with its type, default, range or choices and meaning, so a mistake is caught before
-any work starts; recipe_errors.py words pydantic's complaint, recipe_files.py reads the YAML.
+Every key has its type, default, range or choices and meaning, so a mistake is caught before any work starts.
 """
 
 from __future__ import annotations
@@ -570,8 +568,7 @@ def recipe_from_dict(data: dict[str, Any], file: str | None = None, origins: dic
 
 
 def _upgrade_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
-    """Recipes and run folders written before model.weights existed say `model.pretrained: true|false`:
-    read it as `model.weights: timm` (true) or nothing (false), so old run folders still load."""
+    """Old recipes and run folders say `model.pretrained: true|false`: read as `model.weights: timm` or nothing."""
     model = data.get("model")
     if not isinstance(model, dict) or not isinstance(model.get("pretrained"), bool):
         return data

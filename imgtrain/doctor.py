@@ -215,8 +215,7 @@ def learn_check(accuracy: float, majority: float, images: int, steps: int, lr: f
 # ----------------------------------------------------------------------------- running them
 
 def _doctor_recipe(recipe: Recipe) -> tuple:
-    """The recipe the checks train with: no mixing, no label smoothing, a number for the lr, one batch
-    per optimizer step, no cut-short epochs."""
+    """The recipe the checks train with (no mixing or label smoothing, a number for the lr), and its lr."""
     lr = recipe.optim.lr if not isinstance(recipe.optim.lr, str) else FIND_LR
     plain = dataclasses.replace(
         recipe, optim=dataclasses.replace(recipe.optim, lr=lr),
@@ -247,9 +246,8 @@ class _Probe(Hook):
 
 def _train(recipe: Recipe, model: torch.nn.Module, splits: Any, loader: Any, batch_transform: Any,
            schedule: bool) -> _Probe:
-    """Train `model` on the real Trainer over one pass of `loader` (its length is the step count),
-    with the recipe's optimizer, loss, precision and first-epoch frozen layers; schedule False holds the
-    lr at optim.lr. Returns the probe that watched it."""
+    """Train `model` on the real Trainer over one pass of `loader` as the recipe's first epoch would (schedule
+    False: the lr held at optim.lr); returns the probe that watched it."""
     if not schedule:
         recipe = dataclasses.replace(recipe, schedule=dataclasses.replace(recipe.schedule, name="constant",
                                                                           warmup_epochs=0.0))
