@@ -127,13 +127,8 @@ def _checkpoint_architecture(weights: str) -> str | None:
 
 def _print_result(result: Any) -> None:
     summary = result.summary
-    parts = []
-    if "test_acc" in summary:
-        parts.append(f"test accuracy {summary['test_acc']:.2%}")
-    if "test_acc_tta" in summary:
-        parts.append(f"with TTA {summary['test_acc_tta']:.2%}")
-    if "best_val_acc" in summary:
-        parts.append(f"best val accuracy {summary['best_val_acc']:.2%}")
+    labels = {"test_acc": "test accuracy", "test_acc_tta": "with TTA", "best_val_acc": "best val accuracy"}
+    parts = [f"{label} {summary[key]:.2%}" for key, label in labels.items() if key in summary]
     parts.append(f"{summary.get('total_seconds', 0):.0f} s")
     print("done: " + ", ".join(parts))
     print(f"run folder: {result.run_dir}")
@@ -316,11 +311,9 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     from imgtrain.api import lr_find
     from imgtrain.config import load_recipe
 
-    overrides = list(args.overrides)
     # --start/--end/--steps are lr_find.* overrides, so a bad range is the same recipe error
-    for key, value in (("start", args.start), ("end", args.end), ("steps", args.steps)):
-        if value is not None:
-            overrides.append(f"lr_find.{key}={_yaml_number(value)}")
+    given = {"start": args.start, "end": args.end, "steps": args.steps}
+    overrides = [*args.overrides, *(f"lr_find.{key}={_yaml_number(v)}" for key, v in given.items() if v is not None)]
     run = lr_find(load_recipe(args.recipe, overrides), output=args.output, overwrite=args.overwrite)
     for line in run.result.lines():
         print(line)
