@@ -4,8 +4,7 @@
     result = imgtrain.train(imgtrain.load_recipe("quickstart"))
     result.run_dir, result.summary["test_acc"]
 
-`import imgtrain` stays light (no torch import) so that recipe checks and the CLI's
-help start fast; `train` and `load_trained` import the engine on first use.
+`import imgtrain` imports no torch, so that recipe checks and the CLI's help start fast.
 """
 
 from __future__ import annotations

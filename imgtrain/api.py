@@ -91,12 +91,9 @@ def prepare_run_dir(recipe: Recipe, run_dir: str | Path | None, overwrite: bool)
 
 def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path | None = None,
           overwrite: bool = False, console: Any = None, hooks: Sequence[Hook] = ()) -> TrainResult:
-    """Train from a recipe; returns the run folder, the history and the summary.
-
-    With `resume=RUN_DIR`, continue that run in place from its last finished epoch. `hooks`: your
-    own `imgtrain.Hook`s (engine/events.py); they run after the recipe's strategies and before the
-    trackers, on every event of the loop.
-    """
+    """Train from a recipe; returns the run folder, the history and the summary. `resume=RUN_DIR` continues
+    that run in place from its last finished epoch; `hooks` (your `imgtrain.Hook`s) run on every event of
+    the loop, after the recipe's strategies and before the trackers."""
     started = time.perf_counter()
     if resume is not None:
         run_dir = Path(resume)
@@ -104,9 +101,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
         if not resume_file.is_file():
             raise CheckpointError(f"{run_dir}: nothing to resume: {resume_file} does not exist")
     else:
-        # the folder is only planned here: every check below (weights, data, model, strategies)
-        # runs before it is created, so bad input leaves no folder behind and --overwrite
-        # deletes the old run only once the new one is ready to start
+        # only planned: every check below runs before the folder is made, so bad input leaves no folder
+        # behind and --overwrite deletes the old run only once the new one is ready to start
         run_dir = plan_run_dir(recipe, run_dir, overwrite)
         weights = resolve_weights_source(recipe.model)  # a wrong model.weights stops before data is read
         if overwrite and weights is not None and weights.path is not None:
@@ -128,9 +124,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
     weights_report = None if resume_file is not None else load_initial_weights(
         model, recipe.model, num_classes=len(splits.classes), in_chans=splits.channels)
     context.model = model
-    # optim.lr: find: the range test runs here, on this run's data and starting weights, and puts
-    # them back; from here on the recipe holds the lr it chose (config.yaml, the checkpoints, and
-    # so a --resume, which reads config.yaml, trains on the same number)
+    # optim.lr: find: the range test runs here (and puts the weights back); from here on the recipe
+    # holds the lr it chose, so config.yaml, the checkpoints and a --resume have that number
     lr_found = None
     if recipe.optim.lr == "find" and resume_file is not None:  # the lr the run chose is in its config.yaml
         recipe = with_lr(recipe, peak_lr(load_recipe(run_dir / "config.yaml").optim))
@@ -198,21 +193,16 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
 def plan_epochs(recipe: Recipe, context: StrategyContext) -> list[EpochPlan]:
     """One plan per epoch: the first enabled strategy that plans epochs (progressive resizing), else
     the recipe's image and batch size every epoch."""
-    for strategy in enabled_strategies(recipe):
-        plans = strategy.plan_epochs(recipe, context)
-        if plans is not None:
-            return plans
-    return [EpochPlan(0, context.img_size, recipe.data.batch_size)] * recipe.train.epochs
+    plans = (strategy.plan_epochs(recipe, context) for strategy in enabled_strategies(recipe))
+    default = [EpochPlan(0, context.img_size, recipe.data.batch_size)] * recipe.train.epochs
+    return next((plan for plan in plans if plan is not None), default)
 
 
 def param_groups(recipe: Recipe, model: torch.nn.Module) -> list[dict[str, Any]] | None:
     """The optimizer's parameter groups: the first enabled strategy that sets them (transfer's
     per-layer-group lrs), else None (the plain decay / no-decay groups)."""
-    for strategy in enabled_strategies(recipe):
-        groups = strategy.param_groups(recipe, model)
-        if groups is not None:
-            return groups
-    return None
+    answers = (strategy.param_groups(recipe, model) for strategy in enabled_strategies(recipe))
+    return next((groups for groups in answers if groups is not None), None)
 
 
 def train_parts(recipe: Recipe, model: torch.nn.Module, prepared: PreparedData,
@@ -255,10 +245,7 @@ def _check_not_overwritten(weights: Path, run_dir: str | Path) -> None:
 
 
 def _tracker_logger(trackers: Sequence[Any]) -> Any:
-    for tracker in trackers:
-        if isinstance(tracker, TrainLogTracker):
-            return tracker.log
-    return lambda message: None
+    return next((tracker.log for tracker in trackers if isinstance(tracker, TrainLogTracker)), lambda message: None)
 
 
 def _write_skipped(run_dir: Path, skipped: Sequence[tuple]) -> None:
@@ -298,11 +285,9 @@ def with_lr(recipe: Recipe, lr: float) -> Recipe:
 def find_recipe_lr(recipe: Recipe, model: torch.nn.Module, prepared: PreparedData) -> tuple[Recipe, LrFindResult]:
     """Run the range test (lr_find.*) on this model and data; (recipe with optim.lr = the chosen
     suggestion, LrFindResult). The model, RNG states and data order are as they were before."""
-    # the Trainer's own pieces (loss, autocast, scaler, accumulation, layer-group lr ratios), built
-    # at a placeholder peak lr of 1.0; the test sets the lr of every step itself
+    # the Trainer's own pieces at a placeholder peak lr of 1.0 (the test sets every step's lr), on batches
+    # of data.batch_size at the data's size whatever the first progressive stage says, as `imgtrain lr-find`
     probe = with_lr(recipe, 1.0)
-    # batches of data.batch_size at the data's size, whatever the first progressive stage says: the
-    # test measures the loss the recipe's own loader gives, as `imgtrain lr-find` does
     parts = train_parts(probe, model, prepared, [EpochPlan(0, prepared.img_size, recipe.data.batch_size)])
     # layers frozen in the first epoch (transfer.freeze_backbone, freeze_epochs ...) stay frozen in the test
     context = StrategyContext(recipe=probe, classes=parts.classes, channels=prepared.splits.channels,

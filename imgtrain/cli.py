@@ -36,10 +36,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from imgtrain.config import RecipeError, load_recipe, parse_override
 
     overrides = list(args.overrides)
-    recipe_arg = args.recipe
+    recipe_arg: str | Path | None = args.recipe
     # `imgtrain train RUN --resume` is not a thing, but `imgtrain train a=b --resume DIR` is:
-    if recipe_arg is not None and "=" in recipe_arg and not recipe_arg.endswith((".yaml", ".yml")):
-        overrides.insert(0, recipe_arg)
+    if args.recipe is not None and "=" in args.recipe and not args.recipe.endswith((".yaml", ".yml")):
+        overrides.insert(0, args.recipe)
         recipe_arg = None
     if args.resume:
         run = Path(args.resume)
@@ -50,14 +50,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             if key not in RESUME_OVERRIDABLE:
                 raise RecipeError(f"{key} cannot change when resuming (the run would no longer be the same run); "
                                   f"allowed: {', '.join(RESUME_OVERRIDABLE)}", file="command line")
-        recipe = load_recipe(run / "config.yaml", overrides)
-    else:
-        if recipe_arg is None:
-            raise RecipeError("give a recipe (a .yaml file or a built-in name such as quickstart), or --resume RUN_DIR")
-        recipe = load_recipe(recipe_arg, overrides)
+        recipe_arg = run / "config.yaml"
+    elif recipe_arg is None:
+        raise RecipeError("give a recipe (a .yaml file or a built-in name such as quickstart), or --resume RUN_DIR")
+    recipe = load_recipe(recipe_arg, overrides)
     hooks = [load_hook(spec) for spec in args.hook]
-    result = train(recipe, run_dir=args.run_dir, resume=args.resume, overwrite=args.overwrite, hooks=hooks)
-    _print_result(result)
+    _print_result(train(recipe, run_dir=args.run_dir, resume=args.resume, overwrite=args.overwrite, hooks=hooks))
     return 0
 
 
@@ -88,8 +86,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from imgtrain.config import load_recipe
 
     recipe = load_recipe("quickstart", args.overrides)
-    result = train(recipe, run_dir=args.run_dir, overwrite=args.overwrite)
-    _print_result(result)
+    _print_result(train(recipe, run_dir=args.run_dir, overwrite=args.overwrite))
     return 0
 
 
@@ -110,8 +107,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         # the weights know their network: fine-tune that one unless the command line says otherwise
         overrides.insert(0, f"model.name={architecture}")
     recipe = load_recipe(recipe_arg, overrides)
-    result = train(recipe, run_dir=args.run_dir, overwrite=args.overwrite)
-    _print_result(result)
+    _print_result(train(recipe, run_dir=args.run_dir, overwrite=args.overwrite))
     return 0
 
 
@@ -131,13 +127,8 @@ def _checkpoint_architecture(weights: str) -> str | None:
 
 def _print_result(result: Any) -> None:
     summary = result.summary
-    parts = []
-    if "test_acc" in summary:
-        parts.append(f"test accuracy {summary['test_acc']:.2%}")
-    if "test_acc_tta" in summary:
-        parts.append(f"with TTA {summary['test_acc_tta']:.2%}")
-    if "best_val_acc" in summary:
-        parts.append(f"best val accuracy {summary['best_val_acc']:.2%}")
+    labels = {"test_acc": "test accuracy", "test_acc_tta": "with TTA", "best_val_acc": "best val accuracy"}
+    parts = [f"{label} {summary[key]:.2%}" for key, label in labels.items() if key in summary]
     parts.append(f"{summary.get('total_seconds', 0):.0f} s")
     print("done: " + ", ".join(parts))
     print(f"run folder: {result.run_dir}")
@@ -276,11 +267,7 @@ def cmd_make_shapes(args: argparse.Namespace) -> int:
 
 def _parse_pairs(items: list[str]) -> dict[str, Any]:
     import yaml
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        out[key] = yaml.safe_load(value)
-    return out
+    return {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in items)}
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
@@ -324,11 +311,9 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     from imgtrain.api import lr_find
     from imgtrain.config import load_recipe
 
-    overrides = list(args.overrides)
     # --start/--end/--steps are lr_find.* overrides, so a bad range is the same recipe error
-    for key, value in (("start", args.start), ("end", args.end), ("steps", args.steps)):
-        if value is not None:
-            overrides.append(f"lr_find.{key}={_yaml_number(value)}")
+    given = {"start": args.start, "end": args.end, "steps": args.steps}
+    overrides = [*args.overrides, *(f"lr_find.{key}={_yaml_number(v)}" for key, v in given.items() if v is not None)]
     run = lr_find(load_recipe(args.recipe, overrides), output=args.output, overwrite=args.overwrite)
     for line in run.result.lines():
         print(line)
@@ -393,13 +378,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgtrain", description="Train image classifiers from YAML recipes.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("quickstart", help="train the built-in quickstart recipe (digits, no download)")
+    def command(name: str, func: Callable[[argparse.Namespace], int], text: str,
+                overrides_example: str | None = None) -> argparse.ArgumentParser:
+        """A subcommand calling func; with overrides_example, it takes a recipe and its overrides."""
+        p = sub.add_parser(name, help=text)
+        p.set_defaults(func=func)
+        if overrides_example is not None:
+            p.add_argument("recipe", help="recipe .yaml or built-in name")
+            p.add_argument("overrides", nargs="*", help=f"section.key=value, e.g. {overrides_example}")
+        return p
+
+    p = command("quickstart", cmd_quickstart, "train the built-in quickstart recipe (digits, no download)")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.add_argument("--run-dir", help="run folder (default: runs/quickstart, -2, -3 ...)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    p.set_defaults(func=cmd_quickstart)
 
-    p = sub.add_parser("train", help="train from a recipe")
+    p = command("train", cmd_train, "train from a recipe")
     p.add_argument("recipe", nargs="?", help="recipe .yaml or built-in name (quickstart, fashion_mnist, ...)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=5")
     p.add_argument("--run-dir", help="run folder (default: output.root/output.name or the recipe's name)")
@@ -408,28 +402,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hook", action="append", default=[], metavar="MODULE:CLASS",
                    help="your own imgtrain.Hook subclass, built without arguments (repeatable), "
                         "e.g. myhooks:WeightNorm")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("finetune", help="fine-tune from weights: a run folder, .safetensors file or timm")
+    p = command("finetune", cmd_finetune, "fine-tune from weights: a run folder, .safetensors file or timm")
     p.add_argument("weights", help="run folder, .safetensors file, a timm/torchvision .pth checkpoint, or 'timm'")
     p.add_argument("recipe", nargs="?", default="finetune",
                    help="recipe .yaml or built-in name (default: finetune, two-phase with layer decay)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.root=DIR")
     p.add_argument("--run-dir", help="run folder (default: runs/<recipe name>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    p.set_defaults(func=cmd_finetune)
 
     tta_help = ("test-time augmentation: alone, the model's recipe eval.tta (hflip when it names none); "
                 "or views, e.g. --tta hflip,five_crop")
-    p = sub.add_parser("evaluate", help="metrics of a run folder, checkpoint or ensemble on a split or any data")
+    p = command("evaluate", cmd_evaluate, "metrics of a run folder, checkpoint or ensemble on a split or any data")
     p.add_argument("target", help="run folder, .safetensors checkpoint or ensemble folder")
     add_measurement_arguments(p, tta_help)
     p.add_argument("--output-dir", help="where metrics.json, per_class.csv and confusion.csv/.png go "
                                         "(default: RUN/evaluation/SPLIT for a run folder)")
     p.add_argument("--json", action="store_true", help="print every metric as JSON")
-    p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="predict classes of images, folders or a CSV manifest")
+    p = command("predict", cmd_predict, "predict classes of images, folders or a CSV manifest")
     p.add_argument("checkpoint", help="run folder, .safetensors checkpoint or ensemble folder")
     p.add_argument("paths", nargs="+", help="image files, folders, or a CSV with a path column (and label)")
     p.add_argument("--topk", type=int, default=1, help="how many classes per image, most probable first")
@@ -437,9 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write predictions to this .csv or .json")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
-    p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("explain", help="Grad-CAM heatmaps: where the model looked, as PNG overlays")
+    p = command("explain", cmd_explain, "Grad-CAM heatmaps: where the model looked, as PNG overlays")
     p.add_argument("checkpoint", help="run folder or .safetensors checkpoint")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files, folders, or a CSV with a path column")
     p.add_argument("--method", action="append", metavar="NAME",
@@ -452,9 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-layers", action="store_true", help="list the layers --layer accepts, with output shapes")
     p.add_argument("--output", default="explain", help="folder for the PNGs (default: explain)")
     p.add_argument("--device", default="cpu")
-    p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("ensemble", help="several models voting: each member's and the ensemble's metrics, --save")
+    p = command("ensemble", cmd_ensemble, "several models voting: each member's and the ensemble's metrics, --save")
     p.add_argument("members", nargs="+", metavar="RUN_OR_CKPT",
                    help="run folders, .safetensors checkpoints or saved ensemble folders (same classes)")
     group = p.add_mutually_exclusive_group()
@@ -469,23 +458,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the ensemble (ensemble.yaml + copies of the members) for evaluate, predict, distill")
     p.add_argument("--overwrite", action="store_true", help="replace an existing ensemble folder at --save")
     p.add_argument("--json", action="store_true", help="print every number as JSON")
-    p.set_defaults(func=cmd_ensemble)
 
-    p = sub.add_parser("report", help="rebuild a run folder's report.html from its files and best checkpoint")
+    p = command("report", cmd_report, "rebuild a run folder's report.html from its files and best checkpoint")
     p.add_argument("run_dir", help="run folder")
     p.add_argument("--device", default="cpu")
-    p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("split", help="stratified train/val/test split of a class-per-folder directory")
+    p = command("split", cmd_split, "stratified train/val/test split of a class-per-folder directory")
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--val", type=float, default=0.1)
     p.add_argument("--test", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--link", action="store_true", help="symlink instead of copying")
-    p.set_defaults(func=cmd_split)
 
-    p = sub.add_parser("make-shapes", help="write the synthetic shapes dataset as an image folder")
+    p = command("make-shapes", cmd_make_shapes, "write the synthetic shapes dataset as an image folder")
     p.add_argument("dir")
     p.add_argument("--classes", type=int, default=4)
     p.add_argument("--size", type=int, default=32, help="image side, pixels")
@@ -498,49 +484,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split: train/val/test/CLASS; flat: CLASS/ only")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any data.shapes key, e.g. --set imbalance=10 --set noise=0.1")
-    p.set_defaults(func=cmd_make_shapes)
 
-    p = sub.add_parser("datasets", help="list the data sources")
-    p.set_defaults(func=cmd_datasets)
+    command("datasets", cmd_datasets, "list the data sources")
 
-    p = sub.add_parser("models", help="list models (ours and timm's)")
+    p = command("models", cmd_models, "list models (ours and timm's)")
     p.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'resnet*'")
-    p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("bench-data", help="measure how many images/s a recipe's input pipeline delivers")
-    p.add_argument("recipe", help="recipe .yaml or built-in name")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.cache=memory")
+    p = command("bench-data", cmd_bench_data, "measure how many images/s a recipe's input pipeline delivers",
+                overrides_example="data.cache=memory")
     p.add_argument("--epochs", type=_positive_int, default=3, help="passes over the train split (first: start-up)")
     p.add_argument("--batches", type=_positive_int, default=None, help="stop each pass after this many batches")
-    p.set_defaults(func=cmd_bench_data)
 
-    p = sub.add_parser("schema", help="write the recipe's JSON Schema (editors complete and check recipe keys)")
+    p = command("schema", cmd_schema, "write the recipe's JSON Schema (editors complete and check recipe keys)")
     p.add_argument("--output", help="file to write (default: stdout), e.g. recipe.schema.json")
-    p.set_defaults(func=cmd_schema)
 
-    p = sub.add_parser("doctor", help="check data, initial loss, gradients and that one batch can be overfit")
-    p.add_argument("recipe", help="recipe .yaml or built-in name")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=0.01")
+    p = command("doctor", cmd_doctor, "check data, initial loss, gradients and that one batch can be overfit",
+                overrides_example="optim.lr=0.01")
     p.add_argument("--output", default="doctor", help="folder for batch.png and doctor.json (default: doctor)")
-    p.set_defaults(func=cmd_doctor)
 
-    p = sub.add_parser("show-augment", help="write a PNG grid of augmented (and mixed) training images")
-    p.add_argument("recipe", help="recipe .yaml or built-in name")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. augment.policy=randaugment")
+    p = command("show-augment", cmd_show_augment, "write a PNG grid of augmented (and mixed) training images",
+                overrides_example="augment.policy=randaugment")
     p.add_argument("--n", type=_positive_int, default=32, help="images in the grid")
     p.add_argument("--output", default="augment.png", help="PNG file to write")
-    p.set_defaults(func=cmd_show_augment)
 
-    p = sub.add_parser("lr-find", help="LR range test: loss against an exponentially growing lr, suggestions, plot")
-    p.add_argument("recipe", help="recipe .yaml or built-in name")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.batch_size=256")
+    p = command("lr-find", cmd_lr_find, "LR range test: loss against an exponentially growing lr, suggestions, plot",
+                overrides_example="data.batch_size=256")
     p.add_argument("--start", type=float, help="first lr (lr_find.start, default 1e-7)")
     p.add_argument("--end", type=float, help="last lr (lr_find.end, default 10)")
     p.add_argument("--steps", type=int, help="optimizer steps, one lr each (lr_find.steps, default 100)")
     p.add_argument("--output", help="folder for lr_find.csv, lr_find.png and config.yaml "
                                     "(default: output.root/lr_find/<recipe name>, then -2, -3 ...)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing lr-find folder")
-    p.set_defaults(func=cmd_lr_find)
     return parser
 
 

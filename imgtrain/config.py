@@ -1,44 +1,29 @@
-"""Typed recipe: one pydantic dataclass per section, loading (files, `extends:`, overrides), JSON Schema.
-
-A recipe is a YAML mapping with the sections below. Every key is declared here with its type,
-default, allowed range or choices and meaning, so a typo or a wrong value is caught before any work
-starts: pydantic checks, and recipe_errors.py turns its first complaint into a RecipeError naming the
-file, line, dotted key and the closest valid key. recipe_files.py reads the YAML and `extends:`.
-
-    recipe = load_recipe("configs/fashion_mnist.yaml", ["train.epochs=3"])
-    recipe.train.epochs  # 3
+"""The recipe schema: one pydantic dataclass per section, loading (files, `extends:`, overrides), JSON Schema.
+Every key has its type, default, range or choices and meaning, so a mistake is caught before any work starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from annotated_types import Ge, Gt
-from pydantic import (
-    ConfigDict,
-    Field,
-    Strict,
-    TypeAdapter,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
+from pydantic_core.core_schema import ValidationInfo
 
-# imported here too (noqa) because they lived in this module before: `from imgtrain.config import RecipeError`
+# the noqa names are re-exported: they lived in this module before
 from imgtrain.recipe_errors import RecipeError, fail, leaves, number_hint, recipe_error, where
-from imgtrain.recipe_files import (  # noqa: F401  # noqa: F401
+from imgtrain.recipe_files import (  # noqa: F401
     BUILTIN_RECIPES,
     builtin_recipes,
     key_origin,
     parse_override,
+    read_recipe,
     read_recipe_file,
     resolve_recipe_path,
     set_dotted,
@@ -79,8 +64,6 @@ class _Section:
     def _check(self) -> None:
         """Checks that involve more than one key of the section: call fail(key, message)."""
 
-
-# ----------------------------------------------------------------------------- sections
 
 @dataclass(config=SECTION)
 class ShapesConfig(_Section):
@@ -218,8 +201,7 @@ class ModelConfig(_Section):
 @dataclass(config=SECTION)
 class SamConfig(_Section):
     """optim.sam: sharpness-aware minimisation (strategies/sam.py); two forward/backward passes per step."""
-    rho: Float = Field(0.05, gt=0.0, description="perturbation radius (L2, weight units): SAM 0.01 to 0.2; ASAM, "
-                                                 "relative to |w|, usually 0.5 to 2")
+    rho: Float = Field(0.05, gt=0.0, description="perturbation radius (L2, weight units): SAM 0.01 to 0.2; ASAM, relative to |w|, usually 0.5 to 2")
     adaptive: Bool = Field(False, description="true: ASAM, the perturbation scaled elementwise by |w| (Kwon et al. 2021)")
 
 
@@ -305,8 +287,7 @@ class EmaConfig(_Section):
 class SwaConfig(_Section):
     """Stochastic weight averaging (strategies/swa.py): an equal average of the end-of-epoch weights."""
     start_epoch: Int | None = Field(None, ge=0, description="0-based epoch SWA starts (averaged at its end); null: off")
-    lr: Float | None = Field(None, gt=0.0, description="constant lr after annealing, for the effective batch; null: "
-                                                       "keep the schedule's lr")
+    lr: Float | None = Field(None, gt=0.0, description="constant lr after annealing, for the effective batch; null: keep the schedule's lr")
     anneal_epochs: Float = Field(1.0, ge=0.0, description="epochs of annealing from the current lr to swa.lr")
     anneal_strategy: Literal["cos", "linear"] = Field("cos", description="shape of that annealing")
 
@@ -330,8 +311,7 @@ class ImbalanceConfig(_Section):
 
 @dataclass(config=SECTION)
 class TransferConfig(_Section):
-    """Which layer groups train when (strategies/transfer.py). Groups come from timm's group matcher:
-    stem, then stages (or blocks), then the head; they are numbered from the stem."""
+    """Which layer groups train when (strategies/transfer.py): timm's groups, numbered from the stem to the head."""
     groups: Literal["stage", "block"] = Field("stage", description="group granularity: timm's coarse or fine matcher")
     freeze_backbone: Bool = Field(False, description="train only the head (feature extraction)")
     freeze_layers: Int = Field(0, ge=0, description="keep the first N groups (stem = 1) frozen all run")
@@ -404,7 +384,6 @@ class ProgressiveConfig(_Section):
     eval_size: Int | None = Field(None, ge=4, description="validation/test size, pixels; default: the last training size")
 
     def _check(self) -> None:
-        """Each stage a mapping of img_size, epochs (required), batch_size, lr; sizes increasing."""
         if self.stages and self.min_size is not None:
             fail("min_size", "progressive.stages and a ramp (min_size) both set the sizes; use one")
         for index, stage in enumerate(self.stages):
@@ -566,20 +545,9 @@ class Recipe(_Section):
         return out
 
 
-# ----------------------------------------------------------------------------- loading
-
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
     """Load a recipe file (or the defaults when path is None), apply overrides, validate."""
-    if path is None:
-        data, origins, file = {}, {}, None
-    else:
-        recipe_path = resolve_recipe_path(str(path))
-        data, origins = read_recipe_file(recipe_path)
-        file = str(recipe_path)
-    for text in overrides or []:
-        key, value = parse_override(text)
-        set_dotted(data, key, value)
-        origins[key] = ("command line", None)
+    data, origins, file = read_recipe(path, overrides or [])
     recipe = recipe_from_dict(data, file=file, origins=origins)
     recipe.source_file = file
     return recipe
@@ -600,8 +568,7 @@ def recipe_from_dict(data: dict[str, Any], file: str | None = None, origins: dic
 
 
 def _upgrade_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
-    """Recipes and run folders written before model.weights existed say `model.pretrained: true|false`:
-    read it as `model.weights: timm` (true) or nothing (false), so old run folders still load."""
+    """Old recipes and run folders say `model.pretrained: true|false`: read as `model.weights: timm` or nothing."""
     model = data.get("model")
     if not isinstance(model, dict) or not isinstance(model.get("pretrained"), bool):
         return data
@@ -614,46 +581,38 @@ def _upgrade_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
 _RECIPE = TypeAdapter(Recipe)
 
 
-# ----------------------------------------------------------------------------- keys, schema, dump
+def _defaults(section: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> default of every recipe key in a section (of a default Recipe: all of them)."""
+    defaults: dict[str, Any] = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            defaults.update(_defaults(value, f"{prefix}{f.name}."))
+        elif not f.metadata.get("internal"):
+            defaults[prefix + f.name] = value
+    return defaults
+
 
 def recipe_keys() -> list[str]:
     """Every dotted recipe key (for help texts and suggestions)."""
-    keys: list[str] = []
-
-    def walk(cls: type, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.metadata.get("internal"):
-                continue
-            if dataclasses.is_dataclass(hints[f.name]):
-                walk(hints[f.name], f"{prefix}{f.name}.")
-            else:
-                keys.append(f"{prefix}{f.name}")
-
-    walk(Recipe, "")
-    return keys
+    return list(_defaults(Recipe()))
 
 
 def recipe_schema() -> dict[str, Any]:
-    """The JSON Schema of a recipe file (`imgtrain schema`), for editors: every key with its type,
-    range, choices, default and meaning; unknown keys are refused."""
+    """The JSON Schema of a recipe file (`imgtrain schema`), for editors; unknown keys are refused."""
     schema = _RECIPE.json_schema()
     schema["properties"].pop("source_file")
     schema["properties"]["extends"] = {
         "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
         "description": "recipe(s) this one starts from, merged in order: a path relative to this file or a "
                        "built-in name (" + ", ".join(builtin_recipes()) + ")"}
-
-    def add_defaults(node: dict[str, Any], defaults: Any) -> None:
-        # pydantic leaves out defaults made by a factory (lists, sections): take them from a default recipe
-        for f in dataclasses.fields(defaults):
-            prop, value = node["properties"].get(f.name), getattr(defaults, f.name)
-            if prop is not None and dataclasses.is_dataclass(value):
-                add_defaults(schema["$defs"][prop["$ref"].rpartition("/")[2]], value)
-            elif prop is not None:
-                prop.setdefault("default", value)
-
-    add_defaults(schema, Recipe())
+    # pydantic leaves out defaults made by a factory (lists, sections): take them from a default recipe
+    for key, value in _defaults(Recipe()).items():
+        *sections, name = key.split(".")
+        node = schema
+        for section in sections:
+            node = schema["$defs"][node["properties"][section]["$ref"].rpartition("/")[2]]
+        node["properties"][name].setdefault("default", value)
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 

@@ -1,26 +1,11 @@
-"""`imgtrain doctor RECIPE`: the "Debugging Training" checklist, run before training.
+"""`imgtrain doctor RECIPE`: a few seconds of checks, run before training, that catch the bugs which
+otherwise cost a whole run (README "Training diagnostics"; strategies/diagnostics.py keeps watching in
+training): data, batch grid, initial loss, gradients, overfit one batch, learn (a few steps over other
+batches must carry to the val split). Each check is PASS, WARN, FAIL or SKIP; a FAIL names its likely cause.
 
-A few seconds of checks that catch the bugs which otherwise cost a whole run
-(strategies/diagnostics.py has the checklist and the hooks that keep watching in training):
-
-1. data: images per class and split (an empty class fails; more than 10x between the
-   largest and smallest training class is flagged), image size and channels, and the pixel
-   statistics of a training batch after the transforms (nan or inf fails);
-2. batch grid: that batch, labelled, un-normalised, as a PNG: look at it;
-3. initial loss: a fresh classifier of C classes scores about log(C) on it;
-4. gradients: one backward pass; every trainable layer gets a gradient, none vanishes;
-5. overfit one batch: `diagnostics.doctor_steps` steps on `doctor_batch_size` images must
-   drive the loss below `doctor_loss_below`;
-6. learn: `doctor_learn_steps` steps over different training batches (the recipe's schedule
-   squeezed into them) must lift the val accuracy clearly above always answering the largest
-   class. Images and labels shuffled apart fail here, though one batch can still be memorised;
-   with fewer than 200 val images, or a score between guessing and the pass mark, it is a WARN
-   (hard data may simply need more steps).
-
-Each check is PASS, WARN, FAIL or SKIP, and a FAIL names its likely cause. The recipe's model,
-starting weights, frozen layers, optimizer, loss, precision and data pipeline are used as
-training would; mixing and label smoothing are left out (they keep a batch's loss from
-reaching zero) and the lr is held at optim.lr (no schedule).
+The recipe's model, starting weights, frozen layers, optimizer, loss, precision and data pipeline are used
+as training would; mixing and label smoothing are left out (they keep a batch's loss from reaching zero)
+and the overfit check holds the lr at optim.lr.
 
     report = run_doctor(load_recipe("quickstart"), output="doctor")
     print(report.table()); report.ok
@@ -52,12 +37,7 @@ from imgtrain.losses import build_train_loss, check_imbalance_recipe
 from imgtrain.models import create_model
 from imgtrain.models.weights import load_initial_weights
 from imgtrain.strategies.base import StrategyContext
-from imgtrain.strategies.diagnostics import (
-    check_diagnostics,
-    classify_gradients,
-    gradient_norms,
-    missing_gradients,
-)
+from imgtrain.strategies.diagnostics import check_diagnostics, classify_gradients, gradient_norms, missing_gradients
 from imgtrain.strategies.transfer import Transfer
 from imgtrain.tools.preview import denormalize, draw_grid, label_text
 
@@ -215,9 +195,8 @@ def overfit_check(curve: list[float], final: float, accuracy: float, threshold: 
 
 def learn_check(accuracy: float, majority: float, images: int, steps: int, lr: float,
                 overfit_ok: bool = True) -> Check:
-    """Val accuracy after a few steps: PASS when clearly above always answering the largest class;
-    FAIL when no better than that on a val split large enough to tell (200 images or more); else WARN
-    (few val images, or hard data that needs more steps: the signal is too weak to fail on)."""
+    """Val accuracy after a few steps: PASS clearly above always answering the largest class, FAIL no
+    better than that on LEARN_MIN_IMAGES val images or more, else WARN (too weak a signal to fail on)."""
     needed = majority + 0.2 * (1 - majority)
     detail = (f"val accuracy {accuracy:.1%} after {steps} steps on {images} val images (passes at {needed:.1%}; "
               f"largest class {majority:.1%})")
@@ -236,8 +215,7 @@ def learn_check(accuracy: float, majority: float, images: int, steps: int, lr: f
 # ----------------------------------------------------------------------------- running them
 
 def _doctor_recipe(recipe: Recipe) -> tuple:
-    """The recipe the checks train with: no mixing, no label smoothing, a number for the lr, one batch
-    per optimizer step, no cut-short epochs."""
+    """The recipe the checks train with (no mixing or label smoothing, a number for the lr), and its lr."""
     lr = recipe.optim.lr if not isinstance(recipe.optim.lr, str) else FIND_LR
     plain = dataclasses.replace(
         recipe, optim=dataclasses.replace(recipe.optim, lr=lr),
@@ -245,12 +223,6 @@ def _doctor_recipe(recipe: Recipe) -> tuple:
                                   epochs=1),
         mix=dataclasses.replace(recipe.mix, mixup_alpha=None, cutmix_alpha=None))
     return plain, float(lr)
-
-
-def _build_model(recipe: Recipe, splits: Any) -> torch.nn.Module:
-    model = create_model(recipe.model, num_classes=len(splits.classes), in_chans=splits.channels)
-    load_initial_weights(model, recipe.model, num_classes=len(splits.classes), in_chans=splits.channels)
-    return model
 
 
 class _Probe(Hook):
@@ -274,9 +246,8 @@ class _Probe(Hook):
 
 def _train(recipe: Recipe, model: torch.nn.Module, splits: Any, loader: Any, batch_transform: Any,
            schedule: bool) -> _Probe:
-    """Train `model` on the real Trainer over one pass of `loader` (its length is the step count),
-    with the recipe's optimizer, loss, precision and first-epoch frozen layers; schedule False holds the
-    lr at optim.lr. Returns the probe that watched it."""
+    """Train `model` on the real Trainer over one pass of `loader` as the recipe's first epoch would (schedule
+    False: the lr held at optim.lr); returns the probe that watched it."""
     if not schedule:
         recipe = dataclasses.replace(recipe, schedule=dataclasses.replace(recipe.schedule, name="constant",
                                                                           warmup_epochs=0.0))
@@ -357,7 +328,8 @@ def run_doctor(recipe: Recipe, output: str | Path = "doctor") -> DoctorReport:
 
     # one fixed batch, stepped doctor_steps times on the real Trainer: the initial loss and the
     # gradients of the first step, then how far the loss falls
-    model = _build_model(plain, splits)
+    model = create_model(plain.model, num_classes=num_classes, in_chans=splits.channels)
+    load_initial_weights(model, plain.model, num_classes=num_classes, in_chans=splits.channels)
     start_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     batch_x, batch_y = inputs[:cfg.doctor_batch_size], targets[:cfg.doctor_batch_size]
     probe = _train(plain, model, splits, [(batch_x, batch_y)] * cfg.doctor_steps, None, schedule=False)

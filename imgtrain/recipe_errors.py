@@ -1,6 +1,5 @@
-"""Recipe mistakes in the user's words: RecipeError (what, and where: file, line, dotted key) and
-the translation of pydantic's complaints into it. It knows no recipe key: it walks whatever pydantic
-dataclasses it is given. A bottom-layer module: it imports nothing from imgtrain.
+"""Recipe mistakes in the user's words: RecipeError (what, and where: file, line, dotted key) and pydantic's
+complaints translated into it. It knows no recipe key: it walks whatever pydantic dataclasses it is given.
 """
 
 from __future__ import annotations
@@ -26,12 +25,8 @@ class RecipeError(ValueError):
     def __init__(self, message: str, file: str | None = None, key: str | None = None,
                  line: int | None = None):
         self.file, self.key, self.line = file, key, line
-        where = ""
-        if file:
-            where = f"{file}" + (f", line {line}" if line else "") + ": "
-        if key:
-            where += f"{key}: "
-        super().__init__(where + message)
+        where = [f"{file}, line {line}" if file and line else file, key]
+        super().__init__("".join(f"{part}: " for part in where if part) + message)
 
 
 def fail(key: str, message: str) -> NoReturn:

@@ -1,7 +1,5 @@
-"""Reading recipe files: YAML with the line of every key, `extends:` (paths, built-in recipes
-and parts such as `data/digits`), dotted overrides. It knows nothing of the recipe's keys: config.py
-checks what this reads and uses the lines to say where a mistake is. A bottom-layer module: it
-imports only recipe_errors from imgtrain.
+"""Reading recipe files: YAML with the line of every key, `extends:` (paths, built-in recipes and parts
+such as `data/digits`), dotted overrides. It knows no recipe key: config.py checks what this reads.
 """
 
 from __future__ import annotations
@@ -139,11 +137,28 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
             node[part] = child
         node = child
     node[parts[-1]] = value
+
+
+def read_recipe(path: str | Path | None, overrides: list[str]) -> tuple[dict[str, Any], dict[str, tuple], str | None]:
+    """A recipe file (None: no file) and what it extends, with the overrides applied: the data,
+    key -> (file, line) (("command line", None) for an override) and the file's path."""
+    data: dict[str, Any] = {}
+    origins: dict[str, tuple] = {}
+    file = None
+    if path is not None:
+        recipe_path = resolve_recipe_path(str(path))
+        data, origins = read_recipe_file(recipe_path)
+        file = str(recipe_path)
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(data, key, value)
+        origins[key] = ("command line", None)
+    return data, origins, file
+
+
 def key_origin(recipe: Any, key: str) -> dict[str, Any]:
-    """Where a loaded recipe's dotted `key` was written, as RecipeError's file/key/line: for the
-    cross-section checks strategies make after loading (the Recipe keeps no lines). The file and line
-    come from the recipe's file, or a file it extends, when that file sets the value the recipe
-    holds; a value it does not hold came from an override: "command line", as load_recipe says."""
+    """Where a loaded recipe's dotted `key` was written (RecipeError's file/key/line), for checks after
+    loading: the recipe's file (or one it extends) when that holds the value, else "command line"."""
     where: dict[str, Any] = {"file": recipe.source_file, "key": key, "line": None}
     if recipe.source_file is None:
         return where

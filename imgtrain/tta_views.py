@@ -1,12 +1,9 @@
 """The grammar of one test-time augmentation view (eval.tta, `--tta`): its names, values and options.
-
-A bottom-layer module: the recipe schema (config.py) checks eval.tta with it at load time, and
-evaluation/tta.py builds the views from what it parses. It imports nothing from imgtrain.
+config.py checks eval.tta with it at load time; evaluation/tta.py builds the views it parses.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from dataclasses import dataclass
 from typing import Any
@@ -94,23 +91,18 @@ def parse_tta_view(spec: Any) -> TTAView:
     unknown = [key for key in options if key not in TTA_RANDOM_OPTIONS]
     if unknown:
         raise ValueError(f"random: unknown option {unknown[0]!r}; its options are {', '.join(TTA_RANDOM_OPTIONS)}")
-    view = TTAView(name=name, value=value)
-    if "seed" in options:
-        if not isinstance(options["seed"], int) or isinstance(options["seed"], bool):
-            raise ValueError(f"random: seed must be an integer, got {options['seed']!r}")
-        view = dataclasses.replace(view, seed=options["seed"])
+    if "seed" in options and (not isinstance(options["seed"], int) or isinstance(options["seed"], bool)):
+        raise ValueError(f"random: seed must be an integer, got {options['seed']!r}")
     if "area" in options:
         area = options["area"]
         if not (isinstance(area, (list, tuple)) and len(area) == 2 and all(number(a) for a in area)
                 and 0 < area[0] <= area[1] <= 1):
             raise ValueError(f"random: area is [low, high], fractions of the image with 0 < low <= high <= 1, "
                              f"got {area!r}")
-        view = dataclasses.replace(view, area=(float(area[0]), float(area[1])))
-    if "flip" in options:
-        if not isinstance(options["flip"], bool):
-            raise ValueError(f"random: flip must be true or false, got {options['flip']!r}")
-        view = dataclasses.replace(view, flip=options["flip"])
-    return view
+        options["area"] = (float(area[0]), float(area[1]))
+    if "flip" in options and not isinstance(options["flip"], bool):
+        raise ValueError(f"random: flip must be true or false, got {options['flip']!r}")
+    return TTAView(name=name, value=value, **options)
 
 
 def _yaml_scalar(text: str) -> Any:

@@ -1,14 +1,9 @@
 """`imgtrain bench-data`: how fast does a recipe's input pipeline feed the model?
 
-It builds the data exactly as `imgtrain train` does (`imgtrain.data.prepare.prepare_data`: source,
-split, decoded cache, transforms per image and per batch, loaders) and runs the training
-loop without the model: each batch is loaded, moved to the device and, with
-augment.device_transforms on, augmented there. Epoch 1 pays the one-off costs (worker
-start-up, a cold page cache); the steady state is the median of the later epochs. Compare
-settings by running it twice, e.g. with data.cache=off and data.cache=memory.
-
-If the steady state is far above the images/s of a training epoch (history.csv), the model
-is the bottleneck and the input pipeline is fine; if it is close, the model waits for data.
+The data is built as `imgtrain train` builds it, and each batch is loaded, moved to the device and
+augmented there (augment.device_transforms), with no model. Epoch 1 pays the one-off costs (worker
+start-up, a cold page cache); the steady state is the median of the later epochs. Far above a training
+epoch's images/s (history.csv): the model is the bottleneck; close to it: the model waits for data.
 """
 
 from __future__ import annotations
@@ -64,10 +59,8 @@ def _synchronize(device: torch.device) -> None:
 
 
 def bench_data(recipe: Any, epochs: int = 3, max_batches: int | None = None) -> BenchResult:
-    """Time `epochs` passes over the train loader of `recipe`, as the trainer feeds it, without a model.
-
-    max_batches: stop each epoch after this many batches (quick looks at big datasets).
-    """
+    """Time `epochs` passes over the train loader of `recipe`, as the trainer feeds it, without a model;
+    `max_batches` cuts each pass short."""
     from imgtrain.engine.device import configure_backends, select_device
 
     if epochs < 1:
@@ -82,9 +75,7 @@ def bench_data(recipe: Any, epochs: int = 3, max_batches: int | None = None) -> 
     splits = build_splits(recipe.data)
     prepared = prepare_data(recipe, splits, device)
     setup = time.perf_counter() - started
-    cache = prepared.cache
-    transform = prepared.train_batch_transform
-    loaders = prepared.loaders
+    cache, transform, loaders = prepared.cache, prepared.train_batch_transform, prepared.loaders
     where = f"per batch on {device.type}" if transform is not None else "per image in the loader"
     description = (f"{recipe.data.source}: {len(splits.train)} train images, {splits.channels} channel(s), "
                    f"{prepared.img_size} px, batch {recipe.data.batch_size}, "

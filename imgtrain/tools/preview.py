@@ -1,12 +1,8 @@
 """`imgtrain show-augment`: a PNG grid of what the model sees in training.
 
-Takes n training images (a seeded random choice), runs the recipe's training transforms
-on them (per image, and per batch when augmentation runs on the device) and, when the
-recipe mixes, Mixup/CutMix as the training loop does, then undoes
-the normalisation for display. Each cell is labelled with its class, or with the mixed
-label weights ("0.62 Coat / 0.38 Shirt" in the labels; one line per class in the picture).
-Mixed labels show the blend itself: label smoothing, which the loss adds on top, is left
-out so the weights read as the fraction of each image.
+n seeded training images go through the recipe's training transforms and, when it mixes, Mixup/CutMix
+as the loop does; each cell is labelled with its class or the mixed label weights ("0.62 Coat / 0.38
+Shirt"), without label smoothing so that the weights read as the fraction of each image.
 """
 
 from __future__ import annotations
@@ -64,15 +60,11 @@ def show_augment(recipe: Any, n: int = 32, output: str | Path = "augment.png") -
     """Write a grid of n augmented (and, when the recipe mixes, mixed) training images."""
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
-    # the data side exactly as a training run builds it (cache, per-image transform, and the
-    # per-batch transform when augment.device_transforms puts augmentation on the device)
-
-    splits = build_splits(recipe.data)
+    splits = build_splits(recipe.data)  # the data side as a training run builds it
     prepared = prepare_data(recipe, splits, torch.device("cpu"))
     train, mean, std = prepared.splits.train, prepared.mean, prepared.std
     n = min(n, len(train))
-    # the global RNG drives torchvision's transforms: seed it for a reproducible picture,
-    # and give the caller's RNG state back afterwards
+    # torchvision's transforms draw from the global RNG: seeded here, the caller's state given back after
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.train.seed)
         generator = torch.Generator().manual_seed(recipe.train.seed)
@@ -93,7 +85,7 @@ def show_augment(recipe: Any, n: int = 32, output: str | Path = "augment.png") -
     texts = [label_text(t, splits.classes) for t in targets]
     pixels = denormalize(images, mean, std)
     path = Path(output)
-    size = _draw_grid(pixels, texts, path)
+    size = draw_grid(pixels, texts, path)
     return AugmentPreview(path=path, labels=texts, indices=indices, targets=targets, pixels=pixels, size=size)
 
 
@@ -108,12 +100,9 @@ def _fit(image: Image.Image) -> Image.Image:
 
 
 def draw_grid(pixels: torch.Tensor, texts: list[str], path: Path) -> tuple:
-    """Write uint8 images (N, C, H, W) as a labelled PNG grid; returns its (width, height).
-    `imgtrain doctor` draws its training batch with it too."""
-    return _draw_grid(pixels, texts, Path(path))
-
-
-def _draw_grid(pixels: torch.Tensor, texts: list[str], path: Path) -> tuple:
+    """Write uint8 images (N, C, H, W) as a labelled PNG grid (`imgtrain doctor` draws its batch with it
+    too); returns its (width, height)."""
+    path = Path(path)
     width, height = grid_size(len(texts))
     columns = min(len(texts), COLUMNS)
     cell_w, cell_h = CELL + 2 * PAD, CELL + 2 * PAD + LABEL_LINES * LINE_HEIGHT
@@ -123,9 +112,8 @@ def _draw_grid(pixels: torch.Tensor, texts: list[str], path: Path) -> tuple:
     for k, (image, text) in enumerate(zip(pixels, texts)):
         x0, y0 = (k % columns) * cell_w, (k // columns) * cell_h
         array = image.permute(1, 2, 0).numpy()
-        tile = Image.fromarray(array[..., 0], "L").convert("RGB") if array.shape[2] == 1 else Image.fromarray(array,
-                                                                                                              "RGB")
-        tile = _fit(tile)
+        gray = array.shape[2] == 1
+        tile = _fit(Image.fromarray(array[..., 0], "L").convert("RGB") if gray else Image.fromarray(array, "RGB"))
         canvas.paste(tile, (x0 + PAD + (CELL - tile.width) // 2, y0 + PAD + (CELL - tile.height) // 2))
         for line_no, line in enumerate(text.split(" / ")[:LABEL_LINES]):
             while len(line) > 1 and draw.textlength(line, font=font) > cell_w - 2:
