@@ -33,7 +33,8 @@ def _user_errors() -> tuple:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from imgtrain.api import RESUME_OVERRIDABLE, train
-    from imgtrain.config import RecipeError, load_recipe, parse_override
+    from imgtrain.config import RecipeError, load_recipe
+    from imgtrain.recipe_files import parse_override
 
     overrides = list(args.overrides)
     recipe_arg: str | Path | None = args.recipe
@@ -92,7 +93,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from imgtrain.api import train
-    from imgtrain.config import load_recipe, parse_override
+    from imgtrain.config import load_recipe
+    from imgtrain.recipe_files import parse_override
 
     extra, recipe_arg = list(args.overrides), args.recipe
     if "=" in recipe_arg and not recipe_arg.endswith((".yaml", ".yml")):  # `finetune W key=value`

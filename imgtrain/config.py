@@ -16,19 +16,9 @@ from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
 from pydantic_core.core_schema import ValidationInfo
 
-# the noqa names are re-exported: they lived in this module before
 from imgtrain.recipe_errors import RecipeError, fail, leaves, number_hint, recipe_error, where
-from imgtrain.recipe_files import (  # noqa: F401
-    BUILTIN_RECIPES,
-    builtin_recipes,
-    key_origin,
-    parse_override,
-    read_recipe,
-    read_recipe_file,
-    resolve_recipe_path,
-    set_dotted,
-)
-from imgtrain.tta_views import TTA_VIEWS, TTAView, parse_tta_view  # noqa: F401
+from imgtrain.recipe_files import builtin_recipes, read_recipe
+from imgtrain.tta_views import parse_tta_view
 
 # YAML gives exact types: "3" for an integer or `true` for a number is a mistake, not something
 # to convert. A strict float still takes an integer (`lr: 1` is 1.0).

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from imgtrain.config import BUILTIN_RECIPES, RecipeError, load_recipe, recipe_from_dict, recipe_keys
+from imgtrain.config import RecipeError, load_recipe, recipe_from_dict, recipe_keys
+from imgtrain.recipe_files import BUILTIN_RECIPES
 
 
 def write(path: Path, text: str) -> Path:

@@ -26,8 +26,9 @@ from typing import Any, Literal, cast
 import torch
 from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 
-from imgtrain.config import RecipeError, key_origin
+from imgtrain.config import RecipeError
 from imgtrain.engine.events import Hook
+from imgtrain.recipe_files import key_origin
 from imgtrain.strategies.base import Strategy, StrategyContext
 
 
