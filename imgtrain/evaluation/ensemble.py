@@ -292,7 +292,7 @@ def _view_spec(view: Any) -> Any:
         return view.name
     spec: dict[str, Any] = {view.name: list(view.value) if isinstance(view.value, tuple) else view.value}
     if view.name == "random":
-        spec.update(seed=view.seed, area=list(view.area), hflip=view.hflip)
+        spec.update(seed=view.seed, area=list(view.area), flip=view.flip)
     return spec
 
 

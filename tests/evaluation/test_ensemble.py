@@ -324,3 +324,20 @@ def test_an_ensemble_folder_teaches_a_student(runs, tmp_path):
             batch, size=(12, 12), mode="bilinear", align_corners=False)))]
     by_hand = 0.75 * torch.softmax(z[0] / T, dim=1) + 0.25 * torch.softmax(z[1] / T, dim=1)
     assert torch.allclose(torch.softmax(teacher(batch) / T, dim=1), by_hand, atol=1e-5)
+
+
+def test_saved_tta_setting_round_trips_a_random_view():
+    """A TTAConfig with a `random` view is kept in ensemble.yaml as the eval.tta entry that gives it back
+    (its seed, area and flip included), not refused with an AttributeError."""
+    from imgtrain.evaluation.ensemble import tta_setting
+    from imgtrain.tta_views import parse_tta_view
+
+    view = parse_tta_view({"random": 4, "seed": 3, "area": [0.5, 0.9], "flip": False})
+
+    class Config:  # what tta_setting reads of a TTAConfig
+        views = [parse_tta_view("hflip"), view]
+        merge = "mean"
+
+    saved = tta_setting(Config())
+    assert saved == {"views": ["hflip", {"random": 4, "seed": 3, "area": [0.5, 0.9], "flip": False}], "merge": "mean"}
+    assert parse_tta_view(saved["views"][1]) == view
