@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -334,10 +335,7 @@ def test_saved_tta_setting_round_trips_a_random_view():
 
     view = parse_tta_view({"random": 4, "seed": 3, "area": [0.5, 0.9], "flip": False})
 
-    class Config:  # what tta_setting reads of a TTAConfig
-        views = [parse_tta_view("hflip"), view]
-        merge = "mean"
-
-    saved = tta_setting(Config())
+    config = SimpleNamespace(views=[parse_tta_view("hflip"), view], merge="mean")  # what it reads of a TTAConfig
+    saved = tta_setting(config)
     assert saved == {"views": ["hflip", {"random": 4, "seed": 3, "area": [0.5, 0.9], "flip": False}], "merge": "mean"}
     assert parse_tta_view(saved["views"][1]) == view
