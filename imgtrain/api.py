@@ -24,11 +24,19 @@ from imgtrain.data import build_splits
 from imgtrain.data.loaders import with_batch_size
 from imgtrain.data.prepare import PreparedData, seed_everything
 from imgtrain.data.prepare import prepare_data as prepare_plain_data
-from imgtrain.engine.checkpoint import CheckpointError, load_weights
+from imgtrain.engine.checkpoint import (
+    has_training_state,
+    load_resumable_state,
+    load_weights,
+    new_run_info,
+    read_run_info,
+    write_run_info,
+)
 from imgtrain.engine.device import select_device
 from imgtrain.engine.events import Hook, HookList
 from imgtrain.engine.loop import Trainer, TrainParts
 from imgtrain.engine.optim import peak_lr
+from imgtrain.engine.preemption import TrainingPreempted
 from imgtrain.engine.state import EpochPlan
 from imgtrain.evaluation.teachers import load_teachers
 from imgtrain.evaluation.tta import TTAModel, tta_config_for
@@ -40,16 +48,19 @@ from imgtrain.models.weights import load_initial_weights, resolve_weights_source
 from imgtrain.strategies import StrategyContext, check_strategies, enabled_strategies
 from imgtrain.strategies.lr_finder import CSV_NAME as LR_FIND_CSV
 from imgtrain.strategies.lr_finder import LrFindResult, find_lr
-from imgtrain.tracking import ReportInputs, ReportTracker, TrainLogTracker, build_trackers, write_summary
+from imgtrain.tracking import ReportInputs, ReportTracker, TrainLogTracker, build_trackers, read_summary, write_summary
 
 # keys that may change when resuming: how the run is executed, never what it computes
-RESUME_OVERRIDABLE = ("train.device", "train.threads", "data.workers", "data.pin_memory",
+RESUME_OVERRIDABLE = ("train.device", "train.threads", "train.checkpoint_every.steps",
+                      "train.checkpoint_every.minutes", "train.auto_resume", "data.workers", "data.pin_memory",
                       "data.prefetch_factor", "data.persistent_workers", "data.cache_dir",
                       "output.progress", "output.plots", "output.report",
                       # how a run is watched; skip lets a run stopped on a nan loss step over it
                       "diagnostics.grad_monitor_every", "diagnostics.vanishing_below",
                       "diagnostics.exploding_above", "diagnostics.nonfinite",
-                      "diagnostics.nonfinite_check_every", "diagnostics.max_skipped_steps")
+                      "diagnostics.nonfinite_check_every", "diagnostics.max_skipped_steps",
+                      # more epochs than the run was planned with: a finished run is extended (README)
+                      "train.epochs")
 
 
 @dataclass
@@ -91,15 +102,30 @@ def prepare_run_dir(recipe: Recipe, run_dir: str | Path | None, overwrite: bool)
 
 def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path | None = None,
           overwrite: bool = False, console: Any = None, hooks: Sequence[Hook] = ()) -> TrainResult:
-    """Train from a recipe; returns the run folder, the history and the summary. `resume=RUN_DIR` continues
-    that run in place from its last finished epoch; `hooks` (your `imgtrain.Hook`s) run on every event of
-    the loop, after the recipe's strategies and before the trackers."""
+    """Train from a recipe; returns the run folder, the history and the summary.
+
+    `resume=RUN_DIR` continues that run in place from its last training state (an epoch end, or a batch
+    inside an epoch); a finished run is left as it is, unless `recipe.train.epochs` asks for more epochs
+    than it was planned with (then they are added as a new schedule segment). `resume="auto"` (or
+    `train.auto_resume: true`) resumes the recipe's run folder when it holds a training state and starts
+    it otherwise. `hooks` (your `imgtrain.Hook`s) run on every event of the loop, after the recipe's
+    strategies and before the trackers."""
     started = time.perf_counter()
+    if resume == "auto" or (resume is None and recipe.train.auto_resume):
+        run_dir = auto_run_dir(recipe, run_dir)
+        resume = run_dir if has_training_state(run_dir) else None
+        overwrite = overwrite or looks_like_run(run_dir)  # a run that never saved a state: start it again
+    resume_file: dict[str, Any] | None = None  # the training state a resume continues from
+    warnings: list[str] = []
     if resume is not None:
         run_dir = Path(resume)
-        resume_file = run_dir / "checkpoints" / "last.state.pt"
-        if not resume_file.is_file():
-            raise CheckpointError(f"{run_dir}: nothing to resume: {resume_file} does not exist")
+        run_info = read_run_info(run_dir)
+        resume_file, state_path, warnings = load_resumable_state(run_dir / "checkpoints", run_info.get("run_id"))
+        for line in warnings:
+            print(f"imgtrain: warning: {line}; resuming from {state_path} instead", file=sys.stderr)
+        run_info, extended = _planned_segments(run_info, recipe, run_dir, resume_file)
+        if not extended and _finished(run_dir, resume_file):
+            return _finished_result(run_dir, resume_file)
     else:
         # only planned: every check below runs before the folder is made, so bad input leaves no folder
         # behind and --overwrite deletes the old run only once the new one is ready to start
@@ -107,7 +133,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
         weights = resolve_weights_source(recipe.model)  # a wrong model.weights stops before data is read
         if overwrite and weights is not None and weights.path is not None:
             _check_not_overwritten(weights.path, run_dir)
-        resume_file = None
+        run_info = new_run_info(recipe.train.epochs)
     check_strategies(recipe)  # cross-section checks of every enabled strategy, before the data is read
     seed_everything(recipe.train.seed)
     splits = build_splits(recipe.data)
@@ -115,7 +141,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
     device = select_device(recipe.train.device)
     context = StrategyContext(recipe=recipe, classes=list(splits.classes), channels=splits.channels,
                               img_size=recipe.augment.img_size or splits.native_size, device=device, splits=splits)
-    context.plans = plan_epochs(recipe, context)
+    context.plans = plan_segments(recipe, context, run_info["segments"])
     prepared = prepare_data(recipe, splits, device)
     context.loaders, context.mean, context.std = prepared.loaders, prepared.mean, prepared.std
     context.notes = prepared.notes
@@ -143,15 +169,19 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
     }
     if resume_file is None:
         make_run_dir(run_dir)
-        dump_recipe(recipe, run_dir / "config.yaml")
+    dump_recipe(recipe, run_dir / "config.yaml")  # a resume may have extended train.epochs
+    write_run_info(run_dir, run_info)
     loaders = context.loaders
     report_inputs = ReportInputs(val_dataset=loaders.val.dataset if loaders.val is not None else None,
                                  mean=prepared.mean, std=prepared.std,
                                  eval_batch_transform=prepared.eval_batch_transform)
     trackers = build_trackers(recipe, run_dir, console_stream=console, report_inputs=report_inputs)
     trainer = Trainer(recipe, train_parts(recipe, model, prepared, context.plans),
-                      HookList(strategies=[*strategies, *hooks], trackers=trackers), run_dir, metadata)
+                      HookList(strategies=[*strategies, *hooks], trackers=trackers), run_dir, metadata,
+                      run_id=run_info["run_id"])
     log = _tracker_logger(trackers)
+    for line in warnings:
+        log(f"warning: {line}; resumed from the state before it")
     log(f"data: {len(splits.train)} train, {len(splits.val) if splits.val is not None else 0} val, "
         f"{len(splits.test) if splits.test is not None else 0} test images, {len(splits.classes)} classes, "
         f"{splits.channels} channel(s), {prepared.img_size} px; model {recipe.model.name} "
@@ -172,8 +202,11 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
         log(f"skipped {len(splits.skipped)} unreadable image(s); listed in {run_dir / 'skipped_images.csv'}")
     try:
         state = trainer.fit(resume_from=resume_file)
+    except TrainingPreempted as stop:
+        print(f"\nimgtrain: {stop}. Continue with: imgtrain train --resume {run_dir}", file=sys.stderr)
+        raise
     except KeyboardInterrupt:
-        log("interrupted; the last finished epoch is saved")
+        log("interrupted; the last saved training state is kept")
         print(f"\nimgtrain: interrupted. Continue with: imgtrain train --resume {run_dir}", file=sys.stderr)
         raise
     summary = dict(state.summary)
@@ -182,12 +215,64 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
     if loaders.test is not None:
         summary.update(_test_best(trainer, loaders.test, run_dir))
     summary["run_dir"] = str(run_dir)
-    summary["total_seconds"] = round(time.perf_counter() - started, 3)
+    # with the time of the processes before a resume (their fit; their start-up is not saved)
+    summary["total_seconds"] = round(state.fit_seconds_before + time.perf_counter() - started, 3)
     write_summary(run_dir, summary)
     for tracker in trackers:
         if isinstance(tracker, ReportTracker):
             tracker.finish(summary)  # the last draw: with the test numbers
     return TrainResult(run_dir=run_dir, history=state.history, summary=summary, model=trainer.model)
+
+
+def auto_run_dir(recipe: Recipe, run_dir: str | Path | None) -> Path:
+    """The one folder `--resume auto` looks in: --run-dir, else output.root / (output.name or the recipe's
+    name), never a `-2` variant, so rerunning the same command finds the same run."""
+    if run_dir is not None:
+        return Path(run_dir)
+    return Path(recipe.output.root) / (recipe.output.name or (Path(recipe.source_file).stem if recipe.source_file
+                                                              else "run"))
+
+
+def _planned_segments(info: dict[str, Any], recipe: Recipe, run_dir: Path,
+                      saved: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """run.json's schedule segments, with one more (and True) when the resumed recipe asks for more epochs."""
+    if not info:  # a run from before run.json: one segment, the epochs its config.yaml planned
+        info = {"run_id": saved.get("run_id"), "segments": [load_recipe(run_dir / "config.yaml").train.epochs]}
+    planned = sum(info["segments"])
+    if recipe.train.epochs < planned:
+        raise RecipeError(f"train.epochs {recipe.train.epochs}: the run is planned for {planned} epochs; a resume "
+                          "can add epochs, not remove them", key="train.epochs")
+    if recipe.train.epochs == planned:
+        return info, False
+    return {**info, "segments": [*info["segments"], recipe.train.epochs - planned]}, True
+
+
+def _finished(run_dir: Path, saved: dict[str, Any]) -> bool:
+    """The state is the run's final one: saved at an epoch end, with summary.json written after it (all
+    epochs, or fewer when early stopping ended the run)."""
+    if saved.get("mid_epoch") is not None or not (run_dir / "summary.json").is_file():
+        return False
+    return read_summary(run_dir).get("epochs_run") == saved["epoch"]
+
+
+def _finished_result(run_dir: Path, saved: dict[str, Any]) -> TrainResult:
+    summary = read_summary(run_dir)
+    print(f"imgtrain: {run_dir} already finished ({summary.get('epochs_run')} epochs); nothing to do. To train it "
+          f"longer: imgtrain train --resume {run_dir} train.epochs=N (N > {summary.get('epochs_run')})",
+          file=sys.stderr)
+    return TrainResult(run_dir=run_dir, history=list(saved["history"]), summary=summary,
+                       model=load_trained(run_dir).model)
+
+
+def plan_segments(recipe: Recipe, context: StrategyContext, segments: list[int]) -> list[EpochPlan]:
+    """The epochs' plans: the recipe's for the first segment, then each added segment repeats the last
+    plan on a new schedule segment (the lr schedule starts again from the current weights)."""
+    first = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, epochs=segments[0]))
+    plans = plan_epochs(first, context)
+    for extra in segments[1:]:
+        last = plans[-1]
+        plans = [*plans, *[dataclasses.replace(last, schedule_segment=last.schedule_segment + 1)] * extra]
+    return plans
 
 
 def plan_epochs(recipe: Recipe, context: StrategyContext) -> list[EpochPlan]:

@@ -15,7 +15,7 @@ from typing import Any
 
 EXIT_BAD_INPUT = 2
 EXIT_CHECKS_FAILED = 1      # imgtrain doctor: a check failed
-EXIT_TRAINING_STOPPED = 3   # the non-finite loss guard ended the run (diagnostics.nonfinite)
+EXIT_TRAINING_STOPPED = 3   # the non-finite loss guard ended the run, or a checkpoint could not be written
 EXIT_INTERRUPTED = 130
 
 
@@ -42,7 +42,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.recipe is not None and "=" in args.recipe and not args.recipe.endswith((".yaml", ".yml")):
         overrides.insert(0, args.recipe)
         recipe_arg = None
-    if args.resume:
+    if args.resume and args.resume != "auto":
         run = Path(args.resume)
         if not (run / "config.yaml").is_file():
             raise RecipeError(f"--resume {run}: not a run folder (no config.yaml)")
@@ -53,7 +53,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                                   f"allowed: {', '.join(RESUME_OVERRIDABLE)}", file="command line")
         recipe_arg = run / "config.yaml"
     elif recipe_arg is None:
-        raise RecipeError("give a recipe (a .yaml file or a built-in name such as quickstart), or --resume RUN_DIR")
+        raise RecipeError("give a recipe (a .yaml file or a built-in name such as quickstart), or --resume RUN_DIR"
+                          + (" (--resume auto needs the recipe: it resumes that recipe's run folder)"
+                             if args.resume == "auto" else ""))
     recipe = load_recipe(recipe_arg, overrides)
     hooks = [load_hook(spec) for spec in args.hook]
     _print_result(train(recipe, run_dir=args.run_dir, resume=args.resume, overwrite=args.overwrite, hooks=hooks))
@@ -399,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", help="recipe .yaml or built-in name (quickstart, fashion_mnist, ...)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=5")
     p.add_argument("--run-dir", help="run folder (default: output.root/output.name or the recipe's name)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last finished epoch")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last training state (an epoch end or "
+                   "a mid-epoch checkpoint); `--resume auto`: the recipe's run folder if it holds one, else a new run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--hook", action="append", default=[], metavar="MODULE:CLASS",
                    help="your own imgtrain.Hook subclass, built without arguments (repeatable), "
@@ -527,9 +530,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return func(args)
     except KeyboardInterrupt:
-        print("imgtrain: stopped by Ctrl-C; every finished epoch is saved.", file=sys.stderr)
+        print("imgtrain: stopped by Ctrl-C; the last saved training state is kept.", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:
+        from imgtrain.engine.checkpoint import CheckpointSaveError
+        from imgtrain.engine.preemption import TrainingPreempted
+        if isinstance(exc, TrainingPreempted):  # SIGTERM (75) or Ctrl-C (130): the state is saved
+            return exc.exit_code
+        if isinstance(exc, CheckpointSaveError):  # disk full, read-only folder: the previous state is intact
+            print(f"imgtrain: training stopped: {exc}", file=sys.stderr)
+            return EXIT_TRAINING_STOPPED
         if isinstance(exc, _user_errors()):
             print(f"imgtrain: error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT

@@ -464,6 +464,13 @@ class EvalConfig(_Section):
 
 
 @dataclass(config=SECTION)
+class CheckpointEveryConfig(_Section):
+    """Mid-epoch training states, for `--resume` from the exact batch (engine/loop.py); epoch ends always save."""
+    steps: Int | None = Field(None, ge=1, description="save every N optimizer steps; null: not by steps")
+    minutes: Float | None = Field(30.0, gt=0.0, description="save when this long has passed since the last save; null: not by time")
+
+
+@dataclass(config=SECTION)
 class TrainConfig(_Section):
     """The training loop (engine/loop.py)."""
     epochs: Int = Field(10, ge=1, description="passes over the training split")
@@ -478,6 +485,8 @@ class TrainConfig(_Section):
     deterministic: Bool = Field(False, description="deterministic kernels (slower on CUDA)")
     threads: Int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
     max_steps_per_epoch: Int | None = Field(None, ge=1, description="cut epochs short (smoke runs)")
+    checkpoint_every: CheckpointEveryConfig = Field(default_factory=CheckpointEveryConfig, description="mid-epoch training states")
+    auto_resume: Bool = Field(False, description="the run folder holds a training state: continue it (as --resume auto)")
 
     def _check(self) -> None:
         device = self.device

@@ -23,13 +23,13 @@ from torch.utils.data import DataLoader, Dataset
 from imgtrain.data.datasets import ImageDataset
 from imgtrain.data.errors import DataError
 from imgtrain.data.images import usable_cpus
-from imgtrain.data.samplers import loader_with_sampling, with_train_sampler
+from imgtrain.data.samplers import TrainLoader, loader_with_sampling, with_train_sampler
 from imgtrain.data.sources import DataSplits
 
 
 @dataclass
 class Loaders:
-    train: DataLoader
+    train: TrainLoader
     val: DataLoader | None
     test: DataLoader | None
     train_generator: torch.Generator  # the train loader's shuffle generator; re-seed per epoch
@@ -81,7 +81,10 @@ def build_loaders(recipe: Any, splits: DataSplits, device: torch.device, drop_la
                         "so no batch would remain. Lower data.batch_size.")
     generator = torch.Generator()
     generator.manual_seed(recipe.train.seed)
-    train = _loader(splits.train, cfg.batch_size, True, settings, generator, drop_last)
+    shuffled = _loader(splits.train, cfg.batch_size, True, settings, generator, drop_last)
+    train = loader_with_sampling(shuffled, batch_size=cfg.batch_size, sampler=shuffled.sampler)
+    # workers' RNGs depend on which batches they were dealt: seed each image instead (TrainLoader)
+    train.seed_per_sample = settings.workers > 0 and recipe.train.deterministic
     if cfg.sampler != "random":  # class-balanced draws or P x K batches, same loader settings
         train = with_train_sampler(train, cfg, splits.train.targets)
     val = _loader(splits.val, eval_batch, False, settings) if splits.val is not None else None
@@ -89,7 +92,7 @@ def build_loaders(recipe: Any, splits: DataSplits, device: torch.device, drop_la
     return Loaders(train=train, val=val, test=test, train_generator=generator)
 
 
-def with_batch_size(loader: DataLoader, batch_size: int) -> DataLoader:
+def with_batch_size(loader: DataLoader, batch_size: int) -> TrainLoader:
     """The same loader with another batch size (progressive resizing's stages)."""
     if loader.batch_size is None:
         raise DataError("this train loader builds its own batches (data.sampler per_class): its batch "

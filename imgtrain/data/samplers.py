@@ -13,6 +13,7 @@ every epoch, so a resumed run draws the same batches.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
@@ -116,22 +117,91 @@ def train_sampling(cfg: Any, targets: torch.Tensor, generator: torch.Generator) 
                       key="data.sampler")
 
 
-def with_train_sampler(loader: DataLoader, cfg: Any, targets: torch.Tensor) -> DataLoader:
+def with_train_sampler(loader: DataLoader, cfg: Any, targets: torch.Tensor) -> TrainLoader:
     """The train loader `build_loaders` made with a shuffle, drawing its order from `data.sampler`."""
     return loader_with_sampling(loader, **train_sampling(cfg, targets, loader.generator))
 
 
-def loader_with_sampling(loader: DataLoader, **sampling: Any) -> DataLoader:
+def loader_with_sampling(loader: DataLoader, dataset: Any = None, **sampling: Any) -> TrainLoader:
     """The same loader (workers, pinning, prefetch, collate, generator ...) with another order:
     `sampling` is DataLoader's `batch_size` with `shuffle` or `sampler`, or a `batch_sampler`."""
     if "batch_sampler" not in sampling:
         sampling["drop_last"] = loader.drop_last
-    return DataLoader(loader.dataset, **sampling, num_workers=loader.num_workers,
-                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, timeout=loader.timeout,
-                      worker_init_fn=loader.worker_init_fn,
-                      multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
-                      prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers,
-                      pin_memory_device=loader.pin_memory_device, in_order=loader.in_order)
+    made = TrainLoader(loader.dataset if dataset is None else dataset, **sampling, num_workers=loader.num_workers,
+                       collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, timeout=loader.timeout,
+                       worker_init_fn=loader.worker_init_fn,
+                       multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
+                       prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers,
+                       pin_memory_device=loader.pin_memory_device, in_order=loader.in_order)
+    made.seed_per_sample = getattr(loader, "seed_per_sample", False)
+    return made
+
+
+class TrainLoader(DataLoader):
+    """The train split's DataLoader: an epoch can start at any batch (`batches_from`: a mid-epoch resume)
+    without loading the images before it, and draws exactly what a whole pass would from there on.
+
+    The order is a pure function of the generator, which the trainer re-seeds every epoch, so skipping
+    means drawing the skipped batches' indices and dropping them. With workers = 0, augmentation draws
+    from torch's global RNG, which a checkpoint saves. With workers > 0, each worker's RNG depends on the
+    batches it was dealt, so `seed_per_sample` (deterministic mode with workers) seeds every image's
+    augmentation from its place in the epoch instead: the same image, the same draw, whichever worker
+    takes it and wherever the epoch started."""
+
+    seed_per_sample = False
+
+    def __iter__(self) -> Any:
+        return self.batches_from(0) if self.seed_per_sample else super().__iter__()
+
+    def batches_from(self, start: int) -> Iterator[Any]:
+        """Iterate the epoch from batch `start` on."""
+        seeds = self.generator if self.seed_per_sample else None
+        batches = SkippedBatches(self.batch_sampler, start, seeds)
+        dataset = SeededSamples(self.dataset) if seeds is not None else None
+        return DataLoader.__iter__(loader_with_sampling(self, dataset, batch_sampler=batches))
+
+
+class SkippedBatches(Sampler[list[Any]]):
+    """The batches of `batch_sampler` from batch `start` on; with `seed_generator`, each index paired with
+    the seed of its place in the epoch (one base drawn from the generator per pass)."""
+
+    def __init__(self, batch_sampler: Any, start: int, seed_generator: torch.Generator | None = None):
+        self.batch_sampler, self.start, self.seed_generator = batch_sampler, start, seed_generator
+
+    def __len__(self) -> int:
+        return max(len(self.batch_sampler) - self.start, 0)
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        # not a generator function: the inner sampler starts here, when the DataLoader asks for it, as it
+        # would without this wrapper (a sampler that draws its whole epoch in __iter__ draws it now)
+        base = None
+        if self.seed_generator is not None:
+            base = int(torch.randint(2**62, (1,), generator=self.seed_generator))
+        return self._batches(iter(self.batch_sampler), base)
+
+    def _batches(self, batches: Iterator[list[int]], base: int | None) -> Iterator[list[Any]]:
+        place = 0
+        for number, batch in enumerate(batches):
+            if number >= self.start:
+                yield batch if base is None else [(index, base + place + i) for i, index in enumerate(batch)]
+            place += len(batch)
+
+
+class SeededSamples:
+    """A dataset whose items are asked for as (index, seed): the global RNGs of the (worker) process are
+    seeded before the item is made, so its random augmentation depends on the seed alone."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        torch.manual_seed(seed)
+        random.seed(seed)
+        return self.dataset[index]
 
 
 def _divisor_near(n: int, k: int) -> int:
@@ -144,5 +214,14 @@ def _smallest_fitting(batch: int, classes: int) -> int:
     return next(d for d in range(1, batch + 1) if batch % d == 0 and batch // d <= max(classes, 1))
 
 
-__all__ = ["ClassBalancedSampler", "PerClassBatchSampler", "class_balanced_weights", "loader_with_sampling",
-           "train_sampling", "with_train_sampler"]
+__all__ = [
+    "ClassBalancedSampler",
+    "PerClassBatchSampler",
+    "SeededSamples",
+    "SkippedBatches",
+    "TrainLoader",
+    "class_balanced_weights",
+    "loader_with_sampling",
+    "train_sampling",
+    "with_train_sampler",
+]

@@ -5,14 +5,17 @@ A run folder's `checkpoints/` holds:
     best.safetensors   weights of the best epoch + metadata (model, classes, eval transform)
     last.safetensors   weights of the last finished epoch + the same metadata
     last.state.pt      everything a resume needs: model weights, optimizer, scheduler, grad
-                       scaler, RNG states, epoch, step, history, hook states
+                       scaler, RNG states, epoch, step, history, hook states and, when saved
+                       inside an epoch, the position in it (`mid_epoch`)
+    previous.state.pt  the training state before that one
 
 The resume file carries its own copy of the weights so that one file, replaced in one
 atomic rename, is the whole truth about the run: a kill between two renames can never
 pair new weights with an old optimizer. `*.safetensors` are what predict, evaluate and
 fine-tuning read; they never need unpickling. Every write goes to a temporary file in the
 same folder, is flushed to disk, and is renamed over the old file: a kill at any moment
-leaves the previous checkpoint whole.
+leaves the previous checkpoint whole. Two training states are kept, so a damaged last one
+(a truncated copy, a disk that filled up) falls back to the one before (`load_resumable_state`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import os
 import pickle
 import random
 import tempfile
+import time
+import uuid
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -34,23 +39,50 @@ from safetensors.torch import load_file, save_file
 METADATA_KEY = "imgtrain"
 
 
+RUN_FILE = "run.json"  # in the run folder: the run's id and its schedule segments
+STATE_FILE = "last.state.pt"
+PREVIOUS_STATE_FILE = "previous.state.pt"
+STATE_FORMAT = 2  # 1: saved at epoch ends only (no run_id, no mid_epoch); still loadable
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, corrupt, or not what was expected."""
 
 
+class CheckpointSaveError(CheckpointError):
+    """A checkpoint could not be written (disk full, read-only folder); the previous one is intact."""
+
+
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _file_mode()  # what open() gives a new file (0644 under the usual umask); mkstemp gives 0600
+
+
 def _atomic_write(path: Path, write: Any) -> None:
-    """Call write(tmp_path), fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    """Call write(tmp_path), fsync, then rename over `path`. A failed or interrupted write removes its
+    temporary file and leaves the old `path` whole; an OSError (disk full, read-only folder) is a
+    CheckpointSaveError that says so."""
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
-        # a failed or interrupted save removes its temporary file and keeps the old checkpoint
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            kept = f"the previous {path.name} is intact" if path.is_file() else f"no earlier {path.name} exists"
+            raise CheckpointSaveError(f"could not write {path}: {exc.strerror or exc}; {kept}. Training stops "
+                                      "here rather than go on without a checkpoint.") from None
         raise
 
 
@@ -130,8 +162,36 @@ def _to_tuple(value: Any) -> Any:
     return value
 
 
-def save_training_state(path: Path, state: dict[str, Any]) -> None:
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+def save_training_state(ckpt_dir: Path, state: dict[str, Any]) -> Path:
+    """Write `ckpt_dir/last.state.pt`, keeping the state it replaces as `previous.state.pt`.
+
+    The new state is written and flushed to a temporary file first; only then do the two renames
+    happen, so a failed or killed save leaves both earlier states as they were. A failure is a
+    `CheckpointSaveError` that says so."""
+    ckpt_dir = Path(ckpt_dir)
+    last, previous = ckpt_dir / STATE_FILE, ckpt_dir / PREVIOUS_STATE_FILE
+    tmp: Path | None = None
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{STATE_FILE}.", suffix=".tmp", dir=ckpt_dir)
+        tmp = Path(name)
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, FILE_MODE)
+        if last.is_file():
+            os.replace(last, previous)
+        os.replace(tmp, last)
+    except OSError as exc:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        kept = last if last.is_file() else previous if previous.is_file() else None
+        raise CheckpointSaveError(
+            f"could not save the training state in {ckpt_dir}: {exc.strerror or exc}. "
+            + (f"The previous state ({kept}) is intact. " if kept else "No earlier state exists. ")
+            + "Training stops here rather than go on without a checkpoint.") from None
+    return last
 
 
 def load_training_state(path: Path, map_location: str | None = "cpu") -> dict[str, Any]:
@@ -139,18 +199,55 @@ def load_training_state(path: Path, map_location: str | None = "cpu") -> dict[st
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no training state to resume from (the run saved no epoch yet?)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes): the save that wrote it did not finish")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: refused: it holds objects other than tensors and plain data, "
-                              f"and imgtrain never unpickles them ({str(exc).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(f"{path}: corrupt or truncated training state ({exc})") from None
-def training_state(state: Any, best_mode: str, hooks: Any) -> dict[str, Any]:
-    """Everything a resume needs after a finished epoch (last.state.pt): the weights, optimizer,
-    schedule, grad scaler, every RNG, the history, the best so far and every hook's state."""
+        saved = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own text suggests weights_only=False, the unsafe way; never offer it
+        raise CheckpointError(f"{path}: refused: it holds Python objects other than tensors and plain data, "
+                              "which could run code when loaded; imgtrain never unpickles them") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError):
+        raise CheckpointError(f"{path}: corrupt or truncated: it cannot be read as a training state") from None
+    missing = REQUIRED_KEYS - set(saved) if isinstance(saved, dict) else REQUIRED_KEYS
+    if missing:
+        raise CheckpointError(f"{path}: not an imgtrain training state (it lacks {', '.join(sorted(missing))})")
+    return saved
+
+
+REQUIRED_KEYS = frozenset({"format", "epoch", "step", "model", "optimizer", "scheduler", "rng", "history", "hooks"})
+
+
+def load_resumable_state(ckpt_dir: Path, run_id: str | None = None) -> tuple[dict[str, Any], Path, list[str]]:
+    """The newest training state of `ckpt_dir` that loads and belongs to run `run_id` (None: any):
+    last.state.pt, else previous.state.pt. Returns (state, its path, why each newer one was passed over);
+    raises CheckpointError naming every problem when none can be used."""
+    problems: list[str] = []
+    for name in (STATE_FILE, PREVIOUS_STATE_FILE):
+        path = Path(ckpt_dir) / name
+        if not path.is_file():
+            continue
+        try:
+            saved = load_training_state(path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        saved_id = saved.get("run_id")
+        if run_id is not None and saved_id is not None and saved_id != run_id:
+            problems.append(f"{path}: the training state of another run (run id {saved_id}, this run is {run_id})")
+            continue
+        return saved, path, problems
+    if not problems:
+        raise CheckpointError(f"{ckpt_dir}: no training state to resume from (the run saved none yet)")
+    raise CheckpointError("no usable training state to resume from:\n  " + "\n  ".join(problems))
+def training_state(state: Any, best_mode: str, hooks: Any, run_id: str | None = None,
+                   mid_epoch: dict[str, Any] | None = None, fit_seconds: float = 0.0) -> dict[str, Any]:
+    """Everything a resume needs (last.state.pt): the weights, optimizer, schedule, grad scaler, every
+    RNG, the history, the best so far, every hook's state and, inside an epoch, the position in it."""
     return {
-        "format": 1,
+        "format": STATE_FORMAT,
+        "run_id": run_id,
+        "mid_epoch": mid_epoch,
         "epoch": state.epoch,             # epochs finished = the next epoch to run
         "step": state.step,
         "model": {k: v.detach().cpu() for k, v in state.model.state_dict().items()},
@@ -163,6 +260,7 @@ def training_state(state: Any, best_mode: str, hooks: Any) -> dict[str, Any]:
         "best_epoch": state.best_epoch,
         "best_mode": best_mode,
         "wall_seconds_before": state.wall_seconds_before,
+        "fit_seconds": fit_seconds,        # wall time of fit so far, over every process that ran it
         "skipped_steps": state.skipped_steps,
         "hooks": hooks.state_dict(),
     }
@@ -180,8 +278,34 @@ def restore_training_state(state: Any, saved: dict[str, Any], hooks: Any) -> str
     state.history = list(saved["history"])
     state.best_value, state.best_epoch = saved["best_value"], saved["best_epoch"]
     state.wall_seconds_before = saved["wall_seconds_before"]
+    state.fit_seconds_before = float(saved.get("fit_seconds", 0.0))
     state.skipped_steps = int(saved.get("skipped_steps", 0))
     restore_rng_state(saved["rng"])  # last: everything above may have drawn random numbers
     return saved["best_mode"]
 
 
+
+
+def new_run_info(epochs: int) -> dict[str, Any]:
+    """run.json of a new run: an id its training states carry (a resume refuses another run's state) and
+    the epochs of each schedule segment (a finished run extended with more epochs gets a new segment)."""
+    return {"run_id": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "segments": [epochs]}
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    """A run folder's run.json; {} for runs made before it existed or when it is unreadable."""
+    try:
+        info = json.loads((Path(run_dir) / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def write_run_info(run_dir: Path, info: dict[str, Any]) -> None:
+    text = json.dumps(info, indent=2) + "\n"
+    _atomic_write(Path(run_dir) / RUN_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def has_training_state(run_dir: Path) -> bool:
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    return (ckpt_dir / STATE_FILE).is_file() or (ckpt_dir / PREVIOUS_STATE_FILE).is_file()

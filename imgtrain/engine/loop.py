@@ -11,6 +11,7 @@ docstring shows this loop as pseudocode. This is the one place that calls backwa
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -24,6 +25,7 @@ from imgtrain.engine import checkpoint
 from imgtrain.engine.device import compile_model, configure_backends, select_device, select_precision
 from imgtrain.engine.events import HookList
 from imgtrain.engine.optim import build_optimizer, build_scheduler
+from imgtrain.engine.preemption import StopSignals, TrainingPreempted
 from imgtrain.engine.state import EpochPlan, SizedIterable, TrainState, run_summary
 from imgtrain.engine.validate import evaluate_batches
 
@@ -48,12 +50,39 @@ class TrainParts:
     logit_offset: torch.Tensor | None = None  # added to the logits at evaluation (post-hoc adjustment)
 
 
+class _StopNow(Exception):
+    """A stop signal arrived during validation: the epoch's training is saved, its validation is redone."""
+
+
+def batches_from(loader: Any, start: int) -> Iterable:
+    """The loader's batches from batch `start` on, drawn as an uninterrupted pass would draw them.
+
+    A loader with `batches_from` (data/loaders.py) skips at the sampler, without loading the skipped
+    images. Any other loader is read and the skipped batches dropped, under a saved and restored RNG,
+    so the augmentation of the batches that follow is drawn as it would have been."""
+    if start == 0:
+        return loader
+    if hasattr(loader, "batches_from"):
+        return loader.batches_from(start)
+    rng = checkpoint.capture_rng_state()
+    iterator = iter(loader)
+    for _ in itertools.islice(iterator, start):
+        pass
+    checkpoint.restore_rng_state(rng)
+    return iterator
+
+
 class Trainer:
-    """run_dir None: no checkpoints (the LR finder and doctor train without a run folder)."""
+    """run_dir None: no checkpoints (the LR finder and doctor train without a run folder).
+    `run_id` names the run in its training states, so a resume never loads another run's."""
 
     def __init__(self, recipe: Any, parts: TrainParts, hooks: HookList | None = None,
-                 run_dir: Path | None = None, metadata: dict[str, Any] | None = None):
+                 run_dir: Path | None = None, metadata: dict[str, Any] | None = None, run_id: str | None = None):
         cfg = recipe.train
+        self.run_id = run_id
+        self.signals: StopSignals | None = None  # set while fit runs with a run folder to save into
+        self._resume_position: dict[str, Any] | None = None  # a mid-epoch state's place in its epoch
+        self._last_save = time.perf_counter()
         self.recipe, self.parts, self.hooks = recipe, parts, hooks or HookList()
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.metadata = dict(metadata or {})
@@ -91,28 +120,40 @@ class Trainer:
 
     # ------------------------------------------------------------------ public
 
-    def fit(self, resume_from: Path | None = None) -> TrainState:
+    def fit(self, resume_from: Path | dict[str, Any] | None = None) -> TrainState:
+        """Train every planned epoch. `resume_from`: a training state (its file, or as loaded by
+        `checkpoint.load_resumable_state`) to continue from, at an epoch end or inside an epoch."""
         state = self.state
         if resume_from is not None:
-            self._resume(Path(resume_from))
-        fit_started = time.perf_counter()
+            self._resume(resume_from)
+        state.fit_started = self._last_save = time.perf_counter()
+        saving = self.run_dir is not None and self.recipe.output.save_last
+        self.signals = StopSignals() if saving else None
         self.hooks.fire("fit_start", state)
         try:
-            while state.epoch < state.epochs and not state.stop_training:
-                self._train_epoch()
-                self.hooks.fire("before_eval", state)
-                state.epoch_metrics.update(self._validate())
-                self.hooks.fire("eval_end", state)
-                row = {"epoch": state.epoch + 1, **state.epoch_metrics}
-                state.history.append(row)
-                state.wall_seconds_before += row["epoch_seconds"] + row.pop("_val_seconds")
-                # hooks first, so a checkpoint holds their state after this epoch (a patience
-                # counter, a plot's record); a kill in between only loses this epoch
-                self.hooks.fire("epoch_end", state)
-                state.epoch += 1
-                self._save_checkpoints(row)
+            with self.signals or contextlib.nullcontext():
+                while state.epoch < state.epochs and not state.stop_training:
+                    if self.signals is not None and self.signals.received:  # arrived at an epoch end: saved
+                        raise TrainingPreempted(self.signals.received, self._state_file(), state.epoch, 0)
+                    self._train_epoch()
+                    self.hooks.fire("before_eval", state)
+                    try:
+                        state.epoch_metrics.update(self._validate())
+                    except _StopNow:
+                        self._save_mid_epoch(self.epoch_batches[state.epoch])
+                        raise self._preempted(self.epoch_batches[state.epoch]) from None
+                    self.hooks.fire("eval_end", state)
+                    row = {"epoch": state.epoch + 1, **state.epoch_metrics}
+                    state.history.append(row)
+                    state.wall_seconds_before += row["epoch_seconds"] + row.pop("_val_seconds")
+                    # hooks first, so a checkpoint holds their state after this epoch (a patience
+                    # counter, a plot's record); a kill in between only loses this epoch
+                    self.hooks.fire("epoch_end", state)
+                    state.epoch += 1
+                    self._save_checkpoints(row)
         finally:
-            state.summary["wall_seconds"] = round(time.perf_counter() - fit_started, 3)
+            self.signals = None
+            state.summary["wall_seconds"] = round(state.fit_seconds_before + time.perf_counter() - state.fit_started, 3)
         state.summary.update(self._summarise())
         self.hooks.fire("fit_end", state)
         return state
@@ -133,7 +174,8 @@ class Trainer:
         plan, previous = self.plans[state.epoch], self.plans[max(state.epoch - 1, 0)]
         state.train_loader = loader = self.train_loaders[plan.batch_size]
         state.steps_per_epoch = batches
-        if plan.schedule_segment != previous.schedule_segment:
+        position, self._resume_position = self._resume_position, None
+        if plan.schedule_segment != previous.schedule_segment and position is None:
             state.scheduler = self._build_scheduler(state.epoch)
         self._scale_lr()
         self.model.train()
@@ -141,15 +183,12 @@ class Trainer:
             # one seed per epoch: the shuffle and worker seeds of epoch k do not depend on
             # how many epochs ran in this process, so a resumed run draws the same batches
             self.parts.train_generator.manual_seed(cfg.seed * 100_003 + state.epoch)
-        state.epoch_metrics, state.epoch_details = {}, {}
-        state.images_seen = 0
-        state.loss_sum = torch.zeros((), device=self.device)
-        state.correct_sum = torch.zeros((), device=self.device, dtype=torch.long)
-        state.epoch_start_time = time.perf_counter()
+        start = self._start_epoch_metrics(position)
+        assert state.loss_sum is not None and state.correct_sum is not None, "set by _start_epoch_metrics"
         self.hooks.fire("epoch_start", state)
         state.optimizer.zero_grad(set_to_none=True)
         group: list[tuple[torch.Tensor, torch.Tensor]] = []  # kept only for hooks that replay it
-        for batch_index, (inputs, targets) in enumerate(loader):
+        for batch_index, (inputs, targets) in enumerate(batches_from(loader, start), start=start):
             if batch_index >= batches:
                 break
             state.batch_index = batch_index
@@ -175,6 +214,7 @@ class Trainer:
                 self._replay(group, group_size)
                 group = []
                 self._optimizer_step()
+                self._checkpoint_inside_epoch(batch_index + 1, batches)
                 if state.stop_training:  # a hook ends the run now (the LR finder's divergence)
                     break
         seconds = time.perf_counter() - state.epoch_start_time
@@ -187,6 +227,66 @@ class Trainer:
             "epoch_seconds": round(seconds, 3),
             "images_per_second": round(state.images_seen / max(seconds, 1e-9), 1),
         })
+
+    def _start_epoch_metrics(self, position: dict[str, Any] | None) -> int:
+        """Zero the epoch's running metrics, or put back those of a mid-epoch state; returns the first
+        batch to train (state.resumed_batches tells epoch_start hooks the same)."""
+        state = self.state
+        if position is None:
+            state.epoch_metrics, state.epoch_details = {}, {}
+            state.images_seen = 0
+            state.loss_sum = torch.zeros((), device=self.device)
+            state.correct_sum = torch.zeros((), device=self.device, dtype=torch.long)
+            state.epoch_start_time = time.perf_counter()
+            state.resumed_batches = 0
+            return 0
+        state.epoch_metrics, state.epoch_details = dict(position["metrics"]), dict(position["details"])
+        state.images_seen = int(position["images_seen"])
+        state.loss_sum = position["loss_sum"].to(self.device)
+        state.correct_sum = position["correct_sum"].to(self.device)
+        state.epoch_start_time = time.perf_counter() - float(position["seconds"])
+        state.resumed_batches = int(position["batches_done"])
+        return state.resumed_batches
+
+    def _checkpoint_inside_epoch(self, batches_done: int, batches: int) -> None:
+        """After an optimizer step: save a mid-epoch state when train.checkpoint_every says so, or when a
+        stop signal arrived (then stop). The epoch's last step is left to the epoch-end checkpoint."""
+        if self.signals is None:
+            return
+        if self.signals.received:
+            self._save_mid_epoch(batches_done)
+            raise self._preempted(batches_done)
+        every = self.recipe.train.checkpoint_every
+        if batches_done >= batches or every is None:
+            return
+        steps_due = every.steps is not None and self.state.step % every.steps == 0
+        minutes_due = every.minutes is not None and time.perf_counter() - self._last_save >= every.minutes * 60
+        if steps_due or minutes_due:
+            self._save_mid_epoch(batches_done)
+
+    def _save_mid_epoch(self, batches_done: int) -> None:
+        state = self.state
+        assert self.run_dir is not None and state.loss_sum is not None and state.correct_sum is not None
+        position = {"epoch": state.epoch, "batches_done": batches_done, "images_seen": state.images_seen,
+                    "loss_sum": state.loss_sum.detach().cpu(), "correct_sum": state.correct_sum.detach().cpu(),
+                    "seconds": time.perf_counter() - state.epoch_start_time,
+                    "metrics": dict(state.epoch_metrics), "details": dict(state.epoch_details)}
+        saved = self._training_state(mid_epoch=position)
+        checkpoint.save_training_state(self.run_dir / "checkpoints", saved)
+        self._last_save = time.perf_counter()
+        state.note(f"saved a mid-epoch training state: epoch {state.epoch + 1}, {batches_done} batches done, "
+                   f"step {state.step}", "mid_epoch_checkpoint", epoch=state.epoch + 1, batches_done=batches_done,
+                   step=state.step)
+
+    def _preempted(self, batches_done: int) -> TrainingPreempted:
+        assert self.signals is not None and self.signals.received is not None
+        error = TrainingPreempted(self.signals.received, self._state_file(), self.state.epoch, batches_done)
+        self.state.note(f"{error}", "preempted", signal=error.signal_name, epoch=self.state.epoch + 1,
+                        batches_done=batches_done, step=self.state.step)
+        return error
+
+    def _state_file(self) -> Path | None:
+        return self.run_dir / "checkpoints" / checkpoint.STATE_FILE if self.run_dir is not None else None
 
     def _forward_backward(self, group_size: int) -> None:
         """The batch in state.inputs/targets through the model, the loss and backward: the one step."""
@@ -285,6 +385,8 @@ class Trainer:
 
     def _eval_batches(self, loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for inputs, targets in loader:
+            if self.signals is not None and self.signals.received:
+                raise _StopNow
             inputs = inputs.to(self.device, non_blocking=True)
             if self.parts.eval_batch_transform is not None:
                 inputs = self.parts.eval_batch_transform(inputs)
@@ -326,24 +428,29 @@ class Trainer:
             checkpoint.save_weights(self._saved_model(), ckpt_dir / "best.safetensors", meta)
         if out.save_last:
             checkpoint.save_weights(self._saved_model(), ckpt_dir / "last.safetensors", meta)
-            checkpoint.save_training_state(ckpt_dir / "last.state.pt", self._training_state())
+            checkpoint.save_training_state(ckpt_dir, self._training_state())
+            self._last_save = time.perf_counter()
 
     def _saved_model(self) -> torch.nn.Module:
         """The validated weights (an average's when there is one) without a torch.compile wrapper."""
         model = self.state.eval_model if self.state.eval_model is not None else self.model
         return getattr(model, "_orig_mod", model)
 
-    def _training_state(self) -> dict[str, Any]:
-        return checkpoint.training_state(self.state, self.best_mode, self.hooks)
+    def _training_state(self, mid_epoch: dict[str, Any] | None = None) -> dict[str, Any]:
+        fit_seconds = self.state.fit_seconds_before + time.perf_counter() - self.state.fit_started
+        return checkpoint.training_state(self.state, self.best_mode, self.hooks, self.run_id, mid_epoch, fit_seconds)
 
-    def _resume(self, path: Path) -> None:
-        saved = checkpoint.load_training_state(path)
+    def _resume(self, source: Path | dict[str, Any]) -> None:
+        saved = source if isinstance(source, dict) else checkpoint.load_training_state(Path(source))
         self.model.load_state_dict(saved["model"])
-        if saved["epoch"] > 0 and self.plans[saved["epoch"] - 1].schedule_segment != self.plans[0].schedule_segment:
-            # the schedule of the last finished epoch's segment; built before the optimizer's lrs are
-            # restored, since building one sets them
-            self.state.scheduler = self._build_scheduler(saved["epoch"] - 1)
+        position = saved.get("mid_epoch")
+        # the epoch whose schedule the saved scheduler state belongs to: the one under way, or the last finished
+        epoch = saved["epoch"] if position is not None else saved["epoch"] - 1
+        if epoch > 0 and self.plans[epoch].schedule_segment != self.plans[0].schedule_segment:
+            # built before the optimizer's lrs are restored, since building one sets them
+            self.state.scheduler = self._build_scheduler(epoch)
         self.best_mode = checkpoint.restore_training_state(self.state, saved, self.hooks)
+        self._resume_position = position
 
     def _summarise(self) -> dict[str, Any]:
         return run_summary(self.state, self.recipe.output.best_metric, self.amp_dtype)

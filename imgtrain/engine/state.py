@@ -54,6 +54,8 @@ class TrainState:
     summary: dict[str, Any] = field(default_factory=dict)        # filled at fit_end
     stop_training: bool = False                  # a hook sets it to end after this epoch
     wall_seconds_before: float = 0.0             # training time spent before a resume
+    fit_seconds_before: float = 0.0              # wall time of fit in the processes before a resume
+    fit_started: float = 0.0                     # perf_counter() when this process's fit started
     eval_model: torch.nn.Module | None = None  # validated and saved instead of `model` (an EMA)
     val_per_class_recall: dict[str, Any] = field(default_factory=dict)  # of the last validation
     val_confusion: list[list[int]] | None = None  # of the last validation; rows: true class
@@ -67,6 +69,9 @@ class TrainState:
     loss_sum: torch.Tensor | None = None      # sum of per-image loss this epoch (on device)
     correct_sum: torch.Tensor | None = None   # correct top-1 this epoch (on device)
     epoch_metrics: dict[str, Any] = field(default_factory=dict)  # the history row being built
+    # batches of this epoch trained before a mid-epoch resume (0 otherwise): an epoch_start hook that
+    # sets up per-epoch work keeps what its restored state already holds when this is > 0
+    resumed_batches: int = 0
 
     # --- the current batch
     step: int = 0                                # optimizer steps taken in the whole run

@@ -257,11 +257,16 @@ class CurriculumHook(Hook):
         return torch.where(seen, scores, fill)
 
     def epoch_start(self, state: Any) -> None:
+        assert self.sampler is not None, "fit_start checked it"
+        if state.resumed_batches:
+            # a mid-epoch resume: the pool was chosen from the scores before this epoch changed them;
+            # the saved order and cursor go on (the history row's columns were saved with the epoch's)
+            self.sampler.order = self.order
+            return
         fraction = pacing_fraction(state.epoch, state.epochs, self.cfg.start_fraction, self.cfg.end_point,
                                    self.cfg.pacing, self.cfg.step_count)
         generator = epoch_generator(self.seed, state.epoch)
         pool = easiest(self.ranking_scores(), fraction, generator)
-        assert self.sampler is not None, "fit_start checked it"
         self.order = repeat_pool(pool, len(self.sampler), generator)
         self.sampler.order = self.order
         self.cursor = 0
@@ -294,11 +299,16 @@ class CurriculumHook(Hook):
         self.cursor += count
 
     def state_dict(self) -> dict[str, Any]:
-        # tensors only: last.state.pt is loaded with weights_only=True
-        tensors = {"scores": self.scores, "seen": self.seen} if self.scores is not None else {}
-        return {key: value.detach().cpu().clone() for key, value in tensors.items() if value is not None}
+        # tensors and ints only: last.state.pt is loaded with weights_only=True. The epoch's order and
+        # cursor matter to a state saved inside an epoch.
+        tensors = {"scores": self.scores, "seen": self.seen, "order": self.order}
+        saved: dict[str, Any] = {key: value.detach().cpu().clone() for key, value in tensors.items()
+                                 if value is not None}
+        return {**saved, "cursor": self.cursor} if saved else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "order" in state:
+            self.order, self.cursor = state["order"], int(state["cursor"])
         if "scores" not in state:
             return
         device = self.scores.device if self.scores is not None else torch.device("cpu")

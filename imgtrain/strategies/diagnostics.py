@@ -136,7 +136,8 @@ class GradientMonitorHook(Hook):
         self.readings: list[dict[str, Any]] = []  # this epoch's
 
     def epoch_start(self, state: Any) -> None:
-        self.readings = []
+        if not state.resumed_batches:  # a mid-epoch resume keeps the readings its state restored
+            self.readings = []
 
     def before_step(self, state: Any) -> None:
         # state.step counts the steps taken: this is step state.step + 1, read at 1, 1 + N, ...
@@ -189,11 +190,13 @@ class GradientMonitorHook(Hook):
         })
 
     def state_dict(self) -> dict[str, Any]:
-        # the layers already warned about, so a resumed run does not repeat itself
-        return {"warned": dict(self.warned)} if self.warned else {}
+        # the layers already warned about, so a resumed run does not repeat itself, and the epoch's
+        # readings so far, for a state saved inside an epoch
+        return {"warned": dict(self.warned), "readings": list(self.readings)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.warned = dict(state.get("warned", {}))
+        self.readings = list(state.get("readings", []))
 
 
 class NonFiniteGuardHook(Hook):
@@ -217,7 +220,8 @@ class NonFiniteGuardHook(Hook):
         self._window: list[tuple] = []        # (batch index, optimizer step) of each pending loss
 
     def epoch_start(self, state: Any) -> None:
-        self._group_bad, self._skipped_epoch, self._pending = False, [], 0
+        if not state.resumed_batches:  # a mid-epoch resume keeps what its state restored
+            self._group_bad, self._skipped_epoch, self._pending = False, [], 0
 
     def after_backward(self, state: Any) -> None:
         loss = state.loss.detach()
@@ -226,8 +230,10 @@ class NonFiniteGuardHook(Hook):
             if not bool(torch.isfinite(loss).all()):
                 self._found(state, state.batch_index, state.step, value=float(loss.float().mean()), late=False)
             return
-        if self._losses is None or self._losses.device != loss.device:
+        if self._losses is None:
             self._losses = torch.zeros(self.check_every, device=loss.device)
+        elif self._losses.device != loss.device:  # restored from a checkpoint, on the CPU
+            self._losses = self._losses.to(loss.device)
         if self._pending == 0:
             self._window = []
         self._window.append((state.batch_index, state.step))
@@ -307,10 +313,20 @@ class NonFiniteGuardHook(Hook):
         raise NonFiniteLossError(message)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped": self.skipped} if self.mode == "skip" else {}
+        # inside an epoch, also the steps skipped in it and the losses not checked yet (deferred checks)
+        pending = self._losses[:self._pending].detach().cpu() if self._losses is not None and self._pending else None
+        return {"skipped": self.skipped, "skipped_epoch": list(self._skipped_epoch),
+                "pending": pending, "window": [list(w) for w in self._window[:self._pending]]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped = int(state.get("skipped", 0))
+        self._skipped_epoch = list(state.get("skipped_epoch", []))
+        pending = state.get("pending")
+        self._pending = 0 if pending is None else len(pending)
+        if pending is not None:
+            self._losses = torch.zeros(self.check_every)
+            self._losses[:self._pending] = pending
+            self._window = [tuple(w) for w in state.get("window", [])]
 
 
 def build_diagnostics(cfg: Any) -> list[Hook]:

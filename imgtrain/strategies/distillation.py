@@ -176,10 +176,23 @@ class DistillationHook(Hook):
             self.teacher.to(memory_format=torch.channels_last)
 
     def epoch_start(self, state: Any) -> None:
+        if state.resumed_batches and self.ce_sum is not None and self.kd_sum is not None:  # restored sums go on
+            self.ce_sum, self.kd_sum = self.ce_sum.to(state.device), self.kd_sum.to(state.device)
+            return
         # sums stay on the device: no host sync per batch, one .item() per epoch
         self.ce_sum = torch.zeros((), device=state.device)
         self.kd_sum = torch.zeros((), device=state.device)
         self.seen = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        # the epoch's running sums, for a state saved inside an epoch
+        if self.ce_sum is None or self.kd_sum is None:
+            return {}
+        return {"ce_sum": self.ce_sum.detach().cpu(), "kd_sum": self.kd_sum.detach().cpu(), "seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "ce_sum" in state:
+            self.ce_sum, self.kd_sum, self.seen = state["ce_sum"], state["kd_sum"], int(state["seen"])
 
     def after_loss(self, state: Any) -> None:
         teacher_logits = self.teacher(state.inputs)  # no_grad, eval mode; in the loop's autocast
