@@ -1,16 +1,10 @@
-"""history.csv: one row per finished epoch, rewritten whole every epoch.
+"""history.csv: one row per finished epoch, rewritten whole (atomically) every epoch.
 
-`HistoryTracker` writes `run_dir/history.csv` from `state.history` at every `epoch_end`.
-It rewrites the whole file (temp file + `os.replace`) instead of appending: a resumed run
-restores `state.history` from its checkpoint, so rewriting from it can never duplicate a
-row, and it also drops rows of epochs the crashed run finished after its last checkpoint.
-
-Columns: `epoch`, then the standard columns in a fixed order when present, then any other
-key in first-seen order. Rows may gain keys later (a strategy starts reporting something):
-the header is the union of all keys and missing cells are blank.
-
-`read_history(path)` reads the file back with numbers parsed to int/float; blank cells are
-left out of the row dict, so `write_history` then `read_history` gives the same rows.
+Rewriting from `state.history` instead of appending means a resumed run (history restored from its
+checkpoint) never duplicates a row, and drops rows of epochs finished after the last checkpoint.
+Columns: `epoch`, the standard columns present, then other keys in first-seen order; the header is
+the union of all rows' keys and missing cells are blank. `read_history` parses numbers back and
+leaves blank cells out, so `write_history` then `read_history` gives the same rows.
 """
 
 from __future__ import annotations
@@ -96,11 +90,8 @@ def read_history(path: str | Path) -> list[dict[str, Any]]:
 
 
 class HistoryTracker(Hook):
-    """Rewrites `run_dir/history.csv` from `state.history` at every epoch end.
-
-    At `fit_start` of a resumed run (history restored from the checkpoint) it rewrites the
-    file too, so the CSV matches the restored state before the first new epoch finishes.
-    """
+    """Rewrites `run_dir/history.csv` from `state.history` at every epoch end, and at the
+    `fit_start` of a resumed run, so the CSV matches the restored state at once."""
 
     name = "history"
 

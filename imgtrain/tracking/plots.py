@@ -1,37 +1,17 @@
-"""Charts of a run, drawn once per redraw by matplotlib: plots/*.png and report.html's inline SVG.
+"""Charts of a run, drawn by matplotlib once per redraw: plots/*.png and report.html's inline SVG.
 
-One function per chart builds a `Figure` from the history rows (and the per-step record):
+One function per chart builds a `Figure` from the history rows: loss, accuracy, lr, momentum (per
+optimizer step when steps were recorded, else per epoch), throughput and epoch_time. Each figure is
+rendered twice, as `plots/NAME.png` (`write_pngs`) and as the SVG report.html inlines
+(`svg_element`), so the page and the files agree and no chart is built twice.
 
-- `loss`        train_loss and val_loss per epoch
-- `accuracy`    train_acc, val_acc and val_balanced_acc per epoch, in %
-- `lr`          learning rate per optimizer step (log scale when it spans > 2 decades); per epoch
-                from the history when no steps were recorded
-- `momentum`    momentum / beta1 per optimizer step, likewise
-- `throughput`  training images/s per epoch
-- `epoch_time`  seconds per epoch
-
-The PlotTracker renders each figure twice from the same object, as `plots/NAME.png` (`write_pngs`)
-and as SVG text that report.html inlines (`svg_element`): the page and the files show the same
-drawing and no chart is built twice. Six figures cost about 0.45 s on 2 CPU cores (PNG ~0.28 s, SVG the rest).
-
-`PlotTracker` records the learning rate and momentum (or Adam's beta1) of the first param group
-that each optimizer step uses (read at `before_step`) and redraws at epoch ends. The per-step
-record keeps at most `max_points` points however long the run: when full it drops every other
-point and from then on records every 2nd step (then 4th, ...), so memory, checkpoint size and
-drawing time stay bounded and the kept points stay evenly spaced. It is part of the hook's
-`state_dict`, so a resumed run's lr chart still starts at step 0.
-
-Drawing uses `matplotlib.figure.Figure` directly: no pyplot, so no global figure registry or
-backend switching (safe next to a user's own pyplot use and in threads). Each PNG is written to a
-temporary file and `os.replace`d, so a viewer never reads half an image. By default the hook draws
-on a background thread from a snapshot of the history, so the loop goes on while matplotlib
-renders (most of the loop's time is in torch ops that release the GIL); at most one draw runs at a
-time, and `fit_end` waits for the last one, so every file is complete when `fit` returns.
-`background=False` draws in the loop's thread.
-
-`plot_history(rows, lr_steps, momentum_steps, out_dir)` writes the PNGs without a hook;
-`chart_svgs(rows, lr_steps, momentum_steps)` gives the SVGs alone (the report when plots are off,
-and `imgtrain report`).
+`PlotTracker` records the lr and momentum (or Adam's beta1) of each optimizer step, at most
+`max_points` of them: when full it keeps every other point and from then on records every 2nd step
+(then 4th, ...), so memory, checkpoint size and drawing time stay bounded and the points evenly
+spaced. The record is in its `state_dict`, so a resumed run's lr chart still starts at step 0. It
+redraws at epoch ends on a time budget (`BudgetedRedraw`), by default on a background thread (the
+loop's torch ops release the GIL); `fit_end` waits for the last draw. No pyplot: plain `Figure`s
+have no global state, so they are safe in threads and next to a user's own pyplot use.
 """
 
 from __future__ import annotations
@@ -56,7 +36,7 @@ PLOTS_DIR = "plots"
 FIGSIZE = (6.0, 4.0)   # inches: 480x320 px as PNG, 576x384 CSS px as SVG
 DPI = 80
 MAX_POINTS = 2000      # per-step points kept and drawn per curve
-REDRAW_BUDGET_FACTOR = 150  # wait at least 150x the last redraw's cost before the next (<= ~0.7% of time)
+REDRAW_BUDGET_FACTOR = 150  # wait at least 150x the last redraw's cost before the next (README: The run folder)
 FIRST_DRAW_COST = 0.4      # seconds; what the budget assumes before the first redraw has been timed
 MARKER_LIMIT = 30      # per-epoch curves get point markers up to this many epochs
 SERIES_ID = "series-"  # + the column name: each curve's gid, an id in the SVG that tests can find
@@ -167,11 +147,8 @@ def epoch_time_chart(rows: Sequence[dict[str, Any]]) -> Figure | None:
 
 def draw_charts(rows: Sequence[dict[str, Any]], lr_steps: Steps = (),
                 momentum_steps: Steps = ()) -> dict[str, Figure]:
-    """name -> Figure for every chart that has data, in the report's order.
-
-    rows: history rows (dicts with epoch, train_loss, val_acc ...; accuracies as fractions).
-    lr_steps, momentum_steps: (optimizer step, value) pairs; empty: per epoch from the rows.
-    """
+    """name -> Figure for every chart that has data, in the report's order. `rows`: history rows
+    (accuracies as fractions); `lr_steps`, `momentum_steps`: (step, value) pairs, empty: per epoch."""
     builders: dict[str, Callable[[], Figure | None]] = {
         "loss": lambda: loss_chart(rows),
         "accuracy": lambda: accuracy_chart(rows),
@@ -220,9 +197,45 @@ def plot_history(rows: Sequence[dict[str, Any]], lr_steps: Steps, momentum_steps
     return write_pngs(draw_charts(rows, lr_steps, momentum_steps), out_dir)
 
 
-# ----------------------------------------------------------------------------- the hook
+# ----------------------------------------------------------------------------- the hooks
 
-class PlotTracker(Hook):
+class BudgetedRedraw(Hook):
+    """Base of the trackers that redraw at epoch ends: a redraw is skipped (and made up later) while
+    less than `redraw_budget_factor` x the last one's cost has passed since it ended (0: never), or
+    while `busy()`. The budget runs from fit_start; the last epoch always draws."""
+
+    def __init__(self, redraw_budget_factor: float):
+        self.redraw_budget_factor = redraw_budget_factor
+        self._last_draw_end: float | None = None
+        self._last_cost = FIRST_DRAW_COST
+        self._pending = False  # an epoch's redraw was skipped and not yet made up
+
+    def redraw(self, state: Any) -> None:
+        raise NotImplementedError
+
+    def busy(self) -> bool:
+        return False
+
+    def fit_start(self, state: Any) -> None:
+        if self._last_draw_end is None:
+            self._last_draw_end = time.perf_counter()
+
+    def epoch_end(self, state: Any) -> None:
+        final = state.epoch + 1 >= state.epochs or state.stop_training
+        recent = (self._last_draw_end is not None
+                  and time.perf_counter() - self._last_draw_end < self.redraw_budget_factor * self._last_cost)
+        if not final and (recent or self.busy()):
+            self._pending = True
+        else:
+            self.redraw(state)
+
+    def _drawn(self, started: float) -> None:
+        """Time the redraw that began at `started` (time.perf_counter) and ends now."""
+        self._last_draw_end = time.perf_counter()
+        self._last_cost = self._last_draw_end - started
+
+
+class PlotTracker(BudgetedRedraw):
     """Records per-step lr and momentum; redraws `run_dir/plots/*.png` and the SVGs in `charts`
     at epoch ends."""
 
@@ -232,26 +245,21 @@ class PlotTracker(Hook):
                  redraw_budget_factor: float = REDRAW_BUDGET_FACTOR, background: bool = True):
         if max_points < 2:
             raise ValueError(f"max_points must be at least 2, got {max_points}")
+        super().__init__(redraw_budget_factor)
         self.out_dir = Path(run_dir) / PLOTS_DIR
         self.max_points = max_points
-        self.redraw_budget_factor = redraw_budget_factor  # 0: redraw at every epoch end
         self.steps: list[int] = []
         self.lr: list[float] = []
         self.momentum: list[float] = []
         self.stride = 1  # record steps that are multiples of this; doubles when the record is full
         self.last_written: list[Path] = []
         self.charts: dict[str, str] = {}  # name -> SVG of the last draw, for report.html
-        self._last_draw_end: float | None = None
-        self._last_cost = 0.0
-        self._pending = False  # an epoch's redraw was skipped and not yet made up
         self.background = background
         self._worker: threading.Thread | None = None
         self._error: BaseException | None = None
 
     def before_step(self, state: Any) -> None:
-        # before_step, not after_step: by after_step the scheduler has already moved on, so
-        # the lr read there is the next step's (a one-cycle plot would miss its warmup start
-        # and show a jump after the last step). Here it is the lr this optimizer step uses.
+        # not after_step: by then the scheduler has moved on, and the lr read there is the next step's
         step = state.step + 1  # 1-based number of the step being taken, as after_step counts
         # the second test skips a step already recorded (e.g. a repeated event)
         if step % self.stride or (self.steps and step <= self.steps[-1]):
@@ -270,27 +278,8 @@ class PlotTracker(Hook):
         self.lr = [self.lr[i] for i in keep]
         self.momentum = [self.momentum[i] for i in keep]
 
-    def fit_start(self, state: Any) -> None:
-        # the budget runs from the start of training: the first redraw is due once
-        # redraw_budget_factor x FIRST_DRAW_COST seconds (60 s) have passed
-        if self._last_draw_end is None:
-            self._last_draw_end, self._last_cost = time.perf_counter(), FIRST_DRAW_COST
-
-    def epoch_end(self, state: Any) -> None:
-        # A redraw of the six charts (PNG and SVG) costs 0.4-1 s of CPU. On long epochs that is nothing and
-        # every epoch is drawn; on epochs of a few seconds it would be a visible slowdown, so a
-        # redraw is skipped while less than redraw_budget_factor x its last cost has passed
-        # since the previous one, or while the previous one is still drawing (training pays at
-        # most ~2%). The last epoch and fit_end always draw.
-        now = time.perf_counter()
-        final = state.epoch + 1 >= state.epochs or state.stop_training
-        busy = self._worker is not None and self._worker.is_alive()
-        recent = (self._last_draw_end is not None
-                  and now - self._last_draw_end < self.redraw_budget_factor * self._last_cost)
-        if not final and (busy or recent):
-            self._pending = True
-            return
-        self.redraw(state)
+    def busy(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
 
     def fit_end(self, state: Any) -> None:
         if self._pending:
@@ -336,8 +325,7 @@ class PlotTracker(Hook):
             self.charts = {name: svg_element(fig) for name, fig in figures.items()}
         except BaseException as error:
             self._error = error
-        self._last_draw_end = time.perf_counter()
-        self._last_cost = self._last_draw_end - started
+        self._drawn(started)
 
     def lr_steps(self) -> list[tuple[int, float]]:
         return list(zip(self.steps, self.lr, strict=True))

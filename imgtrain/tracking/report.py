@@ -1,29 +1,10 @@
-"""report.html: one self-contained page per run, redrawn at the end of every epoch.
+"""report.html: one self-contained page per run, redrawn at epoch ends (README: The run report).
 
-Open `RUN/report.html` in a browser while the run trains: it reloads itself every 30 s until
-the run has finished. Everything is inline (images as base64 PNG data URIs, charts as SVG, no
-scripts, no network), so the file can be mailed or attached to a ticket as it is. It shows:
-
-- the headline numbers (best validation, test, test with TTA when `eval.tta` is set) and the
-  run's status;
-- the charts of tracking/plots.py as inline SVG, the same figures as plots/*.png (the
-  PlotTracker's, drawn once per redraw; drawn here only when plots are off): loss, accuracy,
-  learning rate and momentum (per optimizer step from the PlotTracker's record when plots are on,
-  else per epoch), throughput and epoch time;
-- the per-epoch history as a table;
-- per-class precision / recall / F1 / support and the confusion matrix (an HTML table up to 40
-  classes, a PNG past that) of the validation split;
-- a grid of training images as the model saw them (augmented, mixed, resized);
-- the worst-classified validation images (highest loss) with their Grad-CAM;
-- timing and memory; and the recipe as run.
-
-`ReportTracker` (built by `build_trackers` when `output.report` is on) draws it from the
-training state; `rebuild_report(run_dir)` (`imgtrain report RUN_DIR`) draws it again from the
-run folder's files, evaluating the best checkpoint on the validation split for the per-class
-table, the confusion matrix and the worst images, and the per-step lr from checkpoints/last.state.pt.
-Like the plots, a redraw is skipped while less than 150x its last cost has passed (training pays
-under 1%); the last epoch always draws, and `finish` adds the test numbers once api.train has
-measured them.
+Everything is inline (PNG data URIs, the charts of tracking/plots.py as SVG, no scripts, no
+network), so the file can be mailed as it is; while the run trains it reloads itself every 30 s.
+`ReportTracker` draws it from the training state on the plots' time budget (the last epoch always)
+and `finish` adds the test numbers api.train measured. `rebuild_report(run_dir)` (`imgtrain report`)
+draws it again from the run folder, evaluating the best checkpoint on the validation split.
 """
 
 from __future__ import annotations
@@ -44,8 +25,8 @@ import torch
 from PIL import Image
 
 from imgtrain.data.transforms import denormalize
-from imgtrain.engine.events import Hook
-from imgtrain.tracking.plots import FIRST_DRAW_COST, PLOTS_DIR, REDRAW_BUDGET_FACTOR, PlotTracker, chart_svgs
+from imgtrain.engine.device import peak_memory_mb
+from imgtrain.tracking.plots import PLOTS_DIR, REDRAW_BUDGET_FACTOR, BudgetedRedraw, PlotTracker, chart_svgs
 from imgtrain.tracking.summary import atomic_write_bytes, atomic_write_text
 
 REPORT_FILE = "report.html"
@@ -292,11 +273,9 @@ def render_html(content: ReportContent) -> str:
         parts.append("<p>None yet.</p>")
 
     parts.append('<h2 id="timing">Timing and memory</h2>')
-    resources = dict(content.resources)
-    resource_rows = [(key.replace("_", " "), value) for key, value in resources.items()]
-    if resource_rows:
-        body = "".join(f'<tr><td class="name">{html.escape(k)}</td><td>{_fmt(k, v)}</td></tr>'
-                       for k, v in resource_rows)
+    if content.resources:
+        body = "".join(f'<tr><td class="name">{html.escape(k.replace("_", " "))}</td><td>{_fmt(k, v)}</td></tr>'
+                       for k, v in content.resources.items())
         parts.append(f'<table id="timing-table"><tbody>{body}</tbody></table>')
 
     parts.append('<h2 id="recipe">Recipe</h2>')
@@ -346,29 +325,22 @@ def resources_of(history: Sequence[dict[str, Any]], summary: dict[str, Any]) -> 
 
 # ----------------------------------------------------------------------------- the hook
 
-class ReportTracker(Hook):
+class ReportTracker(BudgetedRedraw):
     """Redraws run_dir/report.html at epoch ends (on a time budget; the last epoch always)."""
 
     name = "report"
 
     def __init__(self, run_dir: str | Path, inputs: ReportInputs | None = None,
                  plots: PlotTracker | None = None, redraw_budget_factor: float | None = None):
+        # the module's REDRAW_BUDGET_FACTOR, read now: tests set it to 0 for a run
+        super().__init__(REDRAW_BUDGET_FACTOR if redraw_budget_factor is None else redraw_budget_factor)
         self.run_dir = Path(run_dir)
         self.inputs = inputs
         self.plots = plots  # draws the charts (once, for plots/ and this page); None: drawn here
-        # 0: redraw at every epoch end
-        self.redraw_budget_factor = REDRAW_BUDGET_FACTOR if redraw_budget_factor is None else redraw_budget_factor
         self.content: ReportContent | None = None
         self.samples_png: bytes | None = None
         self.samples_note = ""
-        self._last_draw_end: float | None = None
-        self._last_cost = FIRST_DRAW_COST
-        self._pending = False
         self.draws = 0
-
-    def fit_start(self, state: Any) -> None:
-        if self._last_draw_end is None:
-            self._last_draw_end = time.perf_counter()
 
     def after_forward(self, state: Any) -> None:
         # the first batch the model trains on, after every batch strategy (mixing, resizing):
@@ -384,15 +356,6 @@ class ReportTracker(Hook):
         plots.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(plots / SAMPLES_FILE, self.samples_png)
 
-    def epoch_end(self, state: Any) -> None:
-        now = time.perf_counter()
-        final = state.epoch + 1 >= state.epochs or state.stop_training
-        if not final and self._last_draw_end is not None and \
-                now - self._last_draw_end < self.redraw_budget_factor * self._last_cost:
-            self._pending = True
-            return
-        self.redraw(state)
-
     def fit_end(self, state: Any) -> None:
         if self._pending or self.content is None:
             self.redraw(state)
@@ -403,8 +366,7 @@ class ReportTracker(Hook):
         self.content = self.live_content(state)
         write_report(self.run_dir, self.content)
         self.draws += 1
-        self._last_draw_end = time.perf_counter()
-        self._last_cost = self._last_draw_end - started
+        self._drawn(started)
 
     def finish(self, summary: dict[str, Any]) -> Path | None:
         """The final page, with the test numbers api.train measured after fit."""
@@ -419,12 +381,14 @@ class ReportTracker(Hook):
     def live_content(self, state: Any) -> ReportContent:
         history = [dict(r) for r in state.history]
         epoch = len(history)
+        config = self.run_dir / "config.yaml"
+        recipe_text = config.read_text(encoding="utf-8") if config.is_file() else str(state.recipe)
         content = ReportContent(title=f"imgtrain run {self.run_dir.name}",
                                 status=f"training: epoch {epoch} of {state.epochs} finished",
-                                live=True, recipe_text=_recipe_text(self.run_dir, state.recipe),
+                                live=True, recipe_text=recipe_text,
                                 history=history, summary=dict(state.summary), classes=list(state.classes),
                                 samples_png=self.samples_png, samples_note=self.samples_note)
-        content.resources = resources_of(history, _live_resources(state))
+        content.resources = resources_of(history, peak_memory_mb(state.device))
         if state.val_confusion is not None:
             content.confusion = state.val_confusion
             accuracy = history[-1].get("val_acc", 0)
@@ -452,18 +416,6 @@ class ReportTracker(Hook):
                                  state.classes, self.inputs.mean, self.inputs.std)
         except Exception:
             return [], "could not draw the worst images:\n" + traceback.format_exc(limit=2)
-
-
-def _live_resources(state: Any) -> dict[str, Any]:
-    from imgtrain.engine.device import peak_memory_mb
-    return peak_memory_mb(state.device)
-
-
-def _recipe_text(run_dir: Path, recipe: Any) -> str:
-    config = run_dir / "config.yaml"
-    if config.is_file():
-        return config.read_text(encoding="utf-8")
-    return str(recipe)
 
 
 # ----------------------------------------------------------------------------- from the run folder
