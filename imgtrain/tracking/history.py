@@ -22,10 +22,8 @@ from imgtrain.tracking.summary import atomic_write_text
 HISTORY_FILE = "history.csv"
 
 #: columns that come right after `epoch`, in this order, when any row has them
-STANDARD_COLUMNS = (
-    "train_loss", "train_acc", "val_loss", "val_acc", "lr", "momentum",
-    "epoch_seconds", "images_per_second",
-)
+STANDARD_COLUMNS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "momentum", "epoch_seconds",
+                    "images_per_second")
 
 _INT_RE = re.compile(r"[+-]?\d+")
 # plain decimal / scientific notation and the non-finite words %g writes; no "_" separators

@@ -1,17 +1,14 @@
 """Charts of a run, drawn by matplotlib once per redraw: plots/*.png and report.html's inline SVG.
 
-One function per chart builds a `Figure` from the history rows: loss, accuracy, lr, momentum (per
-optimizer step when steps were recorded, else per epoch), throughput and epoch_time. Each figure is
-rendered twice, as `plots/NAME.png` (`write_pngs`) and as the SVG report.html inlines
-(`svg_element`), so the page and the files agree and no chart is built twice.
+One function per chart builds a `Figure` from the history rows (lr and momentum per optimizer step
+when recorded, else per epoch); each figure is rendered both as `plots/NAME.png` and as the SVG
+report.html inlines, so the page and the files agree. No pyplot: plain `Figure`s have no global state.
 
 `PlotTracker` records the lr and momentum (or Adam's beta1) of each optimizer step, at most
 `max_points` of them: when full it keeps every other point and from then on records every 2nd step
-(then 4th, ...), so memory, checkpoint size and drawing time stay bounded and the points evenly
-spaced. The record is in its `state_dict`, so a resumed run's lr chart still starts at step 0. It
-redraws at epoch ends on a time budget (`BudgetedRedraw`), by default on a background thread (the
-loop's torch ops release the GIL); `fit_end` waits for the last draw. No pyplot: plain `Figure`s
-have no global state, so they are safe in threads and next to a user's own pyplot use.
+(then 4th, ...), so memory, checkpoint size and drawing time stay bounded. The record is in its
+`state_dict`, so a resumed run's lr chart still starts at step 0. It redraws at epoch ends on a time
+budget, by default on a background thread (the loop's torch ops release the GIL); `fit_end` waits.
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ import io
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +40,9 @@ SERIES_ID = "series-"  # + the column name: each curve's gid, an id in the SVG t
 # no date or creator in the SVG: the page would differ at every redraw for nothing
 SVG_METADATA = {"Date": None, "Creator": None, "Format": None, "Type": None}
 
+Rows = Sequence[dict[str, Any]]  # history rows (accuracies as fractions)
 Steps = Sequence[tuple[float, float]]  # (optimizer step, value) pairs
 
-
-# ----------------------------------------------------------------------------- data
 
 def plottable(value: Any) -> float:
     """A plottable float; missing, non-numeric and infinite values become NaN (a gap)."""
@@ -70,8 +66,6 @@ def decimate(points: Steps, max_points: int = MAX_POINTS) -> list[tuple[float, f
     return kept
 
 
-# ----------------------------------------------------------------------------- one figure per chart
-
 def _new_axes(title: str, xlabel: str, ylabel: str) -> tuple[Figure, Any]:
     fig = Figure(figsize=FIGSIZE, dpi=DPI)
     FigureCanvasAgg(fig)  # attaches itself to fig; savefig then renders PNGs with Agg
@@ -85,8 +79,7 @@ def _new_axes(title: str, xlabel: str, ylabel: str) -> tuple[Figure, Any]:
     return fig, ax
 
 
-def _epoch_chart(rows: Sequence[dict[str, Any]], keys: Sequence[str], title: str, ylabel: str,
-                 scale: float = 1.0) -> Figure | None:
+def _epoch_chart(rows: Rows, keys: Sequence[str], title: str, ylabel: str, scale: float = 1.0) -> Figure | None:
     """One line per key present in any row, against the epoch; None when no key has data."""
     series = {}
     for key in keys:
@@ -106,8 +99,7 @@ def _epoch_chart(rows: Sequence[dict[str, Any]], keys: Sequence[str], title: str
     return fig
 
 
-def _step_chart(rows: Sequence[dict[str, Any]], steps: Steps, key: str, name: str, ylabel: str,
-                log_when_wide: bool) -> Figure | None:
+def _step_chart(rows: Rows, steps: Steps, key: str, name: str, ylabel: str, log_when_wide: bool) -> Figure | None:
     """`key` per optimizer step from `steps`, else per epoch from the history; None without data."""
     if not steps:
         return _epoch_chart(rows, (key,), f"{name} per epoch", ylabel)
@@ -121,47 +113,43 @@ def _step_chart(rows: Sequence[dict[str, Any]], steps: Steps, key: str, name: st
     return fig
 
 
-def loss_chart(rows: Sequence[dict[str, Any]]) -> Figure | None:
+def loss_chart(rows: Rows) -> Figure | None:
     return _epoch_chart(rows, ("train_loss", "val_loss"), "Loss", "loss")
 
 
-def accuracy_chart(rows: Sequence[dict[str, Any]]) -> Figure | None:
+def accuracy_chart(rows: Rows) -> Figure | None:
     return _epoch_chart(rows, ("train_acc", "val_acc", "val_balanced_acc"), "Accuracy", "accuracy (%)", 100.0)
 
 
-def lr_chart(rows: Sequence[dict[str, Any]], steps: Steps = ()) -> Figure | None:
+def lr_chart(rows: Rows, steps: Steps = ()) -> Figure | None:
     return _step_chart(rows, steps, "lr", "Learning rate", "lr", log_when_wide=True)
 
 
-def momentum_chart(rows: Sequence[dict[str, Any]], steps: Steps = ()) -> Figure | None:
+def momentum_chart(rows: Rows, steps: Steps = ()) -> Figure | None:
     return _step_chart(rows, steps, "momentum", "Momentum", "momentum / beta1", log_when_wide=False)
 
 
-def throughput_chart(rows: Sequence[dict[str, Any]]) -> Figure | None:
+def throughput_chart(rows: Rows) -> Figure | None:
     return _epoch_chart(rows, ("images_per_second",), "Throughput", "training images / s")
 
 
-def epoch_time_chart(rows: Sequence[dict[str, Any]]) -> Figure | None:
+def epoch_time_chart(rows: Rows) -> Figure | None:
     return _epoch_chart(rows, ("epoch_seconds",), "Epoch time", "seconds")
 
 
-def draw_charts(rows: Sequence[dict[str, Any]], lr_steps: Steps = (),
-                momentum_steps: Steps = ()) -> dict[str, Figure]:
-    """name -> Figure for every chart that has data, in the report's order. `rows`: history rows
-    (accuracies as fractions); `lr_steps`, `momentum_steps`: (step, value) pairs, empty: per epoch."""
-    builders: dict[str, Callable[[], Figure | None]] = {
-        "loss": lambda: loss_chart(rows),
-        "accuracy": lambda: accuracy_chart(rows),
-        "lr": lambda: lr_chart(rows, lr_steps),
-        "momentum": lambda: momentum_chart(rows, momentum_steps),
-        "throughput": lambda: throughput_chart(rows),
-        "epoch_time": lambda: epoch_time_chart(rows),
+def draw_charts(rows: Rows, lr_steps: Steps = (), momentum_steps: Steps = ()) -> dict[str, Figure]:
+    """name -> Figure for every chart that has data, in the report's order; lr and momentum per
+    epoch when their steps are empty."""
+    figures = {
+        "loss": loss_chart(rows),
+        "accuracy": accuracy_chart(rows),
+        "lr": lr_chart(rows, lr_steps),
+        "momentum": momentum_chart(rows, momentum_steps),
+        "throughput": throughput_chart(rows),
+        "epoch_time": epoch_time_chart(rows),
     }
-    figures = {name: build() for name, build in builders.items()}
     return {name: fig for name, fig in figures.items() if fig is not None}
 
-
-# ----------------------------------------------------------------------------- rendering
 
 def svg_element(fig: Figure) -> str:
     """The figure as an `<svg class="chart">` element to inline in HTML, labelled with its title."""
@@ -185,19 +173,15 @@ def write_pngs(figures: dict[str, Figure], out_dir: str | Path) -> list[Path]:
     return written
 
 
-def chart_svgs(rows: Sequence[dict[str, Any]], lr_steps: Steps = (),
-               momentum_steps: Steps = ()) -> dict[str, str]:
+def chart_svgs(rows: Rows, lr_steps: Steps = (), momentum_steps: Steps = ()) -> dict[str, str]:
     """name -> inline SVG of every chart with data, without writing files."""
     return {name: svg_element(fig) for name, fig in draw_charts(rows, lr_steps, momentum_steps).items()}
 
 
-def plot_history(rows: Sequence[dict[str, Any]], lr_steps: Steps, momentum_steps: Steps,
-                 out_dir: str | Path) -> list[Path]:
+def plot_history(rows: Rows, lr_steps: Steps, momentum_steps: Steps, out_dir: str | Path) -> list[Path]:
     """Draw NAME.png for every chart with data into `out_dir`; returns the paths written."""
     return write_pngs(draw_charts(rows, lr_steps, momentum_steps), out_dir)
 
-
-# ----------------------------------------------------------------------------- the hooks
 
 class BudgetedRedraw(Hook):
     """Base of the trackers that redraw at epoch ends: a redraw is skipped (and made up later) while
@@ -282,9 +266,7 @@ class PlotTracker(BudgetedRedraw):
         return self._worker is not None and self._worker.is_alive()
 
     def fit_end(self, state: Any) -> None:
-        if self._pending:
-            self.redraw(state)
-        self.wait()
+        self.current_charts(state)  # makes up a skipped redraw and waits for the draw
 
     def redraw(self, state: Any) -> None:
         """Draw every chart from the state's history now (on the background thread when enabled)."""
@@ -316,8 +298,7 @@ class PlotTracker(BudgetedRedraw):
             error, self._error = self._error, None
             raise error
 
-    def _draw(self, rows: list[dict[str, Any]], lr: list[tuple[int, float]],
-              momentum: list[tuple[int, float]]) -> None:
+    def _draw(self, rows: list[dict[str, Any]], lr: list[tuple[int, float]], momentum: list[tuple[int, float]]) -> None:
         started = time.perf_counter()
         try:
             figures = draw_charts(rows, lr, momentum)

@@ -26,8 +26,10 @@ from PIL import Image
 
 from imgtrain.data.transforms import denormalize
 from imgtrain.engine.device import peak_memory_mb
+from imgtrain.io import RunDirError, atomic_write_bytes, atomic_write_text
+from imgtrain.tracking.history import HISTORY_FILE, read_history
 from imgtrain.tracking.plots import PLOTS_DIR, REDRAW_BUDGET_FACTOR, BudgetedRedraw, PlotTracker, chart_svgs
-from imgtrain.tracking.summary import atomic_write_bytes, atomic_write_text
+from imgtrain.tracking.summary import SUMMARY_FILE, read_summary
 
 REPORT_FILE = "report.html"
 REFRESH_SECONDS = 30       # while the run trains, the page reloads itself this often
@@ -40,8 +42,7 @@ MIN_TILE = 96              # small images (8x8 digits) are upscaled to at least 
 
 @dataclass
 class ReportInputs:
-    """What the live report needs besides the TrainState: the validation data (raw and as the
-    model sees it) and how to undo the normalisation."""
+    """What the live report needs besides the TrainState: the validation data and its normalisation."""
     val_dataset: Any                 # indexable: the transformed (C, H, W) image and its label; None: no val split
     mean: Sequence[float]
     std: Sequence[float]
@@ -106,9 +107,8 @@ def image_grid(images: torch.Tensor, columns: int = 8, gap: int = 2) -> np.ndarr
     return grid
 
 
-def worst_gallery(model: torch.nn.Module, inputs: torch.Tensor, targets: Sequence[int],
-                  losses: Sequence[float], classes: Sequence[str], mean: Sequence[float],
-                  std: Sequence[float]) -> tuple:
+def worst_gallery(model: torch.nn.Module, inputs: torch.Tensor, targets: Sequence[int], losses: Sequence[float],
+                  classes: Sequence[str], mean: Sequence[float], std: Sequence[float]) -> tuple:
     """Rows of the worst-images table: the image, its Grad-CAM for the predicted class, the
     true and predicted class, the probability and the loss. (rows, note)"""
     with torch.no_grad():
@@ -127,13 +127,11 @@ def worst_gallery(model: torch.nn.Module, inputs: torch.Tensor, targets: Sequenc
     except Exception as exc:
         overlays = [None] * len(pixels)
         note = f"no Grad-CAM: {type(exc).__name__}: {exc}"
-    rows = []
-    for i, img in enumerate(pixels):
-        rows.append({"image": png_bytes(upscale(to_rgb(img))),
-                     "cam": png_bytes(overlays[i]) if overlays[i] is not None else None,
-                     "true": str(classes[int(targets[i])]), "predicted": str(classes[int(predicted[i])]),
-                     "probability": float(probs[i, predicted[i]]), "true_probability": float(probs[i, int(targets[i])]),
-                     "loss": float(losses[i])})
+    rows = [{"image": png_bytes(upscale(to_rgb(img))),
+             "cam": png_bytes(overlays[i]) if overlays[i] is not None else None,
+             "true": str(classes[int(targets[i])]), "predicted": str(classes[int(predicted[i])]),
+             "probability": float(probs[i, predicted[i]]), "true_probability": float(probs[i, int(targets[i])]),
+             "loss": float(losses[i])} for i, img in enumerate(pixels)]
     return rows, note
 
 
@@ -212,12 +210,11 @@ def render_html(content: ReportContent) -> str:
     summary = dict(content.summary)
     if content.history and "best_val_acc" not in summary and any("val_acc" in r for r in content.history):
         summary["best_val_acc"] = max(r.get("val_acc", 0.0) for r in content.history)
-    headline = [key for _, key in HEADLINE_KEYS if key in summary]
     parts.append('<h2 id="summary">Summary</h2>')
-    if headline:
-        # each value formatted by its own key: accuracies as %, the rest as they are
-        body = "".join(f'<tr><td class="name">{html.escape(label)}</td><td>{_fmt(key, summary[key])}</td></tr>'
-                       for label, key in HEADLINE_KEYS if key in summary)
+    # each value formatted by its own key: accuracies as %, the rest as they are
+    body = "".join(f'<tr><td class="name">{html.escape(label)}</td><td>{_fmt(key, summary[key])}</td></tr>'
+                   for label, key in HEADLINE_KEYS if key in summary)
+    if body:
         if "test_tta" in summary:
             body += f'<tr><td class="name">TTA views</td><td>{html.escape(str(summary["test_tta"]))}</td></tr>'
         parts.append(f'<table id="summary-table" class="headline"><thead><tr><th class="name"></th><th>value</th>'
@@ -226,8 +223,7 @@ def render_html(content: ReportContent) -> str:
         parts.append("<p>No epoch has finished yet.</p>")
 
     parts.append('<h2 id="curves">Curves</h2><div class="figs">')
-    for svg in content.charts.values():  # each chart carries its own title
-        parts.append(f"<figure>{svg}</figure>")
+    parts.extend(f"<figure>{svg}</figure>" for svg in content.charts.values())  # each chart carries its title
     parts.append("</div>")
 
     if content.history:
@@ -259,13 +255,11 @@ def render_html(content: ReportContent) -> str:
     parts.append('<h2 id="worst">Worst-classified validation images</h2>')
     if content.worst:
         parts.append(f"<p>{html.escape(content.worst_note)}</p>")
-        cells = []
-        for i, row in enumerate(content.worst, start=1):
-            cells.append(f"<tr><td class=\"name\">{i}</td><td>{_img(row['image'], 'image ' + str(i), 'pixel')}</td>"
-                        f"<td>{_img(row['cam'], 'Grad-CAM ' + str(i))}</td>"
-                        f"<td>{html.escape(row['true'])}</td><td>{html.escape(row['predicted'])}</td>"
-                        f"<td>{row['probability']:.2%}</td><td>{row['true_probability']:.2%}</td>"
-                        f"<td>{row['loss']:.4f}</td></tr>")
+        cells = [f"<tr><td class=\"name\">{i}</td><td>{_img(row['image'], 'image ' + str(i), 'pixel')}</td>"
+                 f"<td>{_img(row['cam'], 'Grad-CAM ' + str(i))}</td>"
+                 f"<td>{html.escape(row['true'])}</td><td>{html.escape(row['predicted'])}</td>"
+                 f"<td>{row['probability']:.2%}</td><td>{row['true_probability']:.2%}</td>"
+                 f"<td>{row['loss']:.4f}</td></tr>" for i, row in enumerate(content.worst, start=1)]
         parts.append('<table id="worst-table"><thead><tr><th class="name">#</th><th>image</th><th>Grad-CAM</th>'
                      "<th>true</th><th>predicted</th><th>p(predicted)</th><th>p(true)</th><th>loss</th></tr></thead>"
                      f"<tbody>{''.join(cells)}</tbody></table>")
@@ -323,8 +317,6 @@ def resources_of(history: Sequence[dict[str, Any]], summary: dict[str, Any]) -> 
     return out
 
 
-# ----------------------------------------------------------------------------- the hook
-
 class ReportTracker(BudgetedRedraw):
     """Redraws run_dir/report.html at epoch ends (on a time budget; the last epoch always)."""
 
@@ -343,8 +335,7 @@ class ReportTracker(BudgetedRedraw):
         self.draws = 0
 
     def after_forward(self, state: Any) -> None:
-        # the first batch the model trains on, after every batch strategy (mixing, resizing):
-        # one copy to the host, once per run
+        # the first batch the model trains on, after every batch strategy: one copy to the host per run
         if self.samples_png is not None or self.inputs is None or state.inputs is None:
             return
         batch = state.inputs[:SAMPLES_SHOWN]
@@ -352,9 +343,7 @@ class ReportTracker(BudgetedRedraw):
         self.samples_note = (f"the first training batch of epoch {state.epoch + 1} as the model received it: "
                              f"{tuple(batch.shape[1:])} per image, after augmentation and batch strategies")
         # kept on disk too, for `imgtrain report` to rebuild the page from the run folder
-        plots = self.run_dir / PLOTS_DIR
-        plots.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(plots / SAMPLES_FILE, self.samples_png)
+        atomic_write_bytes(self.run_dir / PLOTS_DIR / SAMPLES_FILE, self.samples_png)
 
     def fit_end(self, state: Any) -> None:
         if self._pending or self.content is None:
@@ -442,20 +431,16 @@ def rebuild_report(run_dir: str | Path, device: str = "cpu", batch_size: int = 2
     from imgtrain.evaluation.inference import run_model
     from imgtrain.evaluation.metrics import PROB_FLOOR, compute_metrics, confusion_png
     from imgtrain.models.trained import load_trained
-    from imgtrain.tracking.history import HISTORY_FILE, read_history
-    from imgtrain.tracking.summary import SUMMARY_FILE, read_summary
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        from imgtrain.io import RunDirError
         raise RunDirError(f"{run_dir}: not a run folder (no config.yaml)")
     history = read_history(run_dir / HISTORY_FILE) if (run_dir / HISTORY_FILE).is_file() else []
     summary = read_summary(run_dir) if (run_dir / SUMMARY_FILE).is_file() else {}
     loaded = load_trained(run_dir, device=device)
-    finished = bool(summary)
     content = ReportContent(title=f"imgtrain run {run_dir.name}",
                             status=(f"finished: {len(history)} epochs, {summary.get('total_seconds', 0):.0f} s"
-                                    if finished else f"unfinished: {len(history)} epochs in history.csv"),
+                                    if summary else f"unfinished: {len(history)} epochs in history.csv"),
                             live=False, recipe_text=(run_dir / "config.yaml").read_text(encoding="utf-8"),
                             history=history, summary=summary, classes=list(loaded.classes))
     lr_steps, momentum_steps = _recorded_steps(run_dir)
