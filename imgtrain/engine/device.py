@@ -19,8 +19,7 @@ def select_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError(f"{name} asked for, but this machine has no CUDA GPU; use auto or cpu",
-                          key="train.device")
+        raise RecipeError(f"{name} asked for, but this machine has no CUDA GPU; use auto or cpu", key="train.device")
     return device
 
 
@@ -44,8 +43,7 @@ def select_precision(amp: str, device: torch.device) -> tuple[torch.dtype | None
     if amp == "bf16":
         return torch.bfloat16, False
     if amp == "fp16":
-        # fp16 gradients underflow without loss scaling
-        return torch.float16, True
+        return torch.float16, True  # fp16 gradients underflow without loss scaling
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported(including_emulation=False):
             return torch.bfloat16, False  # Ampere and later: bf16 needs no scaler

@@ -38,17 +38,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-EVENTS = (
-    "fit_start", "epoch_start", "batch_start", "after_forward", "after_loss",
-    "after_backward", "before_step", "after_step", "before_eval", "eval_end", "epoch_end", "fit_end",
-)
+EVENTS = ("fit_start", "epoch_start", "batch_start", "after_forward", "after_loss", "after_backward", "before_step",
+          "after_step", "before_eval", "eval_end", "epoch_end", "fit_end")
 
 
 class Hook:
     """Base class: override the event methods you need; each gets the TrainState."""
 
-    #: name used for its entry in checkpoints (hook state) and logs
-    name: str = "hook"
+    name: str = "hook"  # its key in checkpoints (hook state) and logs
 
     def fit_start(self, state: Any) -> None: ...
     def epoch_start(self, state: Any) -> None: ...

@@ -1,9 +1,9 @@
 """Optimizers (SGD with Nesterov, AdamW) and learning-rate schedules stepped per batch.
 
-Norm and bias parameters (every 1-D parameter) get no weight decay by default, as in timm:
-decaying them only shrinks the scale of normalised activations and hurts accuracy (Goyal et al.
-2017, "Bag of Tricks" 2019). Schedules count optimizer steps; keys in epochs are converted with
-the steps per epoch, so a recipe means the same at any batch size or accumulation.
+Norm and bias parameters (every 1-D parameter) get no weight decay by default, as in timm: decaying
+them only shrinks the scale of normalised activations and hurts accuracy (Goyal et al. 2017, "Bag of
+Tricks" 2019). Schedules count optimizer steps; keys in epochs are converted, so a recipe means the same
+at any batch size or accumulation.
 """
 
 from __future__ import annotations
@@ -38,15 +38,13 @@ def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float,
 def peak_lr(cfg: OptimConfig) -> float:
     """optim.lr as a number. `find` never reaches an optimizer: the LR finder replaces it first."""
     if isinstance(cfg.lr, str):
-        raise ValueError(f"optim.lr is {cfg.lr!r}: the LR finder must set a number before an optimizer "
-                         "is built")
+        raise ValueError(f"optim.lr is {cfg.lr!r}: the LR finder must set a number before an optimizer is built")
     return cfg.lr
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
                     param_groups: list[dict] | None = None) -> torch.optim.Optimizer:
-    """SGD or AdamW over `param_groups` (each may carry its own lr; default: the decay/no-decay
-    split of `param_groups_weight_decay`)."""
+    """SGD or AdamW over `param_groups` (each may carry its own lr; default: `param_groups_weight_decay`)."""
     groups = param_groups if param_groups is not None else param_groups_weight_decay(
         model, cfg.weight_decay, cfg.decay_norm_and_bias)
     if cfg.name == "sgd":

@@ -40,7 +40,6 @@ def build_trackers(recipe: Recipe, run_dir: str | Path, console_stream: TextIO |
     """The trackers a recipe asks for (`output.progress`, `output.plots`, `output.report`), in firing
     order: train.log first, so an epoch's line is on disk before anything else can fail; the report
     last, as it inlines the PlotTracker's charts. `report_inputs`: the validation images it shows."""
-    run_dir = Path(run_dir)
     trackers: list[Hook] = [TrainLogTracker(run_dir)]
     if recipe.output.progress != "off":
         trackers.append(ProgressTracker(recipe.output.progress, console_stream))

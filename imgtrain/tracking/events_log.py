@@ -1,10 +1,9 @@
 """events.jsonl: a machine-readable diary of the run, one JSON object per line.
 
-`EventLogTracker` appends `{"time": <ISO 8601>, "event": <name>, ...fields}` at `fit_start`
-(device, amp, sizes, model; `resumed_from_epoch` on a resume), `epoch_end` (the history row),
-`fit_end` (`state.summary`) and for what the loop reports through `log(event, **fields)`.
-Each record opens the file in append mode: a resumed run continues the diary, a crash loses at
-most one record, and no handle stays open (records come once per epoch or rarer).
+`EventLogTracker` appends `{"time": <ISO 8601>, "event": <name>, ...fields}` at `fit_start` (device,
+amp, sizes, model; `resumed_from_epoch` on a resume), `epoch_end` (the history row), `fit_end`
+(`state.summary`) and for what the loop reports through `log(event, **fields)`. Each record opens the
+file in append mode: a resume continues the diary, a crash loses at most one record, no handle stays open.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """history.csv: one row per finished epoch, rewritten whole (atomically) every epoch.
 
-Rewriting from `state.history` instead of appending means a resumed run (history restored from its
-checkpoint) never duplicates a row, and drops rows of epochs finished after the last checkpoint.
-Columns: `epoch`, the standard columns present, then other keys in first-seen order; the header is
-the union of all rows' keys and missing cells are blank. `read_history` parses numbers back and
-leaves blank cells out, so `write_history` then `read_history` gives the same rows.
+Rewriting from `state.history` rather than appending means a resumed run never duplicates a row and
+drops rows of epochs finished after its last checkpoint. Columns: `epoch`, the standard columns present,
+then the rest in first-seen order (missing cells blank). `read_history` parses numbers back and leaves
+blank cells out, so `write_history` then `read_history` gives the same rows.
 """
 
 from __future__ import annotations
@@ -32,10 +31,7 @@ _FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf)", 
 
 def history_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
     """Column order for `rows`: epoch, the standard columns present, then the rest as first seen."""
-    seen: dict[str, None] = {}  # a dict keeps first-seen order and makes lookups O(1)
-    for row in rows:
-        for key in row:
-            seen.setdefault(key, None)
+    seen = dict.fromkeys(key for row in rows for key in row)  # first-seen order, O(1) lookups
     first = [c for c in ("epoch",) + STANDARD_COLUMNS if c in seen]
     rest = [c for c in seen if c not in first]
     return first + rest
@@ -83,8 +79,7 @@ def write_history(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
 def read_history(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a history.csv, numbers parsed to int/float, blank cells left out."""
     with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        return [{k: parse_value(v) for k, v in row.items() if v not in ("", None)} for row in reader]
+        return [{k: parse_value(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
 
 
 class HistoryTracker(Hook):

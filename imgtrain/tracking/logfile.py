@@ -1,8 +1,8 @@
 """train.log: the human-readable story of a run, one timestamped line per thing that happened.
 
-`TrainLogTracker` writes a line at `fit_start`, one per epoch (`format_epoch_line`, as on the
-console) and one at `fit_end`; the loop adds warnings and notes through `log(message)`. Like
-events.jsonl, each line is appended on its own, so it is on disk at once and a resume continues the file.
+`TrainLogTracker` writes a line at `fit_start`, one per epoch (`format_epoch_line`, as on the console)
+and one at `fit_end`; the loop adds warnings and notes through `log(message)`. Each line is appended
+on its own, so it is on disk at once and a resumed run continues the file.
 """
 
 from __future__ import annotations

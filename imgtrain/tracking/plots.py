@@ -220,8 +220,7 @@ class BudgetedRedraw(Hook):
 
 
 class PlotTracker(BudgetedRedraw):
-    """Records per-step lr and momentum; redraws `run_dir/plots/*.png` and the SVGs in `charts`
-    at epoch ends."""
+    """Records per-step lr and momentum; redraws `run_dir/plots/*.png` and the SVGs in `charts` at epoch ends."""
 
     name = "plots"
 
@@ -236,7 +235,6 @@ class PlotTracker(BudgetedRedraw):
         self.lr: list[float] = []
         self.momentum: list[float] = []
         self.stride = 1  # record steps that are multiples of this; doubles when the record is full
-        self.last_written: list[Path] = []
         self.charts: dict[str, str] = {}  # name -> SVG of the last draw, for report.html
         self.background = background
         self._worker: threading.Thread | None = None
@@ -282,8 +280,7 @@ class PlotTracker(BudgetedRedraw):
         self._worker.start()
 
     def current_charts(self, state: Any) -> dict[str, str]:
-        """name -> SVG of the state's whole history, for the report: waits for the draw under way,
-        or draws now when this epoch's redraw was skipped."""
+        """name -> SVG of the whole history, for the report: makes up a skipped redraw, waits for the draw."""
         if self._pending:
             self.redraw(state)
         self.wait()
@@ -302,7 +299,7 @@ class PlotTracker(BudgetedRedraw):
         started = time.perf_counter()
         try:
             figures = draw_charts(rows, lr, momentum)
-            self.last_written = write_pngs(figures, self.out_dir)
+            write_pngs(figures, self.out_dir)
             self.charts = {name: svg_element(fig) for name, fig in figures.items()}
         except BaseException as error:
             self._error = error
@@ -316,8 +313,7 @@ class PlotTracker(BudgetedRedraw):
 
     def state_dict(self) -> dict[str, Any]:
         # plain lists and ints only: checkpoints are loaded with torch.load(weights_only=True)
-        return {"steps": list(self.steps), "lr": list(self.lr), "momentum": list(self.momentum),
-                "stride": self.stride}
+        return {"steps": list(self.steps), "lr": list(self.lr), "momentum": list(self.momentum), "stride": self.stride}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         steps, lr, momentum = state.get("steps", []), state.get("lr", []), state.get("momentum", [])

@@ -1,14 +1,10 @@
 """Console progress: a tqdm bar on a terminal, plain lines in CI logs and files.
 
-Modes: "bar", one tqdm bar per epoch redrawn in place
-(`epoch 3/10 [#######-------------] 120/200 loss 0.512 acc 81.2% lr 3.2e-02 1830 img/s ETA 0:12 mem 412 MB`);
-"log", a plain line at about 25%, 50% and 75% of each epoch; "auto", "bar" on a terminal, else "log".
-Both end each epoch with `format_epoch_line(row, epochs)` (shared with train.log).
-
-`after_step` fires thousands of times a minute and reading `state.loss_sum` (a device tensor) syncs
-the GPU, so it does O(1) host work (a clock read and a compare) and reads tensors only when it
-draws, at most `1 / refresh_seconds` times a second. That is why the tracker, not tqdm's own
-throttle, decides when to draw; tqdm formats the bar and writes the line.
+Modes: "bar", a tqdm bar per epoch redrawn in place (`epoch 3/10 [#####---] 120/200 loss 0.512 acc 81.2% ...`);
+"log", a plain line at about 25%, 50% and 75% of each epoch; "auto", "bar" on a terminal, else "log". Both end
+each epoch with `format_epoch_line` (as train.log does). `after_step` fires thousands of times a minute and
+reading `state.loss_sum` (a device tensor) syncs the GPU, so it does O(1) host work and reads tensors only when
+it draws, at most `1 / refresh_seconds` times a second: the tracker, not tqdm's throttle, decides when to draw.
 """
 
 from __future__ import annotations
@@ -32,6 +28,7 @@ MODES = ("auto", "bar", "log")
 BAR_WIDTH = 20  # characters between the brackets
 LOG_FRACTIONS = (0.25, 0.5, 0.75)  # log mode prints a line when an epoch passes each of these
 FALLBACK_COLUMNS, FALLBACK_ROWS = 120, 24  # bar: the terminal's size when it reports none (some ptys)
+UNIT_FORMATS = {"epoch_seconds": "{:.1f} s", "images_per_second": "{:.0f} img/s", "lr": "lr {:.2e}"}
 
 
 def is_accuracy_key(key: str) -> bool:
@@ -44,8 +41,7 @@ def format_duration(seconds: float) -> str:
     """12 -> "0:12", 754 -> "12:34", 3725 -> "1:02:05"."""
     if not math.isfinite(seconds) or seconds < 0:
         return "?"
-    total = round(seconds)
-    hours, rest = divmod(total, 3600)
+    hours, rest = divmod(round(seconds), 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
@@ -56,12 +52,8 @@ def format_metric(key: str, value: Any) -> str:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f"{key} {value}"
-    if key == "epoch_seconds":
-        return f"{value:.1f} s"
-    if key == "images_per_second":
-        return f"{value:.0f} img/s"
-    if key == "lr":
-        return f"lr {value:.2e}"
+    if key in UNIT_FORMATS:
+        return UNIT_FORMATS[key].format(value)
     if is_accuracy_key(key):
         return f"{key} {100.0 * value:.1f}%"
     if isinstance(value, int):
@@ -72,12 +64,8 @@ def format_metric(key: str, value: Any) -> str:
 def format_epoch_line(row: dict[str, Any], epochs: int) -> str:
     """`epoch 3/10 train_loss 0.5123 train_acc 81.2% ... 12.3 s 1830 img/s`: a history row's keys
     in history.csv column order."""
-    parts = [f"epoch {row.get('epoch', '?')}/{epochs}"]
-    for key in history_columns([row]):
-        if key == "epoch" or row[key] is None:
-            continue
-        parts.append(format_metric(key, row[key]))
-    return " ".join(parts)
+    parts = [format_metric(key, row[key]) for key in history_columns([row]) if key != "epoch" and row[key] is not None]
+    return " ".join([f"epoch {row.get('epoch', '?')}/{epochs}", *parts])
 
 
 def _isatty(stream: Any) -> bool:
@@ -147,7 +135,6 @@ class ProgressTracker(Hook):
     def status(self, state: Any, done: int, now: float) -> str:
         """`loss 0.512 acc 81.2% lr 3.2e-02 1830 img/s ETA 0:12 mem 412 MB` for this moment (the only
         place tensors are read)."""
-        total = state.steps_per_epoch
         seen = int(state.images_seen)
         elapsed = now - self._epoch_t0
         parts = []
@@ -159,7 +146,7 @@ class ProgressTracker(Hook):
         if elapsed > 0 and seen > 0:
             parts.append(f"{seen / elapsed:.0f} img/s")
         if done > 0:
-            parts.append(f"ETA {format_duration((total - done) * elapsed / done)}")
+            parts.append(f"ETA {format_duration((state.steps_per_epoch - done) * elapsed / done)}")
         parts.append(f"mem {self.memory_bytes(state.device) / 2**20:.0f} MB")
         return " ".join(parts)
 

@@ -1,10 +1,9 @@
 """report.html: one self-contained page per run, redrawn at epoch ends (README: The run report).
 
-Everything is inline (PNG data URIs, the charts of tracking/plots.py as SVG, no scripts, no
-network), so the file can be mailed as it is; while the run trains it reloads itself every 30 s.
-`ReportTracker` draws it from the training state on the plots' time budget (the last epoch always)
-and `finish` adds the test numbers api.train measured. `rebuild_report(run_dir)` (`imgtrain report`)
-draws it again from the run folder, evaluating the best checkpoint on the validation split.
+Everything is inline (PNG data URIs, the charts as SVG, no scripts, no network), so the file can be
+mailed as it is; while the run trains it reloads itself every 30 s. `ReportTracker` draws it on the
+plots' time budget and `finish` adds the test numbers api.train measured; `rebuild_report(run_dir)`
+(`imgtrain report`) draws it again from the run folder, evaluating the best checkpoint on validation.
 """
 
 from __future__ import annotations
@@ -70,8 +69,6 @@ class ReportContent:
     resources: dict[str, Any] = field(default_factory=dict)
 
 
-# ----------------------------------------------------------------------------- pictures
-
 def png_bytes(image: np.ndarray | Image.Image) -> bytes:
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
@@ -134,8 +131,6 @@ def worst_gallery(model: torch.nn.Module, inputs: torch.Tensor, targets: Sequenc
              "loss": float(losses[i])} for i, img in enumerate(pixels)]
     return rows, note
 
-
-# ----------------------------------------------------------------------------- the page
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;
@@ -332,7 +327,6 @@ class ReportTracker(BudgetedRedraw):
         self.content: ReportContent | None = None
         self.samples_png: bytes | None = None
         self.samples_note = ""
-        self.draws = 0
 
     def after_forward(self, state: Any) -> None:
         # the first batch the model trains on, after every batch strategy: one copy to the host per run
@@ -354,7 +348,6 @@ class ReportTracker(BudgetedRedraw):
         self._pending = False
         self.content = self.live_content(state)
         write_report(self.run_dir, self.content)
-        self.draws += 1
         self._drawn(started)
 
     def finish(self, summary: dict[str, Any]) -> Path | None:
@@ -384,8 +377,7 @@ class ReportTracker(BudgetedRedraw):
             content.confusion_note = f"validation split after epoch {epoch} ({accuracy:.2%} accurate)"
             if len(content.classes) > CONFUSION_TABLE_LIMIT:
                 from imgtrain.evaluation.metrics import confusion_png  # matplotlib: only when it is drawn
-                content.confusion_png = confusion_png(state.val_confusion, content.classes,
-                                                      f"validation, epoch {epoch}")
+                content.confusion_png = confusion_png(content.confusion, content.classes, f"validation, epoch {epoch}")
         if state.val_worst and self.inputs is not None and self.inputs.val_dataset is not None:
             content.worst, content.worst_note = self._worst(state)
         # last: the PlotTracker draws on its own thread while the rest of the page is made
@@ -406,8 +398,6 @@ class ReportTracker(BudgetedRedraw):
         except Exception:
             return [], "could not draw the worst images:\n" + traceback.format_exc(limit=2)
 
-
-# ----------------------------------------------------------------------------- from the run folder
 
 def _recorded_steps(run_dir: Path) -> tuple:
     """The per-step lr and momentum the PlotTracker kept in checkpoints/last.state.pt, if any."""
