@@ -85,6 +85,8 @@ class DataConfig(_Section):
     test_fraction: Float = Field(0.0, ge=0.0, le=0.9, description="carved from train when no test split exists")
     split_seed: Int = Field(0, description="seed of the automatic stratified split")
     train_subset: Int | None = Field(None, ge=1, description="keep N training images (stratified), for quick runs")
+    val_subset: Int | None = Field(None, ge=1, description="keep N validation images (stratified, seeded by split_seed)")
+    test_subset: Int | None = Field(None, ge=1, description="keep N test images (stratified, seeded by split_seed)")
     batch_size: Int = Field(128, ge=1, description="images per step, per device")
     eval_batch_size: Int | None = Field(None, ge=1, description="default: 2 x batch_size")
     workers: Annotated[Int, Ge(0)] | Literal["auto"] = Field(0, description="loader processes, or auto")
