@@ -92,6 +92,9 @@ class DataConfig(_Section):
     workers: Annotated[Int, Ge(0)] | Literal["auto"] = Field(0, description="loader processes, or auto")
     pin_memory: Bool | Literal["auto"] = Field("auto", description="auto: on when training on CUDA")
     on_bad_image: Literal["error", "skip"] = Field("error", description="unreadable files: stop, or skip and list them")
+    # Pillow's default Image.MAX_IMAGE_PIXELS (1024**3 // 4 // 3); data/images.py applies it in every process
+    max_image_pixels: Int | None = Field(89_478_485, ge=1, description="pixels (width x height) above which an image "
+                                         "is refused as a decompression bomb; null: no limit")
     cache: Literal["off", "memory", "disk"] = Field("off", description="decoded uint8 cache of file images")
     cache_dir: Str = Field(".imgtrain_cache", description="disk cache folder (memory-mapped files), keyed by the file list")
     prefetch_factor: Int = Field(2, ge=1, description="batches each worker prepares ahead (workers > 0)")

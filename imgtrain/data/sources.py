@@ -4,8 +4,9 @@ A source provides the splits it has natively (the README's table of sources); wh
 carved from train, stratified and seeded (`data.val_fraction`, `data.test_fraction`,
 `data.split_seed`). Then `data.train_subset`, `val_subset` and `test_subset` keep N images of
 their split (stratified, seeded by `data.split_seed`). Data of fewer than 2 classes, or a train
-split left with one, is refused. File sources decode every image up front: `data.on_bad_image:
-error` lists the bad files, `skip` records them in `DataSplits.skipped`.
+split left with one, is refused. File sources decode every image up front (images larger than
+`data.max_image_pixels` are bad): `data.on_bad_image: error` lists the bad files, `skip` records
+them in `DataSplits.skipped`.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def _file_splits(where: str, native: dict[str, tuple[list[str], list[str]]], cla
     native: {split: (paths, class names)} of the source's splits; classes: checked to agree between them.
     """
     all_paths = [p for paths, _ in native.values() for p in paths]
-    bad, info = inspect_images(all_paths)
+    bad, info = inspect_images(all_paths, cfg.max_image_pixels)
     if bad and cfg.on_bad_image == "error":
         raise DataError(f"{where}: {len(bad)} of {len(all_paths)} image files cannot be read:\n"
                         f"{format_bad_files(bad)}\n"
@@ -142,7 +143,7 @@ def _file_splits(where: str, native: dict[str, tuple[list[str], list[str]]], cla
                         + ". Every class needs training images: add some or remove the class.")
     channels = 3 if any(info[p][0] == 3 for p in train_paths) else 1
     native_size = int(statistics.median_low([info[p][1] for p in train_paths]))
-    built = {split: FileImageDataset(paths, targets, classes, channels)
+    built = {split: FileImageDataset(paths, targets, classes, channels, max_pixels=cfg.max_image_pixels)
              for split, (paths, targets) in datasets.items() if paths}
     train, val, test = _carve(built["train"], cfg, "val" not in native, "test" not in native)
     return DataSplits(train=train, val=built.get("val", val), test=built.get("test", test),

@@ -2,11 +2,13 @@
 
 import os
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from imgtrain.config import DataConfig, ShapesConfig
 from imgtrain.data import SOURCES, DataError, FileImageDataset, build_splits, write_shapes_imagefolder
@@ -314,3 +316,24 @@ def test_val_and_test_subsets_on_carved_splits_and_larger_than_the_split():
     val_images = {tuple(x.flatten().tolist()) for x in full.val.images}
     assert all(tuple(x.flatten().tolist()) in val_images for x in cut.val.images)
 
+
+# ----------------------------------------------------------------------------- data.max_image_pixels
+
+def test_max_image_pixels_refuses_large_files_and_names_the_key(make_folder, write_image):
+    root = make_folder({"cat": 3, "dog": 3})
+    big = root / "dog" / "big.png"
+    Image.new("L", (2000, 1500), 128).save(big)  # 3 Mpx in a few KB
+    assert big.stat().st_size < 20_000
+    cfg = DataConfig(source="imagefolder", root=str(root), val_fraction=0.0, max_image_pixels=1_000_000)
+    with pytest.raises(DataError) as info:
+        build_splits(cfg)
+    assert f"{big}: image too large: 2000 x 1500 = 3,000,000 pixels, more than data.max_image_pixels " \
+           "(1,000,000)" in str(info.value)
+    skipped = build_splits(replace(cfg, on_bad_image="skip"))
+    assert [p for p, _ in skipped.skipped] == [str(big)] and len(skipped.train) == 6
+    assert skipped.train.max_pixels == 1_000_000  # the limit goes with the dataset (and its subsets)
+    assert skipped.train.subset([0, 1]).max_pixels == 1_000_000
+    for limit in (3_000_000, None):
+        splits = build_splits(replace(cfg, max_image_pixels=limit))
+        image, _ = splits.train[splits.train.paths.index(str(big))]
+        assert image.shape == (3, 1500, 2000) and splits.train.max_pixels == limit
