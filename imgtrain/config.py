@@ -494,7 +494,7 @@ class TrainConfig(_Section):
 class OutputConfig(_Section):
     """The run folder and what goes in it (tracking/)."""
     root: Str = Field("runs", description="run folders go under this folder")
-    name: Str | None = Field(None, description="run folder name; default: recipe name + timestamp")
+    name: Str | None = Field(None, description="run folder name; default: the recipe's name (runs/<name>), then <name>-2, <name>-3 ... when it exists")
     best_metric: Str = Field("val_acc", description="column of history.csv that picks the best checkpoint")
     best_mode: Literal["auto", "max", "min"] = Field("auto", description="auto: min for *loss, else max")
     save_best: Bool = Field(True, description="checkpoints/best.safetensors")
