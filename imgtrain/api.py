@@ -188,6 +188,9 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
         f"({count_parameters(model):,} parameters)")
     for line in weights_report.lines() if weights_report is not None else []:
         log(line)
+    for line in weights_report.changes() if weights_report is not None else []:
+        # on the console too: a new random head is why the first epochs' accuracy starts near chance
+        print(f"imgtrain: {line}", file=console if console is not None else sys.stderr)
     for line in context.notes:
         log(line)
     if lr_found is not None:

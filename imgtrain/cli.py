@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 EXIT_BAD_INPUT = 2
-EXIT_CHECKS_FAILED = 1      # imgtrain doctor: a check failed
+EXIT_CHECKS_FAILED = 1      # imgtrain doctor: a check failed; imgtrain scan: unreadable files
 EXIT_TRAINING_STOPPED = 3   # the non-finite loss guard ended the run, or a checkpoint could not be written
 EXIT_INTERRUPTED = 130
 
@@ -51,6 +52,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             if key not in RESUME_OVERRIDABLE:
                 raise RecipeError(f"{key} cannot change when resuming (the run would no longer be the same run); "
                                   f"allowed: {', '.join(RESUME_OVERRIDABLE)}", file="command line")
+        if recipe_arg is not None:
+            check_same_recipe(recipe_arg, run, overrides)
         recipe_arg = run / "config.yaml"
     elif recipe_arg is None:
         raise RecipeError("give a recipe (a .yaml file or a built-in name such as quickstart), or --resume RUN_DIR"
@@ -60,6 +63,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     hooks = [load_hook(spec) for spec in args.hook]
     _print_result(train(recipe, run_dir=args.run_dir, resume=args.resume, overwrite=args.overwrite, hooks=hooks))
     return 0
+
+
+def check_same_recipe(recipe_arg: str | Path, run: Path, overrides: list[str]) -> None:
+    """`train RECIPE --resume RUN`: RECIPE must resolve to the run's config.yaml (the same overrides
+    applied to both), else resuming would silently train another recipe than the one named."""
+    from imgtrain.config import RecipeError, load_recipe
+
+    given = flatten(load_recipe(recipe_arg, overrides).to_dict())
+    saved = flatten(load_recipe(run / "config.yaml", overrides).to_dict())
+    if given.get("optim.lr") == "find":  # the run's config.yaml records the lr the finder chose
+        given["optim.lr"] = saved.get("optim.lr")
+    differ = [key for key in sorted(set(given) | set(saved)) if given.get(key) != saved.get(key)]
+    if not differ:
+        return
+    shown = "; ".join(f"{key}: {given.get(key)!r} in {recipe_arg}, {saved.get(key)!r} in the run"
+                      for key in differ[:10])
+    more = f" (+{len(differ) - 10} more)" if len(differ) > 10 else ""
+    raise RecipeError(f"--resume {run}: the recipe {recipe_arg} differs from the run's config.yaml in "
+                      f"{len(differ)} key(s): {shown}{more}. A resumed run continues as recorded in "
+                      f"{run / 'config.yaml'}: drop the recipe (imgtrain train --resume {run}), or train the "
+                      "recipe as a new run (without --resume)")
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: dotted recipe keys and their values."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def load_hook(spec: str) -> Any:
@@ -99,34 +134,47 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from imgtrain.recipe_files import parse_override
 
     extra, recipe_arg = list(args.overrides), args.recipe
-    if "=" in recipe_arg and not recipe_arg.endswith((".yaml", ".yml")):  # `finetune W key=value`
-        extra.insert(0, recipe_arg)
-        recipe_arg = "finetune"
+    if recipe_arg is not None and "=" in recipe_arg and not recipe_arg.endswith((".yaml", ".yml")):
+        extra.insert(0, recipe_arg)  # `finetune W key=value`
+        recipe_arg = None
     # timm/torchvision checkpoints (.pth, .pt, .bin) go to model.weights_file, the rest to model.weights
     key = "model.weights_file" if Path(args.weights).suffix in (".pth", ".pt", ".bin") else "model.weights"
     overrides = [f"{key}={args.weights}", *extra]
     named = {parse_override(text)[0] for text in extra}
-    architecture = _checkpoint_architecture(args.weights)
+    trained = _checkpoint_recipe(args.weights)
+    architecture = trained.get("model", {}).get("name")
     if architecture is not None and "model.name" not in named:
         # the weights know their network: fine-tune that one unless the command line says otherwise
         overrides.insert(0, f"model.name={architecture}")
-    recipe = load_recipe(recipe_arg, overrides)
+    run_data = trained.get("data")
+    if recipe_arg is None and isinstance(run_data, dict) and not named & {"data.source", "data.root"}:
+        # no recipe and no other data named: fine-tune on the data the weights were trained on (the finetune
+        # recipe's own data is digits, which would silently replace the head of a model of other classes)
+        overrides[:0] = [f"{k}={_override_value(v)}" for k, v in flatten(run_data, "data.").items()]
+        print(f"finetune: on the data {args.weights} was trained on (data.source {run_data.get('source')}"
+              + (f", data.root {run_data['root']}" if run_data.get("root") else "")
+              + "); give a recipe or data.source=/data.root= to fine-tune on other data")
+    recipe = load_recipe(recipe_arg or "finetune", overrides)
     _print_result(train(recipe, run_dir=args.run_dir, overwrite=args.overwrite))
     return 0
 
 
-def _checkpoint_architecture(weights: str) -> str | None:
-    """model.name recorded in an imgtrain run folder or checkpoint; None for other weights."""
+def _checkpoint_recipe(weights: str) -> dict[str, Any]:
+    """The recipe recorded in an imgtrain run folder or checkpoint (model.name, data ...); {} for other weights."""
     from imgtrain.api import resolve_checkpoint
     from imgtrain.engine.checkpoint import CheckpointError, read_metadata
 
     if weights == "timm" or not Path(weights).exists():
-        return None  # model.weights reports what is wrong with it
+        return {}  # model.weights reports what is wrong with it
     try:
-        meta = read_metadata(resolve_checkpoint(weights))
+        meta = read_metadata(resolve_checkpoint(weights)) or {}
     except CheckpointError:
-        return None
-    return (meta or {}).get("model", {}).get("name")
+        return {}
+    recipe = meta.get("recipe")
+    recipe = dict(recipe) if isinstance(recipe, dict) else {}
+    if isinstance(meta.get("model"), dict):  # the checkpoint's own record of its network wins
+        recipe["model"] = {**recipe.get("model", {}), **meta["model"]}
+    return recipe
 
 
 def _print_result(result: Any) -> None:
@@ -145,27 +193,58 @@ def tta_argument(value: Any) -> Any:
     return [view.strip() for view in str(value).split(",") if view.strip()]
 
 
-def default_evaluation_dir(target: str, split_name: str) -> Path | None:
-    """RUN/evaluation/<split> for a run folder (or a checkpoint inside one); None otherwise."""
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def default_evaluation_dir(target: str, split_name: str, data: str | None = None) -> Path | None:
+    """RUN/evaluation/<split> for a run folder (or a checkpoint inside one); None otherwise.
+
+    With `data`, RUN/evaluation/<its name> (`<parent>-<name>` when that is a split's name, so
+    `--data DIR/test` never takes the run's own evaluation/test), then -2, -3 ...: a folder holding
+    the evaluation of other data is never replaced, one of the same data is."""
     from imgtrain.evaluation.inference import is_ensemble_dir
 
     path = Path(target)
     run = path if path.is_dir() else path.parent.parent
-    if (run / "config.yaml").is_file() or is_ensemble_dir(run):
+    if not ((run / "config.yaml").is_file() or is_ensemble_dir(run)):
+        return None
+    if data is None:
         return run / "evaluation" / split_name
-    return None
+    source = Path(data)
+    name = source.stem or "data"
+    if name in SPLIT_NAMES:
+        name = f"{source.resolve().parent.name or 'data'}-{name}"
+    candidate, index = run / "evaluation" / name, 2
+    while not _holds_evaluation_of(candidate, source):
+        candidate, index = run / "evaluation" / f"{name}-{index}", index + 1
+    return candidate
+
+
+def _holds_evaluation_of(folder: Path, data: Path) -> bool:
+    """True when `folder` is free for an evaluation on `data`: absent, empty, or already of that data."""
+    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+        return True
+    try:
+        measured = json.loads((folder / "metrics.json").read_text(encoding="utf-8")).get("split")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(measured, str) and measured not in SPLIT_NAMES and Path(measured).resolve() == data.resolve()
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from imgtrain.evaluation import evaluate, format_metrics
     from imgtrain.tracking import json_safe
 
-    split_name = args.split if args.data is None else Path(args.data).stem or "data"
-    output_dir = Path(args.output_dir) if args.output_dir else default_evaluation_dir(args.target, split_name)
+    output_dir = (Path(args.output_dir) if args.output_dir
+                  else default_evaluation_dir(args.target, args.split, args.data))
     result = evaluate(args.target, split=args.split, data=args.data, batch_size=args.batch_size,
                       device=args.device, tta=tta_argument(args.tta), output_dir=output_dir)
+    written = (f"written to {output_dir}: metrics.json, per_class.csv, confusion.csv, confusion.png"
+               if output_dir is not None else None)
     if args.json:
         print(json.dumps(json_safe(result), indent=2))
+        if written:
+            print(written, file=sys.stderr)  # stdout stays one JSON document
         return 0
     print(f"{result['model']} on {result['split']}")
     if "without_tta" in result:
@@ -173,8 +252,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"TTA {result['tta']}: accuracy {result['acc']:.2%} (without TTA {plain['acc']:.2%}, "
               f"{(result['acc'] - plain['acc']) * 100:+.2f} points)")
     print(format_metrics(result))
-    if output_dir is not None:
-        print(f"written to {output_dir}: metrics.json, per_class.csv, confusion.csv, confusion.png")
+    if written:
+        print(written)
     return 0
 
 
@@ -225,7 +304,24 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
                               overwrite=args.overwrite, batch_size=args.batch_size, device=args.device)
     result = run_ensemble(args.members, options)
     print(json.dumps(json_safe(result), indent=2) if args.json else format_ensemble(result))
+    if result.get("weights_from") == "fit":
+        for line in zero_weight_warnings(result):
+            print(line, file=sys.stderr)
     return 0
+
+
+ZERO_WEIGHT = 0.01  # a fitted weight under this (1% of the vote) leaves the member out in effect
+
+
+def zero_weight_warnings(result: dict[str, Any]) -> list[str]:
+    """`--fit-weights`: a warning for each member whose fitted weight is (near) 0."""
+    fit = result.get("fit", {})
+    return [f"imgtrain: warning: --fit-weights gave member {index} ({member['source']}) weight "
+            f"{member['weight']:.3g}: on the val split ({fit.get('images', '?')} images) the ensemble's "
+            "loss is lowest without it, so it takes (almost) no part in the vote. It adds nothing the other "
+            "members do not already know, or it is much worse than them (check it was trained on the same "
+            "data and classes); drop it, or give --weights to keep it"
+            for index, member in enumerate(result["members"], start=1) if member["weight"] < ZERO_WEIGHT]
 
 
 def add_measurement_arguments(p: argparse.ArgumentParser, tta_help: str) -> None:
@@ -327,6 +423,11 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     return 0
 
 
+def _override_value(value: Any) -> str:
+    """A value as the right-hand side of key=value (YAML reads JSON, except numbers such as 1e-07)."""
+    return _yaml_number(value) if isinstance(value, float) else json.dumps(value)
+
+
 def _yaml_number(value: float) -> str:
     """A number as YAML reads it back as one: 1e-07 is text to YAML 1.1, 1.0e-07 a float."""
     text = repr(value)
@@ -339,6 +440,31 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
 
     result = bench_data(load_recipe(args.recipe, args.overrides), epochs=args.epochs, max_batches=args.batches)
     print(result.table())
+    return 0
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    """List the recipe's image files that cannot be read (path: reason); exit 1 when there are any."""
+    from imgtrain.config import load_recipe
+    from imgtrain.data import build_splits
+
+    # skip, not error: the bad files are collected instead of stopping at them; every file, not a subset
+    recipe = load_recipe(args.recipe, [*args.overrides, "data.on_bad_image=skip", "data.train_subset=null"])
+    data = recipe.data
+    splits = build_splits(data)
+    read = sum(len(part) for part in (splits.train, splits.val, splits.test) if part is not None)
+    where = f"data.source {data.source}" + (f", data.root {data.root}" if data.root else "")
+    if data.source not in ("imagefolder", "csv"):
+        print(f"{where}: {read} images, decoded in memory, no image files to scan")
+        return 0
+    for path, reason in splits.skipped:
+        print(f"{path}: {reason}")
+    total = read + len(splits.skipped)
+    if splits.skipped:
+        print(f"{len(splits.skipped)} of {total} image files cannot be read ({where}); fix or delete them, or "
+              "set data.on_bad_image: skip to train without them", file=sys.stderr)
+        return EXIT_CHECKS_FAILED
+    print(f"all {total} image files are readable ({where})")
     return 0
 
 
@@ -386,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
                 overrides_example: str | None = None) -> argparse.ArgumentParser:
         """A subcommand calling func; with overrides_example, it takes a recipe and its overrides."""
         p = sub.add_parser(name, help=text)
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, command_parser=p)
         if overrides_example is not None:
             p.add_argument("recipe", help="recipe .yaml or built-in name")
             p.add_argument("overrides", nargs="*", help=f"section.key=value, e.g. {overrides_example}")
@@ -410,8 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("finetune", cmd_finetune, "fine-tune from weights: a run folder, .safetensors file or timm")
     p.add_argument("weights", help="run folder, .safetensors file, a timm/torchvision .pth checkpoint, or 'timm'")
-    p.add_argument("recipe", nargs="?", default="finetune",
-                   help="recipe .yaml or built-in name (default: finetune, two-phase with layer decay)")
+    p.add_argument("recipe", nargs="?", default=None,
+                   help="recipe .yaml or built-in name (default: finetune, two-phase with layer decay, on the "
+                        "data of the run the weights come from)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.root=DIR")
     p.add_argument("--run-dir", help="run folder (default: runs/<recipe name>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
@@ -500,6 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=3, help="passes over the train split (first: start-up)")
     p.add_argument("--batches", type=_positive_int, default=None, help="stop each pass after this many batches")
 
+    command("scan", cmd_scan, "list the recipe's unreadable image files (path: reason); exit 1 when there are any",
+            overrides_example="data.root=DIR")
+
     p = command("schema", cmd_schema, "write the recipe's JSON Schema (editors complete and check recipe keys)")
     p.add_argument("--output", help="file to write (default: stdout), e.g. recipe.schema.json")
 
@@ -523,9 +653,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OVERRIDE_WORD = re.compile(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)+=")  # section.key=value
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse argv; `section.key=value` overrides may come before or after the options.
+
+    argparse fills a command's positionals from the words before its first option only (and
+    parse_intermixed_args refuses subcommands), so the overrides after an option come back as
+    leftovers: they join the command's overrides in order. Any other leftover is an error."""
+    args, leftovers = parser.parse_known_args(argv)
+    if not leftovers:
+        return args
+    command: argparse.ArgumentParser = args.command_parser
+    if not hasattr(args, "overrides"):
+        command.error(f"unrecognized arguments: {' '.join(leftovers)}")
+    for word in leftovers:
+        if word.startswith("-"):
+            command.error(f"unrecognized arguments: {word}")
+        if not OVERRIDE_WORD.match(word):
+            command.error(f"{word}: not an option and not an override (section.key=value, e.g. train.epochs=5); "
+                          "overrides may come before or after the options, the recipe comes first")
+    args.overrides = [*args.overrides, *leftovers]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -85,11 +85,16 @@ class DataConfig(_Section):
     test_fraction: Float = Field(0.0, ge=0.0, le=0.9, description="carved from train when no test split exists")
     split_seed: Int = Field(0, description="seed of the automatic stratified split")
     train_subset: Int | None = Field(None, ge=1, description="keep N training images (stratified), for quick runs")
+    val_subset: Int | None = Field(None, ge=1, description="keep N validation images (stratified, seeded by split_seed)")
+    test_subset: Int | None = Field(None, ge=1, description="keep N test images (stratified, seeded by split_seed)")
     batch_size: Int = Field(128, ge=1, description="images per step, per device")
     eval_batch_size: Int | None = Field(None, ge=1, description="default: 2 x batch_size")
     workers: Annotated[Int, Ge(0)] | Literal["auto"] = Field(0, description="loader processes, or auto")
     pin_memory: Bool | Literal["auto"] = Field("auto", description="auto: on when training on CUDA")
     on_bad_image: Literal["error", "skip"] = Field("error", description="unreadable files: stop, or skip and list them")
+    # Pillow's default Image.MAX_IMAGE_PIXELS (1024**3 // 4 // 3); data/images.py applies it in every process
+    max_image_pixels: Int | None = Field(89_478_485, ge=1, description="pixels (width x height) above which an image "
+                                         "is refused as a decompression bomb; null: no limit")
     cache: Literal["off", "memory", "disk"] = Field("off", description="decoded uint8 cache of file images")
     cache_dir: Str = Field(".imgtrain_cache", description="disk cache folder (memory-mapped files), keyed by the file list")
     prefetch_factor: Int = Field(2, ge=1, description="batches each worker prepares ahead (workers > 0)")
@@ -498,7 +503,7 @@ class TrainConfig(_Section):
 class OutputConfig(_Section):
     """The run folder and what goes in it (tracking/)."""
     root: Str = Field("runs", description="run folders go under this folder")
-    name: Str | None = Field(None, description="run folder name; default: recipe name + timestamp")
+    name: Str | None = Field(None, description="run folder name; default: the recipe's name (runs/<name>), then <name>-2, <name>-3 ... when it exists")
     best_metric: Str = Field("val_acc", description="column of history.csv that picks the best checkpoint")
     best_mode: Literal["auto", "max", "min"] = Field("auto", description="auto: min for *loss, else max")
     save_best: Bool = Field(True, description="checkpoints/best.safetensors")

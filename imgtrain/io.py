@@ -1,13 +1,8 @@
 """Files a person reads, written safely: JSON-safe values, atomic writes, run-folder checks.
 
-The bottom layer (beside config.py): every other module may use it, it imports nothing of imgtrain.
-
-- `json_safe(value)` turns tensors, numpy scalars, paths, dtypes and non-finite floats into plain
-  JSON data ("nan", "inf": strict JSON has no NaN, and a diverged loss should stay visible);
-- `atomic_write_text` / `atomic_write_bytes` write a sibling temporary file and `os.replace` it,
-  so a reader (or a kill) never leaves a half-written file;
-- `check_replaceable` / `make_run_dir` are the one rule for folders a command writes: absent or
-  empty, or, with --overwrite, one that this kind of command wrote (never a foreign folder).
+The bottom layer (beside config.py): it imports nothing of imgtrain. `check_replaceable` /
+`make_run_dir` are the one rule for folders a command writes: absent or empty, or, with
+--overwrite, one that this kind of command wrote (never a foreign folder).
 """
 
 from __future__ import annotations
@@ -31,7 +26,8 @@ class RunDirError(ValueError):
 
 
 def json_safe(value: Any) -> Any:
-    """`value` as plain JSON data (dict, list, str, int, float, bool, None), recursively."""
+    """`value` as plain JSON data, recursively; non-finite floats become "nan", "inf", "-inf"
+    (strict JSON has no NaN, and a diverged loss should stay visible)."""
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
@@ -66,29 +62,11 @@ def dumps_json(value: Any, indent: int | None = None) -> str:
     return json.dumps(json_safe(value), indent=indent, allow_nan=False, ensure_ascii=False)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file so readers never see a half-written one.
-
-    Writes a temporary file next to the target, then `os.replace`s it (atomic on POSIX and
-    Windows when both are on the same filesystem, which a sibling file always is).
-    """
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a sibling temporary file, then `os.replace` it: readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # the pid keeps two processes writing the same run folder from sharing a temp file
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """`atomic_write_text` for bytes (a PNG, say)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -97,6 +75,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """`atomic_write_bytes` for UTF-8 text (newlines written as they are)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def looks_like_run(path: Path) -> bool:

@@ -141,12 +141,28 @@ def test_datasets_and_models(capsys):
     (["evaluate", "/nonexistent/run"], "no such run folder or checkpoint"),
     (["predict", "/nonexistent/ckpt.safetensors", "x.png"], "no such run folder or checkpoint"),
     (["split", "/nonexistent/src", "/tmp/never"], "/nonexistent/src"),
+    (["train", "quickstart", "data.train_subset=1"], "data.train_subset: 1 keeps 1 training image(s), all of class"),
 ])
 def test_bad_input_exits_2_with_a_message(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("imgtrain: error:") and message in err
     assert "Traceback" not in err
+
+
+def test_single_class_folder_exits_2_naming_the_class(tmp_path, capsys):
+    folder = tmp_path / "photos" / "cat"
+    folder.mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (8, 8), (i * 60, 0, 0)).save(folder / f"{i}.png")
+    run_dir = tmp_path / "run"
+    argv = ["train", "quickstart", "data.source=imagefolder", f"data.root={tmp_path / 'photos'}",
+            "--run-dir", str(run_dir)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("imgtrain: error:") and "Traceback" not in err
+    assert f"one class folder found: cat ({folder}, 4 images)" in err and "at least 2 classes" in err
+    assert not (run_dir / "history.csv").exists()
 
 
 def test_existing_run_folder_exit_2_and_untouched(digits_run, capsys):

@@ -30,7 +30,7 @@ from torchvision.transforms import v2
 from imgtrain.config import AugmentConfig
 from imgtrain.data.datasets import FileImageDataset, ImageDataset, Indices, Transform
 from imgtrain.data.errors import DataError
-from imgtrain.data.images import load_image, usable_cpus
+from imgtrain.data.images import DEFAULT_MAX_IMAGE_PIXELS, ScanProgress, load_image, usable_cpus
 from imgtrain.data.transforms import eval_resize_size
 
 CACHE_FORMAT = 1        # bump when decoding or resizing changes: every older disk cache then misses
@@ -43,9 +43,10 @@ def cache_resolution(aug: AugmentConfig, img_size: int) -> int:
     return max(img_size, eval_resize_size(aug, img_size))
 
 
-def decode_for_cache(path: str, channels: int, size: int) -> torch.Tensor:
+def decode_for_cache(path: str, channels: int, size: int,
+                     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
     """One file as the cache stores it: decoded, shorter side resized to `size`, centre-cropped square."""
-    image = load_image(path, channels)
+    image = load_image(path, channels, max_pixels)
     image = v2.functional.resize(image, size, antialias=True)  # returns the image itself when already there
     return v2.functional.center_crop(image, [size, size])
 
@@ -140,13 +141,17 @@ class CachedImageDataset(ImageDataset):
 
 # ----------------------------------------------------------------------------- building
 
-def _decode_all(paths: Sequence[str], channels: int, size: int, out: torch.Tensor) -> None:
+def _decode_all(paths: Sequence[str], channels: int, size: int, out: torch.Tensor,
+                max_pixels: int | None) -> None:
     def decode(row: int) -> None:
-        out[row] = decode_for_cache(paths[row], channels, size)
+        out[row] = decode_for_cache(paths[row], channels, size, max_pixels)
 
-    # threads: decoding and resizing release the GIL; list() surfaces the first error
+    progress = ScanProgress(len(paths), "building the decoded cache")  # shown past 2 s only
+    # threads: decoding and resizing release the GIL; iterating surfaces the first error
     with ThreadPoolExecutor(max_workers=max(1, min(8, usable_cpus()))) as pool:
-        list(pool.map(decode, range(len(paths))))
+        for done, _ in enumerate(pool.map(decode, range(len(paths))), start=1):
+            progress.update(done)
+    progress.done()
 
 
 def _size(n: float) -> str:
@@ -157,7 +162,7 @@ def _size(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def _memory_cache(paths: list[str], channels: int, size: int) -> DecodedCache:
+def _memory_cache(paths: list[str], channels: int, size: int, max_pixels: int | None) -> DecodedCache:
     import psutil
 
     need = len(paths) * channels * size * size
@@ -169,7 +174,7 @@ def _memory_cache(paths: list[str], channels: int, size: int) -> DecodedCache:
                         "data.cache: off.")
     started = time.perf_counter()
     images = torch.empty((len(paths), channels, size, size), dtype=torch.uint8)
-    _decode_all(paths, channels, size, images)
+    _decode_all(paths, channels, size, images, max_pixels)
     return DecodedCache(images, paths, build_seconds=time.perf_counter() - started)
 
 
@@ -215,7 +220,8 @@ def _remove_stale(folder: Path, listing: str, keep: Path) -> None:
         old.unlink(missing_ok=True)
 
 
-def _disk_cache(paths: list[str], channels: int, size: int, cache_dir: str) -> DecodedCache:
+def _disk_cache(paths: list[str], channels: int, size: int, cache_dir: str,
+                max_pixels: int | None) -> DecodedCache:
     folder = Path(cache_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -239,7 +245,7 @@ def _disk_cache(paths: list[str], channels: int, size: int, cache_dir: str) -> D
     partial = folder / f"{file.name}.tmp-{os.getpid()}"
     try:
         array = np.memmap(partial, dtype=np.uint8, mode="w+", shape=shape)
-        _decode_all(paths, channels, size, torch.from_numpy(array))
+        _decode_all(paths, channels, size, torch.from_numpy(array), max_pixels)
         array.flush()
         del array
         os.replace(partial, file)  # atomic: the key name exists only for a complete cache
@@ -251,16 +257,18 @@ def _disk_cache(paths: list[str], channels: int, size: int, cache_dir: str) -> D
 
 
 def build_cache(paths: Sequence[str], channels: int, size: int, mode: str, cache_dir: str = ".imgtrain_cache",
-                ) -> DecodedCache:
-    """Decode `paths` (any order; stored sorted) at `size` px: mode "memory" or "disk"."""
+                max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> DecodedCache:
+    """Decode `paths` (any order; stored sorted) at `size` px: mode "memory" or "disk".
+
+    max_pixels: data.max_image_pixels, as in `load_image`."""
     if mode not in ("memory", "disk"):
         raise DataError(f"data.cache must be off, memory or disk, got {mode!r}")
     if channels not in (1, 3):
         raise DataError(f"the cache stores 1- or 3-channel images, got channels={channels!r}")
     ordered = sorted({os.path.abspath(p) for p in paths})
     if mode == "memory":
-        return _memory_cache(ordered, channels, size)
-    return _disk_cache(ordered, channels, size, cache_dir)
+        return _memory_cache(ordered, channels, size, max_pixels)
+    return _disk_cache(ordered, channels, size, cache_dir, max_pixels)
 
 
 def apply_cache(splits: Any, cfg: Any, size: int) -> DecodedCache | None:
@@ -272,7 +280,7 @@ def apply_cache(splits: Any, cfg: Any, size: int) -> DecodedCache | None:
     if cfg.cache == "off" or not all(isinstance(d, FileImageDataset) for d in present):
         return None
     paths = [p for d in present for p in d.paths]
-    cache = build_cache(paths, splits.channels, size, cfg.cache, cfg.cache_dir)
+    cache = build_cache(paths, splits.channels, size, cfg.cache, cfg.cache_dir, cfg.max_image_pixels)
     for name, dataset in datasets.items():
         if dataset is not None:
             setattr(splits, name, CachedImageDataset.of(dataset, cache))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from imgtrain.data.images import load_image
+from imgtrain.data.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
 
 Transform = Callable[[torch.Tensor], torch.Tensor] | None
 Indices = Sequence[int] | torch.Tensor | np.ndarray  # what subset() takes (stratified splits give arrays)
@@ -92,10 +92,14 @@ class TensorImageDataset(ImageDataset):
 
 
 class FileImageDataset(ImageDataset):
-    """Image files decoded on each access with `load_image(path, channels)`."""
+    """Image files decoded on each access with `load_image(path, channels, max_pixels)`.
+
+    max_pixels (data.max_image_pixels) is an attribute, so the limit goes with the dataset into
+    loader worker processes, where Pillow's global setting of the main process does not reach."""
 
     def __init__(self, paths: Sequence[str | Path], targets: Sequence[int] | torch.Tensor,
-                 classes: Sequence[str], channels: int, transform: Transform = None):
+                 classes: Sequence[str], channels: int, transform: Transform = None,
+                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels!r}")
         self.paths: list[str] = [str(p) for p in paths]
@@ -103,12 +107,13 @@ class FileImageDataset(ImageDataset):
         self.targets = _as_targets(targets, len(self.paths), len(self.classes))
         self.channels = channels
         self.transform = transform
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        image = load_image(self.paths[index], self.channels)
+        image = load_image(self.paths[index], self.channels, self.max_pixels)
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.targets[index])
@@ -116,7 +121,8 @@ class FileImageDataset(ImageDataset):
     def subset(self, indices: Indices) -> FileImageDataset:
         index = _as_index(indices)
         paths = [self.paths[i] for i in index.tolist()]
-        return FileImageDataset(paths, self.targets[index], self.classes, self.channels, self.transform)
+        return FileImageDataset(paths, self.targets[index], self.classes, self.channels, self.transform,
+                                self.max_pixels)
 
     def __repr__(self) -> str:
         return f"FileImageDataset({len(self)} files, {self.channels} channels, {len(self.classes)} classes)"

@@ -4,15 +4,23 @@ Every file source goes through `load_image`, so the odd cases of real folders ar
 all Pillow modes (1, L, LA, P, RGB, RGBA, CMYK, YCbCr, I;16*, I, F); transparency composited on
 white (the colour under transparent pixels is arbitrary, often black); 16-bit scaled to 8
 (value / 257), never clipped; EXIF orientation applied; truncated files are errors (the whole
-file is decoded, `ImageFile.LOAD_TRUNCATED_IMAGES` is never set).
+file is decoded, `ImageFile.LOAD_TRUNCATED_IMAGES` is never set); an image of more pixels than
+`max_pixels` (`data.max_image_pixels`, the decompression-bomb guard) is an error.
+
+`inspect_images`, the startup scan that decodes every file before training, reports a count and an
+ETA on stderr when it runs longer than a couple of seconds (`ScanProgress`).
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -21,6 +29,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from imgtrain.data.errors import DataError
 
 PathLike = str | Path
+
+# Pillow's own default of Image.MAX_IMAGE_PIXELS (1024 * 1024 * 1024 // 4 // 3 = 89,478,485 pixels),
+# the default of data.max_image_pixels; fixed here, not read from Pillow's global, which code may change.
+DEFAULT_MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+
+# Guards the rare moments Pillow's process-wide Image.MAX_IMAGE_PIXELS is lifted (see _open_decoded).
+_PIL_LIMIT_LOCK = threading.Lock()
 
 # File name endings the folder sources treat as images (compared lower-case).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
@@ -48,15 +63,38 @@ def is_image_file(path: PathLike) -> bool:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, UnidentifiedImageError):
         return "not an image Pillow can read (unknown format, or not an image file)"
-    if isinstance(exc, Image.DecompressionBombError):
-        return f"image too large to decode safely ({exc}); raise PIL.Image.MAX_IMAGE_PIXELS if it is genuine"
+    if isinstance(exc, Image.DecompressionBombError):  # not expected: _open_decoded lifts Pillow's limit
+        return (f"image too large to decode safely ({exc}); if it is genuine, raise data.max_image_pixels "
+                "(null: no limit)")
     text = str(exc)
     if "truncated" in text.lower():
         return f"truncated image data ({text})"
     return f"cannot decode the image ({type(exc).__name__}: {text})"
 
 
-def _open_decoded(path: PathLike) -> Image.Image:
+def _too_large(size: tuple[int, int], max_pixels: int | None) -> str | None:
+    """The reason an image of `size` (width, height) is refused, or None when it is within the limit."""
+    width, height = size
+    if max_pixels is None or width * height <= max_pixels:
+        return None
+    return (f"image too large: {width} x {height} = {width * height:,} pixels, more than "
+            f"data.max_image_pixels ({max_pixels:,}), the guard against decompression bombs (a small file "
+            "that decodes to a huge image); if the image is genuine, raise data.max_image_pixels "
+            "(null: no limit)")
+
+
+def _decode(path: PathLike, max_pixels: int | None) -> Image.Image:
+    with Image.open(path) as img:  # reads the header only: the size is known before any pixel is decoded
+        reason = _too_large(img.size, max_pixels)
+        if reason is not None:
+            raise BadImageError(path, reason)
+        img.load()  # decode everything now: truncation shows up here, not mid-epoch
+        oriented = ImageOps.exif_transpose(img)
+        oriented.load()
+        return oriented
+
+
+def _open_decoded(path: PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Open, fully decode and orient one file; any failure becomes a BadImageError."""
     try:
         size = os.path.getsize(path)
@@ -67,11 +105,22 @@ def _open_decoded(path: PathLike) -> Image.Image:
     if size == 0:
         raise BadImageError(path, "empty file (0 bytes)")
     try:
-        with Image.open(path) as img:
-            img.load()  # decode everything now: truncation shows up here, not mid-epoch
-            oriented = ImageOps.exif_transpose(img)
-            oriented.load()
-            return oriented
+        try:
+            return _decode(path, max_pixels)
+        except Image.DecompressionBombError:
+            # Pillow refused by its own process-wide limit (Image.MAX_IMAGE_PIXELS, refused past twice it),
+            # which is not ours: decode again with it lifted, `_too_large` deciding. A setting of the whole
+            # process (and of a worker process only once it runs this), so it is lifted under a lock, only
+            # for such rare huge files, and put back at once.
+            with _PIL_LIMIT_LOCK:
+                pil_limit = Image.MAX_IMAGE_PIXELS
+                Image.MAX_IMAGE_PIXELS = None
+                try:
+                    return _decode(path, max_pixels)
+                finally:
+                    Image.MAX_IMAGE_PIXELS = pil_limit
+    except BadImageError:
+        raise
     # decoders raise many types on malformed input (OSError, SyntaxError, struct.error, IndexError ...)
     except Exception as exc:
         raise BadImageError(path, _reason(exc)) from None
@@ -122,17 +171,20 @@ def to_8bit(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # P, CMYK, YCbCr, RGBX, HSV ...
 
 
-def load_image(path: PathLike, channels: int | None = None) -> torch.Tensor:
+def load_image(path: PathLike, channels: int | None = None,
+               max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
     """Decode `path` into a uint8 tensor of shape (C, H, W).
 
     channels: 1 -> greyscale (ITU-R 601 luma for colour files), 3 -> RGB (grey repeated),
     None -> the file's own: 1 for grey-like modes (1, L, LA, I;16, I, F), else 3.
-    Raises BadImageError for missing, empty, corrupt, truncated or non-image files.
+    max_pixels: refuse images of more pixels (width x height) than this; None: no limit. It replaces
+    Pillow's Image.MAX_IMAGE_PIXELS, whose default it has, so it holds in every process that decodes.
+    Raises BadImageError for missing, empty, corrupt, truncated, too large or non-image files.
     """
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1, 3 or None, got {channels!r}")
     try:
-        img = to_8bit(_open_decoded(path))
+        img = to_8bit(_open_decoded(path, max_pixels))
     except BadImageError:
         raise
     except Exception as exc:
@@ -152,28 +204,88 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def inspect_images(paths: Iterable[PathLike]) -> tuple[list[tuple[str, str]], dict]:
-    """Decode every file; returns (bad [(path, reason)], {path: (native channels, max side)})."""
+def _duration(seconds: float) -> str:
+    """Seconds for people: 8 s, 3 min 05 s, 2 h 04 min."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class ScanProgress:
+    """Count, rate and ETA of a long pass over files, on a stream (stderr by default).
+
+    Silent until `after` seconds have passed (a fast scan prints nothing); then at most one report
+    every `every` seconds: a line each in a log, or one line rewritten in place on a terminal. `done()`
+    ends with a summary line, only if anything was shown.
+    """
+
+    def __init__(self, total: int, what: str = "checking images", after: float = 2.0, every: float = 1.0,
+                 stream: TextIO | None = None):
+        self.total, self.what, self.after, self.every = total, what, after, every
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.started = time.monotonic()
+        self.last: float | None = None  # time of the last report; None: nothing shown yet
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        elapsed = now - self.started
+        if elapsed < self.after or (self.last is not None and now - self.last < self.every):
+            return
+        self.last = now
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = f", ETA {_duration((self.total - done) / rate)}" if rate > 0 else ""
+        line = (f"{self.what}: {done:,} / {self.total:,} ({100 * done / max(1, self.total):.0f}%), "
+                f"{rate:,.0f}/s{eta}")
+        self._write(line, final=False)
+
+    def done(self, summary: str = "") -> None:
+        if self.last is None:
+            return
+        elapsed = time.monotonic() - self.started
+        self._write(f"{self.what}: {self.total:,} done in {_duration(elapsed)}{summary}", final=True)
+
+    def _write(self, line: str, final: bool) -> None:
+        if self.tty:  # one line, rewritten: \r back to its start, clearing what a longer line left
+            self.stream.write(f"\r\x1b[K{line}" + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def inspect_images(paths: Iterable[PathLike], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                   progress: ScanProgress | None = None) -> tuple[list[tuple[str, str]], dict]:
+    """Decode every file; returns (bad [(path, reason)], {path: (native channels, max side)}).
+
+    max_pixels: as in `load_image`; progress: how the scan reports (default: stderr after 2 s)."""
     def check(path: PathLike):
         try:
-            image = load_image(path)
+            image = load_image(path, max_pixels=max_pixels)
         except BadImageError as exc:
             return str(path), (exc.path, exc.reason)
         return str(path), (int(image.shape[0]), int(max(image.shape[1], image.shape[2])))
 
+    files = list(paths)
+    report = progress if progress is not None else ScanProgress(len(files))
     bad: list[tuple[str, str]] = []
     info: dict = {}
     # Threads, not processes: Pillow releases the GIL while decoding, and map keeps the order.
     with ThreadPoolExecutor(max_workers=max(1, min(8, usable_cpus()))) as pool:
-        for path, result in pool.map(check, list(paths)):
+        for done, (path, result) in enumerate(pool.map(check, files), start=1):
             if isinstance(result[1], str):
                 bad.append(result)
             else:
                 info[path] = result
+            report.update(done)
+    report.done(f", {len(bad):,} unreadable" if bad else "")
     return bad, info
 
 
-def scan_images(paths: Iterable[PathLike]) -> list[tuple[str, str]]:
+def scan_images(paths: Iterable[PathLike], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                ) -> list[tuple[str, str]]:
     """[(path, reason)] of the files that fail to decode fully (a bad file would stop training mid-epoch)."""
-    bad, _ = inspect_images(paths)
+    bad, _ = inspect_images(paths, max_pixels)
     return bad

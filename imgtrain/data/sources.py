@@ -2,9 +2,11 @@
 
 A source provides the splits it has natively (the README's table of sources); what it lacks is
 carved from train, stratified and seeded (`data.val_fraction`, `data.test_fraction`,
-`data.split_seed`). Then `data.train_subset` keeps N training images (stratified). File sources
-decode every image up front: `data.on_bad_image: error` lists the bad files, `skip` records them
-in `DataSplits.skipped`.
+`data.split_seed`). Then `data.train_subset`, `val_subset` and `test_subset` keep N images of
+their split (stratified, seeded by `data.split_seed`). Data of fewer than 2 classes, or a train
+split left with one, is refused. File sources decode every image up front (images larger than
+`data.max_image_pixels` are bad): `data.on_bad_image: error` lists the bad files, `skip` records
+them in `DataSplits.skipped`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from imgtrain.data.datasets import FileImageDataset, ImageDataset, TensorImageDa
 from imgtrain.data.errors import DataError, format_bad_files, format_list
 from imgtrain.data.images import IMAGE_EXTENSIONS, inspect_images
 from imgtrain.data.shapes import generate_shapes, shape_classes
-from imgtrain.data.split import list_class_images, stratified_split_indices
+from imgtrain.data.split import list_class_images, stratified_split_indices, stratified_subset_indices
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -63,14 +65,34 @@ def _carve(train: ImageDataset, cfg: DataConfig, need_val: bool, need_test: bool
     return train.subset(rest), val, test
 
 
-def _apply_train_subset(splits: DataSplits, cfg: DataConfig) -> None:
-    n = cfg.train_subset
-    if n is None or n >= len(splits.train):
+def _apply_subsets(splits: DataSplits, cfg: DataConfig) -> None:
+    """data.train_subset / val_subset / test_subset: N images of that split, stratified, seeded."""
+    for name, n in (("train", cfg.train_subset), ("val", cfg.val_subset), ("test", cfg.test_subset)):
+        dataset = getattr(splits, name)
+        if dataset is not None and n is not None and n < len(dataset):
+            setattr(splits, name, dataset.subset(stratified_subset_indices(dataset.targets, n, cfg.split_seed)))
+
+
+ONE_CLASS_HINT = "A classifier needs images of at least 2 classes (with one, every prediction is right)."
+
+
+def _one_class(where: str, found: str, fix: str) -> DataError:
+    return DataError(f"{where}: {found}. {ONE_CLASS_HINT} {fix}")
+
+
+def _check_train_classes(splits: DataSplits, cfg: DataConfig) -> None:
+    """The train split, after carving and data.train_subset, must hold at least 2 classes."""
+    present = torch.unique(splits.train.targets).tolist()
+    if len(present) >= 2:
         return
-    fraction = n / len(splits.train)
-    # The part, not the rest: it is exactly round(n), and every class keeps its share.
-    _, keep = stratified_split_indices(splits.train.targets, [fraction], cfg.split_seed)
-    splits.train = splits.train.subset(keep)
+    name = splits.classes[int(present[0])] if present else "none"
+    where = f"{cfg.source} {cfg.root}" if cfg.root else f"data.source {cfg.source}"
+    if cfg.train_subset is not None:
+        raise _one_class(where, f"data.train_subset: {cfg.train_subset} keeps {len(splits.train)} training "
+                         f"image(s), all of class {name}",
+                         f"Raise data.train_subset to at least {len(splits.classes)} (the number of classes).")
+    raise _one_class(where, f"the train split has images of one class only ({name})",
+                     "Add training images of the other classes.")
 
 
 def _check_same_classes(where: str, per_split: Mapping[str, Sequence[str]], hint: str) -> None:
@@ -101,7 +123,7 @@ def _file_splits(where: str, native: dict[str, tuple[list[str], list[str]]], cla
     native: {split: (paths, class names)} of the source's splits; classes: checked to agree between them.
     """
     all_paths = [p for paths, _ in native.values() for p in paths]
-    bad, info = inspect_images(all_paths)
+    bad, info = inspect_images(all_paths, cfg.max_image_pixels)
     if bad and cfg.on_bad_image == "error":
         raise DataError(f"{where}: {len(bad)} of {len(all_paths)} image files cannot be read:\n"
                         f"{format_bad_files(bad)}\n"
@@ -121,7 +143,7 @@ def _file_splits(where: str, native: dict[str, tuple[list[str], list[str]]], cla
                         + ". Every class needs training images: add some or remove the class.")
     channels = 3 if any(info[p][0] == 3 for p in train_paths) else 1
     native_size = int(statistics.median_low([info[p][1] for p in train_paths]))
-    built = {split: FileImageDataset(paths, targets, classes, channels)
+    built = {split: FileImageDataset(paths, targets, classes, channels, max_pixels=cfg.max_image_pixels)
              for split, (paths, targets) in datasets.items() if paths}
     train, val, test = _carve(built["train"], cfg, "val" not in native, "test" not in native)
     return DataSplits(train=train, val=built.get("val", val), test=built.get("test", test),
@@ -168,6 +190,11 @@ def _imagefolder(cfg: DataConfig) -> DataSplits:
     if "train" not in subdirs:
         # Flat layout: every subfolder is a class; val/test are carved automatically.
         classes, paths, labels = _class_folder_split(root, "train", allow_empty=False)
+        if len(classes) < 2:  # before the scan: a big single folder would be decoded for nothing
+            raise _one_class(where, f"one class folder found: {classes[0]} ({root / classes[0]}, {len(paths)} "
+                             "images)", f"Give each class its own folder beside it: {root}/<class name>/<images> "
+                             f"(if {root / classes[0]} holds the images of every class, sort them into one "
+                             "folder per class).")
         return _file_splits(where, {"train": (paths, labels)}, classes, cfg)
     val_dirs = [d for d in subdirs if d in VAL_FOLDER_NAMES]
     if len(val_dirs) > 1:
@@ -188,6 +215,10 @@ def _imagefolder(cfg: DataConfig) -> DataSplits:
         native[split], class_lists[split] = (paths, labels), names
     _check_same_classes(where, class_lists, "Every split needs the same class folders "
                         "(an empty class folder is allowed in val and test).")
+    if len(class_lists["train"]) < 2:
+        name = class_lists["train"][0]
+        raise _one_class(where, f"its train folder has one class folder: {name} ({folders['train'] / name})",
+                         f"Give each class its own folder in every split: {root}/train/<class name>/<images>.")
     return _file_splits(where, native, class_lists["train"], cfg)
 
 
@@ -248,6 +279,10 @@ def _csv(cfg: DataConfig) -> DataSplits:
     where = f"csv {manifest}"
     class_lists = {split: sorted(set(labels), key=_natural_key) for split, (_, labels) in native.items()}
     _check_same_classes(where, class_lists, "Every split needs images of the same classes.")
+    if len(class_lists["train"]) < 2:
+        split_rows = " of the train split" if len(native) > 1 else ""
+        raise _one_class(where, f"every row{split_rows} has the label {class_lists['train'][0]!r}",
+                         "List images of the other classes in the manifest (columns path,label).")
     return _file_splits(where, native, class_lists["train"], cfg)
 
 
@@ -323,5 +358,6 @@ def build_splits(cfg: DataConfig) -> DataSplits:
     if builder is None:
         raise DataError(f"unknown data.source {cfg.source!r}; choose one of {', '.join(SOURCES)}")
     splits = builder(cfg)
-    _apply_train_subset(splits, cfg)
+    _apply_subsets(splits, cfg)
+    _check_train_classes(splits, cfg)
     return splits

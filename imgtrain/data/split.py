@@ -67,6 +67,23 @@ def stratified_split_indices(targets: Sequence[int] | np.ndarray | torch.Tensor,
     return [np.sort(np.concatenate(p)) if p else np.zeros(0, dtype=np.int64) for p in [rest, *parts]]
 
 
+def stratified_subset_indices(targets: Sequence[int] | np.ndarray | torch.Tensor, n: int,
+                              seed: int = 0) -> np.ndarray:
+    """Sorted indices of min(n, N) items, every class its share of n (largest remainder).
+
+    Each class's items come from the front of the same seeded shuffle as `stratified_split_indices`
+    uses, so this is the part it would carve for the fraction n / N, except that a class may be
+    taken whole: the result always has exactly n items (`data.train_subset`, `val_subset`, `test_subset`).
+    """
+    y = targets.cpu().numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets)
+    rng = np.random.default_rng(seed)
+    orders = [rng.permutation(np.flatnonzero(y == c)) for c in np.unique(y)]
+    counts = np.array([len(o) for o in orders], dtype=np.int64)
+    share = allocate(counts, min(n, len(y)), counts)
+    parts = [order[:k] for order, k in zip(orders, share.tolist())]
+    return np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
+
 def list_class_images(folder: PathLike) -> dict[str, list[str]]:
     """{class folder name: sorted image paths under it (recursively)} for each subfolder."""
     folder = Path(folder)

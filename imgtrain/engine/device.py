@@ -1,7 +1,6 @@
 """Where and how the model runs: device choice, mixed precision, backend flags, torch.compile.
 
-The Trainer (engine/loop.py) calls these once at start-up; `imgtrain doctor` and
-`imgtrain bench-data` use them to run the way training would.
+Called once at start-up by the Trainer, and by `imgtrain doctor` and `bench-data` to run as training would.
 """
 
 from __future__ import annotations
@@ -20,16 +19,13 @@ def select_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError(f"{name} asked for, but this machine has no CUDA GPU; use auto or cpu",
-                          key="train.device")
+        raise RecipeError(f"{name} asked for, but this machine has no CUDA GPU; use auto or cpu", key="train.device")
     return device
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with AMX tiles (Sapphire Rapids and later), where bf16 beats fp32.
-
-    Elsewhere bf16 autocast on CPU emulates the maths and runs several times slower.
-    """
+    """True on CPUs with AMX tiles (Sapphire Rapids and later); elsewhere bf16 autocast on CPU
+    emulates the maths and runs several times slower than fp32."""
     capability = torch.backends.cpu.get_cpu_capability()  # e.g. "AVX2", "AVX512", "AMX" (version-dependent)
     if "AMX" in capability.upper():
         return True
@@ -47,8 +43,7 @@ def select_precision(amp: str, device: torch.device) -> tuple[torch.dtype | None
     if amp == "bf16":
         return torch.bfloat16, False
     if amp == "fp16":
-        # fp16 gradients underflow without loss scaling
-        return torch.float16, True
+        return torch.float16, True  # fp16 gradients underflow without loss scaling
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported(including_emulation=False):
             return torch.bfloat16, False  # Ampere and later: bf16 needs no scaler
@@ -77,12 +72,10 @@ def configure_backends(device: torch.device, deterministic: bool, threads: int |
 
 
 def compile_model(model: torch.nn.Module, image_sizes: int = 1) -> torch.nn.Module:
-    """torch.compile. With image sizes that change by stage (progressive resizing), every shape is
-    compiled once, statically (dynamic=False: the fastest kernels; a stage change costs one
-    recompile, never one per batch), and dynamo may keep a graph per shape: each size meets up to
-    four batch shapes (full and last train batch, full and last eval batch)."""
-    # torch.compile's stubs type the result as a plain callable; given a Module it returns one
-    # (an OptimizedModule wrapping it)
+    """torch.compile. With several image sizes (progressive resizing) every shape is compiled once,
+    statically (fastest kernels; one recompile per stage), and dynamo may keep a graph per shape: up
+    to four batch shapes per size (full and last batch, train and eval)."""
+    # the casts: torch.compile's stubs type the result as a callable; given a Module it returns one
     if image_sizes <= 1:
         return cast(torch.nn.Module, torch.compile(model))
     import torch._dynamo.config as dynamo_config

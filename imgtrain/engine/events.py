@@ -28,11 +28,9 @@ The Trainer (engine/loop.py) runs this, firing each event on the hooks in order:
     fit_end
 
 A hook implements only the methods of the events it needs. `on_note(message, event, fields)` is no
-event of the loop: it receives what hooks report with `state.note(...)` (the train.log and
-events.jsonl trackers implement it), so a strategy can write to the run's log without knowing them.
-Hooks that change the batch, model, optimizer or schedule (strategies) run before hooks that only
-read (trackers); the order within each list is the order they are declared in, never computed from
-numbers.
+loop event: it receives what hooks report with `state.note(...)`, so a strategy can write to the
+run's log without knowing the trackers. Strategies (which change the batch, model, optimizer or
+schedule) run before trackers (which only read), each list in declared order.
 """
 
 from __future__ import annotations
@@ -40,17 +38,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-EVENTS = (
-    "fit_start", "epoch_start", "batch_start", "after_forward", "after_loss",
-    "after_backward", "before_step", "after_step", "before_eval", "eval_end", "epoch_end", "fit_end",
-)
+EVENTS = ("fit_start", "epoch_start", "batch_start", "after_forward", "after_loss", "after_backward", "before_step",
+          "after_step", "before_eval", "eval_end", "epoch_end", "fit_end")
 
 
 class Hook:
     """Base class: override the event methods you need; each gets the TrainState."""
 
-    #: name used for its entry in checkpoints (hook state) and logs
-    name: str = "hook"
+    name: str = "hook"  # its key in checkpoints (hook state) and logs
 
     def fit_start(self, state: Any) -> None: ...
     def epoch_start(self, state: Any) -> None: ...
@@ -77,11 +72,8 @@ class Hook:
 
 
 class HookList:
-    """Strategies then trackers, each in declared order.
-
-    For every event it keeps only the hooks that override that method, so an event
-    nobody listens to costs one empty loop per batch (the loop fires six per batch).
-    """
+    """Strategies then trackers, each in declared order. Per event it keeps only the hooks that
+    override it, so an event nobody listens to costs one empty loop per batch."""
 
     def __init__(self, strategies: Sequence[Hook] = (), trackers: Sequence[Hook] = ()):
         self.strategies: list[Hook] = list(strategies)
@@ -96,7 +88,6 @@ class HookList:
                     if getattr(type(h), event) is not getattr(Hook, event)]
             for event in EVENTS
         }
-
         self._note_listeners = [h for h in ordered if type(h).on_note is not Hook.on_note]
         # a hook that replays batches (state.repeat_group) needs the loop to keep each group's batches
         self.replays_group = any(getattr(h, "replays_group", False) for h in ordered)

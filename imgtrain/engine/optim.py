@@ -1,12 +1,9 @@
 """Optimizers (SGD with Nesterov, AdamW) and learning-rate schedules stepped per batch.
 
-Weight decay: norm and bias parameters (every 1-D parameter) get none by default, as
-in timm's `param_groups_weight_decay`; decaying them only shrinks the scale of
-normalised activations and hurts accuracy (Goyal et al. 2017, "Bag of Tricks" 2019).
-
-Schedules are expressed in optimizer steps. Keys in epochs (warmup_epochs,
-step_epochs, milestones) are converted with the steps per epoch, so the same recipe
-means the same thing at any batch size or accumulation.
+Norm and bias parameters (every 1-D parameter) get no weight decay by default, as in timm: decaying
+them only shrinks the scale of normalised activations and hurts accuracy (Goyal et al. 2017, "Bag of
+Tricks" 2019). Schedules count optimizer steps; keys in epochs are converted, so a recipe means the same
+at any batch size or accumulation.
 """
 
 from __future__ import annotations
@@ -29,10 +26,9 @@ def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float,
     """Two groups: decayed weights, and (unless asked) undecayed norm/bias parameters."""
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
-    for _, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (decay if gets_weight_decay(param, decay_norm_and_bias) else no_decay).append(param)
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if gets_weight_decay(param, decay_norm_and_bias) else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay, "group_name": "decay"}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "group_name": "no_decay"})
@@ -42,15 +38,13 @@ def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float,
 def peak_lr(cfg: OptimConfig) -> float:
     """optim.lr as a number. `find` never reaches an optimizer: the LR finder replaces it first."""
     if isinstance(cfg.lr, str):
-        raise ValueError(f"optim.lr is {cfg.lr!r}: the LR finder must set a number before an optimizer "
-                         "is built")
+        raise ValueError(f"optim.lr is {cfg.lr!r}: the LR finder must set a number before an optimizer is built")
     return cfg.lr
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
                     param_groups: list[dict] | None = None) -> torch.optim.Optimizer:
-    """SGD or AdamW over `param_groups` (each may carry its own lr; default: the decay/no-decay
-    split of `param_groups_weight_decay`)."""
+    """SGD or AdamW over `param_groups` (each may carry its own lr; default: `param_groups_weight_decay`)."""
     groups = param_groups if param_groups is not None else param_groups_weight_decay(
         model, cfg.weight_decay, cfg.decay_norm_and_bias)
     if cfg.name == "sgd":
@@ -81,10 +75,7 @@ def epochs_to_steps(epoch_steps: Sequence[int]) -> Callable[[float], int]:
 def lr_factor_fn(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int, peak_lr: float,
                  epoch_steps: Sequence[int] | None = None) -> Callable[[int], float]:
     """The multiplier of the peak lr at optimizer step `s` (for LambdaLR), for non-one-cycle schedules.
-
-    epoch_steps: the optimizer steps of every epoch when they differ; keys in epochs (warmup,
-    step_epochs, milestones) then count real epochs. Default: `steps_per_epoch` each.
-    """
+    `epoch_steps`: the optimizer steps of each epoch when they differ (default: `steps_per_epoch` each)."""
     at = epochs_to_steps(epoch_steps) if epoch_steps else (lambda e: int(round(e * steps_per_epoch)))
     warmup = at(cfg.warmup_epochs)
     start = cfg.warmup_start_factor
@@ -123,9 +114,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, peak_
                     ) -> torch.optim.lr_scheduler.LRScheduler:
     """A scheduler to step once after every optimizer step (epoch_steps: see lr_factor_fn)."""
     if cfg.name == "onecycle":
-        # torch's OneCycleLR: lr from peak/div_factor up to peak over pct_start, then cosine
-        # down to peak/(div_factor*final_div_factor); momentum (or Adam beta1) moves inversely.
-        # each group peaks at its own lr (discriminative lrs); plain runs have peak_lr everywhere
+        # lr from peak/div_factor up to peak over pct_start, then cosine down to
+        # peak/(div_factor*final_div_factor); each group peaks at its own lr (discriminative lrs)
         total_steps = max(total_steps, 2)
         pct_start = cfg.pct_start
         if abs(pct_start * total_steps - 1.0) < 1e-9:

@@ -20,10 +20,9 @@ WORST_KEPT = 16  # validation images of highest loss kept per evaluation (the re
 def evaluate_batches(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                      classes: list[str], device: torch.device, autocast: Callable[[], Any],
                      logit_offset: torch.Tensor | None = None) -> dict[str, Any]:
-    """Mean cross-entropy, top-1 and balanced accuracy, per-class recall, the confusion matrix (rows:
-    true class) and the WORST_KEPT images of highest loss (their index in the batches' order: for the
-    report's worst-classified gallery). `batches` are on the device, ready for the model; `autocast()`
-    gives the precision context; `logit_offset` is added to the logits (post-hoc logit adjustment)."""
+    """Mean cross-entropy, top-1 and balanced accuracy, per-class recall, the confusion matrix (rows: true
+    class) and the WORST_KEPT images of highest loss (by index in the batches' order). `batches` are on the
+    device; `autocast()` gives the precision context; `logit_offset` is added to the logits (logit adjustment)."""
     model.eval()
     started = time.perf_counter()
     count = len(classes)

@@ -54,17 +54,22 @@ class WeightsReport:
     input_chans: tuple[int, int] | None = None   # (channels of the source, channels of the model)
 
     def lines(self) -> list[str]:
-        out = [f"weights: loaded {self.loaded} of {self.total} tensors from {self.source}"]
+        out = [f"weights: loaded {self.loaded} of {self.total} tensors from {self.source}", *self.changes()]
+        if self.missing:
+            out.append(f"weights: {len(self.missing)} missing from the source, left at random: {_some(self.missing)}")
+        if self.unexpected:
+            out.append(f"weights: {len(self.unexpected)} in the source unused by the model: {_some(self.unexpected)}")
+        return out
+
+    def changes(self) -> list[str]:
+        """How the model differs from the weights' own: a new head, an adapted input conv (the console shows these)."""
+        out = []
         if self.head_replaced:
             classes = f" ({self.head_classes[0]} classes -> {self.head_classes[1]})" if self.head_classes else ""
             out.append(f"weights: head replaced{classes}: {_some(self.head_replaced)} start from random")
         if self.input_adapted:
             chans = f" ({self.input_chans[0]} channels -> {self.input_chans[1]})" if self.input_chans else ""
             out.append(f"weights: input conv adapted{chans}: {_some(self.input_adapted)}")
-        if self.missing:
-            out.append(f"weights: {len(self.missing)} missing from the source, left at random: {_some(self.missing)}")
-        if self.unexpected:
-            out.append(f"weights: {len(self.unexpected)} in the source unused by the model: {_some(self.unexpected)}")
         return out
 
 

@@ -8,9 +8,8 @@
     run_dir/report.html     one self-contained page of it all     ReportTracker (tracking/report.py)
     run_dir/summary.json    final numbers                         write_summary
 
-`build_trackers(recipe, run_dir)` returns them in that order for a recipe. Trackers never
-change the state, so they run after every strategy (see engine/events.py). Under DDP only
-rank 0 should build them, or every process would write the same files.
+`build_trackers(recipe, run_dir)` returns them in that order. Trackers never change the state, so
+they run after every strategy. Under DDP only rank 0 should build them.
 """
 
 from __future__ import annotations
@@ -36,18 +35,11 @@ __all__ = [
 ]
 
 
-def build_trackers(recipe: Recipe, run_dir: str | Path,
-                   console_stream: TextIO | None = None,
+def build_trackers(recipe: Recipe, run_dir: str | Path, console_stream: TextIO | None = None,
                    report_inputs: ReportInputs | None = None) -> list[Hook]:
-    """The trackers a recipe asks for, in firing order.
-
-    train.log first, so a line about an epoch is on disk before anything else can fail;
-    the console next; then the run-folder files. `output.progress: off` leaves out the
-    ProgressTracker, `output.plots: false` the PlotTracker and `output.report: false` the
-    ReportTracker (last: it inlines the PlotTracker's charts). `console_stream` defaults
-    to sys.stderr; `report_inputs` gives the report the validation images it shows.
-    """
-    run_dir = Path(run_dir)
+    """The trackers a recipe asks for (`output.progress`, `output.plots`, `output.report`), in firing
+    order: train.log first, so an epoch's line is on disk before anything else can fail; the report
+    last, as it inlines the PlotTracker's charts. `report_inputs`: the validation images it shows."""
     trackers: list[Hook] = [TrainLogTracker(run_dir)]
     if recipe.output.progress != "off":
         trackers.append(ProgressTracker(recipe.output.progress, console_stream))

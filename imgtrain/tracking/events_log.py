@@ -1,16 +1,9 @@
 """events.jsonl: a machine-readable diary of the run, one JSON object per line.
 
-`EventLogTracker` appends `{"time": <ISO 8601>, "event": <name>, ...fields}`:
-
-- `fit_start`: device, amp dtype, epochs, steps per epoch, parameter counts, model name,
-  and `resumed_from_epoch` when the run continues from a checkpoint;
-- `epoch_end`: the epoch's history row;
-- `fit_end`: `state.summary`;
-- anything the loop reports through `log(event, **fields)` ("checkpoint", "skipped_images").
-
-The file is opened in append mode for every record, so a resumed run continues the same
-diary, a crash loses at most the record being written, and no handle stays open. Records
-are written once per epoch or rarer, so the open costs nothing measurable.
+`EventLogTracker` appends `{"time": <ISO 8601>, "event": <name>, ...fields}` at `fit_start` (device,
+amp, sizes, model; `resumed_from_epoch` on a resume), `epoch_end` (the history row), `fit_end`
+(`state.summary`) and for what the loop reports through `log(event, **fields)`. Each record opens the
+file in append mode: a resume continues the diary, a crash loses at most one record, no handle stays open.
 """
 
 from __future__ import annotations
@@ -48,9 +41,7 @@ def fit_start_fields(state: Any) -> dict[str, Any]:
         "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
         "num_classes": len(state.classes),
     }
-    if state.epoch > 0:
-        # state.epoch is 0-based and a restored run starts at the first unfinished epoch,
-        # so it equals the number of epochs already done
+    if state.epoch > 0:  # a restored run starts at its first unfinished epoch: state.epoch epochs are done
         fields["resumed_from_epoch"] = state.epoch
     return fields
 
@@ -87,11 +78,9 @@ class EventLogTracker(Hook):
 
     def epoch_end(self, state: Any) -> None:
         # the loop appends the row before firing epoch_end; epoch_metrics is the fallback
-        row = state.history[-1] if state.history else state.epoch_metrics
-        record = dict(row)
+        record = dict(state.history[-1] if state.history else state.epoch_metrics)
         recall = getattr(state, "val_per_class_recall", None)
-        # per-class recall is too wide for history.csv with many classes: it lives here
-        if recall:
+        if recall:  # too wide for history.csv with many classes: it lives here
             record["val_per_class_recall"] = recall
         record.update(getattr(state, "epoch_details", None) or {})  # e.g. trainable_per_group
         self.write("epoch_end", record)

@@ -1,16 +1,9 @@
-"""history.csv: one row per finished epoch, rewritten whole every epoch.
+"""history.csv: one row per finished epoch, rewritten whole (atomically) every epoch.
 
-`HistoryTracker` writes `run_dir/history.csv` from `state.history` at every `epoch_end`.
-It rewrites the whole file (temp file + `os.replace`) instead of appending: a resumed run
-restores `state.history` from its checkpoint, so rewriting from it can never duplicate a
-row, and it also drops rows of epochs the crashed run finished after its last checkpoint.
-
-Columns: `epoch`, then the standard columns in a fixed order when present, then any other
-key in first-seen order. Rows may gain keys later (a strategy starts reporting something):
-the header is the union of all keys and missing cells are blank.
-
-`read_history(path)` reads the file back with numbers parsed to int/float; blank cells are
-left out of the row dict, so `write_history` then `read_history` gives the same rows.
+Rewriting from `state.history` rather than appending means a resumed run never duplicates a row and
+drops rows of epochs finished after its last checkpoint. Columns: `epoch`, the standard columns present,
+then the rest in first-seen order (missing cells blank). `read_history` parses numbers back and leaves
+blank cells out, so `write_history` then `read_history` gives the same rows.
 """
 
 from __future__ import annotations
@@ -28,10 +21,8 @@ from imgtrain.tracking.summary import atomic_write_text
 HISTORY_FILE = "history.csv"
 
 #: columns that come right after `epoch`, in this order, when any row has them
-STANDARD_COLUMNS = (
-    "train_loss", "train_acc", "val_loss", "val_acc", "lr", "momentum",
-    "epoch_seconds", "images_per_second",
-)
+STANDARD_COLUMNS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "momentum", "epoch_seconds",
+                    "images_per_second")
 
 _INT_RE = re.compile(r"[+-]?\d+")
 # plain decimal / scientific notation and the non-finite words %g writes; no "_" separators
@@ -40,10 +31,7 @@ _FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf)", 
 
 def history_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
     """Column order for `rows`: epoch, the standard columns present, then the rest as first seen."""
-    seen: dict[str, None] = {}  # a dict keeps first-seen order and makes lookups O(1)
-    for row in rows:
-        for key in row:
-            seen.setdefault(key, None)
+    seen = dict.fromkeys(key for row in rows for key in row)  # first-seen order, O(1) lookups
     first = [c for c in ("epoch",) + STANDARD_COLUMNS if c in seen]
     rest = [c for c in seen if c not in first]
     return first + rest
@@ -91,16 +79,12 @@ def write_history(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
 def read_history(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a history.csv, numbers parsed to int/float, blank cells left out."""
     with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        return [{k: parse_value(v) for k, v in row.items() if v not in ("", None)} for row in reader]
+        return [{k: parse_value(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
 
 
 class HistoryTracker(Hook):
-    """Rewrites `run_dir/history.csv` from `state.history` at every epoch end.
-
-    At `fit_start` of a resumed run (history restored from the checkpoint) it rewrites the
-    file too, so the CSV matches the restored state before the first new epoch finishes.
-    """
+    """Rewrites `run_dir/history.csv` from `state.history` at every epoch end, and at the
+    `fit_start` of a resumed run, so the CSV matches the restored state at once."""
 
     name = "history"
 

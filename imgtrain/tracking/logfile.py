@@ -1,12 +1,8 @@
 """train.log: the human-readable story of a run, one timestamped line per thing that happened.
 
-`TrainLogTracker` writes a line at `fit_start` (model, device, amp, parameters), one per
-epoch (the same summary line the console shows, `format_epoch_line`) and one at `fit_end`
-(the summary). The loop adds warnings and notes through `log(message)`.
-
-The file is opened in append mode for every line -- a resumed run continues the same file
-and every line is on disk as soon as it is written (lines come per epoch or rarer, so the
-open is free next to an epoch of training).
+`TrainLogTracker` writes a line at `fit_start`, one per epoch (`format_epoch_line`, as on the console)
+and one at `fit_end`; the loop adds warnings and notes through `log(message)`. Each line is appended
+on its own, so it is on disk at once and a resumed run continues the file.
 """
 
 from __future__ import annotations

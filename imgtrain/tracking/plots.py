@@ -1,37 +1,14 @@
-"""Charts of a run, drawn once per redraw by matplotlib: plots/*.png and report.html's inline SVG.
+"""Charts of a run, drawn by matplotlib once per redraw: plots/*.png and report.html's inline SVG.
 
-One function per chart builds a `Figure` from the history rows (and the per-step record):
+One function per chart builds a `Figure` from the history rows (lr and momentum per optimizer step
+when recorded, else per epoch); each figure is rendered both as `plots/NAME.png` and as the SVG
+report.html inlines, so the page and the files agree. No pyplot: plain `Figure`s have no global state.
 
-- `loss`        train_loss and val_loss per epoch
-- `accuracy`    train_acc, val_acc and val_balanced_acc per epoch, in %
-- `lr`          learning rate per optimizer step (log scale when it spans > 2 decades); per epoch
-                from the history when no steps were recorded
-- `momentum`    momentum / beta1 per optimizer step, likewise
-- `throughput`  training images/s per epoch
-- `epoch_time`  seconds per epoch
-
-The PlotTracker renders each figure twice from the same object, as `plots/NAME.png` (`write_pngs`)
-and as SVG text that report.html inlines (`svg_element`): the page and the files show the same
-drawing and no chart is built twice. Six figures cost about 0.45 s on 2 CPU cores (PNG ~0.28 s, SVG the rest).
-
-`PlotTracker` records the learning rate and momentum (or Adam's beta1) of the first param group
-that each optimizer step uses (read at `before_step`) and redraws at epoch ends. The per-step
-record keeps at most `max_points` points however long the run: when full it drops every other
-point and from then on records every 2nd step (then 4th, ...), so memory, checkpoint size and
-drawing time stay bounded and the kept points stay evenly spaced. It is part of the hook's
-`state_dict`, so a resumed run's lr chart still starts at step 0.
-
-Drawing uses `matplotlib.figure.Figure` directly: no pyplot, so no global figure registry or
-backend switching (safe next to a user's own pyplot use and in threads). Each PNG is written to a
-temporary file and `os.replace`d, so a viewer never reads half an image. By default the hook draws
-on a background thread from a snapshot of the history, so the loop goes on while matplotlib
-renders (most of the loop's time is in torch ops that release the GIL); at most one draw runs at a
-time, and `fit_end` waits for the last one, so every file is complete when `fit` returns.
-`background=False` draws in the loop's thread.
-
-`plot_history(rows, lr_steps, momentum_steps, out_dir)` writes the PNGs without a hook;
-`chart_svgs(rows, lr_steps, momentum_steps)` gives the SVGs alone (the report when plots are off,
-and `imgtrain report`).
+`PlotTracker` records the lr and momentum (or Adam's beta1) of each optimizer step, at most
+`max_points` of them: when full it keeps every other point and from then on records every 2nd step
+(then 4th, ...), so memory, checkpoint size and drawing time stay bounded. The record is in its
+`state_dict`, so a resumed run's lr chart still starts at step 0. It redraws at epoch ends on a time
+budget, by default on a background thread (the loop's torch ops release the GIL); `fit_end` waits.
 """
 
 from __future__ import annotations
@@ -41,7 +18,7 @@ import io
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,17 +33,16 @@ PLOTS_DIR = "plots"
 FIGSIZE = (6.0, 4.0)   # inches: 480x320 px as PNG, 576x384 CSS px as SVG
 DPI = 80
 MAX_POINTS = 2000      # per-step points kept and drawn per curve
-REDRAW_BUDGET_FACTOR = 150  # wait at least 150x the last redraw's cost before the next (<= ~0.7% of time)
+REDRAW_BUDGET_FACTOR = 150  # wait at least 150x the last redraw's cost before the next (README: The run folder)
 FIRST_DRAW_COST = 0.4      # seconds; what the budget assumes before the first redraw has been timed
 MARKER_LIMIT = 30      # per-epoch curves get point markers up to this many epochs
 SERIES_ID = "series-"  # + the column name: each curve's gid, an id in the SVG that tests can find
 # no date or creator in the SVG: the page would differ at every redraw for nothing
 SVG_METADATA = {"Date": None, "Creator": None, "Format": None, "Type": None}
 
+Rows = Sequence[dict[str, Any]]  # history rows (accuracies as fractions)
 Steps = Sequence[tuple[float, float]]  # (optimizer step, value) pairs
 
-
-# ----------------------------------------------------------------------------- data
 
 def plottable(value: Any) -> float:
     """A plottable float; missing, non-numeric and infinite values become NaN (a gap)."""
@@ -90,8 +66,6 @@ def decimate(points: Steps, max_points: int = MAX_POINTS) -> list[tuple[float, f
     return kept
 
 
-# ----------------------------------------------------------------------------- one figure per chart
-
 def _new_axes(title: str, xlabel: str, ylabel: str) -> tuple[Figure, Any]:
     fig = Figure(figsize=FIGSIZE, dpi=DPI)
     FigureCanvasAgg(fig)  # attaches itself to fig; savefig then renders PNGs with Agg
@@ -105,8 +79,7 @@ def _new_axes(title: str, xlabel: str, ylabel: str) -> tuple[Figure, Any]:
     return fig, ax
 
 
-def _epoch_chart(rows: Sequence[dict[str, Any]], keys: Sequence[str], title: str, ylabel: str,
-                 scale: float = 1.0) -> Figure | None:
+def _epoch_chart(rows: Rows, keys: Sequence[str], title: str, ylabel: str, scale: float = 1.0) -> Figure | None:
     """One line per key present in any row, against the epoch; None when no key has data."""
     series = {}
     for key in keys:
@@ -126,8 +99,7 @@ def _epoch_chart(rows: Sequence[dict[str, Any]], keys: Sequence[str], title: str
     return fig
 
 
-def _step_chart(rows: Sequence[dict[str, Any]], steps: Steps, key: str, name: str, ylabel: str,
-                log_when_wide: bool) -> Figure | None:
+def _step_chart(rows: Rows, steps: Steps, key: str, name: str, ylabel: str, log_when_wide: bool) -> Figure | None:
     """`key` per optimizer step from `steps`, else per epoch from the history; None without data."""
     if not steps:
         return _epoch_chart(rows, (key,), f"{name} per epoch", ylabel)
@@ -141,50 +113,43 @@ def _step_chart(rows: Sequence[dict[str, Any]], steps: Steps, key: str, name: st
     return fig
 
 
-def loss_chart(rows: Sequence[dict[str, Any]]) -> Figure | None:
+def loss_chart(rows: Rows) -> Figure | None:
     return _epoch_chart(rows, ("train_loss", "val_loss"), "Loss", "loss")
 
 
-def accuracy_chart(rows: Sequence[dict[str, Any]]) -> Figure | None:
+def accuracy_chart(rows: Rows) -> Figure | None:
     return _epoch_chart(rows, ("train_acc", "val_acc", "val_balanced_acc"), "Accuracy", "accuracy (%)", 100.0)
 
 
-def lr_chart(rows: Sequence[dict[str, Any]], steps: Steps = ()) -> Figure | None:
+def lr_chart(rows: Rows, steps: Steps = ()) -> Figure | None:
     return _step_chart(rows, steps, "lr", "Learning rate", "lr", log_when_wide=True)
 
 
-def momentum_chart(rows: Sequence[dict[str, Any]], steps: Steps = ()) -> Figure | None:
+def momentum_chart(rows: Rows, steps: Steps = ()) -> Figure | None:
     return _step_chart(rows, steps, "momentum", "Momentum", "momentum / beta1", log_when_wide=False)
 
 
-def throughput_chart(rows: Sequence[dict[str, Any]]) -> Figure | None:
+def throughput_chart(rows: Rows) -> Figure | None:
     return _epoch_chart(rows, ("images_per_second",), "Throughput", "training images / s")
 
 
-def epoch_time_chart(rows: Sequence[dict[str, Any]]) -> Figure | None:
+def epoch_time_chart(rows: Rows) -> Figure | None:
     return _epoch_chart(rows, ("epoch_seconds",), "Epoch time", "seconds")
 
 
-def draw_charts(rows: Sequence[dict[str, Any]], lr_steps: Steps = (),
-                momentum_steps: Steps = ()) -> dict[str, Figure]:
-    """name -> Figure for every chart that has data, in the report's order.
-
-    rows: history rows (dicts with epoch, train_loss, val_acc ...; accuracies as fractions).
-    lr_steps, momentum_steps: (optimizer step, value) pairs; empty: per epoch from the rows.
-    """
-    builders: dict[str, Callable[[], Figure | None]] = {
-        "loss": lambda: loss_chart(rows),
-        "accuracy": lambda: accuracy_chart(rows),
-        "lr": lambda: lr_chart(rows, lr_steps),
-        "momentum": lambda: momentum_chart(rows, momentum_steps),
-        "throughput": lambda: throughput_chart(rows),
-        "epoch_time": lambda: epoch_time_chart(rows),
+def draw_charts(rows: Rows, lr_steps: Steps = (), momentum_steps: Steps = ()) -> dict[str, Figure]:
+    """name -> Figure for every chart that has data, in the report's order; lr and momentum per
+    epoch when their steps are empty."""
+    figures = {
+        "loss": loss_chart(rows),
+        "accuracy": accuracy_chart(rows),
+        "lr": lr_chart(rows, lr_steps),
+        "momentum": momentum_chart(rows, momentum_steps),
+        "throughput": throughput_chart(rows),
+        "epoch_time": epoch_time_chart(rows),
     }
-    figures = {name: build() for name, build in builders.items()}
     return {name: fig for name, fig in figures.items() if fig is not None}
 
-
-# ----------------------------------------------------------------------------- rendering
 
 def svg_element(fig: Figure) -> str:
     """The figure as an `<svg class="chart">` element to inline in HTML, labelled with its title."""
@@ -208,23 +173,54 @@ def write_pngs(figures: dict[str, Figure], out_dir: str | Path) -> list[Path]:
     return written
 
 
-def chart_svgs(rows: Sequence[dict[str, Any]], lr_steps: Steps = (),
-               momentum_steps: Steps = ()) -> dict[str, str]:
+def chart_svgs(rows: Rows, lr_steps: Steps = (), momentum_steps: Steps = ()) -> dict[str, str]:
     """name -> inline SVG of every chart with data, without writing files."""
     return {name: svg_element(fig) for name, fig in draw_charts(rows, lr_steps, momentum_steps).items()}
 
 
-def plot_history(rows: Sequence[dict[str, Any]], lr_steps: Steps, momentum_steps: Steps,
-                 out_dir: str | Path) -> list[Path]:
+def plot_history(rows: Rows, lr_steps: Steps, momentum_steps: Steps, out_dir: str | Path) -> list[Path]:
     """Draw NAME.png for every chart with data into `out_dir`; returns the paths written."""
     return write_pngs(draw_charts(rows, lr_steps, momentum_steps), out_dir)
 
 
-# ----------------------------------------------------------------------------- the hook
+class BudgetedRedraw(Hook):
+    """Base of the trackers that redraw at epoch ends: a redraw is skipped (and made up later) while
+    less than `redraw_budget_factor` x the last one's cost has passed since it ended (0: never), or
+    while `busy()`. The budget runs from fit_start; the last epoch always draws."""
 
-class PlotTracker(Hook):
-    """Records per-step lr and momentum; redraws `run_dir/plots/*.png` and the SVGs in `charts`
-    at epoch ends."""
+    def __init__(self, redraw_budget_factor: float):
+        self.redraw_budget_factor = redraw_budget_factor
+        self._last_draw_end: float | None = None
+        self._last_cost = FIRST_DRAW_COST
+        self._pending = False  # an epoch's redraw was skipped and not yet made up
+
+    def redraw(self, state: Any) -> None:
+        raise NotImplementedError
+
+    def busy(self) -> bool:
+        return False
+
+    def fit_start(self, state: Any) -> None:
+        if self._last_draw_end is None:
+            self._last_draw_end = time.perf_counter()
+
+    def epoch_end(self, state: Any) -> None:
+        final = state.epoch + 1 >= state.epochs or state.stop_training
+        recent = (self._last_draw_end is not None
+                  and time.perf_counter() - self._last_draw_end < self.redraw_budget_factor * self._last_cost)
+        if not final and (recent or self.busy()):
+            self._pending = True
+        else:
+            self.redraw(state)
+
+    def _drawn(self, started: float) -> None:
+        """Time the redraw that began at `started` (time.perf_counter) and ends now."""
+        self._last_draw_end = time.perf_counter()
+        self._last_cost = self._last_draw_end - started
+
+
+class PlotTracker(BudgetedRedraw):
+    """Records per-step lr and momentum; redraws `run_dir/plots/*.png` and the SVGs in `charts` at epoch ends."""
 
     name = "plots"
 
@@ -232,26 +228,20 @@ class PlotTracker(Hook):
                  redraw_budget_factor: float = REDRAW_BUDGET_FACTOR, background: bool = True):
         if max_points < 2:
             raise ValueError(f"max_points must be at least 2, got {max_points}")
+        super().__init__(redraw_budget_factor)
         self.out_dir = Path(run_dir) / PLOTS_DIR
         self.max_points = max_points
-        self.redraw_budget_factor = redraw_budget_factor  # 0: redraw at every epoch end
         self.steps: list[int] = []
         self.lr: list[float] = []
         self.momentum: list[float] = []
         self.stride = 1  # record steps that are multiples of this; doubles when the record is full
-        self.last_written: list[Path] = []
         self.charts: dict[str, str] = {}  # name -> SVG of the last draw, for report.html
-        self._last_draw_end: float | None = None
-        self._last_cost = 0.0
-        self._pending = False  # an epoch's redraw was skipped and not yet made up
         self.background = background
         self._worker: threading.Thread | None = None
         self._error: BaseException | None = None
 
     def before_step(self, state: Any) -> None:
-        # before_step, not after_step: by after_step the scheduler has already moved on, so
-        # the lr read there is the next step's (a one-cycle plot would miss its warmup start
-        # and show a jump after the last step). Here it is the lr this optimizer step uses.
+        # not after_step: by then the scheduler has moved on, and the lr read there is the next step's
         step = state.step + 1  # 1-based number of the step being taken, as after_step counts
         # the second test skips a step already recorded (e.g. a repeated event)
         if step % self.stride or (self.steps and step <= self.steps[-1]):
@@ -270,32 +260,11 @@ class PlotTracker(Hook):
         self.lr = [self.lr[i] for i in keep]
         self.momentum = [self.momentum[i] for i in keep]
 
-    def fit_start(self, state: Any) -> None:
-        # the budget runs from the start of training: the first redraw is due once
-        # redraw_budget_factor x FIRST_DRAW_COST seconds (60 s) have passed
-        if self._last_draw_end is None:
-            self._last_draw_end, self._last_cost = time.perf_counter(), FIRST_DRAW_COST
-
-    def epoch_end(self, state: Any) -> None:
-        # A redraw of the six charts (PNG and SVG) costs 0.4-1 s of CPU. On long epochs that is nothing and
-        # every epoch is drawn; on epochs of a few seconds it would be a visible slowdown, so a
-        # redraw is skipped while less than redraw_budget_factor x its last cost has passed
-        # since the previous one, or while the previous one is still drawing (training pays at
-        # most ~2%). The last epoch and fit_end always draw.
-        now = time.perf_counter()
-        final = state.epoch + 1 >= state.epochs or state.stop_training
-        busy = self._worker is not None and self._worker.is_alive()
-        recent = (self._last_draw_end is not None
-                  and now - self._last_draw_end < self.redraw_budget_factor * self._last_cost)
-        if not final and (busy or recent):
-            self._pending = True
-            return
-        self.redraw(state)
+    def busy(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
 
     def fit_end(self, state: Any) -> None:
-        if self._pending:
-            self.redraw(state)
-        self.wait()
+        self.current_charts(state)  # makes up a skipped redraw and waits for the draw
 
     def redraw(self, state: Any) -> None:
         """Draw every chart from the state's history now (on the background thread when enabled)."""
@@ -311,8 +280,7 @@ class PlotTracker(Hook):
         self._worker.start()
 
     def current_charts(self, state: Any) -> dict[str, str]:
-        """name -> SVG of the state's whole history, for the report: waits for the draw under way,
-        or draws now when this epoch's redraw was skipped."""
+        """name -> SVG of the whole history, for the report: makes up a skipped redraw, waits for the draw."""
         if self._pending:
             self.redraw(state)
         self.wait()
@@ -327,17 +295,15 @@ class PlotTracker(Hook):
             error, self._error = self._error, None
             raise error
 
-    def _draw(self, rows: list[dict[str, Any]], lr: list[tuple[int, float]],
-              momentum: list[tuple[int, float]]) -> None:
+    def _draw(self, rows: list[dict[str, Any]], lr: list[tuple[int, float]], momentum: list[tuple[int, float]]) -> None:
         started = time.perf_counter()
         try:
             figures = draw_charts(rows, lr, momentum)
-            self.last_written = write_pngs(figures, self.out_dir)
+            write_pngs(figures, self.out_dir)
             self.charts = {name: svg_element(fig) for name, fig in figures.items()}
         except BaseException as error:
             self._error = error
-        self._last_draw_end = time.perf_counter()
-        self._last_cost = self._last_draw_end - started
+        self._drawn(started)
 
     def lr_steps(self) -> list[tuple[int, float]]:
         return list(zip(self.steps, self.lr, strict=True))
@@ -347,8 +313,7 @@ class PlotTracker(Hook):
 
     def state_dict(self) -> dict[str, Any]:
         # plain lists and ints only: checkpoints are loaded with torch.load(weights_only=True)
-        return {"steps": list(self.steps), "lr": list(self.lr), "momentum": list(self.momentum),
-                "stride": self.stride}
+        return {"steps": list(self.steps), "lr": list(self.lr), "momentum": list(self.momentum), "stride": self.stride}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         steps, lr, momentum = state.get("steps", []), state.get("lr", []), state.get("momentum", [])

@@ -1,21 +1,10 @@
 """Console progress: a tqdm bar on a terminal, plain lines in CI logs and files.
 
-`ProgressTracker(mode, stream)`:
-
-- "bar": one tqdm bar per epoch, redrawn in place (tqdm fits it to the terminal's width and
-  shares the screen with other tqdm bars and `tqdm.write`):
-  `epoch 3/10 [#######-------------] 120/200 loss 0.512 acc 81.2% lr 3.2e-02 1830 img/s ETA 0:12 mem 412 MB`
-- "log": no `\\r`; a plain line at about 25%, 50% and 75% of each epoch;
-- "auto": "bar" when the stream is a terminal, else "log".
-
-Both end each epoch with the summary line `format_epoch_line(row, epochs)` (shared with
-train.log). Why the care about cost: the loop fires `after_step` thousands of times a
-minute and reading `state.loss_sum` (a device tensor) forces a GPU sync. So `after_step`
-does O(1) host work -- one clock read and a compare for the bar, one integer compare for
-the log -- and touches tensors only when it actually draws, at most `1 / refresh_seconds`
-times a second. So the tracker, not tqdm, decides when to draw: tqdm's own throttle would need
-the status (and its sync) at every step. The numbers are ours too (images/s, not batches/s, and
-an injectable clock); tqdm formats the bar and writes the line.
+Modes: "bar", a tqdm bar per epoch redrawn in place (`epoch 3/10 [#####---] 120/200 loss 0.512 acc 81.2% ...`);
+"log", a plain line at about 25%, 50% and 75% of each epoch; "auto", "bar" on a terminal, else "log". Both end
+each epoch with `format_epoch_line` (as train.log does). `after_step` fires thousands of times a minute and
+reading `state.loss_sum` (a device tensor) syncs the GPU, so it does O(1) host work and reads tensors only when
+it draws, at most `1 / refresh_seconds` times a second: the tracker, not tqdm's throttle, decides when to draw.
 """
 
 from __future__ import annotations
@@ -39,9 +28,8 @@ MODES = ("auto", "bar", "log")
 BAR_WIDTH = 20  # characters between the brackets
 LOG_FRACTIONS = (0.25, 0.5, 0.75)  # log mode prints a line when an epoch passes each of these
 FALLBACK_COLUMNS, FALLBACK_ROWS = 120, 24  # bar: the terminal's size when it reports none (some ptys)
+UNIT_FORMATS = {"epoch_seconds": "{:.1f} s", "images_per_second": "{:.0f} img/s", "lr": "lr {:.2e}"}
 
-
-# ----------------------------------------------------------------------------- formatting
 
 def is_accuracy_key(key: str) -> bool:
     """History columns holding a fraction 0..1 that reads better as a percentage."""
@@ -53,8 +41,7 @@ def format_duration(seconds: float) -> str:
     """12 -> "0:12", 754 -> "12:34", 3725 -> "1:02:05"."""
     if not math.isfinite(seconds) or seconds < 0:
         return "?"
-    total = round(seconds)
-    hours, rest = divmod(total, 3600)
+    hours, rest = divmod(round(seconds), 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
@@ -65,12 +52,8 @@ def format_metric(key: str, value: Any) -> str:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f"{key} {value}"
-    if key == "epoch_seconds":
-        return f"{value:.1f} s"
-    if key == "images_per_second":
-        return f"{value:.0f} img/s"
-    if key == "lr":
-        return f"lr {value:.2e}"
+    if key in UNIT_FORMATS:
+        return UNIT_FORMATS[key].format(value)
     if is_accuracy_key(key):
         return f"{key} {100.0 * value:.1f}%"
     if isinstance(value, int):
@@ -79,24 +62,10 @@ def format_metric(key: str, value: Any) -> str:
 
 
 def format_epoch_line(row: dict[str, Any], epochs: int) -> str:
-    """`epoch 3/10 train_loss 0.5123 train_acc 81.2% ... 12.3 s 1830 img/s` from a history row.
-
-    Shows whatever keys the row has, in history.csv column order; accuracies as percentages.
-    """
-    parts = [f"epoch {row.get('epoch', '?')}/{epochs}"]
-    for key in history_columns([row]):
-        if key == "epoch" or row[key] is None:
-            continue
-        parts.append(format_metric(key, row[key]))
-    return " ".join(parts)
-
-
-def _terminal_columns(stream: Any) -> int:
-    """The width of the terminal behind `stream`; 0 when it has none or does not say."""
-    try:
-        return os.get_terminal_size(stream.fileno()).columns
-    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
-        return 0
+    """`epoch 3/10 train_loss 0.5123 train_acc 81.2% ... 12.3 s 1830 img/s`: a history row's keys
+    in history.csv column order."""
+    parts = [format_metric(key, row[key]) for key in history_columns([row]) if key != "epoch" and row[key] is not None]
+    return " ".join([f"epoch {row.get('epoch', '?')}/{epochs}", *parts])
 
 
 def _isatty(stream: Any) -> bool:
@@ -106,14 +75,9 @@ def _isatty(stream: Any) -> bool:
         return False
 
 
-# ----------------------------------------------------------------------------- the hook
-
 class ProgressTracker(Hook):
-    """Training progress on a console stream (default `sys.stderr`), see the module docstring.
-
-    `refresh_seconds` is the least time between two bar redraws; `clock` (seconds, monotonic)
-    is injectable so tests can drive time.
-    """
+    """Training progress on `stream` (default `sys.stderr`). `refresh_seconds`: the least time
+    between two bar redraws; `clock` (monotonic seconds) is injectable so tests can drive time."""
 
     name = "progress"
 
@@ -133,8 +97,6 @@ class ProgressTracker(Hook):
         self._marks: list[int] = []    # log: batch counts that print a line, ascending
         self._mark_index = 0
         self._bar: tqdm | None = None  # bar: this epoch's, from its first draw until its last step
-
-    # --- events
 
     def epoch_start(self, state: Any) -> None:
         self._epoch_t0 = self.clock()
@@ -157,7 +119,9 @@ class ProgressTracker(Hook):
                 return
             while self._mark_index < len(self._marks) and done >= self._marks[self._mark_index]:
                 self._mark_index += 1
-            self._write_line(self._log_line(state, done, self.clock()))
+            percent = 100 * done // max(state.steps_per_epoch, 1)
+            self._write_line(f"{self._epoch_label(state)} {done}/{state.steps_per_epoch} ({percent}%) "
+                             + self.status(state, done, self.clock()))
             self.draws += 1
 
     def epoch_end(self, state: Any) -> None:
@@ -168,11 +132,9 @@ class ProgressTracker(Hook):
     def fit_end(self, state: Any) -> None:
         self._close_bar()  # training stopped mid-epoch: do not leave the cursor on the bar
 
-    # --- drawing (only here are tensors read)
-
     def status(self, state: Any, done: int, now: float) -> str:
-        """`loss 0.512 acc 81.2% lr 3.2e-02 1830 img/s ETA 0:12 mem 412 MB` for this moment."""
-        total = state.steps_per_epoch
+        """`loss 0.512 acc 81.2% lr 3.2e-02 1830 img/s ETA 0:12 mem 412 MB` for this moment (the only
+        place tensors are read)."""
         seen = int(state.images_seen)
         elapsed = now - self._epoch_t0
         parts = []
@@ -184,7 +146,7 @@ class ProgressTracker(Hook):
         if elapsed > 0 and seen > 0:
             parts.append(f"{seen / elapsed:.0f} img/s")
         if done > 0:
-            parts.append(f"ETA {format_duration((total - done) * elapsed / done)}")
+            parts.append(f"ETA {format_duration((state.steps_per_epoch - done) * elapsed / done)}")
         parts.append(f"mem {self.memory_bytes(state.device) / 2**20:.0f} MB")
         return " ".join(parts)
 
@@ -200,9 +162,7 @@ class ProgressTracker(Hook):
     def _draw_bar(self, state: Any, done: int, now: float) -> None:
         status = self.status(state, done, now)
         total = state.steps_per_epoch
-        if self._bar is None:  # tqdm draws a new bar at once
-            # the label is fixed for the epoch, so it is part of the format; the status is the
-            # description, which tqdm lets a format place anywhere
+        if self._bar is None:  # tqdm draws a new bar at once; the label is fixed for the epoch, the status varies
             self._bar = tqdm(total=total, initial=done, desc=status, file=self.stream, ascii="-#",
                              bar_format=f"{self._epoch_label(state)} [{{bar:{BAR_WIDTH}}}] "
                                         "{n_fmt}/{total_fmt} {desc}",
@@ -216,17 +176,14 @@ class ProgressTracker(Hook):
             self._close_bar()
 
     def _width(self) -> dict[str, Any]:
-        # a line wider than the terminal wraps, and `\r` then redraws only its last part, so tqdm
-        # trims it, reading the width at every draw (the window may be resized); a terminal
-        # that reports a size of 0 would get nothing drawn, so it gets a fixed size instead
-        if _terminal_columns(self.stream) > 0:
-            return {"dynamic_ncols": True}
+        # a line wider than the terminal wraps and `\r` redraws only its last part: tqdm trims it to
+        # the width, read at every draw; a terminal reporting a size of 0 would get nothing drawn
+        try:
+            if os.get_terminal_size(self.stream.fileno()).columns > 0:
+                return {"dynamic_ncols": True}
+        except (AttributeError, ValueError, OSError, io.UnsupportedOperation):  # not a terminal
+            pass
         return {"ncols": FALLBACK_COLUMNS, "nrows": FALLBACK_ROWS}
-
-    def _log_line(self, state: Any, done: int, now: float) -> str:
-        percent = 100 * done // max(state.steps_per_epoch, 1)
-        return (f"{self._epoch_label(state)} {done}/{state.steps_per_epoch} ({percent}%) "
-                + self.status(state, done, now))
 
     def _close_bar(self) -> None:
         if self._bar is not None:

@@ -1,29 +1,9 @@
-"""report.html: one self-contained page per run, redrawn at the end of every epoch.
+"""report.html: one self-contained page per run, redrawn at epoch ends (README: The run report).
 
-Open `RUN/report.html` in a browser while the run trains: it reloads itself every 30 s until
-the run has finished. Everything is inline (images as base64 PNG data URIs, charts as SVG, no
-scripts, no network), so the file can be mailed or attached to a ticket as it is. It shows:
-
-- the headline numbers (best validation, test, test with TTA when `eval.tta` is set) and the
-  run's status;
-- the charts of tracking/plots.py as inline SVG, the same figures as plots/*.png (the
-  PlotTracker's, drawn once per redraw; drawn here only when plots are off): loss, accuracy,
-  learning rate and momentum (per optimizer step from the PlotTracker's record when plots are on,
-  else per epoch), throughput and epoch time;
-- the per-epoch history as a table;
-- per-class precision / recall / F1 / support and the confusion matrix (an HTML table up to 40
-  classes, a PNG past that) of the validation split;
-- a grid of training images as the model saw them (augmented, mixed, resized);
-- the worst-classified validation images (highest loss) with their Grad-CAM;
-- timing and memory; and the recipe as run.
-
-`ReportTracker` (built by `build_trackers` when `output.report` is on) draws it from the
-training state; `rebuild_report(run_dir)` (`imgtrain report RUN_DIR`) draws it again from the
-run folder's files, evaluating the best checkpoint on the validation split for the per-class
-table, the confusion matrix and the worst images, and the per-step lr from checkpoints/last.state.pt.
-Like the plots, a redraw is skipped while less than 150x its last cost has passed (training pays
-under 1%); the last epoch always draws, and `finish` adds the test numbers once api.train has
-measured them.
+Everything is inline (PNG data URIs, the charts as SVG, no scripts, no network), so the file can be
+mailed as it is; while the run trains it reloads itself every 30 s. `ReportTracker` draws it on the
+plots' time budget and `finish` adds the test numbers api.train measured; `rebuild_report(run_dir)`
+(`imgtrain report`) draws it again from the run folder, evaluating the best checkpoint on validation.
 """
 
 from __future__ import annotations
@@ -44,9 +24,11 @@ import torch
 from PIL import Image
 
 from imgtrain.data.transforms import denormalize
-from imgtrain.engine.events import Hook
-from imgtrain.tracking.plots import FIRST_DRAW_COST, PLOTS_DIR, REDRAW_BUDGET_FACTOR, PlotTracker, chart_svgs
-from imgtrain.tracking.summary import atomic_write_bytes, atomic_write_text
+from imgtrain.engine.device import peak_memory_mb
+from imgtrain.io import RunDirError, atomic_write_bytes, atomic_write_text
+from imgtrain.tracking.history import HISTORY_FILE, read_history
+from imgtrain.tracking.plots import PLOTS_DIR, REDRAW_BUDGET_FACTOR, BudgetedRedraw, PlotTracker, chart_svgs
+from imgtrain.tracking.summary import SUMMARY_FILE, read_summary
 
 REPORT_FILE = "report.html"
 REFRESH_SECONDS = 30       # while the run trains, the page reloads itself this often
@@ -59,8 +41,7 @@ MIN_TILE = 96              # small images (8x8 digits) are upscaled to at least 
 
 @dataclass
 class ReportInputs:
-    """What the live report needs besides the TrainState: the validation data (raw and as the
-    model sees it) and how to undo the normalisation."""
+    """What the live report needs besides the TrainState: the validation data and its normalisation."""
     val_dataset: Any                 # indexable: the transformed (C, H, W) image and its label; None: no val split
     mean: Sequence[float]
     std: Sequence[float]
@@ -87,8 +68,6 @@ class ReportContent:
     worst_note: str = ""
     resources: dict[str, Any] = field(default_factory=dict)
 
-
-# ----------------------------------------------------------------------------- pictures
 
 def png_bytes(image: np.ndarray | Image.Image) -> bytes:
     if isinstance(image, np.ndarray):
@@ -125,9 +104,8 @@ def image_grid(images: torch.Tensor, columns: int = 8, gap: int = 2) -> np.ndarr
     return grid
 
 
-def worst_gallery(model: torch.nn.Module, inputs: torch.Tensor, targets: Sequence[int],
-                  losses: Sequence[float], classes: Sequence[str], mean: Sequence[float],
-                  std: Sequence[float]) -> tuple:
+def worst_gallery(model: torch.nn.Module, inputs: torch.Tensor, targets: Sequence[int], losses: Sequence[float],
+                  classes: Sequence[str], mean: Sequence[float], std: Sequence[float]) -> tuple:
     """Rows of the worst-images table: the image, its Grad-CAM for the predicted class, the
     true and predicted class, the probability and the loss. (rows, note)"""
     with torch.no_grad():
@@ -146,17 +124,13 @@ def worst_gallery(model: torch.nn.Module, inputs: torch.Tensor, targets: Sequenc
     except Exception as exc:
         overlays = [None] * len(pixels)
         note = f"no Grad-CAM: {type(exc).__name__}: {exc}"
-    rows = []
-    for i, img in enumerate(pixels):
-        rows.append({"image": png_bytes(upscale(to_rgb(img))),
-                     "cam": png_bytes(overlays[i]) if overlays[i] is not None else None,
-                     "true": str(classes[int(targets[i])]), "predicted": str(classes[int(predicted[i])]),
-                     "probability": float(probs[i, predicted[i]]), "true_probability": float(probs[i, int(targets[i])]),
-                     "loss": float(losses[i])})
+    rows = [{"image": png_bytes(upscale(to_rgb(img))),
+             "cam": png_bytes(overlays[i]) if overlays[i] is not None else None,
+             "true": str(classes[int(targets[i])]), "predicted": str(classes[int(predicted[i])]),
+             "probability": float(probs[i, predicted[i]]), "true_probability": float(probs[i, int(targets[i])]),
+             "loss": float(losses[i])} for i, img in enumerate(pixels)]
     return rows, note
 
-
-# ----------------------------------------------------------------------------- the page
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;
@@ -231,12 +205,11 @@ def render_html(content: ReportContent) -> str:
     summary = dict(content.summary)
     if content.history and "best_val_acc" not in summary and any("val_acc" in r for r in content.history):
         summary["best_val_acc"] = max(r.get("val_acc", 0.0) for r in content.history)
-    headline = [key for _, key in HEADLINE_KEYS if key in summary]
     parts.append('<h2 id="summary">Summary</h2>')
-    if headline:
-        # each value formatted by its own key: accuracies as %, the rest as they are
-        body = "".join(f'<tr><td class="name">{html.escape(label)}</td><td>{_fmt(key, summary[key])}</td></tr>'
-                       for label, key in HEADLINE_KEYS if key in summary)
+    # each value formatted by its own key: accuracies as %, the rest as they are
+    body = "".join(f'<tr><td class="name">{html.escape(label)}</td><td>{_fmt(key, summary[key])}</td></tr>'
+                   for label, key in HEADLINE_KEYS if key in summary)
+    if body:
         if "test_tta" in summary:
             body += f'<tr><td class="name">TTA views</td><td>{html.escape(str(summary["test_tta"]))}</td></tr>'
         parts.append(f'<table id="summary-table" class="headline"><thead><tr><th class="name"></th><th>value</th>'
@@ -245,8 +218,7 @@ def render_html(content: ReportContent) -> str:
         parts.append("<p>No epoch has finished yet.</p>")
 
     parts.append('<h2 id="curves">Curves</h2><div class="figs">')
-    for svg in content.charts.values():  # each chart carries its own title
-        parts.append(f"<figure>{svg}</figure>")
+    parts.extend(f"<figure>{svg}</figure>" for svg in content.charts.values())  # each chart carries its title
     parts.append("</div>")
 
     if content.history:
@@ -278,13 +250,11 @@ def render_html(content: ReportContent) -> str:
     parts.append('<h2 id="worst">Worst-classified validation images</h2>')
     if content.worst:
         parts.append(f"<p>{html.escape(content.worst_note)}</p>")
-        cells = []
-        for i, row in enumerate(content.worst, start=1):
-            cells.append(f"<tr><td class=\"name\">{i}</td><td>{_img(row['image'], 'image ' + str(i), 'pixel')}</td>"
-                        f"<td>{_img(row['cam'], 'Grad-CAM ' + str(i))}</td>"
-                        f"<td>{html.escape(row['true'])}</td><td>{html.escape(row['predicted'])}</td>"
-                        f"<td>{row['probability']:.2%}</td><td>{row['true_probability']:.2%}</td>"
-                        f"<td>{row['loss']:.4f}</td></tr>")
+        cells = [f"<tr><td class=\"name\">{i}</td><td>{_img(row['image'], 'image ' + str(i), 'pixel')}</td>"
+                 f"<td>{_img(row['cam'], 'Grad-CAM ' + str(i))}</td>"
+                 f"<td>{html.escape(row['true'])}</td><td>{html.escape(row['predicted'])}</td>"
+                 f"<td>{row['probability']:.2%}</td><td>{row['true_probability']:.2%}</td>"
+                 f"<td>{row['loss']:.4f}</td></tr>" for i, row in enumerate(content.worst, start=1)]
         parts.append('<table id="worst-table"><thead><tr><th class="name">#</th><th>image</th><th>Grad-CAM</th>'
                      "<th>true</th><th>predicted</th><th>p(predicted)</th><th>p(true)</th><th>loss</th></tr></thead>"
                      f"<tbody>{''.join(cells)}</tbody></table>")
@@ -292,11 +262,9 @@ def render_html(content: ReportContent) -> str:
         parts.append("<p>None yet.</p>")
 
     parts.append('<h2 id="timing">Timing and memory</h2>')
-    resources = dict(content.resources)
-    resource_rows = [(key.replace("_", " "), value) for key, value in resources.items()]
-    if resource_rows:
-        body = "".join(f'<tr><td class="name">{html.escape(k)}</td><td>{_fmt(k, v)}</td></tr>'
-                       for k, v in resource_rows)
+    if content.resources:
+        body = "".join(f'<tr><td class="name">{html.escape(k.replace("_", " "))}</td><td>{_fmt(k, v)}</td></tr>'
+                       for k, v in content.resources.items())
         parts.append(f'<table id="timing-table"><tbody>{body}</tbody></table>')
 
     parts.append('<h2 id="recipe">Recipe</h2>')
@@ -344,35 +312,24 @@ def resources_of(history: Sequence[dict[str, Any]], summary: dict[str, Any]) -> 
     return out
 
 
-# ----------------------------------------------------------------------------- the hook
-
-class ReportTracker(Hook):
+class ReportTracker(BudgetedRedraw):
     """Redraws run_dir/report.html at epoch ends (on a time budget; the last epoch always)."""
 
     name = "report"
 
     def __init__(self, run_dir: str | Path, inputs: ReportInputs | None = None,
                  plots: PlotTracker | None = None, redraw_budget_factor: float | None = None):
+        # the module's REDRAW_BUDGET_FACTOR, read now: tests set it to 0 for a run
+        super().__init__(REDRAW_BUDGET_FACTOR if redraw_budget_factor is None else redraw_budget_factor)
         self.run_dir = Path(run_dir)
         self.inputs = inputs
         self.plots = plots  # draws the charts (once, for plots/ and this page); None: drawn here
-        # 0: redraw at every epoch end
-        self.redraw_budget_factor = REDRAW_BUDGET_FACTOR if redraw_budget_factor is None else redraw_budget_factor
         self.content: ReportContent | None = None
         self.samples_png: bytes | None = None
         self.samples_note = ""
-        self._last_draw_end: float | None = None
-        self._last_cost = FIRST_DRAW_COST
-        self._pending = False
-        self.draws = 0
-
-    def fit_start(self, state: Any) -> None:
-        if self._last_draw_end is None:
-            self._last_draw_end = time.perf_counter()
 
     def after_forward(self, state: Any) -> None:
-        # the first batch the model trains on, after every batch strategy (mixing, resizing):
-        # one copy to the host, once per run
+        # the first batch the model trains on, after every batch strategy: one copy to the host per run
         if self.samples_png is not None or self.inputs is None or state.inputs is None:
             return
         batch = state.inputs[:SAMPLES_SHOWN]
@@ -380,18 +337,7 @@ class ReportTracker(Hook):
         self.samples_note = (f"the first training batch of epoch {state.epoch + 1} as the model received it: "
                              f"{tuple(batch.shape[1:])} per image, after augmentation and batch strategies")
         # kept on disk too, for `imgtrain report` to rebuild the page from the run folder
-        plots = self.run_dir / PLOTS_DIR
-        plots.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(plots / SAMPLES_FILE, self.samples_png)
-
-    def epoch_end(self, state: Any) -> None:
-        now = time.perf_counter()
-        final = state.epoch + 1 >= state.epochs or state.stop_training
-        if not final and self._last_draw_end is not None and \
-                now - self._last_draw_end < self.redraw_budget_factor * self._last_cost:
-            self._pending = True
-            return
-        self.redraw(state)
+        atomic_write_bytes(self.run_dir / PLOTS_DIR / SAMPLES_FILE, self.samples_png)
 
     def fit_end(self, state: Any) -> None:
         if self._pending or self.content is None:
@@ -402,9 +348,7 @@ class ReportTracker(Hook):
         self._pending = False
         self.content = self.live_content(state)
         write_report(self.run_dir, self.content)
-        self.draws += 1
-        self._last_draw_end = time.perf_counter()
-        self._last_cost = self._last_draw_end - started
+        self._drawn(started)
 
     def finish(self, summary: dict[str, Any]) -> Path | None:
         """The final page, with the test numbers api.train measured after fit."""
@@ -419,20 +363,21 @@ class ReportTracker(Hook):
     def live_content(self, state: Any) -> ReportContent:
         history = [dict(r) for r in state.history]
         epoch = len(history)
+        config = self.run_dir / "config.yaml"
+        recipe_text = config.read_text(encoding="utf-8") if config.is_file() else str(state.recipe)
         content = ReportContent(title=f"imgtrain run {self.run_dir.name}",
                                 status=f"training: epoch {epoch} of {state.epochs} finished",
-                                live=True, recipe_text=_recipe_text(self.run_dir, state.recipe),
+                                live=True, recipe_text=recipe_text,
                                 history=history, summary=dict(state.summary), classes=list(state.classes),
                                 samples_png=self.samples_png, samples_note=self.samples_note)
-        content.resources = resources_of(history, _live_resources(state))
+        content.resources = resources_of(history, peak_memory_mb(state.device))
         if state.val_confusion is not None:
             content.confusion = state.val_confusion
             accuracy = history[-1].get("val_acc", 0)
             content.confusion_note = f"validation split after epoch {epoch} ({accuracy:.2%} accurate)"
             if len(content.classes) > CONFUSION_TABLE_LIMIT:
                 from imgtrain.evaluation.metrics import confusion_png  # matplotlib: only when it is drawn
-                content.confusion_png = confusion_png(state.val_confusion, content.classes,
-                                                      f"validation, epoch {epoch}")
+                content.confusion_png = confusion_png(content.confusion, content.classes, f"validation, epoch {epoch}")
         if state.val_worst and self.inputs is not None and self.inputs.val_dataset is not None:
             content.worst, content.worst_note = self._worst(state)
         # last: the PlotTracker draws on its own thread while the rest of the page is made
@@ -453,20 +398,6 @@ class ReportTracker(Hook):
         except Exception:
             return [], "could not draw the worst images:\n" + traceback.format_exc(limit=2)
 
-
-def _live_resources(state: Any) -> dict[str, Any]:
-    from imgtrain.engine.device import peak_memory_mb
-    return peak_memory_mb(state.device)
-
-
-def _recipe_text(run_dir: Path, recipe: Any) -> str:
-    config = run_dir / "config.yaml"
-    if config.is_file():
-        return config.read_text(encoding="utf-8")
-    return str(recipe)
-
-
-# ----------------------------------------------------------------------------- from the run folder
 
 def _recorded_steps(run_dir: Path) -> tuple:
     """The per-step lr and momentum the PlotTracker kept in checkpoints/last.state.pt, if any."""
@@ -490,20 +421,16 @@ def rebuild_report(run_dir: str | Path, device: str = "cpu", batch_size: int = 2
     from imgtrain.evaluation.inference import run_model
     from imgtrain.evaluation.metrics import PROB_FLOOR, compute_metrics, confusion_png
     from imgtrain.models.trained import load_trained
-    from imgtrain.tracking.history import HISTORY_FILE, read_history
-    from imgtrain.tracking.summary import SUMMARY_FILE, read_summary
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        from imgtrain.io import RunDirError
         raise RunDirError(f"{run_dir}: not a run folder (no config.yaml)")
     history = read_history(run_dir / HISTORY_FILE) if (run_dir / HISTORY_FILE).is_file() else []
     summary = read_summary(run_dir) if (run_dir / SUMMARY_FILE).is_file() else {}
     loaded = load_trained(run_dir, device=device)
-    finished = bool(summary)
     content = ReportContent(title=f"imgtrain run {run_dir.name}",
                             status=(f"finished: {len(history)} epochs, {summary.get('total_seconds', 0):.0f} s"
-                                    if finished else f"unfinished: {len(history)} epochs in history.csv"),
+                                    if summary else f"unfinished: {len(history)} epochs in history.csv"),
                             live=False, recipe_text=(run_dir / "config.yaml").read_text(encoding="utf-8"),
                             history=history, summary=summary, classes=list(loaded.classes))
     lr_steps, momentum_steps = _recorded_steps(run_dir)

@@ -1,12 +1,5 @@
-"""summary.json: the run's final numbers, written atomically.
-
-`write_summary(run_dir, summary)` writes `run_dir/summary.json` (indent 2) so a person or a
-script can read a finished run without parsing logs; `read_summary(run_dir)` reads it back.
-
-Values are made JSON-safe first (`json_safe`): tensors and numpy scalars become numbers,
-paths, devices and dtypes become strings, and non-finite floats become the strings
-"nan", "inf", "-inf" -- strict JSON has no NaN, and a diverged loss is worth keeping
-visible rather than turning into a null that reads like "not measured".
+"""summary.json: the run's final numbers, written atomically (indent 2) so a person or a script can
+read a finished run without parsing logs. Values are made JSON-safe first (`json_safe`).
 """
 
 from __future__ import annotations
@@ -15,8 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-# the JSON and atomic-write helpers live in the bottom layer (imgtrain/io.py); named here too
-# because summary.json is where most readers meet them
+# the helpers live in imgtrain/io.py; named here too because summary.json is where most readers meet them
 from imgtrain.io import atomic_write_bytes, atomic_write_text, dumps_json, json_safe
 
 SUMMARY_FILE = "summary.json"

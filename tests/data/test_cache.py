@@ -190,3 +190,16 @@ def test_training_on_the_disk_cache_with_device_transforms(tmp_path):
     second = imgtrain.train(imgtrain.load_recipe("quickstart", overrides), run_dir=tmp_path / "two")
     assert "1797 images at 8 px, 112 KiB, reused" in (second.run_dir / "train.log").read_text()
     assert read_summary(second.run_dir)["test_acc"] == read_summary(first.run_dir)["test_acc"]  # same pixels, seed
+
+
+def test_cache_build_applies_data_max_image_pixels(make_folder, tmp_path):
+    from PIL import Image
+
+    root = make_folder({"a": 2, "b": 2})
+    Image.new("RGB", (1200, 900), (10, 200, 30)).save(root / "a" / "large.png")  # 1.08 Mpx, a few KB
+    splits = build_splits(DataConfig(source="imagefolder", root=str(root), val_fraction=0.0))
+    cfg = DataConfig(source="imagefolder", root=str(root), cache="memory", max_image_pixels=1_000_000)
+    with pytest.raises(BadImageError, match=r"1200 x 900 = 1,080,000 pixels, more than data.max_image_pixels"):
+        apply_cache(splits, cfg, 12)
+    cache = build_cache([str(root / "a" / "large.png")], 3, 12, "memory", max_pixels=None)
+    assert cache.images[0, :, 6, 6].tolist() == [10, 200, 30]

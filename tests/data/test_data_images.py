@@ -1,4 +1,8 @@
-"""load_image over every Pillow mode we claim to handle, EXIF orientation, and bad files."""
+"""load_image over every Pillow mode we claim to handle, EXIF orientation, bad files, the pixel
+limit (data.max_image_pixels) and the progress of the startup scan."""
+
+import io
+import re
 
 import numpy as np
 import pytest
@@ -7,6 +11,7 @@ from PIL import Image
 
 from imgtrain.data import BadImageError, load_image, scan_images
 from imgtrain.data.errors import DataError
+from imgtrain.data.images import ScanProgress, inspect_images
 
 
 def _save(img, tmp_path, name="img.png"):
@@ -146,3 +151,103 @@ def test_scan_images_lists_every_bad_file(tmp_path):
     assert sorted(p for p, _ in found) == sorted(str(p) for p in bad.values())
     assert all(reason for _, reason in found)
     assert scan_images([good]) == []
+
+
+# ----------------------------------------------------------------------------- the pixel limit
+
+@pytest.fixture
+def large_png(tmp_path):
+    """A real 3000 x 2000 (6 Mpx) greyscale PNG of a few KB: above any low limit a test sets."""
+    path = tmp_path / "large.png"
+    arr = np.tile(np.arange(3000, dtype=np.uint16) % 256, (2000, 1)).astype(np.uint8)
+    Image.fromarray(arr, mode="L").save(path)
+    assert path.stat().st_size < 50_000
+    return path
+
+
+def test_max_pixels_refuses_large_images_before_decoding(large_png):
+    with pytest.raises(BadImageError) as info:
+        load_image(large_png, max_pixels=5_999_999)
+    assert info.value.reason.startswith("image too large: 3000 x 2000 = 6,000,000 pixels, more than "
+                                        "data.max_image_pixels (5,999,999)")
+    assert "null: no limit" in info.value.reason
+    assert load_image(large_png, max_pixels=6_000_000).shape == (1, 2000, 3000)
+    assert int(load_image(large_png, max_pixels=None)[0, 0, 255]) == 255
+    assert scan_images([large_png], max_pixels=1_000_000)[0][0] == str(large_png)
+
+
+def test_max_pixels_overrides_pillows_global_limit(large_png):
+    # Pillow refuses past twice Image.MAX_IMAGE_PIXELS; the key, not Pillow's global, decides
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = 1_000_000
+    try:
+        assert load_image(large_png, max_pixels=None).shape == (1, 2000, 3000)
+        assert load_image(large_png, max_pixels=10_000_000).shape == (1, 2000, 3000)
+        with pytest.raises(BadImageError, match="data.max_image_pixels"):
+            load_image(large_png, max_pixels=2_000_000)
+        assert Image.MAX_IMAGE_PIXELS == 1_000_000  # put back
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def test_max_pixels_travels_with_the_dataset_into_a_spawned_worker(large_png, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from imgtrain.data import FileImageDataset
+
+    small = _save(Image.new("L", (30, 20), 7), tmp_path, "small.png")
+    dataset = FileImageDataset([small, large_png], [0, 1], ["a", "b"], channels=1, max_pixels=1_000_000)
+    # spawn: a fresh interpreter (Pillow's default limit, 89 Mpx) that knows only the pickled dataset
+    loader = DataLoader(dataset, batch_size=None, num_workers=1, multiprocessing_context="spawn")
+    seen = []
+    with pytest.raises(Exception, match=r"large\.png: image too large: 3000 x 2000"):
+        for image, label in loader:
+            seen.append((tuple(image.shape), label))
+    assert seen == [((1, 20, 30), 0)]  # the small file loaded in the worker, the large one was refused
+
+
+# ----------------------------------------------------------------------------- scan progress
+
+def _scan_files(tmp_path, n=6):
+    return [_save(Image.new("L", (8, 8), i), tmp_path, f"f{i}.png") for i in range(n)]
+
+
+def test_scan_reports_count_and_eta_when_slow(tmp_path):
+    files = _scan_files(tmp_path)
+    (tmp_path / "f5.png").write_text("broken")
+    stream = io.StringIO()
+    # after=0, every=0: as a scan that has run past the threshold, one report per file
+    bad, info = inspect_images(files, progress=ScanProgress(len(files), after=0.0, every=0.0, stream=stream))
+    assert len(bad) == 1 and len(info) == 5
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 7 and "\r" not in stream.getvalue()
+    assert [line.split(",")[0] for line in lines[:6]] == [f"checking images: {k} / 6 ({100 * k / 6:.0f}%)"
+                                                         for k in range(1, 7)]
+    assert all(re.search(r", [\d,]+/s, ETA \d+ s$", line) for line in lines[:6])
+    assert re.fullmatch(r"checking images: 6 done in \d+ s, 1 unreadable", lines[6])
+
+
+def test_scan_reports_are_throttled_and_silent_when_fast(tmp_path, capsys):
+    files = _scan_files(tmp_path)
+    stream = io.StringIO()
+    inspect_images(files, progress=ScanProgress(len(files), after=0.0, every=3600.0, stream=stream))
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("checking images: 1 / 6") and "6 done" in lines[1]
+    quiet = io.StringIO()
+    inspect_images(files, progress=ScanProgress(len(files), after=3600.0, stream=quiet))
+    assert quiet.getvalue() == ""
+    inspect_images(files)  # the default: stderr, only past 2 s
+    assert capsys.readouterr().err == ""
+
+
+def test_scan_progress_rewrites_one_line_on_a_terminal(tmp_path):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    files = _scan_files(tmp_path, n=3)
+    stream = Terminal()
+    inspect_images(files, progress=ScanProgress(len(files), after=0.0, every=0.0, stream=stream))
+    text = stream.getvalue()
+    assert text.count("\n") == 1 and text.endswith("\n") and text.count("\r\x1b[K") == 4
+    assert text.rsplit("\r\x1b[K", 1)[1].startswith("checking images: 3 done in")

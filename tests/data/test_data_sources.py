@@ -2,11 +2,13 @@
 
 import os
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from imgtrain.config import DataConfig, ShapesConfig
 from imgtrain.data import SOURCES, DataError, FileImageDataset, build_splits, write_shapes_imagefolder
@@ -123,7 +125,7 @@ def test_bad_images_skipped_and_recorded(make_folder, write_image):
 
 
 def test_bad_image_list_is_capped(make_folder):
-    root = make_folder({"cat": 2})
+    root = make_folder({"cat": 2, "dog": 2})  # two classes: one alone is refused before the scan
     for i in range(25):
         (root / "cat" / f"bad{i:02d}.png").write_text("x")
     with pytest.raises(DataError) as info:
@@ -250,3 +252,88 @@ def test_shapes_flat_mixed_formats(tmp_path):
     assert len(splits.train) + len(splits.val) == 14 and len(splits.val) in (3, 4)
     with pytest.raises(DataError, match="not empty"):
         write_shapes_imagefolder(shapes, tmp_path / "flat")
+
+
+# ----------------------------------------------------------------------------- one class, subsets
+
+def test_one_class_folder_is_refused_before_the_scan(make_folder):
+    root = make_folder({"cat": 3})
+    (root / "cat" / "broken.png").write_text("not an image")  # the scan would list it: it must not run
+    with pytest.raises(DataError) as info:
+        build_splits(DataConfig(source="imagefolder", root=str(root)))
+    message = str(info.value)
+    assert f"imagefolder {root}: one class folder found: cat ({root / 'cat'}, 4 images)" in message
+    assert "at least 2 classes" in message and "broken.png" not in message
+
+
+def test_one_class_in_train_folder_is_refused(make_folder):
+    make_folder({"cat": 3}, sub="train")
+    root = make_folder({"cat": 1}, sub="val")
+    with pytest.raises(DataError, match=rf"train folder has one class folder: cat \({root / 'train' / 'cat'}\)"):
+        build_splits(DataConfig(source="imagefolder", root=str(root)))
+
+
+def test_one_label_in_a_manifest_is_refused(tmp_path, write_image):
+    for i in range(3):
+        write_image(tmp_path / "imgs" / f"{i}.png", seed=i)
+    manifest = _manifest(tmp_path, [f"../imgs/{i}.png,cat" for i in range(3)], header="path,label")
+    with pytest.raises(DataError) as info:
+        build_splits(DataConfig(source="csv", root=str(manifest)))
+    assert f"csv {manifest}: every row has the label 'cat'" in str(info.value)
+    assert "at least 2 classes" in str(info.value)
+
+
+def test_train_subset_leaving_one_class_is_refused():
+    with pytest.raises(DataError) as info:
+        build_splits(DataConfig(source="digits", train_subset=1))
+    message = str(info.value)
+    assert "data.source digits: data.train_subset: 1 keeps 1 training image(s), all of class" in message
+    assert "at least 10 (the number of classes)" in message
+    two = build_splits(DataConfig(source="digits", train_subset=2))
+    assert len(two.train) == 2 and len(set(two.train.targets.tolist())) == 2  # two classes are enough
+
+
+def test_val_and_test_subsets_fashion_mnist():
+    cfg = DataConfig(source="fashion-mnist", train_subset=600, val_subset=200, test_subset=300)
+    splits = build_splits(cfg)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (600, 200, 300)
+    assert set(counts(splits.val, splits.classes).values()) == {20}   # stratified: 10 balanced classes
+    assert set(counts(splits.test, splits.classes).values()) == {30}
+    again = build_splits(cfg)
+    assert torch.equal(again.val.images, splits.val.images) and torch.equal(again.test.images, splits.test.images)
+    other = build_splits(DataConfig(source="fashion-mnist", val_subset=200, test_subset=300, split_seed=1))
+    assert not torch.equal(other.test.images, splits.test.images)  # seeded by data.split_seed
+    assert 50_000 < len(other.train)  # a val/test subset leaves train alone
+
+
+def test_val_and_test_subsets_on_carved_splits_and_larger_than_the_split():
+    full = build_splits(DataConfig(source="digits", val_fraction=0.1, test_fraction=0.2))
+    cut = build_splits(DataConfig(source="digits", val_fraction=0.1, test_fraction=0.2, val_subset=57,
+                                  test_subset=5000))
+    assert len(cut.val) == 57 and set(counts(cut.val, cut.classes).values()) <= {5, 6}
+    assert len(cut.test) == len(full.test) == 359  # N above the split's size: the whole split
+    assert torch.equal(cut.train.images, full.train.images)  # carved before the subsets: train unchanged
+    val_images = {tuple(x.flatten().tolist()) for x in full.val.images}
+    assert all(tuple(x.flatten().tolist()) in val_images for x in cut.val.images)
+
+
+# ----------------------------------------------------------------------------- data.max_image_pixels
+
+def test_max_image_pixels_refuses_large_files_and_names_the_key(make_folder, write_image):
+    root = make_folder({"cat": 3, "dog": 3})
+    big = root / "dog" / "big.png"
+    Image.new("L", (2000, 1500), 128).save(big)  # 3 Mpx in a few KB
+    assert big.stat().st_size < 20_000
+    cfg = DataConfig(source="imagefolder", root=str(root), val_fraction=0.0, max_image_pixels=1_000_000)
+    with pytest.raises(DataError) as info:
+        build_splits(cfg)
+    assert f"{big}: image too large: 2000 x 1500 = 3,000,000 pixels, more than data.max_image_pixels " \
+           "(1,000,000)" in str(info.value)
+    skipped = build_splits(replace(cfg, on_bad_image="skip"))
+    assert [p for p, _ in skipped.skipped] == [str(big)] and len(skipped.train) == 6
+    assert skipped.train.max_pixels == 1_000_000  # the limit goes with the dataset (and its subsets)
+    assert skipped.train.subset([0, 1]).max_pixels == 1_000_000
+    for limit in (3_000_000, None):
+        splits = build_splits(replace(cfg, max_image_pixels=limit))
+        image, _ = splits.train[splits.train.paths.index(str(big))]
+        assert image.shape == (3, 1500, 2000) and splits.train.max_pixels == limit

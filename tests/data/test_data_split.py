@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from imgtrain.data import DataError, split_folder, stratified_split_indices
+from imgtrain.data.split import stratified_subset_indices
 
 
 def test_stratified_indices_partition_by_class():
@@ -56,3 +57,17 @@ def test_split_folder_refuses_non_empty_destination(make_folder, tmp_path):
     with pytest.raises(DataError, match="not empty"):
         split_folder(src, tmp_path / "busy")
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+
+
+def test_stratified_subset_is_exact_stratified_and_matches_the_split():
+    targets = np.repeat([0, 1, 2], [50, 30, 20])
+    keep = stratified_subset_indices(targets, 10, seed=0)
+    assert np.bincount(targets[keep]).tolist() == [5, 3, 2]
+    # the same items as the part stratified_split_indices carves for that fraction
+    assert np.array_equal(keep, stratified_split_indices(targets, [0.1], seed=0)[1])
+    assert not np.array_equal(keep, stratified_subset_indices(targets, 10, seed=1))
+    # a small class may be taken whole, so the total is always N (a split keeps one per class for train)
+    small = np.array([0] * 2 + [1] * 10)
+    assert len(stratified_subset_indices(small, 11, seed=0)) == 11
+    assert len(stratified_split_indices(small, [11 / 12], seed=0)[1]) == 10
+    assert stratified_subset_indices(small, 50, seed=0).tolist() == list(range(12))
