@@ -211,7 +211,7 @@ def load_training_state(path: Path, map_location: str | None = "cpu") -> dict[st
         raise CheckpointError(f"{path}: corrupt or truncated: it cannot be read as a training state") from None
     missing = REQUIRED_KEYS - set(saved) if isinstance(saved, dict) else REQUIRED_KEYS
     if missing:
-        raise CheckpointError(f"{path}: not an imgtrain training state (it lacks {', '.join(sorted(missing))})")
+        raise CheckpointError(f"{path}: not a training state written by imgtrain (it lacks {', '.join(sorted(missing))})")
     return saved
 
 
