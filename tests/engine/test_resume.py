@@ -1,0 +1,162 @@
+"""Resume semantics on real data: which training state a resume uses, a finished run, a run extended
+with more epochs, --resume auto, times across resumes. (Kills at random points, signals and disk
+faults with real processes are in tests/faults/.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+
+import pytest
+import torch
+
+from imgtrain.api import train
+from imgtrain.cli import main
+from imgtrain.config import load_recipe
+from imgtrain.engine.checkpoint import (
+    PREVIOUS_STATE_FILE,
+    RUN_FILE,
+    STATE_FILE,
+    CheckpointError,
+    load_resumable_state,
+    load_training_state,
+)
+from imgtrain.engine.events import Hook
+from imgtrain.tracking import read_history
+
+TIMING = ("epoch_seconds", "images_per_second")
+
+
+def recipe(*overrides: str):
+    return load_recipe("quickstart", ["model.name=imgtrain_cnn_tiny", "augment.img_size=8", "output.progress=off",
+                                      "output.plots=false", "output.report=false", "train.epochs=3",
+                                      "train.max_steps_per_epoch=6", "train.deterministic=true",
+                                      "train.threads=1", *overrides])
+
+
+class InterruptAt(Hook):
+    """Ctrl-C at the start of a batch (a KeyboardInterrupt, as without a signal handler)."""
+
+    name = "interrupt"
+
+    def __init__(self, epoch: int, batch: int):
+        self.epoch, self.batch = epoch, batch
+
+    def batch_start(self, state):
+        if state.epoch == self.epoch and state.batch_index == self.batch:
+            raise KeyboardInterrupt
+
+
+def rows(history):
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in history]
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run stopped in epoch 2 (after batch 4, state every 2 steps), and the same run uninterrupted."""
+    base = tmp_path_factory.mktemp("resume")
+    full = train(recipe("train.checkpoint_every.steps=2"), run_dir=base / "full")
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe("train.checkpoint_every.steps=2"), run_dir=base / "cut", hooks=[InterruptAt(1, 4)])
+    return base, full
+
+
+def copy_of(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_two_states_are_kept_and_the_last_is_mid_epoch(stopped_run):
+    base, _ = stopped_run
+    ckpt = base / "cut" / "checkpoints"
+    last, previous = load_training_state(ckpt / STATE_FILE), load_training_state(ckpt / PREVIOUS_STATE_FILE)
+    assert last["mid_epoch"]["epoch"] == 1 and last["mid_epoch"]["batches_done"] == 4
+    assert previous["mid_epoch"]["batches_done"] == 2  # the save before: two steps earlier
+    assert last["run_id"] == json.loads((base / "cut" / RUN_FILE).read_text())["run_id"]
+    # every file of the run folder a user may copy or read has the usual mode, not mkstemp's 0600
+    usual = stat.S_IMODE((base / "cut" / "config.yaml").stat().st_mode)
+    assert stat.S_IMODE((ckpt / STATE_FILE).stat().st_mode) == usual
+    assert stat.S_IMODE((ckpt / "last.safetensors").stat().st_mode) & 0o044 == 0o044
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not a state", "another run's"])
+def test_a_damaged_last_state_falls_back_to_the_previous(damage, stopped_run, tmp_path, capsys):
+    base, full = stopped_run
+    run = copy_of(base / "cut", tmp_path)
+    last = run / "checkpoints" / STATE_FILE
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[:1000])
+    elif damage == "empty":
+        last.write_bytes(b"")
+    elif damage == "not a state":
+        torch.save({"weights": torch.zeros(3)}, last)
+    else:
+        shutil.copy(base / "full" / "checkpoints" / STATE_FILE, last)
+    resumed = train(load_recipe(run / "config.yaml"), resume=run)
+    err = capsys.readouterr().err
+    assert f"{last}: " in err and f"resuming from {run / 'checkpoints' / PREVIOUS_STATE_FILE} instead" in err
+    assert {"truncated": "corrupt or truncated", "empty": "empty file (0 bytes)",
+            "not a state": "not a training state", "another run's": "the training state of another run"}[damage] in err
+    assert rows(resumed.history) == rows(full.history)
+    assert "resumed from the state before it" in (run / "train.log").read_text()
+
+
+def test_no_usable_state_is_an_error_that_lists_each_problem(stopped_run, tmp_path):
+    base, _ = stopped_run
+    run = copy_of(base / "cut", tmp_path)
+    (run / "checkpoints" / STATE_FILE).write_bytes(b"")
+    (run / "checkpoints" / PREVIOUS_STATE_FILE).write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(CheckpointError, match="no usable training state") as error:
+        load_resumable_state(run / "checkpoints")
+    assert STATE_FILE in str(error.value) and PREVIOUS_STATE_FILE in str(error.value)
+    assert main(["train", "--resume", str(run)]) == 2
+
+
+def test_a_finished_run_resumed_is_left_as_it_is(stopped_run, tmp_path, capsys):
+    base, _ = stopped_run
+    run = copy_of(base / "full", tmp_path)
+    before = {name: (run / name).read_bytes() for name in ("summary.json", "events.jsonl", "history.csv")}
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "already finished (3 epochs); nothing to do" in capsys.readouterr().err
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
+def test_more_epochs_on_a_finished_run_start_a_new_schedule_segment(stopped_run, tmp_path):
+    base, full = stopped_run
+    run = copy_of(base / "full", tmp_path)
+    assert main(["train", "--resume", str(run), "train.epochs=5"]) == 0
+    history = read_history(run / "history.csv")
+    assert len(history) == 5 and rows(history[:3]) == rows(read_history(full.run_dir / "history.csv"))
+    # one-cycle: the first segment ends near 0; the added one warms up again from a low lr, peaks, anneals
+    lrs = [row["lr"] for row in history]
+    assert lrs[2] < 0.05 * lrs[0] and lrs[3] > 10 * lrs[2] and lrs[4] < lrs[3]
+    assert json.loads((run / RUN_FILE).read_text())["segments"] == [3, 2]
+    assert load_recipe(run / "config.yaml").train.epochs == 5
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs_run"] == 5 and summary["wall_seconds"] > full.summary["wall_seconds"]
+    # fewer epochs than planned cannot be asked for
+    assert main(["train", "--resume", str(run), "train.epochs=4"]) == 2
+
+
+def test_times_add_up_across_a_resume(stopped_run, tmp_path):
+    base, full = stopped_run
+    run = copy_of(base / "cut", tmp_path)
+    before = load_training_state(run / "checkpoints" / STATE_FILE)["fit_seconds"]
+    assert before > 0
+    resumed = train(load_recipe(run / "config.yaml"), resume=run)
+    assert rows(resumed.history) == rows(full.history)
+    assert resumed.summary["wall_seconds"] > before and resumed.summary["total_seconds"] > before
+
+
+def test_resume_auto_starts_a_run_then_continues_it(stopped_run, tmp_path):
+    _, full = stopped_run
+    run = tmp_path / "auto"
+    with pytest.raises(KeyboardInterrupt):  # nothing there yet: a new run, at exactly that folder
+        train(recipe("train.checkpoint_every.steps=2"), run_dir=run, resume="auto", hooks=[InterruptAt(1, 4)])
+    assert (run / "checkpoints" / STATE_FILE).is_file()
+    resumed = train(recipe("train.checkpoint_every.steps=2"), run_dir=run, resume="auto")
+    assert resumed.run_dir == run and rows(resumed.history) == rows(full.history)
+    # the recipe key does the same, and a finished run is then left alone
+    again = train(recipe("train.checkpoint_every.steps=2", "train.auto_resume=true"), run_dir=run)
+    assert rows(again.history) == rows(full.history)
