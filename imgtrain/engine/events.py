@@ -30,7 +30,9 @@ The Trainer (engine/loop.py) runs this, firing each event on the hooks in order:
 A hook implements only the methods of the events it needs. `on_note(message, event, fields)` is no
 loop event: it receives what hooks report with `state.note(...)`, so a strategy can write to the
 run's log without knowing the trackers. Strategies (which change the batch, model, optimizer or
-schedule) run before trackers (which only read), each list in declared order.
+schedule) run before trackers (which only read), each list in declared order. A training state may be
+saved after any optimizer step (train.checkpoint_every, a stop signal): what a hook keeps across batches
+belongs in its `state_dict`, and its `epoch_start` keeps what was restored when `state.resumed_batches > 0`.
 """
 
 from __future__ import annotations
