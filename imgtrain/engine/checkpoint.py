@@ -183,9 +183,11 @@ def save_training_state(ckpt_dir: Path, state: dict[str, Any]) -> Path:
         if last.is_file():
             os.replace(last, previous)
         os.replace(tmp, last)
-    except OSError as exc:
-        if tmp is not None:
+    except BaseException as exc:
+        if tmp is not None:  # a failed or interrupted save leaves no temporary file behind
             tmp.unlink(missing_ok=True)
+        if not isinstance(exc, OSError):
+            raise
         kept = last if last.is_file() else previous if previous.is_file() else None
         raise CheckpointSaveError(
             f"could not save the training state in {ckpt_dir}: {exc.strerror or exc}. "
@@ -211,7 +213,8 @@ def load_training_state(path: Path, map_location: str | None = "cpu") -> dict[st
         raise CheckpointError(f"{path}: corrupt or truncated: it cannot be read as a training state") from None
     missing = REQUIRED_KEYS - set(saved) if isinstance(saved, dict) else REQUIRED_KEYS
     if missing:
-        raise CheckpointError(f"{path}: not a training state written by imgtrain (it lacks {', '.join(sorted(missing))})")
+        raise CheckpointError(f"{path}: not a training state written by imgtrain "
+                              f"(it lacks {', '.join(sorted(missing))})")
     return saved
 
 

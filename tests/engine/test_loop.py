@@ -174,12 +174,12 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     real_save = torch.save
     calls = {"n": 0}
 
-    def failing_save(obj, path, *args, **kwargs):
+    def failing_save(obj, handle, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:  # the second epoch's state: write half a file, then "die"
-            Path(path).write_bytes(b"PK\x03\x04 half a zip")
+            handle.write(b"PK\x03\x04 half a zip")
             raise KeyboardInterrupt
-        return real_save(obj, path, *args, **kwargs)
+        return real_save(obj, handle, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint.torch, "save", failing_save)
     with pytest.raises(KeyboardInterrupt):
