@@ -1,18 +1,13 @@
-"""Explanations: where in an image a trained classifier looked, as a Grad-CAM heatmap
-(README "Explanations" compares the methods of CAM_METHODS, all from the grad-cam package).
+"""Explanations: where in an image a trained classifier looked, as a Grad-CAM heatmap (the
+grad-cam package's methods, CAM_METHODS; README "Explanations" compares them).
 
     records = explain("runs/shapes", ["cat.png", "photos/"], method=["gradcam", "eigencam"])
     heat = cam_heatmaps(model, batch)            # (N, H, W) in [0, 1], any model, mid-training too
     png = overlay(image_uint8, heat[0])          # H x W x 3 uint8, the heatmap over the image
 
-Grad-CAM (Selvaraju et al. 2017, arXiv:1610.02391) weights each activation map of one layer by the
-mean gradient of the class score over it, sums, keeps the positive part and upsamples it to the
-input. It is as coarse as the layer, and it explains the model, not the data: heat on the
-background means the model uses the background. The default layer is the last convolutional stage
-(`find_target_layer`); ViT tokens are laid out on the patch grid (`TokensToGrid`).
-
-`cam_heatmaps` leaves the model exactly as it found it (`preserved_state`, no hooks left), so the
-run report can call it on validation images in the middle of training.
+The default layer is the last convolutional stage (`find_target_layer`); ViT tokens are laid out
+on the patch grid (`TokensToGrid`). `cam_heatmaps` leaves the model exactly as it found it, so the
+run report can call it in the middle of training.
 """
 
 from __future__ import annotations
@@ -105,11 +100,10 @@ def find_target_layer(model: nn.Module, example: torch.Tensor | None = None) -> 
     `feature_info` entry, else the last module with a spatial (N, C, H, W) output on `example`."""
     net = network(model)
     if _is_vit(net):
-        blocks = net.blocks
-        assert isinstance(blocks, (nn.Sequential, nn.ModuleList)), "_is_vit checked it"
-        block_name = f"blocks.{len(blocks) - 1}"
-        has_norm1 = isinstance(getattr(blocks[-1], "norm1", None), nn.Module)
-        name = f"{block_name}.norm1" if has_norm1 else block_name
+        blocks: Any = net.blocks  # an nn.Sequential or nn.ModuleList (_is_vit)
+        name = f"blocks.{len(blocks) - 1}"
+        if isinstance(getattr(net.get_submodule(name), "norm1", None), nn.Module):
+            name += ".norm1"
         return name, net.get_submodule(name)
     info = getattr(net, "feature_info", None)
     if isinstance(info, list) and info and isinstance(info[-1], dict) and info[-1].get("module"):
@@ -146,12 +140,10 @@ def layer_candidates(model: nn.Module, example: torch.Tensor | None = None) -> l
     modules = dict(net.named_modules())
     rows = []
     for name, shape in shapes.items():
-        module = modules.get(name)
-        if not name or module is None:
-            continue
+        module = modules[name]  # every name _probe_shapes records is one of these
         kind = type(module).__name__
         useful = isinstance(module, nn.modules.conv._ConvNd) or "Norm" in kind or len(list(module.children())) > 0
-        if useful and (len(shape) == 4 or (tokens and len(shape) == 3)):
+        if name and useful and (len(shape) == 4 or (tokens and len(shape) == 3)):
             rows.append((name, kind, tuple(shape)))
     return rows
 
@@ -342,9 +334,7 @@ def _targets(target_classes: int | Sequence[int] | None, count: int) -> list[Any
         return None
     if isinstance(target_classes, (int, np.integer)):
         target_classes = [int(target_classes)] * count
-    if isinstance(target_classes, torch.Tensor):
-        target_classes = target_classes.tolist()
-    classes = [int(c) for c in target_classes]
+    classes = [int(c) for c in target_classes]  # a list, an array or a 1-d tensor
     if len(classes) != count:
         raise ExplainError(f"{len(classes)} target classes for {count} images")
     return [ClassifierOutputTarget(c) for c in classes]
@@ -499,10 +489,9 @@ def explain(target: str | Path, images: Sequence[str | Path], method: str | Sequ
             slots.append([])
             try:
                 tensors.append(transform(load_image(path, loaded.channels)))
+                good.append((path, stem, slots[-1]))
             except BadImageError as exc:
                 slots[-1].extend(ExplainRecord(path=str(path), method=name, error=exc.reason) for name in methods)
-                continue
-            good.append((path, stem, slots[-1]))
         if good:
             _explain_batch(loaded, torch.stack(tensors).to(device), good, methods, class_index, layer, out_dir)
         records.extend(record for slot in slots for record in slot)
