@@ -1,16 +1,12 @@
 """Training augmentation of whole batches on the device (`augment.device_transforms`; the README's
-"Feeding the model fast"), with the distributions of the per-image path.
-
-The loader only stacks uint8 images; on the device, all images at once:
+"Feeding the model fast"), with the distributions of the per-image path:
 
     uint8 -> float [0, 1] -> random resized crop | resize + centre crop, pad-crop shift and flips
     (one `grid_sample`) -> colour jitter -> random grayscale -> normalize -> random erasing
 
-Crop and erasing boxes are vectorised copies of torchvision's `make_params`. Only the pixel
-computation differs: a box filter where v2 antialiases, and one random colour-operation order per
-batch (v2: per image). Random parameters are drawn on the CPU from `generator` (default: torch's
-global one), so a seed gives the same crops on CPU and GPU. Hue, and the entries not batched here,
-run per image on the CPU (`BatchPipelines.train_item`).
+Only the pixel computation differs from torchvision's: a box filter where v2 antialiases, and one
+random colour-operation order per batch (v2: per image). Random parameters are drawn on the CPU
+from `generator`, so a seed gives the same crops on CPU and GPU.
 """
 
 from __future__ import annotations
@@ -211,9 +207,7 @@ def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     new = _resized_shape(height, width, size)
     if new != (height, width):
         images = F.interpolate(images, size=new, mode="bilinear", align_corners=False, antialias=True)
-    top = round((new[0] - size) / 2.0)
-    left = round((new[1] - size) / 2.0)
-    return images[..., top:top + size, left:left + size]
+    return v2.functional.center_crop(images, [size, size])
 
 
 def to_grayscale(images: torch.Tensor) -> torch.Tensor:
