@@ -1,10 +1,5 @@
-"""Starting weights for a new run: `model.weights` and `model.weights_file`.
-
-    model.weights: null                  random initialisation (the default)
-    model.weights: timm                  timm's pretrained weights for model.name (Hugging Face cache)
-    model.weights: runs/digits           a run folder: its best, else last, checkpoint
-    model.weights: some.safetensors      ours (with metadata) or any plain safetensors state dict
-    model.weights_file: resnet18.pth     a local timm/torchvision checkpoint (.safetensors .pth .pt .bin)
+"""Starting weights for a new run: `model.weights` (timm, a run folder or a .safetensors file) and
+`model.weights_file` (a local checkpoint); the README's "Starting weights" has the table.
 
 The weights are fitted to the model as timm fits its own: a classifier of another class count is
 dropped (the new head stays random), a first conv is adapted 3 -> 1 or 1 -> 3 channels
