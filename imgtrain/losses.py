@@ -1,15 +1,9 @@
-"""Training losses: cross-entropy, focal and logit-adjusted, with class weights; distillation.
+"""Training losses: cross-entropy, focal and logit-adjusted, with class weights (the README's
+"Class imbalance"); distillation.
 
 `build_train_loss(recipe, train_targets, num_classes)` is what the Trainer calls. Targets are
 class indices (N,) or probabilities (N, C) (Mixup/CutMix, smoothing already folded in, so
 label smoothing applies to hard targets only); every loss here takes both.
-
-The `imbalance` tools (the README's "Class imbalance"): class weights (`class_weights_from_counts`;
-the batch loss is the weighted mean, so weights shift the balance between classes, not the step
-size), focal loss (Lin et al. 2017; with `focal_alpha`, the sigmoid form of torchvision's
-sigmoid_focal_loss), and logit adjustment (Menon et al. 2021), in the loss or post hoc at
-evaluation (`eval_logit_offset`). Priors and weights come from the training counts; an empty class
-counts as one.
 """
 
 from __future__ import annotations
