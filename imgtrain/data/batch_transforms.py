@@ -329,11 +329,8 @@ class TrainBatchTransform:
         g, n = self.generator, images.shape[0]
         x = self._geometry(images, g)
         if self.jitter is not None:
-            low, high = self.jitter
-            brightness, contrast, saturation = [torch.empty(n).uniform_(low, high, generator=g)
-                                                for _ in range(3)]
-            order = torch.randperm(3, generator=g).tolist()
-            x = color_jitter(x, brightness, contrast, saturation, order=order)
+            brightness, contrast, saturation = [torch.empty(n).uniform_(*self.jitter, generator=g) for _ in range(3)]
+            x = color_jitter(x, brightness, contrast, saturation, order=torch.randperm(3, generator=g).tolist())
         if self.grayscale:
             gray = (torch.rand(n, generator=g) < self.grayscale).to(x.device).view(-1, 1, 1, 1)
             x = torch.where(gray, to_grayscale(x).expand_as(x), x)
@@ -372,10 +369,8 @@ class TrainBatchTransform:
         return resample(x, boxes, size, vflip, hflip, shift)
 
     def __repr__(self) -> str:
-        steps = (("random_resized_crop", self.crop), ("pad_crop", self.pad), ("hflip", self.hflip),
-                 ("vflip", self.vflip), ("color_jitter", self.jitter), ("grayscale", self.grayscale),
-                 ("erasing", self.erasing))
-        parts = [name for name, on in steps if on]
+        steps = (self.crop, self.pad, self.hflip, self.vflip, self.jitter, self.grayscale, self.erasing)
+        parts = [name for name, on in zip(BATCHED_AUGMENTATIONS, steps) if on]
         return f"TrainBatchTransform({', '.join(parts) or 'normalize only'}, {self.img_size} px)"
 
 
