@@ -393,7 +393,7 @@ def render_panel(image: np.ndarray, heatmap: np.ndarray, title: Sequence[str], s
     scale = size / max(height, width)
     shown = (max(1, round(width * scale)), max(1, round(height * scale)))
     big = np.asarray(Image.fromarray(rgb).resize(shown, Image.Resampling.NEAREST))
-    mixed = overlay(big, _resize_heat(np.asarray(heatmap, dtype=np.float32), (shown[1], shown[0])))
+    mixed = overlay(big, heatmap)
     try:
         font: Any = ImageFont.load_default(size=13)
     except TypeError:  # Pillow < 10.1: the small bitmap font only

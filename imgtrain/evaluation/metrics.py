@@ -70,11 +70,9 @@ class MetricSuite:
             result["top5_acc"] = float(self.top5.compute())
         per_class = per_class_scores(matrix, classes)
         recalls = [row["recall"] for row in per_class.values() if row["support"] > 0]
-        result["balanced_acc"] = sum(recalls) / len(recalls)
-        result["macro_f1"] = sum(row["f1"] for row in per_class.values()) / len(per_class)
-        result["ece"] = float(self.ece.compute())
-        result["per_class"] = per_class
-        result["confusion"] = matrix.tolist()
+        result.update(balanced_acc=sum(recalls) / len(recalls),
+                      macro_f1=sum(row["f1"] for row in per_class.values()) / len(per_class),
+                      ece=float(self.ece.compute()), per_class=per_class, confusion=matrix.tolist())
         return result
 
 
