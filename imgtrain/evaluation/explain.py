@@ -22,19 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytorch_grad_cam
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from pytorch_grad_cam import (
-    AblationCAM,
-    EigenCAM,
-    EigenGradCAM,
-    GradCAM,
-    GradCAMPlusPlus,
-    HiResCAM,
-    LayerCAM,
-    ScoreCAM,
-    XGradCAM,
-)
 from pytorch_grad_cam.ablation_layer import AblationLayer, AblationLayerVit
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
@@ -47,15 +37,15 @@ from imgtrain.models.trained import load_trained
 
 # name -> grad-cam class; every entry runs on the CPU with imgtrain's nets and timm CNNs and ViTs
 CAM_METHODS: dict[str, type] = {
-    "gradcam": GradCAM,
-    "gradcam++": GradCAMPlusPlus,
-    "hirescam": HiResCAM,
-    "xgradcam": XGradCAM,
-    "layercam": LayerCAM,
-    "eigencam": EigenCAM,
-    "eigengradcam": EigenGradCAM,
-    "scorecam": ScoreCAM,
-    "ablationcam": AblationCAM,
+    "gradcam": pytorch_grad_cam.GradCAM,
+    "gradcam++": pytorch_grad_cam.GradCAMPlusPlus,
+    "hirescam": pytorch_grad_cam.HiResCAM,
+    "xgradcam": pytorch_grad_cam.XGradCAM,
+    "layercam": pytorch_grad_cam.LayerCAM,
+    "eigencam": pytorch_grad_cam.EigenCAM,
+    "eigengradcam": pytorch_grad_cam.EigenGradCAM,
+    "scorecam": pytorch_grad_cam.ScoreCAM,
+    "ablationcam": pytorch_grad_cam.AblationCAM,
 }
 
 PANEL_SIZE = 224        # px: the longer side of each half of a written PNG
@@ -293,8 +283,7 @@ def cam_heatmaps(model: nn.Module, inputs: torch.Tensor, target_classes: int | S
 
     target_classes: one class index for all images, one per image, or None for each image's
     predicted class. method: a CAM_METHODS name. layer: a module name (`resolve_layer`), or None
-    for `find_target_layer`'s choice. The model is left exactly as it was (`preserved_state`);
-    its parameters get no gradient, so frozen ones are no problem.
+    for `find_target_layer`'s choice. The model is left exactly as it was (`preserved_state`).
     """
     if method not in CAM_METHODS:
         raise ExplainError(f"unknown explanation method {method!r}; choose from {', '.join(CAM_METHODS)}")
