@@ -83,9 +83,8 @@ class WeightsSource:
 
 
 def resolve_weights_source(cfg: ModelConfig) -> WeightsSource | None:
-    """Check what `model.weights`/`model.weights_file` name exists (cheap: called before a run starts).
-
-    Relative paths are relative to the working folder, as `data.root` is."""
+    """Check what `model.weights`/`model.weights_file` name exists (cheap: called before a run starts);
+    relative paths start in the working folder, as `data.root` does."""
     if cfg.weights is not None and cfg.weights_file is not None:  # config.py refuses this too
         raise ModelError("model.weights and model.weights_file both set the starting weights; use one")
     if cfg.weights == TIMM:
@@ -117,9 +116,8 @@ def resolve_weights_source(cfg: ModelConfig) -> WeightsSource | None:
 
 def load_initial_weights(model: torch.nn.Module, cfg: ModelConfig, num_classes: int,
                          in_chans: int) -> WeightsReport | None:
-    """Load the starting weights `cfg` names into `model` (built for `num_classes`, `in_chans`).
-
-    Returns None when there are none to load (random initialisation)."""
+    """Load the starting weights `cfg` names into `model` (built for `num_classes`, `in_chans`);
+    None when there are none to load (random initialisation)."""
     source = resolve_weights_source(cfg)
     if source is None:
         return None
@@ -287,11 +285,8 @@ def _hub_file(pretrained_cfg: dict[str, Any]) -> tuple[str | None, str | None, l
     repo, _, revision = hub_id.partition("@")
     names = [pretrained_cfg["hf_hub_filename"]] if pretrained_cfg.get("hf_hub_filename") else \
         ["model.safetensors", "pytorch_model.bin"]  # timm's safe alternative first
-    for filename in names:
-        cached = try_to_load_from_cache(repo, filename, revision=revision or None)
-        if isinstance(cached, str):
-            return repo, cached, names
-    return repo, None, names
+    cached = (try_to_load_from_cache(repo, filename, revision=revision or None) for filename in names)
+    return repo, next((path for path in cached if isinstance(path, str)), None), names
 
 
 def _load_timm(model: torch.nn.Module, cfg: ModelConfig, num_classes: int, in_chans: int) -> WeightsReport:
