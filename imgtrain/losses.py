@@ -272,5 +272,5 @@ def eval_logit_offset(recipe: Any, train_targets: torch.Tensor, num_classes: int
 __all__ = ["LOSSES", "ClassificationLoss", "FocalLoss", "LogitAdjustedLoss", "build_train_loss",
            "check_imbalance_recipe", "class_counts", "class_prior", "class_weights_from_counts",
            "cross_entropy", "distillation_kl", "distillation_loss", "eval_logit_offset", "focal_loss",
-           "logit_adjusted_cross_entropy",
-           "logit_adjustment", "posthoc_adjust_logits", "resolve_class_weights", "soft_targets"]
+           "logit_adjusted_cross_entropy", "logit_adjustment", "posthoc_adjust_logits", "resolve_class_weights",
+           "soft_targets"]
