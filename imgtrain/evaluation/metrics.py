@@ -79,17 +79,12 @@ class MetricSuite:
 def per_class_scores(matrix: torch.Tensor, classes: Sequence[str]) -> dict[str, dict[str, float]]:
     """Precision, recall, F1 and support of each class from a confusion matrix (rows: true)."""
     matrix = matrix.double()
-    true_pos = matrix.diagonal()
-    support = matrix.sum(dim=1)
-    predicted = matrix.sum(dim=0)
-    scores = {}
-    for i, name in enumerate(classes):
-        tp, sup, pred = float(true_pos[i]), float(support[i]), float(predicted[i])
-        precision = tp / pred if pred else 0.0
-        recall = tp / sup if sup else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        scores[str(name)] = {"precision": precision, "recall": recall, "f1": f1, "support": int(sup)}
-    return scores
+    true_pos, support, predicted = matrix.diagonal(), matrix.sum(dim=1), matrix.sum(dim=0)
+    precision = torch.where(predicted > 0, true_pos / predicted, 0.0)  # an undefined score is 0
+    recall = torch.where(support > 0, true_pos / support, 0.0)
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    columns = zip(classes, precision.tolist(), recall.tolist(), f1.tolist(), support.tolist())
+    return {str(name): {"precision": p, "recall": r, "f1": f, "support": int(s)} for name, p, r, f, s in columns}
 
 
 def compute_metrics(probs: torch.Tensor, targets: torch.Tensor, classes: Sequence[str]) -> dict[str, Any]:
@@ -122,8 +117,7 @@ def read_confusion_csv(path: str | Path) -> tuple:
     """(classes, matrix) back from `write_confusion_csv`'s file."""
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
-    classes = rows[0][1:]
-    return classes, [[int(v) for v in row[1:]] for row in rows[1:]]
+    return rows[0][1:], [[int(v) for v in row[1:]] for row in rows[1:]]
 
 
 def confusion_figure(confusion: Sequence[Sequence[int]], classes: Sequence[str], title: str = "confusion matrix"):
