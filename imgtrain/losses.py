@@ -195,8 +195,7 @@ LossBuilder = Callable[[Any, torch.Tensor | None, torch.Tensor], nn.Module]
 
 LOSSES: dict[str, LossBuilder] = {
     "ce": lambda recipe, weight, prior: ClassificationLoss(recipe.train.label_smoothing, weight),
-    "focal": lambda recipe, weight, prior: FocalLoss(recipe.imbalance.focal_gamma,
-                                                     recipe.imbalance.focal_alpha,
+    "focal": lambda recipe, weight, prior: FocalLoss(recipe.imbalance.focal_gamma, recipe.imbalance.focal_alpha,
                                                      recipe.train.label_smoothing, weight),
     "logit_adjusted": lambda recipe, weight, prior: LogitAdjustedLoss(prior, recipe.imbalance.tau,
                                                                       recipe.train.label_smoothing, weight),

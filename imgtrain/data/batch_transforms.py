@@ -284,9 +284,8 @@ class _Normalizer:
         return out.div_(255) if images.dtype == torch.uint8 else out
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        if self.mean is None:
+        if self.mean is None or self.std is None:  # set together
             return images
-        assert self.std is not None, "set together with mean"
         if images.device not in self._on:
             self._on[images.device] = (self.mean.to(images.device), self.std.to(images.device))
         mean, std = self._on[images.device]
@@ -350,12 +349,11 @@ class TrainBatchTransform:
         """Float [0, 1] at img_size: crop or resize, pad-crop shift, flips (v2's order), one resampling."""
         n, _, height, width = images.shape
         size = self.img_size
+        boxes = None
         if self.crop:
             boxes = sample_crop_boxes(n, height, width, self.aug.scale, self.aug.ratio, g)
         elif (height, width) != (size, size):
             boxes = torch.tensor(center_box(height, width, size), dtype=torch.float64).expand(n, 4)
-        else:
-            boxes = None
         moves = self.pad or self.hflip or self.vflip
         if boxes is None and not moves:
             return self.norm.to_float(images)  # nothing to resample: the float copy is the result
