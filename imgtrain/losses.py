@@ -35,11 +35,8 @@ def class_prior(counts: torch.Tensor) -> torch.Tensor:
 
 def class_weights_from_counts(counts: torch.Tensor | Sequence[int], mode: str = "inverse",
                               beta: float = 0.999) -> torch.Tensor:
-    """Per-class weights (float, (C,), mean 1) from training counts.
-
-    mode `inverse`: 1 / n_c. mode `effective`: 1 / E(n_c), E(n) = (1 - beta^n) / (1 - beta) the
-    expected number of distinct samples (Cui et al. 2019); beta 0: equal weights, beta -> 1: inverse.
-    """
+    """Per-class weights (float, (C,), mean 1) from training counts: mode `inverse` 1 / n_c, mode
+    `effective` (1 - beta) / (1 - beta^n_c) (Cui et al. 2019; beta 0: equal weights, -> 1: inverse)."""
     n = torch.as_tensor(counts, dtype=torch.float64).clamp_min(1)
     if mode == "inverse" or (mode == "effective" and beta >= 1.0):
         weights = 1.0 / n

@@ -110,10 +110,8 @@ def sample_crop_boxes(n: int, height: int, width: int, scale: Sequence[float] = 
 def sample_erasing_boxes(n: int, height: int, width: int, p: float, scale: Sequence[float],
                          ratio: Sequence[float] = ERASING_RATIO,
                          generator: torch.Generator | None = None) -> torch.Tensor:
-    """(n, 4) long (top, left, height, width): `v2.RandomErasing(p, scale, ratio)` for n images.
-
-    Height 0 where nothing is erased: not drawn (probability 1 - p), or none of the 10 tries fits.
-    """
+    """(n, 4) long (top, left, height, width): `v2.RandomErasing(p, scale, ratio)` for n images;
+    height 0 where nothing is erased (not drawn, probability 1 - p, or none of the 10 tries fits)."""
     apply = torch.rand(n, generator=generator) < p
     h, w = _tried_boxes(n, height, width, scale, ratio, generator, transpose=True)
     ok = (h < height) & (w < width)
@@ -268,10 +266,8 @@ class _Normalizer:
 
     def to_float(self, images: torch.Tensor, scratch: bool = False) -> torch.Tensor:
         """A float copy in [0, 1] (uint8 is divided by 255, float is taken as [0, 1] already).
-
-        scratch: into a buffer the next call reuses, for a caller that only reads it. On the CPU a
-        fresh float batch per step costs page faults as long as the resampling itself.
-        """
+        scratch: into a buffer the next call reuses, for a caller that only reads it (on the CPU a
+        fresh float batch per step costs page faults as long as the resampling itself)."""
         if scratch:
             key = (tuple(images.shape), images.device)
             if key not in self._scratch:
@@ -388,11 +384,8 @@ def build_batch_pipelines(aug: AugmentConfig, channels: int, img_size: int, mean
                           std: Sequence[float] | None, source_size: int | None,
                           generator: torch.Generator | None = None) -> BatchPipelines:
     """Split the recipe's augmentation between the loader (CPU, per image) and the device (per batch).
-
-    source_size: the side of the datasets' images when all are one square size (data.cache,
-    in-memory sources); None for files of mixed sizes, which the loader then resizes and
-    centre-crops to `eval_resize_size` (as the cache would) so that they stack into a batch.
-    """
+    source_size: the side of the datasets' images when all are one square size (data.cache, in-memory
+    sources); None for files of mixed sizes, which the loader makes `eval_resize_size` squares."""
     side = eval_resize_size(aug, img_size)
     train_steps: list[v2.Transform] = []
     if source_size is None:

@@ -449,12 +449,11 @@ def _png_stems(paths: Sequence[Path]) -> list[str]:
 def explain(target: str | Path, images: Sequence[str | Path], method: str | Sequence[str] = "gradcam",
             class_: int | str | None = None, layer: str | None = None,
             output_dir: str | Path = "explain", device: str = "cpu") -> list[ExplainRecord]:
-    """Write `OUTPUT_DIR/<image stem>_<method>.png` for every image and method: the image as the
-    model sees it next to the heatmap over it, titled with the predicted class, its probability
-    and the explained class (`class_`, a name or index; default: the predicted class).
+    """Write `OUTPUT_DIR/<image stem>_<method>.png` (`render_panel`) for every image and method.
 
     target: a run folder or .safetensors file. images: files, folders or CSV manifests (a `path`
-    column). An image that cannot be decoded gets a record with `error`; the others still run.
+    column). class_: a name or index; default: each image's predicted class. An image that cannot
+    be decoded gets a record with `error`; the others still run.
     """
     from imgtrain.evaluation.predict import collect_paths
 

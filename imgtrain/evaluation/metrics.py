@@ -5,10 +5,9 @@
         suite.update(probs, targets)
     metrics = suite.compute(classes)   # a plain dict: see `MetricSuite.compute`
 
-torchmetrics all-reduces its states (confusion matrix, top-k hits, calibration bins, summed loss)
-across processes under DDP, so the numbers are the whole split's. Per-class scores and balanced
-accuracy are derived from the synced confusion matrix, following scikit-learn: balanced accuracy
-averages recall over the classes that occur in the targets; an undefined precision or F1 is 0.
+Under DDP torchmetrics all-reduces its states, so the numbers are the whole split's. Per-class
+scores and balanced accuracy follow scikit-learn (balanced accuracy averages recall over the
+classes that occur in the targets; an undefined precision or F1 is 0).
 """
 
 from __future__ import annotations

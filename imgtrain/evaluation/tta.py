@@ -242,10 +242,9 @@ def tta_config_for(recipe: Any, tta: Literal[True] = True) -> TTAConfig: ...
 @overload
 def tta_config_for(recipe: Any, tta: Any = True) -> TTAConfig | None: ...
 def tta_config_for(recipe: Any, tta: Any = True) -> TTAConfig | None:
-    """The TTAConfig for a model trained with `recipe`; None when `tta` is None or False.
-
-    tta: True (the recipe's eval.tta, or DEFAULT_VIEWS), view specs (a list or a comma-separated
-    string), or a TTAConfig (used as it is). The merge rule is the recipe's eval.tta_merge."""
+    """The TTAConfig for a model trained with `recipe` (merge rule: its eval.tta_merge); None when
+    `tta` is None or False. tta: True (the recipe's eval.tta, or DEFAULT_VIEWS), view specs (a list
+    or a comma-separated string), or a TTAConfig (used as it is)."""
     if tta is None or tta is False:
         return None
     if isinstance(tta, TTAConfig):
@@ -264,7 +263,6 @@ def tta_config_for(recipe: Any, tta: Any = True) -> TTAConfig | None:
 
 class TTAModel(nn.Module):
     """A model seen through test-time augmentation: (N, C, H, W) batch -> merged logits (N, K).
-
     Always in eval mode and without gradients (`train()` cannot switch it), so it can stand in for
     a trained model, a distillation teacher included. The views run one after another."""
 
