@@ -189,8 +189,7 @@ def overfit_check(curve: list[float], final: float, accuracy: float, threshold: 
     return Check("overfit batch", "FAIL", detail, CAUSE_SLOW.format(lr=lr), values)
 
 
-def learn_check(accuracy: float, majority: float, images: int, steps: int, lr: float,
-                overfit_ok: bool = True) -> Check:
+def learn_check(accuracy: float, majority: float, images: int, steps: int, lr: float, overfit_ok: bool = True) -> Check:
     """Val accuracy after a few steps: PASS clearly above always answering the largest class, FAIL no
     better than that on LEARN_MIN_IMAGES val images or more, else WARN (too weak a signal to fail on)."""
     needed = majority + 0.2 * (1 - majority)

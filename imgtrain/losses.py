@@ -69,8 +69,7 @@ def soft_targets(targets: torch.Tensor, num_classes: int, label_smoothing: float
     return one_hot
 
 
-def _weighted_mean(per_class_loss: torch.Tensor, targets: torch.Tensor,
-                   weight: torch.Tensor | None) -> torch.Tensor:
+def _weighted_mean(per_class_loss: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """sum of t_ic * w_c * loss_ic over sum of t_ic * w_c: F.cross_entropy's weighted mean for one-hot t."""
     mass = targets if weight is None else targets * weight.to(targets.dtype)
     return (mass * per_class_loss).sum() / mass.sum().clamp_min(torch.finfo(mass.dtype).tiny)
@@ -116,8 +115,7 @@ def logit_adjusted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, pr
     return cross_entropy(adjusted, targets, weight=weight, label_smoothing=label_smoothing)
 
 
-def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                    temperature: float) -> torch.Tensor:
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """T^2 * KL(softmax(teacher / T) || softmax(student / T)), mean over images, in float32.
 
     T^2 keeps this term's gradient on the label loss's scale whatever T is (Hinton et al. 2015)."""
@@ -183,8 +181,7 @@ class LogitAdjustedLoss(nn.Module):
         self.register_buffer("weight", weight, persistent=False)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return logit_adjusted_cross_entropy(logits, targets, self.prior, self.tau, self.weight,
-                                            self.label_smoothing)
+        return logit_adjusted_cross_entropy(logits, targets, self.prior, self.tau, self.weight, self.label_smoothing)
 
 
 # A loss builder takes (the recipe, per-class weights or None, the training prior).
@@ -218,16 +215,14 @@ def check_imbalance_recipe(recipe: Any, classes: Sequence[str]) -> None:
                 "weights in that order, or use inverse / effective to compute them from the training counts",
                 file=file, key="imbalance.class_weights")
         if not any(w > 0 for w in weights):
-            raise RecipeError("at least one class weight must be > 0", file=file,
-                              key="imbalance.class_weights")
+            raise RecipeError("at least one class weight must be > 0", file=file, key="imbalance.class_weights")
     if cfg.posthoc_adjust and cfg.loss == "logit_adjusted":
         raise RecipeError("posthoc_adjust with loss: logit_adjusted adjusts the logits twice; the loss form "
                           "already makes the plain logits balanced. Use one of the two",
                           file=file, key="imbalance.posthoc_adjust")
 
 
-def resolve_class_weights(recipe: Any, train_targets: torch.Tensor,
-                          num_classes: int) -> torch.Tensor | None:
+def resolve_class_weights(recipe: Any, train_targets: torch.Tensor, num_classes: int) -> torch.Tensor | None:
     """The per-class weights the recipe asks for (None for `none`)."""
     cfg = recipe.imbalance
     if isinstance(cfg.class_weights, list):

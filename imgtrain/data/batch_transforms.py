@@ -28,8 +28,7 @@ from imgtrain.data.transforms import (
 )
 
 # the AUGMENTATIONS entries implemented here on whole batches; any other runs per image on the CPU
-BATCHED_AUGMENTATIONS = ("random_resized_crop", "pad_crop", "hflip", "vflip", "color_jitter", "grayscale",
-                         "erasing")
+BATCHED_AUGMENTATIONS = ("random_resized_crop", "pad_crop", "hflip", "vflip", "color_jitter", "grayscale", "erasing")
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 CROP_TRIES = 10                        # as v2.RandomResizedCrop and v2.RandomErasing
 
@@ -291,8 +290,7 @@ class _Normalizer:
 class EvalBatchTransform:
     """Eval batches: uint8 -> float, resize + centre crop when the size differs, normalize."""
 
-    def __init__(self, img_size: int, mean: Sequence[float] | None, std: Sequence[float] | None,
-                 channels: int):
+    def __init__(self, img_size: int, mean: Sequence[float] | None, std: Sequence[float] | None, channels: int):
         self.img_size = img_size
         self.norm = _Normalizer(mean, std, channels)
 

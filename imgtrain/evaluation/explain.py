@@ -352,8 +352,7 @@ def _resize_heat(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A float heatmap resized bilinearly to (height, width)."""
     if heat.shape == size:
         return heat.astype(np.float32)
-    resized = Image.fromarray(heat.astype(np.float32), mode="F").resize((size[1], size[0]),
-                                                                        Image.Resampling.BILINEAR)
+    resized = Image.fromarray(heat.astype(np.float32), mode="F").resize((size[1], size[0]), Image.Resampling.BILINEAR)
     return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 

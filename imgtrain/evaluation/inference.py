@@ -28,8 +28,7 @@ TTAArg = None | bool | Any  # None/False: off; True: the recipe's eval.tta (or t
 class ImageListDataset(Dataset):
     """Decoded images held in a list (what predict reads from files), with a swappable transform."""
 
-    def __init__(self, images: Sequence[torch.Tensor], targets: Sequence[int] | None = None,
-                 transform: Any = None):
+    def __init__(self, images: Sequence[torch.Tensor], targets: Sequence[int] | None = None, transform: Any = None):
         self.images = list(images)
         self.targets = list(targets) if targets is not None else [-1] * len(self.images)
         self.transform = transform

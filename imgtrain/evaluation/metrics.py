@@ -105,8 +105,7 @@ def write_csv(path: str | Path, header: Sequence[Any], rows: Sequence[Sequence[A
     return Path(path)
 
 
-def write_confusion_csv(path: str | Path, confusion: Sequence[Sequence[int]],
-                        classes: Sequence[str]) -> Path:
+def write_confusion_csv(path: str | Path, confusion: Sequence[Sequence[int]], classes: Sequence[str]) -> Path:
     """The matrix with a header row of predicted classes and a first column of true classes."""
     return write_csv(path, ["true \\ predicted"] + [str(c) for c in classes],
                      [[str(name)] + [int(v) for v in row] for name, row in zip(classes, confusion)])
@@ -146,8 +145,7 @@ def confusion_figure(confusion: Sequence[Sequence[int]], classes: Sequence[str],
     return fig
 
 
-def confusion_png(confusion: Sequence[Sequence[int]], classes: Sequence[str],
-                  title: str = "confusion matrix") -> bytes:
+def confusion_png(confusion: Sequence[Sequence[int]], classes: Sequence[str], title: str = "confusion matrix") -> bytes:
     """`confusion_figure` as PNG bytes."""
     buffer = io.BytesIO()
     confusion_figure(confusion, classes, title).savefig(buffer, format="png")

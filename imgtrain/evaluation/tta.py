@@ -266,8 +266,7 @@ class TTAModel(nn.Module):
     Always in eval mode and without gradients (`train()` cannot switch it), so it can stand in for
     a trained model, a distillation teacher included. The views run one after another."""
 
-    def __init__(self, model: nn.Module, settings: TTAConfig | Sequence[Any] | str,
-                 merge: str | None = None):
+    def __init__(self, model: nn.Module, settings: TTAConfig | Sequence[Any] | str, merge: str | None = None):
         super().__init__()
         if not isinstance(settings, TTAConfig):
             settings = TTAConfig(views=as_views(settings), merge=merge or "mean_probs")

@@ -207,8 +207,7 @@ def _belongs(key: str, modules: Sequence[str]) -> bool:
 
 
 def load_state_dict_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str,
-                         model_name: str, key: str = "model.weights",
-                         trained_as: str | None = None) -> WeightsReport:
+                         model_name: str, key: str = "model.weights", trained_as: str | None = None) -> WeightsReport:
     """Fit `state_dict` to `model` (head, input channels) and load it; refuse another architecture."""
     target = model.state_dict()
     classifiers, first_convs = _layer_names(model, "classifier"), _layer_names(model, "first_conv")
