@@ -40,9 +40,7 @@ def collect_inputs(inputs: Iterable[str | Path]) -> list[tuple[Path, str | None]
                 reader = csv.DictReader(handle)
                 if not reader.fieldnames or "path" not in reader.fieldnames:
                     raise DataError(f"{item}: a manifest needs a `path` column (header: path[,label])")
-                has_label = "label" in reader.fieldnames
-                for row in reader:
-                    found.append((item.parent / row["path"], row["label"] if has_label else None))
+                found.extend((item.parent / row["path"], row.get("label")) for row in reader)  # None: no label column
         elif item.exists():
             found.append((item, None))
         else:
