@@ -143,8 +143,8 @@ def read_state_dict(path: Path, key: str = "model.weights_file") -> tuple[dict[s
     state_dict = _unwrap(checkpoint)
     tensors = {k: v for k, v in clean_state_dict(state_dict).items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        found = ", ".join(map(str, list(checkpoint)[:SHOWN])) if isinstance(checkpoint,
-                                                                            dict) else type(checkpoint).__name__
+        found = (", ".join(map(str, list(checkpoint)[:SHOWN])) if isinstance(checkpoint, dict)
+                 else type(checkpoint).__name__)
         raise ModelError(f"{key}: {path} holds no weights (no tensors under the keys {', '.join(CONTAINER_KEYS)} "
                          f"or at the top level; found: {found})")
     return tensors, metadata
@@ -334,8 +334,7 @@ def _load_timm(model: torch.nn.Module, cfg: ModelConfig, num_classes: int, in_ch
 
 def _not_cached_message(name: str, repo: str, names: list[str], why: str) -> str:
     from huggingface_hub import constants
-    cache = Path(constants.HF_HUB_CACHE)
-    folder = cache / ("models--" + repo.replace("/", "--"))
+    folder = Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))
     filename = names[0] if names else "model.safetensors"
     return (f"model.weights: timm's weights for {name} are not in the Hugging Face cache and cannot be "
             f"downloaded ({why}). timm wants {filename} of the hub repo {repo}. Put it in the cache at "
