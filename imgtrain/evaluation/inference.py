@@ -88,8 +88,7 @@ def run_model(model: torch.nn.Module, dataset: Any, batch_size: int = 256,
                         pin_memory=device.type == "cuda")
     probs, targets = [], []
     for inputs, labels in loader:
-        logits = model(inputs.to(device, non_blocking=True))
-        probs.append(logits.float().softmax(dim=1).cpu())
+        probs.append(model(inputs.to(device, non_blocking=True)).float().softmax(dim=1).cpu())
         targets.append(torch.as_tensor(labels).long())
     if not probs:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)

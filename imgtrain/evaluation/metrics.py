@@ -98,9 +98,7 @@ def compute_metrics(probs: torch.Tensor, targets: torch.Tensor, classes: Sequenc
 def write_csv(path: str | Path, header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> Path:
     """`header` and `rows` as a CSV file, written atomically."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
+    csv.writer(buffer, lineterminator="\n").writerows([header, *rows])
     atomic_write_text(path, buffer.getvalue())
     return Path(path)
 
