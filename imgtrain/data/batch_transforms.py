@@ -41,8 +41,7 @@ def _is_batched(name: str, aug: AugmentConfig, channels: int) -> bool:
 
 def cpu_only_augmentations(aug: AugmentConfig, channels: int, img_size: int) -> list[str]:
     """The augmentations the recipe turns on that this module cannot run on batches."""
-    return [name for name in requested_augmentations(aug, channels, img_size)
-            if not _is_batched(name, aug, channels)]
+    return [name for name in requested_augmentations(aug, channels, img_size) if not _is_batched(name, aug, channels)]
 
 
 def resolve_device_transforms(aug: AugmentConfig, channels: int, img_size: int, device: torch.device) -> bool:

@@ -1,6 +1,5 @@
-"""Evaluate a trained model or ensemble on a split of its recipe's data or on any folder / CSV,
-with metrics.py's metrics; `write_evaluation` saves them (metrics.json, per_class.csv, confusion.csv
-and confusion.png).
+"""Evaluate a trained model or ensemble on a split of its recipe's data or on any folder / CSV;
+`write_evaluation` saves metrics.json, per_class.csv, confusion.csv and confusion.png.
 
     result = evaluate("runs/fmnist", split="test", tta=True, output_dir="runs/fmnist/evaluation/test")
 """

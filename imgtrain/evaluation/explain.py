@@ -514,14 +514,13 @@ def list_layers(target: str | Path, device: str = "cpu") -> list[str]:
     """`imgtrain explain CHECKPOINT --list-layers`: one line per candidate layer, the automatic
     choice marked."""
     loaded = load_trained(target, device=device)
-    net = network(loaded.model)
     example = torch.zeros(1, loaded.channels, loaded.img_size, loaded.img_size, device=device)
     auto, _ = find_target_layer(loaded.model, example)
     rows = layer_candidates(loaded.model, example)
     width = max((len(name) for name, _, _ in rows), default=10)
     lines = [f"{name:<{width}s}  {kind:<20s} {'x'.join(str(s) for s in shape[1:])}"
              + ("   <- default" if name == auto else "") for name, kind, shape in rows]
-    lines.append(f"{len(rows)} layers of {_model_name(net)} at {loaded.img_size} px; "
+    lines.append(f"{len(rows)} layers of {_model_name(network(loaded.model))} at {loaded.img_size} px; "
                  f"default: {auto}; choose one with --layer NAME")
     return lines
 
