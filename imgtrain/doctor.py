@@ -1,11 +1,7 @@
 """`imgtrain doctor RECIPE`: a few seconds of checks, run before training, that catch the bugs which
-otherwise cost a whole run (README "Training diagnostics"; strategies/diagnostics.py keeps watching in
-training): data, batch grid, initial loss, gradients, overfit one batch, learn (a few steps over other
-batches must carry to the val split). Each check is PASS, WARN, FAIL or SKIP; a FAIL names its likely cause.
-
-The recipe's model, starting weights, frozen layers, optimizer, loss, precision and data pipeline are used
-as training would; mixing and label smoothing are left out (they keep a batch's loss from reaching zero)
-and the overfit check holds the lr at optim.lr.
+otherwise cost a whole run (README "Training diagnostics" has the table): data, batch grid, initial
+loss, gradients, overfit one batch, learn (a few steps over other batches must carry to the val split).
+Mixing and label smoothing are left out: they keep a batch's loss from reaching zero.
 
     report = run_doctor(load_recipe("quickstart"), output="doctor")
     print(report.table()); report.ok
@@ -193,8 +189,7 @@ def overfit_check(curve: list[float], final: float, accuracy: float, threshold: 
     return Check("overfit batch", "FAIL", detail, CAUSE_SLOW.format(lr=lr), values)
 
 
-def learn_check(accuracy: float, majority: float, images: int, steps: int, lr: float,
-                overfit_ok: bool = True) -> Check:
+def learn_check(accuracy: float, majority: float, images: int, steps: int, lr: float, overfit_ok: bool = True) -> Check:
     """Val accuracy after a few steps: PASS clearly above always answering the largest class, FAIL no
     better than that on LEARN_MIN_IMAGES val images or more, else WARN (too weak a signal to fail on)."""
     needed = majority + 0.2 * (1 - majority)
@@ -281,18 +276,18 @@ def _first_batch(prepared: Any, device: torch.device, seed: int) -> tuple:
     return inputs.float(), targets
 
 
+@torch.no_grad()
 def _val_accuracy(model: torch.nn.Module, prepared: Any, device: torch.device, limit: int = 2048) -> tuple:
     correct = seen = 0
     model.eval()
-    with torch.no_grad():
-        for inputs, targets in prepared.loaders.val:
-            inputs, targets = inputs.to(device), targets.to(device)
-            if prepared.eval_batch_transform is not None:
-                inputs = prepared.eval_batch_transform(inputs)
-            correct += int((model(inputs).argmax(1) == targets).sum())
-            seen += len(targets)
-            if seen >= limit:
-                break
+    for inputs, targets in prepared.loaders.val:
+        inputs, targets = inputs.to(device), targets.to(device)
+        if prepared.eval_batch_transform is not None:
+            inputs = prepared.eval_batch_transform(inputs)
+        correct += int((model(inputs).argmax(1) == targets).sum())
+        seen += len(targets)
+        if seen >= limit:
+            break
     model.train()
     return correct / max(seen, 1), seen
 

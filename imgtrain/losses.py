@@ -1,15 +1,9 @@
-"""Training losses: cross-entropy, focal and logit-adjusted, with class weights; distillation.
+"""Training losses: cross-entropy, focal and logit-adjusted, with class weights (the README's
+"Class imbalance"); distillation.
 
 `build_train_loss(recipe, train_targets, num_classes)` is what the Trainer calls. Targets are
 class indices (N,) or probabilities (N, C) (Mixup/CutMix, smoothing already folded in, so
 label smoothing applies to hard targets only); every loss here takes both.
-
-The `imbalance` tools (the README's "Class imbalance"): class weights (`class_weights_from_counts`;
-the batch loss is the weighted mean, so weights shift the balance between classes, not the step
-size), focal loss (Lin et al. 2017; with `focal_alpha`, the sigmoid form of torchvision's
-sigmoid_focal_loss), and logit adjustment (Menon et al. 2021), in the loss or post hoc at
-evaluation (`eval_logit_offset`). Priors and weights come from the training counts; an empty class
-counts as one.
 """
 
 from __future__ import annotations
@@ -41,11 +35,8 @@ def class_prior(counts: torch.Tensor) -> torch.Tensor:
 
 def class_weights_from_counts(counts: torch.Tensor | Sequence[int], mode: str = "inverse",
                               beta: float = 0.999) -> torch.Tensor:
-    """Per-class weights (float, (C,), mean 1) from training counts.
-
-    mode `inverse`: 1 / n_c. mode `effective`: 1 / E(n_c), E(n) = (1 - beta^n) / (1 - beta) the
-    expected number of distinct samples (Cui et al. 2019); beta 0: equal weights, beta -> 1: inverse.
-    """
+    """Per-class weights (float, (C,), mean 1) from training counts: mode `inverse` 1 / n_c, mode
+    `effective` (1 - beta) / (1 - beta^n_c) (Cui et al. 2019; beta 0: equal weights, -> 1: inverse)."""
     n = torch.as_tensor(counts, dtype=torch.float64).clamp_min(1)
     if mode == "inverse" or (mode == "effective" and beta >= 1.0):
         weights = 1.0 / n
@@ -78,8 +69,7 @@ def soft_targets(targets: torch.Tensor, num_classes: int, label_smoothing: float
     return one_hot
 
 
-def _weighted_mean(per_class_loss: torch.Tensor, targets: torch.Tensor,
-                   weight: torch.Tensor | None) -> torch.Tensor:
+def _weighted_mean(per_class_loss: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """sum of t_ic * w_c * loss_ic over sum of t_ic * w_c: F.cross_entropy's weighted mean for one-hot t."""
     mass = targets if weight is None else targets * weight.to(targets.dtype)
     return (mass * per_class_loss).sum() / mass.sum().clamp_min(torch.finfo(mass.dtype).tiny)
@@ -125,8 +115,7 @@ def logit_adjusted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, pr
     return cross_entropy(adjusted, targets, weight=weight, label_smoothing=label_smoothing)
 
 
-def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                    temperature: float) -> torch.Tensor:
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """T^2 * KL(softmax(teacher / T) || softmax(student / T)), mean over images, in float32.
 
     T^2 keeps this term's gradient on the label loss's scale whatever T is (Hinton et al. 2015)."""
@@ -192,8 +181,7 @@ class LogitAdjustedLoss(nn.Module):
         self.register_buffer("weight", weight, persistent=False)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return logit_adjusted_cross_entropy(logits, targets, self.prior, self.tau, self.weight,
-                                            self.label_smoothing)
+        return logit_adjusted_cross_entropy(logits, targets, self.prior, self.tau, self.weight, self.label_smoothing)
 
 
 # A loss builder takes (the recipe, per-class weights or None, the training prior).
@@ -201,8 +189,7 @@ LossBuilder = Callable[[Any, torch.Tensor | None, torch.Tensor], nn.Module]
 
 LOSSES: dict[str, LossBuilder] = {
     "ce": lambda recipe, weight, prior: ClassificationLoss(recipe.train.label_smoothing, weight),
-    "focal": lambda recipe, weight, prior: FocalLoss(recipe.imbalance.focal_gamma,
-                                                     recipe.imbalance.focal_alpha,
+    "focal": lambda recipe, weight, prior: FocalLoss(recipe.imbalance.focal_gamma, recipe.imbalance.focal_alpha,
                                                      recipe.train.label_smoothing, weight),
     "logit_adjusted": lambda recipe, weight, prior: LogitAdjustedLoss(prior, recipe.imbalance.tau,
                                                                       recipe.train.label_smoothing, weight),
@@ -228,16 +215,14 @@ def check_imbalance_recipe(recipe: Any, classes: Sequence[str]) -> None:
                 "weights in that order, or use inverse / effective to compute them from the training counts",
                 file=file, key="imbalance.class_weights")
         if not any(w > 0 for w in weights):
-            raise RecipeError("at least one class weight must be > 0", file=file,
-                              key="imbalance.class_weights")
+            raise RecipeError("at least one class weight must be > 0", file=file, key="imbalance.class_weights")
     if cfg.posthoc_adjust and cfg.loss == "logit_adjusted":
         raise RecipeError("posthoc_adjust with loss: logit_adjusted adjusts the logits twice; the loss form "
                           "already makes the plain logits balanced. Use one of the two",
                           file=file, key="imbalance.posthoc_adjust")
 
 
-def resolve_class_weights(recipe: Any, train_targets: torch.Tensor,
-                          num_classes: int) -> torch.Tensor | None:
+def resolve_class_weights(recipe: Any, train_targets: torch.Tensor, num_classes: int) -> torch.Tensor | None:
     """The per-class weights the recipe asks for (None for `none`)."""
     cfg = recipe.imbalance
     if isinstance(cfg.class_weights, list):
@@ -278,5 +263,5 @@ def eval_logit_offset(recipe: Any, train_targets: torch.Tensor, num_classes: int
 __all__ = ["LOSSES", "ClassificationLoss", "FocalLoss", "LogitAdjustedLoss", "build_train_loss",
            "check_imbalance_recipe", "class_counts", "class_prior", "class_weights_from_counts",
            "cross_entropy", "distillation_kl", "distillation_loss", "eval_logit_offset", "focal_loss",
-           "logit_adjusted_cross_entropy",
-           "logit_adjustment", "posthoc_adjust_logits", "resolve_class_weights", "soft_targets"]
+           "logit_adjusted_cross_entropy", "logit_adjustment", "posthoc_adjust_logits", "resolve_class_weights",
+           "soft_targets"]

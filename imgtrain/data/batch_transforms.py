@@ -1,16 +1,12 @@
 """Training augmentation of whole batches on the device (`augment.device_transforms`; the README's
-"Feeding the model fast"), with the distributions of the per-image path.
-
-The loader only stacks uint8 images; on the device, all images at once:
+"Feeding the model fast"), with the distributions of the per-image path:
 
     uint8 -> float [0, 1] -> random resized crop | resize + centre crop, pad-crop shift and flips
     (one `grid_sample`) -> colour jitter -> random grayscale -> normalize -> random erasing
 
-Crop and erasing boxes are vectorised copies of torchvision's `make_params`. Only the pixel
-computation differs: a box filter where v2 antialiases, and one random colour-operation order per
-batch (v2: per image). Random parameters are drawn on the CPU from `generator` (default: torch's
-global one), so a seed gives the same crops on CPU and GPU. Hue, and the entries not batched here,
-run per image on the CPU (`BatchPipelines.train_item`).
+Only the pixel computation differs from torchvision's: a box filter where v2 antialiases, and one
+random colour-operation order per batch (v2: per image). Random parameters are drawn on the CPU
+from `generator`, so a seed gives the same crops on CPU and GPU.
 """
 
 from __future__ import annotations
@@ -32,8 +28,7 @@ from imgtrain.data.transforms import (
 )
 
 # the AUGMENTATIONS entries implemented here on whole batches; any other runs per image on the CPU
-BATCHED_AUGMENTATIONS = ("random_resized_crop", "pad_crop", "hflip", "vflip", "color_jitter", "grayscale",
-                         "erasing")
+BATCHED_AUGMENTATIONS = ("random_resized_crop", "pad_crop", "hflip", "vflip", "color_jitter", "grayscale", "erasing")
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 CROP_TRIES = 10                        # as v2.RandomResizedCrop and v2.RandomErasing
 
@@ -46,8 +41,7 @@ def _is_batched(name: str, aug: AugmentConfig, channels: int) -> bool:
 
 def cpu_only_augmentations(aug: AugmentConfig, channels: int, img_size: int) -> list[str]:
     """The augmentations the recipe turns on that this module cannot run on batches."""
-    return [name for name in requested_augmentations(aug, channels, img_size)
-            if not _is_batched(name, aug, channels)]
+    return [name for name in requested_augmentations(aug, channels, img_size) if not _is_batched(name, aug, channels)]
 
 
 def resolve_device_transforms(aug: AugmentConfig, channels: int, img_size: int, device: torch.device) -> bool:
@@ -114,10 +108,8 @@ def sample_crop_boxes(n: int, height: int, width: int, scale: Sequence[float] = 
 def sample_erasing_boxes(n: int, height: int, width: int, p: float, scale: Sequence[float],
                          ratio: Sequence[float] = ERASING_RATIO,
                          generator: torch.Generator | None = None) -> torch.Tensor:
-    """(n, 4) long (top, left, height, width): `v2.RandomErasing(p, scale, ratio)` for n images.
-
-    Height 0 where nothing is erased: not drawn (probability 1 - p), or none of the 10 tries fits.
-    """
+    """(n, 4) long (top, left, height, width): `v2.RandomErasing(p, scale, ratio)` for n images;
+    height 0 where nothing is erased (not drawn, probability 1 - p, or none of the 10 tries fits)."""
     apply = torch.rand(n, generator=generator) < p
     h, w = _tried_boxes(n, height, width, scale, ratio, generator, transpose=True)
     ok = (h < height) & (w < width)
@@ -211,9 +203,7 @@ def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     new = _resized_shape(height, width, size)
     if new != (height, width):
         images = F.interpolate(images, size=new, mode="bilinear", align_corners=False, antialias=True)
-    top = round((new[0] - size) / 2.0)
-    left = round((new[1] - size) / 2.0)
-    return images[..., top:top + size, left:left + size]
+    return v2.functional.center_crop(images, [size, size])
 
 
 def to_grayscale(images: torch.Tensor) -> torch.Tensor:
@@ -274,10 +264,8 @@ class _Normalizer:
 
     def to_float(self, images: torch.Tensor, scratch: bool = False) -> torch.Tensor:
         """A float copy in [0, 1] (uint8 is divided by 255, float is taken as [0, 1] already).
-
-        scratch: into a buffer the next call reuses, for a caller that only reads it. On the CPU a
-        fresh float batch per step costs page faults as long as the resampling itself.
-        """
+        scratch: into a buffer the next call reuses, for a caller that only reads it (on the CPU a
+        fresh float batch per step costs page faults as long as the resampling itself)."""
         if scratch:
             key = (tuple(images.shape), images.device)
             if key not in self._scratch:
@@ -290,9 +278,8 @@ class _Normalizer:
         return out.div_(255) if images.dtype == torch.uint8 else out
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        if self.mean is None:
+        if self.mean is None or self.std is None:  # set together
             return images
-        assert self.std is not None, "set together with mean"
         if images.device not in self._on:
             self._on[images.device] = (self.mean.to(images.device), self.std.to(images.device))
         mean, std = self._on[images.device]
@@ -302,8 +289,7 @@ class _Normalizer:
 class EvalBatchTransform:
     """Eval batches: uint8 -> float, resize + centre crop when the size differs, normalize."""
 
-    def __init__(self, img_size: int, mean: Sequence[float] | None, std: Sequence[float] | None,
-                 channels: int):
+    def __init__(self, img_size: int, mean: Sequence[float] | None, std: Sequence[float] | None, channels: int):
         self.img_size = img_size
         self.norm = _Normalizer(mean, std, channels)
 
@@ -335,11 +321,8 @@ class TrainBatchTransform:
         g, n = self.generator, images.shape[0]
         x = self._geometry(images, g)
         if self.jitter is not None:
-            low, high = self.jitter
-            brightness, contrast, saturation = [torch.empty(n).uniform_(low, high, generator=g)
-                                                for _ in range(3)]
-            order = torch.randperm(3, generator=g).tolist()
-            x = color_jitter(x, brightness, contrast, saturation, order=order)
+            brightness, contrast, saturation = [torch.empty(n).uniform_(*self.jitter, generator=g) for _ in range(3)]
+            x = color_jitter(x, brightness, contrast, saturation, order=torch.randperm(3, generator=g).tolist())
         if self.grayscale:
             gray = (torch.rand(n, generator=g) < self.grayscale).to(x.device).view(-1, 1, 1, 1)
             x = torch.where(gray, to_grayscale(x).expand_as(x), x)
@@ -359,12 +342,11 @@ class TrainBatchTransform:
         """Float [0, 1] at img_size: crop or resize, pad-crop shift, flips (v2's order), one resampling."""
         n, _, height, width = images.shape
         size = self.img_size
+        boxes = None
         if self.crop:
             boxes = sample_crop_boxes(n, height, width, self.aug.scale, self.aug.ratio, g)
         elif (height, width) != (size, size):
             boxes = torch.tensor(center_box(height, width, size), dtype=torch.float64).expand(n, 4)
-        else:
-            boxes = None
         moves = self.pad or self.hflip or self.vflip
         if boxes is None and not moves:
             return self.norm.to_float(images)  # nothing to resample: the float copy is the result
@@ -378,10 +360,8 @@ class TrainBatchTransform:
         return resample(x, boxes, size, vflip, hflip, shift)
 
     def __repr__(self) -> str:
-        steps = (("random_resized_crop", self.crop), ("pad_crop", self.pad), ("hflip", self.hflip),
-                 ("vflip", self.vflip), ("color_jitter", self.jitter), ("grayscale", self.grayscale),
-                 ("erasing", self.erasing))
-        parts = [name for name, on in steps if on]
+        steps = (self.crop, self.pad, self.hflip, self.vflip, self.jitter, self.grayscale, self.erasing)
+        parts = [name for name, on in zip(BATCHED_AUGMENTATIONS, steps) if on]
         return f"TrainBatchTransform({', '.join(parts) or 'normalize only'}, {self.img_size} px)"
 
 
@@ -401,11 +381,8 @@ def build_batch_pipelines(aug: AugmentConfig, channels: int, img_size: int, mean
                           std: Sequence[float] | None, source_size: int | None,
                           generator: torch.Generator | None = None) -> BatchPipelines:
     """Split the recipe's augmentation between the loader (CPU, per image) and the device (per batch).
-
-    source_size: the side of the datasets' images when all are one square size (data.cache,
-    in-memory sources); None for files of mixed sizes, which the loader then resizes and
-    centre-crops to `eval_resize_size` (as the cache would) so that they stack into a batch.
-    """
+    source_size: the side of the datasets' images when all are one square size (data.cache, in-memory
+    sources); None for files of mixed sizes, which the loader makes `eval_resize_size` squares."""
     side = eval_resize_size(aug, img_size)
     train_steps: list[v2.Transform] = []
     if source_size is None:

@@ -1,6 +1,5 @@
-"""Evaluate a trained model or ensemble on a split of its recipe's data or on any folder / CSV,
-with metrics.py's metrics; `write_evaluation` saves them (metrics.json, per_class.csv, confusion.csv
-and confusion.png).
+"""Evaluate a trained model or ensemble on a split of its recipe's data or on any folder / CSV;
+`write_evaluation` saves metrics.json, per_class.csv, confusion.csv and confusion.png.
 
     result = evaluate("runs/fmnist", split="test", tta=True, output_dir="runs/fmnist/evaluation/test")
 """
@@ -55,14 +54,13 @@ def write_evaluation(result: dict[str, Any], output_dir: str | Path) -> list[Pat
     out.mkdir(parents=True, exist_ok=True)
     classes = result["classes"]
     atomic_write_text(out / "metrics.json", json.dumps(json_safe(result), indent=2) + "\n")
-    written = [out / "metrics.json"]
     rows = [[name, f"{row['precision']:.6f}", f"{row['recall']:.6f}", f"{row['f1']:.6f}", row["support"]]
             for name, row in result["per_class"].items()]
-    written.append(write_csv(out / "per_class.csv", ["class", "precision", "recall", "f1", "support"], rows))
-    written.append(write_confusion_csv(out / "confusion.csv", result["confusion"], classes))
     title = f"confusion matrix: {result['split']} ({result['acc']:.2%} accurate)"
-    written.append(save_confusion_png(out / "confusion.png", result["confusion"], classes, title=title))
-    return written
+    return [out / "metrics.json",
+            write_csv(out / "per_class.csv", ["class", "precision", "recall", "f1", "support"], rows),
+            write_confusion_csv(out / "confusion.csv", result["confusion"], classes),
+            save_confusion_png(out / "confusion.png", result["confusion"], classes, title=title)]
 
 
 __all__ = ["HEADLINE", "check_classes", "evaluate", "evaluate_dataset", "evaluation_data", "metrics_of",

@@ -1,18 +1,13 @@
-"""Explanations: where in an image a trained classifier looked, as a Grad-CAM heatmap
-(README "Explanations" compares the methods of CAM_METHODS, all from the grad-cam package).
+"""Explanations: where in an image a trained classifier looked, as a Grad-CAM heatmap (the
+grad-cam package's methods, CAM_METHODS; README "Explanations" compares them).
 
     records = explain("runs/shapes", ["cat.png", "photos/"], method=["gradcam", "eigencam"])
     heat = cam_heatmaps(model, batch)            # (N, H, W) in [0, 1], any model, mid-training too
     png = overlay(image_uint8, heat[0])          # H x W x 3 uint8, the heatmap over the image
 
-Grad-CAM (Selvaraju et al. 2017, arXiv:1610.02391) weights each activation map of one layer by the
-mean gradient of the class score over it, sums, keeps the positive part and upsamples it to the
-input. It is as coarse as the layer, and it explains the model, not the data: heat on the
-background means the model uses the background. The default layer is the last convolutional stage
-(`find_target_layer`); ViT tokens are laid out on the patch grid (`TokensToGrid`).
-
-`cam_heatmaps` leaves the model exactly as it found it (`preserved_state`, no hooks left), so the
-run report can call it on validation images in the middle of training.
+The default layer is the last convolutional stage (`find_target_layer`); ViT tokens are laid out
+on the patch grid (`TokensToGrid`). `cam_heatmaps` leaves the model exactly as it found it, so the
+run report can call it in the middle of training.
 """
 
 from __future__ import annotations
@@ -27,19 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytorch_grad_cam
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from pytorch_grad_cam import (
-    AblationCAM,
-    EigenCAM,
-    EigenGradCAM,
-    GradCAM,
-    GradCAMPlusPlus,
-    HiResCAM,
-    LayerCAM,
-    ScoreCAM,
-    XGradCAM,
-)
 from pytorch_grad_cam.ablation_layer import AblationLayer, AblationLayerVit
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
@@ -52,15 +37,15 @@ from imgtrain.models.trained import load_trained
 
 # name -> grad-cam class; every entry runs on the CPU with imgtrain's nets and timm CNNs and ViTs
 CAM_METHODS: dict[str, type] = {
-    "gradcam": GradCAM,
-    "gradcam++": GradCAMPlusPlus,
-    "hirescam": HiResCAM,
-    "xgradcam": XGradCAM,
-    "layercam": LayerCAM,
-    "eigencam": EigenCAM,
-    "eigengradcam": EigenGradCAM,
-    "scorecam": ScoreCAM,
-    "ablationcam": AblationCAM,
+    "gradcam": pytorch_grad_cam.GradCAM,
+    "gradcam++": pytorch_grad_cam.GradCAMPlusPlus,
+    "hirescam": pytorch_grad_cam.HiResCAM,
+    "xgradcam": pytorch_grad_cam.XGradCAM,
+    "layercam": pytorch_grad_cam.LayerCAM,
+    "eigencam": pytorch_grad_cam.EigenCAM,
+    "eigengradcam": pytorch_grad_cam.EigenGradCAM,
+    "scorecam": pytorch_grad_cam.ScoreCAM,
+    "ablationcam": pytorch_grad_cam.AblationCAM,
 }
 
 PANEL_SIZE = 224        # px: the longer side of each half of a written PNG
@@ -105,11 +90,10 @@ def find_target_layer(model: nn.Module, example: torch.Tensor | None = None) -> 
     `feature_info` entry, else the last module with a spatial (N, C, H, W) output on `example`."""
     net = network(model)
     if _is_vit(net):
-        blocks = net.blocks
-        assert isinstance(blocks, (nn.Sequential, nn.ModuleList)), "_is_vit checked it"
-        block_name = f"blocks.{len(blocks) - 1}"
-        has_norm1 = isinstance(getattr(blocks[-1], "norm1", None), nn.Module)
-        name = f"{block_name}.norm1" if has_norm1 else block_name
+        blocks: Any = net.blocks  # an nn.Sequential or nn.ModuleList (_is_vit)
+        name = f"blocks.{len(blocks) - 1}"
+        if isinstance(getattr(net.get_submodule(name), "norm1", None), nn.Module):
+            name += ".norm1"
         return name, net.get_submodule(name)
     info = getattr(net, "feature_info", None)
     if isinstance(info, list) and info and isinstance(info[-1], dict) and info[-1].get("module"):
@@ -146,12 +130,10 @@ def layer_candidates(model: nn.Module, example: torch.Tensor | None = None) -> l
     modules = dict(net.named_modules())
     rows = []
     for name, shape in shapes.items():
-        module = modules.get(name)
-        if not name or module is None:
-            continue
+        module = modules[name]  # every name _probe_shapes records is one of these
         kind = type(module).__name__
         useful = isinstance(module, nn.modules.conv._ConvNd) or "Norm" in kind or len(list(module.children())) > 0
-        if useful and (len(shape) == 4 or (tokens and len(shape) == 3)):
+        if name and useful and (len(shape) == 4 or (tokens and len(shape) == 3)):
             rows.append((name, kind, tuple(shape)))
     return rows
 
@@ -301,8 +283,7 @@ def cam_heatmaps(model: nn.Module, inputs: torch.Tensor, target_classes: int | S
 
     target_classes: one class index for all images, one per image, or None for each image's
     predicted class. method: a CAM_METHODS name. layer: a module name (`resolve_layer`), or None
-    for `find_target_layer`'s choice. The model is left exactly as it was (`preserved_state`);
-    its parameters get no gradient, so frozen ones are no problem.
+    for `find_target_layer`'s choice. The model is left exactly as it was (`preserved_state`).
     """
     if method not in CAM_METHODS:
         raise ExplainError(f"unknown explanation method {method!r}; choose from {', '.join(CAM_METHODS)}")
@@ -342,9 +323,7 @@ def _targets(target_classes: int | Sequence[int] | None, count: int) -> list[Any
         return None
     if isinstance(target_classes, (int, np.integer)):
         target_classes = [int(target_classes)] * count
-    if isinstance(target_classes, torch.Tensor):
-        target_classes = target_classes.tolist()
-    classes = [int(c) for c in target_classes]
+    classes = [int(c) for c in target_classes]  # a list, an array or a 1-d tensor
     if len(classes) != count:
         raise ExplainError(f"{len(classes)} target classes for {count} images")
     return [ClassifierOutputTarget(c) for c in classes]
@@ -373,8 +352,7 @@ def _resize_heat(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A float heatmap resized bilinearly to (height, width)."""
     if heat.shape == size:
         return heat.astype(np.float32)
-    resized = Image.fromarray(heat.astype(np.float32), mode="F").resize((size[1], size[0]),
-                                                                        Image.Resampling.BILINEAR)
+    resized = Image.fromarray(heat.astype(np.float32), mode="F").resize((size[1], size[0]), Image.Resampling.BILINEAR)
     return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
@@ -403,7 +381,7 @@ def render_panel(image: np.ndarray, heatmap: np.ndarray, title: Sequence[str], s
     scale = size / max(height, width)
     shown = (max(1, round(width * scale)), max(1, round(height * scale)))
     big = np.asarray(Image.fromarray(rgb).resize(shown, Image.Resampling.NEAREST))
-    mixed = overlay(big, _resize_heat(np.asarray(heatmap, dtype=np.float32), (shown[1], shown[0])))
+    mixed = overlay(big, heatmap)
     try:
         font: Any = ImageFont.load_default(size=13)
     except TypeError:  # Pillow < 10.1: the small bitmap font only
@@ -470,12 +448,11 @@ def _png_stems(paths: Sequence[Path]) -> list[str]:
 def explain(target: str | Path, images: Sequence[str | Path], method: str | Sequence[str] = "gradcam",
             class_: int | str | None = None, layer: str | None = None,
             output_dir: str | Path = "explain", device: str = "cpu") -> list[ExplainRecord]:
-    """Write `OUTPUT_DIR/<image stem>_<method>.png` for every image and method: the image as the
-    model sees it next to the heatmap over it, titled with the predicted class, its probability
-    and the explained class (`class_`, a name or index; default: the predicted class).
+    """Write `OUTPUT_DIR/<image stem>_<method>.png` (`render_panel`) for every image and method.
 
     target: a run folder or .safetensors file. images: files, folders or CSV manifests (a `path`
-    column). An image that cannot be decoded gets a record with `error`; the others still run.
+    column). class_: a name or index; default: each image's predicted class. An image that cannot
+    be decoded gets a record with `error`; the others still run.
     """
     from imgtrain.evaluation.predict import collect_paths
 
@@ -499,10 +476,9 @@ def explain(target: str | Path, images: Sequence[str | Path], method: str | Sequ
             slots.append([])
             try:
                 tensors.append(transform(load_image(path, loaded.channels)))
+                good.append((path, stem, slots[-1]))
             except BadImageError as exc:
                 slots[-1].extend(ExplainRecord(path=str(path), method=name, error=exc.reason) for name in methods)
-                continue
-            good.append((path, stem, slots[-1]))
         if good:
             _explain_batch(loaded, torch.stack(tensors).to(device), good, methods, class_index, layer, out_dir)
         records.extend(record for slot in slots for record in slot)
@@ -538,14 +514,13 @@ def list_layers(target: str | Path, device: str = "cpu") -> list[str]:
     """`imgtrain explain CHECKPOINT --list-layers`: one line per candidate layer, the automatic
     choice marked."""
     loaded = load_trained(target, device=device)
-    net = network(loaded.model)
     example = torch.zeros(1, loaded.channels, loaded.img_size, loaded.img_size, device=device)
     auto, _ = find_target_layer(loaded.model, example)
     rows = layer_candidates(loaded.model, example)
     width = max((len(name) for name, _, _ in rows), default=10)
     lines = [f"{name:<{width}s}  {kind:<20s} {'x'.join(str(s) for s in shape[1:])}"
              + ("   <- default" if name == auto else "") for name, kind, shape in rows]
-    lines.append(f"{len(rows)} layers of {_model_name(net)} at {loaded.img_size} px; "
+    lines.append(f"{len(rows)} layers of {_model_name(network(loaded.model))} at {loaded.img_size} px; "
                  f"default: {auto}; choose one with --layer NAME")
     return lines
 

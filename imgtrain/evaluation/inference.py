@@ -28,8 +28,7 @@ TTAArg = None | bool | Any  # None/False: off; True: the recipe's eval.tta (or t
 class ImageListDataset(Dataset):
     """Decoded images held in a list (what predict reads from files), with a swappable transform."""
 
-    def __init__(self, images: Sequence[torch.Tensor], targets: Sequence[int] | None = None,
-                 transform: Any = None):
+    def __init__(self, images: Sequence[torch.Tensor], targets: Sequence[int] | None = None, transform: Any = None):
         self.images = list(images)
         self.targets = list(targets) if targets is not None else [-1] * len(self.images)
         self.transform = transform
@@ -89,8 +88,7 @@ def run_model(model: torch.nn.Module, dataset: Any, batch_size: int = 256,
                         pin_memory=device.type == "cuda")
     probs, targets = [], []
     for inputs, labels in loader:
-        logits = model(inputs.to(device, non_blocking=True))
-        probs.append(logits.float().softmax(dim=1).cpu())
+        probs.append(model(inputs.to(device, non_blocking=True)).float().softmax(dim=1).cpu())
         targets.append(torch.as_tensor(labels).long())
     if not probs:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)

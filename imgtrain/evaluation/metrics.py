@@ -5,10 +5,9 @@
         suite.update(probs, targets)
     metrics = suite.compute(classes)   # a plain dict: see `MetricSuite.compute`
 
-torchmetrics all-reduces its states (confusion matrix, top-k hits, calibration bins, summed loss)
-across processes under DDP, so the numbers are the whole split's. Per-class scores and balanced
-accuracy are derived from the synced confusion matrix, following scikit-learn: balanced accuracy
-averages recall over the classes that occur in the targets; an undefined precision or F1 is 0.
+Under DDP torchmetrics all-reduces its states, so the numbers are the whole split's. Per-class
+scores and balanced accuracy follow scikit-learn (balanced accuracy averages recall over the
+classes that occur in the targets; an undefined precision or F1 is 0).
 """
 
 from __future__ import annotations
@@ -70,28 +69,21 @@ class MetricSuite:
             result["top5_acc"] = float(self.top5.compute())
         per_class = per_class_scores(matrix, classes)
         recalls = [row["recall"] for row in per_class.values() if row["support"] > 0]
-        result["balanced_acc"] = sum(recalls) / len(recalls)
-        result["macro_f1"] = sum(row["f1"] for row in per_class.values()) / len(per_class)
-        result["ece"] = float(self.ece.compute())
-        result["per_class"] = per_class
-        result["confusion"] = matrix.tolist()
+        result.update(balanced_acc=sum(recalls) / len(recalls),
+                      macro_f1=sum(row["f1"] for row in per_class.values()) / len(per_class),
+                      ece=float(self.ece.compute()), per_class=per_class, confusion=matrix.tolist())
         return result
 
 
 def per_class_scores(matrix: torch.Tensor, classes: Sequence[str]) -> dict[str, dict[str, float]]:
     """Precision, recall, F1 and support of each class from a confusion matrix (rows: true)."""
     matrix = matrix.double()
-    true_pos = matrix.diagonal()
-    support = matrix.sum(dim=1)
-    predicted = matrix.sum(dim=0)
-    scores = {}
-    for i, name in enumerate(classes):
-        tp, sup, pred = float(true_pos[i]), float(support[i]), float(predicted[i])
-        precision = tp / pred if pred else 0.0
-        recall = tp / sup if sup else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        scores[str(name)] = {"precision": precision, "recall": recall, "f1": f1, "support": int(sup)}
-    return scores
+    true_pos, support, predicted = matrix.diagonal(), matrix.sum(dim=1), matrix.sum(dim=0)
+    precision = torch.where(predicted > 0, true_pos / predicted, 0.0)  # an undefined score is 0
+    recall = torch.where(support > 0, true_pos / support, 0.0)
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    columns = zip(classes, precision.tolist(), recall.tolist(), f1.tolist(), support.tolist())
+    return {str(name): {"precision": p, "recall": r, "f1": f, "support": int(s)} for name, p, r, f, s in columns}
 
 
 def compute_metrics(probs: torch.Tensor, targets: torch.Tensor, classes: Sequence[str]) -> dict[str, Any]:
@@ -106,15 +98,12 @@ def compute_metrics(probs: torch.Tensor, targets: torch.Tensor, classes: Sequenc
 def write_csv(path: str | Path, header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> Path:
     """`header` and `rows` as a CSV file, written atomically."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
+    csv.writer(buffer, lineterminator="\n").writerows([header, *rows])
     atomic_write_text(path, buffer.getvalue())
     return Path(path)
 
 
-def write_confusion_csv(path: str | Path, confusion: Sequence[Sequence[int]],
-                        classes: Sequence[str]) -> Path:
+def write_confusion_csv(path: str | Path, confusion: Sequence[Sequence[int]], classes: Sequence[str]) -> Path:
     """The matrix with a header row of predicted classes and a first column of true classes."""
     return write_csv(path, ["true \\ predicted"] + [str(c) for c in classes],
                      [[str(name)] + [int(v) for v in row] for name, row in zip(classes, confusion)])
@@ -124,8 +113,7 @@ def read_confusion_csv(path: str | Path) -> tuple:
     """(classes, matrix) back from `write_confusion_csv`'s file."""
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
-    classes = rows[0][1:]
-    return classes, [[int(v) for v in row[1:]] for row in rows[1:]]
+    return rows[0][1:], [[int(v) for v in row[1:]] for row in rows[1:]]
 
 
 def confusion_figure(confusion: Sequence[Sequence[int]], classes: Sequence[str], title: str = "confusion matrix"):
@@ -155,8 +143,7 @@ def confusion_figure(confusion: Sequence[Sequence[int]], classes: Sequence[str],
     return fig
 
 
-def confusion_png(confusion: Sequence[Sequence[int]], classes: Sequence[str],
-                  title: str = "confusion matrix") -> bytes:
+def confusion_png(confusion: Sequence[Sequence[int]], classes: Sequence[str], title: str = "confusion matrix") -> bytes:
     """`confusion_figure` as PNG bytes."""
     buffer = io.BytesIO()
     confusion_figure(confusion, classes, title).savefig(buffer, format="png")

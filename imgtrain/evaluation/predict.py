@@ -4,8 +4,7 @@
     write_predictions(rows, "preds.csv", topk=3)
 
 One row per image, in the order given (folders sorted): `path`, `label` (from a CSV manifest),
-`class_1`, `prob_1` ... up to `topk`, and `error`: why an image could not be read (the rest are
-still predicted). Images are decoded in chunks, so a folder of any size fits in memory.
+`class_1`, `prob_1` ... up to `topk`, and `error` (why an image could not be read).
 """
 
 from __future__ import annotations
@@ -41,9 +40,7 @@ def collect_inputs(inputs: Iterable[str | Path]) -> list[tuple[Path, str | None]
                 reader = csv.DictReader(handle)
                 if not reader.fieldnames or "path" not in reader.fieldnames:
                     raise DataError(f"{item}: a manifest needs a `path` column (header: path[,label])")
-                has_label = "label" in reader.fieldnames
-                for row in reader:
-                    found.append((item.parent / row["path"], row["label"] if has_label else None))
+                found.extend((item.parent / row["path"], row.get("label")) for row in reader)  # None: no label column
         elif item.exists():
             found.append((item, None))
         else:
@@ -76,10 +73,9 @@ def predict(target: str | Path, inputs: Iterable[str | Path], topk: int = 1,
             rows.append(row)
             try:
                 images.append(load_image(path, predictor.channels))
+                readable.append(row)
             except BadImageError as exc:
                 row["error"] = getattr(exc, "reason", None) or str(exc)
-                continue
-            readable.append(row)
         if not images:
             continue
         probs, _ = predictor.probabilities(ImageListDataset(images), batch_size=batch_size, device=device)

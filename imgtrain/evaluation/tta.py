@@ -1,5 +1,6 @@
 """Test-time augmentation: predict each image as several views and merge the predictions
-(README "Test-time augmentation" has the measurements and the recipe keys).
+(README "Test-time augmentation" has what each eval.tta entry adds, the merge rules, the recipe
+keys and the measurements).
 
     settings = tta_config_for(recipe, ["hflip", "five_crop:0.8"])    # or True: the recipe's eval.tta
     model = TTAModel(trained_model, settings)     # batch -> merged logits, like the model itself
@@ -8,16 +9,7 @@
 
 Views act on the transformed batch (N, C, H, W) on its device, all images at once, and keep its
 size. The original batch is always the first view; a view equal to one already there is not run
-twice. `view_ops` says what each eval.tta entry adds (README has the table); crops and shifts
-follow torchvision's FiveCrop, TenCrop and center_crop, and uncovered pixels are zeros (the
-dataset's mean colour after normalisation). `random` crops are drawn once from a generator seeded
-with the view's `seed`, so every image and batch size gets the same ones.
-
-Merge rules (`eval.tta_merge`), handing back logits:
-
-    mean_probs    log(mean_v softmax(z_v)): the softmax of the result is the mean probability (default)
-    mean_logits   mean_v z_v
-    max           log(max_v softmax(z_v)), per class
+twice.
 """
 
 from __future__ import annotations
@@ -30,6 +22,7 @@ from typing import Any, Literal, overload
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms.v2.functional import center_crop
 
 from imgtrain.config import RecipeError
 from imgtrain.tta_views import TTAView, parse_tta_view
@@ -104,14 +97,8 @@ def scale_batch(batch: torch.Tensor, factor: float) -> torch.Tensor:
     height, width = batch.shape[-2:]
     if factor == 1.0:
         return batch
-    new_h, new_w = max(1, round(factor * height)), max(1, round(factor * width))
-    resized = resize_batch(batch, (new_h, new_w))
-    if new_h < height or new_w < width:  # torchvision pads left/top by (diff // 2), the rest right/bottom
-        pad_h, pad_w = max(height - new_h, 0), max(width - new_w, 0)
-        resized = F.pad(resized, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-        new_h, new_w = resized.shape[-2:]
-    top, left = int(round((new_h - height) / 2.0)), int(round((new_w - width) / 2.0))
-    return resized[..., top:top + height, left:left + width]
+    resized = resize_batch(batch, (max(1, round(factor * height)), max(1, round(factor * width))))
+    return center_crop(resized, [height, width])
 
 
 def shift_batch(batch: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -184,11 +171,8 @@ def as_views(views: TTAConfig | Sequence[Any] | str) -> tuple[TTAView, ...]:
         views = [part for part in views.split(",") if part.strip()]
     parsed = []
     for index, spec in enumerate(views):
-        if isinstance(spec, TTAView):
-            parsed.append(spec)
-            continue
         try:
-            parsed.append(parse_tta_view(spec))
+            parsed.append(spec if isinstance(spec, TTAView) else parse_tta_view(spec))
         except ValueError as exc:
             raise RecipeError(f"view {index + 1} ({spec!r}): {exc}", key="--tta") from None
     return tuple(parsed)
@@ -258,10 +242,9 @@ def tta_config_for(recipe: Any, tta: Literal[True] = True) -> TTAConfig: ...
 @overload
 def tta_config_for(recipe: Any, tta: Any = True) -> TTAConfig | None: ...
 def tta_config_for(recipe: Any, tta: Any = True) -> TTAConfig | None:
-    """The TTAConfig for a model trained with `recipe`; None when `tta` is None or False.
-
-    tta: True (the recipe's eval.tta, or DEFAULT_VIEWS), view specs (a list or a comma-separated
-    string), or a TTAConfig (used as it is). The merge rule is the recipe's eval.tta_merge."""
+    """The TTAConfig for a model trained with `recipe` (merge rule: its eval.tta_merge); None when
+    `tta` is None or False. tta: True (the recipe's eval.tta, or DEFAULT_VIEWS), view specs (a list
+    or a comma-separated string), or a TTAConfig (used as it is)."""
     if tta is None or tta is False:
         return None
     if isinstance(tta, TTAConfig):
@@ -280,12 +263,10 @@ def tta_config_for(recipe: Any, tta: Any = True) -> TTAConfig | None:
 
 class TTAModel(nn.Module):
     """A model seen through test-time augmentation: (N, C, H, W) batch -> merged logits (N, K).
-
     Always in eval mode and without gradients (`train()` cannot switch it), so it can stand in for
     a trained model, a distillation teacher included. The views run one after another."""
 
-    def __init__(self, model: nn.Module, settings: TTAConfig | Sequence[Any] | str,
-                 merge: str | None = None):
+    def __init__(self, model: nn.Module, settings: TTAConfig | Sequence[Any] | str, merge: str | None = None):
         super().__init__()
         if not isinstance(settings, TTAConfig):
             settings = TTAConfig(views=as_views(settings), merge=merge or "mean_probs")

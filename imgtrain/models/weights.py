@@ -1,10 +1,5 @@
-"""Starting weights for a new run: `model.weights` and `model.weights_file`.
-
-    model.weights: null                  random initialisation (the default)
-    model.weights: timm                  timm's pretrained weights for model.name (Hugging Face cache)
-    model.weights: runs/digits           a run folder: its best, else last, checkpoint
-    model.weights: some.safetensors      ours (with metadata) or any plain safetensors state dict
-    model.weights_file: resnet18.pth     a local timm/torchvision checkpoint (.safetensors .pth .pt .bin)
+"""Starting weights for a new run: `model.weights` (timm, a run folder or a .safetensors file) and
+`model.weights_file` (a local checkpoint); the README's "Starting weights" has the table.
 
 The weights are fitted to the model as timm fits its own: a classifier of another class count is
 dropped (the new head stays random), a first conv is adapted 3 -> 1 or 1 -> 3 channels
@@ -88,9 +83,8 @@ class WeightsSource:
 
 
 def resolve_weights_source(cfg: ModelConfig) -> WeightsSource | None:
-    """Check what `model.weights`/`model.weights_file` name exists (cheap: called before a run starts).
-
-    Relative paths are relative to the working folder, as `data.root` is."""
+    """Check what `model.weights`/`model.weights_file` name exists (cheap: called before a run starts);
+    relative paths start in the working folder, as `data.root` does."""
     if cfg.weights is not None and cfg.weights_file is not None:  # config.py refuses this too
         raise ModelError("model.weights and model.weights_file both set the starting weights; use one")
     if cfg.weights == TIMM:
@@ -122,9 +116,8 @@ def resolve_weights_source(cfg: ModelConfig) -> WeightsSource | None:
 
 def load_initial_weights(model: torch.nn.Module, cfg: ModelConfig, num_classes: int,
                          in_chans: int) -> WeightsReport | None:
-    """Load the starting weights `cfg` names into `model` (built for `num_classes`, `in_chans`).
-
-    Returns None when there are none to load (random initialisation)."""
+    """Load the starting weights `cfg` names into `model` (built for `num_classes`, `in_chans`);
+    None when there are none to load (random initialisation)."""
     source = resolve_weights_source(cfg)
     if source is None:
         return None
@@ -150,8 +143,8 @@ def read_state_dict(path: Path, key: str = "model.weights_file") -> tuple[dict[s
     state_dict = _unwrap(checkpoint)
     tensors = {k: v for k, v in clean_state_dict(state_dict).items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        found = ", ".join(map(str, list(checkpoint)[:SHOWN])) if isinstance(checkpoint,
-                                                                            dict) else type(checkpoint).__name__
+        found = (", ".join(map(str, list(checkpoint)[:SHOWN])) if isinstance(checkpoint, dict)
+                 else type(checkpoint).__name__)
         raise ModelError(f"{key}: {path} holds no weights (no tensors under the keys {', '.join(CONTAINER_KEYS)} "
                          f"or at the top level; found: {found})")
     return tensors, metadata
@@ -214,8 +207,7 @@ def _belongs(key: str, modules: Sequence[str]) -> bool:
 
 
 def load_state_dict_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str,
-                         model_name: str, key: str = "model.weights",
-                         trained_as: str | None = None) -> WeightsReport:
+                         model_name: str, key: str = "model.weights", trained_as: str | None = None) -> WeightsReport:
     """Fit `state_dict` to `model` (head, input channels) and load it; refuse another architecture."""
     target = model.state_dict()
     classifiers, first_convs = _layer_names(model, "classifier"), _layer_names(model, "first_conv")
@@ -292,11 +284,8 @@ def _hub_file(pretrained_cfg: dict[str, Any]) -> tuple[str | None, str | None, l
     repo, _, revision = hub_id.partition("@")
     names = [pretrained_cfg["hf_hub_filename"]] if pretrained_cfg.get("hf_hub_filename") else \
         ["model.safetensors", "pytorch_model.bin"]  # timm's safe alternative first
-    for filename in names:
-        cached = try_to_load_from_cache(repo, filename, revision=revision or None)
-        if isinstance(cached, str):
-            return repo, cached, names
-    return repo, None, names
+    cached = (try_to_load_from_cache(repo, filename, revision=revision or None) for filename in names)
+    return repo, next((path for path in cached if isinstance(path, str)), None), names
 
 
 def _load_timm(model: torch.nn.Module, cfg: ModelConfig, num_classes: int, in_chans: int) -> WeightsReport:
@@ -345,8 +334,7 @@ def _load_timm(model: torch.nn.Module, cfg: ModelConfig, num_classes: int, in_ch
 
 def _not_cached_message(name: str, repo: str, names: list[str], why: str) -> str:
     from huggingface_hub import constants
-    cache = Path(constants.HF_HUB_CACHE)
-    folder = cache / ("models--" + repo.replace("/", "--"))
+    folder = Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))
     filename = names[0] if names else "model.safetensors"
     return (f"model.weights: timm's weights for {name} are not in the Hugging Face cache and cannot be "
             f"downloaded ({why}). timm wants {filename} of the hub repo {repo}. Put it in the cache at "
