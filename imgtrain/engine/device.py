@@ -36,21 +36,24 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
-def select_precision(amp: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None for fp32, whether a GradScaler is needed)."""
+def select_precision(amp: str, device: torch.device,
+                     fast_bf16: bool | None = None) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, whether a GradScaler is needed). `fast_bf16`: whether the device
+    runs bf16 natively (CUDA: Ampere and later; CPU: AMX or AVX512-BF16); None: ask the hardware."""
     if amp == "off":
         return None, False
     if amp == "bf16":
         return torch.bfloat16, False
     if amp == "fp16":
         return torch.float16, True  # fp16 gradients underflow without loss scaling
+    if fast_bf16 is None:
+        fast_bf16 = (torch.cuda.is_bf16_supported(including_emulation=False) if device.type == "cuda"
+                     else device.type == "cpu" and cpu_has_fast_bf16())
+    if fast_bf16:
+        return torch.bfloat16, False  # needs no scaler
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported(including_emulation=False):
-            return torch.bfloat16, False  # Ampere and later: bf16 needs no scaler
-        return torch.float16, True
-    if device.type == "cpu" and cpu_has_fast_bf16():
-        return torch.bfloat16, False
-    return None, False
+        return torch.float16, True  # pre-Ampere
+    return None, False  # bf16 emulated on a CPU is several times slower than fp32
 
 
 def configure_backends(device: torch.device, deterministic: bool, threads: int | None) -> None:
