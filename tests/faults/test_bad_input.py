@@ -93,11 +93,11 @@ def outcomes(tmp_path_factory):
     return results
 
 
-def _check(name, outcomes, faults, names_problem: str | None = None):
+def _check(name, outcomes, faults, names_problem: str | None = None, known: str = ""):
     code, err, named = outcomes[name]
     clear = code == EXIT_BAD_INPUT and TRACEBACK not in err and (names_problem or named) in err
-    faults.add(name, survived=clear, lost=False,
-               note="hung" if code is None else "" if clear else f"exit {code}")
+    seen = f"hung, killed after {RECIPE_TIMEOUT} s" if code is None else f"exit {code}"
+    faults.add(name, survived=clear, lost=False, note="" if clear else f"{seen}{': ' + known if known else ''} (xfail)")
     assert code is not None, f"hang: {err}"
     assert code == EXIT_BAD_INPUT, err[-3000:]
     assert TRACEBACK not in err
@@ -120,7 +120,7 @@ def test_bad_image_advice_names_a_real_command(outcomes):
     "that leaves data.image_root (../../secret/b/0.png) and trains on it without a word; only an unreadable "
     "target (/etc/passwd is not an image) stops the run"))
 def test_manifest_path_escaping_to_a_readable_image(outcomes, faults):
-    _check("CSV path escaping its root to a readable image", outcomes, faults)
+    _check("CSV path escaping its root to a readable image", outcomes, faults, known="trained on it")
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -128,7 +128,8 @@ def test_manifest_path_escaping_to_a_readable_image(outcomes, faults):
     "a symlink a/up -> .. is followed ~40 levels deep (until ELOOP), 12 images become ~490, the images of "
     "class b under a/up/b/ are labelled a and copies fall into train, val and test; exit 0, no warning"))
 def test_symlink_loop_in_an_image_folder(outcomes, faults):
-    _check("symlink loop in an image folder", outcomes, faults)
+    _check("symlink loop in an image folder", outcomes, faults,
+           known="followed ~40 levels, images copied and mislabelled")
 
 
 def test_extends_cycle(outcomes, faults):
