@@ -9,7 +9,7 @@ every 50 steps, none, ...) and each side reports its median, so a noisy neighbou
 
     python benchmarks/checkpoint_cost.py [--images 10000] [--epochs 2] [--repeats 3] [--every 50]
 
-About 3 minutes on 2 CPU cores.
+About 4 minutes of 2 CPU cores (480 s of CPU in all; 6 minutes when they were shared with another job).
 
 Goal (issue 13): images/s with a state every 50 steps at 0.95 or more of the images/s without.
 """
