@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import reprlib
 import types
 import typing
 from typing import Annotated, Any, Literal, NoReturn
@@ -28,6 +29,17 @@ class RecipeError(ValueError):
         where = [f"{file}, line {line}" if file and line else file, key]
         super().__init__("".join(f"{part}: " for part in where if part) + message)
 
+
+
+_REPR = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 6, 6, 80, 80
+
+
+def short_repr(value: Any) -> str:
+    """A rejected value as a message shows it: nested and long values are cut (`[1, 2, ...]`), so a value
+    from a YAML bomb (aliases nested to billions of items) is described in microseconds, not forever."""
+    text = _REPR.repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 def fail(key: str, message: str) -> NoReturn:
     """A check between keys of one section failed at `key` (of that section); `recipe_error` adds where."""
@@ -117,7 +129,7 @@ def recipe_error(exc: ValidationError, root: type, data: dict[str, Any], file: s
             keys = ", ".join(f.name for f in dataclasses.fields(sections[0]) if f.name not in INTERNAL)
             off = ", or null (off)" if type(None) in leaves(annotation) else ""
             return RecipeError(f"expected a mapping of its keys ({keys}), e.g. {{}} for the defaults{off}; got "
-                               f"{value!r}", **where(key, file, origins))
+                               f"{short_repr(value)}", **where(key, file, origins))
         return RecipeError(f"expected a mapping of keys, got {type(value).__name__}", **where(key, file, origins))
     same = [e for e in errors if e["loc"][:len(path)] == first["loc"][:len(path)]]
     ranged = next((e for e in same if e["type"] in _RANGES), None)
@@ -130,8 +142,9 @@ def recipe_error(exc: ValidationError, root: type, data: dict[str, Any], file: s
         choices = [str(arg) for arg in _literal_args(annotation)]
         close = difflib.get_close_matches(str(first["input"]), choices, n=1)
         hint = f", did you mean {close[0]}?" if close else ""
-        return RecipeError(f"{first['input']!r} is not one of {', '.join(choices)}{hint}", **where(key, file, origins))
-    return RecipeError(f"expected {_type_name(annotation)}, got {value!r}{number_hint(value)}",
+        return RecipeError(f"{short_repr(first['input'])} is not one of {', '.join(choices)}{hint}",
+                           **where(key, file, origins))
+    return RecipeError(f"expected {_type_name(annotation)}, got {short_repr(value)}{number_hint(value)}",
                        **where(key, file, origins))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import os
 import re
 import statistics
 from collections.abc import Callable, Mapping, Sequence
@@ -264,6 +265,12 @@ def _csv(cfg: DataConfig) -> DataSplits:
     base = Path(cfg.image_root) if cfg.image_root else manifest.parent
     native: dict[str, tuple[list[str], list[str]]] = {}
     missing = []
+    escaping = [f"line {line}: {rel}" for line, rel, _, _ in rows if not Path(rel).is_absolute()
+                and not Path(os.path.normpath(base / rel)).is_relative_to(os.path.normpath(base))]
+    if escaping:  # a manifest from elsewhere must not read files outside its folder by `..`
+        raise DataError(f"{manifest}: {len(escaping)} relative path(s) leave {base} through '..':\n"
+                        f"{format_list(escaping)}\nWrite them inside it (or set data.image_root to a folder that "
+                        "holds them); an absolute path is taken as written")
     for line, rel, label, split in rows:
         path = Path(rel) if Path(rel).is_absolute() else base / rel
         if not path.is_file():

@@ -89,9 +89,20 @@ def list_class_images(folder: PathLike) -> dict[str, list[str]]:
     folder = Path(folder)
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     out: dict[str, list[str]] = {}
+    root = Path(os.path.realpath(folder))
     for name in classes:
         files: list[str] = []
+        top = Path(os.path.realpath(folder / name))
+        seen: dict[Path, str] = {}  # real path of each folder read -> the path it was read under
         for dirpath, dirnames, filenames in os.walk(folder / name, followlinks=True):
+            real = Path(os.path.realpath(dirpath))
+            if real in seen or (real != top and top.is_relative_to(real)):
+                where = f"{seen[real]}, a folder already read" if real in seen else f"{real}, a folder that holds it"
+                raise DataError(f"{dirpath}: a symbolic link leads back to {where}: a link loop; remove the link")
+            if real.is_relative_to(root) and not real.is_relative_to(top):
+                raise DataError(f"{dirpath}: a symbolic link leads into another class folder ({real}): its images "
+                                f"would be labelled {name}; remove the link")
+            seen[real] = dirpath
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file(f))
         out[name] = sorted(files)

@@ -20,6 +20,7 @@ leaves the previous checkpoint whole. Two training states are kept, so a damaged
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -34,7 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 
 METADATA_KEY = "imgtrain"
 
@@ -62,28 +64,39 @@ def _file_mode() -> int:
 FILE_MODE = _file_mode()  # what open() gives a new file (0644 under the usual umask); mkstemp gives 0600
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call write(tmp_path), fsync, then rename over `path`. A failed or interrupted write removes its
-    temporary file and leaves the old `path` whole; an OSError (disk full, read-only folder) is a
-    CheckpointSaveError that says so."""
-    tmp: str | None = None
+def _new_file(folder: Path, name: str, data: bytes) -> Path:
+    """`data` in a new temporary file of `folder`, flushed to disk, with the usual file mode; returns its path.
+    (A run folder deleted under a running job is caught by the Trainer before anything writes into it.)"""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        write(tmp)
-        with open(tmp, "rb") as handle:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            kept = f"the previous {path.name} is intact" if path.is_file() else f"no earlier {path.name} exists"
-            raise CheckpointSaveError(f"could not write {path}: {exc.strerror or exc}; {kept}. Training stops "
-                                      "here rather than go on without a checkpoint.") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)  # a failed or interrupted write leaves no temporary file
         raise
+    return Path(tmp)
+
+
+def _save_failed(what: str, error: OSError, kept: Path | None) -> CheckpointSaveError:
+    return CheckpointSaveError(
+        f"could not save {what}: {error.strerror or error}. "
+        + (f"The previous one ({kept}) is intact. " if kept else "No earlier one exists. ")
+        + "Training stops here rather than go on without a checkpoint.")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, flush it, rename it over `path`: a failed or killed
+    write leaves the old `path` whole. An OSError (disk full, read-only or deleted folder) is a
+    CheckpointSaveError that says so. The data is serialised before anything is written, so a full disk
+    is always an OSError of the write, never an error inside a serialiser."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(_new_file(path.parent, path.name, data), path)
+    except OSError as exc:
+        raise _save_failed(str(path), exc, path if path.is_file() else None) from None
 
 
 def weights_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -102,7 +115,7 @@ def weights_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, Any]) -> None:
     tensors = weights_for_saving(model)
     meta = {METADATA_KEY: json.dumps(metadata, default=str)}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    _atomic_write(path, save_safetensors(tensors, metadata=meta))
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -170,29 +183,17 @@ def save_training_state(ckpt_dir: Path, state: dict[str, Any]) -> Path:
     `CheckpointSaveError` that says so."""
     ckpt_dir = Path(ckpt_dir)
     last, previous = ckpt_dir / STATE_FILE, ckpt_dir / PREVIOUS_STATE_FILE
-    tmp: Path | None = None
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{STATE_FILE}.", suffix=".tmp", dir=ckpt_dir)
-        tmp = Path(name)
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, FILE_MODE)
+        tmp = _new_file(ckpt_dir, STATE_FILE, buffer.getvalue())
         if last.is_file():
             os.replace(last, previous)
         os.replace(tmp, last)
-    except BaseException as exc:
-        if tmp is not None:  # a failed or interrupted save leaves no temporary file behind
-            tmp.unlink(missing_ok=True)
-        if not isinstance(exc, OSError):
-            raise
+    except OSError as exc:
         kept = last if last.is_file() else previous if previous.is_file() else None
-        raise CheckpointSaveError(
-            f"could not save the training state in {ckpt_dir}: {exc.strerror or exc}. "
-            + (f"The previous state ({kept}) is intact. " if kept else "No earlier state exists. ")
-            + "Training stops here rather than go on without a checkpoint.") from None
+        raise _save_failed(f"the training state to {last}", exc, kept) from None
     return last
 
 
@@ -305,8 +306,7 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
 
 
 def write_run_info(run_dir: Path, info: dict[str, Any]) -> None:
-    text = json.dumps(info, indent=2) + "\n"
-    _atomic_write(Path(run_dir) / RUN_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    _atomic_write(Path(run_dir) / RUN_FILE, (json.dumps(info, indent=2) + "\n").encode())
 
 
 def has_training_state(run_dir: Path) -> bool:

@@ -148,6 +148,7 @@ class Trainer:
                     state.wall_seconds_before += row["epoch_seconds"] + row.pop("_val_seconds")
                     # hooks first, so a checkpoint holds their state after this epoch (a patience
                     # counter, a plot's record); a kill in between only loses this epoch
+                    self._check_run_dir()  # before the trackers write into it
                     self.hooks.fire("epoch_end", state)
                     state.epoch += 1
                     self._save_checkpoints(row)
@@ -264,9 +265,16 @@ class Trainer:
         if steps_due or minutes_due:
             self._save_mid_epoch(batches_done)
 
+    def _check_run_dir(self) -> None:
+        if self.run_dir is not None and not self.run_dir.is_dir():
+            raise checkpoint.CheckpointSaveError(
+                f"the run folder {self.run_dir} no longer exists (deleted while training?): nothing more can be "
+                "saved, so training stops here rather than write a partial run folder")
+
     def _save_mid_epoch(self, batches_done: int) -> None:
         state = self.state
         assert self.run_dir is not None and state.loss_sum is not None and state.correct_sum is not None
+        self._check_run_dir()
         position = {"epoch": state.epoch, "batches_done": batches_done, "images_seen": state.images_seen,
                     "loss_sum": state.loss_sum.detach().cpu(), "correct_sum": state.correct_sum.detach().cpu(),
                     "seconds": time.perf_counter() - state.epoch_start_time,

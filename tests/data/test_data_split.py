@@ -1,5 +1,7 @@
 """stratified_split_indices and split_folder: counts per class, seeds, safety."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -71,3 +73,24 @@ def test_stratified_subset_is_exact_stratified_and_matches_the_split():
     assert len(stratified_subset_indices(small, 11, seed=0)) == 11
     assert len(stratified_split_indices(small, [11 / 12], seed=0)[1]) == 10
     assert stratified_subset_indices(small, 50, seed=0).tolist() == list(range(12))
+
+
+def test_class_folders_follow_links_but_refuse_loops_and_links_into_another_class(tmp_path):
+    from PIL import Image
+
+    from imgtrain.data.split import list_class_images
+
+    root, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    for folder in (root / "a", root / "b", elsewhere):
+        folder.mkdir(parents=True)
+        Image.new("RGB", (4, 4)).save(folder / "0.png")
+    os.symlink(elsewhere, root / "a" / "more")  # a linked folder outside the data: followed
+    assert list_class_images(root) == {"a": [str(root / "a" / "0.png"), str(root / "a" / "more" / "0.png")],
+                                       "b": [str(root / "b" / "0.png")]}
+    os.symlink(root / "b", root / "a" / "bs")  # b's images would also be labelled a
+    with pytest.raises(DataError, match=r"a/bs: a symbolic link leads into another class folder"):
+        list_class_images(root)
+    (root / "a" / "bs").unlink()
+    os.symlink("..", root / "a" / "up")  # a/up/a/up/...: a loop
+    with pytest.raises(DataError, match=r"a/up: a symbolic link leads back to .*: a link loop"):
+        list_class_images(root)

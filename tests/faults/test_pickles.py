@@ -59,17 +59,8 @@ def offered(tmp_path_factory, stopped_run, reference):
 
 
 UNSAFE_ADVICE = ("weights_only=False", "`weights_only` set to `False`")
-WEIGHTS_MESSAGE_BUG = pytest.mark.xfail(strict=True, reason=(
-    "imgtrain/models/weights.py _torch_load_weights_only (~line 161): the pattern 'GLOBAL (\\S+) was not an "
-    "allowed global' does not match torch 2.14's 'Trying to load unsupported GLOBAL posix.mkdir whose module "
-    "posix is blocked', and _unpickler_detail strips torch's advice only after 'WeightsUnpickler error:', which "
-    "this text lacks: the refusal (code not run) says 'is not a readable PyTorch checkpoint' and quotes torch's "
-    "'Re-running `torch.load` with `weights_only` set to `False` will likely succeed'"))
-
-
-@pytest.mark.parametrize("where", [pytest.param("model.weights_file", marks=WEIGHTS_MESSAGE_BUG),
-                                   pytest.param("finetune", marks=WEIGHTS_MESSAGE_BUG),
-                                   "training state (last.state.pt)", "distillation teacher", "ensemble member"])
+@pytest.mark.parametrize("where", ["model.weights_file", "finetune", "training state (last.state.pt)",
+                                   "distillation teacher", "ensemble member"])
 def test_pickle_with_code_is_refused_unrun(where, offered, faults):
     marker, results = offered
     done = results[where]
@@ -78,7 +69,7 @@ def test_pickle_with_code_is_refused_unrun(where, offered, faults):
     clear = (done.returncode == EXIT_BAD_INPUT and bool(message) and TRACEBACK not in done.stderr
              and not any(advice in done.stderr for advice in UNSAFE_ADVICE))
     faults.add(f"pickle with code as {where}", survived=clear and not ran, lost=ran,
-               note="" if clear or ran else "refused unrun; message quotes torch's weights_only=False advice (xfail)")
+               note="" if clear or ran else "refused unrun; message quotes torch's weights_only=False advice")
     assert not ran, "the pickle's code ran"
     assert done.returncode == EXIT_BAD_INPUT, done.stderr[-3000:]
     assert message, done.stderr[-3000:]
