@@ -41,12 +41,21 @@ class TrainLogTracker(Hook):
 
     def __init__(self, run_dir: str | Path, filename: str = LOG_FILE):
         self.path = Path(run_dir) / filename
+        self._checked_end = False
 
     def log(self, message: str) -> None:
-        """Append `YYYY-MM-DD HH:MM:SS message` (one line per line of `message`)."""
+        """Append `YYYY-MM-DD HH:MM:SS message` (one line per line of `message`), in one write, so a
+        line is on disk whole or not at all."""
         stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
         text = "".join(f"{stamp} {line}\n" for line in str(message).splitlines() or [""])
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._checked_end:  # a log an older process left without its final newline: end that line
+            self._checked_end = True
+            if self.path.is_file() and self.path.stat().st_size:
+                with open(self.path, "rb") as f:
+                    f.seek(-1, 2)
+                    if f.read(1) != b"\n":
+                        text = "\n" + text
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(text)
 

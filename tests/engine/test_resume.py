@@ -5,7 +5,9 @@ faults with real processes are in tests/faults/.)"""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import stat
 
 import pytest
@@ -23,6 +25,7 @@ from imgtrain.engine.checkpoint import (
     load_training_state,
 )
 from imgtrain.engine.events import Hook
+from imgtrain.engine.preemption import StopSignals, TrainingPreempted
 from imgtrain.tracking import read_history
 
 TIMING = ("epoch_seconds", "images_per_second")
@@ -160,3 +163,46 @@ def test_resume_auto_starts_a_run_then_continues_it(stopped_run, tmp_path):
     # the recipe key does the same, and a finished run is then left alone
     again = train(recipe("train.checkpoint_every.steps=2", "train.auto_resume=true"), run_dir=run)
     assert rows(again.history) == rows(full.history)
+
+
+def test_a_resumed_run_starts_its_log_on_a_line_of_its_own(stopped_run, tmp_path):
+    base, _ = stopped_run
+    run = copy_of(base / "cut", tmp_path)
+    log = run / "train.log"
+    log.write_text(log.read_text() + "2026-01-01 00:00:00 a line cut short by a kill")  # no final newline
+    train(load_recipe(run / "config.yaml"), resume=run)
+    lines = log.read_text().splitlines()
+    assert lines[-1].split(" ", 2)[2].startswith("fit_end") and log.read_text().endswith("\n")
+    assert all(line.count(" fit_start ") <= 1 and not line.endswith("short by a kill2026") for line in lines)
+    assert any(line.endswith("a line cut short by a kill") for line in lines)  # kept, ended
+
+
+class SignalAt(Hook):
+    """Sends this process a signal at the start of a batch, as a scheduler or Ctrl-C would."""
+
+    name = "signal"
+
+    def __init__(self, epoch: int, batch: int, signum: int):
+        self.epoch, self.batch, self.signum = epoch, batch, signum
+
+    def batch_start(self, state):
+        if state.epoch == self.epoch and state.batch_index == self.batch:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 75)])
+def test_a_signal_saves_the_batch_under_way_and_stops(signum, code, stopped_run, tmp_path):
+    """Ctrl-C or SIGTERM at batch 3 of epoch 2: that batch's step is taken, a mid-epoch state is saved
+    (no train.checkpoint_every needed), the run stops with the signal's exit code and resumes exactly."""
+    _, full = stopped_run
+    run = tmp_path / "run"
+    with pytest.raises(TrainingPreempted) as stop:
+        train(recipe(), run_dir=run, hooks=[SignalAt(1, 3, signum)])
+    assert stop.value.exit_code == code and stop.value.batches_done == 4
+    saved = load_training_state(run / "checkpoints" / STATE_FILE)
+    assert saved["mid_epoch"]["batches_done"] == 4
+    assert f"stopped by {signal.Signals(signum).name} in epoch 2, after 4 batches" in (run / "train.log").read_text()
+    # the handler was the run's only while it trained
+    assert not isinstance(getattr(signal.getsignal(signum), "__self__", None), StopSignals)
+    resumed = train(load_recipe(run / "config.yaml"), resume=run)
+    assert rows(resumed.history) == rows(full.history)

@@ -35,9 +35,11 @@ TIMING = ("epoch_seconds", "images_per_second")
 # a state every 3 optimizer steps; the kill comes at batch 6 of epoch 2 (8 steps an epoch): the run
 # resumes from step 12, after batch 4 of epoch 2, and redoes batch 5
 MID_EPOCH = ("train.checkpoint_every.steps=3",)
-SAMPLERS = {
-    "balanced": ("data.sampler=balanced",),
-    "per_class": ("data.sampler=per_class", "data.images_per_class=4", "data.batch_size=32"),
+# the samplers, and strategy settings that change between epochs beyond ON's
+VARIANTS = {
+    "balanced sampler": ("data.sampler=balanced",),
+    "per_class sampler": ("data.sampler=per_class", "data.images_per_class=4", "data.batch_size=32"),
+    "gradual unfreezing": ("transfer.unfreeze_epochs=[1, 2]",),  # the kill lands in the epoch that unfreezes
 }
 
 
@@ -93,9 +95,9 @@ def test_a_strategy_killed_mid_epoch_and_resumed_gives_the_same_run(name, teache
     assert max(r["val_acc"] for r in resumed.history) > 0.2
 
 
-@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
-def test_every_sampler_killed_mid_epoch_resumes_to_the_same_run(sampler, tmp_path, interrupt_at):
-    full, resumed = killed_and_resumed(lambda: load_recipe("quickstart", [*BASE, *SAMPLERS[sampler], *MID_EPOCH]),
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_sampler_killed_mid_epoch_resumes_to_the_same_run(variant, tmp_path, interrupt_at):
+    full, resumed = killed_and_resumed(lambda: load_recipe("quickstart", [*BASE, *VARIANTS[variant], *MID_EPOCH]),
                                        tmp_path, interrupt_at)
     same_run(full, resumed)
 
