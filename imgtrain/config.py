@@ -510,6 +510,7 @@ class OutputConfig(_Section):
     save_last: Bool = Field(True, description="checkpoints/last.safetensors + last.state.pt (for --resume)")
     plots: Bool = Field(True, description="redraw plots/*.png every epoch")
     report: Bool = Field(True, description="redraw report.html every epoch (on a time budget; the last always)")
+    redraw: Literal["budget", "every_epoch"] = Field("budget", description="plots and report: budget: skip redraws costing over ~1% of the time (the last epoch always draws); every_epoch: always")
     progress: Literal["auto", "bar", "log", "off"] = Field("auto", description="auto: bar on a terminal")
 
     def _check(self) -> None:

@@ -20,7 +20,7 @@ class InterruptAt(Hook):
             raise KeyboardInterrupt
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # a class, not state: module-scoped fixtures may use it too
 def interrupt_at():
     """`train(recipe, hooks=[interrupt_at(epoch, batch)])`: that run stops there, as Ctrl-C would."""
     return InterruptAt

@@ -22,7 +22,7 @@ from imgtrain.engine.events import Hook
 from imgtrain.tracking.events_log import EVENTS_FILE, EventLogTracker
 from imgtrain.tracking.history import HISTORY_FILE, HistoryTracker, read_history, write_history
 from imgtrain.tracking.logfile import LOG_FILE, TrainLogTracker
-from imgtrain.tracking.plots import PLOTS_DIR, PlotTracker, plot_history
+from imgtrain.tracking.plots import PLOTS_DIR, REDRAW_BUDGET_FACTOR, PlotTracker, plot_history
 from imgtrain.tracking.progress import ProgressTracker, format_epoch_line
 from imgtrain.tracking.report import REPORT_FILE, ReportInputs, ReportTracker, rebuild_report
 from imgtrain.tracking.summary import SUMMARY_FILE, json_safe, read_summary, write_summary
@@ -45,9 +45,10 @@ def build_trackers(recipe: Recipe, run_dir: str | Path, console_stream: TextIO |
         trackers.append(ProgressTracker(recipe.output.progress, console_stream))
     trackers.append(HistoryTracker(run_dir))
     trackers.append(EventLogTracker(run_dir))
-    plots = PlotTracker(run_dir) if recipe.output.plots else None
+    budget = 0.0 if recipe.output.redraw == "every_epoch" else REDRAW_BUDGET_FACTOR
+    plots = PlotTracker(run_dir, redraw_budget_factor=budget) if recipe.output.plots else None
     if plots is not None:
         trackers.append(plots)
     if recipe.output.report:
-        trackers.append(ReportTracker(run_dir, report_inputs, plots=plots))
+        trackers.append(ReportTracker(run_dir, report_inputs, plots=plots, redraw_budget_factor=budget))
     return trackers

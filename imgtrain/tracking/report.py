@@ -319,7 +319,6 @@ class ReportTracker(BudgetedRedraw):
 
     def __init__(self, run_dir: str | Path, inputs: ReportInputs | None = None,
                  plots: PlotTracker | None = None, redraw_budget_factor: float | None = None):
-        # the module's REDRAW_BUDGET_FACTOR, read now: tests set it to 0 for a run
         super().__init__(REDRAW_BUDGET_FACTOR if redraw_budget_factor is None else redraw_budget_factor)
         self.run_dir = Path(run_dir)
         self.inputs = inputs

@@ -38,30 +38,17 @@ def recipe(*overrides: str):
                                       "train.threads=1", *overrides])
 
 
-class InterruptAt(Hook):
-    """Ctrl-C at the start of a batch (a KeyboardInterrupt, as without a signal handler)."""
-
-    name = "interrupt"
-
-    def __init__(self, epoch: int, batch: int):
-        self.epoch, self.batch = epoch, batch
-
-    def batch_start(self, state):
-        if state.epoch == self.epoch and state.batch_index == self.batch:
-            raise KeyboardInterrupt
-
-
 def rows(history):
     return [{k: v for k, v in row.items() if k not in TIMING} for row in history]
 
 
 @pytest.fixture(scope="module")
-def stopped_run(tmp_path_factory):
+def stopped_run(tmp_path_factory, interrupt_at):
     """A run stopped in epoch 2 (after batch 4, state every 2 steps), and the same run uninterrupted."""
     base = tmp_path_factory.mktemp("resume")
     full = train(recipe("train.checkpoint_every.steps=2"), run_dir=base / "full")
     with pytest.raises(KeyboardInterrupt):
-        train(recipe("train.checkpoint_every.steps=2"), run_dir=base / "cut", hooks=[InterruptAt(1, 4)])
+        train(recipe("train.checkpoint_every.steps=2"), run_dir=base / "cut", hooks=[interrupt_at(1, 4)])
     return base, full
 
 
@@ -152,11 +139,11 @@ def test_times_add_up_across_a_resume(stopped_run, tmp_path):
     assert resumed.summary["wall_seconds"] > before and resumed.summary["total_seconds"] > before
 
 
-def test_resume_auto_starts_a_run_then_continues_it(stopped_run, tmp_path):
+def test_resume_auto_starts_a_run_then_continues_it(stopped_run, tmp_path, interrupt_at):
     _, full = stopped_run
     run = tmp_path / "auto"
     with pytest.raises(KeyboardInterrupt):  # nothing there yet: a new run, at exactly that folder
-        train(recipe("train.checkpoint_every.steps=2"), run_dir=run, resume="auto", hooks=[InterruptAt(1, 4)])
+        train(recipe("train.checkpoint_every.steps=2"), run_dir=run, resume="auto", hooks=[interrupt_at(1, 4)])
     assert (run / "checkpoints" / STATE_FILE).is_file()
     resumed = train(recipe("train.checkpoint_every.steps=2"), run_dir=run, resume="auto")
     assert resumed.run_dir == run and rows(resumed.history) == rows(full.history)

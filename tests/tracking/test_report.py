@@ -17,6 +17,7 @@ from PIL import Image
 import imgtrain.tracking.report as report_module
 from imgtrain.api import load_recipe, train
 from imgtrain.cli import main
+from imgtrain.engine.events import Hook
 from imgtrain.tracking import REPORT_FILE, read_history, read_summary
 
 TINY = ["model.name=imgtrain_cnn_tiny", "train.threads=1", "train.epochs=3", "output.progress=off",
@@ -71,14 +72,8 @@ def parse(path: Path) -> Tables:
 @pytest.fixture(scope="module")
 def report_run(tmp_path_factory):
     """A 3-epoch run whose report is redrawn at every epoch end (no time budget)."""
-    original = report_module.REDRAW_BUDGET_FACTOR
-    report_module.REDRAW_BUDGET_FACTOR = 0
-    try:
-        run_dir = tmp_path_factory.mktemp("report") / "run"
-        result = train(load_recipe("quickstart", TINY), run_dir=run_dir)
-    finally:
-        report_module.REDRAW_BUDGET_FACTOR = original
-    return result
+    run_dir = tmp_path_factory.mktemp("report") / "run"
+    return train(load_recipe("quickstart", [*TINY, "output.redraw=every_epoch"]), run_dir=run_dir)
 
 
 def test_report_holds_the_runs_numbers(report_run):
@@ -124,22 +119,39 @@ def test_report_holds_the_runs_numbers(report_run):
     assert (run_dir / "plots" / "train_samples.png").is_file()
 
 
-def test_report_is_redrawn_live_during_training(tmp_path, monkeypatch):
-    """While training, each epoch end rewrites the page: it reloads itself and says which epoch."""
-    monkeypatch.setattr(report_module, "REDRAW_BUDGET_FACTOR", 0)
-    seen = []
+class PageReader(Hook):
+    """Reads report.html as the report left it: at each epoch start (the page of the epoch before) and at
+    fit_end (the last epoch's page; user hooks run before the trackers, so finish has not rewritten it)."""
 
-    original = report_module.ReportTracker.redraw
+    name = "page_reader"
 
-    def spy(self, state):
-        original(self, state)
-        page = parse(self.run_dir / REPORT_FILE)
-        seen.append((page.meta_refresh, len(page.tables["history-table"]) - 1))
+    def __init__(self, run_dir):
+        self.path, self.seen = run_dir / REPORT_FILE, []
 
-    monkeypatch.setattr(report_module.ReportTracker, "redraw", spy)
-    train(load_recipe("quickstart", TINY[:-1] + ["train.epochs=2", "output.plots=false"]), run_dir=tmp_path / "r")
-    assert seen == [(True, 1), (True, 2)]
+    def read(self):
+        if self.path.is_file():
+            page = parse(self.path)
+            self.seen.append((page.meta_refresh, len(page.tables["history-table"]) - 1))
+
+    def epoch_start(self, state):
+        self.read()
+
+    def fit_end(self, state):
+        self.read()
+
+
+def test_report_is_redrawn_live_during_training(tmp_path):
+    """While training, each epoch end rewrites the page (output.redraw every_epoch: even when epochs are
+    short): it reloads itself and says which epoch; the finished page stops reloading."""
+    reader = PageReader(tmp_path / "r")
+    short = [*TINY[:-1], "train.epochs=2", "output.plots=false"]
+    train(load_recipe("quickstart", [*short, "output.redraw=every_epoch"]), run_dir=tmp_path / "r", hooks=[reader])
+    assert reader.seen == [(True, 1), (True, 2)]
     assert not parse(tmp_path / "r" / REPORT_FILE).meta_refresh
+    # by default (a time budget) a run of a few seconds draws its page once, at the last epoch
+    default = PageReader(tmp_path / "d")
+    train(load_recipe("quickstart", short), run_dir=tmp_path / "d", hooks=[default])
+    assert default.seen == [(True, 2)]
 
 
 def test_report_rebuilds_from_the_run_folder(report_run, tmp_path, capsys):
