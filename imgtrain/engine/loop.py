@@ -6,12 +6,12 @@ well, are in engine/device.py). The Trainer knows no strategy, data source, mode
 it receives its pieces (`TrainParts`: model, loss function, parameter groups, per-epoch plans, a
 loader per batch size) and its hooks, which plug in through the events of engine/events.py, whose
 docstring shows this loop as pseudocode. This is the one place that calls backward() and step().
+What is saved when (epoch ends, mid-epoch states, a stop signal) is engine/saving.py's `RunSaver`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -25,7 +25,7 @@ from imgtrain.engine import checkpoint
 from imgtrain.engine.device import compile_model, configure_backends, select_device, select_precision
 from imgtrain.engine.events import HookList
 from imgtrain.engine.optim import build_optimizer, build_scheduler
-from imgtrain.engine.preemption import StopSignals, TrainingPreempted
+from imgtrain.engine.saving import RunSaver, StopNow, batches_from
 from imgtrain.engine.state import EpochPlan, SizedIterable, TrainState, run_summary
 from imgtrain.engine.validate import evaluate_batches
 
@@ -50,28 +50,6 @@ class TrainParts:
     logit_offset: torch.Tensor | None = None  # added to the logits at evaluation (post-hoc adjustment)
 
 
-class _StopNow(Exception):
-    """A stop signal arrived during validation: the epoch's training is saved, its validation is redone."""
-
-
-def batches_from(loader: Any, start: int) -> Iterable:
-    """The loader's batches from batch `start` on, drawn as an uninterrupted pass would draw them.
-
-    A loader with `batches_from` (data/loaders.py) skips at the sampler, without loading the skipped
-    images. Any other loader is read and the skipped batches dropped, under a saved and restored RNG,
-    so the augmentation of the batches that follow is drawn as it would have been."""
-    if start == 0:
-        return loader
-    if hasattr(loader, "batches_from"):
-        return loader.batches_from(start)
-    rng = checkpoint.capture_rng_state()
-    iterator = iter(loader)
-    for _ in itertools.islice(iterator, start):
-        pass
-    checkpoint.restore_rng_state(rng)
-    return iterator
-
-
 class Trainer:
     """run_dir None: no checkpoints (the LR finder and doctor train without a run folder).
     `run_id` names the run in its training states, so a resume never loads another run's."""
@@ -79,10 +57,7 @@ class Trainer:
     def __init__(self, recipe: Any, parts: TrainParts, hooks: HookList | None = None,
                  run_dir: Path | None = None, metadata: dict[str, Any] | None = None, run_id: str | None = None):
         cfg = recipe.train
-        self.run_id = run_id
-        self.signals: StopSignals | None = None  # set while fit runs with a run folder to save into
         self._resume_position: dict[str, Any] | None = None  # a mid-epoch state's place in its epoch
-        self._last_save = time.perf_counter()
         self.recipe, self.parts, self.hooks = recipe, parts, hooks or HookList()
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.metadata = dict(metadata or {})
@@ -114,9 +89,10 @@ class Trainer:
         self.logit_offset = parts.logit_offset.to(self.device) if parts.logit_offset is not None else None
         if parts.logit_offset is not None:  # evaluate/predict from a checkpoint add the same offset
             self.metadata["logit_offset"] = [float(v) for v in parts.logit_offset]
-        self.best_mode = recipe.output.best_mode
-        if self.best_mode == "auto":
-            self.best_mode = "min" if "loss" in recipe.output.best_metric else "max"
+        best_mode = recipe.output.best_mode
+        if best_mode == "auto":
+            best_mode = "min" if "loss" in recipe.output.best_metric else "max"
+        self.saver = RunSaver(recipe, self.run_dir, self.hooks, self.metadata, run_id, best_mode)
 
     # ------------------------------------------------------------------ public
 
@@ -126,34 +102,32 @@ class Trainer:
         state = self.state
         if resume_from is not None:
             self._resume(resume_from)
-        state.fit_started = self._last_save = time.perf_counter()
-        saving = self.run_dir is not None and self.recipe.output.save_last
-        self.signals = StopSignals() if saving else None
+        state.fit_started = time.perf_counter()
+        saver = self.saver
         self.hooks.fire("fit_start", state)
         try:
-            with self.signals or contextlib.nullcontext():
+            with saver.stop_signals() or contextlib.nullcontext():
                 while state.epoch < state.epochs and not state.stop_training:
-                    if self.signals is not None and self.signals.received:  # arrived at an epoch end: saved
-                        raise TrainingPreempted(self.signals.received, self._state_file(), state.epoch, 0)
+                    if saver.stop_requested:  # a signal while the last epoch ended: its checkpoint is saved
+                        raise saver.stopped_at_epoch_end(state)
                     self._train_epoch()
                     self.hooks.fire("before_eval", state)
                     try:
                         state.epoch_metrics.update(self._validate())
-                    except _StopNow:
-                        self._save_mid_epoch(self.epoch_batches[state.epoch])
-                        raise self._preempted(self.epoch_batches[state.epoch]) from None
+                    except StopNow:
+                        raise saver.stop_in_validation(state, self.epoch_batches[state.epoch]) from None
                     self.hooks.fire("eval_end", state)
                     row = {"epoch": state.epoch + 1, **state.epoch_metrics}
                     state.history.append(row)
                     state.wall_seconds_before += row["epoch_seconds"] + row.pop("_val_seconds")
                     # hooks first, so a checkpoint holds their state after this epoch (a patience
                     # counter, a plot's record); a kill in between only loses this epoch
-                    self._check_run_dir()  # before the trackers write into it
+                    saver.check_run_dir()  # before the trackers write into it
                     self.hooks.fire("epoch_end", state)
                     state.epoch += 1
-                    self._save_checkpoints(row)
+                    saver.epoch_end(state, row, self._saved_model())
         finally:
-            self.signals = None
+            saver.signals = None
             state.summary["wall_seconds"] = round(state.fit_seconds_before + time.perf_counter() - state.fit_started, 3)
         state.summary.update(self._summarise())
         self.hooks.fire("fit_end", state)
@@ -215,7 +189,7 @@ class Trainer:
                 self._replay(group, group_size)
                 group = []
                 self._optimizer_step()
-                self._checkpoint_inside_epoch(batch_index + 1, batches)
+                self.saver.after_step(state, batch_index + 1, batches)
                 if state.stop_training:  # a hook ends the run now (the LR finder's divergence)
                     break
         seconds = time.perf_counter() - state.epoch_start_time
@@ -248,53 +222,6 @@ class Trainer:
         state.epoch_start_time = time.perf_counter() - float(position["seconds"])
         state.resumed_batches = int(position["batches_done"])
         return state.resumed_batches
-
-    def _checkpoint_inside_epoch(self, batches_done: int, batches: int) -> None:
-        """After an optimizer step: save a mid-epoch state when train.checkpoint_every says so, or when a
-        stop signal arrived (then stop). The epoch's last step is left to the epoch-end checkpoint."""
-        if self.signals is None:
-            return
-        if self.signals.received:
-            self._save_mid_epoch(batches_done)
-            raise self._preempted(batches_done)
-        every = self.recipe.train.checkpoint_every
-        if batches_done >= batches or every is None:
-            return
-        steps_due = every.steps is not None and self.state.step % every.steps == 0
-        minutes_due = every.minutes is not None and time.perf_counter() - self._last_save >= every.minutes * 60
-        if steps_due or minutes_due:
-            self._save_mid_epoch(batches_done)
-
-    def _check_run_dir(self) -> None:
-        if self.run_dir is not None and not self.run_dir.is_dir():
-            raise checkpoint.CheckpointSaveError(
-                f"the run folder {self.run_dir} no longer exists (deleted while training?): nothing more can be "
-                "saved, so training stops here rather than write a partial run folder")
-
-    def _save_mid_epoch(self, batches_done: int) -> None:
-        state = self.state
-        assert self.run_dir is not None and state.loss_sum is not None and state.correct_sum is not None
-        self._check_run_dir()
-        position = {"epoch": state.epoch, "batches_done": batches_done, "images_seen": state.images_seen,
-                    "loss_sum": state.loss_sum.detach().cpu(), "correct_sum": state.correct_sum.detach().cpu(),
-                    "seconds": time.perf_counter() - state.epoch_start_time,
-                    "metrics": dict(state.epoch_metrics), "details": dict(state.epoch_details)}
-        saved = self._training_state(mid_epoch=position)
-        checkpoint.save_training_state(self.run_dir / "checkpoints", saved)
-        self._last_save = time.perf_counter()
-        state.note(f"saved a mid-epoch training state: epoch {state.epoch + 1}, {batches_done} batches done, "
-                   f"step {state.step}", "mid_epoch_checkpoint", epoch=state.epoch + 1, batches_done=batches_done,
-                   step=state.step)
-
-    def _preempted(self, batches_done: int) -> TrainingPreempted:
-        assert self.signals is not None and self.signals.received is not None
-        error = TrainingPreempted(self.signals.received, self._state_file(), self.state.epoch, batches_done)
-        self.state.note(f"{error}", "preempted", signal=error.signal_name, epoch=self.state.epoch + 1,
-                        batches_done=batches_done, step=self.state.step)
-        return error
-
-    def _state_file(self) -> Path | None:
-        return self.run_dir / "checkpoints" / checkpoint.STATE_FILE if self.run_dir is not None else None
 
     def _forward_backward(self, group_size: int) -> None:
         """The batch in state.inputs/targets through the model, the loss and backward: the one step."""
@@ -393,8 +320,8 @@ class Trainer:
 
     def _eval_batches(self, loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for inputs, targets in loader:
-            if self.signals is not None and self.signals.received:
-                raise _StopNow
+            if self.saver.stop_requested:
+                raise StopNow
             inputs = inputs.to(self.device, non_blocking=True)
             if self.parts.eval_batch_transform is not None:
                 inputs = self.parts.eval_batch_transform(inputs)
@@ -413,40 +340,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints and resume
 
-    def _is_better(self, value: float) -> bool:
-        best = self.state.best_value
-        if best is None or math.isnan(best):
-            return True
-        return value > best if self.best_mode == "max" else value < best
-
-    def _save_checkpoints(self, row: dict[str, Any]) -> None:
-        state, out = self.state, self.recipe.output
-        metric = out.best_metric if out.best_metric in row else "train_loss"
-        if metric != out.best_metric:
-            self.best_mode = "min"  # no val split: the best epoch is the one with the lowest train loss
-        value = float(row[metric])
-        is_best = not math.isnan(value) and self._is_better(value)
-        if is_best:
-            state.best_value, state.best_epoch = value, row["epoch"]
-        if self.run_dir is None:
-            return
-        ckpt_dir = self.run_dir / "checkpoints"
-        meta = dict(self.metadata, epoch=row["epoch"], metrics={k: v for k, v in row.items() if k != "epoch"})
-        if is_best and out.save_best:
-            checkpoint.save_weights(self._saved_model(), ckpt_dir / "best.safetensors", meta)
-        if out.save_last:
-            checkpoint.save_weights(self._saved_model(), ckpt_dir / "last.safetensors", meta)
-            checkpoint.save_training_state(ckpt_dir, self._training_state())
-            self._last_save = time.perf_counter()
-
     def _saved_model(self) -> torch.nn.Module:
         """The validated weights (an average's when there is one) without a torch.compile wrapper."""
         model = self.state.eval_model if self.state.eval_model is not None else self.model
         return getattr(model, "_orig_mod", model)
-
-    def _training_state(self, mid_epoch: dict[str, Any] | None = None) -> dict[str, Any]:
-        fit_seconds = self.state.fit_seconds_before + time.perf_counter() - self.state.fit_started
-        return checkpoint.training_state(self.state, self.best_mode, self.hooks, self.run_id, mid_epoch, fit_seconds)
 
     def _resume(self, source: Path | dict[str, Any]) -> None:
         saved = source if isinstance(source, dict) else checkpoint.load_training_state(Path(source))
@@ -457,7 +354,7 @@ class Trainer:
         if epoch > 0 and self.plans[epoch].schedule_segment != self.plans[0].schedule_segment:
             # built before the optimizer's lrs are restored, since building one sets them
             self.state.scheduler = self._build_scheduler(epoch)
-        self.best_mode = checkpoint.restore_training_state(self.state, saved, self.hooks)
+        self.saver.best_mode = checkpoint.restore_training_state(self.state, saved, self.hooks)
         self._resume_position = position
 
     def _summarise(self) -> dict[str, Any]:

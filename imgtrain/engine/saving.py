@@ -1,0 +1,156 @@
+"""When and what the Trainer saves: the checkpoints of each epoch end, mid-epoch training states
+(`train.checkpoint_every`), the state saved when a stop signal arrives, and where a resumed epoch starts.
+
+`RunSaver` holds the policy (the files themselves are engine/checkpoint.py's); the Trainer calls it at
+three points: after each optimizer step (`after_step`), at each epoch end (`epoch_end`) and when a
+signal interrupts validation (`stop_in_validation`). Only the Trainer's main loop stays in loop.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imgtrain.engine import checkpoint
+from imgtrain.engine.preemption import StopSignals, TrainingPreempted
+
+
+class StopNow(Exception):
+    """A stop signal arrived during validation: the epoch's training is saved, its validation is redone."""
+
+
+def batches_from(loader: Any, start: int) -> Iterable:
+    """The loader's batches from batch `start` on, drawn as an uninterrupted pass would draw them.
+
+    A loader with `batches_from` (data/samplers.py TrainLoader) skips at the sampler, without loading the
+    skipped images. Any other loader is read and the skipped batches dropped, under a saved and restored
+    RNG, so the augmentation of the batches that follow is drawn as it would have been."""
+    if start == 0:
+        return loader
+    if hasattr(loader, "batches_from"):
+        return loader.batches_from(start)
+    rng = checkpoint.capture_rng_state()
+    iterator = iter(loader)
+    for _ in itertools.islice(iterator, start):
+        pass
+    checkpoint.restore_rng_state(rng)
+    return iterator
+
+
+class RunSaver:
+    """The saving policy of one fit. run_dir None: nothing is saved (the LR finder, doctor)."""
+
+    def __init__(self, recipe: Any, run_dir: Path | None, hooks: Any, metadata: dict[str, Any],
+                 run_id: str | None, best_mode: str):
+        self.recipe, self.run_dir, self.hooks, self.metadata = recipe, run_dir, hooks, metadata
+        self.run_id, self.best_mode = run_id, best_mode
+        self.signals: StopSignals | None = None  # set while fit runs with a run folder to save into
+        self.last_save = time.perf_counter()
+
+    # ------------------------------------------------------------------ signals
+
+    def stop_signals(self) -> StopSignals | None:
+        """Handlers for SIGTERM/SIGINT while fit runs, when there is a run folder to save a state into."""
+        saving = self.run_dir is not None and self.recipe.output.save_last
+        self.signals = StopSignals() if saving else None
+        self.last_save = time.perf_counter()
+        return self.signals
+
+    @property
+    def stop_requested(self) -> str | None:
+        return self.signals.received if self.signals is not None else None
+
+    def stopped_at_epoch_end(self, state: Any) -> TrainingPreempted:
+        """A signal that arrived while an epoch ended: its checkpoint is already saved."""
+        assert self.stop_requested is not None
+        return TrainingPreempted(self.stop_requested, self.state_file, state.epoch, 0)
+
+    # ------------------------------------------------------------------ inside an epoch
+
+    def after_step(self, state: Any, batches_done: int, batches: int) -> None:
+        """After an optimizer step: save a mid-epoch state when train.checkpoint_every says so, or when a
+        stop signal arrived (then stop). The epoch's last step is left to the epoch-end checkpoint."""
+        if self.signals is None:
+            return
+        if self.signals.received:
+            self.save_mid_epoch(state, batches_done)
+            raise self.preempted(state, batches_done)
+        every = self.recipe.train.checkpoint_every
+        if batches_done >= batches:
+            return
+        steps_due = every.steps is not None and state.step % every.steps == 0
+        minutes_due = every.minutes is not None and time.perf_counter() - self.last_save >= every.minutes * 60
+        if steps_due or minutes_due:
+            self.save_mid_epoch(state, batches_done)
+
+    def stop_in_validation(self, state: Any, batches: int) -> TrainingPreempted:
+        """A signal during validation: the epoch's training is saved (all its batches) and validated again
+        on resume."""
+        self.save_mid_epoch(state, batches)
+        return self.preempted(state, batches)
+
+    def save_mid_epoch(self, state: Any, batches_done: int) -> None:
+        assert self.run_dir is not None and state.loss_sum is not None and state.correct_sum is not None
+        self.check_run_dir()
+        position = {"epoch": state.epoch, "batches_done": batches_done, "images_seen": state.images_seen,
+                    "loss_sum": state.loss_sum.detach().cpu(), "correct_sum": state.correct_sum.detach().cpu(),
+                    "seconds": time.perf_counter() - state.epoch_start_time,
+                    "metrics": dict(state.epoch_metrics), "details": dict(state.epoch_details)}
+        checkpoint.save_training_state(self.run_dir / "checkpoints", self.training_state(state, position))
+        self.last_save = time.perf_counter()
+        state.note(f"saved a mid-epoch training state: epoch {state.epoch + 1}, {batches_done} batches done, "
+                   f"step {state.step}", "mid_epoch_checkpoint", epoch=state.epoch + 1, batches_done=batches_done,
+                   step=state.step)
+
+    def preempted(self, state: Any, batches_done: int) -> TrainingPreempted:
+        assert self.stop_requested is not None
+        error = TrainingPreempted(self.stop_requested, self.state_file, state.epoch, batches_done)
+        state.note(f"{error}", "preempted", signal=error.signal_name, epoch=state.epoch + 1,
+                   batches_done=batches_done, step=state.step)
+        return error
+
+    @property
+    def state_file(self) -> Path | None:
+        return self.run_dir / "checkpoints" / checkpoint.STATE_FILE if self.run_dir is not None else None
+
+    def check_run_dir(self) -> None:
+        """Before anything writes into the run folder: it must still be there (never made again, partial)."""
+        if self.run_dir is not None and not self.run_dir.is_dir():
+            raise checkpoint.CheckpointSaveError(
+                f"the run folder {self.run_dir} no longer exists (deleted while training?): nothing more can be "
+                "saved, so training stops here rather than write a partial run folder")
+
+    # ------------------------------------------------------------------ epoch ends
+
+    def epoch_end(self, state: Any, row: dict[str, Any], model: torch.nn.Module) -> None:
+        """The best (by output.best_metric) and last weights, and the training state, after an epoch."""
+        out = self.recipe.output
+        metric = out.best_metric if out.best_metric in row else "train_loss"
+        if metric != out.best_metric:
+            self.best_mode = "min"  # no val split: the best epoch is the one with the lowest train loss
+        value = float(row[metric])
+        best = state.best_value
+        better = best is None or math.isnan(best) or (value > best if self.best_mode == "max" else value < best)
+        is_best = not math.isnan(value) and better
+        if is_best:
+            state.best_value, state.best_epoch = value, row["epoch"]
+        if self.run_dir is None:
+            return
+        ckpt_dir = self.run_dir / "checkpoints"
+        meta = dict(self.metadata, epoch=row["epoch"], metrics={k: v for k, v in row.items() if k != "epoch"})
+        if is_best and out.save_best:
+            checkpoint.save_weights(model, ckpt_dir / "best.safetensors", meta)
+        if out.save_last:
+            checkpoint.save_weights(model, ckpt_dir / "last.safetensors", meta)
+            checkpoint.save_training_state(ckpt_dir, self.training_state(state))
+            self.last_save = time.perf_counter()
+
+    def training_state(self, state: Any, mid_epoch: dict[str, Any] | None = None) -> dict[str, Any]:
+        fit_seconds = state.fit_seconds_before + time.perf_counter() - state.fit_started
+        return checkpoint.training_state(state, self.best_mode, self.hooks, self.run_id, mid_epoch, fit_seconds)
