@@ -1,0 +1,119 @@
+"""Several processes, one run: who this process is, the process group, and evaluation shards.
+
+Built on torch.distributed as torchrun launches it (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+MASTER_PORT in the environment): nccl on CUDA, gloo on CPU. With no process group and no torchrun
+variables everything here answers for one process (rank 0 of 1), so single-process code paths
+need no special case.
+
+Evaluation shards its images with `ShardedEvalSampler`, not torch's `DistributedSampler`: the latter
+pads the last shard by repeating images so that every rank gets the same count, and the repeated
+images are then counted twice in the loss, the accuracy and the confusion matrix.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+
+def is_distributed() -> bool:
+    """True when a process group is initialized with more than one process: collectives are needed."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_info() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) of this process.
+
+    From the initialized process group when there is one (the local rank from LOCAL_RANK, else the
+    rank: a single-node launcher that sets no LOCAL_RANK); before initialization from torchrun's
+    RANK, WORLD_SIZE and LOCAL_RANK; (0, 1, 0) for a plain single process."""
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
+        return rank, dist.get_world_size(), dist.get_node_local_rank(fallback_rank=rank)
+    if "WORLD_SIZE" in os.environ:
+        rank = int(os.environ.get("RANK", "0"))
+        return rank, int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and in a single process): the one process that writes the run folder."""
+    return world_info()[0] == 0
+
+
+def init_distributed(device: torch.device, timeout_seconds: float) -> torch.device:
+    """Join the process group torchrun described in the environment; return the device this rank uses.
+
+    A no-op returning `device` when WORLD_SIZE is unset or 1; a group that already exists is kept. On
+    CUDA the backend is nccl and LOCAL_RANK selects the GPU (`torch.cuda.set_device`, and the group is
+    bound to it; an index in `device` is overridden: each rank takes its own GPU); elsewhere gloo.
+    `timeout_seconds` bounds every collective: when a rank fails or stops answering, the others raise
+    after that long instead of waiting for ever, so the job ends (torchrun then stops the remaining
+    workers) rather than hangs. On nccl the timeout is enforced by the
+    watchdog's asynchronous error handling, which recent torch enables by default
+    (TORCH_NCCL_ASYNC_ERROR_HANDLING)."""
+    _, world_size, local_rank = world_info()
+    if world_size <= 1:
+        return device
+    if not dist.is_available():
+        raise RuntimeError(f"WORLD_SIZE is {world_size} but this build of torch has no torch.distributed; "
+                           "run one process, or install a torch build with distributed support")
+    if timeout_seconds <= 0:
+        raise ValueError(f"timeout_seconds must be positive, not {timeout_seconds}")
+    rank_device = device
+    if device.type == "cuda":
+        available = torch.cuda.device_count()
+        if local_rank >= available:
+            raise RuntimeError(f"LOCAL_RANK is {local_rank} but this machine has {available} CUDA GPU(s): start at "
+                               f"most {available} process(es) per machine (torchrun --nproc-per-node)")
+        # every rank on a machine sees all its GPUs; LOCAL_RANK picks this rank's one. Set before the group
+        # exists, so that nccl's communicator and every later default-device allocation land on it.
+        rank_device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(rank_device)
+    if dist.is_initialized():
+        return rank_device
+    timeout = datetime.timedelta(seconds=timeout_seconds)  # also bounds the rendezvous (env:// store)
+    if rank_device.type == "cuda":
+        # device_id binds the group to this GPU (nccl starts its communicator now, not at the first collective)
+        dist.init_process_group(backend="nccl", init_method="env://", timeout=timeout, device_id=rank_device)
+    else:
+        dist.init_process_group(backend="gloo", init_method="env://", timeout=timeout)
+    return rank_device
+
+
+class ShardedEvalSampler(Sampler[int]):
+    """Rank `rank`'s contiguous share of `range(length)` for evaluation, with no padding.
+
+    Rank r gets indices [length*r // world_size, length*(r+1) // world_size): the shards cover every
+    index exactly once, in order, and their sizes differ by at most one (a rank may get none when
+    length < world_size). Use it for validation and test, never for training: torch's
+    `DistributedSampler` pads the shards to equal size by repeating images (or drops some with
+    drop_last), so the padded images are counted twice and the metrics no longer match one process.
+    Summing counts across ranks (as `evaluate_batches` does) needs no equal shard sizes.
+
+    `offset` is the first dataset index of this rank's shard: an index within the shard plus `offset`
+    is the index in the whole evaluation set (`evaluate_batches(index_offset=...)`)."""
+
+    def __init__(self, length: int, rank: int, world_size: int):
+        if length < 0:
+            raise ValueError(f"length must be 0 or more, not {length}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size) and world_size at least 1, not rank {rank} "
+                             f"of {world_size}")
+        self.length, self.rank, self.world_size = length, rank, world_size
+        self.offset = length * rank // world_size
+        self.end = length * (rank + 1) // world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.offset, self.end))
+
+    def __len__(self) -> int:
+        return self.end - self.offset
+
+
+__all__ = ["ShardedEvalSampler", "init_distributed", "is_distributed", "is_main_process", "world_info"]
