@@ -12,18 +12,20 @@ import csv
 import dataclasses
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from imgtrain.config import Recipe, RecipeError, dump_recipe, load_recipe
 from imgtrain.data import build_splits
-from imgtrain.data.loaders import with_batch_size
+from imgtrain.data.loaders import Loaders, with_batch_size
 from imgtrain.data.prepare import PreparedData, seed_everything
 from imgtrain.data.prepare import prepare_data as prepare_plain_data
+from imgtrain.data.samplers import RankShareSampler, loader_with_sampling
 from imgtrain.engine.checkpoint import (
     has_training_state,
     load_resumable_state,
@@ -33,6 +35,13 @@ from imgtrain.engine.checkpoint import (
     write_run_info,
 )
 from imgtrain.engine.device import select_device
+from imgtrain.engine.distributed import (
+    DEFAULT_TIMEOUT_SECONDS,
+    ShardedEvalSampler,
+    barrier,
+    init_distributed,
+    world_info,
+)
 from imgtrain.engine.events import Hook, HookList
 from imgtrain.engine.loop import Trainer, TrainParts
 from imgtrain.engine.optim import peak_lr
@@ -109,8 +118,16 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
     than it was planned with (then they are added as a new schedule segment). `resume="auto"` (or
     `train.auto_resume: true`) resumes the recipe's run folder when it holds a training state and starts
     it otherwise. `hooks` (your `imgtrain.Hook`s) run on every event of the loop, after the recipe's
-    strategies and before the trackers."""
+    strategies and before the trackers.
+
+    Started by torchrun (WORLD_SIZE > 1), every process calls this: each trains on its share of every
+    epoch under DDP, and only rank 0 writes the run folder (README: "Several GPUs or machines")."""
     started = time.perf_counter()
+    rank, world_size, _ = world_info()
+    main = rank == 0
+    if world_size > 1:
+        check_distributed_recipe(recipe, world_size)  # what this slice of DDP does not support yet, refused
+        init_distributed(select_device(recipe.train.device), DEFAULT_TIMEOUT_SECONDS)
     if resume == "auto" or (resume is None and recipe.train.auto_resume):
         run_dir = auto_run_dir(recipe, run_dir)
         resume = run_dir if has_training_state(run_dir) else None
@@ -143,6 +160,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
                               img_size=recipe.augment.img_size or splits.native_size, device=device, splits=splits)
     context.plans = plan_segments(recipe, context, run_info["segments"])
     prepared = prepare_data(recipe, splits, device)
+    if world_size > 1:
+        prepared = dataclasses.replace(prepared, loaders=shard_loaders(prepared.loaders, rank, world_size))
     context.loaders, context.mean, context.std = prepared.loaders, prepared.mean, prepared.std
     context.notes = prepared.notes
     model = create_model(recipe.model, num_classes=len(splits.classes), in_chans=splits.channels)
@@ -167,15 +186,19 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
         "img_size": prepared.eval_size, "mean": list(prepared.mean), "std": list(prepared.std),
         "crop_pct": recipe.augment.crop_pct, "recipe": recipe.to_dict(),
     }
-    if resume_file is None:
-        make_run_dir(run_dir)
-    dump_recipe(recipe, run_dir / "config.yaml")  # a resume may have extended train.epochs
-    write_run_info(run_dir, run_info)
+    # every rank has planned the run folder from the same files: only now may rank 0 change them
+    barrier()
+    if main:
+        if resume_file is None:
+            make_run_dir(run_dir)
+        dump_recipe(recipe, run_dir / "config.yaml")  # a resume may have extended train.epochs
+        write_run_info(run_dir, run_info)
     loaders = context.loaders
     report_inputs = ReportInputs(val_dataset=loaders.val.dataset if loaders.val is not None else None,
                                  mean=prepared.mean, std=prepared.std,
                                  eval_batch_transform=prepared.eval_batch_transform)
-    trackers = build_trackers(recipe, run_dir, console_stream=console, report_inputs=report_inputs)
+    # rank 0 alone tracks (files, console, TensorBoard ...); the numbers are the same on every rank
+    trackers = build_trackers(recipe, run_dir, console_stream=console, report_inputs=report_inputs) if main else []
     trainer = Trainer(recipe, train_parts(recipe, model, prepared, context.plans),
                       HookList(strategies=[*strategies, *hooks], trackers=trackers), run_dir, metadata,
                       run_id=run_info["run_id"])
@@ -188,7 +211,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
         f"({count_parameters(model):,} parameters)")
     for line in weights_report.lines() if weights_report is not None else []:
         log(line)
-    for line in weights_report.changes() if weights_report is not None else []:
+    for line in weights_report.changes() if weights_report is not None and main else []:
         # on the console too: a new random head is why the first epochs' accuracy starts near chance
         print(f"imgtrain: {line}", file=console if console is not None else sys.stderr)
     for line in context.notes:
@@ -200,7 +223,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
     elif resume_file is not None and (run_dir / LR_FIND_CSV).is_file():  # for summary.json's lr_find
         lr_found = LrFindResult.read_csv(run_dir / LR_FIND_CSV, recipe.lr_find.steps, recipe.lr_find.start,
                                          recipe.lr_find.end)
-    if splits.skipped:
+    if splits.skipped and main:
         _write_skipped(run_dir, splits.skipped)
         log(f"skipped {len(splits.skipped)} unreadable image(s); listed in {run_dir / 'skipped_images.csv'}")
     try:
@@ -216,15 +239,65 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
     if lr_found is not None:
         summary["lr_find"] = lr_found.summary(recipe.lr_find.suggestion)
     if loaders.test is not None:
+        barrier()  # rank 0 has written best.safetensors: every rank tests the same weights
         summary.update(_test_best(trainer, loaders.test, run_dir))
     summary["run_dir"] = str(run_dir)
     # with the time of the processes before a resume (their fit; their start-up is not saved)
     summary["total_seconds"] = round(state.fit_seconds_before + time.perf_counter() - started, 3)
-    write_summary(run_dir, summary)
+    if main:
+        write_summary(run_dir, summary)
     for tracker in trackers:
         if isinstance(tracker, ReportTracker):
             tracker.finish(summary)  # the last draw: with the test numbers
     return TrainResult(run_dir=run_dir, history=state.history, summary=summary, model=trainer.model)
+
+
+def check_distributed_recipe(recipe: Recipe, world_size: int) -> None:
+    """Refuse what training under several processes does not support yet (issue 14 is built in slices):
+    a RecipeError naming the key, instead of a run whose ranks disagree or hang. What is supported: the
+    plain loop (any model, loss, schedule, precision, accumulation), data.sampler random, diagnostics
+    without nonfinite: skip. BatchNorm statistics stay per process (no SyncBatchNorm yet)."""
+    where = f"under {world_size} processes (torchrun / --nproc)"
+    for strategy in enabled_strategies(recipe):
+        # diagnostics reads the gradients (identical on every rank after the all-reduce) and stops on a
+        # non-finite loss (the failing rank ends the job); only its per-rank skip decision would diverge
+        if strategy.name == "diagnostics" and recipe.diagnostics.nonfinite != "skip":
+            continue
+        key = "diagnostics.nonfinite" if strategy.name == "diagnostics" else strategy.section
+        raise RecipeError(f"{strategy.name} ({strategy.section}.*) is not supported yet {where}: multi-process "
+                          f"training runs the plain loop only so far (issue 14). Turn it off, or train in one "
+                          "process", key=key)
+    if recipe.data.sampler != "random":
+        raise RecipeError(f"data.sampler {recipe.data.sampler} is not supported yet {where}: only random is "
+                          "sharded across ranks so far; use data.sampler=random, or train in one process",
+                          key="data.sampler")
+    if recipe.optim.lr == "find":
+        raise RecipeError(f"optim.lr: find is not supported yet {where}; run `imgtrain lr-find` in one process "
+                          "and set optim.lr to the number it suggests", key="optim.lr")
+
+
+def shard_loaders(loaders: Loaders, rank: int, world_size: int) -> Loaders:
+    """The loaders of one rank: its strided share of every epoch's shuffle (the same permutation on every
+    rank, data/samplers.py RankShareSampler) and its contiguous, unpadded share of val and test
+    (ShardedEvalSampler: every image counted once). data.batch_size stays per process."""
+    train = loaders.train
+    if train.batch_size is None:  # a batch sampler (per_class): refused by check_distributed_recipe
+        raise RecipeError("this train loader builds its own batches; it cannot be sharded", key="data.sampler")
+    images: Any = train.dataset  # a Dataset with __len__ (torch's Dataset type does not promise one)
+    share = RankShareSampler(len(images), rank, world_size, train.generator)
+    sharded_train = loader_with_sampling(train, batch_size=train.batch_size, sampler=share)
+
+    def sharded(loader: DataLoader | None) -> DataLoader | None:
+        if loader is None:
+            return None
+        workers, images = loader.num_workers, loader.dataset
+        assert isinstance(images, Sized), "the evaluation splits are map-style datasets of known length"
+        return DataLoader(images, batch_size=loader.batch_size,
+                          sampler=ShardedEvalSampler(len(images), rank, world_size), num_workers=workers,
+                          pin_memory=loader.pin_memory, prefetch_factor=loader.prefetch_factor if workers else None,
+                          persistent_workers=loader.persistent_workers)
+
+    return dataclasses.replace(loaders, train=sharded_train, val=sharded(loaders.val), test=sharded(loaders.test))
 
 
 def auto_run_dir(recipe: Recipe, run_dir: str | Path | None) -> Path:
@@ -432,4 +505,5 @@ def plan_lr_find_dir(recipe: Recipe, output: str | Path | None, overwrite: bool)
 
 __all__ = ["train", "TrainResult", "train_parts", "prepare_data", "PreparedData", "load_recipe", "prepare_run_dir",
            "plan_run_dir", "make_run_dir", "lr_find", "LrFindRun", "find_recipe_lr", "seed_everything",
-           "RunDirError", "load_trained", "LoadedModel", "resolve_checkpoint", "RecipeError", "RESUME_OVERRIDABLE"]
+           "RunDirError", "load_trained", "LoadedModel", "resolve_checkpoint", "RecipeError", "RESUME_OVERRIDABLE",
+           "check_distributed_recipe", "shard_loaders"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -60,9 +61,39 @@ def cmd_train(args: argparse.Namespace) -> int:
                           + (" (--resume auto needs the recipe: it resumes that recipe's run folder)"
                              if args.resume == "auto" else ""))
     recipe = load_recipe(recipe_arg, overrides)
+    if args.nproc is not None:
+        from imgtrain.api import check_distributed_recipe
+        if args.nproc < 1:
+            raise RecipeError(f"--nproc {args.nproc}: give 1 or more processes", file="command line")
+        if "WORLD_SIZE" in os.environ:
+            raise RecipeError("--nproc starts torchrun itself; under torchrun (WORLD_SIZE is set) leave it out",
+                              file="command line")
+        check_distributed_recipe(recipe, args.nproc)  # refused before any process starts
+        return launch_torchrun(args.nproc, args.argv)
     hooks = [load_hook(spec) for spec in args.hook]
-    _print_result(train(recipe, run_dir=args.run_dir, resume=args.resume, overwrite=args.overwrite, hooks=hooks))
+    result = train(recipe, run_dir=args.run_dir, resume=args.resume, overwrite=args.overwrite, hooks=hooks)
+    if int(os.environ.get("RANK", "0")) == 0:  # several processes: one "done" line, rank 0's
+        _print_result(result)
     return 0
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """`imgtrain train ... --nproc N`: the same command under torchrun with N processes on this machine
+    (a standalone rendezvous on a free port); returns torchrun's exit status (1 when a worker failed)."""
+    import subprocess
+
+    rest, skip = [], False
+    for word in argv:  # the same arguments without --nproc N / --nproc=N
+        if skip:
+            skip = False
+        elif word == "--nproc":
+            skip = True
+        elif not word.startswith("--nproc="):
+            rest.append(word)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", "imgtrain.cli", *rest]
+    print(f"imgtrain: starting {nproc} processes: {' '.join(command[1:])}", file=sys.stderr)
+    return subprocess.call(command)
 
 
 def check_same_recipe(recipe_arg: str | Path, run: Path, overrides: list[str]) -> None:
@@ -533,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hook", action="append", default=[], metavar="MODULE:CLASS",
                    help="your own imgtrain.Hook subclass, built without arguments (repeatable), "
                         "e.g. myhooks:WeightNorm")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train with N processes on this machine (DDP: starts torchrun; data.batch_size is per "
+                        "process)")
 
     p = command("finetune", cmd_finetune, "fine-tune from weights: a run folder, .safetensors file or timm")
     p.add_argument("weights", help="run folder, .safetensors file, a timm/torchvision .pth checkpoint, or 'timm'")
@@ -681,6 +715,7 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_arguments(parser, argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])  # train --nproc starts the same command again
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

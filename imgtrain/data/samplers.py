@@ -137,6 +137,35 @@ def loader_with_sampling(loader: DataLoader, dataset: Any = None, **sampling: An
     return made
 
 
+class RankShareSampler(Sampler[int]):
+    """Rank `rank`'s share of one epoch's shuffle, for training under several processes (DDP).
+
+    Every rank draws the same permutation of range(length) from the train generator (the trainer seeds
+    it alike on every rank, once per epoch) and takes every `world_size`-th position from `rank` on. The
+    permutation is first padded with its own start to a multiple of `world_size` (as torch's
+    `DistributedSampler` pads), so every rank gets the same number of images and batches: DDP needs every
+    rank to take the same optimizer steps. The shares interleave, so with per-rank batch B the ranks'
+    batches k together hold positions [k*B*W, (k+1)*B*W) of the permutation: the batch one process with
+    batch B*W draws (torch's RandomSampler draws the same `randperm` from the same generator). The order is
+    a pure function of the generator, so `TrainLoader.batches_from` resumes it inside an epoch."""
+
+    def __init__(self, length: int, rank: int, world_size: int, generator: torch.Generator | None):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size) and world_size at least 1, not rank {rank} "
+                             f"of {world_size}")
+        self.length, self.rank, self.world_size, self.generator = length, rank, world_size, generator
+
+    def __len__(self) -> int:
+        return -(-self.length // self.world_size)  # ceil: the padded share
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.length, generator=self.generator).tolist()
+        padded = len(self) * self.world_size
+        while len(order) < padded and order:  # repeat the start (more than once only when length < world)
+            order += order[:padded - len(order)]
+        return iter(order[self.rank:padded:self.world_size])
+
+
 class TrainLoader(DataLoader):
     """The train split's DataLoader: an epoch can start at any batch (`batches_from`: a mid-epoch resume)
     without loading the images before it, and draws exactly what a whole pass would from there on.
@@ -217,6 +246,7 @@ def _smallest_fitting(batch: int, classes: int) -> int:
 __all__ = [
     "ClassBalancedSampler",
     "PerClassBatchSampler",
+    "RankShareSampler",
     "SeededSamples",
     "SkippedBatches",
     "TrainLoader",

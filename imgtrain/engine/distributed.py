@@ -8,6 +8,10 @@ need no special case.
 Evaluation shards its images with `ShardedEvalSampler`, not torch's `DistributedSampler`: the latter
 pads the last shard by repeating images so that every rank gets the same count, and the repeated
 images are then counted twice in the loss, the accuracy and the confusion matrix.
+
+Training agrees on its decisions with `agree_any` (a flag any rank raised counts on every rank: a stop
+signal, a hook's stop_training, a time-based checkpoint), so every rank runs the same collectives and
+none waits for ever in one that the others skipped; `sum_across` adds a tensor up over the ranks.
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
+
+# how long a collective waits for a rank that does not answer (a crashed or stuck process) before it
+# raises: long enough for rank 0 to write a checkpoint or evaluate while the others wait, short
+# enough that a broken job ends within the hour instead of hanging until its allocation runs out
+DEFAULT_TIMEOUT_SECONDS = 1800.0
 
 
 def is_distributed() -> bool:
@@ -86,6 +95,39 @@ def init_distributed(device: torch.device, timeout_seconds: float) -> torch.devi
     return rank_device
 
 
+def _collective_device() -> torch.device:
+    """Where a collective's tensor must live: nccl reduces on this rank's GPU, gloo on the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree_any(*flags: bool) -> list[bool]:
+    """Each flag, True on every rank when it is True on any rank (one all_reduce of MAX); the flags as
+    given without a process group. Every rank must call it at the same point, with as many flags."""
+    if not is_distributed():
+        return list(flags)
+    votes = torch.tensor([int(flag) for flag in flags], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return [bool(vote) for vote in votes.tolist()]
+
+
+def sum_across(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor summed over every rank (a copy; the tensor as it is without a process group)."""
+    if not is_distributed():
+        return tensor
+    total = tensor.detach().clone().to(_collective_device())
+    dist.all_reduce(total)
+    return total.to(tensor.device)
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (nothing without a process group): e.g. before reading a file
+    rank 0 has just written."""
+    if is_distributed():
+        dist.barrier()
+
+
 class ShardedEvalSampler(Sampler[int]):
     """Rank `rank`'s contiguous share of `range(length)` for evaluation, with no padding.
 
@@ -116,4 +158,5 @@ class ShardedEvalSampler(Sampler[int]):
         return self.end - self.offset
 
 
-__all__ = ["ShardedEvalSampler", "init_distributed", "is_distributed", "is_main_process", "world_info"]
+__all__ = ["DEFAULT_TIMEOUT_SECONDS", "ShardedEvalSampler", "agree_any", "barrier", "init_distributed",
+           "is_distributed", "is_main_process", "sum_across", "world_info"]

@@ -1,12 +1,17 @@
 """The Trainer: one readable training loop, with the engineering concerns inline.
 
 Device placement, autocast and grad scaling, gradient accumulation, clipping, channels_last and
-torch.compile are all visible here (the choices behind them, such as which precision a device does
+torch.compile and DDP are all visible here (the choices behind them, such as which precision a device does
 well, are in engine/device.py). The Trainer knows no strategy, data source, model or loss by name:
 it receives its pieces (`TrainParts`: model, loss function, parameter groups, per-epoch plans, a
 loader per batch size) and its hooks, which plug in through the events of engine/events.py, whose
 docstring shows this loop as pseudocode. This is the one place that calls backward() and step().
 What is saved when (epoch ends, mid-epoch states, a stop signal) is engine/saving.py's `RunSaver`.
+
+Under a process group of several ranks (torchrun) the forward and backward passes run through
+DistributedDataParallel, which averages the gradients across ranks; the plain module stays what hooks,
+evaluation and checkpoints see. Every rank takes the same decisions: a hook's `stop_training` and a
+stop signal are agreed across ranks after each optimizer step and before each epoch (`agree_any`).
 """
 
 from __future__ import annotations
@@ -14,15 +19,18 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from imgtrain.engine import checkpoint
 from imgtrain.engine.device import compile_model, configure_backends, select_device, select_precision
+from imgtrain.engine.distributed import ShardedEvalSampler, agree_any, is_distributed, sum_across, world_info
 from imgtrain.engine.events import HookList
 from imgtrain.engine.optim import build_optimizer, build_scheduler
 from imgtrain.engine.saving import RunSaver, StopNow, batches_from
@@ -71,6 +79,20 @@ class Trainer:
         # compile wraps the module; checkpoints and hooks keep using the plain one
         sizes = len({plan.img_size for plan in self.plans})
         self.forward_model = compile_model(self.model, sizes) if cfg.compile else self.model
+        self.distributed = is_distributed()
+        # DDP only for the training passes: it broadcasts rank 0's weights and buffers now (identical initial
+        # weights on every rank) and all-reduces the gradients in backward. broadcast_buffers off: BatchNorm
+        # statistics stay per process (rank 0's are saved), and evaluation, whose shards differ in length,
+        # runs no collective per forward pass
+        self.train_model, self.ddp = self.forward_model, None
+        if self.distributed:
+            with warnings.catch_warnings():
+                # torch 2.14 renames broadcast_buffers (forward_sync_buffers); the old name works on every
+                # torch this package supports (>= 2.4), the new one does not
+                warnings.simplefilter("ignore", FutureWarning)
+                self.ddp = DistributedDataParallel(self.model, device_ids=[torch.cuda.current_device()]
+                                                   if self.device.type == "cuda" else None, broadcast_buffers=False)
+            self.train_model = compile_model(self.ddp, sizes) if cfg.compile else self.ddp
         self.train_loaders = {plan.batch_size: parts.loader_for(plan.batch_size) for plan in self.plans}
         self.epoch_batches = [min(len(self.train_loaders[p.batch_size]), cfg.max_steps_per_epoch or 2**62)
                               for p in self.plans]
@@ -107,7 +129,7 @@ class Trainer:
         self.hooks.fire("fit_start", state)
         try:
             with saver.stop_signals() or contextlib.nullcontext():
-                while state.epoch < state.epochs and not state.stop_training:
+                while state.epoch < state.epochs and not self._agreed_stop():
                     if saver.stop_requested:  # a signal while the last epoch ended: its checkpoint is saved
                         raise saver.stopped_at_epoch_end(state)
                     self._train_epoch()
@@ -189,18 +211,24 @@ class Trainer:
                 self._replay(group, group_size)
                 group = []
                 self._optimizer_step()
+                if self.distributed:  # a hook's stop on any rank stops every rank at this step
+                    (state.stop_training,) = agree_any(state.stop_training)
                 self.saver.after_step(state, batch_index + 1, batches)
                 if state.stop_training:  # a hook ends the run now (the LR finder's divergence)
                     break
         seconds = time.perf_counter() - state.epoch_start_time
-        seen = max(state.images_seen, 1)
+        loss_sum, correct_sum, images = state.loss_sum, state.correct_sum, state.images_seen
+        if self.distributed:  # the row is the whole job's: every rank's images
+            loss_sum, correct_sum = sum_across(loss_sum), sum_across(correct_sum)
+            images = int(sum_across(torch.tensor(images, dtype=torch.long)))
+        seen = max(images, 1)
         state.epoch_metrics.update({
-            "train_loss": state.loss_sum.item() / seen,
-            "train_acc": state.correct_sum.item() / seen,
+            "train_loss": loss_sum.item() / seen,
+            "train_acc": correct_sum.item() / seen,
             "lr": state.lr,
             "momentum": state.momentum,
             "epoch_seconds": round(seconds, 3),
-            "images_per_second": round(state.images_seen / max(seconds, 1e-9), 1),
+            "images_per_second": round(images / max(seconds, 1e-9), 1),
         })
 
     def _start_epoch_metrics(self, position: dict[str, Any] | None) -> int:
@@ -221,6 +249,12 @@ class Trainer:
         state.correct_sum = position["correct_sum"].to(self.device)
         state.epoch_start_time = time.perf_counter() - float(position["seconds"])
         state.resumed_batches = int(position["batches_done"])
+        if self.distributed and world_info()[0] != 0:
+            # a mid-epoch state holds the whole job's sums (RunSaver.save_mid_epoch): rank 0 carries them on,
+            # the others count from zero, so the epoch-end sum across ranks counts every image once
+            state.images_seen = 0
+            state.loss_sum = torch.zeros_like(state.loss_sum)
+            state.correct_sum = torch.zeros_like(state.correct_sum)
         return state.resumed_batches
 
     def _forward_backward(self, group_size: int) -> None:
@@ -228,8 +262,17 @@ class Trainer:
         state = self.state
         state.loss_parts = {}
         assert state.targets is not None, "set at batch_start, before the forward pass"
+        # DDP: accumulation passes that do not step keep their gradients local (no all-reduce); the group's
+        # last pass all-reduces the accumulated sum. no_sync must hold the forward pass as well
+        local = self.ddp is not None and not state.group_end
+        with self.ddp.no_sync() if self.ddp is not None and local else contextlib.nullcontext():
+            self._forward_backward_pass(group_size)
+
+    def _forward_backward_pass(self, group_size: int) -> None:
+        state = self.state
+        assert state.targets is not None, "set at batch_start, before the forward pass"
         with self._autocast():
-            state.outputs = self.forward_model(state.inputs)
+            state.outputs = self.train_model(state.inputs)
             self.hooks.fire("after_forward", state)
             state.loss = self.loss_fn(state.outputs, state.targets)
             # inside autocast and before the accumulation division: a hook that adds a term
@@ -312,15 +355,20 @@ class Trainer:
         """Loss, accuracy, per-class recall, confusion and worst images of `model` (default: the
         validated weights) on `loader` (engine/validate.py)."""
         model = model if model is not None else self.eval_model()
+        # several processes: each rank evaluates its shard; the offset places its images in the whole set
+        sampler = getattr(loader, "sampler", None)
+        offset = sampler.offset if isinstance(sampler, ShardedEvalSampler) else 0
         result = evaluate_batches(model, self._eval_batches(loader), self.parts.classes, self.device,
-                                  self._autocast, self.logit_offset)
+                                  self._autocast, self.logit_offset, index_offset=offset)
         if model is not self.forward_model or self.state.eval_model is not None:
             self.model.train()  # an averaged copy was evaluated: the trained model stays as it was
         return result
 
     def _eval_batches(self, loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for inputs, targets in loader:
-            if self.saver.stop_requested:
+            # several processes: no stop inside validation, whose collectives every rank must reach; the
+            # signal is agreed and honoured after it, at the epoch-end checkpoint (_agreed_stop)
+            if self.saver.stop_requested and not self.distributed:
                 raise StopNow
             inputs = inputs.to(self.device, non_blocking=True)
             if self.parts.eval_batch_transform is not None:
@@ -339,6 +387,13 @@ class Trainer:
                 "_val_seconds": result["seconds"]}
 
     # ------------------------------------------------------------------ checkpoints and resume
+
+    def _agreed_stop(self) -> bool:
+        """state.stop_training, and under several processes a stop signal, agreed by every rank."""
+        if self.distributed:
+            (self.state.stop_training,) = agree_any(self.state.stop_training)
+            self.saver.agree_signal()
+        return self.state.stop_training
 
     def _saved_model(self) -> torch.nn.Module:
         """The validated weights (an average's when there is one) without a torch.compile wrapper."""

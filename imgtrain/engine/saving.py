@@ -4,6 +4,9 @@
 `RunSaver` holds the policy (the files themselves are engine/checkpoint.py's); the Trainer calls it at
 three points: after each optimizer step (`after_step`), at each epoch end (`epoch_end`) and when a
 signal interrupts validation (`stop_in_validation`). Only the Trainer's main loop stays in loop.py.
+
+Under several processes (DDP) every rank keeps the same policy and takes the same decisions (a stop
+signal or a due time-based checkpoint on any rank counts on all: `agree_any`), but only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 
 from imgtrain.engine import checkpoint
+from imgtrain.engine.distributed import agree_any, is_distributed, is_main_process, sum_across
 from imgtrain.engine.preemption import StopSignals, TrainingPreempted
 
 
@@ -52,6 +56,8 @@ class RunSaver:
         self.run_id, self.best_mode = run_id, best_mode
         self.signals: StopSignals | None = None  # set while fit runs with a run folder to save into
         self.last_save = time.perf_counter()
+        # several processes: rank 0 writes the run folder, the others only take part in the decisions
+        self.writes = run_dir is not None and is_main_process()
 
     # ------------------------------------------------------------------ signals
 
@@ -61,6 +67,15 @@ class RunSaver:
         self.signals = StopSignals() if saving else None
         self.last_save = time.perf_counter()
         return self.signals
+
+    def agree_signal(self) -> None:
+        """Several processes: a signal any rank received counts on every rank, so all stop at the same point
+        (torchrun forwards SIGTERM to every worker, but not at the same instant). Every rank must call it."""
+        if self.signals is None or not is_distributed():
+            return
+        (received,) = agree_any(self.signals.received is not None)
+        if received and self.signals.received is None:
+            self.signals.received = "SIGTERM"  # another rank's signal
 
     @property
     def stop_requested(self) -> str | None:
@@ -78,14 +93,17 @@ class RunSaver:
         stop signal arrived (then stop). The epoch's last step is left to the epoch-end checkpoint."""
         if self.signals is None:
             return
+        every = self.recipe.train.checkpoint_every
+        minutes_due = every.minutes is not None and time.perf_counter() - self.last_save >= every.minutes * 60
+        if is_distributed():  # one rank's clock or signal decides for all: they save (a collective) together
+            self.agree_signal()
+            (minutes_due,) = agree_any(minutes_due)
         if self.signals.received:
             self.save_mid_epoch(state, batches_done)
             raise self.preempted(state, batches_done)
-        every = self.recipe.train.checkpoint_every
         if batches_done >= batches:
             return
         steps_due = every.steps is not None and state.step % every.steps == 0
-        minutes_due = every.minutes is not None and time.perf_counter() - self.last_save >= every.minutes * 60
         if steps_due or minutes_due:
             self.save_mid_epoch(state, batches_done)
 
@@ -97,9 +115,17 @@ class RunSaver:
 
     def save_mid_epoch(self, state: Any, batches_done: int) -> None:
         assert self.run_dir is not None and state.loss_sum is not None and state.correct_sum is not None
+        loss_sum, correct_sum, images_seen = state.loss_sum, state.correct_sum, state.images_seen
+        if is_distributed():
+            # the whole job's running sums (a collective: every rank saves at the same step); on resume
+            # rank 0 continues from them and the other ranks from zero (Trainer._start_epoch_metrics)
+            loss_sum, correct_sum = sum_across(loss_sum), sum_across(correct_sum)
+            images_seen = int(sum_across(torch.tensor(images_seen, dtype=torch.long)))
+        if not self.writes:
+            return
         self.check_run_dir()
-        position = {"epoch": state.epoch, "batches_done": batches_done, "images_seen": state.images_seen,
-                    "loss_sum": state.loss_sum.detach().cpu(), "correct_sum": state.correct_sum.detach().cpu(),
+        position = {"epoch": state.epoch, "batches_done": batches_done, "images_seen": images_seen,
+                    "loss_sum": loss_sum.detach().cpu(), "correct_sum": correct_sum.detach().cpu(),
                     "seconds": time.perf_counter() - state.epoch_start_time,
                     "metrics": dict(state.epoch_metrics), "details": dict(state.epoch_details)}
         checkpoint.save_training_state(self.run_dir / "checkpoints", self.training_state(state, position))
@@ -121,7 +147,7 @@ class RunSaver:
 
     def check_run_dir(self) -> None:
         """Before anything writes into the run folder: it must still be there (never made again, partial)."""
-        if self.run_dir is not None and not self.run_dir.is_dir():
+        if self.writes and self.run_dir is not None and not self.run_dir.is_dir():
             raise checkpoint.CheckpointSaveError(
                 f"the run folder {self.run_dir} no longer exists (deleted while training?): nothing more can be "
                 "saved, so training stops here rather than write a partial run folder")
@@ -140,7 +166,7 @@ class RunSaver:
         is_best = not math.isnan(value) and better
         if is_best:
             state.best_value, state.best_epoch = value, row["epoch"]
-        if self.run_dir is None:
+        if self.run_dir is None or not self.writes:
             return
         ckpt_dir = self.run_dir / "checkpoints"
         meta = dict(self.metadata, epoch=row["epoch"], metrics={k: v for k, v in row.items() if k != "epoch"})
