@@ -39,7 +39,9 @@ from imgtrain.engine.distributed import (
     DEFAULT_TIMEOUT_SECONDS,
     ShardedEvalSampler,
     barrier,
+    close_distributed,
     init_distributed,
+    process_group_ready,
     world_info,
 )
 from imgtrain.engine.events import Hook, HookList
@@ -122,12 +124,24 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
 
     Started by torchrun (WORLD_SIZE > 1), every process calls this: each trains on its share of every
     epoch under DDP, and only rank 0 writes the run folder (README: "Several GPUs or machines")."""
+    world_size = world_info()[1]
+    if world_size <= 1:
+        return _train(recipe, run_dir, resume, overwrite, console, hooks)
+    check_distributed_recipe(recipe, world_size)  # what this slice of DDP does not support yet, refused
+    owns_group = not process_group_ready()  # a group the caller made is the caller's to close
+    init_distributed(select_device(recipe.train.device), DEFAULT_TIMEOUT_SECONDS)
+    try:
+        return _train(recipe, run_dir, resume, overwrite, console, hooks)
+    finally:
+        if owns_group:
+            close_distributed()
+
+
+def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None, overwrite: bool, console: Any,
+           hooks: Sequence[Hook]) -> TrainResult:
     started = time.perf_counter()
     rank, world_size, _ = world_info()
     main = rank == 0
-    if world_size > 1:
-        check_distributed_recipe(recipe, world_size)  # what this slice of DDP does not support yet, refused
-        init_distributed(select_device(recipe.train.device), DEFAULT_TIMEOUT_SECONDS)
     if resume == "auto" or (resume is None and recipe.train.auto_resume):
         run_dir = auto_run_dir(recipe, run_dir)
         resume = run_dir if has_training_state(run_dir) else None

@@ -95,6 +95,18 @@ def init_distributed(device: torch.device, timeout_seconds: float) -> torch.devi
     return rank_device
 
 
+def process_group_ready() -> bool:
+    """True when a process group is initialized (of any size)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def close_distributed() -> None:
+    """Leave the process group (every rank, at the same point): without it, gloo's and nccl's threads may
+    abort the process at interpreter exit ("terminate called without an active exception")."""
+    if process_group_ready():
+        dist.destroy_process_group()
+
+
 def _collective_device() -> torch.device:
     """Where a collective's tensor must live: nccl reduces on this rank's GPU, gloo on the CPU."""
     if dist.get_backend() == "nccl":
@@ -119,6 +131,18 @@ def sum_across(tensor: torch.Tensor) -> torch.Tensor:
     total = tensor.detach().clone().to(_collective_device())
     dist.all_reduce(total)
     return total.to(tensor.device)
+
+
+def average_buffers(module: torch.nn.Module) -> None:
+    """Every floating-point buffer of `module` (BatchNorm's running mean and variance) replaced by its mean
+    over the ranks, in place; integer buffers (batch counters, equal on every rank) are left alone. After
+    it every rank holds the same model, so each evaluates its shard with the weights that are saved."""
+    if not is_distributed():
+        return
+    world = dist.get_world_size()
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            buffer.copy_(sum_across(buffer) / world)
 
 
 def barrier() -> None:
@@ -158,5 +182,6 @@ class ShardedEvalSampler(Sampler[int]):
         return self.end - self.offset
 
 
-__all__ = ["DEFAULT_TIMEOUT_SECONDS", "ShardedEvalSampler", "agree_any", "barrier", "init_distributed",
-           "is_distributed", "is_main_process", "sum_across", "world_info"]
+__all__ = ["DEFAULT_TIMEOUT_SECONDS", "ShardedEvalSampler", "agree_any", "average_buffers", "barrier",
+           "close_distributed", "init_distributed", "is_distributed", "is_main_process", "process_group_ready",
+           "sum_across", "world_info"]

@@ -30,7 +30,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from imgtrain.engine import checkpoint
 from imgtrain.engine.device import compile_model, configure_backends, select_device, select_precision
-from imgtrain.engine.distributed import ShardedEvalSampler, agree_any, is_distributed, sum_across, world_info
+from imgtrain.engine.distributed import (
+    ShardedEvalSampler,
+    agree_any,
+    average_buffers,
+    is_distributed,
+    sum_across,
+    world_info,
+)
 from imgtrain.engine.events import HookList
 from imgtrain.engine.optim import build_optimizer, build_scheduler
 from imgtrain.engine.saving import RunSaver, StopNow, batches_from
@@ -219,6 +226,8 @@ class Trainer:
         seconds = time.perf_counter() - state.epoch_start_time
         loss_sum, correct_sum, images = state.loss_sum, state.correct_sum, state.images_seen
         if self.distributed:  # the row is the whole job's: every rank's images
+            # BatchNorm's statistics, gathered per process during the epoch, averaged: one model on every rank
+            average_buffers(self.model)
             loss_sum, correct_sum = sum_across(loss_sum), sum_across(correct_sum)
             images = int(sum_across(torch.tensor(images, dtype=torch.long)))
         seen = max(images, 1)
