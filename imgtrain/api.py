@@ -130,11 +130,11 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
     check_distributed_recipe(recipe, world_size)  # what this slice of DDP does not support yet, refused
     owns_group = not process_group_ready()  # a group the caller made is the caller's to close
     init_distributed(select_device(recipe.train.device), DEFAULT_TIMEOUT_SECONDS)
-    try:
-        return _train(recipe, run_dir, resume, overwrite, console, hooks)
-    finally:
-        if owns_group:
-            close_distributed()
+    result = _train(recipe, run_dir, resume, overwrite, console, hooks)  # a failing rank ends the job (torchrun)
+    if owns_group:
+        barrier()  # no rank leaves while another still talks to it (gloo aborts a process whose peer vanished)
+        close_distributed()
+    return result
 
 
 def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None, overwrite: bool, console: Any,
