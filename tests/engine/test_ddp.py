@@ -67,17 +67,18 @@ def test_two_processes_write_one_run_whose_val_metrics_count_every_image_once(ru
 def test_two_processes_of_batch_b_train_like_one_process_of_batch_2b(runs):
     """Same global batch, same data order (every rank draws the permutation one process draws and takes
     its interleaved share, so the ranks' batches k together are that process's batch k; only the last
-    batch differs: padded to an even share). What differs is the augmentation's random draws (each
-    process draws from its own copy of the seeded global RNG) and the float summation order of the
-    gradient average. Two epochs of SGD on 1,527 digits from these differences move the losses by a few
-    hundredths and the accuracies by a few points; a wrong global batch, a gradient that is not averaged
-    (summed: twice the lr) or ranks training on the same images instead of halves move them far more."""
+    batch differs: padded to an even share). What differs: the augmentation's random draws (each process
+    draws from its own copy of the seeded global RNG), BatchNorm normalising each process's 16 images by
+    their own batch statistics instead of 32 together, and the float order of the gradient average.
+    Measured here: train loss within 0.05, val loss within 0.10 after the first epoch (the noisiest point,
+    0.03 after the second), val accuracy within 4 points; the bounds are twice that. The lr column must
+    match exactly: the same number of optimizer steps per epoch, so the same schedule."""
     two, one = history(runs["two"] / "quickstart"), history(runs["one"] / "quickstart")
     assert len(two) == len(one) == 2
     for a, b in zip(two, one):
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-6)  # same number of steps: the same schedule
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=0.1)
-        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=0.1)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=0.2)
         assert a["val_acc"] == pytest.approx(b["val_acc"], abs=0.08)
 
 
