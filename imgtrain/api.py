@@ -87,15 +87,13 @@ class TrainResult:
 def plan_run_dir(recipe: Recipe, run_dir: str | Path | None, overwrite: bool) -> Path:
     """The run folder a new run will use; raises RunDirError when it may not. Touches nothing."""
     if run_dir is None:
-        base = Path(recipe.output.root)
-        name = recipe.output.name or (Path(recipe.source_file).stem if recipe.source_file else "run")
-        run_dir = base / name
+        run_dir = auto_run_dir(recipe, None)
         if recipe.output.name is None and run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
             # an automatic name never collides: quickstart, quickstart-2, quickstart-3 ...
             index = 2
-            while (base / f"{name}-{index}").exists():
+            while run_dir.with_name(f"{run_dir.name}-{index}").exists():
                 index += 1
-            run_dir = base / f"{name}-{index}"
+            run_dir = run_dir.with_name(f"{run_dir.name}-{index}")
     run_dir = Path(run_dir)
     check_replaceable(run_dir, overwrite, ours=looks_like_run(run_dir),
                       refuse=f"run folder exists and is not empty; pass --overwrite to replace it, --resume "
@@ -315,8 +313,9 @@ def shard_loaders(loaders: Loaders, rank: int, world_size: int) -> Loaders:
 
 
 def auto_run_dir(recipe: Recipe, run_dir: str | Path | None) -> Path:
-    """The one folder `--resume auto` looks in: --run-dir, else output.root / (output.name or the recipe's
-    name), never a `-2` variant, so rerunning the same command finds the same run."""
+    """The recipe's own run folder: --run-dir, else output.root / (output.name or the recipe's name). A new
+    run moves on to `-2`, `-3` ... when it is taken (plan_run_dir); `--resume auto` never does, so rerunning
+    the same command finds the same run."""
     if run_dir is not None:
         return Path(run_dir)
     return Path(recipe.output.root) / (recipe.output.name or (Path(recipe.source_file).stem if recipe.source_file
