@@ -267,15 +267,14 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
 def check_distributed_recipe(recipe: Recipe, world_size: int) -> None:
     """Refuse what training under several processes does not support yet (issue 14 is built in slices):
     a RecipeError naming the key, instead of a run whose ranks disagree or hang. What is supported: the
-    plain loop (any model, loss, schedule, precision, accumulation), data.sampler random, diagnostics
-    without nonfinite: skip. BatchNorm statistics stay per process (no SyncBatchNorm yet)."""
+    plain loop (any model, loss, schedule, precision, accumulation), data.sampler random, and the strategies
+    whose registry entry says they run there (Strategy.unsupported_across_processes). BatchNorm statistics are
+    averaged across ranks at each epoch end (no SyncBatchNorm yet)."""
     where = f"under {world_size} processes (torchrun / --nproc)"
     for strategy in enabled_strategies(recipe):
-        # diagnostics reads the gradients (identical on every rank after the all-reduce) and stops on a
-        # non-finite loss (the failing rank ends the job); only its per-rank skip decision would diverge
-        if strategy.name == "diagnostics" and recipe.diagnostics.nonfinite != "skip":
+        key = strategy.unsupported_across_processes(recipe)
+        if key is None:
             continue
-        key = "diagnostics.nonfinite" if strategy.name == "diagnostics" else strategy.section
         raise RecipeError(f"{strategy.name} ({strategy.section}.*) is not supported yet {where}: multi-process "
                           f"training runs the plain loop only so far (issue 14). Turn it off, or train in one "
                           "process", key=key)

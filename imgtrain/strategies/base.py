@@ -60,6 +60,11 @@ class Strategy:
         """Whether the train loader must drop its last incomplete batch (mixing needs full batches)."""
         return False
 
+    def unsupported_across_processes(self, recipe: Any) -> str | None:
+        """The recipe key that keeps this strategy from training under several processes yet (issue 14 is
+        built in slices), or None when it runs there; by default its section: not supported."""
+        return self.section
+
     def param_groups(self, recipe: Any, model: torch.nn.Module) -> list[dict[str, Any]] | None:
         """Optimizer parameter groups; None: the plain decay / no-decay groups."""
         return None

@@ -352,6 +352,11 @@ class Diagnostics(Strategy):
     def build(self, recipe: Any, context: StrategyContext | None) -> list[Hook]:
         return build_diagnostics(recipe.diagnostics)
 
+    def unsupported_across_processes(self, recipe: Any) -> str | None:
+        # it reads the gradients (identical on every rank after the all-reduce) and stops on a non-finite
+        # loss (the failing rank ends the job); only its per-rank skip decision would diverge
+        return "diagnostics.nonfinite" if recipe.diagnostics.nonfinite == "skip" else None
+
 
 __all__ = ["Diagnostics", "GradientFlags", "GradientMonitorHook", "NonFiniteGuardHook", "NonFiniteLossError",
            "build_diagnostics", "check_diagnostics", "classify_gradients", "first_nonfinite_gradient",
