@@ -32,7 +32,7 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
         return nn.GroupNorm(math.gcd(8, channels), channels)
     if kind == "none":
         return nn.Identity()
-    raise ValueError(f"norm must be one of {', '.join(NORMS)}, not {kind!r} (model.kwargs.norm)")
+    raise ValueError(f"norm must be one of {', '.join(NORMS)}, not {kind!r} (the norm entry of model.kwargs)")
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, norm: str = "batch") -> nn.Sequential:
