@@ -21,7 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from imgtrain.config import Recipe, RecipeError, dump_recipe, load_recipe
-from imgtrain.data import build_splits
+from imgtrain.data import DataError, build_splits
+from imgtrain.data.bad_images import LoaderBadImages, watch_loader_files
 from imgtrain.data.loaders import Loaders, with_batch_size
 from imgtrain.data.prepare import PreparedData, seed_everything
 from imgtrain.data.prepare import prepare_data as prepare_plain_data
@@ -172,6 +173,7 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
                               img_size=recipe.augment.img_size or splits.native_size, device=device, splits=splits)
     context.plans = plan_segments(recipe, context, run_info["segments"])
     prepared = prepare_data(recipe, splits, device)
+    loader_bad_images = watch_loader_files(prepared.splits)  # before any loader worker starts (the LR finder's)
     if world_size > 1:
         prepared = dataclasses.replace(prepared, loaders=shard_loaders(prepared.loaders, rank, world_size))
     context.loaders, context.mean, context.std = prepared.loaders, prepared.mean, prepared.std
@@ -211,6 +213,10 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
                                  eval_batch_transform=prepared.eval_batch_transform)
     # rank 0 alone tracks (files, console, TensorBoard ...); the numbers are the same on every rank
     trackers = build_trackers(recipe, run_dir, console_stream=console, report_inputs=report_inputs) if main else []
+    bad_image_watch = None if loader_bad_images is None else LoaderBadImageWatch(loader_bad_images, recipe.data,
+                                                                                  run_dir, main)
+    if bad_image_watch is not None:  # first: a bad file is dealt with before any strategy uses the batch
+        strategies.insert(0, bad_image_watch)
     trainer = Trainer(recipe, train_parts(recipe, model, prepared, context.plans),
                       HookList(strategies=[*strategies, *hooks], trackers=trackers), run_dir, metadata,
                       run_id=run_info["run_id"])
@@ -253,6 +259,10 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
     if loaders.test is not None:
         barrier()  # rank 0 has written best.safetensors: every rank tests the same weights
         summary.update(_test_best(trainer, loaders.test, run_dir))
+        if bad_image_watch is not None:
+            bad_image_watch.check(trainer.state, "testing the best weights")
+    if loader_bad_images is not None:
+        loader_bad_images.close()
     summary["run_dir"] = str(run_dir)
     # with the time of the processes before a resume (their fit; their start-up is not saved)
     summary["total_seconds"] = round(state.fit_seconds_before + time.perf_counter() - started, 3)
@@ -421,11 +431,59 @@ def _tracker_logger(trackers: Sequence[Any]) -> Any:
     return next((tracker.log for tracker in trackers if isinstance(tracker, TrainLogTracker)), lambda message: None)
 
 
-def _write_skipped(run_dir: Path, skipped: Sequence[tuple]) -> None:
-    with open(run_dir / "skipped_images.csv", "w", newline="", encoding="utf-8") as handle:
+def _write_skipped(run_dir: Path, skipped: Sequence[tuple], append: bool = False) -> None:
+    file = run_dir / "skipped_images.csv"
+    header = not (append and file.is_file())
+    with open(file, "a" if append else "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "reason"])
+        if header:
+            writer.writerow(["path", "reason"])
         writer.writerows(skipped)
+
+
+class LoaderBadImageWatch(Hook):
+    """data.on_bad_image for the files the loader fails to decode during the run (data/bad_images.py: the
+    loader recorded the file and served the next one of its split). Checked before every step and after
+    every evaluation: `error` stops the run before a step or a checkpoint uses the replaced batch, so the
+    last saved training state stays the run's; `skip` appends the file to skipped_images.csv (rank 0)
+    and notes it in train.log and events.jsonl, and training goes on."""
+
+    name = "bad_images"
+
+    def __init__(self, record: LoaderBadImages, data: Any, run_dir: Path, main: bool):
+        self.record, self.data, self.run_dir, self.main = record, data, run_dir, main
+        self.seen: set[str] = set()
+
+    def batch_start(self, state: Any) -> None:
+        self.check(state, f"epoch {state.epoch + 1}, batch {state.batch_index + 1}")
+
+    def eval_end(self, state: Any) -> None:
+        self.check(state, f"validation after epoch {state.epoch + 1}")
+
+    def check(self, state: Any, where: str) -> None:
+        """Apply data.on_bad_image to the files recorded since the last check (`where`: for the message)."""
+        new = []
+        for path, reason in self.record.new_records():
+            if path not in self.seen:
+                self.seen.add(path)
+                new.append((path, reason))
+        if not new:
+            return
+        if self.data.on_bad_image == "error":
+            path, reason = new[0]
+            raise DataError(f"{path}: {reason}. The loader met this file during training ({where}); the start-up "
+                            f"scan (data.verify: {self.data.verify}) had passed it. data.on_bad_image: error stops "
+                            f"the run here, before any step used it: the last saved training state in {self.run_dir} "
+                            f"is intact. Fix or replace the file and continue with `imgtrain train --resume "
+                            f"{self.run_dir}`, or train with data.on_bad_image: skip (such a file is replaced by the "
+                            "next one of its split and listed in skipped_images.csv); `imgtrain scan` decodes "
+                            "every file and lists the bad ones")
+        if self.main:
+            _write_skipped(self.run_dir, new, append=True)
+        for path, reason in new:
+            state.note(f"skipped an unreadable image met by the loader ({where}): {path}: {reason}; the next "
+                       "file of its split took its place; listed in skipped_images.csv",
+                       event="bad_image", path=path, reason=reason)
 
 
 def _test_best(trainer: Trainer, test_loader: Any, run_dir: Path) -> dict[str, Any]:
