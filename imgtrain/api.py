@@ -167,13 +167,18 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
     check_strategies(recipe)  # cross-section checks of every enabled strategy, before the data is read
     seed_everything(recipe.train.seed)
     splits = build_splits(recipe.data)
+    # before anything reads the images: the normalisation statistics, the LR finder, loader workers
+    loader_bad_images = watch_loader_files(splits)
     check_imbalance_recipe(recipe, splits.classes)  # class weight list vs the data's classes
     device = select_device(recipe.train.device)
     context = StrategyContext(recipe=recipe, classes=list(splits.classes), channels=splits.channels,
                               img_size=recipe.augment.img_size or splits.native_size, device=device, splits=splits)
     context.plans = plan_segments(recipe, context, run_info["segments"])
     prepared = prepare_data(recipe, splits, device)
-    loader_bad_images = watch_loader_files(prepared.splits)  # before any loader worker starts (the LR finder's)
+    bad_image_watch = None if loader_bad_images is None else LoaderBadImageWatch(loader_bad_images, recipe.data,
+                                                                                  run_dir, main)
+    if bad_image_watch is not None and recipe.data.on_bad_image == "error":
+        bad_image_watch.check(None, "while the data was prepared (normalisation statistics)")
     if world_size > 1:
         prepared = dataclasses.replace(prepared, loaders=shard_loaders(prepared.loaders, rank, world_size))
     context.loaders, context.mean, context.std = prepared.loaders, prepared.mean, prepared.std
@@ -213,8 +218,6 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
                                  eval_batch_transform=prepared.eval_batch_transform)
     # rank 0 alone tracks (files, console, TensorBoard ...); the numbers are the same on every rank
     trackers = build_trackers(recipe, run_dir, console_stream=console, report_inputs=report_inputs) if main else []
-    bad_image_watch = None if loader_bad_images is None else LoaderBadImageWatch(loader_bad_images, recipe.data,
-                                                                                  run_dir, main)
     if bad_image_watch is not None:  # first: a bad file is dealt with before any strategy uses the batch
         strategies.insert(0, bad_image_watch)
     trainer = Trainer(recipe, train_parts(recipe, model, prepared, context.plans),
@@ -260,7 +263,7 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
         barrier()  # rank 0 has written best.safetensors: every rank tests the same weights
         summary.update(_test_best(trainer, loaders.test, run_dir))
         if bad_image_watch is not None:
-            bad_image_watch.check(trainer.state, "testing the best weights")
+            bad_image_watch.check(trainer.state, "while the best weights were tested")
     if loader_bad_images is not None:
         loader_bad_images.close()
     summary["run_dir"] = str(run_dir)
@@ -455,10 +458,10 @@ class LoaderBadImageWatch(Hook):
         self.seen: set[str] = set()
 
     def batch_start(self, state: Any) -> None:
-        self.check(state, f"epoch {state.epoch + 1}, batch {state.batch_index + 1}")
+        self.check(state, f"in epoch {state.epoch + 1}, batch {state.batch_index + 1}")
 
     def eval_end(self, state: Any) -> None:
-        self.check(state, f"validation after epoch {state.epoch + 1}")
+        self.check(state, f"in the validation after epoch {state.epoch + 1}")
 
     def check(self, state: Any, where: str) -> None:
         """Apply data.on_bad_image to the files recorded since the last check (`where`: for the message)."""
@@ -471,17 +474,23 @@ class LoaderBadImageWatch(Hook):
             return
         if self.data.on_bad_image == "error":
             path, reason = new[0]
-            raise DataError(f"{path}: {reason}. The loader met this file during training ({where}); the start-up "
-                            f"scan (data.verify: {self.data.verify}) had passed it. data.on_bad_image: error stops "
-                            f"the run here, before any step used it: the last saved training state in {self.run_dir} "
-                            f"is intact. Fix or replace the file and continue with `imgtrain train --resume "
-                            f"{self.run_dir}`, or train with data.on_bad_image: skip (such a file is replaced by the "
-                            "next one of its split and listed in skipped_images.csv); `imgtrain scan` decodes "
-                            "every file and lists the bad ones")
+            if state is None:  # before training: nothing of the run is written yet
+                stopped, then = "before training started", "then run the same command again"
+            elif not has_training_state(self.run_dir):
+                stopped = "before any step used it, in its first epoch: no training state was saved yet"
+                then = "then start it again (the same command with --overwrite)"
+            else:
+                stopped = f"before any step used it: the last saved training state in {self.run_dir} is intact"
+                then = f"then continue with `imgtrain train --resume {self.run_dir}`"
+            raise DataError(f"{path}: {reason}. The loader met this file {where}; the start-up scan (data.verify: "
+                            f"{self.data.verify}) had passed it. data.on_bad_image: error stopped the run {stopped}. "
+                            f"Fix or replace the file, {then}; or train with data.on_bad_image: skip (such a file is "
+                            "replaced by the next one of its split and listed in skipped_images.csv). "
+                            "`imgtrain scan RECIPE` decodes every file and lists the bad ones")
         if self.main:
             _write_skipped(self.run_dir, new, append=True)
         for path, reason in new:
-            state.note(f"skipped an unreadable image met by the loader ({where}): {path}: {reason}; the next "
+            state.note(f"skipped an unreadable image the loader met {where}: {path}: {reason}; the next "
                        "file of its split took its place; listed in skipped_images.csv",
                        event="bad_image", path=path, reason=reason)
 

@@ -34,8 +34,7 @@ from torchvision.transforms import v2
 
 from imgtrain.config import AugmentConfig
 from imgtrain.data.datasets import FileImageDataset, ImageDataset, Indices, Transform
-from imgtrain.data.errors import DataError
-from imgtrain.data.errors import format_bad_files
+from imgtrain.data.errors import DataError, format_bad_files
 from imgtrain.data.images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, ScanProgress, load_image, usable_cpus
 from imgtrain.data.transforms import eval_resize_size
 

@@ -21,6 +21,7 @@ applied to the stored width and height, so changing it needs no decoding.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -122,7 +123,8 @@ def _write_cache(file: Path, entries: dict[str, Entry], warnings: list[str]) -> 
         partial.write_text(json.dumps(data, separators=(",", ":")), encoding="utf-8")
         os.replace(partial, file)
     except OSError as exc:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the folder may not exist, or be a file
+            partial.unlink(missing_ok=True)
         warnings.append(f"cannot write the scan cache {file} ({exc.strerror}); the next run scans again "
                         "(set data.cache_dir to a writable folder)")
 
