@@ -27,6 +27,7 @@ import json
 import os
 import random
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -66,13 +67,14 @@ class ScanResult:
     reused: int = 0              # results taken from the scan cache
     cache_file: Path | None = None
     warnings: list[str] = field(default_factory=list)   # a damaged or unwritable scan cache
+    seconds: float = 0.0         # how long the scan took, reading and writing the scan cache included
 
     def describe(self) -> str:
         """One line for train.log: how the start-up scan went."""
         where = f", scan cache {self.cache_file}" if self.cache_file is not None else ""
         return (f"image scan (data.verify: {self.verify}): {len(self.info) + len(self.bad):,} files, "
                 f"{self.reused:,} from the scan cache, {self.decoded:,} decoded, {self.headers_read:,} headers "
-                f"read, {len(self.bad):,} unreadable{where}")
+                f"read, {len(self.bad):,} unreadable, {self.seconds:.1f} s{where}")
 
 
 def scan_cache_file(cache_dir: str | Path, source: str, root: str | Path) -> Path:
@@ -181,6 +183,7 @@ def scan_files(paths: Iterable[PathLike], verify: str = "full", max_pixels: int 
     if verify not in VERIFY_LEVELS:
         raise ValueError(f"verify must be one of {', '.join(VERIFY_LEVELS)}, got {verify!r}")
     level = VERIFY_LEVELS.index(verify)
+    started = time.perf_counter()
     warnings: list[str] = []
     file = Path(cache_file) if cache_file is not None else None
     cached = _read_cache(file, warnings) if file is not None else {}
@@ -246,7 +249,7 @@ def scan_files(paths: Iterable[PathLike], verify: str = "full", max_pixels: int 
         print(f"imgtrain: warning: {line}", file=sys.stderr)
     return ScanResult(bad=bad, info=info, verify=verify, decoded=len(todo) if depth == 2 else 0,
                       headers_read=len(todo) if depth == 1 else 0, reused=reused, cache_file=file,
-                      warnings=warnings)
+                      warnings=warnings, seconds=time.perf_counter() - started)
 
 
 def summarize_info(info: dict[str, tuple[int, int] | None], paths: Sequence[str]) -> list[tuple[int, int]]:
