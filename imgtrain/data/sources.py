@@ -147,7 +147,10 @@ def _file_splits(where: str, native: dict[str, tuple[list[str], list[str]]], cla
         raise DataError(f"{where}: no readable training images for class(es) {', '.join(empty)}"
                         + (f" ({len(bad)} unreadable file(s) were skipped)" if bad else "")
                         + ". Every class needs training images: add some or remove the class.")
-    known = summarize_info(info, train_paths)  # verify off: the cached and sampled files only
+    known = summarize_info(info, train_paths)  # verify off: its sample's files only
+    if not known:  # verify off, and every sampled file was bad
+        raise DataError(f"{where}: none of the image files sampled for their channels and size (data.verify: off) "
+                        f"can be read:\n{format_bad_files(bad)}\nRun `imgtrain scan` to list every bad file.")
     channels = 3 if any(found[0] == 3 for found in known) else 1
     native_size = int(statistics.median_low([found[1] for found in known]))
     built = {split: FileImageDataset(paths, targets, classes, channels, max_pixels=cfg.max_image_pixels)
