@@ -92,14 +92,14 @@ _COLUMNS = ("size", "mtime_ns", "level", "kind", "channels", "width", "height", 
 def _read_cache(file: Path, warnings: list[str]) -> dict[str, Entry]:
     """The entries of a scan cache; {} when there is none, and when it is damaged (with a warning)."""
     try:
-        text = file.read_text(encoding="utf-8")
+        raw = file.read_bytes()
     except FileNotFoundError:
         return {}
     except OSError as exc:
         warnings.append(f"cannot read the scan cache {file} ({exc.strerror}); scanning without it")
         return {}
     try:
-        data = json.loads(text)
+        data = json.loads(raw.decode("utf-8"))  # a UnicodeDecodeError is a ValueError: damage too
         if not isinstance(data, dict) or data.get("format") != SCAN_FORMAT or data.get("pillow") != PIL.__version__:
             return {}  # another format or decoder: its results may not hold, start afresh (not damage)
         paths = data["paths"]

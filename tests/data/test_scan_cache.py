@@ -81,8 +81,9 @@ def test_a_damaged_scan_cache_is_ignored_with_a_warning_and_rebuilt(folder, tmp_
     build_splits(cfg)
     cache = scan_cache_file(cfg.cache_dir, cfg.source, cfg.root)
     text = cache.read_text()
-    for damage in (text[: len(text) // 2], json.dumps({**json.loads(text), "size": [1, 2]})):
-        cache.write_text(damage)
+    for damage in (text[: len(text) // 2].encode(), json.dumps({**json.loads(text), "size": [1, 2]}).encode(),
+                   b"\xff\xfe\x00 binary garbage"):
+        cache.write_bytes(damage)
         splits = build_splits(cfg)
         assert (splits.scan.decoded, splits.scan.reused) == (12, 0)
         assert "is damaged" in capsys.readouterr().err
