@@ -21,7 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from imgtrain.config import Recipe, RecipeError, dump_recipe, load_recipe
-from imgtrain.data import build_splits
+from imgtrain.data import DataError, build_splits
+from imgtrain.data.bad_images import LoaderBadImages, watch_loader_files
 from imgtrain.data.loaders import Loaders, with_batch_size
 from imgtrain.data.prepare import PreparedData, seed_everything
 from imgtrain.data.prepare import prepare_data as prepare_plain_data
@@ -167,12 +168,18 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
     check_strategies(recipe)  # cross-section checks of every enabled strategy, before the data is read
     seed_everything(recipe.train.seed)
     splits = build_splits(recipe.data)
+    # before anything reads the images: the normalisation statistics, the LR finder, loader workers
+    loader_bad_images = watch_loader_files(splits)
     check_imbalance_recipe(recipe, splits.classes)  # class weight list vs the data's classes
     device = select_device(recipe.train.device)
     context = StrategyContext(recipe=recipe, classes=list(splits.classes), channels=splits.channels,
                               img_size=recipe.augment.img_size or splits.native_size, device=device, splits=splits)
     context.plans = plan_segments(recipe, context, run_info["segments"])
     prepared = prepare_data(recipe, splits, device)
+    bad_image_watch = None if loader_bad_images is None else LoaderBadImageWatch(loader_bad_images, recipe.data,
+                                                                                  run_dir, main)
+    if bad_image_watch is not None and recipe.data.on_bad_image == "error":
+        bad_image_watch.check(None, "while the data was prepared (normalisation statistics)")
     if world_size > 1:
         prepared = dataclasses.replace(prepared, loaders=shard_loaders(prepared.loaders, rank, world_size))
     context.loaders, context.mean, context.std = prepared.loaders, prepared.mean, prepared.std
@@ -217,6 +224,8 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
         # every rank built the same splits and model from train.seed; from here each draws its own
         # augmentation and dropout (DDP starts every rank from rank 0's weights)
         seed_everything(rank_seed(recipe.train.seed, rank))
+    if bad_image_watch is not None:  # first: a bad file is dealt with before any strategy uses the batch
+        strategies.insert(0, bad_image_watch)
     trainer = Trainer(recipe, train_parts(recipe, model, prepared, context.plans),
                       HookList(strategies=[*strategies, *hooks], trackers=trackers), run_dir, metadata,
                       run_id=run_info["run_id"])
@@ -260,6 +269,10 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
     if loaders.test is not None:
         barrier()  # rank 0 has written best.safetensors: every rank tests the same weights
         summary.update(_test_best(trainer, loaders.test, run_dir))
+        if bad_image_watch is not None:
+            bad_image_watch.check(trainer.state, "while the best weights were tested")
+    if loader_bad_images is not None:
+        loader_bad_images.close()
     summary["run_dir"] = str(run_dir)
     # with the time of the processes before a resume (their fit; their start-up is not saved)
     summary["total_seconds"] = round(state.fit_seconds_before + time.perf_counter() - started, 3)
@@ -422,11 +435,65 @@ def _tracker_logger(trackers: Sequence[Any]) -> Any:
     return next((tracker.log for tracker in trackers if isinstance(tracker, TrainLogTracker)), lambda message: None)
 
 
-def _write_skipped(run_dir: Path, skipped: Sequence[tuple]) -> None:
-    with open(run_dir / "skipped_images.csv", "w", newline="", encoding="utf-8") as handle:
+def _write_skipped(run_dir: Path, skipped: Sequence[tuple], append: bool = False) -> None:
+    file = run_dir / "skipped_images.csv"
+    header = not (append and file.is_file())
+    with open(file, "a" if append else "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "reason"])
+        if header:
+            writer.writerow(["path", "reason"])
         writer.writerows(skipped)
+
+
+class LoaderBadImageWatch(Hook):
+    """data.on_bad_image for the files the loader fails to decode during the run (data/bad_images.py: the
+    loader recorded the file and served the next one of its split). Checked before every step and after
+    every evaluation: `error` stops the run before a step or a checkpoint uses the replaced batch, so the
+    last saved training state stays the run's; `skip` appends the file to skipped_images.csv (rank 0)
+    and notes it in train.log and events.jsonl, and training goes on."""
+
+    name = "bad_images"
+
+    def __init__(self, record: LoaderBadImages, data: Any, run_dir: Path, main: bool):
+        self.record, self.data, self.run_dir, self.main = record, data, run_dir, main
+        self.seen: set[str] = set()
+
+    def batch_start(self, state: Any) -> None:
+        self.check(state, f"in epoch {state.epoch + 1}, batch {state.batch_index + 1}")
+
+    def eval_end(self, state: Any) -> None:
+        self.check(state, f"in the validation after epoch {state.epoch + 1}")
+
+    def check(self, state: Any, where: str) -> None:
+        """Apply data.on_bad_image to the files recorded since the last check (`where`: for the message)."""
+        new = []
+        for path, reason in self.record.new_records():
+            if path not in self.seen:
+                self.seen.add(path)
+                new.append((path, reason))
+        if not new:
+            return
+        if self.data.on_bad_image == "error":
+            path, reason = new[0]
+            if state is None:  # before training: nothing of the run is written yet
+                stopped, then = "before training started", "then run the same command again"
+            elif not has_training_state(self.run_dir):
+                stopped = "before any step used it, in its first epoch: no training state was saved yet"
+                then = "then start it again (the same command with --overwrite)"
+            else:
+                stopped = f"before any step used it: the last saved training state in {self.run_dir} is intact"
+                then = f"then continue with `imgtrain train --resume {self.run_dir}`"
+            raise DataError(f"{path}: {reason}. The loader met this file {where}; the start-up scan (data.verify: "
+                            f"{self.data.verify}) had passed it. data.on_bad_image: error stopped the run {stopped}. "
+                            f"Fix or replace the file, {then}; or train with data.on_bad_image: skip (such a file is "
+                            "replaced by the next one of its split and listed in skipped_images.csv). "
+                            "`imgtrain scan RECIPE` decodes every file and lists the bad ones")
+        if self.main:
+            _write_skipped(self.run_dir, new, append=True)
+        for path, reason in new:
+            state.note(f"skipped an unreadable image the loader met {where}: {path}: {reason}; the next "
+                       "file of its split took its place; listed in skipped_images.csv",
+                       event="bad_image", path=path, reason=reason)
 
 
 def _test_best(trainer: Trainer, test_loader: Any, run_dir: Path) -> dict[str, Any]:

@@ -479,8 +479,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from imgtrain.config import load_recipe
     from imgtrain.data import build_splits
 
-    # skip, not error: the bad files are collected instead of stopping at them; every file, not a subset
-    recipe = load_recipe(args.recipe, [*args.overrides, "data.on_bad_image=skip", "data.train_subset=null"])
+    # skip, not error: the bad files are collected instead of stopping at them; every file, not a subset,
+    # decoded in full whatever data.verify says (the results fill the scan cache the next run reuses)
+    recipe = load_recipe(args.recipe, [*args.overrides, "data.on_bad_image=skip", "data.train_subset=null",
+                                       "data.verify=full"])
     data = recipe.data
     splits = build_splits(data)
     read = sum(len(part) for part in (splits.train, splits.val, splits.test) if part is not None)

@@ -92,6 +92,8 @@ class DataConfig(_Section):
     workers: Annotated[Int, Ge(0)] | Literal["auto"] = Field(0, description="loader processes, or auto")
     pin_memory: Bool | Literal["auto"] = Field("auto", description="auto: on when training on CUDA")
     on_bad_image: Literal["error", "skip"] = Field("error", description="unreadable files: stop, or skip and list them")
+    verify: Literal["full", "header", "off"] = Field("full", description="start-up check of new/changed files: decode, "
+                                                     "header only, or trust the list (results cached in cache_dir)")
     # Pillow's default Image.MAX_IMAGE_PIXELS (1024**3 // 4 // 3); data/images.py applies it in every process
     max_image_pixels: Int | None = Field(89_478_485, ge=1, description="pixels (width x height) above which an image "
                                          "is refused as a decompression bomb; null: no limit")

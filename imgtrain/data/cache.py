@@ -8,6 +8,11 @@ it, shorter side resized to S = `cache_resolution` and centre-cropped square.
 - disk: a memory-mapped file in `data.cache_dir`, shared by workers and runs. Its name hashes the
   sorted files with their sizes and mtimes, S, the channels and `CACHE_FORMAT`, so any change
   rebuilds it; it is written under a temporary name and renamed when complete.
+
+A file that fails to decode while the cache is built (one `data.verify: header` or `off` let through)
+leaves its row blank and is listed in `DecodedCache.bad` (on disk: beside the cache, NAME.bad.json);
+`apply_cache` then applies `data.on_bad_image` as the scan does: stop naming it, or leave it out of
+the splits and list it with the skipped files.
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ from torchvision.transforms import v2
 
 from imgtrain.config import AugmentConfig
 from imgtrain.data.datasets import FileImageDataset, ImageDataset, Indices, Transform
-from imgtrain.data.errors import DataError
-from imgtrain.data.images import DEFAULT_MAX_IMAGE_PIXELS, ScanProgress, load_image, usable_cpus
+from imgtrain.data.errors import DataError, format_bad_files
+from imgtrain.data.images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, ScanProgress, load_image, usable_cpus
 from imgtrain.data.transforms import eval_resize_size
 
 CACHE_FORMAT = 1        # bump when decoding or resizing changes: every older disk cache then misses
@@ -59,6 +64,7 @@ class DecodedCache:
     file: Path | None = None             # disk: the cache file
     build_seconds: float = 0.0           # 0 when an existing disk cache was reused
     reused: bool = False
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): files whose rows are blank
     _row: dict[str, int] = field(init=False, repr=False)  # path -> row, derived from paths
 
     def __post_init__(self):
@@ -142,16 +148,25 @@ class CachedImageDataset(ImageDataset):
 # ----------------------------------------------------------------------------- building
 
 def _decode_all(paths: Sequence[str], channels: int, size: int, out: torch.Tensor,
-                max_pixels: int | None) -> None:
-    def decode(row: int) -> None:
-        out[row] = decode_for_cache(paths[row], channels, size, max_pixels)
+                max_pixels: int | None) -> list[tuple[str, str]]:
+    """Fill `out`; the (path, reason) of the files that fail to decode (their rows are left as they are)."""
+    def decode(row: int) -> tuple[str, str] | None:
+        try:
+            out[row] = decode_for_cache(paths[row], channels, size, max_pixels)
+        except BadImageError as exc:
+            return (exc.path, exc.reason)
+        return None
 
+    bad: list[tuple[str, str]] = []
     progress = ScanProgress(len(paths), "building the decoded cache")  # shown past 2 s only
-    # threads: decoding and resizing release the GIL; iterating surfaces the first error
+    # threads: decoding and resizing release the GIL
     with ThreadPoolExecutor(max_workers=max(1, min(8, usable_cpus()))) as pool:
-        for done, _ in enumerate(pool.map(decode, range(len(paths))), start=1):
+        for done, failed in enumerate(pool.map(decode, range(len(paths))), start=1):
+            if failed is not None:
+                bad.append(failed)
             progress.update(done)
     progress.done()
+    return bad
 
 
 def _size(n: float) -> str:
@@ -173,9 +188,9 @@ def _memory_cache(paths: list[str], channels: int, size: int, max_pixels: int | 
                         "memory-mapped file in data.cache_dir), a smaller augment.img_size, or "
                         "data.cache: off.")
     started = time.perf_counter()
-    images = torch.empty((len(paths), channels, size, size), dtype=torch.uint8)
-    _decode_all(paths, channels, size, images, max_pixels)
-    return DecodedCache(images, paths, build_seconds=time.perf_counter() - started)
+    images = torch.zeros((len(paths), channels, size, size), dtype=torch.uint8)  # zeros: a bad file's blank row
+    bad = _decode_all(paths, channels, size, images, max_pixels)
+    return DecodedCache(images, paths, build_seconds=time.perf_counter() - started, bad=bad)
 
 
 def cache_key(paths: Sequence[str], channels: int, size: int) -> tuple[str, str]:
@@ -211,7 +226,7 @@ def _pid_alive(pid: int) -> bool:
 def _remove_stale(folder: Path, listing: str, keep: Path) -> None:
     """Older versions of this file list, and partial files of builds that died."""
     for old in folder.glob(f"{listing}-*"):
-        if old == keep:
+        if old in (keep, _bad_list(keep)):
             continue
         if ".tmp-" in old.name:
             pid = old.name.rsplit(".tmp-", 1)[1]
@@ -235,7 +250,7 @@ def _disk_cache(paths: list[str], channels: int, size: int, cache_dir: str,
     shape = (len(paths), channels, size, size)
     need = int(np.prod(shape))
     if file.is_file() and file.stat().st_size == need:
-        return DecodedCache(_open(file, shape), paths, file=file, reused=True)
+        return DecodedCache(_open(file, shape), paths, file=file, reused=True, bad=_read_bad_list(file))
     free = shutil.disk_usage(folder).free
     if need > free:
         raise DataError(f"data.cache: disk needs {_size(need)} in {folder} for {len(paths)} images at "
@@ -245,15 +260,35 @@ def _disk_cache(paths: list[str], channels: int, size: int, cache_dir: str,
     partial = folder / f"{file.name}.tmp-{os.getpid()}"
     try:
         array = np.memmap(partial, dtype=np.uint8, mode="w+", shape=shape)
-        _decode_all(paths, channels, size, torch.from_numpy(array), max_pixels)
+        bad = _decode_all(paths, channels, size, torch.from_numpy(array), max_pixels)
         array.flush()
         del array
+        if bad:  # before the cache itself: a cache file never exists without its list of blank rows
+            partial_list = folder / f"{_bad_list(file).name}.tmp-{os.getpid()}"
+            partial_list.write_text(json.dumps(bad), encoding="utf-8")
+            os.replace(partial_list, _bad_list(file))
         os.replace(partial, file)  # atomic: the key name exists only for a complete cache
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
     _remove_stale(folder, listing, keep=file)
-    return DecodedCache(_open(file, shape), paths, file=file, build_seconds=time.perf_counter() - started)
+    return DecodedCache(_open(file, shape), paths, file=file, build_seconds=time.perf_counter() - started, bad=bad)
+
+
+def _bad_list(file: Path) -> Path:
+    return file.with_name(file.name + ".bad.json")
+
+
+def _read_bad_list(file: Path) -> list[tuple[str, str]]:
+    """The blank rows of a disk cache; a damaged list makes the cache unusable (a blank row would train)."""
+    listing = _bad_list(file)
+    if not listing.is_file():
+        return []
+    try:
+        return [(str(path), str(reason)) for path, reason in json.loads(listing.read_text(encoding="utf-8"))]
+    except (OSError, ValueError, TypeError) as exc:
+        raise DataError(f"data.cache: cannot read {listing}, the list of files the cache {file} holds no image "
+                        f"for ({exc}); delete both files and run again to rebuild the cache") from None
 
 
 def build_cache(paths: Sequence[str], channels: int, size: int, mode: str, cache_dir: str = ".imgtrain_cache",
@@ -281,9 +316,22 @@ def apply_cache(splits: Any, cfg: Any, size: int) -> DecodedCache | None:
         return None
     paths = [p for d in present for p in d.paths]
     cache = build_cache(paths, splits.channels, size, cfg.cache, cfg.cache_dir, cfg.max_image_pixels)
+    blank = {path for path, _ in cache.bad}
+    if blank and cfg.on_bad_image == "error":
+        raise DataError(f"data.cache: {len(blank)} image file(s) cannot be decoded (data.verify: {cfg.verify} "
+                        f"did not decode them before):\n{format_bad_files(cache.bad)}\nFix or delete them, or set "
+                        "data.on_bad_image: skip to train without them (`imgtrain scan` lists them all).")
     for name, dataset in datasets.items():
-        if dataset is not None:
-            setattr(splits, name, CachedImageDataset.of(dataset, cache))
+        if dataset is None:
+            continue
+        if blank:  # left out, as the scan leaves out the bad files it finds
+            keep = [i for i, path in enumerate(dataset.paths) if os.path.abspath(path) not in blank]
+            if not keep:
+                raise DataError(f"data.cache: no image of the {name} split decodes:\n{format_bad_files(cache.bad)}")
+            dataset = dataset.subset(keep)
+        setattr(splits, name, CachedImageDataset.of(dataset, cache))
+    known = {path for path, _ in splits.skipped}
+    splits.skipped.extend((path, reason) for path, reason in cache.bad if path not in known)
     return cache
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from imgtrain.data.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
+from imgtrain.data.images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, load_image
 
 Transform = Callable[[torch.Tensor], torch.Tensor] | None
 Indices = Sequence[int] | torch.Tensor | np.ndarray  # what subset() takes (stratified splits give arrays)
@@ -95,7 +95,12 @@ class FileImageDataset(ImageDataset):
     """Image files decoded on each access with `load_image(path, channels, max_pixels)`.
 
     max_pixels (data.max_image_pixels) is an attribute, so the limit goes with the dataset into
-    loader worker processes, where Pillow's global setting of the main process does not reach."""
+    loader worker processes, where Pillow's global setting of the main process does not reach.
+
+    bad_images: None (a file that fails to decode raises BadImageError), or a `LoaderBadImages`
+    (data/bad_images.py, set by training): the file is recorded there and the item is `replacement`'s."""
+
+    bad_images: Any = None
 
     def __init__(self, paths: Sequence[str | Path], targets: Sequence[int] | torch.Tensor,
                  classes: Sequence[str], channels: int, transform: Transform = None,
@@ -113,16 +118,40 @@ class FileImageDataset(ImageDataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        image = load_image(self.paths[index], self.channels, self.max_pixels)
+        try:
+            image = load_image(self.paths[index], self.channels, self.max_pixels)
+        except BadImageError as exc:
+            if self.bad_images is None:
+                raise
+            self.bad_images.record(exc.path, exc.reason)
+            index, image = self.replacement(index)
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.targets[index])
 
+    def replacement(self, index: int) -> tuple[int, torch.Tensor]:
+        """(index, image) of the first file after `index` (wrapping round) that decodes.
+
+        Replacing, not dropping: every batch keeps its size (BatchNorm, mixing, the steps per epoch and a
+        mid-epoch resume count on it), and the choice depends only on the index and the files, not on
+        which worker loads it, so a rerun or a resume draws the same batches. Files that fail on the way
+        are recorded too."""
+        for step in range(1, len(self.paths)):
+            candidate = (index + step) % len(self.paths)
+            try:
+                return candidate, load_image(self.paths[candidate], self.channels, self.max_pixels)
+            except BadImageError as exc:
+                if self.bad_images is not None:
+                    self.bad_images.record(exc.path, exc.reason)
+        raise BadImageError(self.paths[index], "no file of its split decodes, nothing can replace it")
+
     def subset(self, indices: Indices) -> FileImageDataset:
         index = _as_index(indices)
         paths = [self.paths[i] for i in index.tolist()]
-        return FileImageDataset(paths, self.targets[index], self.classes, self.channels, self.transform,
-                                self.max_pixels)
+        subset = FileImageDataset(paths, self.targets[index], self.classes, self.channels, self.transform,
+                                  self.max_pixels)
+        subset.bad_images = self.bad_images
+        return subset
 
     def __repr__(self) -> str:
         return f"FileImageDataset({len(self)} files, {self.channels} channels, {len(self.classes)} classes)"

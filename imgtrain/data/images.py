@@ -94,8 +94,8 @@ def _decode(path: PathLike, max_pixels: int | None) -> Image.Image:
         return oriented
 
 
-def _open_decoded(path: PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open, fully decode and orient one file; any failure becomes a BadImageError."""
+def _check_file(path: PathLike) -> None:
+    """A missing, unreadable or empty file, said as such (Pillow's own messages are vaguer)."""
     try:
         size = os.path.getsize(path)
     except FileNotFoundError:
@@ -104,6 +104,11 @@ def _open_decoded(path: PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIX
         raise BadImageError(path, f"cannot read the file ({exc.strerror})") from None
     if size == 0:
         raise BadImageError(path, "empty file (0 bytes)")
+
+
+def _open_decoded(path: PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open, fully decode and orient one file; any failure becomes a BadImageError."""
+    _check_file(path)
     try:
         try:
             return _decode(path, max_pixels)
@@ -124,6 +129,41 @@ def _open_decoded(path: PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIX
     # decoders raise many types on malformed input (OSError, SyntaxError, struct.error, IndexError ...)
     except Exception as exc:
         raise BadImageError(path, _reason(exc)) from None
+
+
+def native_channels(mode: str) -> int:
+    """The channels `load_image` gives a file of Pillow `mode` by default: 1 for grey-like modes, else 3
+    (as `to_8bit` converts: 1, L, LA, I;16*, I, F -> L; palette, CMYK, RGBA ... -> RGB)."""
+    return 1 if mode in ("1", "L", "LA", "La", "I", "F") or mode.startswith("I;") else 3
+
+
+def read_header(path: PathLike) -> tuple[str, int, int]:
+    """(Pillow mode, width, height) from the file's header alone, no pixel decoded (`data.verify: header`).
+
+    Catches a missing, empty or non-image file and a damaged header; not a truncated or corrupt body,
+    which only decoding finds. Raises BadImageError."""
+    _check_file(path)
+    try:
+        try:
+            with Image.open(path) as img:
+                return img.mode, int(img.size[0]), int(img.size[1])
+        except Image.DecompressionBombError:
+            # Pillow's own limit refuses at open past twice its MAX_IMAGE_PIXELS; ours decides (see _open_decoded)
+            with _PIL_LIMIT_LOCK:
+                pil_limit = Image.MAX_IMAGE_PIXELS
+                Image.MAX_IMAGE_PIXELS = None
+                try:
+                    with Image.open(path) as img:
+                        return img.mode, int(img.size[0]), int(img.size[1])
+                finally:
+                    Image.MAX_IMAGE_PIXELS = pil_limit
+    except Exception as exc:  # malformed headers raise many types, as in _open_decoded
+        raise BadImageError(path, _reason(exc)) from None
+
+
+def too_large_reason(width: int, height: int, max_pixels: int | None) -> str | None:
+    """Why an image of width x height is refused under data.max_image_pixels, or None when it is not."""
+    return _too_large((width, height), max_pixels)
 
 
 def _scale_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:

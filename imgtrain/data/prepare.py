@@ -54,7 +54,7 @@ def prepare_data(recipe: Any, splits: Any, device: torch.device, eval_size: int 
     eval_size: the side of val/test images when not the training size; drop_last: see `build_loaders`."""
     aug, channels = recipe.augment, splits.channels
     img_size = aug.img_size or splits.native_size
-    notes: list[str] = []
+    notes: list[str] = [splits.scan.describe()] if getattr(splits, "scan", None) is not None else []
     cache = apply_cache(splits, recipe.data, cache_resolution(aug, img_size))
     if cache is not None:
         notes.append(cache.describe())

@@ -4,7 +4,8 @@ A source provides the splits it has natively (the README's table of sources); wh
 carved from train, stratified and seeded (`data.val_fraction`, `data.test_fraction`,
 `data.split_seed`). Then `data.train_subset`, `val_subset` and `test_subset` keep N images of
 their split (stratified, seeded by `data.split_seed`). Data of fewer than 2 classes, or a train
-split left with one, is refused. File sources decode every image up front (images larger than
+split left with one, is refused. File sources check every image up front (data/scan.py,
+`data.verify`: decode, header or trust; results remembered in the scan cache; images larger than
 `data.max_image_pixels` are bad): `data.on_bad_image: error` lists the bad files, `skip` records
 them in `DataSplits.skipped`.
 """
@@ -26,7 +27,8 @@ import torch
 from imgtrain.config import DataConfig
 from imgtrain.data.datasets import FileImageDataset, ImageDataset, TensorImageDataset
 from imgtrain.data.errors import DataError, format_bad_files, format_list
-from imgtrain.data.images import IMAGE_EXTENSIONS, inspect_images
+from imgtrain.data.images import IMAGE_EXTENSIONS
+from imgtrain.data.scan import ScanResult, scan_cache_file, scan_files, summarize_info
 from imgtrain.data.shapes import generate_shapes, shape_classes
 from imgtrain.data.split import list_class_images, stratified_split_indices, stratified_subset_indices
 
@@ -49,6 +51,7 @@ class DataSplits:
     channels: int
     native_size: int  # image side in pixels (files: median of the train images' longer side)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), on_bad_image: skip
+    scan: ScanResult | None = None  # file sources: what the start-up scan did (counts, the scan cache)
 
 
 # ----------------------------------------------------------------------------- shared steps
@@ -124,7 +127,9 @@ def _file_splits(where: str, native: dict[str, tuple[list[str], list[str]]], cla
     native: {split: (paths, class names)} of the source's splits; classes: checked to agree between them.
     """
     all_paths = [p for paths, _ in native.values() for p in paths]
-    bad, info = inspect_images(all_paths, cfg.max_image_pixels)
+    scan = scan_files(all_paths, cfg.verify, cfg.max_image_pixels,
+                      cache_file=scan_cache_file(cfg.cache_dir, cfg.source, cfg.root or ""))
+    bad, info = scan.bad, scan.info
     if bad and cfg.on_bad_image == "error":
         raise DataError(f"{where}: {len(bad)} of {len(all_paths)} image files cannot be read:\n"
                         f"{format_bad_files(bad)}\n"
@@ -142,13 +147,17 @@ def _file_splits(where: str, native: dict[str, tuple[list[str], list[str]]], cla
         raise DataError(f"{where}: no readable training images for class(es) {', '.join(empty)}"
                         + (f" ({len(bad)} unreadable file(s) were skipped)" if bad else "")
                         + ". Every class needs training images: add some or remove the class.")
-    channels = 3 if any(info[p][0] == 3 for p in train_paths) else 1
-    native_size = int(statistics.median_low([info[p][1] for p in train_paths]))
+    known = summarize_info(info, train_paths)  # verify off: its sample's files only
+    if not known:  # verify off, and every sampled file was bad
+        raise DataError(f"{where}: none of the image files sampled for their channels and size (data.verify: off) "
+                        f"can be read:\n{format_bad_files(bad)}\nRun `imgtrain scan` to list every bad file.")
+    channels = 3 if any(found[0] == 3 for found in known) else 1
+    native_size = int(statistics.median_low([found[1] for found in known]))
     built = {split: FileImageDataset(paths, targets, classes, channels, max_pixels=cfg.max_image_pixels)
              for split, (paths, targets) in datasets.items() if paths}
     train, val, test = _carve(built["train"], cfg, "val" not in native, "test" not in native)
     return DataSplits(train=train, val=built.get("val", val), test=built.get("test", test),
-                      classes=list(classes), channels=channels, native_size=native_size, skipped=bad)
+                      classes=list(classes), channels=channels, native_size=native_size, skipped=bad, scan=scan)
 
 
 def _tensor_splits(native: dict[str, tuple[torch.Tensor, torch.Tensor]], classes: list[str],

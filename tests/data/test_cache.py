@@ -14,7 +14,6 @@ from imgtrain.api import prepare_data
 from imgtrain.config import AugmentConfig, DataConfig, ShapesConfig
 from imgtrain.data import DataError, FileImageDataset, build_splits, load_image, write_shapes_imagefolder
 from imgtrain.data.cache import CachedImageDataset, apply_cache, build_cache, cache_resolution
-from imgtrain.data.images import BadImageError
 from imgtrain.tracking import read_summary
 
 
@@ -108,12 +107,17 @@ def test_interrupted_build_leaves_nothing_that_could_be_reused(tmp_path, mixed_f
     broken = Path(mixed_files[2])
     good = broken.read_bytes()
     broken.write_bytes(good[: len(good) // 3])  # truncated after the sources scanned it
-    with pytest.raises(BadImageError, match="tall.png"):
-        build_cache(mixed_files, 3, 12, "disk", str(cache_dir))
-    assert list(cache_dir.iterdir()) == []  # no cache file, no partial file
+    # the build goes on: the file's row stays blank and is listed beside the cache (apply_cache decides)
+    blank = build_cache(mixed_files, 3, 12, "disk", str(cache_dir))
+    assert [path for path, _ in blank.bad] == [str(broken)] and "truncated" in blank.bad[0][1]
+    row = int(blank.rows([str(broken)])[0])
+    assert int(blank.images[row].abs().sum()) == 0
+    assert sorted(p.name for p in cache_dir.iterdir()) == [blank.file.name, blank.file.name + ".bad.json"]
+    assert build_cache(mixed_files, 3, 12, "disk", str(cache_dir)).bad == blank.bad  # reused, with its list
     broken.write_bytes(good)
     cache = build_cache(mixed_files, 3, 12, "disk", str(cache_dir))
-    assert not cache.reused and torch.equal(cache.images[int(cache.rows([str(broken)])[0])],
+    assert sorted(p.name for p in cache_dir.iterdir()) == [cache.file.name]  # the old version and its list gone
+    assert not cache.reused and not cache.bad and torch.equal(cache.images[int(cache.rows([str(broken)])[0])],
                                             _direct(str(broken), 3, 12))
     # a partial file from a build that died (its process is gone) is removed, never read
     stale = cache_dir / f"{cache.file.name.split('-')[0]}-0123456789abcdef.u8.tmp-999999999"
@@ -199,7 +203,7 @@ def test_cache_build_applies_data_max_image_pixels(make_folder, tmp_path):
     Image.new("RGB", (1200, 900), (10, 200, 30)).save(root / "a" / "large.png")  # 1.08 Mpx, a few KB
     splits = build_splits(DataConfig(source="imagefolder", root=str(root), val_fraction=0.0))
     cfg = DataConfig(source="imagefolder", root=str(root), cache="memory", max_image_pixels=1_000_000)
-    with pytest.raises(BadImageError, match=r"1200 x 900 = 1,080,000 pixels, more than data.max_image_pixels"):
+    with pytest.raises(DataError, match=r"1200 x 900 = 1,080,000 pixels, more than data.max_image_pixels"):
         apply_cache(splits, cfg, 12)
     cache = build_cache([str(root / "a" / "large.png")], 3, 12, "memory", max_pixels=None)
     assert cache.images[0, :, 6, 6].tolist() == [10, 200, 30]
