@@ -291,12 +291,7 @@ def shard_loaders(loaders: Loaders, rank: int, world_size: int) -> Loaders:
     """The loaders of one rank: its strided share of every epoch's shuffle (the same permutation on every
     rank, data/samplers.py RankShareSampler) and its contiguous, unpadded share of val and test
     (ShardedEvalSampler: every image counted once). data.batch_size stays per process."""
-    train = loaders.train
-    if train.batch_size is None:  # a batch sampler (per_class): refused by check_distributed_recipe
-        raise RecipeError("this train loader builds its own batches; it cannot be sharded", key="data.sampler")
-    images: Any = train.dataset  # a Dataset with __len__ (torch's Dataset type does not promise one)
-    share = RankShareSampler(len(images), rank, world_size, train.generator)
-    sharded_train = loader_with_sampling(train, batch_size=train.batch_size, sampler=share)
+    train: Any = loaders.train
 
     def sharded(loader: DataLoader | None) -> DataLoader | None:
         if loader is None:
@@ -308,6 +303,13 @@ def shard_loaders(loaders: Loaders, rank: int, world_size: int) -> Loaders:
                           pin_memory=loader.pin_memory, prefetch_factor=loader.prefetch_factor if workers else None,
                           persistent_workers=loader.persistent_workers)
 
+    if getattr(train, "shards_by_rank", False):  # data.source streaming: LitData deals each rank its chunks
+        return dataclasses.replace(loaders, val=sharded(loaders.val), test=sharded(loaders.test))
+    if train.batch_size is None:  # a batch sampler (per_class): refused by check_distributed_recipe
+        raise RecipeError("this train loader builds its own batches; it cannot be sharded", key="data.sampler")
+    images: Any = train.dataset  # a Dataset with __len__ (torch's Dataset type does not promise one)
+    share = RankShareSampler(len(images), rank, world_size, train.generator)
+    sharded_train = loader_with_sampling(train, batch_size=train.batch_size, sampler=share)
     return dataclasses.replace(loaders, train=sharded_train, val=sharded(loaders.val), test=sharded(loaders.test))
 
 

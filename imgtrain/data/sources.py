@@ -350,12 +350,19 @@ def _shapes(cfg: DataConfig) -> DataSplits:
     return _tensor_splits(generate_shapes(cfg.shapes), shape_classes(cfg.shapes), cfg, carve=False)
 
 
+def _streaming(cfg: DataConfig) -> DataSplits:
+    from imgtrain.data.streaming import streaming_splits  # it builds on this module: imported when used
+
+    return streaming_splits(cfg)
+
+
 SOURCES: dict[str, Callable[[DataConfig], DataSplits]] = {
     "imagefolder": _imagefolder,
     "csv": _csv,
     "fashion-mnist": _fashion_mnist,
     "digits": _digits,
     "shapes": _shapes,
+    "streaming": _streaming,
 }
 
 
