@@ -502,6 +502,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
 def cmd_shard(args: argparse.Namespace) -> int:
     """Write the shards of an image folder or CSV manifest (data.source: streaming trains on them)."""
     from imgtrain.config import load_recipe
+    from imgtrain.data import DataError, build_splits
     from imgtrain.data.images import usable_cpus
     from imgtrain.data.streaming import SPLITS, write_shards
 
@@ -509,9 +510,12 @@ def cmd_shard(args: argparse.Namespace) -> int:
     # unreadable images are skipped and listed, as `imgtrain scan` lists them; every image, no subset
     recipe = load_recipe(None, [f"data.source={source}", f"data.root={args.src}", *args.overrides,
                                 "data.on_bad_image=skip", "data.train_subset=null"])
+    dst = Path(args.dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.overwrite:  # before the scan
+        raise DataError(f"{dst} exists and is not empty; choose a new folder or pass --overwrite to replace it")
     chosen = SPLITS if not args.split or "all" in args.split else tuple(args.split)
-    summary = write_shards(recipe.data, args.dst, workers=args.workers or usable_cpus(), splits=chosen,
-                           overwrite=args.overwrite)
+    summary = write_shards(build_splits(recipe.data), dst, workers=args.workers or usable_cpus(), splits=chosen,
+                           overwrite=args.overwrite, seed=recipe.data.split_seed)
     for path, reason in summary.skipped:
         print(f"skipped {path}: {reason}")
     counts = ", ".join(f"{split} {n}" for split, n in summary.counts.items())

@@ -351,9 +351,14 @@ def _shapes(cfg: DataConfig) -> DataSplits:
 
 
 def _streaming(cfg: DataConfig) -> DataSplits:
-    from imgtrain.data.streaming import streaming_splits  # it builds on this module: imported when used
+    # imported when used: it loads LitData, an optional extra
+    from imgtrain.data.streaming import open_shards
 
-    return streaming_splits(cfg)
+    meta, built = open_shards(cfg)
+    return DataSplits(train=built["train"], val=built.get("val"), test=built.get("test"),
+                      classes=list(meta["classes"]), channels=int(meta["channels"]),
+                      native_size=int(meta["native_size"]),
+                      skipped=[(str(path), str(reason)) for path, reason in meta.get("skipped", [])])
 
 
 SOURCES: dict[str, Callable[[DataConfig], DataSplits]] = {

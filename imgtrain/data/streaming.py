@@ -76,22 +76,20 @@ class ShardSummary:
     skipped: list[tuple[str, str]]
 
 
-def write_shards(data: DataConfig, dst: str | Path, workers: int = 1, splits: Sequence[str] = SPLITS,
-                 overwrite: bool = False) -> ShardSummary:
-    """Shards of the splits of an imagefolder or csv source (`data`, read with the source's own rules,
-    bad images skipped and listed) in `dst`, written by `workers` processes. Written into a temporary
-    folder beside `dst` and renamed at the end: an interrupted run leaves no half-written shard folder."""
+def write_shards(found: Any, dst: str | Path, workers: int = 1, splits: Sequence[str] = SPLITS,
+                 overwrite: bool = False, seed: int = 0) -> ShardSummary:
+    """Shards of `found` (the DataSplits of an imagefolder or csv source, as `build_splits` reads it: bad
+    images skipped and listed) in `dst`, written by `workers` processes; `seed` orders the images. Written
+    into a temporary folder beside `dst` and renamed at the end: an interrupted run leaves no half-written
+    shard folder."""
     from litdata import optimize
 
-    from imgtrain.data.sources import build_splits
-
-    if data.source not in ("imagefolder", "csv"):
-        raise DataError(f"imgtrain shard reads an image folder or a CSV manifest, not data.source {data.source}")
+    if not isinstance(found.train, FileImageDataset):
+        raise DataError("imgtrain shard reads image files: an image folder or a CSV manifest")
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         if not overwrite:
             raise DataError(f"{dst} exists and is not empty; choose a new folder or pass --overwrite to replace it")
-    found = build_splits(data)
     chosen = [s for s in SPLITS if s in splits and getattr(found, s) is not None]
     dst.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
@@ -104,7 +102,7 @@ def write_shards(data: DataConfig, dst: str | Path, workers: int = 1, splits: Se
             assert isinstance(dataset, FileImageDataset), "imagefolder and csv give file datasets"
             # written in a seeded random order: LitData shuffles chunks and the images inside each chunk, so
             # a source listed class by class would otherwise give chunks (and batches) of one or two classes
-            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(data.split_seed)).tolist()
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
             dataset = dataset.subset(order)
             inputs = list(zip(dataset.paths, dataset.targets.tolist()))
             # keep_data_ordered: sample k of the split is input k, so the labels below line up with the chunks
@@ -223,7 +221,7 @@ def _stream_class() -> type:
         return _IMAGE_STREAM
     from litdata import StreamingDataset
 
-    class ImageStream(StreamingDataset):  # type: ignore[misc]
+    class ImageStream(StreamingDataset):
         """Samples as (image, label), transformed; with `seed_base`, each image's augmentation is seeded
         from its index in the split (loader workers: the same draw wherever the epoch started)."""
 
@@ -291,23 +289,16 @@ class StreamingTrainLoader:
                                     "current_epoch": 1, "num_samples_yielded": done,
                                     "latest_worker_idx": (start - 1) % max(self.num_workers, 1)})
             loader.restore = True
-        return self._pairs(loader)
-
-    @staticmethod
-    def _pairs(loader: Any) -> Iterator[Any]:
-        for images, labels in loader:
-            yield images, labels
+        return iter(loader)
 
     def with_batch_size(self, batch_size: int) -> StreamingTrainLoader:
         return StreamingTrainLoader(self.dataset, batch_size, self.num_workers, self.generator, self.drop_last,
                                     self.pin_memory)
 
 
-def streaming_splits(cfg: DataConfig) -> Any:
-    """`data.source: streaming`: the splits of the shard folder data.root (classes and channels from its
-    metadata; val/test from their shards, none carved)."""
-    from imgtrain.data.sources import DataSplits
-
+def open_shards(cfg: DataConfig) -> tuple[dict[str, Any], dict[str, ShardDataset]]:
+    """`data.source: streaming`: the metadata of the shard folder data.root and a ShardDataset per split it
+    holds (sources.py makes them DataSplits: classes and channels from the metadata, nothing carved)."""
     try:
         import litdata  # noqa: F401
     except ImportError:
@@ -320,11 +311,9 @@ def streaming_splits(cfg: DataConfig) -> Any:
     if "train" not in meta["counts"]:
         raise DataError(f"{root} holds no train shards (splits: {', '.join(meta['counts'])}); write them with "
                         "`imgtrain shard SRC DST --split all`")
-    built = {s: ShardDataset(root, s, meta, max_pixels=cfg.max_image_pixels) for s in SPLITS if s in meta["counts"]}
-    return DataSplits(train=built["train"], val=built.get("val"), test=built.get("test"),
-                      classes=list(meta["classes"]), channels=int(meta["channels"]),
-                      native_size=int(meta["native_size"]), skipped=[tuple(s) for s in meta.get("skipped", [])])
+    return meta, {s: ShardDataset(root, s, meta, max_pixels=cfg.max_image_pixels) for s in SPLITS
+                  if s in meta["counts"]}
 
 
-__all__ = ["METADATA_FILE", "ShardDataset", "ShardSummary", "StreamingTrainLoader", "check_streaming_recipe",
-           "decode_image", "is_remote", "read_metadata", "streaming_splits", "write_shards"]
+__all__ = ["METADATA_FILE", "ShardDataset", "ShardSummary", "StreamingTrainLoader",
+           "decode_image", "is_remote", "open_shards", "read_metadata", "write_shards"]

@@ -42,7 +42,7 @@ def digits(tmp_path_factory):
     base = tmp_path_factory.mktemp("stream")
     folder = write_digits_folder(base / "digits")
     data = load_recipe(None, ["data.source=imagefolder", f"data.root={folder}", *SPLIT_KEYS]).data
-    write_shards(data, base / "shards", workers=2)
+    write_shards(build_splits(data), base / "shards", workers=2)
     return folder, base / "shards"
 
 
@@ -86,7 +86,8 @@ def test_batches_from_any_batch_continue_the_whole_pass(digits):
     for workers in (0, 2):
         whole = labels(workers, 5)
         assert len(whole) == -(-len(dataset) // 64)
-        assert sorted(sum(whole, [])) == sorted(dataset.targets.tolist())  # every image once
+        # every image once
+        assert sorted(label for batch in whole for label in batch) == sorted(dataset.targets.tolist())
         for start in (1, 7, len(whole) - 1):
             assert labels(workers, 5, start) == whole[start:]
     assert labels(0, 6) != labels(0, 5)
