@@ -270,8 +270,16 @@ class StreamingTrainLoader:
                                    generator=torch.Generator().manual_seed(seed))
 
     def __len__(self) -> int:
+        """Batches per epoch on this rank: LitData's share of the chunks, which can differ between ranks by
+        a batch; under several processes the smallest share, as every rank must take the same steps (the
+        first call is a collective: the Trainer makes it on every rank at once, then it is kept)."""
         if self._batches is None:
-            self._batches = len(self._make(0))  # per rank: LitData's share of the chunks for this rank
+            batches = len(self._make(0))
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                count = torch.tensor([batches], dtype=torch.long)
+                torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
+                batches = int(count.item())
+            self._batches = batches
         return self._batches
 
     def __iter__(self) -> Iterator[Any]:
