@@ -3,7 +3,12 @@ scikit-learn digits written as PNG files (the quickstart's data), sharded with L
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +158,40 @@ def test_what_needs_random_access_is_refused(override, key):
 def test_a_folder_without_shards_is_refused(tmp_path):
     with pytest.raises(DataError, match="imgtrain shard SRC DST"):
         build_splits(load_recipe(None, ["data.source=streaming", f"data.root={tmp_path}"]).data)
+
+
+RANK_SCRIPT = """
+import hashlib, json, sys
+import torch, torch.distributed as dist
+from imgtrain.data.streaming import ShardDataset, StreamingTrainLoader
+dist.init_process_group("gloo")
+root = sys.argv[1]
+dataset = ShardDataset(root, "train", json.loads(open(root + "/imgtrain_shards.json").read()))
+loader = StreamingTrainLoader(dataset, 64, 0, torch.Generator().manual_seed(3))
+seen = [hashlib.sha1(image.numpy().tobytes()).hexdigest() + str(int(label))
+        for images, labels in loader for image, label in zip(images, labels)]
+out = {"rank": dist.get_rank(), "batches": len(loader), "seen": seen}
+open(f"{sys.argv[2]}/rank{dist.get_rank()}.json", "w").write(json.dumps(out))  # one file each: lines interleave
+dist.destroy_process_group()
+"""
+
+
+def test_each_rank_reads_its_own_images(digits, tmp_path):
+    """Two processes under torchrun: LitData deals each its own chunks (no image on both), and both
+    take the same number of batches (the smaller share)."""
+    _, shards = digits
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    repo = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(shards), str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert sorted(r["rank"] for r in ranks) == [0, 1] and ranks[0]["batches"] == ranks[1]["batches"]
+    dataset = ShardDataset(str(shards), "train", json.loads((shards / METADATA_FILE).read_text()))
+    every = collections.Counter(hashlib.sha1(dataset[i][0].numpy().tobytes()).hexdigest() + str(dataset[i][1])
+                                for i in range(len(dataset)))
+    together = collections.Counter(ranks[0]["seen"]) + collections.Counter(ranks[1]["seen"])
+    assert not together - every  # no image read more often than the split holds it: the shares are disjoint
+    assert sum(together.values()) >= len(dataset) - 2 * 64  # and together they cover the split (a batch each)
