@@ -308,8 +308,10 @@ def rank_seed(seed: int, rank: int) -> int:
 
 def shard_loaders(loaders: Loaders, rank: int, world_size: int) -> Loaders:
     """The loaders of one rank: its interleaved share of every epoch's draws from the train sampler (the
-    same on every rank, data/samplers.py shard_train_loader) and its contiguous, unpadded share of val and
-    test (ShardedEvalSampler: every image counted once). data.batch_size stays per process."""
+    same on every rank, data/samplers.py shard_train_loader; a streaming source's LitData loader deals
+    each rank its own chunks) and its contiguous, unpadded share of val and test (ShardedEvalSampler:
+    every image counted once). data.batch_size stays per process."""
+    train: Any = loaders.train
 
     def sharded(loader: DataLoader | None) -> DataLoader | None:
         if loader is None:
@@ -321,7 +323,9 @@ def shard_loaders(loaders: Loaders, rank: int, world_size: int) -> Loaders:
                           pin_memory=loader.pin_memory, prefetch_factor=loader.prefetch_factor if workers else None,
                           persistent_workers=loader.persistent_workers)
 
-    return dataclasses.replace(loaders, train=shard_train_loader(loaders.train, rank, world_size),
+    if getattr(train, "shards_by_rank", False):  # data.source streaming: LitData deals each rank its chunks
+        return dataclasses.replace(loaders, val=sharded(loaders.val), test=sharded(loaders.test))
+    return dataclasses.replace(loaders, train=shard_train_loader(train, rank, world_size),
                                val=sharded(loaders.val), test=sharded(loaders.test))
 
 

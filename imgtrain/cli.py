@@ -501,6 +501,32 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shard(args: argparse.Namespace) -> int:
+    """Write the shards of an image folder or CSV manifest (data.source: streaming trains on them)."""
+    from imgtrain.config import load_recipe
+    from imgtrain.data import DataError, build_splits
+    from imgtrain.data.images import usable_cpus
+    from imgtrain.data.streaming import SPLITS, write_shards
+
+    source = "csv" if Path(args.src).suffix.lower() == ".csv" else "imagefolder"
+    # unreadable images are skipped and listed, as `imgtrain scan` lists them; every image, no subset
+    recipe = load_recipe(None, [f"data.source={source}", f"data.root={args.src}", *args.overrides,
+                                "data.on_bad_image=skip", "data.train_subset=null"])
+    dst = Path(args.dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.overwrite:  # before the scan
+        raise DataError(f"{dst} exists and is not empty; choose a new folder or pass --overwrite to replace it")
+    chosen = SPLITS if not args.split or "all" in args.split else tuple(args.split)
+    summary = write_shards(build_splits(recipe.data), dst, workers=args.workers or usable_cpus(), splits=chosen,
+                           overwrite=args.overwrite, seed=recipe.data.split_seed)
+    for path, reason in summary.skipped:
+        print(f"skipped {path}: {reason}")
+    counts = ", ".join(f"{split} {n}" for split, n in summary.counts.items())
+    print(f"wrote shards of {len(summary.classes)} classes to {summary.dst} ({counts} images"
+          + (f"; {len(summary.skipped)} unreadable skipped" if summary.skipped else "") + "); train on them with "
+          f"data.source=streaming data.root={summary.dst}")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from imgtrain.config import RecipeError, recipe_schema
 
@@ -665,6 +691,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("scan", cmd_scan, "list the recipe's unreadable image files (path: reason); exit 1 when there are any",
             overrides_example="data.root=DIR")
+
+    p = command("shard", cmd_shard, "write an image folder or CSV manifest as LitData shards (data.source: "
+                "streaming), in parallel")
+    p.add_argument("src", metavar="SRC", help="image folder (class folders, or train/val/test of them) or CSV manifest")
+    p.add_argument("dst", metavar="DST", help="new folder for the shards and imgtrain_shards.json")
+    p.add_argument("overrides", nargs="*", help="data.key=value: how val/test are carved, e.g. data.val_fraction=0.2")
+    p.add_argument("--workers", type=int, metavar="N", help="processes writing shards (default: the usable CPUs)")
+    p.add_argument("--split", action="append", choices=["train", "val", "test", "all"],
+                   help="split to write (repeatable; default: all the source has or carves)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
 
     p = command("schema", cmd_schema, "write the recipe's JSON Schema (editors complete and check recipe keys)")
     p.add_argument("--output", help="file to write (default: stdout), e.g. recipe.schema.json")

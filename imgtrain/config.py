@@ -78,8 +78,8 @@ class ShapesConfig(_Section):
 @dataclass(config=SECTION)
 class DataConfig(_Section):
     """Where the images come from, how they are split, cached and batched (data/)."""
-    source: Literal["imagefolder", "csv", "fashion-mnist", "digits", "shapes"] = Field("digits", description="where images come from")
-    root: Str | None = Field(None, description="imagefolder: the folder; csv: the manifest; fashion-mnist: the IDX folder")
+    source: Literal["imagefolder", "csv", "fashion-mnist", "digits", "shapes", "streaming"] = Field("digits", description="where images come from")
+    root: Str | None = Field(None, description="imagefolder: the folder; csv: the manifest; fashion-mnist: the IDX folder; streaming: the shard folder or s3://bucket/prefix")
     image_root: Str | None = Field(None, description="csv: folder the paths are relative to (default: the csv's)")
     val_fraction: Float = Field(0.1, ge=0.0, le=0.9, description="carved from train when no val split exists")
     test_fraction: Float = Field(0.0, ge=0.0, le=0.9, description="carved from train when no test split exists")
@@ -111,6 +111,23 @@ class DataConfig(_Section):
         if self.source in ("imagefolder", "csv") and not self.root:
             what = "folder" if self.source == "imagefolder" else "manifest CSV"
             fail("root", f"data.source {self.source} needs data.root (the {what})")
+        if self.source == "streaming":
+            self._check_streaming()
+
+    def _check_streaming(self) -> None:
+        """What needs random access to the train split does not combine with streaming it."""
+        if not self.root:
+            fail("root", "data.source streaming needs data.root: a folder written by `imgtrain shard SRC DST` "
+                 "or s3://bucket/prefix")
+        if self.sampler != "random":
+            fail("sampler", f"data.sampler {self.sampler} draws images by index; data.source streaming reads the "
+                 "train shards in order (shuffled by chunk): use data.sampler: random")
+        if self.train_subset is not None:
+            fail("train_subset", "data.train_subset picks images by index; with data.source streaming write "
+                 "shards of the subset instead (`imgtrain shard`)")
+        if self.cache != "off":
+            fail("cache", "data.cache keeps decoded image files; with data.source streaming LitData reads and "
+                 "caches chunks itself: set data.cache: off")
 
 
 def _pair(key: str, pair: list[float], low: float, above: bool = False) -> None:
@@ -545,6 +562,12 @@ class Recipe(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     # where the recipe came from (not a recipe key: recipe_from_dict refuses it; set by load_recipe)
     source_file: str | None = dataclasses.field(default=None, metadata={"internal": True})
+
+    def _check(self) -> None:
+        if self.data.source == "streaming" and self.curriculum.difficulty is not None:
+            fail("curriculum.difficulty", "curriculum learning picks training images by difficulty, which needs "
+                 "random access; data.source streaming reads the train shards in order: remove "
+                 "curriculum.difficulty or train from the image folder")
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain data (what config.yaml in the run folder holds)."""

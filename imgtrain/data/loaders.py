@@ -25,11 +25,12 @@ from imgtrain.data.errors import DataError
 from imgtrain.data.images import usable_cpus
 from imgtrain.data.samplers import TrainLoader, loader_with_sampling, with_train_sampler
 from imgtrain.data.sources import DataSplits
+from imgtrain.data.streaming import ShardDataset, StreamingTrainLoader
 
 
 @dataclass
 class Loaders:
-    train: TrainLoader
+    train: TrainLoader | StreamingTrainLoader
     val: DataLoader | None
     test: DataLoader | None
     train_generator: torch.Generator  # the train loader's shuffle generator; re-seed per epoch
@@ -81,19 +82,25 @@ def build_loaders(recipe: Any, splits: DataSplits, device: torch.device, drop_la
                         "so no batch would remain. Lower data.batch_size.")
     generator = torch.Generator()
     generator.manual_seed(recipe.train.seed)
+    val = _loader(splits.val, eval_batch, False, settings) if splits.val is not None else None
+    test = _loader(splits.test, eval_batch, False, settings) if splits.test is not None else None
+    if isinstance(splits.train, ShardDataset):  # data.source streaming: LitData reads the train shards
+        streamed = StreamingTrainLoader(splits.train, cfg.batch_size, settings.workers, generator, drop_last,
+                                        settings.pin_memory)
+        return Loaders(train=streamed, val=val, test=test, train_generator=generator)
     shuffled = _loader(splits.train, cfg.batch_size, True, settings, generator, drop_last)
     train = loader_with_sampling(shuffled, batch_size=cfg.batch_size, sampler=shuffled.sampler)
     # workers' RNGs depend on which batches they were dealt: seed each image instead (TrainLoader)
     train.seed_per_sample = settings.workers > 0 and recipe.train.deterministic
     if cfg.sampler != "random":  # class-balanced draws or P x K batches, same loader settings
         train = with_train_sampler(train, cfg, splits.train.targets)
-    val = _loader(splits.val, eval_batch, False, settings) if splits.val is not None else None
-    test = _loader(splits.test, eval_batch, False, settings) if splits.test is not None else None
     return Loaders(train=train, val=val, test=test, train_generator=generator)
 
 
-def with_batch_size(loader: DataLoader, batch_size: int) -> TrainLoader:
+def with_batch_size(loader: Any, batch_size: int) -> TrainLoader | StreamingTrainLoader:
     """The same loader with another batch size (progressive resizing's stages)."""
+    if isinstance(loader, StreamingTrainLoader):
+        return loader.with_batch_size(batch_size)
     if loader.batch_size is None:
         raise DataError("this train loader builds its own batches (data.sampler per_class): its batch "
                         "size cannot change between stages")

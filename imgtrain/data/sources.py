@@ -359,12 +359,24 @@ def _shapes(cfg: DataConfig) -> DataSplits:
     return _tensor_splits(generate_shapes(cfg.shapes), shape_classes(cfg.shapes), cfg, carve=False)
 
 
+def _streaming(cfg: DataConfig) -> DataSplits:
+    # imported when used: it loads LitData, an optional extra
+    from imgtrain.data.streaming import open_shards
+
+    meta, built = open_shards(cfg)
+    return DataSplits(train=built["train"], val=built.get("val"), test=built.get("test"),
+                      classes=list(meta["classes"]), channels=int(meta["channels"]),
+                      native_size=int(meta["native_size"]),
+                      skipped=[(str(path), str(reason)) for path, reason in meta.get("skipped", [])])
+
+
 SOURCES: dict[str, Callable[[DataConfig], DataSplits]] = {
     "imagefolder": _imagefolder,
     "csv": _csv,
     "fashion-mnist": _fashion_mnist,
     "digits": _digits,
     "shapes": _shapes,
+    "streaming": _streaming,
 }
 
 

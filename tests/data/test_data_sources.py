@@ -20,7 +20,7 @@ def counts(dataset, classes):
 
 
 def test_registry_lists_every_source():
-    assert sorted(SOURCES) == sorted(["imagefolder", "csv", "fashion-mnist", "digits", "shapes"])
+    assert sorted(SOURCES) == sorted(["imagefolder", "csv", "fashion-mnist", "digits", "shapes", "streaming"])
 
 
 # ----------------------------------------------------------------------------- imagefolder
