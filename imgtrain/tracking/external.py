@@ -284,8 +284,9 @@ class ExperimentTracking(Hook):
             else:
                 self._skip_through[backend.name] = self._catch_up(backend, state)
         if self.run_ids:
-            state.note("experiment trackers: " + ", ".join(f"{name} run {run_id}"
-                                                           for name, run_id in self.run_ids.items()))
+            verb = "continued" if resume_step is not None else "started"
+            state.note(f"experiment trackers {verb}: " + ", ".join(f"{name} {run_id}"
+                                                                   for name, run_id in self.run_ids.items()))
 
     def _catch_up(self, backend: TrackerBackend, state: Any) -> int:
         """A reopened run: log the epoch rows up to the checkpoint that the backend does not hold (W&B writes

@@ -350,3 +350,16 @@ def test_image_worker_runs_jobs_in_order_and_reports_failures():
     assert done == [0, 1, 2, 3, 4]
     worker.submit(lambda: done.append(5))
     assert worker.close() == [] and done[-1] == 5
+
+
+def test_build_trackers_adds_one_experiment_tracking_hook_last(tmp_path):
+    from imgtrain.tracking import ExperimentTracking, build_trackers
+
+    plain = build_trackers(load_recipe("quickstart", ["output.progress=off"]), tmp_path)
+    assert not any(isinstance(hook, ExperimentTracking) for hook in plain)
+    recipe = load_recipe("quickstart", ["output.progress=off", "output.trackers=[wandb,tensorboard]",
+                                        "output.log_images_every=3"])
+    hooks = build_trackers(recipe, tmp_path)
+    assert len(hooks) == len(plain) + 1 and isinstance(hooks[-1], ExperimentTracking)
+    assert [backend.name for backend in hooks[-1].backends] == ["wandb", "tensorboard"]
+    assert hooks[-1].log_images_every == 3 and hooks[-1].state_dict() == {}  # nothing to resume before fit_start
