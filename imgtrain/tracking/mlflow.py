@@ -1,12 +1,12 @@
 """MLflow: one MLflow run per run folder, in the experiment "imgtrain", through `mlflow.MlflowClient`.
 
 The store is `output.mlflow_uri` (a tracking server: http://host:5000), by default the SQLite file
-`mlflow.db` in the folder holding the run folder (`output.root`), with the artifacts beside it in
-`mlartifacts/`. The recipe goes in as parameters (`optim.lr`, ...), each epoch's history row as metrics
-at the optimizer step, images with `log_image` (keyed, per step), and checkpoints/best.safetensors and
-last.safetensors as artifacts under `checkpoints/`. A resumed run reopens the same MLflow run (its id is
-in the training state) and skips the steps it already holds. View:
-`mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`.
+`mlflow.db` in the folder holding the run folder (`output.root`); a SQLite store keeps the artifacts
+beside its file in `mlartifacts/`. The recipe goes in as parameters (`optim.lr`, ...), each epoch's
+history row as metrics at the optimizer step, images with `log_image` (keyed, per step), and
+checkpoints/best.safetensors and last.safetensors as artifacts under `checkpoints/`. A resumed run
+reopens the same MLflow run (its id is in the training state) and skips the steps it already holds.
+View: `mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ EXPERIMENT = "imgtrain"
 MLFLOW_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 MAX_PARAMS_PER_CALL = 100  # MLflow's log_batch limit
+SQLITE = "sqlite:///"
 STEP_PROBE_METRIC = "train_loss"  # every epoch row has it: its history says which steps a run holds
 
 
 def default_tracking_uri(run_dir: Path) -> str:
     """sqlite:///<absolute path>/mlflow.db beside the run folder."""
-    return f"sqlite:///{(run_dir.parent / MLFLOW_DB).resolve()}"
+    return f"{SQLITE}{(run_dir.parent / MLFLOW_DB).resolve()}"
 
 
 class MlflowBackend(TrackerBackend):
@@ -52,9 +53,9 @@ class MlflowBackend(TrackerBackend):
         experiment = self.client.get_experiment_by_name(EXPERIMENT)
         if experiment is not None:
             experiment_id = experiment.experiment_id
-        elif self.tracking_uri is None:  # a local store: the artifacts next to the database
-            experiment_id = self.client.create_experiment(
-                EXPERIMENT, artifact_location=(run.run_dir.parent / ARTIFACTS_DIR).resolve().as_uri())
+        elif uri.startswith(SQLITE):  # a local store: the artifacts next to the database (not in ./mlruns)
+            artifacts = Path(uri.removeprefix(SQLITE)).parent / ARTIFACTS_DIR
+            experiment_id = self.client.create_experiment(EXPERIMENT, artifact_location=artifacts.resolve().as_uri())
         else:  # a server decides where artifacts go
             experiment_id = self.client.create_experiment(EXPERIMENT)
         created = self.client.create_run(experiment_id, run_name=run.name,
