@@ -62,6 +62,7 @@ from imgtrain.strategies import StrategyContext, check_strategies, enabled_strat
 from imgtrain.strategies.lr_finder import CSV_NAME as LR_FIND_CSV
 from imgtrain.strategies.lr_finder import LrFindResult, find_lr
 from imgtrain.tracking import ReportInputs, ReportTracker, TrainLogTracker, build_trackers, read_summary, write_summary
+from imgtrain.tracking.external import check_trackers
 
 # keys that may change when resuming: how the run is executed, never what it computes
 RESUME_OVERRIDABLE = ("train.device", "train.threads", "train.checkpoint_every.steps",
@@ -166,6 +167,7 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
             _check_not_overwritten(weights.path, run_dir)
         run_info = new_run_info(recipe.train.epochs)
     check_strategies(recipe)  # cross-section checks of every enabled strategy, before the data is read
+    check_trackers(recipe)  # a tracker's package is missing: say which extra to install, before any work
     seed_everything(recipe.train.seed)
     splits = build_splits(recipe.data)
     # before anything reads the images: the normalisation statistics, the LR finder, loader workers

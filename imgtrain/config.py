@@ -532,10 +532,16 @@ class OutputConfig(_Section):
     report: Bool = Field(True, description="redraw report.html every epoch (on a time budget; the last always)")
     redraw: Literal["budget", "every_epoch"] = Field("budget", description="plots and report: budget: skip redraws costing over ~1% of the time (the last epoch always draws); every_epoch: always")
     progress: Literal["auto", "bar", "log", "off"] = Field("auto", description="auto: bar on a terminal")
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list, description="experiment trackers beside the CSV/JSONL files (pip install \"imgtrain[trackers]\"): tensorboard | mlflow | wandb")
+    mlflow_uri: Str | None = Field(None, description="MLflow tracking URI (a server: http://host:5000); default: sqlite:///.../mlflow.db in the folder holding the run folder (output.root)")
+    log_images_every: Int = Field(5, ge=0, description="trackers: confusion matrix and worst images every N epochs (and the last epoch); 0: never")
 
     def _check(self) -> None:
         if self.name is not None and ("/" in self.name or self.name in (".", "..")):
             fail("name", f"a run name is one folder name, got {self.name!r}; use output.root for the parent")
+        repeated = sorted({t for t in self.trackers if self.trackers.count(t) > 1})
+        if repeated:
+            fail("trackers", f"{', '.join(repeated)} listed more than once; name each tracker once")
 
 
 @dataclass(config=SECTION)

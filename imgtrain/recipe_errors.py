@@ -152,4 +152,5 @@ def _literal_args(tp: Any) -> list[Any]:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
         return list(args)
-    return [a for arg in args for a in _literal_args(arg)] if origin in (typing.Union, types.UnionType) else []
+    # a list of choices (output.trackers) names the choices of its items
+    return [a for arg in args for a in _literal_args(arg)] if origin in (typing.Union, types.UnionType, list) else []

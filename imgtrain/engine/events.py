@@ -34,7 +34,8 @@ collectives of engine/distributed.py; in one process it is never fired.
 
 A hook implements only the methods of the events it needs. `on_note(message, event, fields)` is no
 loop event: it receives what hooks report with `state.note(...)`, so a strategy can write to the
-run's log without knowing the trackers. Strategies (which change the batch, model, optimizer or
+run's log without knowing the trackers; `on_image(name, image, step)` likewise receives what hooks log
+with `state.log_image(...)`. Strategies (which change the batch, model, optimizer or
 schedule) run before trackers (which only read), each list in declared order. A training state may be
 saved after any optimizer step (train.checkpoint_every, a stop signal): what a hook keeps across batches
 belongs in its `state_dict`, and its `epoch_start` keeps what was restored when `state.resumed_batches > 0`.
@@ -71,6 +72,10 @@ class Hook:
     def on_note(self, message: str, event: str | None, fields: dict[str, Any]) -> None:
         """A line another hook reported with `state.note` (trackers write it down)."""
 
+    def on_image(self, name: str, image: Any, step: int) -> None:
+        """An image a hook logged with `state.log_image` at optimizer step `step` (experiment trackers
+        send it on): a uint8 (H, W, C) or (C, H, W) array or tensor, or a matplotlib Figure."""
+
     def state_dict(self) -> dict[str, Any]:
         """What a resume needs; hooks without state return {}."""
         return {}
@@ -97,6 +102,7 @@ class HookList:
             for event in EVENTS
         }
         self._note_listeners = [h for h in ordered if type(h).on_note is not Hook.on_note]
+        self._image_listeners = [h for h in ordered if type(h).on_image is not Hook.on_image]
         # a hook that replays batches (state.repeat_group) needs the loop to keep each group's batches
         self.replays_group = any(getattr(h, "replays_group", False) for h in ordered)
 
@@ -106,6 +112,10 @@ class HookList:
     def note(self, message: str, event: str | None, fields: dict[str, Any]) -> None:
         for hook in self._note_listeners:
             hook.on_note(message, event, fields)
+
+    def image(self, name: str, image: Any, step: int) -> None:
+        for hook in self._image_listeners:
+            hook.on_image(name, image, step)
 
     def fire(self, event: str, state: Any) -> None:
         for method in self._listeners[event]:

@@ -109,7 +109,8 @@ class Trainer:
                                 optimizer=optimizer, scheduler=None, scaler=scaler,
                                 amp_dtype=self.amp_dtype, classes=list(parts.classes), epochs=len(self.plans),
                                 steps_per_epoch=self.epoch_batches[0] if self.plans else 0,
-                                prepare_batch=self._prepare_batch, note_sink=self.hooks.note)
+                                prepare_batch=self._prepare_batch, note_sink=self.hooks.note,
+                                image_sink=self.hooks.image)
         self.state.scheduler = self._build_scheduler(epoch=0)
         self.loss_fn = parts.loss_fn.to(self.device) if isinstance(parts.loss_fn, torch.nn.Module) else parts.loss_fn
         self.logit_offset = parts.logit_offset.to(self.device) if parts.logit_offset is not None else None

@@ -96,12 +96,37 @@ class TrainState:
     prepare_batch: Callable[[torch.Tensor], torch.Tensor] | None = None
     # where note() lines go (train.log, events.jsonl): set by the Trainer to its hooks' on_note
     note_sink: Callable[[str, str | None, dict[str, Any]], None] | None = None
+    # where log_image() images go (the experiment trackers): set by the Trainer to its hooks' on_image
+    image_sink: Callable[[str, Any, int], None] | None = None
 
     def note(self, message: str, event: str | None = None, **fields: Any) -> None:
         """A line for the run's log (train.log), and a record in events.jsonl when `event` is given:
         how a strategy reports what it did without knowing the trackers."""
         if self.note_sink is not None:
             self.note_sink(message, event, fields)
+
+    def log_metric(self, name: str, value: Any) -> None:
+        """A metric of your own for this epoch's history row: history.csv, events.jsonl and every experiment
+        tracker get it at the epoch's end, at the epoch's optimizer step. Call it during the epoch or at
+        eval_end/epoch_end (hooks run before the trackers); the last value of an epoch wins."""
+        if not isinstance(name, str) or not name or name == "epoch" or name.startswith("_"):
+            raise ValueError(f"log_metric: a metric name is a non-empty string that is not 'epoch' and does not "
+                             f"start with '_', got {name!r}")
+        if hasattr(value, "item") and callable(value.item):  # a 0-d tensor or numpy scalar
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"log_metric({name!r}): the value must be a number, got {type(value).__name__}")
+        self.epoch_metrics[name] = value
+        # at epoch_end the loop has already appended this epoch's row (epochs are 1-based there)
+        if self.history and self.history[-1].get("epoch") == self.epoch + 1:
+            self.history[-1][name] = value
+
+    def log_image(self, name: str, image: Any) -> None:
+        """An image for the experiment trackers (TensorBoard, MLflow, W&B) at the current optimizer step:
+        a uint8 (H, W, C) or (C, H, W) array or tensor, or a matplotlib Figure. Rendered and written off the
+        training thread; without trackers it goes nowhere."""
+        if self.image_sink is not None:
+            self.image_sink(name, image, self.step)
 
     @property
     def lr(self) -> float:

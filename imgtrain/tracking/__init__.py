@@ -7,9 +7,10 @@
     run_dir/plots/*.png     loss, accuracy, lr, momentum, speed   PlotTracker
     run_dir/report.html     one self-contained page of it all     ReportTracker (tracking/report.py)
     run_dir/summary.json    final numbers                         write_summary
+    TensorBoard, MLflow, W&B  output.trackers (optional packages)   ExperimentTracking (tracking/external.py)
 
-`build_trackers(recipe, run_dir)` returns them in that order. Trackers never change the state, so
-they run after every strategy. Under DDP only rank 0 should build them.
+`build_trackers(recipe, run_dir)` returns them in that order, the experiment trackers last. Trackers never
+change the state, so they run after every strategy. Under DDP only rank 0 should build them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TextIO
 from imgtrain.config import Recipe
 from imgtrain.engine.events import Hook
 from imgtrain.tracking.events_log import EVENTS_FILE, EventLogTracker
+from imgtrain.tracking.external import TRACKERS_EXTRA, ExperimentTracking, TrackerBackend, check_trackers
 from imgtrain.tracking.history import HISTORY_FILE, HistoryTracker, read_history, write_history
 from imgtrain.tracking.logfile import LOG_FILE, TrainLogTracker
 from imgtrain.tracking.plots import PLOTS_DIR, REDRAW_BUDGET_FACTOR, PlotTracker, plot_history
@@ -28,8 +30,9 @@ from imgtrain.tracking.report import REPORT_FILE, ReportInputs, ReportTracker, r
 from imgtrain.tracking.summary import SUMMARY_FILE, json_safe, read_summary, write_summary
 
 __all__ = [
-    "EVENTS_FILE", "HISTORY_FILE", "LOG_FILE", "PLOTS_DIR", "REPORT_FILE", "SUMMARY_FILE",
-    "EventLogTracker", "HistoryTracker", "PlotTracker", "ProgressTracker", "ReportInputs", "ReportTracker",
+    "EVENTS_FILE", "HISTORY_FILE", "LOG_FILE", "PLOTS_DIR", "REPORT_FILE", "SUMMARY_FILE", "TRACKERS_EXTRA",
+    "EventLogTracker", "ExperimentTracking", "TrackerBackend", "build_tracker_backends", "check_trackers",
+    "HistoryTracker", "PlotTracker", "ProgressTracker", "ReportInputs", "ReportTracker",
     "TrainLogTracker", "build_trackers", "format_epoch_line", "json_safe", "plot_history", "read_history",
     "read_summary", "rebuild_report", "write_history", "write_summary",
 ]
@@ -51,4 +54,24 @@ def build_trackers(recipe: Recipe, run_dir: str | Path, console_stream: TextIO |
         trackers.append(plots)
     if recipe.output.report:
         trackers.append(ReportTracker(run_dir, report_inputs, plots=plots, redraw_budget_factor=budget))
+    if recipe.output.trackers:
+        trackers.append(ExperimentTracking(build_tracker_backends(recipe), run_dir, recipe.output.log_images_every,
+                                           report_inputs))
     return trackers
+
+
+def build_tracker_backends(recipe: Recipe) -> list[TrackerBackend]:
+    """One backend per name in `output.trackers`, each module imported only when it is asked for (the
+    packages are optional: check_trackers has said which one is missing before training)."""
+    backends: list[TrackerBackend] = []
+    for name in recipe.output.trackers:
+        if name == "tensorboard":
+            from imgtrain.tracking.tensorboard import TensorBoardBackend
+            backends.append(TensorBoardBackend())
+        elif name == "mlflow":
+            from imgtrain.tracking.mlflow import MlflowBackend
+            backends.append(MlflowBackend(recipe.output.mlflow_uri))
+        else:
+            from imgtrain.tracking.wandb import WandbBackend
+            backends.append(WandbBackend())
+    return backends

@@ -151,6 +151,32 @@ def draw_charts(rows: Rows, lr_steps: Steps = (), momentum_steps: Steps = ()) ->
     return {name: fig for name, fig in figures.items() if fig is not None}
 
 
+def worst_images_figure(images: Sequence[Any], captions: Sequence[str], title: str) -> Figure:
+    """The worst-classified images in a row (or two), each captioned "true -> predicted (p)":
+    `images` are uint8 (H, W, 3) arrays."""
+    columns = min(len(images), 8)
+    rows = max(1, math.ceil(len(images) / max(columns, 1)))
+    fig = Figure(figsize=(1.3 * max(columns, 1), 1.5 * rows + 0.4), dpi=DPI)
+    FigureCanvasAgg(fig)
+    fig.suptitle(title, fontsize=9)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        ax.imshow(image, interpolation="nearest")  # tiny images stay crisp
+        ax.set_title(caption, fontsize=7)
+        ax.axis("off")
+    return fig
+
+
+def figure_rgb(fig: Figure) -> Any:
+    """The figure rendered with Agg as a uint8 (H, W, 3) numpy array (what TensorBoard, MLflow and W&B
+    take as an image)."""
+    import numpy as np
+
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[:, :, :3])
+
+
 def svg_element(fig: Figure) -> str:
     """The figure as an `<svg class="chart">` element to inline in HTML, labelled with its title."""
     buffer = io.StringIO()
