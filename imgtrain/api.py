@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Sequence, Sized
@@ -28,7 +29,7 @@ from imgtrain.data.prepare import prepare_data as prepare_plain_data
 from imgtrain.data.samplers import RankShareSampler, loader_with_sampling
 from imgtrain.engine.checkpoint import (
     has_training_state,
-    load_resumable_state,
+    load_agreed_state,
     load_weights,
     new_run_info,
     read_run_info,
@@ -39,6 +40,7 @@ from imgtrain.engine.distributed import (
     DEFAULT_TIMEOUT_SECONDS,
     ShardedEvalSampler,
     barrier,
+    broadcast_from_main,
     close_distributed,
     init_distributed,
     process_group_ready,
@@ -126,6 +128,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
     if world_size <= 1:
         return _train(recipe, run_dir, resume, overwrite, console, hooks)
     check_distributed_recipe(recipe, world_size)  # what this slice of DDP does not support yet, refused
+    check_restartable(recipe, resume, int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")))
     owns_group = not process_group_ready()  # a group the caller made is the caller's to close
     init_distributed(select_device(recipe.train.device), DEFAULT_TIMEOUT_SECONDS)
     result = _train(recipe, run_dir, resume, overwrite, console, hooks)  # a failing rank ends the job (torchrun)
@@ -142,14 +145,16 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
     main = rank == 0
     if resume == "auto" or (resume is None and recipe.train.auto_resume):
         run_dir = auto_run_dir(recipe, run_dir)
-        resume = run_dir if has_training_state(run_dir) else None
+        # rank 0's look at the folder decides for every rank (one that saw no state would start it again)
+        resume = run_dir if broadcast_from_main(has_training_state(run_dir)) else None
         overwrite = overwrite or looks_like_run(run_dir)  # a run that never saved a state: start it again
     resume_file: dict[str, Any] | None = None  # the training state a resume continues from
     warnings: list[str] = []
     if resume is not None:
         run_dir = Path(resume)
         run_info = read_run_info(run_dir)
-        resume_file, state_path, warnings = load_resumable_state(run_dir / "checkpoints", run_info.get("run_id"))
+        # every rank loads the state rank 0 chose (each rank's own RNG states and BatchNorm statistics in it)
+        resume_file, state_path, warnings = load_agreed_state(run_dir / "checkpoints", run_info.get("run_id"))
         for line in warnings:
             print(f"imgtrain: warning: {line}; resuming from {state_path} instead", file=sys.stderr)
         run_info, extended = _planned_segments(run_info, recipe, run_dir, resume_file)
@@ -285,6 +290,16 @@ def check_distributed_recipe(recipe: Recipe, world_size: int) -> None:
     if recipe.optim.lr == "find":
         raise RecipeError(f"optim.lr: find is not supported yet {where}; run `imgtrain lr-find` in one process "
                           "and set optim.lr to the number it suggests", key="optim.lr")
+
+
+def check_restartable(recipe: Recipe, resume: str | Path | None, max_restarts: int) -> None:
+    """torchrun --max-restarts N (N > 0) starts the same command again after a process fails: it must
+    resume the run (`--resume auto`, `train.auto_resume: true` or `--resume RUN_DIR`), or each restart
+    would start a new run from scratch (in a `-2` folder, or refused: the folder exists)."""
+    if max_restarts > 0 and resume is None and not recipe.train.auto_resume:
+        raise RecipeError(f"restarts ({max_restarts}) are allowed, but a restart of this command would start "
+                          "the run again from scratch: add --resume auto (or train.auto_resume=true), so that "
+                          "each restart continues from the last training state", key="train.auto_resume")
 
 
 def shard_loaders(loaders: Loaders, rank: int, world_size: int) -> Loaders:
@@ -518,4 +533,4 @@ def plan_lr_find_dir(recipe: Recipe, output: str | Path | None, overwrite: bool)
 __all__ = ["train", "TrainResult", "train_parts", "prepare_data", "PreparedData", "load_recipe", "prepare_run_dir",
            "plan_run_dir", "make_run_dir", "lr_find", "LrFindRun", "find_recipe_lr", "seed_everything",
            "RunDirError", "load_trained", "LoadedModel", "resolve_checkpoint", "RecipeError", "RESUME_OVERRIDABLE",
-           "check_distributed_recipe", "shard_loaders"]
+           "check_distributed_recipe", "check_restartable", "shard_loaders"]

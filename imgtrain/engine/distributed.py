@@ -12,6 +12,9 @@ images are then counted twice in the loss, the accuracy and the confusion matrix
 Training agrees on its decisions with `agree_any` (a flag any rank raised counts on every rank: a stop
 signal, a hook's stop_training, a time-based checkpoint), so every rank runs the same collectives and
 none waits for ever in one that the others skipped; `sum_across` adds a tensor up over the ranks.
+Checkpoints gather what differs per rank to rank 0, which writes (`gather_to_main`: each rank's RNG
+states and BatchNorm statistics), and a resume loads the training state rank 0 chose
+(`broadcast_from_main`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -87,12 +91,37 @@ def init_distributed(device: torch.device, timeout_seconds: float) -> torch.devi
     if dist.is_initialized():
         return rank_device
     timeout = datetime.timedelta(seconds=timeout_seconds)  # also bounds the rendezvous (env:// store)
+    store = restart_scoped_store(timeout)
+    where: dict[str, Any] = ({"init_method": "env://"} if store is None else
+                             {"store": store, "rank": world_info()[0], "world_size": world_size})
     if rank_device.type == "cuda":
         # device_id binds the group to this GPU (nccl starts its communicator now, not at the first collective)
-        dist.init_process_group(backend="nccl", init_method="env://", timeout=timeout, device_id=rank_device)
+        dist.init_process_group(backend="nccl", timeout=timeout, device_id=rank_device, **where)
     else:
-        dist.init_process_group(backend="gloo", init_method="env://", timeout=timeout)
+        dist.init_process_group(backend="gloo", timeout=timeout, **where)
     return rank_device
+
+
+def restart_scoped_store(timeout: datetime.timedelta) -> dist.Store | None:
+    """The key-value store this attempt of a torchrun job meets in, when torchrun restarts on one machine
+    and shares its own store with the workers (TORCHELASTIC_USE_AGENT_STORE, its default); else None (the
+    plain env:// rendezvous).
+
+    torchrun keeps that store across restarts (`--max-restarts`), so the addresses the previous attempt's
+    processes left in it are still there: a restarted process may read a dead peer's address and fail to
+    connect ("Gloo connectFullMesh failed ... Connection refused") or wait for it (pytorch issue 135712).
+    Scoping every key by TORCHELASTIC_RESTART_COUNT gives each attempt its own. On one machine one agent
+    counts the restarts, so every process agrees on the count; on several machines the agents' counts can
+    differ (a node that restarts for another's failure does not count it), so there run torchrun with
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which gives every attempt a new store (README: elastic restarts)."""
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    one_machine = os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE")
+    if not (shared and restart is not None and one_machine):
+        return None
+    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                timeout=timeout)
+    return dist.PrefixStore(f"imgtrain/attempt-{restart}", agent_store)
 
 
 def process_group_ready() -> bool:
@@ -145,6 +174,28 @@ def average_buffers(module: torch.nn.Module) -> None:
             buffer.copy_(sum_across(buffer) / world)
 
 
+def gather_to_main(value: Any) -> list[Any] | None:
+    """Every rank's `value` (any picklable object), in rank order, on rank 0; None on the other ranks.
+    Without a process group: [value]. Every rank must call it at the same point. Tensors in `value`
+    should be on the CPU: a CUDA tensor would be unpickled on rank 0 onto the sending rank's GPU."""
+    if not is_distributed():
+        return [value]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    gathered: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
+def broadcast_from_main(value: Any) -> Any:
+    """Rank 0's `value` (any picklable object) on every rank: rank 0 decides, the others follow (which
+    training state a resume loads). Without a process group: `value`. Every rank must call it."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     """Wait until every rank gets here (nothing without a process group): e.g. before reading a file
     rank 0 has just written."""
@@ -183,5 +234,5 @@ class ShardedEvalSampler(Sampler[int]):
 
 
 __all__ = ["DEFAULT_TIMEOUT_SECONDS", "ShardedEvalSampler", "agree_any", "average_buffers", "barrier",
-           "close_distributed", "init_distributed", "is_distributed", "is_main_process", "process_group_ready",
-           "sum_across", "world_info"]
+           "broadcast_from_main", "close_distributed", "gather_to_main", "init_distributed", "is_distributed",
+           "is_main_process", "process_group_ready", "restart_scoped_store", "sum_across", "world_info"]
