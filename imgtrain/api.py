@@ -246,7 +246,9 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
     try:
         state = trainer.fit(resume_from=resume_file)
     except TrainingPreempted as stop:
-        print(f"\nimgtrain: {stop}. Continue with: imgtrain train --resume {run_dir}", file=sys.stderr)
+        if main:  # several processes: one message, with the command that resumes them all
+            nproc = f" --nproc {world_size}" if world_size > 1 else ""
+            print(f"\nimgtrain: {stop}. Continue with: imgtrain train --resume {run_dir}{nproc}", file=sys.stderr)
         raise
     except KeyboardInterrupt:
         log("interrupted; the last saved training state is kept")
