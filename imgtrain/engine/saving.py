@@ -174,9 +174,10 @@ class RunSaver:
         is_best = not math.isnan(value) and better
         if is_best:
             state.best_value, state.best_epoch = value, row["epoch"]
-        # several processes: every rank's RNG states to rank 0 (a collective, before only rank 0 goes on)
+        # several processes: every rank's RNG states to rank 0 (a collective, before only rank 0 goes on); the
+        # trained model's buffers, which a resume restores (`model` may be an average's, an EMA's)
         saving_state = self.run_dir is not None and out.save_last
-        ranks = gather_to_main(checkpoint.rank_state(model)) if saving_state and is_distributed() else None
+        ranks = gather_to_main(checkpoint.rank_state(state.model)) if saving_state and is_distributed() else None
         if self.run_dir is None or not self.writes:
             return
         ckpt_dir = self.run_dir / "checkpoints"
