@@ -26,7 +26,7 @@ from imgtrain.data import build_splits
 from imgtrain.data.loaders import Loaders, with_batch_size
 from imgtrain.data.prepare import PreparedData, seed_everything
 from imgtrain.data.prepare import prepare_data as prepare_plain_data
-from imgtrain.data.samplers import RankShareSampler, loader_with_sampling
+from imgtrain.data.samplers import shard_train_loader
 from imgtrain.engine.checkpoint import (
     has_training_state,
     load_agreed_state,
@@ -192,7 +192,8 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
     if recipe.optim.lr == "find" and resume_file is not None:  # the lr the run chose is in its config.yaml
         recipe = with_lr(recipe, peak_lr(load_recipe(run_dir / "config.yaml").optim))
     elif recipe.optim.lr == "find":
-        recipe, lr_found = find_recipe_lr(recipe, model, prepared)
+        # several processes: every rank runs the range test under DDP (the global batch), rank 0 chooses
+        recipe, lr_found = broadcast_from_main(find_recipe_lr(recipe, model, prepared))
     context.recipe = recipe
     if recipe.distill.teacher is not None:  # loaded and checked against the data's classes before the run starts
         context.teacher = load_teachers(recipe, splits.classes, prepared.mean, prepared.std)
@@ -216,6 +217,10 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
                                  eval_batch_transform=prepared.eval_batch_transform)
     # rank 0 alone tracks (files, console, TensorBoard ...); the numbers are the same on every rank
     trackers = build_trackers(recipe, run_dir, console_stream=console, report_inputs=report_inputs) if main else []
+    if world_size > 1:
+        # every rank built the same splits and model from train.seed; from here each draws its own
+        # augmentation and dropout (DDP starts every rank from rank 0's weights)
+        seed_everything(rank_seed(recipe.train.seed, rank))
     trainer = Trainer(recipe, train_parts(recipe, model, prepared, context.plans),
                       HookList(strategies=[*strategies, *hooks], trackers=trackers), run_dir, metadata,
                       run_id=run_info["run_id"])
@@ -234,7 +239,8 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
     for line in context.notes:
         log(line)
     if lr_found is not None:
-        lr_found.write(run_dir, chosen=recipe.lr_find.suggestion)
+        if main:
+            lr_found.write(run_dir, chosen=recipe.lr_find.suggestion)
         for line in lr_found.lines(recipe.lr_find.suggestion):
             log(line)
     elif resume_file is not None and (run_dir / LR_FIND_CSV).is_file():  # for summary.json's lr_find
@@ -272,26 +278,25 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
 
 
 def check_distributed_recipe(recipe: Recipe, world_size: int) -> None:
-    """Refuse what training under several processes does not support yet (issue 14 is built in slices):
-    a RecipeError naming the key, instead of a run whose ranks disagree or hang. What is supported: the
-    plain loop (any model, loss, schedule, precision, accumulation), data.sampler random, and the strategies
-    whose registry entry says they run there (Strategy.unsupported_across_processes). BatchNorm statistics are
-    averaged across ranks at each epoch end (no SyncBatchNorm yet)."""
+    """Refuse what training under several processes cannot do: a RecipeError naming the key, before any
+    process starts (with --nproc), instead of a run whose ranks disagree or hang. A strategy says what it
+    cannot do there in its registry entry (Strategy.unsupported_across_processes)."""
     where = f"under {world_size} processes (torchrun / --nproc)"
     for strategy in enabled_strategies(recipe):
         key = strategy.unsupported_across_processes(recipe)
-        if key is None:
-            continue
-        raise RecipeError(f"{strategy.name} ({strategy.section}.*) is not supported yet {where}: multi-process "
-                          f"training runs the plain loop only so far (issue 14). Turn it off, or train in one "
-                          "process", key=key)
-    if recipe.data.sampler != "random":
-        raise RecipeError(f"data.sampler {recipe.data.sampler} is not supported yet {where}: only random is "
-                          "sharded across ranks so far; use data.sampler=random, or train in one process",
-                          key="data.sampler")
-    if recipe.optim.lr == "find":
-        raise RecipeError(f"optim.lr: find is not supported yet {where}; run `imgtrain lr-find` in one process "
-                          "and set optim.lr to the number it suggests", key="optim.lr")
+        if key is not None:
+            raise RecipeError(f"{strategy.name} ({strategy.section}.*) cannot train {where}; turn it off, or "
+                              "train in one process", key=key)
+    if recipe.train.sync_bn and select_device(recipe.train.device).type != "cuda":
+        raise RecipeError(f"train.sync_bn needs CUDA GPUs: torch's SyncBatchNorm does not run on the CPU. Leave "
+                          f"it off {where} on the CPU: BatchNorm statistics are then averaged across the "
+                          "processes at each epoch end", key="train.sync_bn")
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s global generators under several processes: its own augmentation draws, the
+    same for the same world size (rank 0 keeps train.seed)."""
+    return seed + 1_000_003 * rank
 
 
 def check_restartable(recipe: Recipe, resume: str | Path | None, max_restarts: int) -> None:
@@ -305,15 +310,9 @@ def check_restartable(recipe: Recipe, resume: str | Path | None, max_restarts: i
 
 
 def shard_loaders(loaders: Loaders, rank: int, world_size: int) -> Loaders:
-    """The loaders of one rank: its strided share of every epoch's shuffle (the same permutation on every
-    rank, data/samplers.py RankShareSampler) and its contiguous, unpadded share of val and test
-    (ShardedEvalSampler: every image counted once). data.batch_size stays per process."""
-    train = loaders.train
-    if train.batch_size is None:  # a batch sampler (per_class): refused by check_distributed_recipe
-        raise RecipeError("this train loader builds its own batches; it cannot be sharded", key="data.sampler")
-    images: Any = train.dataset  # a Dataset with __len__ (torch's Dataset type does not promise one)
-    share = RankShareSampler(len(images), rank, world_size, train.generator)
-    sharded_train = loader_with_sampling(train, batch_size=train.batch_size, sampler=share)
+    """The loaders of one rank: its interleaved share of every epoch's draws from the train sampler (the
+    same on every rank, data/samplers.py shard_train_loader) and its contiguous, unpadded share of val and
+    test (ShardedEvalSampler: every image counted once). data.batch_size stays per process."""
 
     def sharded(loader: DataLoader | None) -> DataLoader | None:
         if loader is None:
@@ -325,7 +324,8 @@ def shard_loaders(loaders: Loaders, rank: int, world_size: int) -> Loaders:
                           pin_memory=loader.pin_memory, prefetch_factor=loader.prefetch_factor if workers else None,
                           persistent_workers=loader.persistent_workers)
 
-    return dataclasses.replace(loaders, train=sharded_train, val=sharded(loaders.val), test=sharded(loaders.test))
+    return dataclasses.replace(loaders, train=shard_train_loader(loaders.train, rank, world_size),
+                               val=sharded(loaders.val), test=sharded(loaders.test))
 
 
 def auto_run_dir(recipe: Recipe, run_dir: str | Path | None) -> Path:
@@ -535,4 +535,4 @@ def plan_lr_find_dir(recipe: Recipe, output: str | Path | None, overwrite: bool)
 __all__ = ["train", "TrainResult", "train_parts", "prepare_data", "PreparedData", "load_recipe", "prepare_run_dir",
            "plan_run_dir", "make_run_dir", "lr_find", "LrFindRun", "find_recipe_lr", "seed_everything",
            "RunDirError", "load_trained", "LoadedModel", "resolve_checkpoint", "RecipeError", "RESUME_OVERRIDABLE",
-           "check_distributed_recipe", "check_restartable", "shard_loaders"]
+           "check_distributed_recipe", "check_restartable", "rank_seed", "shard_loaders"]

@@ -492,6 +492,7 @@ class TrainConfig(_Section):
     max_steps_per_epoch: Int | None = Field(None, ge=1, description="cut epochs short (smoke runs)")
     checkpoint_every: CheckpointEveryConfig = Field(default_factory=CheckpointEveryConfig, description="mid-epoch training states")
     auto_resume: Bool = Field(False, description="the run folder holds a training state: continue it (as --resume auto)")
+    sync_bn: Bool = Field(False, description="several processes on CUDA: BatchNorm -> SyncBatchNorm (statistics over the global batch); else averaged per epoch")
 
     def _check(self) -> None:
         device = self.device

@@ -14,7 +14,7 @@ every epoch, so a resumed run draws the same batches.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, cast
 
 import torch
@@ -64,6 +64,7 @@ class PerClassBatchSampler(Sampler[list[int]]):
             raise ValueError(f"a batch needs {self.classes_per_batch} classes but the data has "
                              f"{len(self.members)}")
         self.num_batches = max(1, len(targets) // batch_size)
+        self.targets = targets
 
     def __len__(self) -> int:
         return self.num_batches
@@ -134,36 +135,124 @@ def loader_with_sampling(loader: DataLoader, dataset: Any = None, **sampling: An
                        prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers,
                        pin_memory_device=loader.pin_memory_device, in_order=loader.in_order)
     made.seed_per_sample = getattr(loader, "seed_per_sample", False)
+    made.rank_place = getattr(loader, "rank_place", (0, 1))
     return made
 
 
-class RankShareSampler(Sampler[int]):
-    """Rank `rank`'s share of one epoch's shuffle, for training under several processes (DDP).
+class RankShareSampler(Sampler[Any]):
+    """Rank `rank`'s share of what the train sampler draws in one epoch, for training under several
+    processes (DDP); any sampler of single images: the random shuffle, the balanced sampler, a curriculum's
+    order (per_class's batches are sliced instead: RankSliceBatchSampler).
 
-    Every rank draws the same permutation of range(length) from the train generator (the trainer seeds
-    it alike on every rank, once per epoch) and takes every `world_size`-th position from `rank` on. The
-    permutation is first padded with its own start to a multiple of `world_size` (as torch's
+    Every rank runs the same `inner` sampler from the train generator (the trainer seeds it alike on every
+    rank, once per epoch), so all draw the same sequence, and each takes every `world_size`-th item from
+    `rank` on. The sequence is first padded with its own start to a multiple of `world_size` (as torch's
     `DistributedSampler` pads), so every rank gets the same number of images and batches: DDP needs every
     rank to take the same optimizer steps. The shares interleave, so with per-rank batch B the ranks'
-    batches k together hold positions [k*B*W, (k+1)*B*W) of the permutation: the batch one process with
-    batch B*W draws (torch's RandomSampler draws the same `randperm` from the same generator). The order is
-    a pure function of the generator, so `TrainLoader.batches_from` resumes it inside an epoch."""
+    batches k together hold positions [k*B*W, (k+1)*B*W) of the sequence: the batch one process with
+    batch B*W draws. The order is a pure function of the generator, so `TrainLoader.batches_from`
+    resumes it inside an epoch. Without `inner`, a shuffle of range(length) (what RandomSampler draws)."""
 
-    def __init__(self, length: int, rank: int, world_size: int, generator: torch.Generator | None):
+    def __init__(self, length: int, rank: int, world_size: int, generator: torch.Generator | None,
+                 inner: Iterable[Any] | None = None):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size) and world_size at least 1, not rank {rank} "
                              f"of {world_size}")
         self.length, self.rank, self.world_size, self.generator = length, rank, world_size, generator
+        self.inner = inner
 
     def __len__(self) -> int:
         return -(-self.length // self.world_size)  # ceil: the padded share
 
-    def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.length, generator=self.generator).tolist()
-        padded = len(self) * self.world_size
-        while len(order) < padded and order:  # repeat the start (more than once only when length < world)
-            order += order[:padded - len(order)]
-        return iter(order[self.rank:padded:self.world_size])
+    def __iter__(self) -> Iterator[Any]:
+        if self.inner is None:
+            order: list[Any] = torch.randperm(self.length, generator=self.generator).tolist()
+        else:
+            order = list(self.inner)
+        return iter(rank_share(order, self.rank, self.world_size))
+
+
+def rank_share(order: Sequence[Any], rank: int, world_size: int) -> list[Any]:
+    """Items rank, rank + W, rank + 2W ... of `order` padded with its start to a multiple of W: what
+    RankShareSampler gives one rank (a curriculum uses it to know which images its rank's batches hold)."""
+    items = list(order)
+    padded = -(-len(items) // world_size) * world_size
+    while len(items) < padded and items:  # repeat the start (more than once only when length < world)
+        items += items[:padded - len(items)]
+    return items[rank:padded:world_size]
+
+
+def global_per_class_batches(per_rank: Any, world_size: int) -> PerClassBatchSampler:
+    """per_class under several processes: P x K batches of the global batch (data.batch_size x processes),
+    as one process with that batch draws them; RankSliceBatchSampler hands each rank its slice (whole
+    classes when the per-rank batch is a multiple of images_per_class, as data.batch_size must be)."""
+    if not isinstance(per_rank, PerClassBatchSampler):
+        raise TypeError(f"the train loader's batch sampler is a {type(per_rank).__name__}, not the per_class sampler")
+    batch, k = per_rank.batch_size * world_size, per_rank.images_per_class
+    present = len(per_rank.members)
+    if batch // k > present:
+        raise RecipeError(f"sampler per_class under {world_size} processes: the global batch of {batch} "
+                          f"(data.batch_size {per_rank.batch_size} x {world_size}) with {k} images per class needs "
+                          f"{batch // k} classes, but the training split has {present}; set data.images_per_class to "
+                          f"at least {_smallest_fitting(batch, present)} or lower data.batch_size",
+                          key="data.images_per_class")
+    return PerClassBatchSampler(per_rank.targets, batch, k, generator=per_rank.generator)
+
+
+class RankSliceBatchSampler(Sampler[list[int]]):
+    """Rank `rank`'s slice [rank*B/W, (rank+1)*B/W) of every batch of `batch_sampler` (batches of B images,
+    B a multiple of W): the ranks' batches k together are the batch k one process draws."""
+
+    def __init__(self, batch_sampler: Any, rank: int, world_size: int):
+        self.batch_sampler, self.rank, self.world_size = batch_sampler, rank, world_size
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (batch[len(batch) * self.rank // self.world_size:len(batch) * (self.rank + 1) // self.world_size]
+                for batch in self.batch_sampler)
+
+
+class RankWorkerSeeds:
+    """worker_init_fn of a rank's train loader: every rank's loader draws its workers' base seed from the
+    same train generator, so without this worker k of every rank would augment with the same random draws.
+    Reseeds torch, Python and NumPy in the worker from torch's seed for it and the rank."""
+
+    def __init__(self, rank: int, then: Any = None):
+        self.rank, self.then = rank, then
+
+    def __call__(self, worker_id: int) -> None:
+        seed = (torch.initial_seed() + self.rank * 1_000_003) % 2**63
+        torch.manual_seed(seed)
+        random.seed(seed)
+        numpy_seed(seed)
+        if self.then is not None:
+            self.then(worker_id)
+
+
+def numpy_seed(seed: int) -> None:
+    import numpy as np
+    np.random.seed(seed % 2**32)
+
+
+def shard_train_loader(loader: TrainLoader, rank: int, world_size: int) -> TrainLoader:
+    """The train loader of one rank under several processes: its RankShareSampler share of whatever the
+    loader's sampler draws (per_class: its slice of each global P x K batch), with per-rank augmentation draws (worker
+    seeds by RankWorkerSeeds; per-image seeds numbered by the image's place in the whole epoch)."""
+    generator = loader.generator
+    if loader.batch_size is None:  # per_class: P x K batches of the global batch, a slice to each rank
+        sharded = loader_with_sampling(loader, batch_sampler=RankSliceBatchSampler(
+            global_per_class_batches(loader.batch_sampler, world_size), rank, world_size))
+    else:
+        inner = loader.sampler
+        images: Any = loader.dataset
+        share = RankShareSampler(len(images), rank, world_size, generator, inner=inner)
+        sharded = loader_with_sampling(loader, batch_size=loader.batch_size, sampler=share)
+    sharded.rank_place = (rank, world_size)
+    if sharded.num_workers:
+        sharded.worker_init_fn = RankWorkerSeeds(rank, loader.worker_init_fn)
+    return sharded
 
 
 class TrainLoader(DataLoader):
@@ -178,6 +267,7 @@ class TrainLoader(DataLoader):
     takes it and wherever the epoch started."""
 
     seed_per_sample = False
+    rank_place = (0, 1)  # (rank, world size) of a rank's share under several processes (shard_train_loader)
 
     def __iter__(self) -> Any:
         return self.batches_from(0) if self.seed_per_sample else super().__iter__()
@@ -185,17 +275,21 @@ class TrainLoader(DataLoader):
     def batches_from(self, start: int) -> Iterator[Any]:
         """Iterate the epoch from batch `start` on."""
         seeds = self.generator if self.seed_per_sample else None
-        batches = SkippedBatches(self.batch_sampler, start, seeds)
+        batches = SkippedBatches(self.batch_sampler, start, seeds, *self.rank_place)
         dataset = SeededSamples(self.dataset) if seeds is not None else None
         return DataLoader.__iter__(loader_with_sampling(self, dataset, batch_sampler=batches))
 
 
 class SkippedBatches(Sampler[list[Any]]):
     """The batches of `batch_sampler` from batch `start` on; with `seed_generator`, each index paired with
-    the seed of its place in the epoch (one base drawn from the generator per pass)."""
+    the seed of its place in the epoch (one base drawn from the generator per pass). Under several
+    processes (`rank` of `world_size`) the place is counted in the whole epoch, p * world_size + rank, so
+    no two ranks give the same seed."""
 
-    def __init__(self, batch_sampler: Any, start: int, seed_generator: torch.Generator | None = None):
+    def __init__(self, batch_sampler: Any, start: int, seed_generator: torch.Generator | None = None,
+                 rank: int = 0, world_size: int = 1):
         self.batch_sampler, self.start, self.seed_generator = batch_sampler, start, seed_generator
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
         return max(len(self.batch_sampler) - self.start, 0)
@@ -209,10 +303,11 @@ class SkippedBatches(Sampler[list[Any]]):
         return self._batches(iter(self.batch_sampler), base)
 
     def _batches(self, batches: Iterator[list[int]], base: int | None) -> Iterator[list[Any]]:
-        place = 0
+        place, world, rank = 0, self.world_size, self.rank
         for number, batch in enumerate(batches):
             if number >= self.start:
-                yield batch if base is None else [(index, base + place + i) for i, index in enumerate(batch)]
+                yield batch if base is None else [(index, base + (place + i) * world + rank)
+                                                  for i, index in enumerate(batch)]
             place += len(batch)
 
 
@@ -247,11 +342,16 @@ __all__ = [
     "ClassBalancedSampler",
     "PerClassBatchSampler",
     "RankShareSampler",
+    "RankSliceBatchSampler",
+    "RankWorkerSeeds",
     "SeededSamples",
     "SkippedBatches",
     "TrainLoader",
     "class_balanced_weights",
+    "global_per_class_batches",
     "loader_with_sampling",
+    "rank_share",
+    "shard_train_loader",
     "train_sampling",
     "with_train_sampler",
 ]

@@ -19,13 +19,16 @@ states and BatchNorm statistics), and a resume loads the training state rank 0 c
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 
 # how long a collective waits for a rank that does not answer (a crashed or stuck process) before it
@@ -187,13 +190,62 @@ def gather_to_main(value: Any) -> list[Any] | None:
 
 
 def broadcast_from_main(value: Any) -> Any:
-    """Rank 0's `value` (any picklable object) on every rank: rank 0 decides, the others follow (which
-    training state a resume loads). Without a process group: `value`. Every rank must call it."""
+    """Rank 0's `value` on every rank (a picklable object; `value` itself without a process group): a
+    decision rank 0 takes, such as the lr the LR finder chose from its loss curve."""
     if not is_distributed():
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def trainable_parameters(module: torch.nn.Module) -> tuple[int, ...]:
+    """Which parameters train now (their ids): DDP all-reduces those it was built with, so the wrapper is
+    rebuilt when the set changes (transfer learning's gradual unfreezing)."""
+    return tuple(id(p) for p in module.parameters() if p.requires_grad)
+
+
+class DistributedModel:
+    """The DistributedDataParallel wrapper the training passes run through, kept in step with the model.
+
+    DDP averages the gradients of the parameters that required a gradient when it was built; `current()`
+    builds it again when that set has changed (every rank changes it at the same epoch start: a collective,
+    as building one broadcasts rank 0's weights). `wrap` turns the DDP module into what the loop calls
+    (torch.compile). Built with broadcast_buffers off: BatchNorm statistics stay per process during an
+    epoch and are averaged at its end (`average_buffers`), or synchronised in every forward pass by
+    SyncBatchNorm (train.sync_bn)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, wrap: Any = None):
+        self.model, self.device, self.wrap = model, device, wrap
+        self.trainable: tuple[int, ...] | None = None
+        self.ddp: DistributedDataParallel | None = None
+        self.train_model: torch.nn.Module = model
+
+    def current(self) -> torch.nn.Module:
+        trainable = trainable_parameters(self.model)
+        if self.ddp is None or trainable != self.trainable:
+            with warnings.catch_warnings():
+                # torch 2.14 renames broadcast_buffers (forward_sync_buffers); the old name works on every
+                # torch this package supports (>= 2.4), the new one does not
+                warnings.simplefilter("ignore", FutureWarning)
+                self.ddp = DistributedDataParallel(self.model, device_ids=[torch.cuda.current_device()]
+                                                   if self.device.type == "cuda" else None, broadcast_buffers=False)
+            self.trainable = trainable
+            self.train_model = self.wrap(self.ddp) if self.wrap is not None else self.ddp
+        return self.train_model
+
+    def no_sync(self, local: bool) -> Any:
+        """DDP's no_sync while `local` (accumulation passes that do not step keep their gradients local)."""
+        return self.ddp.no_sync() if local and self.ddp is not None else contextlib.nullcontext()
+
+
+def use_sync_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """train.sync_bn: the model with every BatchNorm a SyncBatchNorm (same parameters and buffers, so the
+    optimizer and the saved checkpoints are unchanged), when several processes train on CUDA. torch's
+    SyncBatchNorm runs on GPUs only: on the CPU it is refused before training (check_sync_batchnorm)."""
+    if not is_distributed() or device.type != "cuda":
+        return model
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def barrier() -> None:
@@ -233,6 +285,7 @@ class ShardedEvalSampler(Sampler[int]):
         return self.end - self.offset
 
 
-__all__ = ["DEFAULT_TIMEOUT_SECONDS", "ShardedEvalSampler", "agree_any", "average_buffers", "barrier",
-           "broadcast_from_main", "close_distributed", "gather_to_main", "init_distributed", "is_distributed",
-           "is_main_process", "process_group_ready", "restart_scoped_store", "sum_across", "world_info"]
+__all__ = ["DEFAULT_TIMEOUT_SECONDS", "DistributedModel", "ShardedEvalSampler", "agree_any", "average_buffers",
+           "barrier", "broadcast_from_main", "close_distributed", "gather_to_main", "init_distributed",
+           "is_distributed", "is_main_process", "process_group_ready", "restart_scoped_store", "sum_across",
+           "trainable_parameters", "use_sync_batchnorm", "world_info"]

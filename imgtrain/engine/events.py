@@ -27,6 +27,11 @@ The Trainer (engine/loop.py) runs this, firing each event on the hooks in order:
         epoch_end              # history row appended; then the checkpoints are saved, with every hook's state
     fit_end
 
+Under several processes (DDP) `sync_ranks` is fired on every rank at the same point: at the end of each
+epoch's training (before before_eval) and before a mid-epoch training state is saved. A hook that keeps
+something per process (the self-paced losses of the images its rank saw) merges it there with the
+collectives of engine/distributed.py; in one process it is never fired.
+
 A hook implements only the methods of the events it needs. `on_note(message, event, fields)` is no
 loop event: it receives what hooks report with `state.note(...)`, so a strategy can write to the
 run's log without knowing the trackers. Strategies (which change the batch, model, optimizer or
@@ -41,7 +46,7 @@ from collections.abc import Sequence
 from typing import Any
 
 EVENTS = ("fit_start", "epoch_start", "batch_start", "after_forward", "after_loss", "after_backward", "before_step",
-          "after_step", "before_eval", "eval_end", "epoch_end", "fit_end")
+          "after_step", "before_eval", "eval_end", "epoch_end", "fit_end", "sync_ranks")
 
 
 class Hook:
@@ -61,6 +66,7 @@ class Hook:
     def eval_end(self, state: Any) -> None: ...
     def epoch_end(self, state: Any) -> None: ...
     def fit_end(self, state: Any) -> None: ...
+    def sync_ranks(self, state: Any) -> None: ...
 
     def on_note(self, message: str, event: str | None, fields: dict[str, Any]) -> None:
         """A line another hook reported with `state.note` (trackers write it down)."""

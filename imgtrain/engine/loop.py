@@ -19,23 +19,23 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from imgtrain.engine import checkpoint
 from imgtrain.engine.device import compile_model, configure_backends, select_device, select_precision
 from imgtrain.engine.distributed import (
+    DistributedModel,
     ShardedEvalSampler,
     agree_any,
     average_buffers,
     is_distributed,
     sum_across,
+    use_sync_batchnorm,
 )
 from imgtrain.engine.events import HookList
 from imgtrain.engine.optim import build_optimizer, build_scheduler
@@ -86,19 +86,16 @@ class Trainer:
         sizes = len({plan.img_size for plan in self.plans})
         self.forward_model = compile_model(self.model, sizes) if cfg.compile else self.model
         self.distributed = is_distributed()
-        # DDP only for the training passes: it broadcasts rank 0's weights and buffers now (identical initial
-        # weights on every rank) and all-reduces the gradients in backward. broadcast_buffers off: BatchNorm
-        # statistics stay per process (rank 0's are saved), and evaluation, whose shards differ in length,
-        # runs no collective per forward pass
-        self.train_model, self.ddp = self.forward_model, None
+        # several processes: the training passes run through DDP (rank 0's weights broadcast when it is built,
+        # the gradients averaged in backward), rebuilt when the trainable parameters change
+        self.ddp: DistributedModel | None = None
+        self.train_model = self.forward_model
         if self.distributed:
-            with warnings.catch_warnings():
-                # torch 2.14 renames broadcast_buffers (forward_sync_buffers); the old name works on every
-                # torch this package supports (>= 2.4), the new one does not
-                warnings.simplefilter("ignore", FutureWarning)
-                self.ddp = DistributedDataParallel(self.model, device_ids=[torch.cuda.current_device()]
-                                                   if self.device.type == "cuda" else None, broadcast_buffers=False)
-            self.train_model = compile_model(self.ddp, sizes) if cfg.compile else self.ddp
+            if cfg.sync_bn:
+                self.model = use_sync_batchnorm(self.model, self.device)
+            self.ddp = DistributedModel(self.model, self.device, wrap=(lambda ddp: compile_model(ddp, sizes))
+                                        if cfg.compile else None)
+            self.train_model = self.ddp.current()
         self.train_loaders = {plan.batch_size: parts.loader_for(plan.batch_size) for plan in self.plans}
         self.epoch_batches = [min(len(self.train_loaders[p.batch_size]), cfg.max_steps_per_epoch or 2**62)
                               for p in self.plans]
@@ -121,6 +118,8 @@ class Trainer:
         if best_mode == "auto":
             best_mode = "min" if "loss" in recipe.output.best_metric else "max"
         self.saver = RunSaver(recipe, self.run_dir, self.hooks, self.metadata, run_id, best_mode)
+        if self.distributed:  # a mid-epoch state holds one model: the ranks' statistics merged first
+            self.saver.before_save = self._sync_ranks
 
     # ------------------------------------------------------------------ public
 
@@ -140,6 +139,8 @@ class Trainer:
                         raise saver.stopped_at_epoch_end(state)
                     self._train_epoch()
                     self.hooks.fire("before_eval", state)
+                    if self.distributed and state.eval_model is not None:  # an average's statistics (EMA, SWA)
+                        average_buffers(state.eval_model)
                     try:
                         state.epoch_metrics.update(self._validate())
                     except StopNow:
@@ -189,6 +190,8 @@ class Trainer:
         start = self._start_epoch_metrics(position)
         assert state.loss_sum is not None and state.correct_sum is not None, "set by _start_epoch_metrics"
         self.hooks.fire("epoch_start", state)
+        if self.ddp is not None:  # a hook may have frozen or unfrozen layers
+            self.train_model = self.ddp.current()
         state.optimizer.zero_grad(set_to_none=True)
         group: list[tuple[torch.Tensor, torch.Tensor]] = []  # kept only for hooks that replay it
         for batch_index, (inputs, targets) in enumerate(batches_from(loader, start), start=start):
@@ -225,8 +228,7 @@ class Trainer:
         seconds = time.perf_counter() - state.epoch_start_time
         loss_sum, correct_sum, images = state.loss_sum, state.correct_sum, state.images_seen
         if self.distributed:  # the row is the whole job's: every rank's images
-            # BatchNorm's statistics, gathered per process during the epoch, averaged: one model on every rank
-            average_buffers(self.model)
+            self._sync_ranks()
             loss_sum, correct_sum = sum_across(loss_sum), sum_across(correct_sum)
             images = int(sum_across(torch.tensor(images, dtype=torch.long)))
         seen = max(images, 1)
@@ -268,8 +270,7 @@ class Trainer:
         assert state.targets is not None, "set at batch_start, before the forward pass"
         # DDP: accumulation passes that do not step keep their gradients local (no all-reduce); the group's
         # last pass all-reduces the accumulated sum. no_sync must hold the forward pass as well
-        local = self.ddp is not None and not state.group_end
-        with self.ddp.no_sync() if self.ddp is not None and local else contextlib.nullcontext():
+        with self.ddp.no_sync(local=not state.group_end) if self.ddp is not None else contextlib.nullcontext():
             self._forward_backward_pass(group_size)
 
     def _forward_backward_pass(self, group_size: int) -> None:
@@ -391,6 +392,15 @@ class Trainer:
                 "_val_seconds": result["seconds"]}
 
     # ------------------------------------------------------------------ checkpoints and resume
+
+    def _sync_ranks(self) -> None:
+        """Several processes, every rank at the same point (an epoch's end, before a mid-epoch state is
+        saved): BatchNorm's statistics, gathered per process, averaged, so every rank holds the model that
+        is saved; then the hooks merge what they kept per process (the `sync_ranks` event)."""
+        average_buffers(self.model)
+        if self.state.eval_model is not None:
+            average_buffers(self.state.eval_model)
+        self.hooks.fire("sync_ranks", self.state)
 
     def _agreed_stop(self) -> bool:
         """state.stop_training, and under several processes a stop signal, agreed by every rank."""

@@ -62,6 +62,8 @@ class RunSaver:
         self.last_save = time.perf_counter()
         # several processes: rank 0 writes the run folder, the others only take part in the decisions
         self.writes = run_dir is not None and is_main_process()
+        # several processes: called on every rank before a mid-epoch state is taken (Trainer._sync_ranks)
+        self.before_save: Any = None
 
     # ------------------------------------------------------------------ signals
 
@@ -119,6 +121,8 @@ class RunSaver:
 
     def save_mid_epoch(self, state: Any, batches_done: int) -> None:
         assert self.run_dir is not None and state.loss_sum is not None and state.correct_sum is not None
+        if self.before_save is not None:
+            self.before_save()
         sums = {"loss_sum": state.loss_sum.detach().cpu(), "correct_sum": state.correct_sum.detach().cpu(),
                 "images_seen": state.images_seen}
         # every rank's running sums, RNG states and BatchNorm statistics, on rank 0 (a collective: every

@@ -31,6 +31,8 @@ def create_model(cfg: ModelConfig, num_classes: int, in_chans: int) -> torch.nn.
                                  **model_kwargs(cfg))
     except TypeError as exc:
         raise ModelError(f"model.kwargs: {cfg.name} does not accept these arguments ({exc})") from None
+    except ValueError as exc:  # an argument it takes, with a value it refuses (imgtrain nets' norm)
+        raise ModelError(f"model.kwargs: {cfg.name}: {exc}") from None
 
 
 def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:

@@ -11,6 +11,7 @@ a linear head: VGG-style plain stacks are the fastest per accuracy point at 8-64
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,11 +20,25 @@ from timm.layers import SelectAdaptivePool2d
 from timm.models import build_model_with_cfg, register_model
 from torch import nn
 
+NORMS = ("batch", "group", "none")
 
-def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """batch: BatchNorm (statistics of each batch); group: GroupNorm of up to 8 groups (per image: the same
+    with any batch size, as on several processes with small per-process batches); none: no normalisation."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(8, channels), channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"norm must be one of {', '.join(NORMS)}, not {kind!r} (the norm entry of model.kwargs)")
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, norm: str = "batch") -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels),
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=norm == "none"),
+        norm_layer(norm, out_channels),
         nn.ReLU(inplace=True),
     )
 
@@ -33,19 +48,19 @@ class SmallConvNet(nn.Module):
 
     def __init__(self, widths: Sequence[int] = (32, 64, 128), depths: Sequence[int] = (1, 2, 2),
                  in_chans: int = 3, num_classes: int = 1000, drop_rate: float = 0.0,
-                 global_pool: str = "avg"):
+                 global_pool: str = "avg", norm: str = "batch"):
         super().__init__()
         if len(widths) != len(depths):
             raise ValueError(f"widths {tuple(widths)} and depths {tuple(depths)} must have the same length")
         self.drop_rate = drop_rate
-        self.stem = conv_bn_relu(in_chans, widths[0])
+        self.stem = conv_bn_relu(in_chans, widths[0], norm)
         stages = []
         previous = widths[0]
         for index, (width, depth) in enumerate(zip(widths, depths)):
             # pool at the start of every stage but the first: the stem keeps full resolution
             blocks: list[nn.Module] = [nn.MaxPool2d(2, ceil_mode=True)] if index > 0 else []
             for _ in range(depth):
-                blocks.append(conv_bn_relu(previous, width))
+                blocks.append(conv_bn_relu(previous, width, norm))
                 previous = width
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)

@@ -61,9 +61,10 @@ class Strategy:
         return False
 
     def unsupported_across_processes(self, recipe: Any) -> str | None:
-        """The recipe key that keeps this strategy from training under several processes yet (issue 14 is
-        built in slices), or None when it runs there; by default its section: not supported."""
-        return self.section
+        """The recipe key that keeps this strategy from training under several processes (DDP), or None
+        when it runs there (every registered strategy does: a new one that keeps per-process state merges it
+        at the `sync_ranks` event, or says here which key it cannot support)."""
+        return None
 
     def param_groups(self, recipe: Any, model: torch.nn.Module) -> list[dict[str, Any]] | None:
         """Optimizer parameter groups; None: the plain decay / no-decay groups."""

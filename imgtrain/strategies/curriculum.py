@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
 from imgtrain.config import RecipeError
-from imgtrain.data.samplers import loader_with_sampling
+from imgtrain.data.samplers import RankShareSampler, loader_with_sampling, rank_share
+from imgtrain.engine.distributed import is_distributed, sum_across, world_info
 from imgtrain.engine.events import Hook
 from imgtrain.models.trained import load_trained
 from imgtrain.strategies.base import Strategy, StrategyContext, require_context
@@ -222,7 +223,10 @@ class CurriculumHook(Hook):
         self.scores: torch.Tensor | None = None      # difficulty per image (self_paced: on the device)
         self.seen: torch.Tensor | None = None        # self_paced: images measured at least once
         self.order: torch.Tensor | None = None       # this epoch's draws (dataset indices)
-        self.cursor = 0                              # draws of this epoch already in a batch
+        self.cursor = 0                              # draws of this epoch already in a batch (this rank's)
+        self.touched: torch.Tensor | None = None     # self_paced, several processes: scored here since the last merge
+        self._share: torch.Tensor | None = None      # several processes: this rank's share of `order`
+        self._share_of: torch.Tensor | None = None   # the order `_share` was taken from
 
     @property
     def self_paced(self) -> bool:
@@ -275,9 +279,29 @@ class CurriculumHook(Hook):
         state.epoch_metrics["curriculum_images"] = len(pool)
 
     def batch_indices(self, count: int) -> torch.Tensor:
-        """Dataset indices of the current batch: the next `count` of the epoch's order."""
+        """Dataset indices of the current batch: the next `count` of the epoch's order (under several
+        processes, of this rank's share of it: the loader draws that share, RankShareSampler)."""
         assert self.order is not None, "set at epoch_start"
-        return self.order[self.cursor:self.cursor + count]
+        rank, world, _ = world_info()
+        if world > 1 and self._share_of is not self.order:  # once per epoch order
+            self._share = torch.tensor(rank_share(self.order.tolist(), rank, world), dtype=torch.long)
+            self._share_of = self.order
+        order = self.order if world == 1 or self._share is None else self._share
+        return order[self.cursor:self.cursor + count]
+
+    def sync_ranks(self, state: Any) -> None:
+        """Several processes: each rank scored the images of its own batches since the last merge; every
+        image's score becomes the mean over the ranks that scored it (the others kept the same score), so
+        every rank chooses the next pool from the same scores."""
+        if not self.self_paced or self.touched is None:
+            return
+        assert self.scores is not None and self.seen is not None, "self_paced: set at fit_start"
+        counts = sum_across(self.touched.long())
+        totals = sum_across(torch.where(self.touched, self.scores, torch.zeros_like(self.scores)))
+        scored = counts > 0
+        self.scores = torch.where(scored, totals / counts.clamp(min=1), self.scores)
+        self.seen = self.seen | scored
+        self.touched.zero_()
 
     def after_forward(self, state: Any) -> None:
         if state.pass_index:  # a replay of the group's batches (SAM): scored and counted at the first pass
@@ -296,6 +320,10 @@ class CurriculumHook(Hook):
             running = momentum * self.scores[where] + (1 - momentum) * losses
             self.scores[where] = torch.where(self.seen[where], running, losses)
             self.seen[where] = True
+            if is_distributed():
+                if self.touched is None:
+                    self.touched = torch.zeros_like(self.seen)
+                self.touched[where] = True
         self.cursor += count
 
     def state_dict(self) -> dict[str, Any]:
@@ -363,7 +391,11 @@ def _check_sampler(recipe: Any) -> None:
 
 
 def loader_with_sampler(loader: DataLoader, sampler: Sampler) -> DataLoader:
-    """The train loader, same settings, drawing the curriculum's order."""
+    """The train loader, same settings, drawing the curriculum's order (under several processes, this rank's
+    share of it, as the loader it replaces drew its share of the shuffle)."""
+    rank, world = getattr(loader, "rank_place", (0, 1))
+    if world > 1:
+        sampler = RankShareSampler(len(sampler), rank, world, loader.generator, inner=sampler)  # type: ignore[arg-type]
     return loader_with_sampling(loader, batch_size=loader.batch_size, sampler=sampler)
 
 

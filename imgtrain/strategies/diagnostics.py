@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from imgtrain.config import RecipeError
+from imgtrain.engine.distributed import agree_any
 from imgtrain.engine.events import Hook
 from imgtrain.strategies.base import Strategy, StrategyContext
 
@@ -227,8 +228,12 @@ class NonFiniteGuardHook(Hook):
         loss = state.loss.detach()
         if self.check_every == 1:
             # one device sync per batch: the price of catching the batch itself
-            if not bool(torch.isfinite(loss).all()):
-                self._found(state, state.batch_index, state.step, value=float(loss.float().mean()), late=False)
+            # several processes: a bad batch on any rank counts on every rank, so all skip (or stop) together
+            value = float(loss.float().mean())
+            (bad,) = agree_any(not math.isfinite(value))
+            if bad:  # the value another rank found is not known here: nan stands for it
+                self._found(state, state.batch_index, state.step, value if not math.isfinite(value) else math.nan,
+                            late=False)
             return
         if self._losses is None:
             self._losses = torch.zeros(self.check_every, device=loss.device)
@@ -253,6 +258,9 @@ class NonFiniteGuardHook(Hook):
         assert self._losses is not None, "a window is checked only after a loss was recorded in it"
         losses, self._pending = self._losses[:self._pending], 0
         bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()  # one sync per window
+        (anywhere,) = agree_any(bool(bad))  # several processes: another rank's bad batch stops this one too
+        if anywhere and not bad:
+            bad = [len(self._window) - 1]
         if bad:
             batch_index, step = self._window[bad[0]]
             self._found(state, batch_index, step, value=float(losses[bad[0]]), late=batch_index != state.batch_index)
@@ -351,11 +359,6 @@ class Diagnostics(Strategy):
 
     def build(self, recipe: Any, context: StrategyContext | None) -> list[Hook]:
         return build_diagnostics(recipe.diagnostics)
-
-    def unsupported_across_processes(self, recipe: Any) -> str | None:
-        # it reads the gradients (identical on every rank after the all-reduce) and stops on a non-finite
-        # loss (the failing rank ends the job); only its per-rank skip decision would diverge
-        return "diagnostics.nonfinite" if recipe.diagnostics.nonfinite == "skip" else None
 
 
 __all__ = ["Diagnostics", "GradientFlags", "GradientMonitorHook", "NonFiniteGuardHook", "NonFiniteLossError",

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgtrain.config import RecipeError
+from imgtrain.engine.distributed import sum_across, world_info
 from imgtrain.engine.events import Hook
 from imgtrain.losses import distillation_kl, distillation_loss
 from imgtrain.strategies.base import Strategy, StrategyContext, require_context
@@ -166,9 +167,12 @@ class DistillationHook(Hook):
     def __init__(self, cfg: Any, teacher: TeacherEnsemble):
         self.alpha, self.temperature = cfg.alpha, cfg.temperature
         self.teacher = teacher
+        # the epoch's sums of each term x images, and the images: this process's since the last merge
         self.ce_sum: torch.Tensor | None = None
         self.kd_sum: torch.Tensor | None = None
         self.seen = 0
+        # several processes: the sums of every process up to the last merge (sync_ranks), equal on all
+        self.merged = (0.0, 0.0, 0)
 
     def fit_start(self, state: Any) -> None:
         self.teacher.to(state.device)
@@ -182,17 +186,36 @@ class DistillationHook(Hook):
         # sums stay on the device: no host sync per batch, one .item() per epoch
         self.ce_sum = torch.zeros((), device=state.device)
         self.kd_sum = torch.zeros((), device=state.device)
-        self.seen = 0
+        self.seen, self.merged = 0, (0.0, 0.0, 0)
+
+    def sync_ranks(self, state: Any) -> None:
+        """Several processes: every process's sums so far go into `merged` (the same on every process)."""
+        if self.ce_sum is None or self.kd_sum is None:
+            return
+        ce, kd, seen = sum_across(torch.stack([self.ce_sum.float(), self.kd_sum.float(),
+                                                torch.tensor(float(self.seen), device=self.ce_sum.device)])).tolist()
+        self.merged = (self.merged[0] + ce, self.merged[1] + kd, self.merged[2] + int(seen))
+        self.ce_sum, self.kd_sum, self.seen = torch.zeros_like(self.ce_sum), torch.zeros_like(self.kd_sum), 0
+
+    def totals(self) -> tuple[float, float, int]:
+        """The epoch's sums so far: merged ones plus this process's since the merge."""
+        assert self.ce_sum is not None and self.kd_sum is not None, "set at epoch_start"
+        ce, kd, seen = self.merged
+        return ce + self.ce_sum.item(), kd + self.kd_sum.item(), seen + self.seen
 
     def state_dict(self) -> dict[str, Any]:
-        # the epoch's running sums, for a state saved inside an epoch
+        # the epoch's running sums, for a state saved inside an epoch (several processes: merged just before)
         if self.ce_sum is None or self.kd_sum is None:
             return {}
-        return {"ce_sum": self.ce_sum.detach().cpu(), "kd_sum": self.kd_sum.detach().cpu(), "seen": self.seen}
+        ce, kd, seen = self.totals()
+        return {"ce_sum": torch.tensor(ce), "kd_sum": torch.tensor(kd), "seen": seen}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "ce_sum" in state:
             self.ce_sum, self.kd_sum, self.seen = state["ce_sum"], state["kd_sum"], int(state["seen"])
+            self.merged = (0.0, 0.0, 0)
+            if world_info()[0] != 0:  # the saved sums are every process's: rank 0 carries them on
+                self.ce_sum, self.kd_sum, self.seen = torch.zeros(()), torch.zeros(()), 0
 
     def after_loss(self, state: Any) -> None:
         teacher_logits = self.teacher(state.inputs)  # no_grad, eval mode; in the loop's autocast
@@ -209,10 +232,10 @@ class DistillationHook(Hook):
         self.seen += count
 
     def eval_end(self, state: Any) -> None:
-        if self.seen:
-            assert self.ce_sum is not None and self.kd_sum is not None, "set at epoch_start"
-            state.epoch_metrics["train_ce"] = self.ce_sum.item() / self.seen
-            state.epoch_metrics["train_kd"] = self.kd_sum.item() / self.seen
+        ce, kd, seen = self.totals()
+        if seen:
+            state.epoch_metrics["train_ce"] = ce / seen
+            state.epoch_metrics["train_kd"] = kd / seen
 
     def fit_end(self, state: Any) -> None:
         state.summary["distill_teachers"] = [t.source for t in self.teacher.teachers]

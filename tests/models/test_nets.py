@@ -183,3 +183,34 @@ def test_fx_tracing_matches_eager(name):
         reference = _stage_outputs(model, x)
         torch.testing.assert_close(maps[0], reference[0], rtol=0, atol=0)
         torch.testing.assert_close(maps[1], reference[2], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("norm", ["group", "none"])
+def test_norm_choice_does_not_depend_on_the_batch(norm):
+    """model.kwargs.norm: group or none: no BatchNorm layer is left, and an image's logits in training mode
+    are the same alone or in a batch (what makes several small per-process batches train like one big one)."""
+    net = timm.create_model("imgtrain_cnn_tiny", num_classes=10, in_chans=1, norm=norm).train()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    images = torch.randn(6, 1, 8, 8)
+    assert torch.allclose(net(images)[:2], net(images[:2]), atol=1e-5)
+
+
+def test_a_groupnorm_net_learns_digits(tmp_path):
+    from imgtrain.api import train
+    from imgtrain.config import load_recipe
+
+    norm = "group"
+    result = train(load_recipe("quickstart", ["model.name=imgtrain_cnn_tiny", f"model.kwargs={{norm: {norm}}}",
+                                              "augment.img_size=8", "train.epochs=2", "train.threads=1",
+                                              "output.progress=off", "output.plots=false", "output.report=false"]),
+                   run_dir=tmp_path / "run")
+    assert result.history[-1]["val_acc"] > 0.5  # chance is 0.1
+
+
+def test_an_unknown_norm_is_a_model_error_naming_the_choices():
+    from imgtrain.config import ModelConfig
+    from imgtrain.models import create_model
+    from imgtrain.models.create import ModelError
+
+    with pytest.raises(ModelError, match="model.kwargs: imgtrain_cnn_tiny: norm must be one of batch, group, none"):
+        create_model(ModelConfig(name="imgtrain_cnn_tiny", kwargs={"norm": "batchy"}), num_classes=10, in_chans=1)
