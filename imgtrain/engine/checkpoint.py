@@ -280,13 +280,11 @@ def check_world_size(saved: dict[str, Any], path: Path, world_size: int) -> None
         "the number of processes may change at the next epoch-end state")
 
 
-def rank_state(model: torch.nn.Module) -> dict[str, Any]:
+def rank_state() -> dict[str, Any]:
     """What differs between the processes of a job and a resume gives back to each: its RNG states (each
-    process draws its own augmentation) and its floating-point buffers (BatchNorm's running statistics,
-    gathered per process inside an epoch and averaged across processes only at its end)."""
-    return {"rng": capture_rng_state(),
-            "buffers": {name: tensor.detach().cpu().clone() for name, tensor in model.named_buffers()
-                        if tensor.is_floating_point()}}
+    process seeds its own augmentation and dropout draws). The weights, optimizer and schedule are the same
+    on every process (DDP), and so are the BatchNorm statistics when a state is saved (averaged first)."""
+    return {"rng": capture_rng_state()}
 
 
 REQUIRED_KEYS = frozenset({"format", "epoch", "step", "model", "optimizer", "scheduler", "rng", "history", "hooks"})
@@ -360,20 +358,15 @@ def restore_training_state(state: Any, saved: dict[str, Any], hooks: Any) -> str
     state.wall_seconds_before = saved["wall_seconds_before"]
     state.fit_seconds_before = float(saved.get("fit_seconds", 0.0))
     state.skipped_steps = int(saved.get("skipped_steps", 0))
-    own = own_rank_state(saved)
-    if own is not None:  # this process's BatchNorm statistics (rank 0's came with the weights)
-        buffers = dict(state.model.named_buffers())
-        with torch.no_grad():
-            for name, tensor in own["buffers"].items():
-                buffers[name].copy_(tensor)
+    own = own_rank_state(saved)  # this process's RNG states, when the state holds every process's
     restore_rng_state(own["rng"] if own is not None else saved["rng"])  # last: the above may draw numbers
     return saved["best_mode"]
 
 
 def own_rank_state(saved: dict[str, Any]) -> dict[str, Any] | None:
     """This process's `rank_state` in a training state saved by as many processes as now run; None for a
-    state of one process or of another number of processes (allowed at an epoch end only, where the buffers
-    are averaged alike on every process: each then starts from rank 0's RNG states)."""
+    state of one process or of another number of processes (allowed at an epoch end only: each process then
+    starts from rank 0's RNG states, and the run is no longer the one a single number of processes trains)."""
     rank, world, _ = world_info()
     ranks = saved.get("ranks")
     return ranks[rank] if ranks and len(ranks) == world else None

@@ -13,8 +13,7 @@ Training agrees on its decisions with `agree_any` (a flag any rank raised counts
 signal, a hook's stop_training, a time-based checkpoint), so every rank runs the same collectives and
 none waits for ever in one that the others skipped; `sum_across` adds a tensor up over the ranks.
 Checkpoints gather what differs per rank to rank 0, which writes (`gather_to_main`: each rank's RNG
-states and BatchNorm statistics), and a resume loads the training state rank 0 chose
-(`broadcast_from_main`).
+states and running sums), and a resume loads the training state rank 0 chose (`broadcast_from_main`).
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ signal interrupts validation (`stop_in_validation`). Only the Trainer's main loo
 Under several processes (DDP) every rank keeps the same policy and takes the same decisions (a stop
 signal or a due time-based checkpoint on any rank counts on all: `agree_any`), but only rank 0 writes.
 What differs per rank is gathered to rank 0 with each training state, and a resume gives each rank its
-own back (so a resumed job continues exactly as one never stopped): its RNG states and BatchNorm running
-statistics (`checkpoint.rank_state`) and, inside an epoch, its running loss and accuracy sums
-(`rank_epoch_sums`). The weights, optimizer and schedule are the same on every rank: rank 0's are saved.
+own back (so a resumed job continues exactly as one never stopped): its RNG states (`checkpoint.rank_state`)
+and, inside an epoch, its running loss and accuracy sums (`rank_epoch_sums`). The weights, optimizer,
+schedule and (averaged before each save) BatchNorm statistics are the same on every rank: rank 0's are saved.
 """
 
 from __future__ import annotations
@@ -125,9 +125,9 @@ class RunSaver:
             self.before_save()
         sums = {"loss_sum": state.loss_sum.detach().cpu(), "correct_sum": state.correct_sum.detach().cpu(),
                 "images_seen": state.images_seen}
-        # every rank's running sums, RNG states and BatchNorm statistics, on rank 0 (a collective: every
-        # rank saves at the same step); without a process group, this process's alone
-        ranks = gather_to_main({**checkpoint.rank_state(state.model), "sums": sums}) if is_distributed() else None
+        # every rank's running sums and RNG states, on rank 0 (a collective: every rank saves at the same
+        # step); without a process group, this process's alone
+        ranks = gather_to_main({**checkpoint.rank_state(), "sums": sums}) if is_distributed() else None
         if not self.writes:
             return
         self.check_run_dir()
@@ -178,10 +178,9 @@ class RunSaver:
         is_best = not math.isnan(value) and better
         if is_best:
             state.best_value, state.best_epoch = value, row["epoch"]
-        # several processes: every rank's RNG states to rank 0 (a collective, before only rank 0 goes on); the
-        # trained model's buffers, which a resume restores (`model` may be an average's, an EMA's)
+        # several processes: every rank's RNG states to rank 0 (a collective, before only rank 0 goes on)
         saving_state = self.run_dir is not None and out.save_last
-        ranks = gather_to_main(checkpoint.rank_state(state.model)) if saving_state and is_distributed() else None
+        ranks = gather_to_main(checkpoint.rank_state()) if saving_state and is_distributed() else None
         if self.run_dir is None or not self.writes:
             return
         ckpt_dir = self.run_dir / "checkpoints"

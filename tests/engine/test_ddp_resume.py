@@ -182,9 +182,10 @@ def test_the_killed_job_left_a_whole_mid_epoch_state_of_both_processes(jobs):
     # each process's own running sums: 3 batches of 16 images each
     assert [part["images_seen"] for part in sums] == [48, 48]
     assert saved["mid_epoch"]["images_seen"] == 96
-    # inside an epoch each process's BatchNorm statistics are its own (averaged only at the epoch end)
-    first, second = (part["buffers"] for part in saved["ranks"])
-    assert first.keys() == second.keys() and any(not torch.equal(first[k], second[k]) for k in first)
+    # each process's own RNG states (each seeds its own augmentation): a resume gives them back
+    first, second = (part["rng"] for part in saved["ranks"])
+    assert not torch.equal(first["torch"], second["torch"])
+    assert torch.equal(first["torch"], saved["rng"]["torch"])  # "rng": rank 0's, what one process reads
 
 
 def test_checkpoints_of_two_processes_are_one_process_files(jobs, tmp_path, capsys):
