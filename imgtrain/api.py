@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Sequence, Sized
@@ -29,7 +30,7 @@ from imgtrain.data.prepare import prepare_data as prepare_plain_data
 from imgtrain.data.samplers import shard_train_loader
 from imgtrain.engine.checkpoint import (
     has_training_state,
-    load_resumable_state,
+    load_agreed_state,
     load_weights,
     new_run_info,
     read_run_info,
@@ -129,6 +130,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
     if world_size <= 1:
         return _train(recipe, run_dir, resume, overwrite, console, hooks)
     check_distributed_recipe(recipe, world_size)  # what this slice of DDP does not support yet, refused
+    check_restartable(recipe, resume, int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")))
     owns_group = not process_group_ready()  # a group the caller made is the caller's to close
     init_distributed(select_device(recipe.train.device), DEFAULT_TIMEOUT_SECONDS)
     result = _train(recipe, run_dir, resume, overwrite, console, hooks)  # a failing rank ends the job (torchrun)
@@ -145,14 +147,16 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
     main = rank == 0
     if resume == "auto" or (resume is None and recipe.train.auto_resume):
         run_dir = auto_run_dir(recipe, run_dir)
-        resume = run_dir if has_training_state(run_dir) else None
+        # rank 0's look at the folder decides for every rank (one that saw no state would start it again)
+        resume = run_dir if broadcast_from_main(has_training_state(run_dir)) else None
         overwrite = overwrite or looks_like_run(run_dir)  # a run that never saved a state: start it again
     resume_file: dict[str, Any] | None = None  # the training state a resume continues from
     warnings: list[str] = []
     if resume is not None:
         run_dir = Path(resume)
         run_info = read_run_info(run_dir)
-        resume_file, state_path, warnings = load_resumable_state(run_dir / "checkpoints", run_info.get("run_id"))
+        # every rank loads the state rank 0 chose (each rank's own RNG states and BatchNorm statistics in it)
+        resume_file, state_path, warnings = load_agreed_state(run_dir / "checkpoints", run_info.get("run_id"))
         for line in warnings:
             print(f"imgtrain: warning: {line}; resuming from {state_path} instead", file=sys.stderr)
         run_info, extended = _planned_segments(run_info, recipe, run_dir, resume_file)
@@ -259,7 +263,9 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
     try:
         state = trainer.fit(resume_from=resume_file)
     except TrainingPreempted as stop:
-        print(f"\nimgtrain: {stop}. Continue with: imgtrain train --resume {run_dir}", file=sys.stderr)
+        if main:  # several processes: one message, with the command that resumes them all
+            nproc = f" --nproc {world_size}" if world_size > 1 else ""
+            print(f"\nimgtrain: {stop}. Continue with: imgtrain train --resume {run_dir}{nproc}", file=sys.stderr)
         raise
     except KeyboardInterrupt:
         log("interrupted; the last saved training state is kept")
@@ -306,6 +312,16 @@ def rank_seed(seed: int, rank: int) -> int:
     """The seed of rank `rank`'s global generators under several processes: its own augmentation draws, the
     same for the same world size (rank 0 keeps train.seed)."""
     return seed + 1_000_003 * rank
+
+
+def check_restartable(recipe: Recipe, resume: str | Path | None, max_restarts: int) -> None:
+    """torchrun --max-restarts N (N > 0) starts the same command again after a process fails: it must
+    resume the run (`--resume auto`, `train.auto_resume: true` or `--resume RUN_DIR`), or each restart
+    would start a new run from scratch (in a `-2` folder, or refused: the folder exists)."""
+    if max_restarts > 0 and resume is None and not recipe.train.auto_resume:
+        raise RecipeError(f"restarts ({max_restarts}) are allowed, but a restart of this command would start "
+                          "the run again from scratch: add --resume auto (or train.auto_resume=true), so that "
+                          "each restart continues from the last training state", key="train.auto_resume")
 
 
 def shard_loaders(loaders: Loaders, rank: int, world_size: int) -> Loaders:
@@ -592,4 +608,4 @@ def plan_lr_find_dir(recipe: Recipe, output: str | Path | None, overwrite: bool)
 __all__ = ["train", "TrainResult", "train_parts", "prepare_data", "PreparedData", "load_recipe", "prepare_run_dir",
            "plan_run_dir", "make_run_dir", "lr_find", "LrFindRun", "find_recipe_lr", "seed_everything",
            "RunDirError", "load_trained", "LoadedModel", "resolve_checkpoint", "RecipeError", "RESUME_OVERRIDABLE",
-           "check_distributed_recipe", "rank_seed", "shard_loaders"]
+           "check_distributed_recipe", "check_restartable", "rank_seed", "shard_loaders"]

@@ -62,14 +62,18 @@ def cmd_train(args: argparse.Namespace) -> int:
                              if args.resume == "auto" else ""))
     recipe = load_recipe(recipe_arg, overrides)
     if args.nproc is not None:
-        from imgtrain.api import check_distributed_recipe
+        from imgtrain.api import check_distributed_recipe, check_restartable
         if args.nproc < 1:
             raise RecipeError(f"--nproc {args.nproc}: give 1 or more processes", file="command line")
         if "WORLD_SIZE" in os.environ:
             raise RecipeError("--nproc starts torchrun itself; under torchrun (WORLD_SIZE is set) leave it out",
                               file="command line")
         check_distributed_recipe(recipe, args.nproc)  # refused before any process starts
-        return launch_torchrun(args.nproc, args.argv)
+        check_restartable(recipe, args.resume, args.max_restarts)
+        return launch_torchrun(args.nproc, args.argv, args.max_restarts)
+    if args.max_restarts:
+        raise RecipeError("--max-restarts goes with --nproc (it is torchrun's); under your own torchrun, pass "
+                          "--max-restarts to torchrun", file="command line")
     hooks = [load_hook(spec) for spec in args.hook]
     result = train(recipe, run_dir=args.run_dir, resume=args.resume, overwrite=args.overwrite, hooks=hooks)
     if int(os.environ.get("RANK", "0")) == 0:  # several processes: one "done" line, rank 0's
@@ -77,21 +81,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def launch_torchrun(nproc: int, argv: list[str]) -> int:
-    """`imgtrain train ... --nproc N`: the same command under torchrun with N processes on this machine
-    (a standalone rendezvous on a free port); returns torchrun's exit status (1 when a worker failed)."""
+def launch_torchrun(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
+    """`imgtrain train ... --nproc N [--max-restarts R]`: the same command under torchrun with N processes
+    on this machine (a standalone rendezvous on a free port); when a process fails torchrun stops the
+    others and, R times at most, starts them all again (each resumes: check_restartable). Returns
+    torchrun's exit status (1 when a worker failed and no restart was left)."""
     import subprocess
 
+    launcher_options = ("--nproc", "--max-restarts")
     rest, skip = [], False
-    for word in argv:  # the same arguments without --nproc N / --nproc=N
+    for word in argv:  # the same arguments without the launcher's own (--nproc N, --max-restarts=R ...)
         if skip:
             skip = False
-        elif word == "--nproc":
+        elif word in launcher_options:
             skip = True
-        elif not word.startswith("--nproc="):
+        elif not word.startswith(tuple(f"{option}=" for option in launcher_options)):
             rest.append(word)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               "-m", "imgtrain.cli", *rest]
+               "--max-restarts", str(max_restarts), "-m", "imgtrain.cli", *rest]
     print(f"imgtrain: starting {nproc} processes: {' '.join(command[1:])}", file=sys.stderr)
     return subprocess.call(command)
 
@@ -561,6 +568,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text}")
+    return value
+
+
 # ----------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -595,6 +609,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, metavar="N",
                    help="train with N processes on this machine (DDP: starts torchrun; data.batch_size is per "
                         "process)")
+    p.add_argument("--max-restarts", type=_non_negative_int, default=0, metavar="R",
+                   help="with --nproc: when a process fails, start the group again up to R times, each "
+                        "resuming from the last training state (needs --resume auto)")
 
     p = command("finetune", cmd_finetune, "fine-tune from weights: a run folder, .safetensors file or timm")
     p.add_argument("weights", help="run folder, .safetensors file, a timm/torchvision .pth checkpoint, or 'timm'")

@@ -38,6 +38,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
+from imgtrain.engine.distributed import broadcast_from_main, is_distributed, world_info
+
 METADATA_KEY = "imgtrain"
 
 
@@ -219,6 +221,72 @@ def load_training_state(path: Path, map_location: str | None = "cpu") -> dict[st
     return saved
 
 
+def load_agreed_state(ckpt_dir: Path, run_id: str | None = None) -> tuple[dict[str, Any], Path, list[str]]:
+    """`load_resumable_state` for every process of a job: rank 0 chooses the training state (last, or
+    previous when last is damaged) and tells the others, which load that same file and check that it is
+    the one rank 0 read (the same step and place in the epoch); a failure on rank 0 is raised on every rank.
+    So no rank resumes from another state than the others, even when they would judge the files
+    differently (a state written while they looked, a filesystem a machine sees late). A state saved
+    inside an epoch must be resumed by as many processes as saved it (`check_world_size`)."""
+    rank, world, _ = world_info()
+    if not is_distributed():
+        saved, path, problems = load_resumable_state(ckpt_dir, run_id)
+        check_world_size(saved, path, world)
+        return saved, path, problems
+    choice: dict[str, Any]
+    if rank == 0:
+        try:
+            saved, path, problems = load_resumable_state(ckpt_dir, run_id)
+            check_world_size(saved, path, world)
+            choice = {"name": path.name, "problems": problems, "mark": _state_mark(saved)}
+        except CheckpointError as exc:
+            choice = {"error": str(exc)}
+    choice = broadcast_from_main(choice if rank == 0 else None)
+    if "error" in choice:
+        raise CheckpointError(choice["error"])
+    if rank == 0:
+        return saved, path, problems
+    path = Path(ckpt_dir) / choice["name"]
+    saved = load_training_state(path)
+    if _state_mark(saved) != choice["mark"]:
+        raise CheckpointError(
+            f"{path}: process {rank} reads another training state than process 0 ({_describe_mark(_state_mark(saved))}"
+            f", process 0: {_describe_mark(choice['mark'])}): every process must see the same run folder; put it on "
+            "a filesystem every machine shares, and let no other job write into it")
+    return saved, path, choice["problems"]
+
+
+def _state_mark(saved: dict[str, Any]) -> tuple[Any, ...]:
+    """What tells two training states apart: the run, the optimizer step and the place in the epoch."""
+    position = saved.get("mid_epoch")
+    return (saved.get("run_id"), saved["epoch"], saved["step"], position["batches_done"] if position else None)
+
+
+def _describe_mark(mark: Any) -> str:
+    return f"step {mark[2]}, epoch {mark[1] + 1}" + (f" after {mark[3]} batches" if mark[3] is not None else " start")
+
+
+def check_world_size(saved: dict[str, Any], path: Path, world_size: int) -> None:
+    """A state saved inside an epoch holds a place in that epoch's per-process shares, which depend on the
+    number of processes: it resumes only with as many. (A state saved at an epoch end resumes with any.)"""
+    saved_world = int(saved.get("world_size", 1))
+    if saved.get("mid_epoch") is None or saved_world == world_size:
+        return
+    launch = (f"--nproc {saved_world} (or torchrun --nproc-per-node {saved_world})" if saved_world > 1
+              else "one process (no --nproc, no torchrun)")
+    raise CheckpointError(
+        f"{path}: saved inside epoch {saved['epoch'] + 1} by {saved_world} process(es), but {world_size} are "
+        f"resuming it: a place inside an epoch belongs to the shares of {saved_world}. Resume with {launch}; "
+        "the number of processes may change at the next epoch-end state")
+
+
+def rank_state() -> dict[str, Any]:
+    """What differs between the processes of a job and a resume gives back to each: its RNG states (each
+    process seeds its own augmentation and dropout draws). The weights, optimizer and schedule are the same
+    on every process (DDP), and so are the BatchNorm statistics when a state is saved (averaged first)."""
+    return {"rng": capture_rng_state()}
+
+
 REQUIRED_KEYS = frozenset({"format", "epoch", "step", "model", "optimizer", "scheduler", "rng", "history", "hooks"})
 
 
@@ -245,13 +313,19 @@ def load_resumable_state(ckpt_dir: Path, run_id: str | None = None) -> tuple[dic
         raise CheckpointError(f"{ckpt_dir}: no training state to resume from (the run saved none yet)")
     raise CheckpointError("no usable training state to resume from:\n  " + "\n  ".join(problems))
 def training_state(state: Any, best_mode: str, hooks: Any, run_id: str | None = None,
-                   mid_epoch: dict[str, Any] | None = None, fit_seconds: float = 0.0) -> dict[str, Any]:
+                   mid_epoch: dict[str, Any] | None = None, fit_seconds: float = 0.0,
+                   ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Everything a resume needs (last.state.pt): the weights, optimizer, schedule, grad scaler, every
-    RNG, the history, the best so far, every hook's state and, inside an epoch, the position in it."""
+    RNG, the history, the best so far, every hook's state and, inside an epoch, the position in it.
+
+    Under several processes `ranks` holds each process's `rank_state` (gathered to rank 0, which writes):
+    the weights, optimizer and schedule are the same on every process (DDP), these are not."""
     return {
         "format": STATE_FORMAT,
         "run_id": run_id,
         "mid_epoch": mid_epoch,
+        "world_size": len(ranks) if ranks else 1,
+        "ranks": ranks,                   # None in one process: "rng" is the whole truth
         "epoch": state.epoch,             # epochs finished = the next epoch to run
         "step": state.step,
         "model": {k: v.detach().cpu() for k, v in state.model.state_dict().items()},
@@ -284,8 +358,18 @@ def restore_training_state(state: Any, saved: dict[str, Any], hooks: Any) -> str
     state.wall_seconds_before = saved["wall_seconds_before"]
     state.fit_seconds_before = float(saved.get("fit_seconds", 0.0))
     state.skipped_steps = int(saved.get("skipped_steps", 0))
-    restore_rng_state(saved["rng"])  # last: everything above may have drawn random numbers
+    own = own_rank_state(saved)  # this process's RNG states, when the state holds every process's
+    restore_rng_state(own["rng"] if own is not None else saved["rng"])  # last: the above may draw numbers
     return saved["best_mode"]
+
+
+def own_rank_state(saved: dict[str, Any]) -> dict[str, Any] | None:
+    """This process's `rank_state` in a training state saved by as many processes as now run; None for a
+    state of one process or of another number of processes (allowed at an epoch end only: each process then
+    starts from rank 0's RNG states, and the run is no longer the one a single number of processes trains)."""
+    rank, world, _ = world_info()
+    ranks = saved.get("ranks")
+    return ranks[rank] if ranks and len(ranks) == world else None
 
 
 

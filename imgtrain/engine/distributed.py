@@ -12,6 +12,8 @@ images are then counted twice in the loss, the accuracy and the confusion matrix
 Training agrees on its decisions with `agree_any` (a flag any rank raised counts on every rank: a stop
 signal, a hook's stop_training, a time-based checkpoint), so every rank runs the same collectives and
 none waits for ever in one that the others skipped; `sum_across` adds a tensor up over the ranks.
+Checkpoints gather what differs per rank to rank 0, which writes (`gather_to_main`: each rank's RNG
+states and running sums), and a resume loads the training state rank 0 chose (`broadcast_from_main`).
 """
 
 from __future__ import annotations
@@ -91,12 +93,37 @@ def init_distributed(device: torch.device, timeout_seconds: float) -> torch.devi
     if dist.is_initialized():
         return rank_device
     timeout = datetime.timedelta(seconds=timeout_seconds)  # also bounds the rendezvous (env:// store)
+    store = restart_scoped_store(timeout)
+    where: dict[str, Any] = ({"init_method": "env://"} if store is None else
+                             {"store": store, "rank": world_info()[0], "world_size": world_size})
     if rank_device.type == "cuda":
         # device_id binds the group to this GPU (nccl starts its communicator now, not at the first collective)
-        dist.init_process_group(backend="nccl", init_method="env://", timeout=timeout, device_id=rank_device)
+        dist.init_process_group(backend="nccl", timeout=timeout, device_id=rank_device, **where)
     else:
-        dist.init_process_group(backend="gloo", init_method="env://", timeout=timeout)
+        dist.init_process_group(backend="gloo", timeout=timeout, **where)
     return rank_device
+
+
+def restart_scoped_store(timeout: datetime.timedelta) -> dist.Store | None:
+    """The key-value store this attempt of a torchrun job meets in, when torchrun restarts on one machine
+    and shares its own store with the workers (TORCHELASTIC_USE_AGENT_STORE, its default); else None (the
+    plain env:// rendezvous).
+
+    torchrun keeps that store across restarts (`--max-restarts`), so the addresses the previous attempt's
+    processes left in it are still there: a restarted process may read a dead peer's address and fail to
+    connect ("Gloo connectFullMesh failed ... Connection refused") or wait for it (pytorch issue 135712).
+    Scoping every key by TORCHELASTIC_RESTART_COUNT gives each attempt its own. On one machine one agent
+    counts the restarts, so every process agrees on the count; on several machines the agents' counts can
+    differ (a node that restarts for another's failure does not count it), so there run torchrun with
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which gives every attempt a new store (README: elastic restarts)."""
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    one_machine = os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE")
+    if not (shared and restart is not None and one_machine):
+        return None
+    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                timeout=timeout)
+    return dist.PrefixStore(f"imgtrain/attempt-{restart}", agent_store)
 
 
 def process_group_ready() -> bool:
@@ -147,6 +174,18 @@ def average_buffers(module: torch.nn.Module) -> None:
     for buffer in module.buffers():
         if buffer.is_floating_point():
             buffer.copy_(sum_across(buffer) / world)
+
+
+def gather_to_main(value: Any) -> list[Any] | None:
+    """Every rank's `value` (any picklable object), in rank order, on rank 0; None on the other ranks.
+    Without a process group: [value]. Every rank must call it at the same point. Tensors in `value`
+    should be on the CPU: a CUDA tensor would be unpickled on rank 0 onto the sending rank's GPU."""
+    if not is_distributed():
+        return [value]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    gathered: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
 
 
 def broadcast_from_main(value: Any) -> Any:
@@ -246,6 +285,6 @@ class ShardedEvalSampler(Sampler[int]):
 
 
 __all__ = ["DEFAULT_TIMEOUT_SECONDS", "DistributedModel", "ShardedEvalSampler", "agree_any", "average_buffers",
-           "barrier", "broadcast_from_main", "close_distributed", "init_distributed", "is_distributed",
-           "is_main_process", "process_group_ready", "sum_across", "trainable_parameters", "use_sync_batchnorm",
-           "world_info"]
+           "barrier", "broadcast_from_main", "close_distributed", "gather_to_main", "init_distributed",
+           "is_distributed", "is_main_process", "process_group_ready", "restart_scoped_store", "sum_across",
+           "trainable_parameters", "use_sync_batchnorm", "world_info"]

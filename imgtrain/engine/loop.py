@@ -36,11 +36,10 @@ from imgtrain.engine.distributed import (
     is_distributed,
     sum_across,
     use_sync_batchnorm,
-    world_info,
 )
 from imgtrain.engine.events import HookList
 from imgtrain.engine.optim import build_optimizer, build_scheduler
-from imgtrain.engine.saving import RunSaver, StopNow, batches_from
+from imgtrain.engine.saving import RunSaver, StopNow, batches_from, rank_epoch_sums
 from imgtrain.engine.state import EpochPlan, SizedIterable, TrainState, run_summary
 from imgtrain.engine.validate import evaluate_batches
 
@@ -261,12 +260,8 @@ class Trainer:
         state.correct_sum = position["correct_sum"].to(self.device)
         state.epoch_start_time = time.perf_counter() - float(position["seconds"])
         state.resumed_batches = int(position["batches_done"])
-        if self.distributed and world_info()[0] != 0:
-            # a mid-epoch state holds the whole job's sums (RunSaver.save_mid_epoch): rank 0 carries them on,
-            # the others count from zero, so the epoch-end sum across ranks counts every image once
-            state.images_seen = 0
-            state.loss_sum = torch.zeros_like(state.loss_sum)
-            state.correct_sum = torch.zeros_like(state.correct_sum)
+        if self.distributed:  # each rank continues from its own running sums (engine/saving.py)
+            state.images_seen, state.loss_sum, state.correct_sum = rank_epoch_sums(position, self.device)
         return state.resumed_batches
 
     def _forward_backward(self, group_size: int) -> None:

@@ -7,6 +7,10 @@ signal interrupts validation (`stop_in_validation`). Only the Trainer's main loo
 
 Under several processes (DDP) every rank keeps the same policy and takes the same decisions (a stop
 signal or a due time-based checkpoint on any rank counts on all: `agree_any`), but only rank 0 writes.
+What differs per rank is gathered to rank 0 with each training state, and a resume gives each rank its
+own back (so a resumed job continues exactly as one never stopped): its RNG states (`checkpoint.rank_state`)
+and, inside an epoch, its running loss and accuracy sums (`rank_epoch_sums`). The weights, optimizer,
+schedule and (averaged before each save) BatchNorm statistics are the same on every rank: rank 0's are saved.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 import torch
 
 from imgtrain.engine import checkpoint
-from imgtrain.engine.distributed import agree_any, is_distributed, is_main_process, sum_across
+from imgtrain.engine.distributed import agree_any, gather_to_main, is_distributed, is_main_process, world_info
 from imgtrain.engine.preemption import StopSignals, TrainingPreempted
 
 
@@ -119,20 +123,24 @@ class RunSaver:
         assert self.run_dir is not None and state.loss_sum is not None and state.correct_sum is not None
         if self.before_save is not None:
             self.before_save()
-        loss_sum, correct_sum, images_seen = state.loss_sum, state.correct_sum, state.images_seen
-        if is_distributed():
-            # the whole job's running sums (a collective: every rank saves at the same step); on resume
-            # rank 0 continues from them and the other ranks from zero (Trainer._start_epoch_metrics)
-            loss_sum, correct_sum = sum_across(loss_sum), sum_across(correct_sum)
-            images_seen = int(sum_across(torch.tensor(images_seen, dtype=torch.long)))
+        sums = {"loss_sum": state.loss_sum.detach().cpu(), "correct_sum": state.correct_sum.detach().cpu(),
+                "images_seen": state.images_seen}
+        # every rank's running sums and RNG states, on rank 0 (a collective: every rank saves at the same
+        # step); without a process group, this process's alone
+        ranks = gather_to_main({**checkpoint.rank_state(), "sums": sums}) if is_distributed() else None
         if not self.writes:
             return
         self.check_run_dir()
-        position = {"epoch": state.epoch, "batches_done": batches_done, "images_seen": images_seen,
-                    "loss_sum": loss_sum.detach().cpu(), "correct_sum": correct_sum.detach().cpu(),
+        rank_sums = [part.pop("sums") for part in ranks] if ranks is not None else [sums]
+        position = {"epoch": state.epoch, "batches_done": batches_done,
+                    # the whole job's sums so far (what the epoch's row would count now), and each rank's
+                    "images_seen": sum(part["images_seen"] for part in rank_sums),
+                    "loss_sum": sum_tensors([part["loss_sum"] for part in rank_sums]),
+                    "correct_sum": sum_tensors([part["correct_sum"] for part in rank_sums]),
+                    "ranks": rank_sums if ranks is not None else None,
                     "seconds": time.perf_counter() - state.epoch_start_time,
                     "metrics": dict(state.epoch_metrics), "details": dict(state.epoch_details)}
-        checkpoint.save_training_state(self.run_dir / "checkpoints", self.training_state(state, position))
+        checkpoint.save_training_state(self.run_dir / "checkpoints", self.training_state(state, position, ranks))
         self.last_save = time.perf_counter()
         state.note(f"saved a mid-epoch training state: epoch {state.epoch + 1}, {batches_done} batches done, "
                    f"step {state.step}", "mid_epoch_checkpoint", epoch=state.epoch + 1, batches_done=batches_done,
@@ -170,6 +178,9 @@ class RunSaver:
         is_best = not math.isnan(value) and better
         if is_best:
             state.best_value, state.best_epoch = value, row["epoch"]
+        # several processes: every rank's RNG states to rank 0 (a collective, before only rank 0 goes on)
+        saving_state = self.run_dir is not None and out.save_last
+        ranks = gather_to_main(checkpoint.rank_state()) if saving_state and is_distributed() else None
         if self.run_dir is None or not self.writes:
             return
         ckpt_dir = self.run_dir / "checkpoints"
@@ -178,9 +189,35 @@ class RunSaver:
             checkpoint.save_weights(model, ckpt_dir / "best.safetensors", meta)
         if out.save_last:
             checkpoint.save_weights(model, ckpt_dir / "last.safetensors", meta)
-            checkpoint.save_training_state(ckpt_dir, self.training_state(state))
+            checkpoint.save_training_state(ckpt_dir, self.training_state(state, None, ranks))
             self.last_save = time.perf_counter()
 
-    def training_state(self, state: Any, mid_epoch: dict[str, Any] | None = None) -> dict[str, Any]:
+    def training_state(self, state: Any, mid_epoch: dict[str, Any] | None = None,
+                       ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         fit_seconds = state.fit_seconds_before + time.perf_counter() - state.fit_started
-        return checkpoint.training_state(state, self.best_mode, self.hooks, self.run_id, mid_epoch, fit_seconds)
+        return checkpoint.training_state(state, self.best_mode, self.hooks, self.run_id, mid_epoch, fit_seconds,
+                                         ranks)
+
+
+def sum_tensors(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors added up in the order given (rank order: the same float sum wherever it is computed)."""
+    total = tensors[0].clone()
+    for tensor in tensors[1:]:
+        total += tensor
+    return total
+
+
+def rank_epoch_sums(position: dict[str, Any], device: torch.device) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(images seen, loss sum, correct sum) this process continues a mid-epoch state's epoch from: its own,
+    when the state holds every rank's (the epoch-end sum across ranks then adds the very numbers an
+    uninterrupted epoch adds), else (a state of the first DDP slice, which kept only the job's sums) the
+    job's on rank 0 and zero on the others, so every image still counts once."""
+    rank, world, _ = world_info()
+    ranks = position.get("ranks")
+    if ranks is not None and len(ranks) == world:
+        own = ranks[rank]
+        return int(own["images_seen"]), own["loss_sum"].to(device), own["correct_sum"].to(device)
+    loss_sum, correct_sum = position["loss_sum"].to(device), position["correct_sum"].to(device)
+    if rank == 0:
+        return int(position["images_seen"]), loss_sum, correct_sum
+    return 0, torch.zeros_like(loss_sum), torch.zeros_like(correct_sum)
