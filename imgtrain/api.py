@@ -34,7 +34,7 @@ from imgtrain.engine.checkpoint import (
     read_run_info,
     write_run_info,
 )
-from imgtrain.engine.device import select_device
+from imgtrain.engine.device import check_data_parallel, select_device
 from imgtrain.engine.distributed import (
     DEFAULT_TIMEOUT_SECONDS,
     ShardedEvalSampler,
@@ -46,7 +46,7 @@ from imgtrain.engine.distributed import (
 )
 from imgtrain.engine.events import Hook, HookList
 from imgtrain.engine.loop import Trainer, TrainParts
-from imgtrain.engine.optim import peak_lr
+from imgtrain.engine.optim import LrScaling, peak_lr, scale_lr
 from imgtrain.engine.preemption import TrainingPreempted
 from imgtrain.engine.state import EpochPlan
 from imgtrain.evaluation.teachers import load_teachers
@@ -164,6 +164,8 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
             _check_not_overwritten(weights.path, run_dir)
         run_info = new_run_info(recipe.train.epochs)
     check_strategies(recipe)  # cross-section checks of every enabled strategy, before the data is read
+    check_lr_scaling(recipe)
+    check_data_parallel(recipe.train, select_device(recipe.train.device))
     seed_everything(recipe.train.seed)
     splits = build_splits(recipe.data)
     check_imbalance_recipe(recipe, splits.classes)  # class weight list vs the data's classes
@@ -188,10 +190,17 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
         recipe = with_lr(recipe, peak_lr(load_recipe(run_dir / "config.yaml").optim))
     elif recipe.optim.lr == "find":
         recipe, lr_found = find_recipe_lr(recipe, model, prepared)
-    context.recipe = recipe
+    # optim.lr_scaling: `recipe` stays as written (config.yaml, the checkpoints' metadata), `trained` holds the
+    # lrs scaled to the global batch; everything that builds the optimizer, its groups or the schedule gets it
+    scaling = scale_lr(recipe.optim, recipe.data.batch_size, recipe.train.grad_accum_steps, world_size)
+    if resume_file is not None:
+        _check_same_lr_scaling(run_info, scaling, run_dir)
+    run_info["lr_scaling"] = scaling.record()
+    trained = with_scaled_lrs(recipe, scaling)
+    context.recipe = trained
     if recipe.distill.teacher is not None:  # loaded and checked against the data's classes before the run starts
         context.teacher = load_teachers(recipe, splits.classes, prepared.mean, prepared.std)
-    strategies = [hook for strategy in enabled_strategies(recipe) for hook in strategy.build(recipe, context)]
+    strategies = [hook for strategy in enabled_strategies(trained) for hook in strategy.build(trained, context)]
     metadata = {
         "model": {"name": recipe.model.name, "kwargs": recipe.model.kwargs, "drop_rate": recipe.model.drop_rate},
         "num_classes": len(splits.classes), "in_chans": splits.channels, "classes": list(splits.classes),
@@ -211,7 +220,7 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
                                  eval_batch_transform=prepared.eval_batch_transform)
     # rank 0 alone tracks (files, console, TensorBoard ...); the numbers are the same on every rank
     trackers = build_trackers(recipe, run_dir, console_stream=console, report_inputs=report_inputs) if main else []
-    trainer = Trainer(recipe, train_parts(recipe, model, prepared, context.plans),
+    trainer = Trainer(trained, train_parts(trained, model, prepared, context.plans),
                       HookList(strategies=[*strategies, *hooks], trackers=trackers), run_dir, metadata,
                       run_id=run_info["run_id"])
     log = _tracker_logger(trackers)
@@ -221,6 +230,9 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
         f"{len(splits.test) if splits.test is not None else 0} test images, {len(splits.classes)} classes, "
         f"{splits.channels} channel(s), {prepared.img_size} px; model {recipe.model.name} "
         f"({count_parameters(model):,} parameters)")
+    log(scaling.describe())
+    if scaling.scaled_lr != scaling.lr and main:  # on the console too: the lr the run trains with is not the recipe's
+        print(f"imgtrain: {scaling.describe()}", file=console if console is not None else sys.stderr)
     for line in weights_report.lines() if weights_report is not None else []:
         log(line)
     for line in weights_report.changes() if weights_report is not None and main else []:
@@ -248,6 +260,7 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
         print(f"\nimgtrain: interrupted. Continue with: imgtrain train --resume {run_dir}", file=sys.stderr)
         raise
     summary = dict(state.summary)
+    summary["lr_scaling"] = scaling.record()
     if lr_found is not None:
         summary["lr_find"] = lr_found.summary(recipe.lr_find.suggestion)
     if loaders.test is not None:
@@ -285,6 +298,9 @@ def check_distributed_recipe(recipe: Recipe, world_size: int) -> None:
     if recipe.optim.lr == "find":
         raise RecipeError(f"optim.lr: find is not supported yet {where}; run `imgtrain lr-find` in one process "
                           "and set optim.lr to the number it suggests", key="optim.lr")
+    if recipe.train.data_parallel:
+        raise RecipeError(f"train.data_parallel is one process on several GPUs; {where} each process already has "
+                          "a GPU of its own (DDP). Set train.data_parallel=false", key="train.data_parallel")
 
 
 def shard_loaders(loaders: Loaders, rank: int, world_size: int) -> Loaders:
@@ -448,6 +464,55 @@ def _test_best(trainer: Trainer, test_loader: Any, run_dir: Path) -> dict[str, A
     return out
 
 
+# ----------------------------------------------------------------------------- lr scaling
+
+def check_lr_scaling(recipe: Recipe) -> None:
+    """optim.lr: find measures the lr at the batch the run trains with in one process; a reference_batch
+    other than that batch would scale the measured lr as if it had been tuned for another batch."""
+    own = recipe.data.batch_size * recipe.train.grad_accum_steps
+    reference = recipe.optim.reference_batch
+    if recipe.optim.lr == "find" and recipe.optim.lr_scaling != "none" and reference not in (None, own):
+        raise RecipeError(f"optim.reference_batch {reference}: optim.lr: find measures the lr at this run's own "
+                          f"batch (data.batch_size x train.grad_accum_steps = {own}), so that is its reference; "
+                          f"leave optim.reference_batch out (or set it to {own})", file=recipe.source_file,
+                          key="optim.reference_batch")
+
+
+def with_scaled_lrs(recipe: Recipe, scaling: LrScaling) -> Recipe:
+    """The recipe as it trains under optim.lr_scaling: every lr it writes (optim.lr, schedule.min_lr,
+    swa.lr, transfer.group_lrs, progressive.stages[].lr) times the same factor, since all were tuned for the
+    reference batch; lr_scaling none in the copy, so nothing scales it again. The recipe itself when the
+    factor is 1."""
+    if scaling.scaled_lr == scaling.lr:
+        return recipe
+    factor = scaling.scaled_lr / scaling.lr
+    group_lrs = recipe.transfer.group_lrs
+    stages = [{**stage, "lr": stage["lr"] * factor} if stage.get("lr") is not None else stage
+              for stage in recipe.progressive.stages]
+    return dataclasses.replace(
+        recipe,
+        optim=dataclasses.replace(recipe.optim, lr=scaling.scaled_lr, lr_scaling="none", reference_batch=None),
+        schedule=dataclasses.replace(recipe.schedule, min_lr=recipe.schedule.min_lr * factor),
+        swa=dataclasses.replace(recipe.swa, lr=recipe.swa.lr * factor if recipe.swa.lr is not None else None),
+        transfer=dataclasses.replace(recipe.transfer, group_lrs=[lr * factor for lr in group_lrs]
+                                     if group_lrs is not None else None),
+        progressive=dataclasses.replace(recipe.progressive, stages=stages))
+
+
+def _check_same_lr_scaling(run_info: dict[str, Any], scaling: LrScaling, run_dir: Path) -> None:
+    """A resume continues the optimizer and schedule saved at the lr the run started with: under another
+    number of processes, optim.lr_scaling would ask for another lr, which the restored schedule would
+    silently ignore. Refused; under none (or the same global batch) the lr is the same and any count goes."""
+    before = run_info.get("lr_scaling")
+    if not isinstance(before, dict) or before.get("scaled_lr") == scaling.scaled_lr:
+        return
+    raise RecipeError(f"--resume {run_dir}: the run started under {before.get('processes')} process(es), a global "
+                      f"batch of {before.get('global_batch')} and optim.lr_scaling {before.get('rule')} "
+                      f"(lr {before.get('scaled_lr'):g}); under {scaling.processes} its lr would be "
+                      f"{scaling.scaled_lr:g}. Resume it with {before.get('processes')} process(es) "
+                      f"(--nproc {before.get('processes')}, or torchrun --nproc-per-node)", key="optim.lr_scaling")
+
+
 # ----------------------------------------------------------------------------- LR finder
 
 def with_lr(recipe: Recipe, lr: float) -> Recipe:
@@ -518,4 +583,4 @@ def plan_lr_find_dir(recipe: Recipe, output: str | Path | None, overwrite: bool)
 __all__ = ["train", "TrainResult", "train_parts", "prepare_data", "PreparedData", "load_recipe", "prepare_run_dir",
            "plan_run_dir", "make_run_dir", "lr_find", "LrFindRun", "find_recipe_lr", "seed_everything",
            "RunDirError", "load_trained", "LoadedModel", "resolve_checkpoint", "RecipeError", "RESUME_OVERRIDABLE",
-           "check_distributed_recipe", "shard_loaders"]
+           "check_distributed_recipe", "shard_loaders", "check_lr_scaling", "with_scaled_lrs"]

@@ -29,7 +29,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from imgtrain.engine import checkpoint
-from imgtrain.engine.device import compile_model, configure_backends, select_device, select_precision
+from imgtrain.engine.device import (
+    check_data_parallel,
+    compile_model,
+    configure_backends,
+    data_parallel,
+    select_device,
+    select_precision,
+)
 from imgtrain.engine.distributed import (
     ShardedEvalSampler,
     agree_any,
@@ -100,6 +107,9 @@ class Trainer:
                 self.ddp = DistributedDataParallel(self.model, device_ids=[torch.cuda.current_device()]
                                                    if self.device.type == "cuda" else None, broadcast_buffers=False)
             self.train_model = compile_model(self.ddp, sizes) if cfg.compile else self.ddp
+        if cfg.data_parallel:  # one process, every GPU of this machine: each training batch split across them
+            check_data_parallel(cfg, self.device)
+            self.train_model = data_parallel(self.model, self.device, self.amp_dtype)
         self.train_loaders = {plan.batch_size: parts.loader_for(plan.batch_size) for plan in self.plans}
         self.epoch_batches = [min(len(self.train_loaders[p.batch_size]), cfg.max_steps_per_epoch or 2**62)
                               for p in self.plans]
