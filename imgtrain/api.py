@@ -155,6 +155,10 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
         run_info, extended = _planned_segments(run_info, recipe, run_dir, resume_file)
         if not extended and _finished(run_dir, resume_file):
             return _finished_result(run_dir, resume_file)
+        if recipe.optim.lr == "find":  # the lr the run chose is in its config.yaml
+            recipe = with_lr(recipe, peak_lr(load_recipe(run_dir / "config.yaml").optim))
+        _check_same_lr_scaling(run_info, scale_lr(recipe.optim, recipe.data.batch_size, recipe.train.grad_accum_steps,
+                                                  world_size), run_dir)  # before the data is read
     else:
         # only planned: every check below runs before the folder is made, so bad input leaves no folder
         # behind and --overwrite deletes the old run only once the new one is ready to start
@@ -186,15 +190,11 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
     # optim.lr: find: the range test runs here (and puts the weights back); from here on the recipe
     # holds the lr it chose, so config.yaml, the checkpoints and a --resume have that number
     lr_found = None
-    if recipe.optim.lr == "find" and resume_file is not None:  # the lr the run chose is in its config.yaml
-        recipe = with_lr(recipe, peak_lr(load_recipe(run_dir / "config.yaml").optim))
-    elif recipe.optim.lr == "find":
+    if recipe.optim.lr == "find":  # a new run (a resume has its lr from config.yaml, above)
         recipe, lr_found = find_recipe_lr(recipe, model, prepared)
     # optim.lr_scaling: `recipe` stays as written (config.yaml, the checkpoints' metadata), `trained` holds the
     # lrs scaled to the global batch; everything that builds the optimizer, its groups or the schedule gets it
     scaling = scale_lr(recipe.optim, recipe.data.batch_size, recipe.train.grad_accum_steps, world_size)
-    if resume_file is not None:
-        _check_same_lr_scaling(run_info, scaling, run_dir)
     run_info["lr_scaling"] = scaling.record()
     trained = with_scaled_lrs(recipe, scaling)
     context.recipe = trained
