@@ -59,7 +59,8 @@ def test_one_process_with_a_smaller_reference_batch_trains_at_the_scaled_lr(tmp_
     recipe = digits("data.batch_size=32", "schedule.name=constant", "optim.lr=0.05", "optim.lr_scaling=linear",
                     "optim.reference_batch=16", "train.epochs=2")
     result = train(recipe, run_dir=tmp_path / "run")
-    assert [row["lr"] for row in read_history(result.run_dir / "history.csv")] == pytest.approx([0.1, 0.1])  # 0.05 x 32 / 16
+    lrs = [row["lr"] for row in read_history(result.run_dir / "history.csv")]
+    assert lrs == pytest.approx([0.1, 0.1])  # 0.05 x 32 / 16
     record = read_summary(result.run_dir)["lr_scaling"]
     assert record == {"rule": "linear", "lr": 0.05, "scaled_lr": 0.1, "global_batch": 32, "reference_batch": 16,
                       "processes": 1}
