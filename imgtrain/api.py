@@ -36,7 +36,7 @@ from imgtrain.engine.checkpoint import (
     read_run_info,
     write_run_info,
 )
-from imgtrain.engine.device import select_device
+from imgtrain.engine.device import check_data_parallel, select_device
 from imgtrain.engine.distributed import (
     DEFAULT_TIMEOUT_SECONDS,
     ShardedEvalSampler,
@@ -49,7 +49,7 @@ from imgtrain.engine.distributed import (
 )
 from imgtrain.engine.events import Hook, HookList
 from imgtrain.engine.loop import Trainer, TrainParts
-from imgtrain.engine.optim import peak_lr
+from imgtrain.engine.optim import LrScaling, peak_lr, scale_lr
 from imgtrain.engine.preemption import TrainingPreempted
 from imgtrain.engine.state import EpochPlan
 from imgtrain.evaluation.teachers import load_teachers
@@ -162,6 +162,10 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
         run_info, extended = _planned_segments(run_info, recipe, run_dir, resume_file)
         if not extended and _finished(run_dir, resume_file):
             return _finished_result(run_dir, resume_file)
+        if recipe.optim.lr == "find":  # the lr the run chose is in its config.yaml
+            recipe = with_lr(recipe, peak_lr(load_recipe(run_dir / "config.yaml").optim))
+        _check_same_lr_scaling(run_info, scale_lr(recipe.optim, recipe.data.batch_size, recipe.train.grad_accum_steps,
+                                                  world_size), run_dir)  # before the data is read
     else:
         # only planned: every check below runs before the folder is made, so bad input leaves no folder
         # behind and --overwrite deletes the old run only once the new one is ready to start
@@ -172,6 +176,8 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
         run_info = new_run_info(recipe.train.epochs)
     check_strategies(recipe)  # cross-section checks of every enabled strategy, before the data is read
     check_trackers(recipe)  # a tracker's package is missing: say which extra to install, before any work
+    check_lr_scaling(recipe)
+    check_data_parallel(recipe.train, select_device(recipe.train.device))
     seed_everything(recipe.train.seed)
     splits = build_splits(recipe.data)
     # before anything reads the images: the normalisation statistics, the LR finder, loader workers
@@ -203,10 +209,15 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
     elif recipe.optim.lr == "find":
         # several processes: every rank runs the range test under DDP (the global batch), rank 0 chooses
         recipe, lr_found = broadcast_from_main(find_recipe_lr(recipe, model, prepared))
-    context.recipe = recipe
+    # optim.lr_scaling: `recipe` stays as written (config.yaml, the checkpoints' metadata), `trained` holds the
+    # lrs scaled to the global batch; everything that builds the optimizer, its groups or the schedule gets it
+    scaling = scale_lr(recipe.optim, recipe.data.batch_size, recipe.train.grad_accum_steps, world_size)
+    run_info["lr_scaling"] = scaling.record()
+    trained = with_scaled_lrs(recipe, scaling)
+    context.recipe = trained
     if recipe.distill.teacher is not None:  # loaded and checked against the data's classes before the run starts
         context.teacher = load_teachers(recipe, splits.classes, prepared.mean, prepared.std)
-    strategies = [hook for strategy in enabled_strategies(recipe) for hook in strategy.build(recipe, context)]
+    strategies = [hook for strategy in enabled_strategies(trained) for hook in strategy.build(trained, context)]
     metadata = {
         "model": {"name": recipe.model.name, "kwargs": recipe.model.kwargs, "drop_rate": recipe.model.drop_rate},
         "num_classes": len(splits.classes), "in_chans": splits.channels, "classes": list(splits.classes),
@@ -232,7 +243,7 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
         seed_everything(rank_seed(recipe.train.seed, rank))
     if bad_image_watch is not None:  # first: a bad file is dealt with before any strategy uses the batch
         strategies.insert(0, bad_image_watch)
-    trainer = Trainer(recipe, train_parts(recipe, model, prepared, context.plans),
+    trainer = Trainer(trained, train_parts(trained, model, prepared, context.plans),
                       HookList(strategies=[*strategies, *hooks], trackers=trackers), run_dir, metadata,
                       run_id=run_info["run_id"])
     log = _tracker_logger(trackers)
@@ -242,6 +253,9 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
         f"{len(splits.test) if splits.test is not None else 0} test images, {len(splits.classes)} classes, "
         f"{splits.channels} channel(s), {prepared.img_size} px; model {recipe.model.name} "
         f"({count_parameters(model):,} parameters)")
+    log(scaling.describe())
+    if scaling.scaled_lr != scaling.lr and main:  # on the console too: the lr the run trains with is not the recipe's
+        print(f"imgtrain: {scaling.describe()}", file=console if console is not None else sys.stderr)
     for line in weights_report.lines() if weights_report is not None else []:
         log(line)
     for line in weights_report.changes() if weights_report is not None and main else []:
@@ -272,6 +286,7 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
         print(f"\nimgtrain: interrupted. Continue with: imgtrain train --resume {run_dir}", file=sys.stderr)
         raise
     summary = dict(state.summary)
+    summary["lr_scaling"] = scaling.record()
     if lr_found is not None:
         summary["lr_find"] = lr_found.summary(recipe.lr_find.suggestion)
     if loaders.test is not None:
@@ -306,6 +321,9 @@ def check_distributed_recipe(recipe: Recipe, world_size: int) -> None:
         raise RecipeError(f"train.sync_bn needs CUDA GPUs: torch's SyncBatchNorm does not run on the CPU. Leave "
                           f"it off {where} on the CPU: BatchNorm statistics are then averaged across the "
                           "processes at each epoch end", key="train.sync_bn")
+    if recipe.train.data_parallel:
+        raise RecipeError(f"train.data_parallel is one process on several GPUs; {where} each process already has "
+                          "a GPU of its own (DDP). Set train.data_parallel=false", key="train.data_parallel")
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -538,6 +556,54 @@ def _test_best(trainer: Trainer, test_loader: Any, run_dir: Path) -> dict[str, A
     return out
 
 
+# ----------------------------------------------------------------------------- lr scaling
+
+def check_lr_scaling(recipe: Recipe) -> None:
+    """optim.lr: find measures the lr at the batch the run trains with (the global batch, under several
+    processes: every process runs the range test): that lr needs no scaling, and scaling it would count the
+    batch twice."""
+    if recipe.optim.lr == "find" and recipe.optim.lr_scaling != "none":
+        raise RecipeError(f"optim.lr_scaling {recipe.optim.lr_scaling} with optim.lr: find: the LR finder measures "
+                          "the lr at the global batch this run trains with (data.batch_size x processes x "
+                          "train.grad_accum_steps), so there is nothing to scale; set optim.lr_scaling: none",
+                          file=recipe.source_file, key="optim.lr_scaling")
+
+
+def with_scaled_lrs(recipe: Recipe, scaling: LrScaling) -> Recipe:
+    """The recipe as it trains under optim.lr_scaling: every lr it writes (optim.lr, schedule.min_lr,
+    swa.lr, transfer.group_lrs, progressive.stages[].lr) times the same factor, since all were tuned for the
+    reference batch; lr_scaling none in the copy, so nothing scales it again. The recipe itself when the
+    factor is 1."""
+    if scaling.scaled_lr == scaling.lr:
+        return recipe
+    factor = scaling.scaled_lr / scaling.lr
+    group_lrs = recipe.transfer.group_lrs
+    stages = [{**stage, "lr": stage["lr"] * factor} if stage.get("lr") is not None else stage
+              for stage in recipe.progressive.stages]
+    return dataclasses.replace(
+        recipe,
+        optim=dataclasses.replace(recipe.optim, lr=scaling.scaled_lr, lr_scaling="none", reference_batch=None),
+        schedule=dataclasses.replace(recipe.schedule, min_lr=recipe.schedule.min_lr * factor),
+        swa=dataclasses.replace(recipe.swa, lr=recipe.swa.lr * factor if recipe.swa.lr is not None else None),
+        transfer=dataclasses.replace(recipe.transfer, group_lrs=[lr * factor for lr in group_lrs]
+                                     if group_lrs is not None else None),
+        progressive=dataclasses.replace(recipe.progressive, stages=stages))
+
+
+def _check_same_lr_scaling(run_info: dict[str, Any], scaling: LrScaling, run_dir: Path) -> None:
+    """A resume continues the optimizer and schedule saved at the lr the run started with: under another
+    number of processes, optim.lr_scaling would ask for another lr, which the restored schedule would
+    silently ignore. Refused; under none (or the same global batch) the lr is the same and any count goes."""
+    before = run_info.get("lr_scaling")
+    if not isinstance(before, dict) or before.get("scaled_lr") == scaling.scaled_lr:
+        return
+    raise RecipeError(f"--resume {run_dir}: the run started under {before.get('processes')} process(es), a global "
+                      f"batch of {before.get('global_batch')} and optim.lr_scaling {before.get('rule')} "
+                      f"(lr {before.get('scaled_lr'):g}); under {scaling.processes} its lr would be "
+                      f"{scaling.scaled_lr:g}. Resume it with {before.get('processes')} process(es) "
+                      f"(--nproc {before.get('processes')}, or torchrun --nproc-per-node)", key="optim.lr_scaling")
+
+
 # ----------------------------------------------------------------------------- LR finder
 
 def with_lr(recipe: Recipe, lr: float) -> Recipe:
@@ -608,4 +674,5 @@ def plan_lr_find_dir(recipe: Recipe, output: str | Path | None, overwrite: bool)
 __all__ = ["train", "TrainResult", "train_parts", "prepare_data", "PreparedData", "load_recipe", "prepare_run_dir",
            "plan_run_dir", "make_run_dir", "lr_find", "LrFindRun", "find_recipe_lr", "seed_everything",
            "RunDirError", "load_trained", "LoadedModel", "resolve_checkpoint", "RecipeError", "RESUME_OVERRIDABLE",
-           "check_distributed_recipe", "check_restartable", "rank_seed", "shard_loaders"]
+           "check_distributed_recipe", "check_restartable", "check_lr_scaling", "rank_seed", "shard_loaders",
+           "with_scaled_lrs"]

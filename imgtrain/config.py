@@ -231,6 +231,8 @@ class OptimConfig(_Section):
     weight_decay: Float = Field(5e-4, ge=0.0, description="L2 penalty (decoupled for adamw)")
     decay_norm_and_bias: Bool = Field(False, description="false: no weight decay on norm and bias parameters")
     sam: SamConfig | None = Field(None, description="sharpness-aware minimisation: {rho, adaptive}; null: off")
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field("none", description="scale lr by the global batch (data.batch_size x processes x train.grad_accum_steps) / reference_batch (linear) or its square root (sqrt); none: lr as written")
+    reference_batch: Int | None = Field(None, ge=1, description="global batch lr was tuned for (lr_scaling); default: data.batch_size x train.grad_accum_steps, one process")
 
     @field_validator("lr", mode="before")
     @classmethod
@@ -512,6 +514,7 @@ class TrainConfig(_Section):
     checkpoint_every: CheckpointEveryConfig = Field(default_factory=CheckpointEveryConfig, description="mid-epoch training states")
     auto_resume: Bool = Field(False, description="the run folder holds a training state: continue it (as --resume auto)")
     sync_bn: Bool = Field(False, description="several processes on CUDA: BatchNorm -> SyncBatchNorm (statistics over the global batch); else averaged per epoch")
+    data_parallel: Bool = Field(False, description="one process on all of this machine's CUDA GPUs (torch.nn.DataParallel); DDP (--nproc) is faster")
 
     def _check(self) -> None:
         device = self.device

@@ -1,4 +1,4 @@
-"""Where and how the model runs: device choice, mixed precision, backend flags, torch.compile.
+"""Where and how the model runs: device choice, mixed precision, backend flags, torch.compile, DataParallel.
 
 Called once at start-up by the Trainer, and by `imgtrain doctor` and `bench-data` to run as training would.
 """
@@ -11,7 +11,7 @@ from typing import cast
 
 import torch
 
-from imgtrain.config import RecipeError
+from imgtrain.config import RecipeError, TrainConfig
 
 
 def select_device(name: str) -> torch.device:
@@ -88,6 +88,52 @@ def compile_model(model: torch.nn.Module, image_sizes: int = 1) -> torch.nn.Modu
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), needed))
             break
     return cast(torch.nn.Module, torch.compile(model, dynamic=False))
+
+
+def check_data_parallel(cfg: TrainConfig, device: torch.device, gpus: int | None = None) -> None:
+    """train.data_parallel needs a CUDA device and at least two GPUs (`gpus`: how many; None: ask torch),
+    and no torch.compile. Refused (RecipeError) rather than silently training on one device."""
+    if not cfg.data_parallel:
+        return
+    if device.type != "cuda":
+        raise RecipeError(f"train.data_parallel splits each batch across CUDA GPUs, but this run's device is "
+                          f"{device.type} (train.device {cfg.device}); set train.data_parallel=false (on CPUs, "
+                          "imgtrain train ... --nproc N runs N processes)", key="train.data_parallel")
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    if gpus < 2:
+        raise RecipeError(f"train.data_parallel splits each batch across several CUDA GPUs, and this machine has "
+                          f"{gpus}; set train.data_parallel=false", key="train.data_parallel")
+    if cfg.compile:
+        raise RecipeError("train.data_parallel and train.compile: torch.compile does not trace DataParallel's "
+                          "per-GPU replicas (threads); turn one off, or use DDP (imgtrain train ... --nproc N), "
+                          "which compiles", key="train.data_parallel")
+
+
+class AutocastForward(torch.nn.Module):
+    """`module`'s forward under autocast to `dtype` (None: fp32), in whichever thread runs it.
+
+    DataParallel runs each GPU's replica in a thread of its own; autocast's dtype is thread-local, and torch's
+    parallel_apply re-enters autocast there with the device's default dtype (fp16 on CUDA), not the one the
+    loop chose: a bf16 run would train its replicas in fp16 without a GradScaler. Wrapping the module makes
+    every replica enter the loop's precision itself."""
+
+    def __init__(self, module: torch.nn.Module, device_type: str, dtype: torch.dtype | None):
+        super().__init__()
+        self.module, self.device_type, self.dtype = module, device_type, dtype
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None):
+            return cast(torch.Tensor, self.module(inputs))
+
+
+def data_parallel(model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> torch.nn.Module:
+    """`model` (on `device`) under torch.nn.DataParallel over every GPU of the machine, `device` first: its
+    replica shares the model's storage (so BatchNorm's running statistics are those of its share of each
+    batch) and the outputs are gathered there. For the training passes only: checkpoints, hooks (EMA, SWA,
+    freezing) and evaluation keep using the plain `model`, whose parameters receive the summed gradients."""
+    first = device.index if device.index is not None else torch.cuda.current_device()
+    gpus = [first, *(index for index in range(torch.cuda.device_count()) if index != first)]
+    return torch.nn.DataParallel(AutocastForward(model, device.type, amp_dtype), device_ids=gpus, output_device=first)
 
 
 def peak_memory_mb(device: torch.device) -> dict[str, float]:

@@ -27,7 +27,14 @@ from typing import Any
 import torch
 
 from imgtrain.engine import checkpoint
-from imgtrain.engine.device import compile_model, configure_backends, select_device, select_precision
+from imgtrain.engine.device import (
+    check_data_parallel,
+    compile_model,
+    configure_backends,
+    data_parallel,
+    select_device,
+    select_precision,
+)
 from imgtrain.engine.distributed import (
     DistributedModel,
     ShardedEvalSampler,
@@ -96,6 +103,9 @@ class Trainer:
             self.ddp = DistributedModel(self.model, self.device, wrap=(lambda ddp: compile_model(ddp, sizes))
                                         if cfg.compile else None)
             self.train_model = self.ddp.current()
+        if cfg.data_parallel:  # one process, every GPU of this machine: each training batch split across them
+            check_data_parallel(cfg, self.device)
+            self.train_model = data_parallel(self.model, self.device, self.amp_dtype)
         self.train_loaders = {plan.batch_size: parts.loader_for(plan.batch_size) for plan in self.plans}
         self.epoch_batches = [min(len(self.train_loaders[p.batch_size]), cfg.max_steps_per_epoch or 2**62)
                               for p in self.plans]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -40,6 +41,49 @@ def peak_lr(cfg: OptimConfig) -> float:
     if isinstance(cfg.lr, str):
         raise ValueError(f"optim.lr is {cfg.lr!r}: the LR finder must set a number before an optimizer is built")
     return cfg.lr
+
+
+@dataclass(frozen=True)
+class LrScaling:
+    """How optim.lr was scaled to the global batch a run trains with (optim.lr_scaling).
+
+    `lr` is the recipe's (as config.yaml records it, so a resume or a copied recipe never scales twice),
+    `scaled_lr` the peak lr the optimizer, the schedule and transfer's per-group lrs start from."""
+    rule: str                 # none | linear | sqrt
+    lr: float                 # optim.lr as written (or as the LR finder chose it)
+    scaled_lr: float
+    global_batch: int         # data.batch_size x processes x train.grad_accum_steps
+    reference_batch: int      # optim.reference_batch, or the recipe's global batch in one process
+    processes: int
+
+    def describe(self) -> str:
+        """The log line: what the lr became and why."""
+        if self.scaled_lr == self.lr:
+            return (f"lr {self.lr:g} for a global batch of {self.global_batch} (optim.lr_scaling {self.rule}, "
+                    f"reference {self.reference_batch})")
+        how = "linearly" if self.rule == "linear" else "by the square root"
+        return (f"lr {self.lr:g} scaled {how} to {self.scaled_lr:g} for a global batch of {self.global_batch} "
+                f"(reference {self.reference_batch})")
+
+    def record(self) -> dict[str, float | int | str]:
+        """For summary.json and run.json."""
+        return {"rule": self.rule, "lr": self.lr, "scaled_lr": self.scaled_lr, "global_batch": self.global_batch,
+                "reference_batch": self.reference_batch, "processes": self.processes}
+
+
+def scale_lr(cfg: OptimConfig, batch_size: int, grad_accum_steps: int, processes: int) -> LrScaling:
+    """optim.lr scaled from optim.reference_batch to the global batch (`batch_size` images per process and
+    forward pass x `processes` x `grad_accum_steps`): linear (Goyal et al. 2017, "Accurate, Large Minibatch
+    SGD", for SGD) multiplies it by global / reference, sqrt by the square root of that (Krizhevsky 2014,
+    "One weird trick"; often the better rule for Adam). The default reference is the recipe's own global batch
+    in one process, so a one-process run keeps its lr whatever the rule and only the processes scale it."""
+    global_batch = batch_size * processes * grad_accum_steps
+    reference = cfg.reference_batch or batch_size * grad_accum_steps
+    ratio = global_batch / reference
+    factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.lr_scaling]
+    lr = peak_lr(cfg)
+    return LrScaling(rule=cfg.lr_scaling, lr=lr, scaled_lr=lr * factor, global_batch=global_batch,
+                     reference_batch=reference, processes=processes)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,

@@ -2,7 +2,9 @@
 --nproc 2` (torchrun, gloo on the CPU) on the digits of the quickstart recipe with the tiny net at 8 px.
 
 One 2-process run with 16 images per process and one 1-process run with 32 (the same global batch) are
-trained once for the module; the tests read their run folders."""
+trained once for the module; the tests read their run folders. The 2-process run scales its lr linearly
+from 0.05 (optim.lr_scaling, the reference batch its own 16) to quickstart's 0.1, the lr of the 1-process run:
+a recipe tuned at batch 16, run by 2 processes, trains like one process of batch 32 at twice the lr."""
 
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ def history(run: Path) -> list[dict[str, float]]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ddp")
-    two = imgtrain("train", "quickstart", *TINY, "data.batch_size=16", f"output.root={root / 'two'}", "--nproc", "2")
+    two = imgtrain("train", "quickstart", *TINY, "data.batch_size=16", "optim.lr=0.05", "optim.lr_scaling=linear",
+                   f"output.root={root / 'two'}", "--nproc", "2")
     assert two.returncode == 0, two.stderr[-3000:]
     one = imgtrain("train", "quickstart", *TINY, "data.batch_size=32", f"output.root={root / 'one'}")
     assert one.returncode == 0, one.stderr[-3000:]
@@ -74,7 +77,8 @@ def test_two_processes_of_batch_b_train_like_one_process_of_batch_2b(runs):
     tests/strategies/test_registry.py. Measured here: train loss within 0.03, val accuracy within 2 points
     in both epochs; the val loss after the first epoch (at the one-cycle peak lr) swings by up to 0.25 with
     the same accuracy, after the second within 0.02. The bounds are about twice that; the lr column must
-    match exactly: the same number of optimizer steps per epoch, so the same schedule."""
+    match exactly: the same number of optimizer steps per epoch, so the same schedule, from the same peak lr
+    (0.05 scaled linearly to the global batch of 32 from the reference 16, and 0.1 as written)."""
     two, one = history(runs["two"] / "quickstart"), history(runs["one"] / "quickstart")
     assert len(two) == len(one) == 2
     for a, b in zip(two, one):
@@ -91,3 +95,22 @@ def test_sync_batchnorm_on_the_cpu_is_refused_before_any_process_starts(tmp_path
     assert refused.returncode == 2
     assert "train.sync_bn needs CUDA GPUs" in refused.stderr and "averaged across the processes" in refused.stderr
     assert not any(tmp_path.iterdir())  # refused before any process started or any folder was made
+
+
+def test_linear_lr_scaling_doubles_the_lr_of_two_processes_and_a_resume_in_one_is_refused(runs, capsys):
+    from imgtrain.cli import main
+    from imgtrain.config import load_recipe
+
+    run = runs["two"] / "quickstart"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["lr_scaling"] == {"rule": "linear", "lr": 0.05, "scaled_lr": 0.1, "global_batch": 32,
+                                     "reference_batch": 16, "processes": 2}
+    saved = load_recipe(run / "config.yaml").optim  # as written: a resume scales it once, not twice
+    assert (saved.lr, saved.lr_scaling, saved.reference_batch) == (0.05, "linear", None)
+    assert "lr 0.05 scaled linearly to 0.1 for a global batch of 32 (reference 16)" in (run / "train.log").read_text()
+    # resumed by one process, the global batch would be 16 and the lr 0.05, but the restored schedule runs at 0.1
+    before = (run / "history.csv").read_text()
+    assert main(["train", "--resume", str(run), "train.epochs=3"]) == 2
+    error = capsys.readouterr().err
+    assert "optim.lr_scaling" in error and "started under 2 process(es)" in error and "--nproc 2" in error
+    assert (run / "history.csv").read_text() == before
