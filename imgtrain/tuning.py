@@ -190,13 +190,33 @@ def open_storage(optuna: Any, url: str | None, study_dir: Path) -> Any:
     if url is None:
         from optuna.storages.journal import JournalFileBackend
         return optuna.storages.JournalStorage(JournalFileBackend(str(study_dir / JOURNAL_FILE)))
+    error: Exception | None = None
+    for _ in range(3):
+        try:
+            return optuna.storages.RDBStorage(database_url(url))
+        except Exception as exc:  # sqlalchemy's errors: a wrong URL, no server, no driver
+            error = exc
+            # workers starting together race to create Optuna's tables (PostgreSQL's catalog refuses the
+            # second CREATE): the tables exist a moment later
+            if "already exists" not in str(exc) and "duplicate key" not in str(exc):
+                break
+            time.sleep(1.0)
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    raise RecipeError(f"--storage {url}: cannot open the study database ({reason}); check the URL, that the "
+                      "server runs, and for postgresql:// that psycopg2 is installed (pip install "
+                      "'imgtrain[tune]')", file="command line") from None
+
+
+def database_url(url: str) -> str:
+    """SQLAlchemy 2.1 reads a plain postgresql:// as the psycopg (3) driver; the `tune` extra installs
+    psycopg2: use it when psycopg 3 is absent. An explicit driver (postgresql+psycopg://) is kept."""
+    if not url.startswith("postgresql://"):
+        return url
     try:
-        return optuna.storages.RDBStorage(url)
-    except Exception as exc:  # sqlalchemy's errors: a wrong URL, no server, no driver
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RecipeError(f"--storage {url}: cannot open the study database ({reason}); check the URL, that the "
-                          "server runs, and for postgresql:// that psycopg2 is installed (pip install "
-                          "'imgtrain[tune]')", file="command line") from None
+        import psycopg  # noqa: F401
+    except ImportError:
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
 
 
 def build_sampler(optuna: Any, recipe: Recipe, space: dict[str, SearchParam], trials: int, seed: int) -> Any:
@@ -268,7 +288,8 @@ def _prepare_study_dir(recipe: Recipe, study_dir: Path) -> None:
             raise RunDirError(f"{study_dir}: holds a study of another recipe ({saved}); continue it with "
                               f"`imgtrain tune --study {study_dir} --trials N`, or choose another --study")
         return
-    if study_dir.exists() and any(study_dir.iterdir()):
+    # (a worker starting beside this one may be writing recipe.yaml's temporary file: that is ours too)
+    if study_dir.exists() and any(not p.name.startswith(f".{RECIPE_FILE}.") for p in study_dir.iterdir()):
         raise RunDirError(f"{study_dir}: exists and is not an imgtrain study (no {RECIPE_FILE}); choose another "
                           "--study or empty it")
     study_dir.mkdir(parents=True, exist_ok=True)
