@@ -555,7 +555,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"imgtrain: interrupted. Continue the study with: imgtrain tune --study {folder} --trials "
               f"{args.trials}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if options.worker_index is not None:
+    if options.worker_index is not None or os.environ.get("RANK", "0") != "0":  # the waiting process prints
         return 0
     finished = [row for row in result.rows if row["state"] in ("COMPLETE", "PRUNED")]
     print(f"study {result.study_name}: {len(finished)} finished trial(s) of {len(result.rows)} in {result.study_dir}")

@@ -41,6 +41,15 @@ import yaml
 
 from imgtrain.api import train
 from imgtrain.config import Recipe, RecipeError, load_recipe, recipe_from_dict
+from imgtrain.engine.device import select_device
+from imgtrain.engine.distributed import (
+    DEFAULT_TIMEOUT_SECONDS,
+    barrier,
+    broadcast_from_main,
+    close_distributed,
+    init_distributed,
+    world_info,
+)
 from imgtrain.engine.events import Hook
 from imgtrain.engine.preemption import TrainingPreempted
 from imgtrain.io import RunDirError, atomic_write_bytes, atomic_write_text
@@ -410,6 +419,7 @@ class _Worker:
         started = time.perf_counter()
         try:
             with _Heartbeat(trial):
+                broadcast_from_main((params, str(run_dir)))  # under torchrun: every rank trains this trial
                 result = train(recipe, run_dir=run_dir, hooks=[reporter])
         except (RecipeError, RunDirError):
             raise  # the user's to fix: the study stops
@@ -496,6 +506,34 @@ def tune(recipe: Recipe, options: TuneOptions) -> StudyResult:
     space = search_space(recipe)
     metrics, directions = objectives(recipe)
     check_space(recipe, space)
+    rank, world_size, _ = world_info()
+    if world_size > 1:  # torchrun: each trial is one DDP job of all the processes
+        return _tune_distributed(recipe, options, rank)
+    return _tune(optuna, recipe, options, space, metrics, directions)
+
+
+def _tune_distributed(recipe: Recipe, options: TuneOptions, rank: int) -> StudyResult:
+    """Under torchrun rank 0 runs the study and sends each trial's values to the other ranks, which train
+    it with it (DDP; the pruner's stop reaches every rank through the loop's agreed stop_training);
+    `None` ends them. Only rank 0 writes the study folder and the trials' run folders."""
+    init_distributed(select_device(recipe.train.device), DEFAULT_TIMEOUT_SECONDS)
+    metrics, directions = objectives(recipe)
+    # a rank that fails ends the job (torchrun stops the others); `--study NAME` continues the study then
+    if rank == 0:
+        result = _tune(_optuna(), recipe, options, search_space(recipe), metrics, directions)
+        broadcast_from_main(None)
+    else:
+        result = StudyResult(Path(), options.study or "", metrics, directions, rows=[])
+        while (work := broadcast_from_main(None)) is not None:
+            params, run_dir = work
+            train(trial_recipe(recipe, params), run_dir=run_dir)
+    barrier()
+    close_distributed()
+    return result
+
+
+def _tune(optuna: Any, recipe: Recipe, options: TuneOptions, space: dict[str, SearchParam], metrics: list[str],
+          directions: list[str]) -> StudyResult:
     study_dir, name = study_folder(recipe, options.study)
     _prepare_study_dir(recipe, study_dir)
     study = _open_study(optuna, recipe, study_dir, name, options, space, directions)

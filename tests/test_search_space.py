@@ -69,7 +69,8 @@ def write_recipe(tmp_path, search: str):
 
 
 def test_bad_grammar_is_a_recipe_error_with_file_and_line(tmp_path):
-    path = write_recipe(tmp_path, "    optim.lr: tag(log, interval(1e-4, 1e-1))\n    model.drop_rate: interval(0, 0.5\n")
+    path = write_recipe(tmp_path, "    optim.lr: tag(log, interval(1e-4, 1e-1))\n"
+                                  "    model.drop_rate: interval(0, 0.5\n")
     with pytest.raises(RecipeError) as caught:
         load_recipe(path)
     error = caught.value
@@ -78,7 +79,8 @@ def test_bad_grammar_is_a_recipe_error_with_file_and_line(tmp_path):
 
 
 def test_unknown_key_is_a_recipe_error_with_a_suggestion(tmp_path):
-    path = write_recipe(tmp_path, "    optim.lr: tag(log, interval(1e-4, 1e-1))\n    optim.wieght_decay: interval(0, 0.01)\n")
+    path = write_recipe(tmp_path, "    optim.lr: tag(log, interval(1e-4, 1e-1))\n"
+                                  "    optim.wieght_decay: interval(0, 0.01)\n")
     with pytest.raises(RecipeError) as caught:
         load_recipe(path)
     assert (caught.value.line, caught.value.key) == (8, "search.params.optim.wieght_decay")

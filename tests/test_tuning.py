@@ -78,7 +78,7 @@ def study(tmp_path_factory):
     """A 4-trial random-search study of lr and batch size, 2 epochs each."""
     folder = tmp_path_factory.mktemp("tune")
     recipe = load_recipe(write_recipe(folder, LR_AND_BATCH))
-    return recipe, tune(recipe, TuneOptions(trials=4, console=open(os.devnull, "w")))  # noqa: SIM115
+    return recipe, tune(recipe, TuneOptions(trials=4, console=open(os.devnull, "w")))
 
 
 def test_a_study_runs_the_recipe_values_first_and_writes_one_row_per_trial(study):
@@ -165,14 +165,15 @@ def test_asha_prunes_trials_that_end_as_runs_with_their_own_report(tmp_path):
     optim.lr: tag(log, interval(1e-4, 0.2))
 """
     recipe = load_recipe(write_recipe(tmp_path, search, epochs=3))
-    result = tune(recipe, TuneOptions(trials=5, console=open(os.devnull, "w")))  # noqa: SIM115
+    result = tune(recipe, TuneOptions(trials=5, console=open(os.devnull, "w")))
     rows = read_rows(result.study_dir)
     pruned = [row for row in rows if row["state"] == "PRUNED"]
     assert len(rows) == 5 and pruned and rows[0]["state"] == "COMPLETE"  # the recipe's lr 0.1 is the best
     for row in pruned:
         epochs = int(row["epochs_run"])
         assert epochs < 3 and f"pruned after epoch {epochs}" in row["note"]
-        assert len(read_history(Path(row["run_dir"]) / "history.csv")) == epochs and (Path(row["run_dir"]) / "report.html").is_file()
+        assert len(read_history(Path(row["run_dir"]) / "history.csv")) == epochs
+        assert (Path(row["run_dir"]) / "report.html").is_file()
         assert float(row["val_acc"]) == read_history(Path(row["run_dir"]) / "history.csv")[-1]["val_acc"]
     assert "Metric per epoch" in (result.study_dir / "study.html").read_text()
 
@@ -188,7 +189,7 @@ def test_a_crashed_trial_is_marked_and_retried_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tuning, "train", crashes_twice)
     recipe = load_recipe(write_recipe(tmp_path, LR_AND_BATCH, epochs=1))
-    tune(recipe, TuneOptions(trials=2, console=open(os.devnull, "w")))  # noqa: SIM115
+    tune(recipe, TuneOptions(trials=2, console=open(os.devnull, "w")))
     rows = read_rows(Path(recipe.output.root) / "small-tune")
     assert [row["state"] for row in rows] == ["FAIL", "FAIL", "COMPLETE", "COMPLETE"]
     assert "crashed: RuntimeError: simulated out of memory" in rows[0]["note"]
@@ -230,7 +231,7 @@ def test_several_objectives_report_the_pareto_front(tmp_path):
     optim.lr: tag(log, interval(1e-2, 0.3))
 """
     recipe = load_recipe(write_recipe(tmp_path, search, epochs=1))
-    result = tune(recipe, TuneOptions(trials=4, console=open(os.devnull, "w")))  # noqa: SIM115
+    result = tune(recipe, TuneOptions(trials=4, console=open(os.devnull, "w")))
     rows = read_rows(result.study_dir)
     assert len(rows) == 4 and all(row["state"] == "COMPLETE" for row in rows)
     front = result.best
