@@ -561,6 +561,47 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if report.ok else EXIT_CHECKS_FAILED
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from imgtrain.config import RecipeError, load_recipe
+    from imgtrain.tuning import RECIPE_FILE, TuneOptions, study_folder, tune
+
+    overrides, recipe_arg = list(args.overrides), args.recipe
+    if recipe_arg is not None and "=" in recipe_arg and not recipe_arg.endswith((".yaml", ".yml")):
+        overrides.insert(0, recipe_arg)
+        recipe_arg = None
+    if recipe_arg is None:  # continue a study: its folder keeps the recipe it searches
+        if args.study is None:
+            raise RecipeError("give a recipe with a search: section (e.g. imgtrain tune my.yaml --trials 20), or "
+                              "--study NAME to continue a study", file="command line")
+        folder = Path(args.study) if (Path(args.study) / RECIPE_FILE).is_file() else Path("runs") / args.study
+        if not (folder / RECIPE_FILE).is_file():
+            raise RecipeError(f"--study {args.study}: no study there ({folder / RECIPE_FILE} is missing); give the "
+                              "recipe too: imgtrain tune RECIPE --study NAME", file="command line")
+        recipe = load_recipe(folder / RECIPE_FILE, overrides)
+        args.study = str(folder)
+    else:
+        recipe = load_recipe(recipe_arg, overrides)
+    options = TuneOptions(trials=args.trials, timeout_minutes=args.timeout, study=args.study, storage=args.storage,
+                          jobs=args.jobs, worker_index=args.worker_index)
+    try:
+        result = tune(recipe, options)
+    except KeyboardInterrupt:
+        folder, _ = study_folder(recipe, args.study)
+        print(f"imgtrain: interrupted. Continue the study with: imgtrain tune --study {folder} --trials "
+              f"{args.trials}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if options.worker_index is not None or os.environ.get("RANK", "0") != "0":  # the waiting process prints
+        return 0
+    finished = [row for row in result.rows if row["state"] in ("COMPLETE", "PRUNED")]
+    print(f"study {result.study_name}: {len(finished)} finished trial(s) of {len(result.rows)} in {result.study_dir}")
+    for row in result.best:
+        values = ", ".join(f"{m} {row[m]:.4g}" for m in result.metrics)
+        params = ", ".join(f"{k[7:]}={v}" for k, v in row.items() if k.startswith("params."))
+        print(f"{'best' if len(result.metrics) == 1 else 'pareto'}: trial {row['trial']}: {values} ({params})")
+    print("wrote " + ", ".join(str(path) for path in result.files))
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -669,6 +710,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the ensemble (ensemble.yaml + copies of the members) for evaluate, predict, distill")
     p.add_argument("--overwrite", action="store_true", help="replace an existing ensemble folder at --save")
     p.add_argument("--json", action="store_true", help="print every number as JSON")
+
+    p = command("tune", cmd_tune, "hyperparameter search over the recipe's search: section (Optuna; "
+                "pip install 'imgtrain[tune]')")
+    p.add_argument("recipe", nargs="?", help="recipe .yaml with a search: section (leave out with --study to "
+                                             "continue a study)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. search.sampler=random")
+    p.add_argument("--trials", type=_positive_int, required=True, metavar="N",
+                   help="finished trials the study aims at (a continued study counts its earlier ones)")
+    p.add_argument("--timeout", type=float, metavar="MIN", help="start no new trial after this many minutes")
+    p.add_argument("--study", metavar="NAME", help="study name: its folder is output.root/NAME (default: "
+                                                   "<recipe name>-tune); an existing study continues")
+    p.add_argument("--storage", metavar="URL", help="a database shared by several tune processes, e.g. "
+                                                    "postgresql://user@host/db (default: a journal file in "
+                                                    "the study folder)")
+    p.add_argument("--jobs", type=_positive_int, default=1, metavar="J", help="worker processes on this machine")
+    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
 
     p = command("report", cmd_report, "rebuild a run folder's report.html from its files and best checkpoint")
     p.add_argument("run_dir", help="run folder")

@@ -5,6 +5,7 @@ Every key has its type, default, range or choices and meaning, so a mistake is c
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,6 +19,7 @@ from pydantic_core.core_schema import ValidationInfo
 
 from imgtrain.recipe_errors import RecipeError, fail, leaves, number_hint, recipe_error, where
 from imgtrain.recipe_files import builtin_recipes, read_recipe
+from imgtrain.search_space import SearchSpaceError, parse_search_param
 from imgtrain.tta_views import parse_tta_view
 
 # YAML gives exact types: "3" for an integer or `true` for a number is a mistake, not something
@@ -548,6 +550,44 @@ class OutputConfig(_Section):
 
 
 @dataclass(config=SECTION)
+class SearchConfig(_Section):
+    """`imgtrain tune`: the hyperparameter search over this recipe (tuning.py, Optuna); `train` ignores it."""
+    params: dict[Str, Str] = Field(default_factory=dict, description="dotted recipe key -> choice(...), interval(low, high), int(interval(...)), tag(log, interval(...)) or range(start, stop, step)")
+    sampler: Literal["tpe", "random", "grid", "cmaes", "gp"] = Field("tpe", description="how the next trial's values are chosen")
+    pruner: Literal["none", "median", "hyperband", "asha"] = Field("none", description="stop unpromising trials early, on the metric of each epoch")
+    metric: Str | list[Str] = Field("val_acc", description="history.csv column the search optimises (its best epoch); a list: multi-objective (also images_per_second, parameters)")
+    direction: Literal["auto", "maximize", "minimize"] | list[Literal["maximize", "minimize"]] = Field("auto", description="auto: minimize for *loss, else maximize; a list: one per metric")
+    budget: Int | None = Field(None, ge=1, description="epochs per trial; null: train.epochs")
+
+    def _check(self) -> None:
+        known = recipe_keys() if self.params else []  # (a default Recipe has no params: no recursion)
+        for key, text in self.params.items():
+            if key.startswith("search.") or not (key in known or key.startswith("model.kwargs.")):
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+                fail(f"params.{key}", "unknown recipe key" + (f", did you mean {close[0]}?" if close else
+                                                              " (imgtrain schema lists every key)"))
+            try:
+                parse_search_param(text)
+            except SearchSpaceError as exc:
+                fail(f"params.{key}", str(exc))
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        if not metrics:
+            fail("metric", "name at least one history.csv column, e.g. val_acc")
+        if isinstance(self.direction, list) != isinstance(self.metric, list) or (
+                isinstance(self.direction, list) and len(self.direction) != len(metrics)):
+            fail("direction", f"give one direction per metric ({len(metrics)}), or auto for one metric")
+        if len(metrics) > 1 and self.pruner != "none":
+            fail("pruner", "pruning needs one metric: Optuna cannot prune a multi-objective study; set pruner: none")
+        if len(metrics) > 1 and self.sampler == "cmaes":
+            fail("sampler", "cmaes optimises one metric; for several use tpe, random, grid or gp")
+        if self.sampler == "grid":
+            for key, text in self.params.items():
+                if parse_search_param(text).grid() is None:
+                    fail(f"params.{key}", f"sampler grid needs a finite space: {text} is continuous; use choice, "
+                                          "range or int(interval(...))")
+
+
+@dataclass(config=SECTION)
 class Recipe(_Section):
     """An imgtrain recipe: every section has defaults; write only what you change."""
     data: DataConfig = Field(default_factory=DataConfig)
@@ -569,6 +609,7 @@ class Recipe(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
     # where the recipe came from (not a recipe key: recipe_from_dict refuses it; set by load_recipe)
     source_file: str | None = dataclasses.field(default=None, metadata={"internal": True})
 

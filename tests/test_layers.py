@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "imgtrain"
 # module (or package prefix) -> layer; the longest matching prefix decides
 LAYERS = {
     "imgtrain.config": 0, "imgtrain.io": 0, "imgtrain.tta_views": 0, "imgtrain.recipe_errors": 0,
-    "imgtrain.recipe_files": 0,
+    "imgtrain.recipe_files": 0, "imgtrain.search_space": 0,
     "imgtrain.engine": 1, "imgtrain.data": 1, "imgtrain.models": 1, "imgtrain.losses": 1,
     "imgtrain.strategies": 2,
     "imgtrain.evaluation": 3, "imgtrain.tracking": 3,
