@@ -770,7 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "streaming), in parallel")
     p.add_argument("src", metavar="SRC", help="image folder (class folders, or train/val/test of them) or CSV manifest")
     p.add_argument("dst", metavar="DST", help="new folder for the shards and imgtrain_shards.json")
-    p.add_argument("overrides", nargs="*", help="data.key=value: how val/test are carved, e.g. data.val_fraction=0.2")
+    p.add_argument("overrides", nargs="*", help="recipe overrides: how val/test are carved, e.g. data.val_fraction=0.2")
     p.add_argument("--workers", type=int, metavar="N", help="processes writing shards (default: the usable CPUs)")
     p.add_argument("--split", action="append", choices=["train", "val", "test", "all"],
                    help="split to write (repeatable; default: all the source has or carves)")

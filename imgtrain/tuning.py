@@ -299,7 +299,8 @@ def _prepare_study_dir(recipe: Recipe, study_dir: Path) -> None:
         return
     # (a worker starting beside this one may be writing recipe.yaml's temporary file: that is ours too)
     if study_dir.exists() and any(not p.name.startswith(f".{RECIPE_FILE}.") for p in study_dir.iterdir()):
-        raise RunDirError(f"{study_dir}: exists and is not an imgtrain study (no {RECIPE_FILE}); choose another "
+        raise RunDirError(f"{study_dir}: exists and is not a study folder of `imgtrain tune` (no {RECIPE_FILE}); "
+                          "choose another "
                           "--study or empty it")
     study_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=None))

@@ -80,7 +80,7 @@ def test_every_command_takes_overrides_before_and_after_options(command):
                    and a.dest != "help" and a.choices is None]
     flags = [a.option_strings[-1] for a in sub._actions if a.option_strings and a.nargs == 0 and a.dest != "help"]
     option = [takes_value[0], "3"] if takes_value else flags[:1]
-    lead = {"quickstart": [], "finetune": ["runs/x"]}.get(command, ["quickstart"])
+    lead = {"quickstart": [], "finetune": ["runs/x"], "shard": ["SRC", "DST"]}.get(command, ["quickstart"])
     args = parse_arguments(parser, [command, *lead, "train.epochs=3", *option, "train.seed=4", "data.batch_size=8"])
     # finetune WEIGHTS key=value: the optional recipe takes the first override, cmd_finetune moves it back
     moved = [args.recipe] if command == "finetune" and "=" in (args.recipe or "") else []
