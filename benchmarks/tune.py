@@ -8,7 +8,11 @@ training images (2,000 validation images, the metric; 1,000 test images), `imgtr
     (b) TPE against random search at equal trials: the best validation accuracy, median over the seeds
     (c) ASHA pruning (TPE) against no pruning (TPE): epochs spent and the best validation accuracy
 
-    python benchmarks/tune.py [--images 10000] [--trials 24] [--epochs 4] [--seeds 2] [--threads 2]
+    python benchmarks/tune.py [--images 10000] [--trials 24] [--epochs 4] [--seeds 2] [--threads 2] [--out DIR]
+
+With --out DIR the study folders are kept there, and running the same command again continues the studies
+where they stopped (a killed trial is marked failed and queued again): the full setting can be spread over
+several sittings. Without --out they live in a temporary folder.
 
 The issue's setting (the defaults) is 6 studies of 24 trials of 4 epochs over 10,000 images: about
 4 hours of 2 CPU cores. Each seed is passed as train.seed: it seeds the sampler and the training.
@@ -69,14 +73,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="epochs per trial (search.budget)")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="keep the study folders here; the same command continues them")
     args = parser.parse_args()
     if not (FASHION / "train-images-idx3-ubyte.gz").is_file():
         sys.exit(f"needs Debian's dataset-fashion-mnist in {FASHION} (apt-get install -y dataset-fashion-mnist)")
     seeds = range(args.seeds)
     with tempfile.TemporaryDirectory() as tmp:
-        tpe = [run_study(args, Path(tmp), "tpe", "none", seed) for seed in seeds]
-        rand = [run_study(args, Path(tmp), "random", "none", seed) for seed in seeds]
-        asha = [run_study(args, Path(tmp), "tpe", "asha", seed) for seed in seeds]
+        root = args.out.resolve() if args.out else Path(tmp)
+        tpe = [run_study(args, root, "tpe", "none", seed) for seed in seeds]
+        rand = [run_study(args, root, "random", "none", seed) for seed in seeds]
+        asha = [run_study(args, root, "tpe", "asha", seed) for seed in seeds]
     defaults = statistics.median(r.rows[0]["val_acc"] for r in tpe)  # trial 0: the recipe's own values
     tpe_best, rand_best, asha_best = (statistics.median(best(r) for r in arm) for arm in (tpe, rand, asha))
     tpe_epochs, asha_epochs = (statistics.median(epochs(r) for r in arm) for arm in (tpe, asha))

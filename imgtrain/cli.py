@@ -602,6 +602,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from imgtrain.io import RunDirError
+    from imgtrain.tracking.compare import collect, format_text, lower_is_better, write_comparison
+
+    if args.target is not None and not lower_is_better(args.metric) and not 0 < args.target <= 1:
+        raise RunDirError(f"--target {args.target}: give the {args.metric} to reach as a fraction in (0, 1], "
+                          "e.g. --target 0.9")
+    rows = collect(args.runs, metric=args.metric, all_trials=args.all_trials)
+    print(format_text(rows, args.target, args.metric), end="")
+    for path in args.output:
+        print(f"wrote {write_comparison(rows, path, args.target, args.metric)}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -726,6 +740,19 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "the study folder)")
     p.add_argument("--jobs", type=_positive_int, default=1, metavar="J", help="worker processes on this machine")
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+
+    p = command("compare", cmd_compare, "a table of runs side by side: strategy, accuracy, time, time to a target")
+    p.add_argument("runs", nargs="+", metavar="RUN_OR_STUDY",
+                   help="run folders, `imgtrain tune` study folders (their best trial) or `imgtrain ensemble "
+                        "--save` folders")
+    p.add_argument("--output", action="append", default=[], metavar="FILE",
+                   help="also write the table to FILE: compare.md, compare.html (with the validation curves "
+                        "against epochs and wall time) or compare.csv (repeatable)")
+    p.add_argument("--target", type=float, metavar="ACC",
+                   help="add the epochs and seconds until the validation metric first reached ACC, e.g. 0.9")
+    p.add_argument("--metric", default="val_acc", help="the per-epoch validation column the table and curves "
+                                                      "use (default: val_acc)")
+    p.add_argument("--all-trials", action="store_true", help="a study folder gives every trial, not only its best")
 
     p = command("report", cmd_report, "rebuild a run folder's report.html from its files and best checkpoint")
     p.add_argument("run_dir", help="run folder")

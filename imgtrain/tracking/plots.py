@@ -187,6 +187,21 @@ def svg_element(fig: Figure) -> str:
     return text.replace("<svg ", f'<svg class="chart" role="img" aria-label="{title}" ', 1)
 
 
+def overlay_chart(series: dict[str, Sequence[tuple[float, float]]], title: str, xlabel: str,
+                  ylabel: str) -> Figure | None:
+    """One line per named series of (x, y) points on shared axes (`imgtrain compare`); None without data."""
+    series = {name: points for name, points in series.items() if points}
+    if not series:
+        return None
+    fig, ax = _new_axes(title, xlabel, ylabel)
+    for name, points in series.items():
+        marker = "o" if len(points) <= MARKER_LIMIT else None
+        ax.plot([plottable(x) for x, _ in points], [plottable(y) for _, y in points], marker=marker,
+                markersize=3, label=name, gid=SERIES_ID + name)
+    ax.legend(fontsize="small")
+    return fig
+
+
 def write_pngs(figures: dict[str, Figure], out_dir: str | Path) -> list[Path]:
     """Write each figure as `out_dir/NAME.png`; returns the paths written."""
     written = []

@@ -7,7 +7,6 @@ import html
 import html.parser
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,6 @@ from imgtrain.tracking import REPORT_FILE, read_history, read_summary
 
 TINY = ["model.name=imgtrain_cnn_tiny", "train.threads=1", "train.epochs=3", "output.progress=off",
         "train.deterministic=true", "data.batch_size=64"]
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 class Tables(html.parser.HTMLParser):
@@ -200,22 +198,13 @@ window.addEventListener('load', () => {
 </script>"""
 
 
-def chromium(*args: str, timeout: int = 120) -> str:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-    done = subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
-def test_report_renders_in_a_headless_browser(report_run, tmp_path):
+def test_report_renders_in_a_headless_browser(report_run, tmp_path, headless_chromium):
     """The page as a browser shows it: every image decodes, the tables hold the run's numbers."""
     page = tmp_path / "probe.html"
     page.write_text((report_run.run_dir / REPORT_FILE).read_text(encoding="utf-8").replace(
         "</body>", PROBE + "</body>"), encoding="utf-8")
-    dom = chromium(f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
-                   page.as_uri())
+    dom = headless_chromium(f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
+                            page.as_uri())
     start = dom.index('<pre id="probe">') + len('<pre id="probe">')
     probe = json.loads(html.unescape(dom[start:dom.index("</pre>", start)]))
     assert probe["images"] >= 3 and probe["loaded"] == probe["images"]
@@ -231,7 +220,7 @@ def test_report_renders_in_a_headless_browser(report_run, tmp_path):
     assert len(probe["tables"]["per-class-table"]) == 11
     # and a screenshot, for a person to look at (kept in the test's tmp folder)
     shot = tmp_path / "report.png"
-    chromium(f"--user-data-dir={tmp_path / 'profile2'}", "--window-size=1280,3000", f"--screenshot={shot}",
-             (report_run.run_dir / REPORT_FILE).as_uri())
+    headless_chromium(f"--user-data-dir={tmp_path / 'profile2'}", "--window-size=1280,3000", f"--screenshot={shot}",
+                      (report_run.run_dir / REPORT_FILE).as_uri())
     image = Image.open(shot)
     assert image.size == (1280, 3000) and len(np.unique(np.asarray(image.convert("L")))) > 50
