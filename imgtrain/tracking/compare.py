@@ -37,7 +37,7 @@ from imgtrain.tracking.plots import overlay_chart, svg_element
 FORMATS = (".md", ".html", ".csv")
 # recipe keys that say where things are written or how they are shown, not how the model was trained
 IGNORED_PREFIXES = ("output.", "search.")
-IGNORED_KEYS = {"data.workers", "data.cache_dir", "data.prefetch_factor", "data.persistent_workers",
+IGNORED_KEYS = {"model.name", "data.workers", "data.cache_dir", "data.prefetch_factor", "data.persistent_workers",
                 "train.threads"}
 BEST_TRIAL = re.compile(r"# The best trial \((\d+):")
 
@@ -280,7 +280,8 @@ def _unique_labels(rows: list[ComparedRun]) -> None:
 
 
 def differing_keys(rows: Sequence[ComparedRun]) -> list[str]:
-    """The recipe keys whose value is not the same in every run (where things are written: not counted)."""
+    """The recipe keys whose value is not the same in every run (where things are written, and the model's
+    name, which has its own column: not counted)."""
     configs = [row.config for row in rows if row.kind in ("run", "trial")]
     keys = sorted({key for config in configs for key in config})
     keys = [k for k in keys if not k.startswith(IGNORED_PREFIXES) and k not in IGNORED_KEYS]
@@ -288,10 +289,20 @@ def differing_keys(rows: Sequence[ComparedRun]) -> list[str]:
 
 
 def _describe_strategies(rows: list[ComparedRun]) -> None:
+    """Each run's strategy: the keys where its recipe differs from the first run's (that one: all keys
+    that differ anywhere, so a reader sees what the others change)."""
     keys = differing_keys(rows)
-    for row in rows:
-        if row.kind in ("run", "trial"):
-            row.strategy = ", ".join(f"{k}={_short(row.config.get(k))}" for k in keys) or "-"
+    runs = [row for row in rows if row.kind in ("run", "trial")]
+    for index, row in enumerate(runs):
+        changed = keys if index == 0 else [k for k in keys if _same(row.config.get(k), runs[0].config.get(k)) is False]
+        row.strategy = ", ".join(f"{k}={_short(row.config.get(k))}" for k in changed) or (
+            "the same recipe" if row.model == runs[0].model else "the same recipe, another model")
+        if index == 0 and len(runs) > 1:
+            row.strategy = "baseline" + (f": {row.strategy}" if changed and len(changed) <= 3 else "")
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
 def _short(value: Any) -> str:
@@ -338,8 +349,8 @@ def format_text(rows: Sequence[ComparedRun], target: float | None, metric: str =
     header = _header(metric, target)
     body = [[_cell(c, v) for c, v in zip(COLUMNS, cells)] for cells in table_rows(rows, target, metric)]
     widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in body]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in body]
     return "\n".join(lines) + "\n" + _footnote(metric, target)
 
 
@@ -351,7 +362,8 @@ def _header(metric: str, target: float | None) -> list[str]:
 
 
 def _footnote(metric: str, target: float | None) -> str:
-    lines = ["wall s: training from its start, validation included; strategy: the recipe keys that differ"]
+    lines = ["wall s: training from its start, validation included; strategy: the recipe keys that differ from "
+             "the first run's"]
     if target is not None:
         lines.append(f"to {target:g}: the first epoch whose {metric} reached {target:g} ('-': never)")
     if lower_is_better(metric):
