@@ -56,7 +56,7 @@ from imgtrain.evaluation.teachers import load_teachers
 from imgtrain.evaluation.tta import TTAModel, tta_config_for
 from imgtrain.io import RunDirError, check_replaceable, looks_like_run, make_run_dir
 from imgtrain.losses import build_train_loss, check_imbalance_recipe, eval_logit_offset
-from imgtrain.models import count_parameters, create_model
+from imgtrain.models import check_input_size, count_parameters, create_model
 from imgtrain.models.trained import LoadedModel, load_trained, resolve_checkpoint
 from imgtrain.models.weights import load_initial_weights, resolve_weights_source
 from imgtrain.strategies import StrategyContext, check_strategies, enabled_strategies
@@ -197,6 +197,8 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
     context.loaders, context.mean, context.std = prepared.loaders, prepared.mean, prepared.std
     context.notes = prepared.notes
     model = create_model(recipe.model, num_classes=len(splits.classes), in_chans=splits.channels)
+    check_input_size(model, recipe.model.name, splits.channels,
+                     {plan.img_size for plan in context.plans} | {prepared.img_size, prepared.eval_size})
     # starting weights only for a new run: a resumed one continues from its own checkpoint
     weights_report = None if resume_file is not None else load_initial_weights(
         model, recipe.model, num_classes=len(splits.classes), in_chans=splits.channels)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable
 from typing import Any
 
 import timm
@@ -33,6 +34,27 @@ def create_model(cfg: ModelConfig, num_classes: int, in_chans: int) -> torch.nn.
         raise ModelError(f"model.kwargs: {cfg.name} does not accept these arguments ({exc})") from None
     except ValueError as exc:  # an argument it takes, with a value it refuses (imgtrain nets' norm)
         raise ModelError(f"model.kwargs: {cfg.name}: {exc}") from None
+
+
+def check_input_size(model: torch.nn.Module, name: str, in_chans: int, sizes: Iterable[int]) -> None:
+    """One blank image through the model at each size it will see: a network that downsamples more than
+    the images allow (or takes one size only, as a ViT does) fails here with a ModelError that says so,
+    not mid-training with torch's message. Eval mode and no gradients: no statistics or RNG state change."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for size in sorted(set(sizes)):
+                try:
+                    model(torch.zeros(1, in_chans, size, size))
+                except (RuntimeError, AssertionError, ValueError) as exc:
+                    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise ModelError(
+                        f"model.name: {name} cannot take {size}x{size} px images ({detail}). Give a larger "
+                        "augment.img_size (and progressive stages), or a model that downsamples less "
+                        "(imgtrain_cnn_small, resnet10t: `imgtrain models` lists them)") from None
+    finally:
+        model.train(was_training)
 
 
 def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:

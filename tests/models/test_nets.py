@@ -214,3 +214,23 @@ def test_an_unknown_norm_is_a_model_error_naming_the_choices():
 
     with pytest.raises(ModelError, match="model.kwargs: imgtrain_cnn_tiny: norm must be one of batch, group, none"):
         create_model(ModelConfig(name="imgtrain_cnn_tiny", kwargs={"norm": "batchy"}), num_classes=10, in_chans=1)
+
+
+def test_a_model_too_deep_for_the_images_is_refused_before_training(tmp_path, capsys):
+    """convnext_atto downsamples 32x: 8x8 digits cannot pass; the run says so (no traceback, no run folder),
+    and a run at a size it takes still trains."""
+    from imgtrain.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "quickstart", "model.name=convnext_atto", "train.epochs=1", "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "model.name: convnext_atto cannot take 8x8 px images" in err and "augment.img_size" in err
+    assert "Traceback" not in err and not run.exists()
+    # progressive resizing: the smallest stage counts, not only the final size
+    assert main(["train", "quickstart", "model.name=convnext_atto", "augment.img_size=32", "train.epochs=2",
+                 "progressive.stages=[{img_size: 16, epochs: 1}, {img_size: 32, epochs: 1}]",
+                 "--run-dir", str(run)]) == 2
+    assert "convnext_atto cannot take 16x16 px images" in capsys.readouterr().err and not run.exists()
+    assert main(["train", "quickstart", "model.name=resnet10t", "augment.img_size=32", "train.epochs=1",
+                 "train.threads=1", "output.progress=off", "--run-dir", str(run)]) == 0
+    assert (run / "summary.json").is_file()
