@@ -8,7 +8,7 @@ Per seed, with the CLI exactly as a user runs it (Debian's dataset-fashion-mnist
     + flip TTA    imgtrain evaluate STANDARD --tta                    (hflip: the recipe trains with flips)
     resnet10t, imgtrain_cnn_tiny: the fashion_mnist recipe with model.name=...
     ensemble      imgtrain ensemble STANDARD RESNET10T CNN_TINY --save DIR; imgtrain evaluate DIR
-                  (three different architectures, soft vote)
+                  (three different architectures, soft vote; and again with --fit-weights val)
 
 It prints `imgtrain compare` of the first seed's runs (with --target, the validation accuracy to reach),
 then every row's test accuracy and test loss over the seeds (mean, sample standard deviation, min..max),
@@ -71,9 +71,10 @@ def run_seed(args: argparse.Namespace, folder: Path, seed: int) -> None:
             imgtrain(*command, "--run-dir", str(folder / name), "--overwrite")
     if not (folder / "standard" / "evaluation" / "test" / "metrics.json").is_file():
         imgtrain("evaluate", str(folder / "standard"), "--tta", "hflip")
-    if not (folder / "ensemble" / "evaluation" / "test" / "metrics.json").is_file():
-        imgtrain("ensemble", *(str(folder / m) for m in MEMBERS), "--save", str(folder / "ensemble"), "--overwrite")
-        imgtrain("evaluate", str(folder / "ensemble"))
+    for name, how in (("ensemble", []), ("ensemble_fit", ["--fit-weights", "val"])):
+        if not (folder / name / "evaluation" / "test" / "metrics.json").is_file():
+            imgtrain("ensemble", *(str(folder / m) for m in MEMBERS), *how, "--save", str(folder / name), "--overwrite")
+            imgtrain("evaluate", str(folder / name))
 
 
 def test_numbers(folder: Path) -> dict[str, tuple[float, float]]:
@@ -83,9 +84,10 @@ def test_numbers(folder: Path) -> dict[str, tuple[float, float]]:
         summary = json.loads((folder / name / "summary.json").read_text())
         numbers[name] = (summary["test_acc"], summary["test_loss"])
     tta = json.loads((folder / "standard" / "evaluation" / "test" / "metrics.json").read_text())
-    ensemble = json.loads((folder / "ensemble" / "evaluation" / "test" / "metrics.json").read_text())
     numbers["standard + flip TTA"] = (tta["acc"], tta["loss"])
-    numbers["ensemble (3 architectures)"] = (ensemble["acc"], ensemble["loss"])
+    for name, row in (("ensemble", "ensemble (3 architectures)"), ("ensemble_fit", "ensemble, weights fit on val")):
+        ensemble = json.loads((folder / name / "evaluation" / "test" / "metrics.json").read_text())
+        numbers[row] = (ensemble["acc"], ensemble["loss"])
     return numbers
 
 
@@ -125,14 +127,13 @@ def main() -> None:
     for name in seeds[0]:
         print(f"{name:<28s}{spread([s[name][0] for s in seeds]):>38s}   {spread([s[name][1] for s in seeds]):>36s}")
     tta = [s["standard + flip TTA"][0] - s["standard"][0] for s in seeds]
-    gain = [s["ensemble (3 architectures)"][0] - max(s[m][0] for m in MEMBERS) for s in seeds]
-    loss_gain = [min(s[m][1] for m in MEMBERS) - s["ensemble (3 architectures)"][1] for s in seeds]
-    print(f"\nflip TTA - standard (accuracy points): {', '.join(f'{100 * d:+.2f}' for d in tta)}; "
-          f"helped in {sum(d > 0 for d in tta)} of {len(tta)} seeds")
-    print(f"ensemble - best member (accuracy points): {', '.join(f'{100 * d:+.2f}' for d in gain)}; "
-          f"above its best member in {sum(d > 0 for d in gain)} of {len(gain)} seeds")
-    print(f"best member's test loss - ensemble's: {', '.join(f'{d:+.4f}' for d in loss_gain)}")
-
+    print(f"\nflip TTA - standard: accuracy points {', '.join(f'{100 * d:+.2f}' for d in tta)} (helped in "
+          f"{sum(d > 0 for d in tta)} of {len(tta)} seeds)")
+    for row in ("ensemble (3 architectures)", "ensemble, weights fit on val"):
+        gain = [s[row][0] - max(s[m][0] for m in MEMBERS) for s in seeds]
+        loss = [s[row][1] - min(s[m][1] for m in MEMBERS) for s in seeds]
+        print(f"{row} - best member: accuracy points {', '.join(f'{100 * d:+.2f}' for d in gain)} (above it "
+              f"in {sum(d > 0 for d in gain)} of {len(gain)} seeds); test loss {', '.join(f'{d:+.4f}' for d in loss)}")
 
 if __name__ == "__main__":
     main()
