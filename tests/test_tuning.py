@@ -320,3 +320,58 @@ def test_two_processes_share_one_study_on_postgresql(tmp_path, postgres_url):
     assert len(set(run_dirs)) == len(trials)
     assert all(len(read_history(tmp_path / run_dir / "history.csv")) == 1 for run_dir in run_dirs)
     assert sum("the recipe's own values" in row["note"] for row in read_rows(tmp_path / "runs" / "shared")) == 1
+
+
+def _journal_trials(study_dir: Path, name: str) -> list:
+    import optuna
+    return optuna.load_study(study_name=name, storage=tuning.open_storage(optuna, None, study_dir)).get_trials()
+
+
+def test_jobs_runs_worker_processes_on_one_study(tmp_path, capsys):
+    """`--jobs 2`: two `imgtrain tune` processes on the study's journal, no trial run twice; the waiting
+    process writes study.csv, best.yaml and study.html."""
+    recipe = write_recipe(tmp_path, LR_AND_BATCH, epochs=1)
+    assert main(["tune", str(recipe), "--trials", "4", "--study", "jobs", "--jobs", "2"]) == 0
+    study_dir = tmp_path / "runs" / "jobs"
+    trials = _journal_trials(study_dir, "jobs")
+    assert 4 <= len(trials) <= 5 and all(t.state.name == "COMPLETE" for t in trials)
+    pids = {t.user_attrs["pid"] for t in trials}
+    assert len(pids) == 2 and os.getpid() not in pids  # both workers trained, this process only waited
+    run_dirs = [Path(t.user_attrs["run_dir"]) for t in trials]
+    assert len(set(run_dirs)) == len(trials)
+    assert all(len(read_history(run_dir / "history.csv")) == 1 for run_dir in run_dirs)  # each trained once
+    rows = read_rows(study_dir)
+    assert sorted(int(r["trial"]) for r in rows) == sorted(t.number for t in trials)
+    assert sum("the recipe's own values" in row["note"] for row in rows) == 1
+    assert (study_dir / "best.yaml").is_file() and (study_dir / "study.html").is_file()
+    assert f"study jobs: {len(trials)} finished trial(s)" in capsys.readouterr().out
+
+
+def test_each_trial_is_one_ddp_job_under_torchrun(tmp_path):
+    """`torchrun --nproc-per-node 2 -m imgtrain tune`: rank 0 runs the study, both ranks train each trial
+    (gloo), only rank 0 writes; a trial equals one process at the same global batch."""
+    exact = "model:\n  name: imgtrain_cnn_tiny\n  drop_rate: 0\n  kwargs: {norm: group}\n"
+    recipe = write_recipe(tmp_path, "  sampler: random\n  params:\n    optim.lr: choice(0.1, 0.05)\n", epochs=2)
+    recipe.write_text(recipe.read_text().replace("model:\n  name: imgtrain_cnn_tiny\n", exact)
+                      .replace("augment:\n  img_size: 8\n", "augment:\n  img_size: 8\n  pad_crop: 0\n"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(_free_port()), "-m", "imgtrain", "tune", str(recipe),
+                           "data.batch_size=32", "--trials", "2", "--study", "ddp"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study_dir = tmp_path / "runs" / "ddp"
+    trials = _journal_trials(study_dir, "ddp")
+    assert len(trials) == 2 and all(t.state.name == "COMPLETE" for t in trials)
+    assert done.stdout.count("study ddp: 2 finished trial(s)") == 1  # rank 0 alone reports
+    first = study_dir / "trial-0000"
+    assert json.loads((first / "run.json").read_text())["lr_scaling"]["processes"] == 2
+    # the same trial in one process with the global batch (2 x 32): the same numbers
+    single = train(load_recipe(recipe, ["data.batch_size=64", "search.params={}", "output.plots=false"]),
+                   run_dir=tmp_path / "single")
+    ddp_history = read_history(first / "history.csv")
+    assert len(ddp_history) == len(single.history) == 2
+    for ours, theirs in zip(ddp_history, single.history):
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], abs=1e-4)
+        assert ours["val_acc"] == pytest.approx(theirs["val_acc"], abs=1e-4)
+
