@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from imgtrain.config import Recipe, RecipeError, dump_recipe, load_recipe
+from imgtrain.config import Recipe, RecipeError, dump_recipe, duration_seconds, load_recipe
 from imgtrain.data import DataError, build_splits
 from imgtrain.data.bad_images import LoaderBadImages, watch_loader_files
 from imgtrain.data.loaders import Loaders, with_batch_size
@@ -60,6 +61,7 @@ from imgtrain.models import check_input_size, count_parameters, create_model
 from imgtrain.models.trained import LoadedModel, load_trained, resolve_checkpoint
 from imgtrain.models.weights import load_initial_weights, resolve_weights_source
 from imgtrain.strategies import StrategyContext, check_strategies, enabled_strategies
+from imgtrain.strategies.budget import BudgetPlan, BudgetWatch, measure_speed, plan_for_budget, scale_stages
 from imgtrain.strategies.lr_finder import CSV_NAME as LR_FIND_CSV
 from imgtrain.strategies.lr_finder import LrFindResult, find_lr
 from imgtrain.tracking import ReportInputs, ReportTracker, TrainLogTracker, build_trackers, read_summary, write_summary
@@ -159,6 +161,8 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
         resume_file, state_path, warnings = load_agreed_state(run_dir / "checkpoints", run_info.get("run_id"))
         for line in warnings:
             print(f"imgtrain: warning: {line}; resuming from {state_path} instead", file=sys.stderr)
+        if recipe.train.budget is not None:  # the plan the run made, not the recipe's upper bound
+            recipe = with_budget_epochs(recipe, load_recipe(run_dir / "config.yaml"))
         run_info, extended = _planned_segments(run_info, recipe, run_dir, resume_file)
         if not extended and _finished(run_dir, resume_file):
             return _finished_result(run_dir, resume_file)
@@ -219,6 +223,19 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
     context.recipe = trained
     if recipe.distill.teacher is not None:  # loaded and checked against the data's classes before the run starts
         context.teacher = load_teachers(recipe, splits.classes, prepared.mean, prepared.std)
+    context.clock_started = started
+    if recipe.train.budget is not None:
+        if resume_file is None:  # measure, plan, and train for the epochs that fit
+            plan = plan_budget(trained, model, prepared, context, started)
+            recipe, trained = (with_budget_epochs(r, None, plan.epochs, plan.stages) for r in (recipe, trained))
+            context.recipe, run_info["segments"], run_info["budget"] = trained, [plan.epochs], plan.record()
+            context.plans = plan_segments(trained, context, run_info["segments"])
+            context.budget_plan = plan
+            context.notes.append(plan.describe())
+            if main:  # the plan replaces train.epochs: never silently
+                print(f"imgtrain: {plan.describe()}", file=console if console is not None else sys.stderr)
+        else:
+            context.budget_plan = BudgetPlan.from_record(run_info.get("budget") or {}, recipe.train.budget)
     strategies = [hook for strategy in enabled_strategies(trained) for hook in strategy.build(trained, context)]
     metadata = {
         "model": {"name": recipe.model.name, "kwargs": recipe.model.kwargs, "drop_rate": recipe.model.drop_rate},
@@ -298,6 +315,9 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
             bad_image_watch.check(trainer.state, "while the best weights were tested")
     if loader_bad_images is not None:
         loader_bad_images.close()
+    for hook in strategies:
+        if isinstance(hook, BudgetWatch):  # the budget used, the test pass included
+            summary["budget"] = {**run_info.get("budget", {}), "used_seconds": round(hook.elapsed(), 1)}
     summary["run_dir"] = str(run_dir)
     # with the time of the processes before a resume (their fit; their start-up is not saved)
     summary["total_seconds"] = round(state.fit_seconds_before + time.perf_counter() - started, 3)
@@ -406,6 +426,53 @@ def _finished_result(run_dir: Path, saved: dict[str, Any]) -> TrainResult:
           file=sys.stderr)
     return TrainResult(run_dir=run_dir, history=list(saved["history"]), summary=summary,
                        model=load_trained(run_dir).model)
+
+
+def with_budget_epochs(recipe: Recipe, planned: Recipe | None, epochs: int = 0,
+                       stages: list[dict[str, Any]] | None = None) -> Recipe:
+    """`recipe` with the epochs (and progressive stages) a time budget planned: given, or those of the
+    run's config.yaml (`planned`, on a resume)."""
+    if planned is not None:
+        epochs, stages = planned.train.epochs, planned.progressive.stages or None
+    recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, epochs=epochs))
+    if stages:
+        recipe = dataclasses.replace(recipe, progressive=dataclasses.replace(recipe.progressive, stages=stages))
+    return recipe
+
+
+def plan_budget(recipe: Recipe, model: torch.nn.Module, prepared: PreparedData, context: StrategyContext,
+                started: float) -> BudgetPlan:
+    """train.budget: measure this model's speed on this data (strategies/budget.py, everything put back)
+    and plan the epochs that fit in what is left; under several processes rank 0's plan is every rank's."""
+    rank, world_size, _ = world_info()
+    parts = train_parts(recipe, model, prepared, context.plans)
+    speed = measure_speed(recipe, parts, context, enabled_strategies(recipe))
+    batch = recipe.data.batch_size
+    epoch_images = min(len(parts.loader_for(batch)), recipe.train.max_steps_per_epoch or 2**62) * batch
+    splits = prepared.splits
+    stages = recipe.progressive.stages or None
+
+    def sizes_for(epochs: int) -> list[int]:
+        planned = with_budget_epochs(recipe, None, epochs, scale_stages(stages, epochs) if stages else None)
+        return [plan.img_size for plan in plan_segments(planned, context, [epochs])]
+
+    def share(images: int) -> int:  # each process evaluates its share
+        return math.ceil(images / world_size)
+
+    outcome: tuple[str, Any] = ("", None)
+    if rank == 0:
+        try:
+            outcome = ("plan", plan_for_budget(
+                duration_seconds(str(recipe.train.budget)), time.perf_counter() - started, speed, epoch_images,
+                share(len(splits.val)) if splits.val is not None else 0,
+                share(len(splits.test)) if splits.test is not None else 0,
+                max_epochs=recipe.train.epochs, stages=stages, sizes_for=sizes_for))
+        except RecipeError as exc:  # every rank stops with the message, none waits for a plan
+            outcome = ("error", str(exc))  # "train.budget: ..." already
+    kind, value = broadcast_from_main(outcome)
+    if kind == "error":
+        raise RecipeError(value)
+    return value
 
 
 def plan_segments(recipe: Recipe, context: StrategyContext, segments: list[int]) -> list[EpochPlan]:

@@ -40,6 +40,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides)
     recipe_arg: str | Path | None = args.recipe
+    if args.budget is not None:  # the same as train.budget=...
+        overrides.append(f"train.budget={args.budget}")
     # `imgtrain train RUN --resume` is not a thing, but `imgtrain train a=b --resume DIR` is:
     if args.recipe is not None and "=" in args.recipe and not args.recipe.endswith((".yaml", ".yml")):
         overrides.insert(0, args.recipe)
@@ -664,6 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, metavar="N",
                    help="train with N processes on this machine (DDP: starts torchrun; data.batch_size is per "
                         "process)")
+    p.add_argument("--budget", metavar="DURATION",
+                   help="train.budget: end the whole run within this time, e.g. 10m, 90s, 1h30m (the epochs that "
+                        "fit, up to train.epochs, are planned from the measured speed)")
     p.add_argument("--max-restarts", type=_non_negative_int, default=0, metavar="R",
                    help="with --nproc: when a process fails, start the group again up to R times, each "
                         "resuming from the last training state (needs --resume auto)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -252,7 +253,7 @@ class OptimConfig(_Section):
 @dataclass(config=SECTION)
 class ScheduleConfig(_Section):
     """Learning-rate schedule, stepped once per optimizer step."""
-    name: Literal["constant", "step", "multistep", "cosine", "warmup_cosine", "onecycle"] = Field("onecycle", description="lr schedule")
+    name: Literal["constant", "step", "multistep", "cosine", "warmup_cosine", "linear", "onecycle"] = Field("onecycle", description="lr schedule")
     warmup_epochs: Float = Field(0.0, ge=0.0, description="linear warmup, epochs (cosine, constant, step)")
     warmup_start_factor: Float = Field(0.01, ge=0.0, le=1.0, description="lr at step 0, fraction of peak")
     min_lr: Float = Field(0.0, ge=0.0, description="cosine floor, absolute")
@@ -517,11 +518,41 @@ class TrainConfig(_Section):
     auto_resume: Bool = Field(False, description="the run folder holds a training state: continue it (as --resume auto)")
     sync_bn: Bool = Field(False, description="several processes on CUDA: BatchNorm -> SyncBatchNorm (statistics over the global batch); else averaged per epoch")
     data_parallel: Bool = Field(False, description="one process on all of this machine's CUDA GPUs (torch.nn.DataParallel); DDP (--nproc) is faster")
+    budget: Str | None = Field(None, description="the whole run's time, e.g. 90s, 10m, 1.5h, 1h30m: the epochs (up to train.epochs) and progressive stages are planned to fit, the lr schedule ends with them")
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget_number(cls, value: Any) -> Any:
+        # a plain number is seconds: YAML reads `budget: 600` as an int
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
     def _check(self) -> None:
+        if self.budget is not None:
+            try:
+                duration_seconds(self.budget)
+            except ValueError as exc:
+                fail("budget", str(exc))
         device = self.device
         if not (device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())):
             fail("device", f"expected auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)")
+
+
+def duration_seconds(text: str) -> float:
+    """`90s`, `10m`, `1.5h`, `1h30m`, or a plain number of seconds, as seconds (> 0)."""
+    compact = str(text).strip().lower().replace(" ", "")
+    try:
+        seconds = float(compact)
+    except ValueError:
+        parts = DURATION_PART.findall(compact)
+        if not parts or "".join(n + u for n, u in parts) != compact:
+            raise ValueError(f"expected a duration such as 90s, 10m, 1.5h or 1h30m, got {text!r}") from None
+        seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+    if not seconds > 0:
+        raise ValueError(f"expected a duration > 0, such as 10m, got {text!r}")
+    return seconds
 
 
 @dataclass(config=SECTION)

@@ -150,6 +150,10 @@ def lr_factor_fn(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int, pe
             progress = min(1.0, (s - warmup) / decay_steps)
             return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
         return cosine
+    if cfg.name == "linear":  # budget-aware linear decay (Li et al., "Budgeted Training", ICLR 2020)
+        decay_steps = max(1, total_steps - warmup)
+        return lambda s: (warm(s) if s < warmup
+                          else min_factor + (1.0 - min_factor) * max(0.0, 1.0 - (s - warmup) / decay_steps))
     raise ValueError(f"schedule.name: {cfg.name!r} has no factor function")
 
 

@@ -13,7 +13,9 @@ order, and their hooks run in this order:
 8. swa: puts SWALR in place of the schedule at epoch_start, averages the weights at before_eval;
 9. diagnostics: reads the final gradients at before_step, and the loss at after_backward, once final;
 10. early stopping: reads the finished epoch's row at epoch_end, after the averages;
-11. the LR finder (optim.lr: find): its range test runs before training (`find_lr`).
+11. time budget (train.budget): plans the epochs before training (api.train measures the speed); at
+    epoch_end stops the run when the next epoch would not fit;
+12. the LR finder (optim.lr: find): its range test runs before training (`find_lr`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from imgtrain.engine.events import Hook
 from imgtrain.strategies.base import Strategy, StrategyContext
+from imgtrain.strategies.budget import TimeBudget
 from imgtrain.strategies.curriculum import (
     Curriculum,
     CurriculumHook,
@@ -69,6 +72,7 @@ STRATEGIES: list[Strategy] = [
     Swa(),
     Diagnostics(),
     EarlyStopping(),
+    TimeBudget(),
     LrFinder(),
 ]
 

@@ -32,6 +32,8 @@ class StrategyContext:
     plans: list[EpochPlan] = field(default_factory=list)
     teacher: Any = None                # distill.teacher loaded and checked (evaluation/teachers.py)
     notes: list[str] = field(default_factory=list)  # lines for train.log
+    budget_plan: Any = None            # train.budget: the BudgetPlan (strategies/budget.py) api.train made
+    clock_started: float = 0.0         # time.perf_counter() when train() began: the budget's clock
 
 
 class Strategy:

@@ -219,7 +219,7 @@ class LrFinderHook(Hook):
         self.step_batches = 0
 
     def fit_start(self, state: Any) -> None:
-        self.saved = _snapshot(state, self.generator)
+        self.saved = snapshot_training(state, self.generator)
         self.started = time.perf_counter()
         # layer groups keep their ratio to the first group's peak lr (the head's: the recipe's optim.lr)
         peaks = [group.get("max_lr", group.get("initial_lr", group["lr"])) for group in state.optimizer.param_groups]
@@ -255,7 +255,7 @@ class LrFinderHook(Hook):
 
     def fit_end(self, state: Any) -> None:
         state.optimizer.zero_grad(set_to_none=True)
-        _restore(state, self.saved, self.generator)
+        restore_training(state, self.saved, self.generator)
         self.seconds = time.perf_counter() - self.started
 
     def result(self) -> LrFindResult:
@@ -279,7 +279,7 @@ def find_lr(recipe: Any, parts: Any, settings: Any = None, hooks: Sequence[Hook]
     return finder.result()
 
 
-def _snapshot(state: Any, generator: torch.Generator | None) -> dict[str, Any]:
+def snapshot_training(state: Any, generator: torch.Generator | None) -> dict[str, Any]:
     """Everything the range test changes, copied (the weights and optimizer state deep)."""
     model = state.model
     return {
@@ -293,7 +293,7 @@ def _snapshot(state: Any, generator: torch.Generator | None) -> dict[str, Any]:
     }
 
 
-def _restore(state: Any, saved: dict[str, Any], generator: torch.Generator | None) -> None:
+def restore_training(state: Any, saved: dict[str, Any], generator: torch.Generator | None) -> None:
     model = state.model
     model.load_state_dict(saved["model"])
     state.optimizer.load_state_dict(saved["optimizer"])  # drops the momentum the test built up

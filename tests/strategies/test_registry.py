@@ -38,8 +38,10 @@ ON = {
     "lr_finder": ("optim.lr=find", "lr_find.steps=16", "lr_find.start=1.0e-3", "lr_find.end=10.0"),
     "swa": ("swa.start_epoch=1", "swa.lr=0.02", "swa.anneal_epochs=1"),
     "sam": ("optim.sam={rho: 0.05, adaptive: true}",),
+    # a budget the 3 epochs fit in many times over: the plan is train.epochs, the same in every run
+    "time_budget": ("train.budget=1h",),
 }
-TIMING = ("epoch_seconds", "images_per_second")
+TIMING = ("epoch_seconds", "images_per_second", "elapsed_seconds")
 # a state every 3 optimizer steps; the kill comes at batch 6 of epoch 2 (8 steps an epoch): the run
 # resumes from step 12, after batch 4 of epoch 2, and redoes batch 5
 MID_EPOCH = ("train.checkpoint_every.steps=3",)
