@@ -604,6 +604,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from imgtrain.config import load_recipe
+    from imgtrain.tools.profile import profile_recipe
+
+    result = profile_recipe(load_recipe(args.recipe, args.overrides), steps=args.steps, warmup=args.warmup,
+                            run_dir=args.run_dir, overwrite=args.overwrite)
+    print(result.table())
+    if result.steps < args.steps:
+        print(f"(an epoch of this recipe has {result.steps + args.warmup} steps: {result.steps} were profiled)")
+    print()
+    print(result.operators)
+    print("wrote " + ", ".join(str(path) for path in result.files))
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from imgtrain.io import RunDirError
     from imgtrain.tracking.compare import collect, format_text, lower_is_better, write_comparison
@@ -745,6 +760,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "the study folder)")
     p.add_argument("--jobs", type=_positive_int, default=1, metavar="J", help="worker processes on this machine")
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+
+    p = command("profile", cmd_profile, "where a training step's time goes: data, copy, forward, backward, "
+                "optimizer, hooks (torch.profiler; a Chrome trace in the run folder)",
+                overrides_example="data.workers=2")
+    p.add_argument("--steps", type=_positive_int, default=100, help="optimizer steps profiled (default 100)")
+    p.add_argument("--warmup", type=_non_negative_int, default=10, help="steps run first, not profiled (default 10)")
+    p.add_argument("--run-dir", help="run folder (default: output.root/<recipe name>-profile)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
 
     p = command("compare", cmd_compare, "a table of runs side by side: strategy, accuracy, time, time to a target")
     p.add_argument("runs", nargs="+", metavar="RUN_OR_STUDY",
