@@ -116,7 +116,7 @@ def main() -> None:
             run_seed(args, root / f"seed{seed}", seed)
         first = root / "seed0"
         rows = [first / "standard", first / "finetune", first / "progressive", first / "resnet10t",
-                first / "cnn_tiny", first / "ensemble"]
+                first / "cnn_tiny", first / "ensemble", first / "ensemble_fit"]
         print(f"\nstrategies: Fashion-MNIST, {args.images} training images, {args.epochs} epochs, seed 0 "
               f"(imgtrain compare ... --target {args.target}):\n", flush=True)
         subprocess.run([sys.executable, "-m", "imgtrain", "compare", *map(str, rows), "--target", str(args.target),
