@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,38 +206,44 @@ class Trainer:
             self.train_model = self.ddp.current()
         state.optimizer.zero_grad(set_to_none=True)
         group: list[tuple[torch.Tensor, torch.Tensor]] = []  # kept only for hooks that replay it
-        for batch_index, (inputs, targets) in enumerate(labelled(batches_from(loader, start)), start=start):
-            if batch_index >= batches:
-                break
-            state.batch_index = batch_index
-            with record_function("imgtrain/to_device"):  # the copy and the batch transforms on the device
-                state.inputs = self._prepare_batch(inputs)
-                state.targets = targets.to(self.device, non_blocking=True)
-            self.hooks.fire("batch_start", state)
-            # the last accumulation group of an epoch may hold fewer batches: scale by its size
-            group_start = batch_index - batch_index % accum
-            group_size = min(accum, batches - group_start)
-            state.group_end = batch_index - group_start + 1 == group_size
-            state.pass_index = 0
-            self._forward_backward(group_size)
-            assert state.loss is not None and state.outputs is not None, "set by _forward_backward"
-            with torch.no_grad():
-                count = state.targets.shape[0]
-                hard = state.targets.argmax(1) if state.targets.ndim == 2 else state.targets
-                state.loss_sum += state.loss.detach().float() * count
-                state.correct_sum += (state.outputs.detach().argmax(1) == hard).sum()
-                state.images_seen += count
-            if self.hooks.replays_group:
-                group.append((state.inputs, state.targets))
-            if state.group_end:
-                self._replay(group, group_size)
-                group = []
-                self._optimizer_step()
-                if self.distributed:  # a hook's stop on any rank stops every rank at this step
-                    (state.stop_training,) = agree_any(state.stop_training)
-                self.saver.after_step(state, batch_index + 1, batches)
-                if state.stop_training:  # a hook ends the run now (the LR finder's divergence)
+        # closed when the epoch ends, however it ends: the loader's worker processes stop here, not when
+        # the garbage collector finds them (DataLoader.__del__ then waits for each worker, seconds, mid-run)
+        fetched = labelled(batches_from(loader, start))
+        try:
+            for batch_index, (inputs, targets) in enumerate(fetched, start=start):
+                if batch_index >= batches:
                     break
+                state.batch_index = batch_index
+                with record_function("imgtrain/to_device"):  # the copy and the batch transforms on the device
+                    state.inputs = self._prepare_batch(inputs)
+                    state.targets = targets.to(self.device, non_blocking=True)
+                self.hooks.fire("batch_start", state)
+                # the last accumulation group of an epoch may hold fewer batches: scale by its size
+                group_start = batch_index - batch_index % accum
+                group_size = min(accum, batches - group_start)
+                state.group_end = batch_index - group_start + 1 == group_size
+                state.pass_index = 0
+                self._forward_backward(group_size)
+                assert state.loss is not None and state.outputs is not None, "set by _forward_backward"
+                with torch.no_grad():
+                    count = state.targets.shape[0]
+                    hard = state.targets.argmax(1) if state.targets.ndim == 2 else state.targets
+                    state.loss_sum += state.loss.detach().float() * count
+                    state.correct_sum += (state.outputs.detach().argmax(1) == hard).sum()
+                    state.images_seen += count
+                if self.hooks.replays_group:
+                    group.append((state.inputs, state.targets))
+                if state.group_end:
+                    self._replay(group, group_size)
+                    group = []
+                    self._optimizer_step()
+                    if self.distributed:  # a hook's stop on any rank stops every rank at this step
+                        (state.stop_training,) = agree_any(state.stop_training)
+                    self.saver.after_step(state, batch_index + 1, batches)
+                    if state.stop_training:  # a hook ends the run now (the LR finder's divergence)
+                        break
+        finally:
+            fetched.close()
         seconds = time.perf_counter() - state.epoch_start_time
         loss_sum, correct_sum, images = state.loss_sum, state.correct_sum, state.images_seen
         if self.distributed:  # the row is the whole job's: every rank's images
@@ -445,14 +451,20 @@ class Trainer:
         return run_summary(self.state, self.recipe.output.best_metric, self.amp_dtype)
 
 
-def labelled(batches: Iterable) -> Iterator:
+def labelled(batches: Iterable) -> Generator:
     """The loader's batches, each fetch inside the profiler range `imgtrain/data` (`imgtrain profile`; the
-    ranges cost microseconds when no profiler runs)."""
+    ranges cost microseconds when no profiler runs); closing it stops the epoch's loader workers."""
     iterator = iter(batches)
-    while True:
-        with record_function("imgtrain/data"):
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
-        yield batch
+    try:
+        while True:
+            with record_function("imgtrain/data"):
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    return
+            yield batch
+    finally:
+        # an epoch's own iterator with worker processes (a train loader makes one per epoch): stop them now;
+        # a persistent loader's iterator (the loader keeps it for the next epoch) stays
+        if hasattr(iterator, "_shutdown_workers") and getattr(batches, "_iterator", None) is not iterator:
+            iterator._shutdown_workers()

@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassConfusionMatrix
 
 from imgtrain.io import atomic_write_bytes, atomic_write_text
 
@@ -35,6 +33,15 @@ class MetricSuite:
     def __init__(self, num_classes: int, device: str | torch.device = "cpu"):
         if num_classes < 2:
             raise ValueError(f"classification metrics need at least 2 classes, got {num_classes}")
+        # imported here: torchmetrics costs a second at start-up, which a command that fails on its input,
+        # or that never evaluates, should not pay
+        from torchmetrics import MeanMetric
+        from torchmetrics.classification import (
+            MulticlassAccuracy,
+            MulticlassCalibrationError,
+            MulticlassConfusionMatrix,
+        )
+
         self.num_classes = num_classes
         self.confusion = MulticlassConfusionMatrix(num_classes).to(device)
         self.top5 = MulticlassAccuracy(num_classes, top_k=TOP5, average="micro").to(device) \

@@ -31,7 +31,7 @@ from .conftest import (
     wait_for_line,
 )
 
-KILLS = 10
+KILLS = 6
 SEED = 13
 
 
@@ -49,13 +49,13 @@ class KillPoint:
 
 def kill_points(seed: int = SEED) -> list[KillPoint]:
     rng = random.Random(seed)
-    # 4 kills inside a write: states are saved after every step (24 states, 2 weight files an epoch),
+    # 3 kills inside a write: states are saved after every step (24 states, 2 weight files an epoch),
     # a write from the 2nd on, so that a state exists before the kill
-    points = [KillPoint(tmp=rng.randint(2, STEPS * EPOCHS)) for _ in range(4)]
-    # 6 at random moments: progress lines come 3 per epoch, then the epoch's summary line (the last
+    points = [KillPoint(tmp=rng.randint(2, STEPS * EPOCHS)) for _ in range(3)]
+    # 3 at random moments: progress lines come 3 per epoch, then the epoch's summary line (the last
     # epoch's is left out: after it the run may end before the kill arrives)
     lines = 4 * EPOCHS - 1
-    points += [KillPoint(line=rng.randint(1, lines), delay=rng.uniform(0.0, 0.25)) for _ in range(KILLS - 4)]
+    points += [KillPoint(line=rng.randint(1, lines), delay=rng.uniform(0.0, 0.25)) for _ in range(KILLS - 3)]
     rng.shuffle(points)
     return points
 
@@ -165,4 +165,4 @@ def test_two_kills_in_a_row(tmp_path, reference, faults):
 def test_kill_points_are_seeded():
     """The same seed gives the same kill points (a failure names one that can be replayed)."""
     assert [str(p) for p in kill_points()] == [str(p) for p in kill_points()]
-    assert sum(p.tmp > 0 for p in kill_points()) == 4
+    assert sum(p.tmp > 0 for p in kill_points()) == 3
