@@ -57,13 +57,19 @@ def make_loader(images, targets, batch_size: int, seed: int):
     return loader, generator
 
 
-def run_plain(recipe, images, targets) -> float:
+def plain_setup(recipe, images, targets):
+    """What a hand-written loop builds: the model (seed 0), loader and its generator, optimizer, schedule."""
     torch.manual_seed(0)
     model = create_model(recipe.model, num_classes=10, in_chans=1)
     loader, generator = make_loader(images, targets, recipe.data.batch_size, 0)
     optimizer = build_optimizer(model, recipe.optim)
     scheduler = build_scheduler(optimizer, recipe.schedule, recipe.optim.lr,
                                 total_steps=len(loader) * recipe.train.epochs, steps_per_epoch=len(loader))
+    return model, loader, generator, optimizer, scheduler
+
+
+def run_plain(recipe, images, targets) -> float:
+    model, loader, generator, optimizer, scheduler = plain_setup(recipe, images, targets)
     started = time.perf_counter()
     seen = 0
     for epoch in range(recipe.train.epochs):

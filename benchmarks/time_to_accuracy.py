@@ -62,12 +62,10 @@ def plain_arm(args: argparse.Namespace) -> dict:
     optimizer, its test accuracy measured after every epoch (the time counted)."""
     launched = time.time()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from loop_overhead import make_loader
+    from loop_overhead import plain_setup
 
     from imgtrain.config import load_recipe
     from imgtrain.data import build_splits
-    from imgtrain.engine.optim import build_optimizer, build_scheduler
-    from imgtrain.models import create_model
 
     recipe = load_recipe("fashion_mnist", [f"data.root={args.data}", "data.val_fraction=0.0"])
     splits = build_splits(recipe.data)
@@ -80,12 +78,7 @@ def plain_arm(args: argparse.Namespace) -> dict:
     test_images, test_targets = tensors(splits.test, len(splits.test))
     mean, std = images.mean(), images.std()
     images, test_images = (images - mean) / std, (test_images - mean) / std
-    torch.manual_seed(0)
-    model = create_model(recipe.model, num_classes=10, in_chans=1)
-    loader, generator = make_loader(images, targets, recipe.data.batch_size, 0)
-    optimizer = build_optimizer(model, recipe.optim)
-    scheduler = build_scheduler(optimizer, recipe.schedule, recipe.optim.lr,
-                                total_steps=len(loader) * recipe.train.epochs, steps_per_epoch=len(loader))
+    model, loader, generator, optimizer, scheduler = plain_setup(recipe, images, targets)
     curve, test = [], 0.0
     for epoch in range(recipe.train.epochs):
         generator.manual_seed(epoch)
