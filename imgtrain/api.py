@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from imgtrain.config import Recipe, RecipeError, dump_recipe, duration_seconds, load_recipe
 from imgtrain.data import DataError, build_splits
 from imgtrain.data.bad_images import LoaderBadImages, watch_loader_files
-from imgtrain.data.loaders import Loaders, with_batch_size
+from imgtrain.data.loaders import Loaders, stop_loader_workers, with_batch_size
 from imgtrain.data.prepare import PreparedData, seed_everything
 from imgtrain.data.prepare import prepare_data as prepare_plain_data
 from imgtrain.data.samplers import shard_train_loader
@@ -315,6 +315,7 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
             bad_image_watch.check(trainer.state, "while the best weights were tested")
     if loader_bad_images is not None:
         loader_bad_images.close()
+    stop_loader_workers(loaders.train, loaders.val, loaders.test)
     for hook in strategies:
         if isinstance(hook, BudgetWatch):  # the budget used, the test pass included
             summary["budget"] = {**run_info.get("budget", {}), "used_seconds": round(hook.elapsed(), 1)}

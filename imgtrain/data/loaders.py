@@ -149,3 +149,14 @@ def describe_data(splits: DataSplits) -> dict[str, Any]:
         "test": _class_counts(splits.test, splits.classes),
         "skipped": len(splits.skipped),
     }
+
+
+def stop_loader_workers(*loaders: Any) -> None:
+    """Stop the worker processes persistent loaders keep between epochs, now: a loader dropped with its
+    workers alive stops them when the garbage collector reaches it, which can be mid-way through
+    something else and waits for every worker (torch's DataLoader.__del__)."""
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            loader._iterator = None
