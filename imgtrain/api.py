@@ -441,6 +441,11 @@ def with_budget_epochs(recipe: Recipe, planned: Recipe | None, epochs: int = 0,
     return recipe
 
 
+def test_passes(recipe: Recipe) -> int:
+    """Passes over the test split at the end of a run: the plain one, plus eval.tta's views (each a pass)."""
+    return 1 + (tta_config_for(recipe, True).passes if recipe.eval.tta else 0)
+
+
 def plan_budget(recipe: Recipe, model: torch.nn.Module, prepared: PreparedData, context: StrategyContext,
                 started: float) -> BudgetPlan:
     """train.budget: measure this model's speed on this data (strategies/budget.py, everything put back)
@@ -466,7 +471,8 @@ def plan_budget(recipe: Recipe, model: torch.nn.Module, prepared: PreparedData, 
             outcome = ("plan", plan_for_budget(
                 duration_seconds(str(recipe.train.budget)), time.perf_counter() - started, speed, epoch_images,
                 share(len(splits.val)) if splits.val is not None else 0,
-                share(len(splits.test)) if splits.test is not None else 0,
+                # the test pass runs once plainly and, with eval.tta, once more per view
+                share(len(splits.test)) * test_passes(recipe) if splits.test is not None else 0,
                 max_epochs=recipe.train.epochs, stages=stages, sizes_for=sizes_for))
         except RecipeError as exc:  # every rank stops with the message, none waits for a plan
             outcome = ("error", str(exc))  # "train.budget: ..." already

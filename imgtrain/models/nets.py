@@ -120,8 +120,11 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 default_cfgs = {name: _cfg() for name in ("imgtrain_cnn_tiny", "imgtrain_cnn_small", "imgtrain_cnn_medium")}
 
 
-def _create(name: str, widths: Sequence[int], depths: Sequence[int], pretrained: bool,
+def _create(name: str, default_widths: Sequence[int], default_depths: Sequence[int], pretrained: bool,
             **kwargs: Any) -> SmallConvNet:
+    # the recipe's model.kwargs may reshape a named net (model.kwargs: {widths: [32, 64, 128], depths: [0, 1, 1]})
+    widths = tuple(kwargs.pop("widths", default_widths))
+    depths = tuple(kwargs.pop("depths", default_depths))
     if pretrained:
         raise ValueError("imgtrain's own nets have no published pretrained weights; "
                          "start from a run folder or a .safetensors file instead")

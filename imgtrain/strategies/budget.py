@@ -180,8 +180,13 @@ class _StepClock(Hook):
         restore_training(state, self.saved, self.generator)
 
     def seconds_per_image(self) -> float:
-        timed = self.images[WARMUP_STEPS:len(self.starts) - 1]
-        return (self.starts[-1] - self.starts[WARMUP_STEPS]) / max(sum(timed), 1)
+        """Seconds per image over the timed steps. A step's time runs from its batch start to the next one's
+        (its data loading included); the last interval, which also holds the probe epoch's end (first-use
+        imports, metrics: a second that is no part of a training step), is left out."""
+        end = len(self.images) - 1
+        if end <= WARMUP_STEPS:  # fewer batches than the warm-up: time what ran
+            return (self.starts[-1] - self.starts[0]) / max(sum(self.images), 1)
+        return (self.starts[end] - self.starts[WARMUP_STEPS]) / max(sum(self.images[WARMUP_STEPS:end]), 1)
 
 
 def measure_speed(recipe: Any, parts: Any, context: StrategyContext, strategies: Sequence[Strategy]) -> Speed:

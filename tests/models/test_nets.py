@@ -234,3 +234,25 @@ def test_a_model_too_deep_for_the_images_is_refused_before_training(tmp_path, ca
     assert main(["train", "quickstart", "model.name=resnet10t", "augment.img_size=32", "train.epochs=1",
                  "train.threads=1", "output.progress=off", "--run-dir", str(run)]) == 0
     assert (run / "summary.json").is_file()
+
+
+def test_model_kwargs_reshape_a_named_net():
+    """model.kwargs widths and depths replace a named net's own (what the fast recipes use); depth 0 leaves a
+    stage with only its pooling, and the features, Grad-CAM layer and parameter count follow the new shape."""
+    from imgtrain.config import ModelConfig
+    from imgtrain.models import create_model
+    from imgtrain.models.create import ModelError
+    from imgtrain.models.nets import SmallConvNet
+
+    shape = {"widths": [32, 64, 128, 256], "depths": [0, 1, 1, 1]}
+    net = create_model(ModelConfig(name="imgtrain_cnn_small", kwargs=shape), num_classes=10, in_chans=1)
+    reference = SmallConvNet(widths=(32, 64, 128, 256), depths=(0, 1, 1, 1), in_chans=1, num_classes=10)
+    assert [tuple(p.shape) for p in net.parameters()] == [tuple(p.shape) for p in reference.parameters()]
+    assert len(net.stages[0]) == 0 and net.num_features == 256 and net.fc.in_features == 256
+    assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    features = timm.create_model("imgtrain_cnn_small", features_only=True, in_chans=1, **shape)
+    assert features.feature_info.channels() == [32, 64, 128, 256]
+    assert [tuple(m.shape[1:]) for m in features(torch.randn(1, 1, 28, 28))] == [(32, 28, 28), (64, 14, 14),
+                                                                               (128, 7, 7), (256, 4, 4)]
+    with pytest.raises(ModelError, match=r"widths \(32, 64\) and depths \(1, 2, 2\) must have the same length"):
+        create_model(ModelConfig(name="imgtrain_cnn_small", kwargs={"widths": [32, 64]}), num_classes=10, in_chans=1)

@@ -44,6 +44,21 @@ def test_the_plan_is_the_most_epochs_that_fit():
     assert capped.epochs == 12 and capped.capped and "train.epochs caps it" in capped.describe()
 
 
+def test_the_reserve_counts_the_tta_test_passes(tmp_path):
+    """eval.tta tests the images once more per view after the plain test pass: the reserve keeps time for all
+    of them (hflip: the plain pass, then the original and the flipped view)."""
+    from imgtrain.api import test_passes
+
+    assert test_passes(load_recipe("quickstart")) == 1
+    assert test_passes(load_recipe("quickstart", ["eval.tta=[hflip]"])) == 3
+    assert test_passes(load_recipe("quickstart", ["eval.tta=[hflip, 'five_crop: 0.875']"])) == 1 + 7  # original, flip, 5 crops
+    # a real budgeted run with flip TTA ends within its budget, the TTA test pass included
+    summary = train(load_recipe("quickstart", ["train.budget=15s", "train.epochs=40", "train.threads=1",
+                                               "eval.tta=[hflip]", "output.progress=off", "output.plots=false",
+                                               "output.report=false"]), run_dir=tmp_path / "tta").summary
+    assert "test_acc_tta" in summary and summary["budget"]["used_seconds"] <= 15.0, summary["budget"]
+
+
 def test_a_budget_too_small_says_the_smallest_that_fits():
     speed = Speed(train={28: 1e-2}, eval=1e-3)  # 10 s an epoch
     with pytest.raises(RecipeError) as error:
