@@ -51,7 +51,8 @@ def test_the_reserve_counts_the_tta_test_passes(tmp_path):
 
     assert test_passes(load_recipe("quickstart")) == 1
     assert test_passes(load_recipe("quickstart", ["eval.tta=[hflip]"])) == 3
-    assert test_passes(load_recipe("quickstart", ["eval.tta=[hflip, 'five_crop: 0.875']"])) == 1 + 7  # original, flip, 5 crops
+    # the original, its flip and five crops
+    assert test_passes(load_recipe("quickstart", ["eval.tta=[hflip, 'five_crop: 0.875']"])) == 1 + 7
     # a real budgeted run with flip TTA ends within its budget, the TTA test pass included
     summary = train(load_recipe("quickstart", ["train.budget=15s", "train.epochs=40", "train.threads=1",
                                                "eval.tta=[hflip]", "output.progress=off", "output.plots=false",
