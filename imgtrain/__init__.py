@@ -9,12 +9,17 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from imgtrain.config import Recipe, RecipeError, load_recipe
 from imgtrain.engine.events import Hook  # torch-free: the base class of your own hooks
 
 __version__ = "0.1.0"
+
+# when this process first imported imgtrain: the command line's time budget counts from here, so its own
+# imports (torch, timm: a few seconds) are inside `--budget`
+IMPORTED_AT = time.perf_counter()
 
 
 def train(recipe: Recipe, **kwargs: Any) -> Any:

@@ -116,7 +116,8 @@ def prepare_run_dir(recipe: Recipe, run_dir: str | Path | None, overwrite: bool)
 # ----------------------------------------------------------------------------- training
 
 def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path | None = None,
-          overwrite: bool = False, console: Any = None, hooks: Sequence[Hook] = ()) -> TrainResult:
+          overwrite: bool = False, console: Any = None, hooks: Sequence[Hook] = (),
+          clock_started: float | None = None) -> TrainResult:
     """Train from a recipe; returns the run folder, the history and the summary.
 
     `resume=RUN_DIR` continues that run in place from its last training state (an epoch end, or a batch
@@ -124,18 +125,20 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
     than it was planned with (then they are added as a new schedule segment). `resume="auto"` (or
     `train.auto_resume: true`) resumes the recipe's run folder when it holds a training state and starts
     it otherwise. `hooks` (your `imgtrain.Hook`s) run on every event of the loop, after the recipe's
-    strategies and before the trackers.
+    strategies and before the trackers. `clock_started` (a `time.perf_counter()` value, default: now) is
+    when `train.budget`'s clock started; the command line passes the moment it imported imgtrain.
 
     Started by torchrun (WORLD_SIZE > 1), every process calls this: each trains on its share of every
     epoch under DDP, and only rank 0 writes the run folder (README: "Several GPUs or machines")."""
     world_size = world_info()[1]
     if world_size <= 1:
-        return _train(recipe, run_dir, resume, overwrite, console, hooks)
+        return _train(recipe, run_dir, resume, overwrite, console, hooks, clock_started)
     check_distributed_recipe(recipe, world_size)  # what this slice of DDP does not support yet, refused
     check_restartable(recipe, resume, int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")))
     owns_group = not process_group_ready()  # a group the caller made is the caller's to close
     init_distributed(select_device(recipe.train.device), DEFAULT_TIMEOUT_SECONDS)
-    result = _train(recipe, run_dir, resume, overwrite, console, hooks)  # a failing rank ends the job (torchrun)
+    # a failing rank ends the job (torchrun)
+    result = _train(recipe, run_dir, resume, overwrite, console, hooks, clock_started)
     if owns_group:
         barrier()  # no rank leaves while another still talks to it (gloo aborts a process whose peer vanished)
         close_distributed()
@@ -143,8 +146,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
 
 
 def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None, overwrite: bool, console: Any,
-           hooks: Sequence[Hook]) -> TrainResult:
-    started = time.perf_counter()
+           hooks: Sequence[Hook], clock_started: float | None = None) -> TrainResult:
+    started = time.perf_counter() if clock_started is None else clock_started
     rank, world_size, _ = world_info()
     main = rank == 0
     if resume == "auto" or (resume is None and recipe.train.auto_resume):

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import imgtrain
+
 EXIT_BAD_INPUT = 2
 EXIT_CHECKS_FAILED = 1      # imgtrain doctor: a check failed; imgtrain scan: unreadable files
 EXIT_TRAINING_STOPPED = 3   # the non-finite loss guard ended the run, or a checkpoint could not be written
@@ -77,7 +79,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise RecipeError("--max-restarts goes with --nproc (it is torchrun's); under your own torchrun, pass "
                           "--max-restarts to torchrun", file="command line")
     hooks = [load_hook(spec) for spec in args.hook]
-    result = train(recipe, run_dir=args.run_dir, resume=args.resume, overwrite=args.overwrite, hooks=hooks)
+    # the real command line (not main([...]) called from Python) counts its budget from its first import
+    clock = imgtrain.IMPORTED_AT if args.from_command_line else None
+    result = train(recipe, run_dir=args.run_dir, resume=args.resume, overwrite=args.overwrite, hooks=hooks,
+                   clock_started=clock)
     if int(os.environ.get("RANK", "0")) == 0:  # several processes: one "done" line, rank 0's
         _print_result(result)
     return 0
@@ -883,6 +888,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_arguments(parser, argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])  # train --nproc starts the same command again
+    args.from_command_line = argv is None
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
