@@ -28,8 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from scipy.optimize import minimize
-from scipy.special import logsumexp
 from torch.utils.data import Dataset
 
 from imgtrain.config import RecipeError
@@ -118,6 +116,9 @@ def fit_weights(member_probs: torch.Tensor | Sequence[torch.Tensor], targets: to
     if picked.shape[1] == 0:
         raise EnsembleError("fit_weights: no images to fit the weights on")
     log_picked = picked.clamp_min(1e-12).log().numpy()
+    # SciPy here, not at the top: scipy.optimize adds 0.3 s to every process that imports imgtrain.api
+    from scipy.optimize import minimize
+    from scipy.special import logsumexp
 
     def nll_and_gradient(theta: np.ndarray) -> tuple[float, np.ndarray]:
         # log sum_k w_k p_k = logsumexp_k(log w_k + log p_k): stable even when a member is sure and wrong

@@ -124,33 +124,39 @@ def jobs(tmp_path_factory) -> dict[str, object]:
     root = tmp_path_factory.mktemp("ddp_resume")
     found: dict[str, object] = {}
 
+    # the uninterrupted run trains beside the interrupted one (most of their time is start-up and waiting)
     reference = Job(imgtrain_command("train", "quickstart", *TINY, f"output.root={root / 'reference'}",
                                      "--nproc", "2"), root / "logs-reference", job_env())
+    try:
+        run = root / "elastic" / "quickstart"
+        marks = root / "marks-torchrun"
+        marks.mkdir()
+        torchrun = Job([sys.executable, "-m", "torch.distributed.run", "--max-restarts", "3", "--nproc-per-node", "2",
+                        "-m", "imgtrain", "train", "quickstart", *TINY, "train.auto_resume=true",
+                        f"output.root={root / 'elastic'}", *PAUSE], root / "logs-torchrun",
+                       job_env(IMGTRAIN_TEST_PAUSE_AT="0:0:12,1:0:45", IMGTRAIN_TEST_PAUSE_DIR=str(marks)))
+        psutil.Process(torchrun.wait_for_pause(marks / "attempt-0-rank-0.pid")).kill()  # one worker dies
+        torchrun.wait_for_pause(marks / "attempt-1-rank-0.pid")  # torchrun restarted both; they resumed
+        torchrun.kill_everything()  # the machine goes away: no process is left to save anything
+        found["torchrun_stderr"] = torchrun.stderr
+        found["state_after_kill"] = load_training_state(run / "checkpoints" / "last.state.pt")
+
+        marks = root / "marks-launcher"
+        marks.mkdir()
+        launcher = Job(imgtrain_command("train", "quickstart", *TINY, f"output.root={root / 'elastic'}", *PAUSE,
+                                        "--nproc", "2", "--max-restarts", "3", "--resume", "auto"),
+                       root / "logs-launcher",
+                       job_env(IMGTRAIN_TEST_PAUSE_AT="0:1:57", IMGTRAIN_TEST_PAUSE_DIR=str(marks)))
+        psutil.Process(launcher.wait_for_pause(marks / "attempt-0-rank-1.pid")).kill()
+        assert launcher.finish() == 0, launcher.stderr[-3000:]
+        found["launcher_stderr"] = launcher.stderr
+        found["elastic"] = run
+    except BaseException:
+        if reference.process.poll() is None:
+            reference.kill_everything()  # leave no job behind a failed fixture
+        raise
     assert reference.finish() == 0, reference.stderr[-3000:]
     found["reference"] = root / "reference" / "quickstart"
-
-    run = root / "elastic" / "quickstart"
-    marks = root / "marks-torchrun"
-    marks.mkdir()
-    torchrun = Job([sys.executable, "-m", "torch.distributed.run", "--max-restarts", "3", "--nproc-per-node", "2",
-                    "-m", "imgtrain", "train", "quickstart", *TINY, "train.auto_resume=true",
-                    f"output.root={root / 'elastic'}", *PAUSE], root / "logs-torchrun",
-                   job_env(IMGTRAIN_TEST_PAUSE_AT="0:0:12,1:0:45", IMGTRAIN_TEST_PAUSE_DIR=str(marks)))
-    psutil.Process(torchrun.wait_for_pause(marks / "attempt-0-rank-0.pid")).kill()  # one worker dies
-    torchrun.wait_for_pause(marks / "attempt-1-rank-0.pid")  # torchrun restarted both; they resumed
-    torchrun.kill_everything()  # the machine goes away: no process is left to save anything
-    found["torchrun_stderr"] = torchrun.stderr
-    found["state_after_kill"] = load_training_state(run / "checkpoints" / "last.state.pt")
-
-    marks = root / "marks-launcher"
-    marks.mkdir()
-    launcher = Job(imgtrain_command("train", "quickstart", *TINY, f"output.root={root / 'elastic'}", *PAUSE,
-                                    "--nproc", "2", "--max-restarts", "3", "--resume", "auto"),
-                   root / "logs-launcher", job_env(IMGTRAIN_TEST_PAUSE_AT="0:1:57", IMGTRAIN_TEST_PAUSE_DIR=str(marks)))
-    psutil.Process(launcher.wait_for_pause(marks / "attempt-0-rank-1.pid")).kill()
-    assert launcher.finish() == 0, launcher.stderr[-3000:]
-    found["launcher_stderr"] = launcher.stderr
-    found["elastic"] = run
     return found
 
 
