@@ -589,6 +589,7 @@ class SearchConfig(_Section):
     metric: Str | list[Str] = Field("val_acc", description="history.csv column the search optimises (its best epoch); a list: multi-objective (also images_per_second, parameters)")
     direction: Literal["auto", "maximize", "minimize"] | list[Literal["maximize", "minimize"]] = Field("auto", description="auto: minimize for *loss, else maximize; a list: one per metric")
     budget: Int | None = Field(None, ge=1, description="epochs per trial; null: train.epochs")
+    reduction_factor: Int = Field(2, ge=2, description="asha and hyperband: a trial goes on past 1, r, r^2 ... epochs only when in the best 1/r of the trials there")
 
     def _check(self) -> None:
         known = recipe_keys() if self.params else []  # (a default Recipe has no params: no recursion)

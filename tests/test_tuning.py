@@ -178,6 +178,26 @@ def test_asha_prunes_trials_that_end_as_runs_with_their_own_report(tmp_path):
     assert "Metric per epoch" in (result.study_dir / "study.html").read_text()
 
 
+@pytest.mark.parametrize("factor, kept", [(2, True), (3, False)])
+def test_asha_keeps_the_best_one_in_reduction_factor_of_the_trials_at_a_rung(tmp_path, factor, kept):
+    import optuna
+    search = f"""  pruner: asha
+  reduction_factor: {factor}
+  params:
+    optim.lr: interval(0.01, 0.1)
+"""
+    recipe = load_recipe(write_recipe(tmp_path, search, epochs=4))
+    study = optuna.create_study(direction="maximize", pruner=tuning.build_pruner(optuna, recipe, 4))
+    for value in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6):  # six trials reached the first rung (epoch 1)
+        trial = study.ask()
+        trial.report(value, 1)
+        trial.should_prune()
+        study.tell(trial, value)
+    trial = study.ask()
+    trial.report(0.45, 1)  # third of seven: in the best half, not in the best third
+    assert trial.should_prune() is not kept
+
+
 def test_a_crashed_trial_is_marked_and_retried_once(tmp_path, monkeypatch):
     real_train, calls = tuning.train, []
 
