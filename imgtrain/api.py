@@ -321,7 +321,7 @@ def _train(recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None
     stop_loader_workers(loaders.train, loaders.val, loaders.test)
     for hook in strategies:
         if isinstance(hook, BudgetWatch):  # the budget used, the test pass included
-            summary["budget"] = {**run_info.get("budget", {}), "used_seconds": round(hook.elapsed(), 2)}
+            summary["budget"] = {**run_info.get("budget", {}), "used_seconds": hook.reading()}
     summary["run_dir"] = str(run_dir)
     # with the time of the processes before a resume (their fit; their start-up is not saved)
     summary["total_seconds"] = round(state.fit_seconds_before + time.perf_counter() - started, 3)

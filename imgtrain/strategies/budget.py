@@ -243,11 +243,16 @@ class BudgetWatch(Hook):
     def elapsed(self) -> float:
         return self.used_before + time.perf_counter() - self.clock_started
 
+    def reading(self) -> float:
+        """The clock as written (history's elapsed_seconds, summary.json's used_seconds): one rounding, so a
+        later reading is never below an earlier one."""
+        return round(self.elapsed(), 2)
+
     def epoch_start(self, state: Any) -> None:
         self.epoch_started = time.perf_counter()
 
     def eval_end(self, state: Any) -> None:
-        state.epoch_metrics["elapsed_seconds"] = round(self.elapsed(), 2)
+        state.epoch_metrics["elapsed_seconds"] = self.reading()
 
     def epoch_end(self, state: Any) -> None:
         done = state.epoch + 1  # epochs finished, this one included
